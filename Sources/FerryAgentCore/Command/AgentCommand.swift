@@ -1,0 +1,110 @@
+import ArgumentParser
+import FerryWire
+import Foundation
+import Logging
+import ServiceLifecycle
+
+/// `ferry-agent`: enroll once, then run.
+public struct AgentCommand: AsyncParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "ferry-agent",
+        abstract: "Ferry agent: holds this host's mutual-TLS session with its controller.",
+        subcommands: [Enroll.self, Run.self]
+    )
+
+    public init() {}
+
+    /// Settings shared by the subcommands; flags override the config file.
+    struct Common: ParsableArguments {
+        @Option(help: "Configuration file (YAML); see deploy/config/agent.yaml.")
+        var config: String?
+        @Option(help: "Directory for this host's key, certificate and identity (default /var/lib/ferry-agent).")
+        var dataDir: String?
+        @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+        var logLevel: String?
+
+        func settings() throws -> AgentConfig {
+            var settings = AgentConfig(dataDir: "/var/lib/ferry-agent")
+            if let config { try settings.apply(file: config) }
+            if let dataDir { settings.dataDir = dataDir }
+            if let logLevel { settings.logLevel = logLevel }
+            return settings
+        }
+    }
+
+    /// Runs `body`, turning a `FerryError` into one line on stderr and exit code `code`.
+    static func reporting(_ body: () async throws -> Void) async throws {
+        do {
+            try await body()
+        } catch let error as FerryError {
+            FileHandle.standardError.write(Data("ferry-agent: \(error.message)\n".utf8))
+            let revoked: Set<FerryError.Code> = [.revoked, .unauthenticated, .permissionDenied]
+            throw ExitCode(revoked.contains(error.code) ? AgentSession.exitCodeRevoked : 2)
+        }
+    }
+
+    struct Enroll: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Enroll this host with a controller, using a one-time token from 'ferryctl token create'."
+        )
+
+        @OptionGroup var common: Common
+        @Option(help: "The controller's agent listener, HOST:PORT.")
+        var controller: String
+        @Option(help: "The enrollment token.")
+        var token: String
+        @Option(help: "Name to enroll as (default: this host's name; a token bound to a host wins).")
+        var name: String?
+
+        func run() async throws {
+            try await AgentCommand.reporting {
+                var settings = try common.settings()
+                if let name { settings.name = name }
+                _ = try ConfigText.hostPort(controller)
+                if AgentIdentity.exists(in: settings.dataDir) {
+                    throw FerryError(.conflict, "\(settings.dataDir) already holds an enrollment; remove it first to enroll again")
+                }
+                let logger = Logging.make(label: "ferry.agent", level: settings.logLevel)
+                let requested = settings.name ?? ProcessInfo.processInfo.hostName.split(separator: ".").first.map(String.init) ?? ""
+                let identity = try await Enroller.enroll(
+                    controller: controller, token: token, requestedName: requested, dataDir: settings.dataDir, logger: logger
+                )
+                print("enrolled as \(identity.info.hostName) (id \(identity.info.hostID)); certificate valid until \(ISO8601DateFormatter().string(from: identity.certificate.notValidAfter))")
+            }
+        }
+    }
+
+    struct Run: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run the agent: hold the session with the controller until SIGTERM."
+        )
+
+        @OptionGroup var common: Common
+        @Option(help: "Override the controller address remembered at enrollment, HOST:PORT.")
+        var controller: String?
+
+        func run() async throws {
+            try await AgentCommand.reporting {
+                var settings = try common.settings()
+                if let controller { settings.controller = controller }
+                try settings.validate()
+                let logger = Logging.make(label: "ferry.agent", level: settings.logLevel)
+                let identity = try AgentIdentity.load(from: settings.dataDir)
+                let session = AgentSession(identity: identity, config: settings, logger: logger)
+                var groupConfig = ServiceGroupConfiguration(
+                    services: [.init(service: session)],
+                    gracefulShutdownSignals: [.sigterm, .sigint],
+                    logger: logger
+                )
+                // SIGTERM must end the process within 5 s even if the controller does not answer.
+                groupConfig.maximumGracefulShutdownDuration = .seconds(3)
+                groupConfig.maximumCancellationDuration = .seconds(1)
+                logger.info("agent starting", metadata: [
+                    "host": "\(identity.info.hostName)", "host-id": "\(identity.info.hostID)", "version": "\(FerryVersion.current)",
+                ])
+                try await ServiceGroup(configuration: groupConfig).run()
+                logger.info("agent stopped")
+            }
+        }
+    }
+}

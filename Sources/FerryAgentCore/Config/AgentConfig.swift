@@ -1,0 +1,80 @@
+import FerryWire
+import Foundation
+
+/// The agent's settings: defaults, overridden by the config file, overridden by flags.
+public struct AgentConfig: Sendable {
+    public var dataDir: String
+    /// Controller agent listener, `HOST:PORT`. Set at enrollment and remembered; a value here
+    /// overrides the remembered one (e.g. after the controller moved).
+    public var controller: String?
+    /// Name to ask for at enrollment (default: the hostname). A token bound to a host wins.
+    public var name: String?
+    /// First and largest delay between reconnection attempts; each attempt doubles the delay,
+    /// with jitter, up to the maximum.
+    public var reconnectInitialDelay: Duration = .milliseconds(250)
+    public var reconnectMaxDelay: Duration = .seconds(5)
+    /// How often the inventory is re-read to report changes.
+    public var inventoryInterval: Duration = .seconds(60)
+    public var logLevel: String = "info"
+
+    public init(dataDir: String) { self.dataDir = dataDir }
+
+    struct File: Decodable {
+        var dataDir: String?
+        var controller: String?
+        var name: String?
+        var reconnectInitialDelay: String?
+        var reconnectMaxDelay: String?
+        var inventoryInterval: String?
+        var logLevel: String?
+
+        enum CodingKeys: String, CodingKey {
+            case dataDir = "data-dir", controller, name, reconnectInitialDelay = "reconnect-initial-delay"
+            case reconnectMaxDelay = "reconnect-max-delay", inventoryInterval = "inventory-interval", logLevel = "log-level"
+        }
+    }
+
+    public mutating func apply(file path: String) throws {
+        let f = try ConfigText.load(File.self, path: path)
+        if let v = f.dataDir { dataDir = v }
+        if let v = f.controller { controller = v }
+        if let v = f.name { name = v }
+        if let v = f.reconnectInitialDelay { reconnectInitialDelay = try ConfigText.duration(v) }
+        if let v = f.reconnectMaxDelay { reconnectMaxDelay = try ConfigText.duration(v) }
+        if let v = f.inventoryInterval { inventoryInterval = try ConfigText.duration(v) }
+        if let v = f.logLevel { logLevel = v }
+    }
+
+    public func validate() throws {
+        if let controller { _ = try ConfigText.hostPort(controller) }
+        guard reconnectInitialDelay > .zero, reconnectMaxDelay >= reconnectInitialDelay else {
+            throw FerryError(.badConfiguration, "reconnect-initial-delay must be positive and not above reconnect-max-delay")
+        }
+        guard inventoryInterval >= .seconds(1) else {
+            throw FerryError(.badConfiguration, "inventory-interval must be at least 1s")
+        }
+    }
+}
+
+/// Exponential backoff with jitter: delays grow 2x per failure up to a cap, each drawn uniformly
+/// from the upper half of the current step so a fleet does not reconnect in lockstep.
+public struct Backoff: Sendable {
+    let initial: Duration
+    let maximum: Duration
+    private(set) var step: Duration
+
+    public init(initial: Duration, maximum: Duration) {
+        self.initial = initial
+        self.maximum = maximum
+        step = initial
+    }
+
+    public mutating func next() -> Duration {
+        let current = step
+        step = min(step * 2, maximum)
+        let ms = Double(current.components.seconds) * 1000 + Double(current.components.attoseconds) / 1e15
+        return .milliseconds(Int64(Double.random(in: ms / 2 ... ms)))
+    }
+
+    public mutating func reset() { step = initial }
+}

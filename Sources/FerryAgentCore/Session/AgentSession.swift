@@ -1,0 +1,223 @@
+import FerryWire
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import ServiceLifecycle
+import Synchronization
+import X509
+
+/// The agent's one outbound session to its controller: connect, hello, heartbeats, commands,
+/// inventory updates and certificate renewal; reconnects by itself with backoff and jitter.
+public final class AgentSession: Service, Sendable {
+    /// Why the agent stopped trying: the controller no longer accepts this host.
+    public static let exitCodeRevoked: Int32 = 3
+
+    let dataDir: String
+    let config: AgentConfig
+    let logger: Logger
+    let group: any EventLoopGroup
+    let identity: Mutex<AgentIdentity>
+    let inventory: @Sendable () -> Ferry_V1_Inventory
+    private let current = Mutex<PeerSession?>(nil)
+    private let connectedCount = Atomic<Int>(0)
+
+    /// - Parameter inventory: what this host is; the simulated agents of the load test pass their own.
+    public init(
+        identity: AgentIdentity,
+        config: AgentConfig,
+        logger: Logger,
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        inventory: @escaping @Sendable () -> Ferry_V1_Inventory = { InventoryCollector.collect() }
+    ) {
+        self.dataDir = config.dataDir
+        self.config = config
+        self.logger = logger
+        self.group = group
+        self.identity = Mutex(identity)
+        self.inventory = inventory
+    }
+
+    /// How many sessions have been welcomed so far (for tests and logs).
+    public var sessionsOpened: Int { connectedCount.load(ordering: .relaxed) }
+
+    /// Connects and reconnects until graceful shutdown. Throws only when the controller refuses
+    /// this host for good (removed, revoked or unknown): retrying cannot help then.
+    public func run() async throws {
+        var backoff = Backoff(initial: config.reconnectInitialDelay, maximum: config.reconnectMaxDelay)
+        try await withGracefulShutdownHandler {
+            while !Task.isShuttingDownGracefully && !Task.isCancelled {
+                do {
+                    try await connectOnce { backoff.reset() }
+                } catch let error as FerryError where [.revoked, .unauthenticated, .permissionDenied].contains(error.code) {
+                    logger.error("controller refuses this host; re-enroll it", metadata: ["reason": "\(error.message)"])
+                    throw error
+                } catch {
+                    if Task.isShuttingDownGracefully { break }
+                    logger.warning("controller session lost", metadata: ["reason": "\(Self.describe(error))"])
+                }
+                let delay = backoff.next()
+                logger.debug("reconnecting", metadata: ["in": "\(delay)"])
+                try? await cancelWhenGracefulShutdown { try await Task.sleep(for: delay) }
+            }
+        } onGracefulShutdown: {
+            if let session = self.current.withLock({ $0 }) {
+                Task { await session.close(reason: "agent shutting down") }
+            }
+        }
+    }
+
+    static func describe(_ error: any Error) -> String {
+        (error as? FerryError)?.message ?? "\(error)"
+    }
+
+    /// One connection from dial to close.
+    func connectOnce(onWelcome: () -> Void) async throws {
+        let id = identity.withLock { $0 }
+        let address = config.controller ?? id.info.controller
+        guard id.certificate.notValidAfter > Date() else {
+            throw FerryError(.revoked, "this host's certificate expired at \(id.certificate.notValidAfter); re-enroll it with a new token")
+        }
+        let connection = try await ControllerConnection.open(
+            address: address,
+            tls: try TLSSettings.agentSession(certificate: id.certificate, key: id.privateKey, ca: id.ca),
+            group: group,
+            frameLimit: FrameLimit(FrameSize.defaultAuthenticated)
+        )
+        try await connection.executeThenClose { inbound, outbound in
+            let session = PeerSession(channel: connection.channel, outbound: outbound)
+            var messages = inbound.makeAsyncIterator()
+            var hello = Ferry_V1_Hello()
+            hello.protocolVersion = .protocolVersion1
+            hello.hostID = id.info.hostID
+            hello.agentVersion = FerryVersion.current
+            let helloInventory = inventory()
+            hello.inventory = helloInventory
+            hello.certificateNotAfter = Int64(id.certificate.notValidAfter.timeIntervalSince1970)
+            let welcome: Ferry_V1_Welcome
+            do {
+                try await outbound.write(try Ferry_V1_Envelope.with(id: 1, .hello(hello)).frame(allocator: connection.channel.allocator))
+                // TLS 1.3 reports a refused client certificate only here, on the first read.
+                let frame = try await session.withDeadline(.seconds(10)) { try await messages.next() }
+                guard let frame else {
+                    throw FerryError(.unavailable, "controller \(address) closed the connection before welcoming this host")
+                }
+                let reply = try Ferry_V1_Envelope(frame: frame)
+                switch reply.body {
+                case .welcome(let w): welcome = w
+                case .error(let e): throw FerryError(wire: e)
+                default: throw FerryError(.protocolViolation, "controller answered hello with \(reply.bodyName)")
+                }
+            } catch let error as NIOSSLError {
+                throw FerryError(.unavailable, "TLS with controller \(address) failed: \(error)")
+            } catch let error as BoringSSLError {
+                throw FerryError(.unavailable, "TLS with controller \(address) failed: \(error)")
+            }
+            current.withLock { $0 = session }
+            defer { current.withLock { $0 = nil } }
+            connectedCount.add(1, ordering: .relaxed)
+            onWelcome()
+            let heartbeat = Duration.milliseconds(Int64(max(100, welcome.heartbeatIntervalMs)))
+            logger.info("session open", metadata: ["controller": "\(address)", "host": "\(welcome.hostName)", "heartbeat": "\(heartbeat)"])
+            if Task.isShuttingDownGracefully {
+                await session.close(reason: "agent shutting down")
+                return
+            }
+
+            try await withThrowingTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { [inventory, config] in
+                    // Report inventory changes (an address added, a disk grown) without being asked.
+                    var lastInventory = helloInventory
+                    while true {
+                        try await Task.sleep(for: config.inventoryInterval)
+                        let now = inventory()
+                        if now != lastInventory {
+                            lastInventory = now
+                            var update = Ferry_V1_InventoryUpdate()
+                            update.inventory = now
+                            try await session.send(.inventoryUpdate(update))
+                        }
+                    }
+                }
+                tasks.addTask { try await self.renewWhenDue(session: session) }
+                defer { tasks.cancelAll() }
+                try await session.run(inbound: &messages, heartbeatInterval: heartbeat, logger: logger) { envelope in
+                    try await self.handle(envelope, session: session)
+                }
+            }
+        }
+    }
+
+    /// Commands from the controller, answered in arrival order.
+    func handle(_ envelope: Ferry_V1_Envelope, session: PeerSession) async throws {
+        switch envelope.body {
+        case .command(let command):
+            var result = Ferry_V1_CommandResult()
+            switch command.kind {
+            case .refreshInventory:
+                result.inventory = inventory()
+            case .echo(let echo):
+                result.echo = echo
+            case .none:
+                result.error = FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)").wire
+            }
+            try await session.send(.commandResult(result), inReplyTo: envelope.id)
+        case .error(let e):
+            logger.warning("controller reported an error", metadata: ["code": "\(e.code)", "message": "\(e.message)"])
+        default:
+            if envelope.id != 0 {
+                try await session.send(.error(FerryError(.protocolViolation, "\(envelope.bodyName) is not valid from a controller").wire), inReplyTo: envelope.id)
+            }
+        }
+    }
+
+    /// Renews the certificate over the session once two thirds of its lifetime have passed, with
+    /// a key made here; the new certificate is used from the next connection on.
+    func renewWhenDue(session: PeerSession) async throws {
+        while true {
+            let due = identity.withLock { $0.renewAt }
+            let wait = due.timeIntervalSinceNow
+            if wait > 0 {
+                try await Task.sleep(for: .milliseconds(Int64(min(wait, 3600) * 1000)))
+                continue
+            }
+            do {
+                try await renew(session: session)
+            } catch let error as FerryError where error.code == .unavailable {
+                throw error
+            } catch {
+                // Keep the session; try again in a minute (the certificate still has a third of its life).
+                logger.warning("certificate renewal failed", metadata: ["reason": "\(Self.describe(error))"])
+                try await Task.sleep(for: .seconds(60))
+            }
+        }
+    }
+
+    func renew(session: PeerSession) async throws {
+        let old = identity.withLock { $0 }
+        let request = try HostKeyRequest.make(name: old.info.hostName)
+        var req = Ferry_V1_RenewRequest()
+        req.csrDer = Data(request.csrDER)
+        let reply = try await session.request(.renewRequest(req), timeout: .seconds(30))
+        guard case .renewResponse(let response) = reply.body else {
+            throw FerryError(.protocolViolation, "controller answered renewal with \(reply.bodyName)")
+        }
+        let certificate = try Certificate(derEncoded: Array(response.certificateDer))
+        guard certificate.publicKey == request.privateKey.publicKey,
+              CertificateAuthority.verify(certificate, issuedBy: old.ca),
+              HostIdentity.hostID(of: certificate) == old.info.hostID
+        else {
+            throw FerryError(.pki, "controller returned a renewed certificate that does not match this host or key")
+        }
+        var renewed = old
+        renewed.certificate = certificate
+        renewed.privateKey = request.privateKey
+        try renewed.saveRenewal(to: dataDir)
+        identity.withLock { $0 = renewed }
+        logger.info("certificate renewed", metadata: [
+            "serial": "\(HostIdentity.serialString(certificate))",
+            "not-after": "\(ISO8601DateFormatter().string(from: certificate.notValidAfter))",
+        ])
+    }
+}

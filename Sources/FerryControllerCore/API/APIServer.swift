@@ -1,0 +1,195 @@
+import FerryWire
+import Foundation
+import Hummingbird
+import HummingbirdTLS
+import Logging
+import NIOCore
+import NIOSSL
+import SwiftProtobuf
+
+/// Request context of the operator API: who is calling.
+public struct APIContext: RequestContext {
+    public var coreContext: CoreRequestContextStorage
+    public var principal: APIPrincipal?
+
+    public init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        principal = nil
+    }
+}
+
+/// An API failure rendered as `{"error": {"code", "message"}}` with a fitting HTTP status.
+struct APIError: HTTPResponseError {
+    let error: FerryError
+
+    var status: HTTPResponse.Status {
+        switch error.code {
+        case .badRequest, .badConfiguration: .badRequest
+        case .unauthenticated: .unauthorized
+        case .permissionDenied: .forbidden
+        case .notFound: .notFound
+        case .conflict: .conflict
+        case .unavailable: .serviceUnavailable
+        case .timeout: .gatewayTimeout
+        default: .internalServerError
+        }
+    }
+
+    func response(from request: Request, context: some RequestContext) throws -> Response {
+        let body = try API.encoder().encode(API.ErrorBody(code: error.code.rawValue, message: error.message))
+        return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: body)))
+    }
+}
+
+/// Checks the bearer token on every request except `/healthz`.
+struct BearerAuthMiddleware: RouterMiddleware {
+    typealias Context = APIContext
+    let store: StateStore
+    let metrics: ControllerMetrics
+
+    func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
+        metrics.apiRequests.increment()
+        if request.uri.path == "/healthz" { return try await next(request, context) }
+        guard let header = request.headers[.authorization], header.hasPrefix("Bearer ") else {
+            throw APIError(error: FerryError(.unauthenticated, "missing bearer token; set FERRY_TOKEN (see ferryctl.env in the controller's data dir)"))
+        }
+        guard let principal = try await store.principal(forBearer: String(header.dropFirst("Bearer ".count))) else {
+            throw APIError(error: FerryError(.unauthenticated, "bearer token not recognised by this controller"))
+        }
+        var context = context
+        context.principal = principal
+        return try await next(request, context)
+    }
+}
+
+extension APIContext {
+    /// The caller, if its role is at least `role`.
+    func require(_ role: APIPrincipal.Role) throws -> APIPrincipal {
+        guard let principal else { throw APIError(error: FerryError(.unauthenticated, "not authenticated")) }
+        guard principal.role >= role else {
+            throw APIError(error: FerryError(.permissionDenied, "token '\(principal.name)' has role \(principal.role.rawValue); this needs \(role.rawValue)"))
+        }
+        return principal
+    }
+}
+
+/// JSON responses with the API's encoder (ISO 8601 dates, sorted keys).
+struct JSONBody<T: Encodable & Sendable>: ResponseGenerator {
+    let value: T
+    var status: HTTPResponse.Status = .ok
+
+    func response(from request: Request, context: some RequestContext) throws -> Response {
+        let data = try API.encoder().encode(value)
+        return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(data: data)))
+    }
+}
+
+/// The operator API: HTTPS + JSON.
+struct APIRoutes {
+    let store: StateStore
+    let registry: SessionRegistry
+    let metrics: ControllerMetrics
+    let pki: ControllerPKI
+    let agents: AgentServer
+
+    func router() -> Router<APIContext> {
+        let router = Router(context: APIContext.self)
+        router.add(middleware: BearerAuthMiddleware(store: store, metrics: metrics))
+        router.get("/healthz") { _, _ in
+            JSONBody(value: API.Health(status: "ok", version: FerryVersion.current, agentsOnline: await registry.count))
+        }
+        router.get("/metrics") { _, context in
+            _ = try context.require(.viewer)
+            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
+                            body: .init(byteBuffer: ByteBuffer(string: metrics.render())))
+        }
+        let v1 = router.group("v1")
+        v1.get("hosts") { _, context in
+            _ = try context.require(.viewer)
+            return JSONBody(value: try await hostViews())
+        }
+        v1.get("hosts/:name") { _, context in
+            _ = try context.require(.viewer)
+            let name = try context.parameters.require("name")
+            guard let view = try await hostViews().first(where: { $0.name == name }) else {
+                throw APIError(error: FerryError(.notFound, "no host named '\(name)'; 'ferryctl hosts' lists them"))
+            }
+            return JSONBody(value: view)
+        }
+        v1.delete("hosts/:name") { _, context in
+            let who = try context.require(.admin)
+            let name = try context.parameters.require("name")
+            let (host, serials) = try await wrap { try await store.removeHost(named: name, actor: who.actor) }
+            await agents.disconnect(hostID: host.id, reason: "host removed and its certificates revoked")
+            return JSONBody(value: ["removed": name, "revokedCertificates": "\(serials.count)"])
+        }
+        v1.post("hosts/:name/inventory/refresh") { _, context in
+            _ = try context.require(.operator)
+            let name = try context.parameters.require("name")
+            guard let host = try await store.host(named: name) else {
+                throw APIError(error: FerryError(.notFound, "no host named '\(name)'"))
+            }
+            guard let entry = await registry.entry(hostID: host.id) else {
+                throw APIError(error: FerryError(.unavailable, "host '\(name)' is not connected"))
+            }
+            var command = Ferry_V1_Command()
+            command.timeoutMs = 10_000
+            command.refreshInventory = Ferry_V1_RefreshInventory()
+            let reply = try await wrap { try await entry.session.request(.command(command), timeout: .seconds(10)) }
+            guard case .commandResult(let result) = reply.body, case .inventory(let inventory)? = result.outcome else {
+                throw APIError(error: FerryError(.protocolViolation, "agent answered refresh with \(reply.bodyName)"))
+            }
+            try await store.recordInventory(hostID: host.id, inventory: Data(try inventory.serializedBytes() as [UInt8]))
+            return JSONBody(value: API.Inventory(inventory))
+        }
+        v1.post("tokens") { request, context in
+            let who = try context.require(.admin)
+            let body = try await request.decode(as: API.TokenCreateRequest.self, context: context)
+            let ttl = body.ttlSeconds ?? 3600
+            guard (1...30 * 86_400).contains(ttl) else {
+                throw APIError(error: FerryError(.badRequest, "ttl must be between 1 second and 30 days"))
+            }
+            if let host = body.host, !HostName.isValid(host) {
+                throw APIError(error: FerryError(.badRequest, "'\(host)' is not a valid host name"))
+            }
+            let token = EnrollmentToken.generate(caFingerprint: pki.ca.fingerprint)
+            let created = try await wrap {
+                try await store.createEnrollmentToken(token, hostName: body.host, ttl: TimeInterval(ttl), actor: who.actor)
+            }
+            return JSONBody(value: created, status: .created)
+        }
+        v1.get("tokens") { _, context in
+            _ = try context.require(.admin)
+            return JSONBody(value: try await store.enrollmentTokens())
+        }
+        v1.get("audit") { request, context in
+            _ = try context.require(.viewer)
+            let limit = request.uri.queryParameters.get("limit", as: Int.self) ?? 100
+            return JSONBody(value: try await store.auditLog(limit: max(1, min(limit, 10_000))))
+        }
+        return router
+    }
+
+    func wrap<T>(_ body: () async throws -> T) async throws -> T {
+        do { return try await body() } catch let error as FerryError { throw APIError(error: error) }
+    }
+
+    func hostViews() async throws -> [API.Host] {
+        let records = try await store.hosts()
+        var views: [API.Host] = []
+        for r in records {
+            let live = await registry.entry(hostID: r.id)
+            let inventory = r.inventory.flatMap { try? Ferry_V1_Inventory(serializedBytes: $0) }
+            let state = live != nil ? "online" : (r.state == HostRecord.State.enrolled ? "enrolled" : "offline")
+            views.append(API.Host(
+                id: r.id, name: r.name, state: state,
+                address: r.address, os: inventory?.osName, kernel: inventory?.kernel, agentVersion: r.agentVersion,
+                enrolledAt: r.enrolledAt,
+                lastSeen: live.map { Date().addingTimeInterval(-$0.session.silence.seconds) } ?? r.lastSeen,
+                certificateSerial: r.certSerial, certificateExpiry: r.certNotAfter,
+                inventory: inventory.map(API.Inventory.init)
+            ))
+        }
+        return views
+    }
+}

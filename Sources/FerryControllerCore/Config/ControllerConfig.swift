@@ -1,0 +1,97 @@
+import FerryWire
+import Foundation
+
+/// The controller's settings: defaults, overridden by the config file, overridden by flags.
+public struct ControllerConfig: Sendable {
+    public var dataDir: String
+    /// Agent listener, `HOST:PORT`.
+    public var listen: String = "0.0.0.0:7443"
+    /// Operator API listener, `HOST:PORT`.
+    public var apiListen: String = "127.0.0.1:7444"
+    /// Extra DNS names and IP addresses for the server certificate (how agents and operators reach
+    /// this controller). `ferry-controller`, `localhost`, the hostname and 127.0.0.1 are always in.
+    public var tlsNames: [String] = []
+    public var tlsAddresses: [String] = []
+    /// An operator's CA; when unset the controller makes its own in the data dir.
+    public var caCert: String?
+    public var caKey: String?
+    /// An operator's server certificate (must carry DNS SAN `ferry-controller`); when unset the
+    /// controller issues its own from the CA.
+    public var serverCert: String?
+    public var serverKey: String?
+    public var heartbeatInterval: Duration = .seconds(5)
+    public var certificateValidity: Duration = .seconds(30 * 86_400)
+    public var maxFrameBytes: Int = FrameSize.defaultAuthenticated
+    /// How long a connection without a certificate may take to send its enrollment request.
+    public var enrollmentTimeout: Duration = .seconds(10)
+    public var logLevel: String = "info"
+
+    public init(dataDir: String) { self.dataDir = dataDir }
+
+    /// Keys of the YAML configuration file (see deploy/controller.yaml).
+    struct File: Decodable {
+        var dataDir: String?
+        var listen: String?
+        var apiListen: String?
+        var tlsNames: [String]?
+        var tlsAddresses: [String]?
+        var caCert: String?
+        var caKey: String?
+        var serverCert: String?
+        var serverKey: String?
+        var heartbeatInterval: String?
+        var certificateValidity: String?
+        var maxFrameBytes: Int?
+        var enrollmentTimeout: String?
+        var logLevel: String?
+
+        enum CodingKeys: String, CodingKey {
+            case dataDir = "data-dir", listen, apiListen = "api-listen", tlsNames = "tls-names", tlsAddresses = "tls-addresses"
+            case caCert = "ca-cert", caKey = "ca-key", serverCert = "server-cert", serverKey = "server-key"
+            case heartbeatInterval = "heartbeat-interval", certificateValidity = "certificate-validity"
+            case maxFrameBytes = "max-frame-bytes", enrollmentTimeout = "enrollment-timeout", logLevel = "log-level"
+        }
+    }
+
+    /// Applies a configuration file on top of the defaults.
+    public mutating func apply(file path: String) throws {
+        let f = try ConfigText.load(File.self, path: path)
+        if let v = f.dataDir { dataDir = v }
+        if let v = f.listen { listen = v }
+        if let v = f.apiListen { apiListen = v }
+        if let v = f.tlsNames { tlsNames = v }
+        if let v = f.tlsAddresses { tlsAddresses = v }
+        if let v = f.caCert { caCert = v }
+        if let v = f.caKey { caKey = v }
+        if let v = f.serverCert { serverCert = v }
+        if let v = f.serverKey { serverKey = v }
+        if let v = f.heartbeatInterval { heartbeatInterval = try ConfigText.duration(v) }
+        if let v = f.certificateValidity { certificateValidity = try ConfigText.duration(v) }
+        if let v = f.maxFrameBytes { maxFrameBytes = v }
+        if let v = f.enrollmentTimeout { enrollmentTimeout = try ConfigText.duration(v) }
+        if let v = f.logLevel { logLevel = v }
+    }
+
+    /// Rejects settings that cannot work, with a message that names the setting.
+    public func validate() throws {
+        _ = try ConfigText.hostPort(listen)
+        _ = try ConfigText.hostPort(apiListen)
+        guard (caCert == nil) == (caKey == nil) else {
+            throw FerryError(.badConfiguration, "ca-cert and ca-key go together: the controller signs agent certificates with the CA key")
+        }
+        guard (serverCert == nil) == (serverKey == nil) else {
+            throw FerryError(.badConfiguration, "server-cert and server-key go together")
+        }
+        guard heartbeatInterval >= .milliseconds(100), heartbeatInterval <= .seconds(300) else {
+            throw FerryError(.badConfiguration, "heartbeat-interval must be between 100ms and 300s")
+        }
+        guard certificateValidity >= .seconds(10) else {
+            throw FerryError(.badConfiguration, "certificate-validity must be at least 10s")
+        }
+        guard (64 * 1024...256 * 1024 * 1024).contains(maxFrameBytes) else {
+            throw FerryError(.badConfiguration, "max-frame-bytes must be between 64 KiB and 256 MiB")
+        }
+    }
+
+    var databasePath: String { dataDir + "/state.sqlite" }
+}

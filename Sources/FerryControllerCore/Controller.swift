@@ -1,0 +1,102 @@
+import FerryWire
+import Foundation
+import Hummingbird
+import HummingbirdTLS
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+
+/// The controller process: state, PKI, agent listener, operator API, run as one service group.
+public struct Controller: Sendable {
+    public let config: ControllerConfig
+    public let logger: Logger
+
+    public init(config: ControllerConfig, logger: Logger) {
+        self.config = config
+        self.logger = logger
+    }
+
+    /// Runs until SIGTERM or SIGINT, then drains: sessions get a goodbye, listeners close.
+    public func run() async throws {
+        try config.validate()
+        try FileManager.default.createDirectory(atPath: config.dataDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let store = try StateStore(path: config.databasePath)
+        let pki = try ControllerPKI.prepare(config: config)
+        let adminToken = try await ensureAdminToken(store: store)
+        let registry = SessionRegistry()
+        let metrics = ControllerMetrics()
+        let group = MultiThreadedEventLoopGroup.singleton
+        let dataDir = config.dataDir
+
+        let agents = AgentServer(config: config, pki: pki, store: store, registry: registry, metrics: metrics, logger: logger, group: group) { address in
+            // Tests and scripts read the bound port from here (the configured port may be 0).
+            try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/agent-listen.addr")
+        }
+        let routes = APIRoutes(store: store, registry: registry, metrics: metrics, pki: pki, agents: agents)
+        let (apiHost, apiPort) = try ConfigText.hostPort(config.apiListen)
+        let caPath = pki.caPath
+        let logger = self.logger
+        let api = Application(
+            router: routes.router(),
+            server: try .tls(.http1(), tlsConfiguration: TLSSettings.apiListener(chain: pki.serverChain, key: pki.serverKey)),
+            configuration: .init(address: .hostname(apiHost, port: apiPort), serverName: "ferry-controller"),
+            onServerRunning: { channel in
+                guard let address = channel.localAddress else { return }
+                let host = (apiHost == "0.0.0.0" || apiHost == "::") ? "127.0.0.1" : apiHost
+                let url = "https://\(host.contains(":") ? "[\(host)]" : host):\(address.port ?? apiPort)"
+                let env = "# Source this file to point ferryctl at this controller.\nexport FERRY_API=\(url)\nexport FERRY_TOKEN=\(adminToken)\nexport FERRY_CA=\(caPath)\n"
+                try? PEMFiles.writeSecret(env, to: dataDir + "/ferryctl.env")
+                logger.info("operator API ready", metadata: ["url": "\(url)"])
+            },
+            eventLoopGroupProvider: .shared(group),
+            logger: logger
+        )
+        let lastSeen = LastSeenRecorder(store: store, registry: registry)
+        var groupConfig = ServiceGroupConfiguration(
+            services: [
+                .init(service: lastSeen),
+                .init(service: agents),
+                .init(service: api),
+            ],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger
+        )
+        // SIGTERM must end the process within 5 s even if a peer does not cooperate.
+        groupConfig.maximumGracefulShutdownDuration = .seconds(3)
+        groupConfig.maximumCancellationDuration = .seconds(1)
+        let services = ServiceGroup(configuration: groupConfig)
+        logger.info("controller starting", metadata: ["data-dir": "\(config.dataDir)", "version": "\(FerryVersion.current)"])
+        try await services.run()
+        logger.info("controller stopped")
+    }
+
+    /// The first start makes an admin API token, written 0600 in the data dir.
+    func ensureAdminToken(store: StateStore) async throws -> String {
+        let path = config.dataDir + "/admin.token"
+        if try await store.hasAPIToken(name: "admin") {
+            guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
+                throw FerryError(.badConfiguration, "the admin API token exists in the database but \(path) is missing; restore it from backup")
+            }
+            return text.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        let secret = SecretHash.randomToken(prefix: "fat_")
+        try PEMFiles.writeSecret(secret + "\n", to: path)
+        try await store.ensureAPIToken(name: "admin", role: .admin, secret: secret)
+        return secret
+    }
+}
+
+/// Persists online hosts' last-seen times now and then, so a restart shows a recent value
+/// without a database write per heartbeat.
+struct LastSeenRecorder: Service {
+    let store: StateStore
+    let registry: SessionRegistry
+
+    func run() async throws {
+        while !Task.isShuttingDownGracefully {
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(30)) }
+            try? await store.recordLastSeen(await registry.lastSeen())
+        }
+    }
+}

@@ -1,0 +1,37 @@
+import CoreMetrics
+import Metrics
+import Prometheus
+
+/// The controller's metrics, exported in Prometheus format on the API's `/metrics`.
+public final class ControllerMetrics: Sendable {
+    public let registry: PrometheusCollectorRegistry
+    let agentsConnected: CoreMetrics.Gauge
+    let sessionsOpened: CoreMetrics.Counter
+    let heartbeatsMissed: CoreMetrics.Counter
+    let enrollments: CoreMetrics.Counter
+    let enrollmentsRejected: CoreMetrics.Counter
+    let certificatesRenewed: CoreMetrics.Counter
+    let framesReceived: CoreMetrics.Counter
+    let apiRequests: CoreMetrics.Counter
+    private let factory: PrometheusMetricsFactory
+
+    public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
+        self.registry = registry
+        factory = PrometheusMetricsFactory(registry: registry)
+        agentsConnected = CoreMetrics.Gauge(label: "ferry_agents_connected", factory: factory)
+        sessionsOpened = CoreMetrics.Counter(label: "ferry_sessions_opened_total", factory: factory)
+        heartbeatsMissed = CoreMetrics.Counter(label: "ferry_sessions_dead_peer_total", factory: factory)
+        enrollments = CoreMetrics.Counter(label: "ferry_enrollments_total", factory: factory)
+        enrollmentsRejected = CoreMetrics.Counter(label: "ferry_enrollments_rejected_total", factory: factory)
+        certificatesRenewed = CoreMetrics.Counter(label: "ferry_certificates_renewed_total", factory: factory)
+        framesReceived = CoreMetrics.Counter(label: "ferry_session_messages_received_total", factory: factory)
+        apiRequests = CoreMetrics.Counter(label: "ferry_api_requests_total", factory: factory)
+    }
+
+    /// Counts a refused connection, labelled by why.
+    func connectionRejected(_ reason: String) {
+        CoreMetrics.Counter(label: "ferry_connections_rejected_total", dimensions: [("reason", reason)], factory: factory).increment()
+    }
+
+    public func render() -> String { registry.emitToString() }
+}

@@ -1,0 +1,285 @@
+import FerryWire
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import ServiceLifecycle
+import SwiftProtobuf
+import Synchronization
+import X509
+
+/// Accepts agent connections: enrollment for agents without a certificate, sessions for
+/// enrolled ones. Each connection is its own child task; a bad one closes only itself.
+public final class AgentServer: Service, Sendable {
+    let config: ControllerConfig
+    let pki: ControllerPKI
+    let store: StateStore
+    let registry: SessionRegistry
+    let metrics: ControllerMetrics
+    let logger: Logger
+    let group: any EventLoopGroup
+    /// Resolved once the listener is bound (the configured port may be 0).
+    let boundAddress: Mutex<SocketAddress?> = Mutex(nil)
+    let onBound: @Sendable (SocketAddress) -> Void
+
+    init(config: ControllerConfig, pki: ControllerPKI, store: StateStore, registry: SessionRegistry, metrics: ControllerMetrics,
+         logger: Logger, group: any EventLoopGroup, onBound: @escaping @Sendable (SocketAddress) -> Void) {
+        self.config = config
+        self.pki = pki
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.logger = logger
+        self.group = group
+        self.onBound = onBound
+    }
+
+    public func run() async throws {
+        let tls = try NIOSSLContext(configuration: TLSSettings.agentListener(chain: pki.serverChain, key: pki.serverKey, ca: pki.ca.certificate))
+        let (host, port) = try ConfigText.hostPort(config.listen)
+        let server = try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 512)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .bind(host: host, port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let limit = FrameLimit(FrameSize.unauthenticated)
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
+                    try FramedPipeline.configure(channel, limit: limit)
+                    return (try FramedPipeline.asyncChannel(channel), limit)
+                }
+            }
+        if let address = server.channel.localAddress {
+            boundAddress.withLock { $0 = address }
+            onBound(address)
+            logger.info("agent listener ready", metadata: ["address": "\(PeerSession.describe(address))"])
+        }
+        try await withGracefulShutdownHandler {
+            try await server.executeThenClose { connections in
+                try await withThrowingDiscardingTaskGroup { group in
+                    for try await (connection, limit) in connections {
+                        group.addTask { await self.serve(connection, limit: limit) }
+                    }
+                }
+            }
+        } onGracefulShutdown: {
+            server.channel.close(promise: nil)
+            Task {
+                for entry in await self.registry.all {
+                    await entry.session.close(reason: "controller shutting down")
+                }
+            }
+        }
+    }
+
+    /// One connection from start to close. Errors end here, logged, never beyond.
+    func serve(_ connection: NIOAsyncChannel<(ByteBuffer), ByteBuffer>, limit: FrameLimit) async {
+        let remote = connection.channel.remoteAddress.map(PeerSession.describe) ?? "unknown"
+        var log = logger
+        log[metadataKey: "peer"] = "\(remote)"
+        do {
+            try await connection.executeThenClose { inbound, outbound in
+                let session = PeerSession(channel: connection.channel, outbound: outbound)
+                var messages = inbound.makeAsyncIterator()
+                // Until the peer has authenticated it gets a short deadline and a small frame cap.
+                let firstFrame = try await session.withDeadline(config.enrollmentTimeout) { try await messages.next() }
+                guard let firstFrame else { return }
+                let first: Ferry_V1_Envelope
+                do {
+                    first = try Ferry_V1_Envelope(frame: firstFrame)
+                } catch let error as FerryError {
+                    await reject(session, error, reason: "malformed", log: log)
+                    return
+                }
+                guard let certificate = try await TLSSettings.peerCertificate(of: connection.channel) else {
+                    await enroll(first, session: session, log: log)
+                    return
+                }
+                try await runSession(first, certificate: certificate, session: session, messages: &messages, limit: limit, log: log)
+            }
+        } catch let error as NIOSSLError {
+            metrics.connectionRejected("tls")
+            log.info("connection refused at TLS", metadata: ["error": "\(error)"])
+        } catch let error as BoringSSLError {
+            metrics.connectionRejected("tls")
+            log.info("connection refused at TLS", metadata: ["error": "\(error)"])
+        } catch let error as FerryError {
+            if error.code == .frameTooLarge { metrics.connectionRejected("frame-too-large") }
+            log.info("connection closed", metadata: ["reason": "\(error.message)"])
+        } catch {
+            log.info("connection closed", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Sends a session-fatal error; the caller returns, which closes the connection.
+    func reject(_ session: PeerSession, _ error: FerryError, inReplyTo: UInt64 = 0, reason: String, log: Logger) async {
+        metrics.connectionRejected(reason)
+        log.warning("refused", metadata: ["reason": "\(error.message)"])
+        try? await session.send(.error(error.wire), inReplyTo: inReplyTo)
+    }
+
+    // MARK: Enrollment
+
+    func enroll(_ request: Ferry_V1_Envelope, session: PeerSession, log: Logger) async {
+        guard case .enrollRequest(let req) = request.body else {
+            await reject(session, FerryError(.unauthenticated, "no client certificate: enroll first with 'ferry-agent enroll'"),
+                         inReplyTo: request.id, reason: "no-certificate", log: log)
+            return
+        }
+        do {
+            let token: EnrollmentToken
+            do { token = try EnrollmentToken(parsing: req.token) } catch {
+                throw FerryError(.tokenInvalid, "enrollment token is malformed")
+            }
+            guard token.caFingerprint == pki.ca.fingerprint else {
+                throw FerryError(.tokenInvalid, "enrollment token was made for a different controller CA")
+            }
+            _ = try HostKeyRequest.verifiedPublicKey(csrDER: Array(req.csrDer))
+            let pki = self.pki
+            let validity = config.certificateValidity
+            let csr = Array(req.csrDer)
+            let (host, issued) = try await store.enroll(
+                tokenSecretHash: token.secretHash,
+                requestedName: req.requestedName,
+                issue: { id, name in try pki.issueAgentCertificate(csrDER: csr, hostID: id, hostName: name, validity: validity) },
+                peer: session.remoteDescription
+            )
+            var response = Ferry_V1_EnrollResponse()
+            response.hostID = host.id
+            response.hostName = host.name
+            response.certificateDer = Data(try PEMFiles.der(issued.certificate))
+            response.caCertificateDer = Data(try PEMFiles.der(pki.ca.certificate))
+            response.notAfterUnix = Int64(issued.notAfter.timeIntervalSince1970)
+            try await session.send(.enrollResponse(response), inReplyTo: request.id)
+            metrics.enrollments.increment()
+            log.info("host enrolled", metadata: ["host": "\(host.name)", "host-id": "\(host.id)"])
+        } catch let error as FerryError {
+            metrics.enrollmentsRejected.increment()
+            await reject(session, error, inReplyTo: request.id, reason: "enrollment", log: log)
+        } catch {
+            metrics.enrollmentsRejected.increment()
+            await reject(session, FerryError(.internalError, "enrollment failed: \(error)"), inReplyTo: request.id, reason: "enrollment", log: log)
+        }
+    }
+
+    // MARK: Sessions
+
+    func runSession(
+        _ first: Ferry_V1_Envelope,
+        certificate: Certificate,
+        session: PeerSession,
+        messages: inout NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator,
+        limit: FrameLimit,
+        log: Logger
+    ) async throws {
+        let serial = HostIdentity.serialString(certificate)
+        guard let hostID = HostIdentity.hostID(of: certificate) else {
+            await reject(session, FerryError(.unauthenticated, "client certificate carries no Ferry host identity"), reason: "no-identity", log: log)
+            return
+        }
+        let host: HostRecord
+        do {
+            host = try await store.admit(hostID: hostID, serial: serial)
+        } catch let error as FerryError {
+            await reject(session, error, reason: error.code == .revoked ? "revoked" : "unknown-host", log: log)
+            return
+        }
+        guard case .hello(let hello) = first.body else {
+            await reject(session, FerryError(.protocolViolation, "expected hello as the first message, got \(first.bodyName)"),
+                         inReplyTo: first.id, reason: "protocol", log: log)
+            return
+        }
+        guard hello.protocolVersion == .protocolVersion1 else {
+            await reject(session, FerryError(.unsupported, "protocol version \(hello.protocolVersion.rawValue) not supported; this controller speaks 1"),
+                         inReplyTo: first.id, reason: "protocol", log: log)
+            return
+        }
+        guard hello.hostID == hostID else {
+            await reject(session, FerryError(.permissionDenied, "hello claims host \(hello.hostID) but the certificate belongs to \(hostID) (\(host.name)); an agent speaks only for itself"),
+                         inReplyTo: first.id, reason: "wrong-host", log: log)
+            return
+        }
+        let log = { var l = log; l[metadataKey: "host"] = "\(host.name)"; return l }()
+        let inventory = (try? hello.inventory.serializedBytes() as [UInt8]).map { Data($0) } ?? Data()
+        _ = try await store.recordSessionStart(hostID: hostID, address: session.remoteDescription, agentVersion: hello.agentVersion, inventory: inventory)
+        limit.set(config.maxFrameBytes)
+
+        var welcome = Ferry_V1_Welcome()
+        welcome.controllerVersion = FerryVersion.current
+        welcome.hostID = hostID
+        welcome.hostName = host.name
+        welcome.heartbeatIntervalMs = UInt32(config.heartbeatInterval.seconds * 1000)
+        welcome.maxFrameBytes = UInt32(config.maxFrameBytes)
+        try await session.send(.welcome(welcome), inReplyTo: first.id)
+
+        let entry = SessionRegistry.Entry(hostID: hostID, hostName: host.name, session: session, connectedAt: Date())
+        if let old = await registry.register(entry) {
+            await old.session.close(reason: "replaced by a newer session of the same host")
+        }
+        metrics.sessionsOpened.increment()
+        metrics.agentsConnected.record(await registry.count)
+        log.info("agent session open", metadata: ["address": "\(session.remoteDescription)", "agent-version": "\(hello.agentVersion)"])
+        defer {
+            Task {
+                await registry.unregister(hostID: hostID, session: session)
+                metrics.agentsConnected.record(await registry.count)
+                try? await store.recordLastSeen([hostID: Date().addingTimeInterval(-session.silence.seconds)])
+            }
+        }
+        do {
+            try await session.run(inbound: &messages, heartbeatInterval: config.heartbeatInterval, logger: log) { envelope in
+                try await self.handle(envelope, hostID: hostID, hostName: host.name, session: session, log: log)
+            }
+        } catch let error as FerryError where error.code == .timeout {
+            metrics.heartbeatsMissed.increment()
+            log.warning("agent presumed dead", metadata: ["reason": "\(error.message)"])
+        } catch let error as FerryError {
+            log.info("agent session closed", metadata: ["reason": "\(error.message)"])
+            if error.code == .protocolViolation || error.code == .frameTooLarge {
+                await reject(session, error, reason: error.code == .frameTooLarge ? "frame-too-large" : "malformed", log: log)
+            }
+        }
+    }
+
+    /// Messages an agent sends on its own initiative.
+    func handle(_ envelope: Ferry_V1_Envelope, hostID: String, hostName: String, session: PeerSession, log: Logger) async throws {
+        metrics.framesReceived.increment()
+        switch envelope.body {
+        case .inventoryUpdate(let update):
+            let bytes = Data(try update.inventory.serializedBytes() as [UInt8])
+            if try await store.recordInventory(hostID: hostID, inventory: bytes) {
+                log.info("inventory changed")
+            }
+        case .renewRequest(let req):
+            do {
+                let issued = try pki.issueAgentCertificate(csrDER: Array(req.csrDer), hostID: hostID, hostName: hostName, validity: config.certificateValidity)
+                try await store.recordRenewal(hostID: hostID, serial: issued.serial, notAfter: issued.notAfter)
+                var response = Ferry_V1_RenewResponse()
+                response.certificateDer = Data(try PEMFiles.der(issued.certificate))
+                response.notAfterUnix = Int64(issued.notAfter.timeIntervalSince1970)
+                try await session.send(.renewResponse(response), inReplyTo: envelope.id)
+                metrics.certificatesRenewed.increment()
+                log.info("certificate renewed", metadata: ["serial": "\(issued.serial)"])
+            } catch let error as FerryError {
+                try await session.send(.error(error.wire), inReplyTo: envelope.id)
+            }
+        case .error(let e):
+            log.warning("agent reported an error", metadata: ["code": "\(e.code)", "message": "\(e.message)"])
+        default:
+            let error = FerryError(.protocolViolation, "\(envelope.bodyName) is not valid from an agent")
+            if envelope.id != 0 {
+                try await session.send(.error(error.wire), inReplyTo: envelope.id)
+            } else {
+                log.warning("unexpected message", metadata: ["kind": "\(envelope.bodyName)"])
+            }
+        }
+    }
+
+    /// Closes the live session of a host, if any (used on revocation).
+    func disconnect(hostID: String, reason: String) async {
+        if let entry = await registry.entry(hostID: hostID) {
+            await entry.session.close(reason: reason)
+        }
+    }
+}

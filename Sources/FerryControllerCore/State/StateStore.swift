@@ -1,0 +1,394 @@
+import FerryWire
+import Foundation
+import GRDB
+import X509
+
+/// The controller's configuration state in SQLite (WAL, through a GRDB pool).
+///
+/// Every change goes through a method here that also appends to the audit log, in the same
+/// transaction, so the log cannot miss a change.
+public final class StateStore: Sendable {
+    let pool: DatabasePool
+
+    public init(path: String) throws {
+        var config = Configuration()
+        config.busyMode = .timeout(10)
+        config.journalMode = .wal
+        do {
+            pool = try DatabasePool(path: path, configuration: config)
+        } catch {
+            throw FerryError(.io, "cannot open state database \(path): \(error)")
+        }
+        let migrator = Self.migrator
+        let superseded = try pool.read { db in try migrator.hasBeenSuperseded(db) }
+        if superseded {
+            throw FerryError(.databaseTooNew, "state database \(path) was written by a newer Ferry version; run that version or restore a backup")
+        }
+        try migrator.migrate(pool)
+    }
+
+    /// Schema history. Never edit a migration once it has shipped: add a new one.
+    static var migrator: DatabaseMigrator {
+        var m = DatabaseMigrator()
+        m.registerMigration("v1-hosts-tokens-audit") { db in
+            try db.create(table: "host") { t in
+                t.primaryKey("id", .text)
+                t.column("name", .text).notNull()
+                t.column("state", .text).notNull()          // enrolled | active | removed
+                t.column("inventory", .blob)                 // Ferry_V1_Inventory, protobuf
+                t.column("address", .text)
+                t.column("agentVersion", .text)
+                t.column("certSerial", .text)
+                t.column("certNotAfter", .datetime)
+                t.column("enrolledAt", .datetime).notNull()
+                t.column("lastSeen", .datetime)
+                t.column("removedAt", .datetime)
+            }
+            // A name is unique among hosts that have not been removed.
+            try db.execute(sql: "CREATE UNIQUE INDEX host_active_name ON host(name) WHERE state != 'removed'")
+            try db.create(table: "certificate") { t in
+                t.primaryKey("serial", .text)
+                t.column("hostID", .text).notNull().references("host")
+                t.column("notAfter", .datetime).notNull()
+                t.column("issuedAt", .datetime).notNull()
+            }
+            try db.create(table: "revokedSerial") { t in
+                t.primaryKey("serial", .text)
+                t.column("hostID", .text).notNull()
+                t.column("revokedAt", .datetime).notNull()
+            }
+            try db.create(table: "enrollmentToken") { t in
+                t.primaryKey("hash", .text)
+                t.column("hostName", .text)
+                t.column("createdAt", .datetime).notNull()
+                t.column("expiresAt", .datetime).notNull()
+                t.column("createdBy", .text).notNull()
+                t.column("usedAt", .datetime)
+                t.column("usedBy", .text)
+            }
+            try db.create(table: "apiToken") { t in
+                t.primaryKey("hash", .text)
+                t.column("name", .text).notNull().unique()
+                t.column("role", .text).notNull()           // viewer | operator | admin
+                t.column("createdAt", .datetime).notNull()
+            }
+            try db.create(table: "audit") { t in
+                t.autoIncrementedPrimaryKey("id")
+                t.column("at", .datetime).notNull()
+                t.column("actor", .text).notNull()
+                t.column("action", .text).notNull()
+                t.column("target", .text).notNull()
+                t.column("detail", .text).notNull()
+            }
+        }
+        return m
+    }
+
+    static func audit(_ db: Database, actor: String, action: String, target: String, detail: String = "") throws {
+        try db.execute(
+            sql: "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+            arguments: [Date(), actor, action, target, detail]
+        )
+    }
+}
+
+// MARK: - Records
+
+public struct HostRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
+    public static let databaseTableName = "host"
+    public var id: String
+    public var name: String
+    public var state: String
+    public var inventory: Data?
+    public var address: String?
+    public var agentVersion: String?
+    public var certSerial: String?
+    public var certNotAfter: Date?
+    public var enrolledAt: Date
+    public var lastSeen: Date?
+    public var removedAt: Date?
+
+    public enum State {
+        public static let enrolled = "enrolled"
+        public static let active = "active"
+        public static let removed = "removed"
+    }
+}
+
+struct EnrollmentTokenRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
+    static let databaseTableName = "enrollmentToken"
+    var hash: String
+    var hostName: String?
+    var createdAt: Date
+    var expiresAt: Date
+    var createdBy: String
+    var usedAt: Date?
+    var usedBy: String?
+
+    var api: API.Token {
+        API.Token(id: String(hash.prefix(12)), token: nil, host: hostName, createdAt: createdAt, expiresAt: expiresAt,
+                  usedAt: usedAt, usedBy: usedBy, createdBy: createdBy)
+    }
+}
+
+struct APITokenRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
+    static let databaseTableName = "apiToken"
+    var hash: String
+    var name: String
+    var role: String
+    var createdAt: Date
+}
+
+struct AuditRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
+    static let databaseTableName = "audit"
+    var id: Int64?
+    var at: Date
+    var actor: String
+    var action: String
+    var target: String
+    var detail: String
+}
+
+/// A caller of the operator API, as identified by its bearer token.
+public struct APIPrincipal: Sendable {
+    public enum Role: String, Sendable, Comparable {
+        case viewer, `operator`, admin
+        var rank: Int { self == .viewer ? 0 : self == .operator ? 1 : 2 }
+        public static func < (a: Self, b: Self) -> Bool { a.rank < b.rank }
+    }
+    public var name: String
+    public var role: Role
+    /// How the principal appears in the audit log.
+    public var actor: String { "api:\(name)" }
+}
+
+// MARK: - Operations
+
+extension StateStore {
+    // Tokens for the operator API.
+
+    /// Stores an API token (hashed). Returns false if a token with that name exists already.
+    public func ensureAPIToken(name: String, role: APIPrincipal.Role, secret: String) async throws {
+        try await pool.write { db in
+            let record = APITokenRecord(hash: SecretHash.of(secret), name: name, role: role.rawValue, createdAt: Date())
+            try record.insert(db)
+            try Self.audit(db, actor: "system", action: "api-token.create", target: name, detail: "role=\(role.rawValue)")
+        }
+    }
+
+    public func hasAPIToken(name: String) async throws -> Bool {
+        try await pool.read { db in try APITokenRecord.filter(Column("name") == name).fetchCount(db) > 0 }
+    }
+
+    public func principal(forBearer secret: String) async throws -> APIPrincipal? {
+        let hash = SecretHash.of(secret)
+        return try await pool.read { db in
+            guard let r = try APITokenRecord.fetchOne(db, key: hash), let role = APIPrincipal.Role(rawValue: r.role) else { return nil }
+            return APIPrincipal(name: r.name, role: role)
+        }
+    }
+
+    // Enrollment tokens.
+
+    public func createEnrollmentToken(_ token: EnrollmentToken, hostName: String?, ttl: TimeInterval, actor: String) async throws -> API.Token {
+        let now = Date()
+        let record = EnrollmentTokenRecord(hash: token.secretHash, hostName: hostName, createdAt: now,
+                                           expiresAt: now.addingTimeInterval(ttl), createdBy: actor, usedAt: nil, usedBy: nil)
+        try await pool.write { db in
+            if let hostName, try HostRecord.filter(Column("name") == hostName && Column("state") != HostRecord.State.removed).fetchCount(db) > 0 {
+                throw FerryError(.conflict, "a host named '\(hostName)' is already enrolled; remove it first with 'ferryctl host remove \(hostName)'")
+            }
+            try record.insert(db)
+            try Self.audit(db, actor: actor, action: "token.create", target: record.api.id,
+                           detail: "host=\(hostName ?? "any") expires=\(ISO8601DateFormatter().string(from: record.expiresAt))")
+        }
+        var api = record.api
+        api.token = token.description
+        return api
+    }
+
+    public func enrollmentTokens() async throws -> [API.Token] {
+        try await pool.read { db in try EnrollmentTokenRecord.order(Column("createdAt").desc).fetchAll(db).map(\.api) }
+    }
+
+    /// Consumes a token and creates the host in one transaction, so a token can never enroll twice
+    /// even when two agents race with it.
+    public func enroll(
+        tokenSecretHash: String,
+        requestedName: String,
+        issue: @escaping @Sendable (_ hostID: String, _ hostName: String) throws -> IssuedCertificate,
+        peer: String
+    ) async throws -> (HostRecord, IssuedCertificate) {
+        try await pool.write { db in
+            let now = Date()
+            guard var token = try EnrollmentTokenRecord.fetchOne(db, key: tokenSecretHash) else {
+                throw FerryError(.tokenInvalid, "enrollment token not recognised by this controller; create one with 'ferryctl token create'")
+            }
+            if let usedAt = token.usedAt {
+                throw FerryError(.tokenUsed, "enrollment token \(token.api.id) was already used at \(ISO8601DateFormatter().string(from: usedAt)) by \(token.usedBy ?? "?"); tokens are one-time, create a new one")
+            }
+            if token.expiresAt < now {
+                throw FerryError(.tokenExpired, "enrollment token \(token.api.id) expired at \(ISO8601DateFormatter().string(from: token.expiresAt)); create a new one")
+            }
+            let name: String
+            if let bound = token.hostName {
+                guard requestedName.isEmpty || requestedName == bound else {
+                    throw FerryError(.tokenWrongHost, "enrollment token \(token.api.id) is for host '\(bound)', not '\(requestedName)'")
+                }
+                name = bound
+            } else {
+                name = requestedName
+            }
+            guard HostName.isValid(name) else {
+                throw FerryError(.badRequest, "'\(name)' is not a valid host name (1-63 characters: letters, digits, '.', '-', '_')")
+            }
+            if try HostRecord.filter(Column("name") == name && Column("state") != HostRecord.State.removed).fetchCount(db) > 0 {
+                throw FerryError(.conflict, "a host named '\(name)' is already enrolled; remove it first with 'ferryctl host remove \(name)' or enroll under another name")
+            }
+            let hostID = UUID().uuidString.lowercased()
+            let cert = try issue(hostID, name)
+            let host = HostRecord(id: hostID, name: name, state: HostRecord.State.enrolled, inventory: nil, address: peer,
+                                  agentVersion: nil, certSerial: cert.serial, certNotAfter: cert.notAfter, enrolledAt: now,
+                                  lastSeen: nil, removedAt: nil)
+            try host.insert(db)
+            try db.execute(sql: "INSERT INTO certificate (serial, hostID, notAfter, issuedAt) VALUES (?, ?, ?, ?)",
+                           arguments: [cert.serial, hostID, cert.notAfter, now])
+            token.usedAt = now
+            token.usedBy = name
+            try token.update(db)
+            try Self.audit(db, actor: "token:\(token.api.id)", action: "host.enroll", target: name,
+                           detail: "id=\(hostID) serial=\(cert.serial) from=\(peer)")
+            return (host, cert)
+        }
+    }
+
+    /// Records a renewed certificate for a host.
+    public func recordRenewal(hostID: String, serial: String, notAfter: Date) async throws {
+        try await pool.write { db in
+            guard var host = try HostRecord.fetchOne(db, key: hostID), host.state != HostRecord.State.removed else {
+                throw FerryError(.revoked, "host \(hostID) has been removed")
+            }
+            try db.execute(sql: "INSERT INTO certificate (serial, hostID, notAfter, issuedAt) VALUES (?, ?, ?, ?)",
+                           arguments: [serial, hostID, notAfter, Date()])
+            host.certSerial = serial
+            host.certNotAfter = notAfter
+            try host.update(db)
+            try Self.audit(db, actor: "agent:\(host.name)", action: "host.renew-certificate", target: host.name, detail: "serial=\(serial)")
+        }
+    }
+
+    /// Admission check for a session: the host exists, is not removed and the serial not revoked.
+    public func admit(hostID: String, serial: String) async throws -> HostRecord {
+        try await pool.read { db in
+            if try Row.fetchOne(db, sql: "SELECT 1 FROM revokedSerial WHERE serial = ?", arguments: [serial]) != nil {
+                throw FerryError(.revoked, "certificate \(serial) has been revoked")
+            }
+            guard let host = try HostRecord.fetchOne(db, key: hostID) else {
+                throw FerryError(.unauthenticated, "certificate names host \(hostID), which this controller does not know")
+            }
+            guard host.state != HostRecord.State.removed else {
+                throw FerryError(.revoked, "host '\(host.name)' has been removed")
+            }
+            return host
+        }
+    }
+
+    /// Stores what a host said at session start; returns the updated record.
+    public func recordSessionStart(hostID: String, address: String, agentVersion: String, inventory: Data) async throws -> HostRecord {
+        try await pool.write { db in
+            guard var host = try HostRecord.fetchOne(db, key: hostID) else {
+                throw FerryError(.notFound, "host \(hostID) not found")
+            }
+            let inventoryChanged = host.inventory != inventory
+            host.state = HostRecord.State.active
+            host.address = address
+            host.agentVersion = agentVersion
+            host.inventory = inventory
+            host.lastSeen = Date()
+            try host.update(db)
+            if inventoryChanged {
+                try Self.audit(db, actor: "agent:\(host.name)", action: "host.inventory", target: host.name, detail: "\(inventory.count) bytes")
+            }
+            return host
+        }
+    }
+
+    /// Stores a changed inventory. Returns whether it differed.
+    @discardableResult
+    public func recordInventory(hostID: String, inventory: Data) async throws -> Bool {
+        try await pool.write { db in
+            guard var host = try HostRecord.fetchOne(db, key: hostID), host.inventory != inventory else { return false }
+            host.inventory = inventory
+            try host.update(db)
+            try Self.audit(db, actor: "agent:\(host.name)", action: "host.inventory", target: host.name, detail: "\(inventory.count) bytes")
+            return true
+        }
+    }
+
+    public func recordLastSeen(_ seen: [String: Date]) async throws {
+        guard !seen.isEmpty else { return }
+        try await pool.write { db in
+            for (id, at) in seen {
+                try db.execute(sql: "UPDATE host SET lastSeen = ? WHERE id = ?", arguments: [at, id])
+            }
+        }
+    }
+
+    public func hosts(includeRemoved: Bool = false) async throws -> [HostRecord] {
+        try await pool.read { db in
+            var q = HostRecord.order(Column("name"))
+            if !includeRemoved { q = q.filter(Column("state") != HostRecord.State.removed) }
+            return try q.fetchAll(db)
+        }
+    }
+
+    public func host(named name: String) async throws -> HostRecord? {
+        try await pool.read { db in
+            try HostRecord.filter(Column("name") == name && Column("state") != HostRecord.State.removed).fetchOne(db)
+        }
+    }
+
+    /// Removes a host: its record is kept (state removed) and every certificate ever issued to it
+    /// is revoked. Returns the revoked serials.
+    public func removeHost(named name: String, actor: String) async throws -> (HostRecord, [String]) {
+        try await pool.write { db in
+            guard var host = try HostRecord.filter(Column("name") == name && Column("state") != HostRecord.State.removed).fetchOne(db) else {
+                throw FerryError(.notFound, "no host named '\(name)'; 'ferryctl hosts' lists them")
+            }
+            let serials = try String.fetchAll(db, sql: "SELECT serial FROM certificate WHERE hostID = ?", arguments: [host.id])
+            let now = Date()
+            for s in serials {
+                try db.execute(sql: "INSERT OR IGNORE INTO revokedSerial (serial, hostID, revokedAt) VALUES (?, ?, ?)", arguments: [s, host.id, now])
+            }
+            host.state = HostRecord.State.removed
+            host.removedAt = now
+            try host.update(db)
+            try Self.audit(db, actor: actor, action: "host.remove", target: name, detail: "id=\(host.id) revoked=\(serials.count)")
+            return (host, serials)
+        }
+    }
+
+    public func auditLog(limit: Int) async throws -> [API.AuditEntry] {
+        try await pool.read { db in
+            try AuditRecord.order(Column("id").desc).limit(limit).fetchAll(db).map {
+                API.AuditEntry(id: $0.id ?? 0, at: $0.at, actor: $0.actor, action: $0.action, target: $0.target, detail: $0.detail)
+            }
+        }
+    }
+}
+
+/// A certificate just signed, with the fields the store keeps.
+public struct IssuedCertificate: Sendable {
+    public var certificate: Certificate
+    public var serial: String { HostIdentity.serialString(certificate) }
+    public var notAfter: Date { certificate.notValidAfter }
+
+    public init(_ certificate: Certificate) { self.certificate = certificate }
+}
+
+/// Host name rules: what may be used as a name in tables, paths and URLs.
+public enum HostName {
+    public static func isValid(_ name: String) -> Bool {
+        (1...63).contains(name.count) && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "." || $0 == "_") }
+    }
+}

@@ -1,0 +1,153 @@
+import Foundation
+
+/// JSON bodies of the operator REST API, shared by the controller and ferryctl.
+public enum API {
+    /// Version prefix of every API path.
+    public static let prefix = "/v1"
+
+    public static func encoder() -> JSONEncoder {
+        let e = JSONEncoder()
+        e.dateEncodingStrategy = .iso8601
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return e
+    }
+
+    public static func decoder() -> JSONDecoder {
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .iso8601
+        return d
+    }
+
+    /// The body of every non-2xx answer.
+    public struct ErrorBody: Codable, Sendable {
+        public struct Detail: Codable, Sendable {
+            public var code: String
+            public var message: String
+        }
+        public var error: Detail
+
+        public init(code: String, message: String) { error = Detail(code: code, message: message) }
+    }
+
+    public struct Host: Codable, Sendable {
+        public var id: String
+        public var name: String
+        /// `enrolled` (never connected), `online`, `offline` or `removed`.
+        public var state: String
+        /// Peer address of the current or last session.
+        public var address: String?
+        public var os: String?
+        public var kernel: String?
+        public var agentVersion: String?
+        public var enrolledAt: Date
+        public var lastSeen: Date?
+        public var certificateSerial: String?
+        public var certificateExpiry: Date?
+        public var inventory: Inventory?
+
+        public init(id: String, name: String, state: String, address: String?, os: String?, kernel: String?, agentVersion: String?,
+                    enrolledAt: Date, lastSeen: Date?, certificateSerial: String?, certificateExpiry: Date?, inventory: Inventory?) {
+            self.id = id; self.name = name; self.state = state; self.address = address; self.os = os; self.kernel = kernel
+            self.agentVersion = agentVersion; self.enrolledAt = enrolledAt; self.lastSeen = lastSeen
+            self.certificateSerial = certificateSerial; self.certificateExpiry = certificateExpiry; self.inventory = inventory
+        }
+    }
+
+    public struct Inventory: Codable, Sendable, Equatable {
+        public struct Interface: Codable, Sendable, Equatable {
+            public var name: String
+            public var macAddress: String
+            public var mtu: UInt32
+            public var up: Bool
+            public var addresses: [String]
+        }
+
+        public struct BlockDevice: Codable, Sendable, Equatable {
+            public var name: String
+            public var path: String
+            public var sizeBytes: UInt64
+            public var model: String
+            public var rotational: Bool
+            public var readOnly: Bool
+        }
+
+        public var hostname: String
+        public var os: String
+        public var kernel: String
+        public var architecture: String
+        public var cpus: UInt32
+        public var memoryBytes: UInt64
+        public var bootID: String
+        public var interfaces: [Interface]
+        public var blockDevices: [BlockDevice]
+    }
+
+    public struct TokenCreateRequest: Codable, Sendable {
+        /// Lifetime in seconds; default one hour.
+        public var ttlSeconds: Int?
+        /// Binds the token to a host name: an agent enrolling with it gets that name, and an agent
+        /// asking for a different name is refused.
+        public var host: String?
+
+        public init(ttlSeconds: Int?, host: String?) { self.ttlSeconds = ttlSeconds; self.host = host }
+    }
+
+    public struct Token: Codable, Sendable {
+        /// Short public id (first characters of the secret's hash), safe to show and log.
+        public var id: String
+        /// The token itself; only in the answer to its creation.
+        public var token: String?
+        public var host: String?
+        public var createdAt: Date
+        public var expiresAt: Date
+        public var usedAt: Date?
+        public var usedBy: String?
+        public var createdBy: String
+
+        public init(id: String, token: String?, host: String?, createdAt: Date, expiresAt: Date, usedAt: Date?, usedBy: String?, createdBy: String) {
+            self.id = id; self.token = token; self.host = host; self.createdAt = createdAt; self.expiresAt = expiresAt
+            self.usedAt = usedAt; self.usedBy = usedBy; self.createdBy = createdBy
+        }
+    }
+
+    public struct AuditEntry: Codable, Sendable {
+        public var id: Int64
+        public var at: Date
+        public var actor: String
+        public var action: String
+        public var target: String
+        public var detail: String
+
+        public init(id: Int64, at: Date, actor: String, action: String, target: String, detail: String) {
+            self.id = id; self.at = at; self.actor = actor; self.action = action; self.target = target; self.detail = detail
+        }
+    }
+
+    public struct Health: Codable, Sendable {
+        public var status: String
+        public var version: String
+        public var agentsOnline: Int
+
+        public init(status: String, version: String, agentsOnline: Int) {
+            self.status = status; self.version = version; self.agentsOnline = agentsOnline
+        }
+    }
+}
+
+extension API.Inventory {
+    public init(_ p: Ferry_V1_Inventory) {
+        self.init(
+            hostname: p.hostname, os: p.osName, kernel: p.kernel, architecture: p.architecture, cpus: p.cpuCount,
+            memoryBytes: p.memoryBytes, bootID: p.bootID,
+            interfaces: p.interfaces.map { .init(name: $0.name, macAddress: $0.macAddress, mtu: $0.mtu, up: $0.up, addresses: $0.addresses) },
+            blockDevices: p.blockDevices.map {
+                .init(name: $0.name, path: $0.path, sizeBytes: $0.sizeBytes, model: $0.model, rotational: $0.rotational, readOnly: $0.readOnly)
+            }
+        )
+    }
+}
+
+/// Version strings reported by every component.
+public enum FerryVersion {
+    public static let current = "0.1.0"
+}

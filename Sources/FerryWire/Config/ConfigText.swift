@@ -1,0 +1,79 @@
+import Foundation
+import Yams
+
+/// Parsing helpers shared by the daemons' configuration files and flags.
+public enum ConfigText {
+    /// Loads a YAML configuration file into `T`. Unknown keys are an error, so a typo is not
+    /// silently ignored.
+    public static func load<T: Decodable>(_ type: T.Type, path: String) throws -> T {
+        guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
+            throw FerryError(.badConfiguration, "cannot read configuration file \(path)")
+        }
+        do {
+            return try YAMLDecoder().decode(T.self, from: text.isEmpty ? "{}" : text)
+        } catch let error as DecodingError {
+            throw FerryError(.badConfiguration, "\(path): \(describe(error))")
+        } catch {
+            throw FerryError(.badConfiguration, "\(path): \(error)")
+        }
+    }
+
+    static func describe(_ error: DecodingError) -> String {
+        func path(_ c: [any CodingKey]) -> String { c.map(\.stringValue).joined(separator: ".") }
+        switch error {
+        case .keyNotFound(let key, let ctx): return "missing key '\(path(ctx.codingPath + [key]))'"
+        case .typeMismatch(_, let ctx), .valueNotFound(_, let ctx), .dataCorrupted(let ctx):
+            return "'\(path(ctx.codingPath))': \(ctx.debugDescription)"
+        @unknown default: return "\(error)"
+        }
+    }
+
+    /// Parses a duration: a number of seconds, or a number with unit `ms`, `s`, `m`, `h` or `d`
+    /// (e.g. `500ms`, `15s`, `1h`, `30d`).
+    public static func duration(_ text: String) throws -> Duration {
+        let t = text.trimmingCharacters(in: .whitespaces)
+        let units: [(String, Double)] = [("ms", 0.001), ("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)]
+        for (unit, factor) in units where t.hasSuffix(unit) {
+            let number = t.dropLast(unit.count)
+            // "ms" ends in "s": make sure "5ms" is not read as "5m" + "s".
+            if unit == "s", number.hasSuffix("m") { continue }
+            if let v = Double(number), v >= 0, v.isFinite { return .milliseconds(Int64((v * factor * 1000).rounded())) }
+        }
+        if let v = Double(t), v >= 0, v.isFinite { return .milliseconds(Int64((v * 1000).rounded())) }
+        throw FerryError(.badConfiguration, "'\(text)' is not a duration (examples: 500ms, 15s, 10m, 1h, 30d)")
+    }
+
+    /// Splits `HOST:PORT` (IPv6 as `[::1]:PORT`).
+    public static func hostPort(_ text: String, defaultPort: Int? = nil) throws -> (host: String, port: Int) {
+        var host = text
+        var portText: Substring?
+        if text.hasPrefix("["), let close = text.firstIndex(of: "]") {
+            host = String(text[text.index(after: text.startIndex)..<close])
+            let rest = text[text.index(after: close)...]
+            if rest.hasPrefix(":") { portText = rest.dropFirst() } else if !rest.isEmpty { portText = "x" }
+        } else if let colon = text.lastIndex(of: ":"), text.filter({ $0 == ":" }).count == 1 {
+            host = String(text[..<colon])
+            portText = text[text.index(after: colon)...]
+        }
+        let port: Int
+        if let portText {
+            guard let p = Int(portText), (0...65535).contains(p) else {
+                throw FerryError(.badConfiguration, "'\(text)' is not HOST:PORT")
+            }
+            port = p
+        } else if let defaultPort {
+            port = defaultPort
+        } else {
+            throw FerryError(.badConfiguration, "'\(text)' has no port; expected HOST:PORT")
+        }
+        guard !host.isEmpty else { throw FerryError(.badConfiguration, "'\(text)' has no host; expected HOST:PORT") }
+        return (host, port)
+    }
+}
+
+extension Duration {
+    public var seconds: Double {
+        let c = components
+        return Double(c.seconds) + Double(c.attoseconds) / 1e18
+    }
+}

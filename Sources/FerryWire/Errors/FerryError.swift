@@ -1,0 +1,93 @@
+/// An error an operator can act on: an opaque, stable code plus a message that says what went
+/// wrong and, where it helps, what to do about it.
+public struct FerryError: Error, Sendable, CustomStringConvertible, Equatable {
+    /// Stable identifier of the kind of failure. Compare codes, never messages.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        public let rawValue: String
+        public init(_ rawValue: String) { self.rawValue = rawValue }
+        public var description: String { rawValue }
+
+        public static let badRequest = Code("bad-request")
+        public static let badConfiguration = Code("bad-configuration")
+        public static let unauthenticated = Code("unauthenticated")
+        public static let permissionDenied = Code("permission-denied")
+        public static let notFound = Code("not-found")
+        public static let conflict = Code("conflict")
+        public static let unsupported = Code("unsupported")
+        public static let internalError = Code("internal")
+        public static let revoked = Code("revoked")
+        public static let tokenInvalid = Code("token-invalid")
+        public static let tokenExpired = Code("token-expired")
+        public static let tokenUsed = Code("token-used")
+        public static let tokenWrongHost = Code("token-wrong-host")
+        public static let frameTooLarge = Code("frame-too-large")
+        public static let protocolViolation = Code("protocol-violation")
+        public static let timeout = Code("timeout")
+        public static let pki = Code("pki")
+        public static let io = Code("io")
+        public static let unavailable = Code("unavailable")
+        public static let databaseTooNew = Code("database-too-new")
+    }
+
+    public let code: Code
+    public let message: String
+
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { message }
+}
+
+extension FerryError {
+    /// The protobuf error code for this error, for sending to a peer.
+    public var wireCode: Ferry_V1_ErrorCode {
+        switch code {
+        case .badRequest, .badConfiguration: return .badRequest
+        case .unauthenticated: return .unauthenticated
+        case .permissionDenied: return .permissionDenied
+        case .notFound: return .notFound
+        case .conflict: return .conflict
+        case .unsupported: return .unsupported
+        case .revoked: return .revoked
+        case .tokenInvalid: return .tokenInvalid
+        case .tokenExpired: return .tokenExpired
+        case .tokenUsed: return .tokenUsed
+        case .tokenWrongHost: return .tokenWrongHost
+        case .frameTooLarge, .protocolViolation: return .protocolViolation
+        case .timeout: return .timeout
+        default: return .internal
+        }
+    }
+
+    /// Rebuilds an error received from a peer.
+    public init(wire: Ferry_V1_Error) {
+        let code: Code
+        switch wire.code {
+        case .badRequest: code = .badRequest
+        case .unauthenticated: code = .unauthenticated
+        case .permissionDenied: code = .permissionDenied
+        case .notFound: code = .notFound
+        case .conflict: code = .conflict
+        case .unsupported: code = .unsupported
+        case .revoked: code = .revoked
+        case .tokenInvalid: code = .tokenInvalid
+        case .tokenExpired: code = .tokenExpired
+        case .tokenUsed: code = .tokenUsed
+        case .tokenWrongHost: code = .tokenWrongHost
+        case .timeout: code = .timeout
+        case .protocolViolation: code = .protocolViolation
+        default: code = .internalError
+        }
+        self.init(code, wire.message)
+    }
+
+    /// This error as a protobuf message.
+    public var wire: Ferry_V1_Error {
+        var e = Ferry_V1_Error()
+        e.code = wireCode
+        e.message = message
+        return e
+    }
+}

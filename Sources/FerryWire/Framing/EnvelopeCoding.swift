@@ -1,0 +1,49 @@
+import NIOCore
+import SwiftProtobuf
+
+extension Ferry_V1_Envelope {
+    /// Decodes one frame. Unknown fields are kept, so a newer peer's additions do not fail here;
+    /// a frame that is not a valid Envelope is a protocol violation.
+    public init(frame: ByteBuffer) throws {
+        do {
+            try self.init(serializedBytes: Array(frame.readableBytesView))
+        } catch {
+            throw FerryError(.protocolViolation, "malformed message (\(frame.readableBytes) bytes): \(error)")
+        }
+    }
+
+    /// Serializes into a buffer ready to hand to the frame encoder.
+    public func frame(allocator: ByteBufferAllocator = ByteBufferAllocator()) throws -> ByteBuffer {
+        let bytes: [UInt8] = try serializedBytes()
+        var buffer = allocator.buffer(capacity: bytes.count)
+        buffer.writeBytes(bytes)
+        return buffer
+    }
+
+    /// A short name of the body, for logs and errors.
+    public var bodyName: String {
+        switch body {
+        case .none: return "unknown"
+        case .hello: return "hello"
+        case .welcome: return "welcome"
+        case .heartbeat: return "heartbeat"
+        case .goodbye: return "goodbye"
+        case .error: return "error"
+        case .inventoryUpdate: return "inventory-update"
+        case .command: return "command"
+        case .commandResult: return "command-result"
+        case .enrollRequest: return "enroll-request"
+        case .enrollResponse: return "enroll-response"
+        case .renewRequest: return "renew-request"
+        case .renewResponse: return "renew-response"
+        }
+    }
+
+    public static func with(id: UInt64 = 0, inReplyTo: UInt64 = 0, _ body: Ferry_V1_Envelope.OneOf_Body) -> Self {
+        var e = Self()
+        e.id = id
+        e.inReplyTo = inReplyTo
+        e.body = body
+        return e
+    }
+}

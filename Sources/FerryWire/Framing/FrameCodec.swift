@@ -1,0 +1,65 @@
+import NIOCore
+import Synchronization
+
+/// The largest frame a peer may send, adjustable while the connection is open: small before the
+/// peer has authenticated, larger once it has.
+public final class FrameLimit: Sendable {
+    private let bytes: Atomic<Int>
+
+    public init(_ bytes: Int) { self.bytes = Atomic(bytes) }
+
+    public var current: Int { bytes.load(ordering: .relaxed) }
+
+    public func set(_ newValue: Int) { bytes.store(newValue, ordering: .relaxed) }
+}
+
+/// Frame sizes used on agent sessions.
+public enum FrameSize {
+    /// Cap before the peer has authenticated (enrollment requests are a few KiB).
+    public static let unauthenticated = 64 * 1024
+    /// Default cap for an authenticated session; room for replication batches.
+    public static let defaultAuthenticated = 16 * 1024 * 1024
+    /// Bytes of the length prefix.
+    public static let headerBytes = 4
+}
+
+/// Splits a byte stream into frames of a 4-byte big-endian length followed by that many bytes.
+///
+/// A length over the limit is rejected as soon as the 4 header bytes arrive, before any of the
+/// body is buffered.
+public struct FrameDecoder: NIOSingleStepByteToMessageDecoder {
+    public typealias InboundOut = ByteBuffer
+
+    private let limit: FrameLimit
+
+    public init(limit: FrameLimit) { self.limit = limit }
+
+    public mutating func decode(buffer: inout ByteBuffer) throws -> ByteBuffer? {
+        guard let length = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return nil }
+        let max = limit.current
+        guard length <= max else {
+            throw FerryError(.frameTooLarge, "frame of \(length) bytes exceeds the limit of \(max) bytes")
+        }
+        guard buffer.readableBytes >= FrameSize.headerBytes + Int(length) else { return nil }
+        buffer.moveReaderIndex(forwardBy: FrameSize.headerBytes)
+        return buffer.readSlice(length: Int(length))
+    }
+
+    public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> ByteBuffer? {
+        // A partial frame at EOF is simply dropped: the peer went away mid-frame.
+        try decode(buffer: &buffer)
+    }
+}
+
+/// Prefixes each outbound frame with its 4-byte big-endian length.
+public struct FrameEncoder: MessageToByteEncoder {
+    public typealias OutboundIn = ByteBuffer
+
+    public init() {}
+
+    public func encode(data: ByteBuffer, out: inout ByteBuffer) throws {
+        out.reserveCapacity(FrameSize.headerBytes + data.readableBytes)
+        out.writeInteger(UInt32(data.readableBytes))
+        out.writeImmutableBuffer(data)
+    }
+}

@@ -1,0 +1,194 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOSSL
+import Synchronization
+
+/// Adds Ferry's framing to a channel whose TLS handler is already in place.
+public enum FramedPipeline {
+    public static func configure(_ channel: any Channel, limit: FrameLimit) throws {
+        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(limit: limit)))
+        try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder()))
+    }
+
+    public static func asyncChannel(_ channel: any Channel) throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
+        try NIOAsyncChannel(wrappingChannelSynchronously: channel)
+    }
+}
+
+/// One side of an established agent session: sends and receives envelopes, correlates replies
+/// with requests, sends heartbeats and declares the peer dead after three silent intervals.
+///
+/// Used by both the agent and the controller, so the two sides cannot drift apart.
+public final class PeerSession: Sendable {
+    public let channel: any Channel
+    public let remoteDescription: String
+    private let outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>
+    private let pending = Mutex<[UInt64: CheckedContinuation<Ferry_V1_Envelope, any Error>]>([:])
+    private let nextID = Atomic<UInt64>(1)
+    private let lastReceived = Atomic<UInt64>(0)
+    private let closed = Atomic<Bool>(false)
+
+    public init(channel: any Channel, outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>) {
+        self.channel = channel
+        self.outbound = outbound
+        self.remoteDescription = channel.remoteAddress.map { Self.describe($0) } ?? "unknown"
+        markReceived()
+    }
+
+    /// `ip:port` of a socket address.
+    public static func describe(_ address: SocketAddress) -> String {
+        guard let ip = address.ipAddress, let port = address.port else { return "\(address)" }
+        return address.protocol == .inet6 ? "[\(ip)]:\(port)" : "\(ip):\(port)"
+    }
+
+    private func markReceived() {
+        lastReceived.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
+    }
+
+    /// Time since the peer last sent anything.
+    public var silence: Duration {
+        let now = DispatchTime.now().uptimeNanoseconds
+        let last = lastReceived.load(ordering: .relaxed)
+        return .nanoseconds(Int64(now &- last))
+    }
+
+    /// Sends a message that expects no reply.
+    public func send(_ body: Ferry_V1_Envelope.OneOf_Body, inReplyTo: UInt64 = 0) async throws {
+        try await write(.with(inReplyTo: inReplyTo, body))
+    }
+
+    private func write(_ envelope: Ferry_V1_Envelope) async throws {
+        try await outbound.write(try envelope.frame(allocator: channel.allocator))
+    }
+
+    /// Sends a request and waits for the envelope whose `in_reply_to` names it. An `Error` reply
+    /// is thrown as a `FerryError`.
+    public func request(_ body: Ferry_V1_Envelope.OneOf_Body, timeout: Duration) async throws -> Ferry_V1_Envelope {
+        let id = nextID.add(1, ordering: .relaxed).oldValue
+        let reply: Ferry_V1_Envelope = try await withCheckedThrowingContinuation { continuation in
+            pending.withLock { $0[id] = continuation }
+            if closed.load(ordering: .relaxed) {
+                fail(id, FerryError(.unavailable, "session with \(remoteDescription) is closed"))
+                return
+            }
+            Task {
+                do {
+                    try await write(.with(id: id, body))
+                } catch {
+                    fail(id, error)
+                    return
+                }
+                try? await Task.sleep(for: timeout)
+                fail(id, FerryError(.timeout, "no reply from \(remoteDescription) within \(timeout)"))
+            }
+        }
+        if case .error(let e) = reply.body { throw FerryError(wire: e) }
+        return reply
+    }
+
+    private func fail(_ id: UInt64, _ error: any Error) {
+        pending.withLock { $0.removeValue(forKey: id) }?.resume(throwing: error)
+    }
+
+    /// Runs the session until the peer closes, goes silent for three heartbeat intervals, or an
+    /// error occurs. `handle` receives every message that is neither a heartbeat nor a reply; it
+    /// runs inline, so messages are handled in arrival order. Reads continue from `inbound`, which
+    /// may already have yielded the first messages of the connection.
+    public func run(
+        inbound: inout NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator,
+        heartbeatInterval: Duration,
+        logger: Logger,
+        handle: @Sendable (Ferry_V1_Envelope) async throws -> Void
+    ) async throws {
+        defer { shutdown(FerryError(.unavailable, "session with \(remoteDescription) ended")) }
+        let dead = Mutex<FerryError?>(nil)
+        // An unstructured task, so the read loop below can keep using `inbound` (inout).
+        let watchdog = Task {
+                let deadline = heartbeatInterval * 3
+                while true {
+                    try await Task.sleep(for: heartbeatInterval)
+                    if self.silence > deadline {
+                        dead.withLock {
+                            $0 = FerryError(.timeout, "no message from \(self.remoteDescription) for \(self.silence); peer presumed dead after 3 missed heartbeats")
+                        }
+                        try? await self.channel.close()
+                        return
+                    }
+                    var hb = Ferry_V1_Heartbeat()
+                    hb.sentUnixMs = Int64(Date().timeIntervalSince1970 * 1000)
+                    try? await self.send(.heartbeat(hb))
+                }
+            }
+            defer { watchdog.cancel() }
+            do {
+                while let frame = try await inbound.next() {
+                    markReceived()
+                    let envelope = try Ferry_V1_Envelope(frame: frame)
+                    if envelope.inReplyTo != 0 {
+                        if let waiter = pending.withLock({ $0.removeValue(forKey: envelope.inReplyTo) }) {
+                            waiter.resume(returning: envelope)
+                        } else {
+                            logger.debug("late or unexpected reply", metadata: ["in-reply-to": "\(envelope.inReplyTo)"])
+                        }
+                        continue
+                    }
+                    switch envelope.body {
+                    case .heartbeat:
+                        continue
+                    case .goodbye(let bye):
+                        throw FerryError(.unavailable, "peer closed the session: \(bye.reason)")
+                    case .none:
+                        // A message from a newer peer: say so and carry on.
+                        logger.warning("unknown message kind", metadata: ["id": "\(envelope.id)"])
+                        if envelope.id != 0 {
+                            try await send(.error(FerryError(.unsupported, "unknown message kind").wire), inReplyTo: envelope.id)
+                        }
+                    default:
+                        try await handle(envelope)
+                    }
+                }
+            } catch {
+                if let reason = dead.withLock({ $0 }) { throw reason }
+                throw error
+            }
+            if let reason = dead.withLock({ $0 }) { throw reason }
+            throw FerryError(.unavailable, "connection to \(remoteDescription) closed")
+    }
+
+    /// Runs `body` in the current task; if it has not finished within `timeout`, the channel is
+    /// closed so that any read it is blocked in ends.
+    public func withDeadline<T: Sendable>(_ timeout: Duration, _ body: () async throws -> T) async throws -> T {
+        let expired = Atomic<Bool>(false)
+        let timer = Task {
+            try await Task.sleep(for: timeout)
+            expired.store(true, ordering: .relaxed)
+            try? await self.channel.close()
+        }
+        defer { timer.cancel() }
+        do {
+            return try await body()
+        } catch {
+            if expired.load(ordering: .relaxed) { throw FerryError(.timeout, "\(remoteDescription) sent nothing within \(timeout)") }
+            throw error
+        }
+    }
+
+    /// Tells the peer why, then closes the connection.
+    public func close(reason: String) async {
+        var bye = Ferry_V1_Goodbye()
+        bye.reason = reason
+        try? await send(.goodbye(bye))
+        shutdown(FerryError(.unavailable, "session closed: \(reason)"))
+        try? await channel.close()
+    }
+
+    private func shutdown(_ error: FerryError) {
+        closed.store(true, ordering: .relaxed)
+        let waiters = pending.withLock { p in
+            defer { p.removeAll() }
+            return Array(p.values)
+        }
+        for w in waiters { w.resume(throwing: error) }
+    }
+}

@@ -1,0 +1,164 @@
+import FerryWire
+import Foundation
+import Testing
+
+/// The built daemons and ferryctl as real processes over real sockets.
+@Suite("controller, agents and ferryctl end to end")
+struct ClusterTests {
+    @Test("two agents enroll with ferryctl tokens, report inventory and show in ferryctl hosts")
+    func enrollAndList() async throws {
+        let dir = try TestDirectory()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let db = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
+        let web = try await AgentProcess.enrollAndStart("web", controller: controller, in: dir)
+        #expect(try await controller.waitFor("db", state: "online"))
+        #expect(try await controller.waitFor("web", state: "online"))
+
+        let host = try #require(try await controller.host("db"))
+        let inventory = try #require(host.inventory)
+        #expect(inventory.cpus > 0 && inventory.memoryBytes > 0 && !inventory.kernel.isEmpty && !inventory.bootID.isEmpty)
+        #expect(inventory.interfaces.contains { $0.name == "lo" && $0.addresses.contains("127.0.0.1/8") })
+        #expect(host.address?.hasPrefix("127.0.0.1:") == true)
+        #expect(host.certificateExpiry.map { $0.timeIntervalSinceNow > 29 * 86_400 } == true)
+
+        // Keys stay private on disk.
+        for file in ["agent-db/agent.key", "controller/ca.key", "controller/admin.token", "controller/ferryctl.env"] {
+            let attributes = try FileManager.default.attributesOfItem(atPath: dir.file(file))
+            #expect((attributes[.posixPermissions] as? Int) == 0o600, "\(file)")
+        }
+
+        let table = try await controller.ctl("hosts")
+        #expect(table.status == 0)
+        #expect(table.stdout.contains("NAME") && table.stdout.contains("db") && table.stdout.contains("web") && table.stdout.contains("online"))
+        let show = try await controller.ctl("host", "show", "db")
+        #expect(show.status == 0 && show.stdout.contains("lo"), "\(show)")
+        let refreshed = try await controller.ctl("host", "refresh", "web")
+        #expect(refreshed.status == 0, "\(refreshed)")
+
+        let audit = try await controller.ctl("audit", "--json")
+        let entries = try API.decoder().decode([API.AuditEntry].self, from: Data(audit.stdout.utf8))
+        #expect(entries.filter { $0.action == "host.enroll" }.count == 2)
+        #expect(entries.filter { $0.action == "token.create" }.allSatisfy { $0.actor == "api:admin" })
+
+        // SIGTERM: each daemon drains and exits 0 within 5 s.
+        for agent in [db, web] {
+            let (status, took) = await agent.terminate()
+            #expect(status == 0, "\(agent.log)")
+            #expect(took < .seconds(5))
+        }
+        #expect(try await controller.waitFor("db", state: "offline", timeout: .seconds(5)))
+        let (status, took) = await controller.process.terminate()
+        #expect(status == 0, "\(controller.process.log)")
+        #expect(took < .seconds(5))
+    }
+
+    @Test("a silent peer is declared dead within three heartbeats, on both sides, and the agent comes back")
+    func heartbeats() async throws {
+        let dir = try TestDirectory()
+        let interval = 0.4
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--heartbeat-interval", "400ms"])
+        let agent = try await AgentProcess.enrollAndStart("app", controller: controller, in: dir)
+        #expect(try await controller.waitFor("app", state: "online"))
+
+        // Agent frozen: the controller drops it after three missed heartbeats.
+        agent.signal(SIGSTOP)
+        let frozen = ContinuousClock.now
+        #expect(try await controller.waitFor("app", state: "offline", timeout: .seconds(10)))
+        let detected = ContinuousClock.now - frozen
+        #expect(detected < .seconds(interval * 3 + 1.5), "detected after \(detected)")
+        #expect(detected >= .seconds(interval * 2), "detected after \(detected)")
+        #expect(controller.process.log.contains("agent presumed dead"))
+
+        // Thawed, the agent finds its session gone and reconnects by itself.
+        agent.signal(SIGCONT)
+        #expect(try await controller.waitFor("app", state: "online", timeout: .seconds(10)))
+
+        // Controller frozen: the agent gives up on the session after three intervals and redials.
+        let before = agent.log.components(separatedBy: "presumed dead").count
+        controller.process.signal(SIGSTOP)
+        let agentNoticed = await eventually(timeout: .seconds(5)) {
+            agent.log.components(separatedBy: "presumed dead").count > before
+        }
+        controller.process.signal(SIGCONT)
+        #expect(agentNoticed, "\(agent.log)")
+        #expect(try await controller.waitFor("app", state: "online", timeout: .seconds(10)))
+    }
+
+    @Test("the agent is back on its own within 10 s after the controller is killed and restarted",
+          arguments: [SIGKILL, SIGTERM])
+    func controllerRestart(signal: Int32) async throws {
+        let dir = try TestDirectory()
+        let dataDir = dir.sub("controller")
+        let first = try await ControllerProcess.start(dataDir: dataDir)
+        let agent = try await AgentProcess.enrollAndStart("db", controller: first, in: dir)
+        #expect(try await first.waitFor("db", state: "online"))
+
+        first.process.signal(signal)
+        _ = await first.process.waitForExit(timeout: .seconds(10))
+        // Down for a moment, so the agent is mid-backoff when the controller returns.
+        try await Task.sleep(for: .seconds(2))
+        let second = try await ControllerProcess.start(dataDir: dataDir, listen: first.agentAddress, logName: "controller-2.log")
+        let restarted = ContinuousClock.now
+        #expect(try await second.waitFor("db", state: "online", timeout: .seconds(10)))
+        let back = ContinuousClock.now - restarted
+        #expect(back < .seconds(10), "back after \(back)")
+        // The same identity: no re-enrollment happened.
+        #expect(try await second.hosts().count == 1)
+        #expect(agent.isRunning)
+        _ = await agent.terminate()
+        _ = await second.process.terminate()
+    }
+
+    @Test("host remove revokes: the session closes, the agent stops with code 3, and every later attempt is refused")
+    func revocation() async throws {
+        let dir = try TestDirectory()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let web = try await AgentProcess.enrollAndStart("web", controller: controller, in: dir)
+        let db = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
+        #expect(try await controller.waitFor("web", state: "online"))
+        #expect(try await controller.waitFor("db", state: "online"))
+
+        let removed = try await controller.ctl("host", "remove", "web")
+        #expect(removed.status == 0, "\(removed)")
+        #expect(await web.waitForExit(timeout: .seconds(15)) == AgentSessionExit.revoked, "\(web.log)")
+        #expect(try await controller.host("web") == nil)
+
+        // A restart of the revoked agent is refused at once, with a reason.
+        let again = try AgentProcess.start(dataDir: dir.path + "/agent-web", logPath: dir.file("web-again.log"))
+        #expect(await again.waitForExit(timeout: .seconds(15)) == AgentSessionExit.revoked)
+        #expect(again.log.contains("revoked"), "\(again.log)")
+        let metrics = try await controller.ctl("metrics")
+        #expect(metrics.stdout.contains("reason=\"revoked\""), "\(metrics.stdout)")
+
+        // The other host is untouched.
+        #expect(try await controller.host("db")?.state == "online")
+        #expect(db.isRunning)
+        let missing = try await controller.ctl("host", "remove", "web")
+        #expect(missing.status != 0 && missing.stderr.split(separator: "\n").count == 1, "\(missing)")
+    }
+
+    @Test("the agent renews its certificate over the session before it expires and keeps working with the new one")
+    func renewal() async throws {
+        let dir = try TestDirectory()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--certificate-validity", "12s"])
+        let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
+        let firstSerial = try #require(try await controller.waitFor("db", state: "online") ? try await controller.host("db")?.certificateSerial : nil)
+        // Renewal is due after two thirds of the 12 s lifetime.
+        let renewed = try await eventually(timeout: .seconds(20), every: .milliseconds(500)) {
+            try await controller.host("db")?.certificateSerial != firstSerial
+        }
+        #expect(renewed, "\(agent.log)")
+        #expect(agent.log.contains("certificate renewed"))
+        // After the first certificate has expired, a fresh connection works with the renewed one.
+        try await Task.sleep(for: .seconds(5))
+        _ = await agent.terminate()
+        #expect(try await controller.waitFor("db", state: "offline", timeout: .seconds(5)))
+        let restarted = try AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
+        #expect(try await controller.waitFor("db", state: "online", timeout: .seconds(10)), "\(restarted.log)")
+        _ = await restarted.terminate()
+    }
+}
+
+enum AgentSessionExit {
+    static let revoked: Int32 = 3
+}
