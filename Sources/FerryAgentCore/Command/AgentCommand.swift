@@ -65,9 +65,10 @@ public struct AgentCommand: AsyncParsableCommand {
                     throw FerryError(.conflict, "\(settings.dataDir) already holds an enrollment; remove it first to enroll again")
                 }
                 let logger = Logging.make(label: "ferry.agent", level: settings.logLevel)
-                let requested = settings.name ?? ProcessInfo.processInfo.hostName.split(separator: ".").first.map(String.init) ?? ""
+                let hostname = ProcessInfo.processInfo.hostName.split(separator: ".").first.map(String.init) ?? ""
                 let identity = try await Enroller.enroll(
-                    controller: controller, token: token, requestedName: requested, dataDir: settings.dataDir, logger: logger
+                    controller: controller, token: token, requestedName: settings.name, hostname: hostname,
+                    dataDir: settings.dataDir, logger: logger
                 )
                 print("enrolled as \(identity.info.hostName) (id \(identity.info.hostID)); certificate valid until \(ISO8601DateFormatter().string(from: identity.certificate.notValidAfter))")
             }

@@ -12,13 +12,14 @@ public enum Enroller {
     public static func enroll(
         controller: String,
         token tokenText: String,
-        requestedName: String,
+        requestedName: String?,
+        hostname: String,
         dataDir: String,
         group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         logger: Logger
     ) async throws -> AgentIdentity {
         let token = try EnrollmentToken(parsing: tokenText)
-        let request = try HostKeyRequest.make(name: requestedName)
+        let request = try HostKeyRequest.make(name: requestedName ?? hostname)
         let connection = try await ControllerConnection.open(
             address: controller, tls: TLSSettings.enrollment(),
             pinnedCAFingerprint: token.caFingerprint,
@@ -28,7 +29,8 @@ public enum Enroller {
             var req = Ferry_V1_EnrollRequest()
             req.token = tokenText.trimmingCharacters(in: .whitespacesAndNewlines)
             req.csrDer = Data(request.csrDER)
-            req.requestedName = requestedName
+            req.requestedName = requestedName ?? ""
+            req.hostname = hostname
             do {
                 try await outbound.write(try Ferry_V1_Envelope.with(id: 1, .enrollRequest(req)).frame())
                 var it = inbound.makeAsyncIterator()

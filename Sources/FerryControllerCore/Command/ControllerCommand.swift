@@ -10,7 +10,7 @@ public struct ControllerCommand: AsyncParsableCommand {
         abstract: "Ferry controller: CA and enrollment, agent sessions, operator API."
     )
 
-    @Option(help: "Configuration file (YAML); see deploy/controller.yaml.")
+    @Option(help: "Configuration file (YAML); see deploy/config/controller.yaml.")
     var config: String?
     @Option(help: "Directory for state, keys and tokens.")
     var dataDir: String?

@@ -83,7 +83,14 @@ public final class AgentServer: Service, Sendable {
                 let session = PeerSession(channel: connection.channel, outbound: outbound)
                 var messages = inbound.makeAsyncIterator()
                 // Until the peer has authenticated it gets a short deadline and a small frame cap.
-                let firstFrame = try await session.withDeadline(config.enrollmentTimeout) { try await messages.next() }
+                let firstFrame: ByteBuffer?
+                do {
+                    firstFrame = try await session.withDeadline(config.enrollmentTimeout) { try await messages.next() }
+                } catch let error as FerryError where error.code == .frameTooLarge {
+                    // Tell the peer why before closing; the oversized body was never buffered.
+                    await reject(session, error, reason: "frame-too-large", log: log)
+                    return
+                }
                 guard let firstFrame else { return }
                 let first: Ferry_V1_Envelope
                 do {
@@ -142,6 +149,7 @@ public final class AgentServer: Service, Sendable {
             let (host, issued) = try await store.enroll(
                 tokenSecretHash: token.secretHash,
                 requestedName: req.requestedName,
+                hostname: req.hostname,
                 issue: { id, name in try pki.issueAgentCertificate(csrDER: csr, hostID: id, hostName: name, validity: validity) },
                 peer: session.remoteDescription
             )

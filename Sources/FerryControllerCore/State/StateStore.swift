@@ -216,6 +216,7 @@ extension StateStore {
     public func enroll(
         tokenSecretHash: String,
         requestedName: String,
+        hostname: String,
         issue: @escaping @Sendable (_ hostID: String, _ hostName: String) throws -> IssuedCertificate,
         peer: String
     ) async throws -> (HostRecord, IssuedCertificate) {
@@ -237,7 +238,7 @@ extension StateStore {
                 }
                 name = bound
             } else {
-                name = requestedName
+                name = requestedName.isEmpty ? hostname : requestedName
             }
             guard HostName.isValid(name) else {
                 throw FerryError(.badRequest, "'\(name)' is not a valid host name (1-63 characters: letters, digits, '.', '-', '_')")

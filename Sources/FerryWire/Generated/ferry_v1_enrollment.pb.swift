@@ -40,9 +40,12 @@ public nonisolated struct Ferry_V1_EnrollRequest: Sendable {
   /// controller decides the identity written into the certificate.
   public var csrDer: Data = Data()
 
-  /// The name the host would like to be known by (usually its hostname). A token
-  /// bound to a host name overrides it and refuses a different one.
+  /// A name the operator asked for explicitly (`--name`); empty if none. A token
+  /// bound to a host name refuses a different explicit name.
   public var requestedName: String = String()
+
+  /// This host's own name, used when neither the token nor requested_name names it.
+  public var hostname: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -105,7 +108,7 @@ fileprivate nonisolated let _protobuf_package = "ferry.v1"
 
 nonisolated extension Ferry_V1_EnrollRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".EnrollRequest"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}token\0\u{3}csr_der\0\u{3}requested_name\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}token\0\u{3}csr_der\0\u{3}requested_name\0\u{1}hostname\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -116,6 +119,7 @@ nonisolated extension Ferry_V1_EnrollRequest: SwiftProtobuf.Message, SwiftProtob
       case 1: try { try decoder.decodeSingularStringField(value: &self.token) }()
       case 2: try { try decoder.decodeSingularBytesField(value: &self.csrDer) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.requestedName) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.hostname) }()
       default: break
       }
     }
@@ -131,6 +135,9 @@ nonisolated extension Ferry_V1_EnrollRequest: SwiftProtobuf.Message, SwiftProtob
     if !self.requestedName.isEmpty {
       try visitor.visitSingularStringField(value: self.requestedName, fieldNumber: 3)
     }
+    if !self.hostname.isEmpty {
+      try visitor.visitSingularStringField(value: self.hostname, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -138,6 +145,7 @@ nonisolated extension Ferry_V1_EnrollRequest: SwiftProtobuf.Message, SwiftProtob
     if lhs.token != rhs.token {return false}
     if lhs.csrDer != rhs.csrDer {return false}
     if lhs.requestedName != rhs.requestedName {return false}
+    if lhs.hostname != rhs.hostname {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

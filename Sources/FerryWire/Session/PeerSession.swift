@@ -106,8 +106,11 @@ public final class PeerSession: Sendable {
         // An unstructured task, so the read loop below can keep using `inbound` (inout).
         let watchdog = Task {
                 let deadline = heartbeatInterval * 3
+                // Checks twice per interval so a dead peer is noticed soon after its third miss.
+                var tick = 0
                 while true {
-                    try await Task.sleep(for: heartbeatInterval)
+                    try await Task.sleep(for: heartbeatInterval / 2)
+                    tick += 1
                     if self.silence > deadline {
                         dead.withLock {
                             $0 = FerryError(.timeout, "no message from \(self.remoteDescription) for \(self.silence); peer presumed dead after 3 missed heartbeats")
@@ -115,6 +118,7 @@ public final class PeerSession: Sendable {
                         try? await self.channel.close()
                         return
                     }
+                    guard tick % 2 == 0 else { continue }
                     var hb = Ferry_V1_Heartbeat()
                     hb.sentUnixMs = Int64(Date().timeIntervalSince1970 * 1000)
                     try? await self.send(.heartbeat(hb))

@@ -6,6 +6,10 @@ import X509
 
 /// TLS settings for every Ferry connection: TLS 1.3 only, the cluster CA as the only trust root.
 public enum TLSSettings {
+    /// How long a close waits for the peer's close_notify. NIOSSL's default of 5 s would hold a
+    /// dead peer's connection (and its registry entry) open long after it was declared dead.
+    public static let closeNotifyTimeout: TimeAmount = .milliseconds(300)
+
     /// The controller's agent listener. Client certificates are optional at the TLS layer so an
     /// agent without one can enroll; such a connection may send nothing but an enrollment request.
     /// A presented certificate must chain to the cluster CA and be in its validity period.
@@ -15,6 +19,7 @@ public enum TLSSettings {
             privateKey: .privateKey(try nio(key))
         )
         config.minimumTLSVersion = .tlsv13
+        config.shutdownTimeout = closeNotifyTimeout
         config.certificateVerification = .optionalVerification
         config.trustRoots = .certificates([try nio(ca)])
         return config
@@ -27,6 +32,7 @@ public enum TLSSettings {
             privateKey: .privateKey(try nio(key))
         )
         config.minimumTLSVersion = .tlsv13
+        config.shutdownTimeout = closeNotifyTimeout
         return config
     }
 
@@ -34,6 +40,7 @@ public enum TLSSettings {
     public static func agentSession(certificate: Certificate, key: Certificate.PrivateKey, ca: Certificate) throws -> TLSConfiguration {
         var config = TLSConfiguration.makeClientConfiguration()
         config.minimumTLSVersion = .tlsv13
+        config.shutdownTimeout = closeNotifyTimeout
         config.certificateVerification = .fullVerification
         config.trustRoots = .certificates([try nio(ca)])
         config.certificateChain = [.certificate(try nio(certificate))]
@@ -46,6 +53,7 @@ public enum TLSSettings {
     public static func enrollment() -> TLSConfiguration {
         var config = TLSConfiguration.makeClientConfiguration()
         config.minimumTLSVersion = .tlsv13
+        config.shutdownTimeout = closeNotifyTimeout
         // Verification mode must not be none, or the custom callback is never called.
         config.certificateVerification = .fullVerification
         config.trustRoots = .certificates([])

@@ -102,10 +102,14 @@ struct CommandResult: CustomStringConvertible {
     var status: Int32
     var stdout: String
     var stderr: String
+    var stdoutBytes: [UInt8] = []
     var description: String { "exit \(status)\nstdout: \(stdout)\nstderr: \(stderr)" }
 }
 
-func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:], timeout: Duration = .seconds(60)) async throws -> CommandResult {
+func run(
+    _ executable: String, _ arguments: [String], environment: [String: String] = [:], stdin: [UInt8]? = nil,
+    timeout: Duration = .seconds(60)
+) async throws -> CommandResult {
     let dir = try TestDirectory("ferry-cmd")
     let outPath = dir.file("out"), errPath = dir.file("err")
     _ = FileManager.default.createFile(atPath: outPath, contents: nil)
@@ -118,7 +122,13 @@ func run(_ executable: String, _ arguments: [String], environment: [String: Stri
     process.environment = env
     process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
     process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
-    process.standardInput = FileHandle.nullDevice
+    if let stdin {
+        let inPath = dir.file("in")
+        _ = FileManager.default.createFile(atPath: inPath, contents: Data(stdin))
+        process.standardInput = FileHandle(forReadingAtPath: inPath)
+    } else {
+        process.standardInput = FileHandle.nullDevice
+    }
     let killer = Task {
         try await Task.sleep(for: timeout)
         if process.isRunning { kill(process.processIdentifier, SIGKILL) }
@@ -131,7 +141,8 @@ func run(_ executable: String, _ arguments: [String], environment: [String: Stri
     return CommandResult(
         status: status,
         stdout: (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "",
-        stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? ""
+        stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "",
+        stdoutBytes: FileManager.default.contents(atPath: outPath).map { Array($0) } ?? []
     )
 }
 

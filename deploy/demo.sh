@@ -1,0 +1,250 @@
+#!/usr/bin/env bash
+# Ferry demo, milestone "Foundation": one controller and two agents on this machine, all on
+# loopback, in throw-away data directories.
+#
+#   build -> start controller -> two host-bound enrollment tokens -> enroll two agents ->
+#   run them -> wait until both are online -> show hosts, one host, the audit log ->
+#   SIGTERM everything and check each daemon exits 0 within 5 s.
+#
+# Later milestones grow this script into the drill-and-failover demo (protect volumes, replicate,
+# cut group-consistent recovery points, run a drill, fail over and back); keep its step/section
+# structure so those steps slot in.
+#
+# Environment:
+#   FERRY_BUILD_CONFIG=release  build and run release binaries (default: debug)
+#   FERRY_BIN_DIR=DIR           use binaries already in DIR; skip the build
+#   FERRY_DEMO_KEEP=1           keep the temporary directory (data dirs and logs) at the end
+#   FERRY_DEMO_TIMEOUT=30       seconds to wait for each thing to become ready
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+# fds 3 and 4: the script's own stdout/stderr, so that failure and cleanup output is seen even
+# when it happens while a command's output is redirected (e.g. inside wait_until).
+exec 3>&1 4>&2
+
+timeout_s="${FERRY_DEMO_TIMEOUT:-30}"
+config="${FERRY_BUILD_CONFIG:-debug}"
+hosts=(demo-db demo-web)
+
+# ---------------------------------------------------------------------------------------------
+# Output helpers: a timeline of steps, and labelled sections.
+
+t0="${EPOCHREALTIME//[!0-9]/}"
+elapsed() { local now="${EPOCHREALTIME//[!0-9]/}"; printf '%d.%01d' $(((now - t0) / 1000000)) $((((now - t0) / 100000) % 10)); }
+step_no=0
+step() { step_no=$((step_no + 1)); printf '\n[%6ss] step %d: %s\n' "$(elapsed)" "$step_no" "$*"; }
+info() { printf '           %s\n' "$*"; }
+section() { printf '\n----- %s %s\n' "$*" "$(printf '%*s' $((70 - ${#1})) '' | tr ' ' '-')"; }
+# To fd 4, the script's own stderr, so the message shows even inside a redirected command.
+fail() { printf '\n[%6ss] FAILED: %s\n' "$(elapsed)" "$*" >&4; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Temporary directory, processes, and the cleanup that runs on every exit.
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/ferry-demo.XXXXXX")"
+declare -A pids=()      # label -> pid of a daemon still to be stopped
+declare -A logs=()      # label -> its log file
+labels=()               # labels in start order
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  exec 1>&3 2>&4
+  local label pid i n
+  # Newest first: agents before the controller.
+  for ((n = ${#labels[@]} - 1; n >= 0; n--)); do
+    label="${labels[$n]}"
+    pid="${pids[$label]:-}"
+    [ -n "$pid" ] || continue
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      if kill -0 "$pid" 2>/dev/null; then
+        echo "cleanup: $label (pid $pid) ignored SIGTERM for 5 s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
+  if [ "$rc" -ne 0 ]; then
+    for label in "${labels[@]}"; do
+      [ -n "${logs[$label]:-}" ] && [ -e "${logs[$label]}" ] || continue
+      printf '\n----- last lines of %s (%s)\n' "$label" "${logs[$label]}" >&2
+      if [ -s "${logs[$label]}" ]; then tail -n 40 "${logs[$label]}" >&2; else echo "(empty)" >&2; fi
+    done
+  fi
+  if [ "${FERRY_DEMO_KEEP:-}" = 1 ]; then
+    echo "kept: $work"
+  else
+    rm -rf "$work"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'printf "\ninterrupted\n" >&4; exit 130' INT
+trap 'exit 143' TERM
+
+# start LABEL LOGFILE COMMAND...: runs a daemon in the background, output to LOGFILE.
+start() {
+  local label="$1" logfile="$2"
+  shift 2
+  logs[$label]="$logfile"
+  labels+=("$label")
+  "$@" >"$logfile" 2>&1 &
+  pids[$label]=$!
+  info "$label: pid ${pids[$label]}, log $logfile"
+}
+
+# wait_until DESCRIPTION WATCHED-LABEL COMMAND...: polls COMMAND until it succeeds, for at most
+# $timeout_s seconds; gives up early if the watched daemon died.
+wait_until() {
+  local what="$1" label="$2"
+  shift 2
+  local deadline=$((SECONDS + timeout_s))
+  until "$@" >/dev/null 2>&1; do
+    if [ -n "$label" ] && ! kill -0 "${pids[$label]}" 2>/dev/null; then
+      fail "$label exited while waiting for $what"
+    fi
+    [ "$SECONDS" -lt "$deadline" ] || fail "timed out after ${timeout_s}s waiting for $what"
+    sleep 0.2
+  done
+}
+
+# stop LABEL: SIGTERM, then report the exit status and how long the daemon took to go.
+stop_failures=0
+stop() {
+  local label="$1" pid="${pids[$1]}" i rc=0
+  local begin="${EPOCHREALTIME//[!0-9]/}"
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    unset "pids[$label]"
+    info "$label: still running 5 s after SIGTERM; killed  [FAIL]"
+    stop_failures=$((stop_failures + 1))
+    return
+  fi
+  wait "$pid" || rc=$?
+  unset "pids[$label]"
+  local took=$(( (${EPOCHREALTIME//[!0-9]/} - begin) / 1000 ))
+  if [ "$rc" -eq 0 ]; then
+    info "$label: exited 0 after SIGTERM in ${took} ms  [ok]"
+  else
+    info "$label: exited $rc after SIGTERM in ${took} ms  [FAIL: expected 0]"
+    stop_failures=$((stop_failures + 1))
+  fi
+}
+
+# all_online NAME...: true when `ferryctl hosts --json` lists every NAME with state "online";
+# fails the demo at once if one of their agents died.
+all_online() {
+  local h
+  for h in "$@"; do
+    kill -0 "${pids[agent $h]}" 2>/dev/null || fail "agent $h exited before it came online"
+  done
+  "$ferryctl" hosts --json | python3 -c '
+import json, sys
+data = json.load(sys.stdin)
+hosts = data.get("hosts", []) if isinstance(data, dict) else data
+state = {h.get("name"): h.get("state") for h in hosts}
+sys.exit(0 if all(state.get(n) == "online" for n in sys.argv[1:]) else 1)
+' "$@"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+printf 'Ferry demo: one controller, two agents (%s), on loopback\n' "${hosts[*]}"
+printf 'work dir: %s\n' "$work"
+
+step "build ($config)"
+if [ -n "${FERRY_BIN_DIR:-}" ]; then
+  bin="$(cd "$FERRY_BIN_DIR" && pwd)"
+  info "FERRY_BIN_DIR set: using $bin, no build"
+else
+  command -v swift >/dev/null 2>&1 || fail "swift not found: a Swift 6.x toolchain must be on PATH"
+  swift build -c "$config" || fail "swift build failed"
+  bin="$(swift build -c "$config" --show-bin-path)"
+fi
+controller="$bin/ferry-controller"
+agent="$bin/ferry-agent"
+ferryctl="$bin/ferryctl"
+for b in "$controller" "$agent" "$ferryctl"; do
+  [ -x "$b" ] || fail "$b is missing or not executable"
+done
+
+step "start the controller (agents on 127.0.0.1:0, operator API on 127.0.0.1:0)"
+cdir="$work/controller"
+start controller "$work/controller.log" \
+  "$controller" --data-dir "$cdir" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0
+wait_until "the controller to write ferryctl.env and agent-listen.addr" controller \
+  test -s "$cdir/ferryctl.env" -a -s "$cdir/agent-listen.addr"
+agent_addr="$(tr -d '[:space:]' <"$cdir/agent-listen.addr")"
+# shellcheck disable=SC1091
+. "$cdir/ferryctl.env"
+export FERRY_API FERRY_TOKEN FERRY_CA
+info "agent listener: $agent_addr"
+info "operator API:   $FERRY_API  (CA $FERRY_CA)"
+info "made on first start: $(cd "$cdir" && ls | tr '\n' ' ')"
+
+step "check the operator API (ferryctl health)"
+wait_until "ferryctl health" controller "$ferryctl" health
+"$ferryctl" health | sed 's/^/           /'
+
+declare -A tokens=()
+for h in "${hosts[@]}"; do
+  step "create a one-time enrollment token bound to $h (ttl 10m)"
+  tokens[$h]="$("$ferryctl" token create --host "$h" --ttl 10m)" || fail "ferryctl token create --host $h failed"
+  [ -n "${tokens[$h]}" ] || fail "ferryctl token create printed no token"
+  info "token: ${tokens[$h]:0:18}... (secret part not shown)"
+done
+
+for h in "${hosts[@]}"; do
+  step "enroll agent $h (key made on this host; controller pinned by the token's CA fingerprint)"
+  adir="$work/$h"
+  logs["enroll $h"]="$work/enroll-$h.log"
+  labels+=("enroll $h")
+  timeout "$timeout_s" "$agent" enroll --controller "$agent_addr" --token "${tokens[$h]}" --data-dir "$adir" --name "$h" \
+    >"$work/enroll-$h.log" 2>&1 || fail "ferry-agent enroll for $h failed"
+  sed 's/^/           /' "$work/enroll-$h.log"
+  info "stored: $(cd "$adir" && ls | tr '\n' ' ')"
+done
+
+step "start both agents (ferry-agent run)"
+for h in "${hosts[@]}"; do
+  start "agent $h" "$work/agent-$h.log" "$agent" run --data-dir "$work/$h"
+done
+
+step "wait until the controller reports ${hosts[*]} online"
+wait_until "both hosts to be online in 'ferryctl hosts --json'" controller all_online "${hosts[@]}"
+for h in "${hosts[@]}"; do
+  kill -0 "${pids[agent $h]}" 2>/dev/null || fail "agent $h is not running"
+done
+info "both online"
+
+section "ferryctl hosts"
+"$ferryctl" hosts
+
+section "ferryctl host show demo-db"
+"$ferryctl" host show demo-db
+
+section "ferryctl tokens (each used once)"
+"$ferryctl" tokens
+
+section "ferryctl audit (tail)"
+"$ferryctl" audit | tail -n 20
+
+section "key material (modes)"
+(cd "$work" && stat -c '%a  %n' controller/ca.key controller/admin.token controller/ferryctl.env \
+  demo-db/agent.key demo-web/agent.key 2>&1 || true) | sed 's/^/  /'
+
+step "stop everything with SIGTERM (agents first, then the controller)"
+for h in "${hosts[@]}"; do stop "agent $h"; done
+stop controller
+
+if [ "$stop_failures" -ne 0 ]; then
+  fail "$stop_failures daemon(s) did not exit 0 within 5 s of SIGTERM"
+fi
+printf '\n[%6ss] demo finished: controller and 2 agents enrolled, online, and stopped cleanly\n' "$(elapsed)"
