@@ -19,7 +19,7 @@ public struct AgentConfig: Sendable {
 
     public init(dataDir: String) { self.dataDir = dataDir }
 
-    struct File: Decodable {
+    struct File: ConfigFile {
         var dataDir: String?
         var controller: String?
         var name: String?
@@ -28,7 +28,7 @@ public struct AgentConfig: Sendable {
         var inventoryInterval: String?
         var logLevel: String?
 
-        enum CodingKeys: String, CodingKey {
+        enum CodingKeys: String, CodingKey, CaseIterable {
             case dataDir = "data-dir", controller, name, reconnectInitialDelay = "reconnect-initial-delay"
             case reconnectMaxDelay = "reconnect-max-delay", inventoryInterval = "inventory-interval", logLevel = "log-level"
         }

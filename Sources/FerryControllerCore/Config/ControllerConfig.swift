@@ -29,7 +29,7 @@ public struct ControllerConfig: Sendable {
     public init(dataDir: String) { self.dataDir = dataDir }
 
     /// Keys of the YAML configuration file (see deploy/controller.yaml).
-    struct File: Decodable {
+    struct File: ConfigFile {
         var dataDir: String?
         var listen: String?
         var apiListen: String?
@@ -45,7 +45,7 @@ public struct ControllerConfig: Sendable {
         var enrollmentTimeout: String?
         var logLevel: String?
 
-        enum CodingKeys: String, CodingKey {
+        enum CodingKeys: String, CodingKey, CaseIterable {
             case dataDir = "data-dir", listen, apiListen = "api-listen", tlsNames = "tls-names", tlsAddresses = "tls-addresses"
             case caCert = "ca-cert", caKey = "ca-key", serverCert = "server-cert", serverKey = "server-key"
             case heartbeatInterval = "heartbeat-interval", certificateValidity = "certificate-validity"

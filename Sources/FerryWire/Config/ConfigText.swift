@@ -1,16 +1,33 @@
 import Foundation
 import Yams
 
+/// A configuration file's top-level mapping; its coding keys are the only keys it accepts.
+public protocol ConfigFile: Decodable {
+    associatedtype CodingKeys: CodingKey & CaseIterable
+}
+
 /// Parsing helpers shared by the daemons' configuration files and flags.
 public enum ConfigText {
     /// Loads a YAML configuration file into `T`. Unknown keys are an error, so a typo is not
     /// silently ignored.
-    public static func load<T: Decodable>(_ type: T.Type, path: String) throws -> T {
+    public static func load<T: ConfigFile>(_ type: T.Type, path: String) throws -> T {
         guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
             throw FerryError(.badConfiguration, "cannot read configuration file \(path)")
         }
         do {
+            // The decoder ignores keys it was not asked for: check them first.
+            if case .mapping(let mapping)? = try Yams.compose(yaml: text) {
+                let known = T.CodingKeys.allCases.map(\.stringValue)
+                for key in mapping.keys {
+                    let name = key.string ?? "\(key)"
+                    guard known.contains(name) else {
+                        throw FerryError(.badConfiguration, "\(path): unknown key '\(name)' (known keys: \(known.joined(separator: ", ")))")
+                    }
+                }
+            }
             return try YAMLDecoder().decode(T.self, from: text.isEmpty ? "{}" : text)
+        } catch let error as FerryError {
+            throw error
         } catch let error as DecodingError {
             throw FerryError(.badConfiguration, "\(path): \(describe(error))")
         } catch {
