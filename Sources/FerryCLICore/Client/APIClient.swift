@@ -135,6 +135,22 @@ public struct APIClient: Sendable {
         try await decode([API.Token].self, from: send(.get, "\(API.prefix)/tokens"))
     }
 
+    /// `POST /v1/api-tokens`: a new operator API token; its secret is in `token`.
+    public func createAPIToken(_ request: API.APITokenCreateRequest) async throws -> API.APIToken {
+        let body = try API.encoder().encode(request)
+        return try await decode(API.APIToken.self, from: send(.post, "\(API.prefix)/api-tokens", body: body))
+    }
+
+    /// `GET /v1/api-tokens`: names and roles, never secrets.
+    public func apiTokens() async throws -> [API.APIToken] {
+        try await decode([API.APIToken].self, from: send(.get, "\(API.prefix)/api-tokens"))
+    }
+
+    /// `DELETE /v1/api-tokens/:name`.
+    public func removeAPIToken(named name: String) async throws {
+        _ = try await send(.delete, "\(API.prefix)/api-tokens/\(Self.escape(name))")
+    }
+
     /// `GET /v1/audit?limit=N`: newest first.
     public func audit(limit: Int) async throws -> [API.AuditEntry] {
         try await decode([API.AuditEntry].self, from: send(.get, "\(API.prefix)/audit?limit=\(limit)"))

@@ -162,6 +162,24 @@ struct APIRoutes {
             _ = try context.require(.admin)
             return JSONBody(value: try await store.enrollmentTokens())
         }
+        v1.post("api-tokens") { request, context in
+            let who = try context.require(.admin)
+            let body = try await request.decode(as: API.APITokenCreateRequest.self, context: context)
+            guard let role = APIPrincipal.Role(rawValue: body.role) else {
+                throw APIError(error: FerryError(.badRequest, "role must be viewer, operator or admin, not '\(body.role)'"))
+            }
+            return JSONBody(value: try await wrap { try await store.createAPIToken(name: body.name, role: role, actor: who.actor) }, status: .created)
+        }
+        v1.get("api-tokens") { _, context in
+            _ = try context.require(.admin)
+            return JSONBody(value: try await store.apiTokens())
+        }
+        v1.delete("api-tokens/:name") { _, context in
+            let who = try context.require(.admin)
+            let name = try context.parameters.require("name")
+            try await wrap { try await store.removeAPIToken(name: name, actor: who.actor) }
+            return JSONBody(value: ["removed": name])
+        }
         v1.get("audit") { request, context in
             _ = try context.require(.viewer)
             let limit = request.uri.queryParameters.get("limit", as: Int.self) ?? 100

@@ -176,6 +176,43 @@ extension StateStore {
         }
     }
 
+    /// Makes a named API token for an operator or a script; the secret is returned once.
+    public func createAPIToken(name: String, role: APIPrincipal.Role, actor: String) async throws -> API.APIToken {
+        guard HostName.isValid(name) else {
+            throw FerryError(.badRequest, "'\(name)' is not a valid token name (1-63 characters: letters, digits, '.', '-', '_')")
+        }
+        let secret = SecretHash.randomToken(prefix: "fat_")
+        let record = APITokenRecord(hash: SecretHash.of(secret), name: name, role: role.rawValue, createdAt: Date())
+        try await pool.write { db in
+            if try APITokenRecord.filter(Column("name") == name).fetchCount(db) > 0 {
+                throw FerryError(.conflict, "an API token named '\(name)' exists already; remove it first or pick another name")
+            }
+            try record.insert(db)
+            try Self.audit(db, actor: actor, action: "api-token.create", target: name, detail: "role=\(role.rawValue)")
+        }
+        return API.APIToken(name: name, role: role.rawValue, createdAt: record.createdAt, token: secret)
+    }
+
+    public func apiTokens() async throws -> [API.APIToken] {
+        try await pool.read { db in
+            try APITokenRecord.order(Column("name")).fetchAll(db).map { API.APIToken(name: $0.name, role: $0.role, createdAt: $0.createdAt, token: nil) }
+        }
+    }
+
+    /// Removes an API token; it stops working at once. The bootstrap admin token stays, so the
+    /// controller can never be left without an administrator.
+    public func removeAPIToken(name: String, actor: String) async throws {
+        guard name != "admin" else {
+            throw FerryError(.conflict, "the bootstrap 'admin' token cannot be removed; its secret is in the controller's data dir")
+        }
+        try await pool.write { db in
+            guard try APITokenRecord.filter(Column("name") == name).deleteAll(db) > 0 else {
+                throw FerryError(.notFound, "no API token named '\(name)'; 'ferryctl api-tokens' lists them")
+            }
+            try Self.audit(db, actor: actor, action: "api-token.remove", target: name)
+        }
+    }
+
     public func hasAPIToken(name: String) async throws -> Bool {
         try await pool.read { db in try APITokenRecord.filter(Column("name") == name).fetchCount(db) > 0 }
     }

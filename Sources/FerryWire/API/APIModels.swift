@@ -110,6 +110,27 @@ public enum API {
         }
     }
 
+    /// A bearer token of the operator API. Roles nest: viewer < operator < admin.
+    public struct APIToken: Codable, Sendable {
+        public var name: String
+        /// `viewer` (read), `operator` (run operations), `admin` (also tokens, hosts, PKI).
+        public var role: String
+        public var createdAt: Date
+        /// The secret; only in the answer to its creation.
+        public var token: String?
+
+        public init(name: String, role: String, createdAt: Date, token: String?) {
+            self.name = name; self.role = role; self.createdAt = createdAt; self.token = token
+        }
+    }
+
+    public struct APITokenCreateRequest: Codable, Sendable {
+        public var name: String
+        public var role: String
+
+        public init(name: String, role: String) { self.name = name; self.role = role }
+    }
+
     public struct AuditEntry: Codable, Sendable {
         public var id: Int64
         public var at: Date

@@ -162,3 +162,33 @@ struct ClusterTests {
 enum AgentSessionExit {
     static let revoked: Int32 = 3
 }
+
+@Suite("inventory")
+struct InventoryTests {
+    @Test("an inventory change on the host reaches the controller by itself, and is audited")
+    func inventoryChange() async throws {
+        let dir = try TestDirectory()
+        let namespace = try await NetworkNamespace()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), namespace: namespace)
+        let config = dir.file("agent.yaml")
+        try "inventory-interval: 1s\nreconnect-max-delay: 2s\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let agent = try await AgentProcess.enrollAndStart("app", controller: controller, in: dir, arguments: ["--config", config])
+        #expect(try await controller.waitFor("app", state: "online"))
+        // Inside its namespace the host sees only loopback.
+        #expect(try await controller.host("app")?.inventory?.interfaces.map(\.name) == ["lo"])
+
+        // A NIC appears with an address (a veth pair, both ends in the test's own namespace).
+        try await namespace.ip("-n", namespace.name, "link", "add", "ferry0", "type", "veth", "peer", "name", "ferry1")
+        try await namespace.ip("-n", namespace.name, "addr", "add", "198.51.100.7/24", "dev", "ferry0")
+        try await namespace.ip("-n", namespace.name, "link", "set", "ferry0", "up")
+        let seen = try await eventually(timeout: .seconds(10), every: .milliseconds(200)) {
+            try await controller.host("app")?.inventory?.interfaces.first { $0.name == "ferry0" }?.addresses == ["198.51.100.7/24"]
+        }
+        #expect(seen, "\(agent.log)")
+        let audit = try await controller.ctl("audit", "--json")
+        let entries = try API.decoder().decode([API.AuditEntry].self, from: Data(audit.stdout.utf8))
+        #expect(entries.filter { $0.action == "host.inventory" && $0.actor == "agent:app" }.count >= 2)
+        _ = await agent.terminate()
+        _ = await controller.process.terminate()
+    }
+}

@@ -10,12 +10,15 @@ final class ControllerProcess: Sendable {
     let agentAddress: String
     /// FERRY_API, FERRY_TOKEN, FERRY_CA for ferryctl.
     let apiEnvironment: [String: String]
+    /// The network namespace the controller runs in (ferryctl runs there too), if not the test's own.
+    let namespace: NetworkNamespace?
 
-    private init(dataDir: String, process: ChildProcess, agentAddress: String, apiEnvironment: [String: String]) {
+    private init(dataDir: String, process: ChildProcess, agentAddress: String, apiEnvironment: [String: String], namespace: NetworkNamespace?) {
         self.dataDir = dataDir
         self.process = process
         self.agentAddress = agentAddress
         self.apiEnvironment = apiEnvironment
+        self.namespace = namespace
     }
 
     /// Starts a controller and waits until both listeners are up.
@@ -24,16 +27,15 @@ final class ControllerProcess: Sendable {
         listen: String = "127.0.0.1:0",
         apiListen: String = "127.0.0.1:0",
         arguments: [String] = [],
-        logName: String = "controller.log"
+        logName: String = "controller.log",
+        namespace: NetworkNamespace? = nil
     ) async throws -> ControllerProcess {
         // Files from an earlier run of the same data dir must not be mistaken for this run's.
         for f in ["ferryctl.env", "agent-listen.addr"] { unlink(dataDir + "/" + f) }
         let logPath = (dataDir as NSString).deletingLastPathComponent + "/" + logName
-        let process = try ChildProcess(
-            Binaries.path("ferry-controller"),
-            ["--data-dir", dataDir, "--listen", listen, "--api-listen", apiListen, "--log-level", "debug"] + arguments,
-            logPath: logPath
-        )
+        let (executable, args) = NetworkNamespace.wrap(namespace, Binaries.path("ferry-controller"),
+            ["--data-dir", dataDir, "--listen", listen, "--api-listen", apiListen, "--log-level", "debug"] + arguments)
+        let process = try ChildProcess(executable, args, logPath: logPath)
         let ready = await eventually(timeout: .seconds(30)) {
             FileManager.default.fileExists(atPath: dataDir + "/ferryctl.env") && FileManager.default.fileExists(atPath: dataDir + "/agent-listen.addr")
                 || !process.isRunning
@@ -47,7 +49,7 @@ final class ControllerProcess: Sendable {
             let kv = line.dropFirst("export ".count).split(separator: "=", maxSplits: 1)
             if kv.count == 2 { env[String(kv[0])] = String(kv[1]) }
         }
-        return ControllerProcess(dataDir: dataDir, process: process, agentAddress: address, apiEnvironment: env)
+        return ControllerProcess(dataDir: dataDir, process: process, agentAddress: address, apiEnvironment: env, namespace: namespace)
     }
 
     var port: Int { Int(agentAddress.split(separator: ":").last ?? "") ?? 0 }
@@ -61,7 +63,8 @@ final class ControllerProcess: Sendable {
     func ctl(_ arguments: [String], environment: [String: String] = [:]) async throws -> CommandResult {
         var env = apiEnvironment
         for (k, v) in environment { env[k] = v }
-        return try await run(Binaries.path("ferryctl"), arguments, environment: env)
+        let (executable, args) = NetworkNamespace.wrap(namespace, Binaries.path("ferryctl"), arguments)
+        return try await run(executable, args, environment: env)
     }
 
     /// A fresh enrollment token, optionally bound to a host name.
@@ -96,23 +99,23 @@ enum AgentProcess {
     static func enroll(controller: ControllerProcess, token: String, dataDir: String, name: String? = nil) async throws -> CommandResult {
         var args = ["enroll", "--controller", controller.agentAddress, "--token", token, "--data-dir", dataDir]
         if let name { args += ["--name", name] }
-        return try await run(Binaries.path("ferry-agent"), args)
+        let (executable, wrapped) = NetworkNamespace.wrap(controller.namespace, Binaries.path("ferry-agent"), args)
+        return try await run(executable, wrapped)
     }
 
-    static func start(dataDir: String, arguments: [String] = [], logPath: String? = nil) throws -> ChildProcess {
-        try ChildProcess(
-            Binaries.path("ferry-agent"),
-            ["run", "--data-dir", dataDir, "--log-level", "debug"] + arguments,
-            logPath: logPath ?? dataDir + ".log"
-        )
+    static func start(dataDir: String, arguments: [String] = [], logPath: String? = nil, namespace: NetworkNamespace? = nil) throws -> ChildProcess {
+        let (executable, args) = NetworkNamespace.wrap(namespace, Binaries.path("ferry-agent"),
+                                                       ["run", "--data-dir", dataDir, "--log-level", "debug"] + arguments)
+        return try ChildProcess(executable, args, logPath: logPath ?? dataDir + ".log")
     }
 
-    /// Enrolls under `name` with a token bound to it and starts the agent.
+    /// Enrolls under `name` with a token bound to it and starts the agent (in the controller's
+    /// network namespace, if it has one).
     static func enrollAndStart(_ name: String, controller: ControllerProcess, in dir: TestDirectory, arguments: [String] = []) async throws -> ChildProcess {
         let dataDir = dir.path + "/agent-" + name
         let token = try await controller.token(host: name)
         let r = try await enroll(controller: controller, token: token, dataDir: dataDir)
         guard r.status == 0 else { throw FerryError(.internalError, "enroll \(name) failed: \(r)") }
-        return try start(dataDir: dataDir, arguments: arguments)
+        return try start(dataDir: dataDir, arguments: arguments, namespace: controller.namespace)
     }
 }

@@ -1,0 +1,88 @@
+import ArgumentParser
+import FerryWire
+import Foundation
+
+/// `ferryctl api-token …`: bearer tokens for operators and scripts.
+struct APITokenCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "api-token",
+        abstract: "Create or remove operator API tokens (needs an admin token).",
+        subcommands: [Create.self, Remove.self]
+    )
+}
+
+extension APITokenCommand {
+    /// `ferryctl api-token create NAME --role ROLE`.
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create a named API token with a role.",
+            discussion: """
+                Roles nest: viewer reads everything; operator also runs operations (inventory \
+                refresh, and later drills and failovers); admin also manages hosts, enrollment \
+                tokens and API tokens. Prints the secret alone on stdout; it is shown only now.
+                """
+        )
+
+        @Argument(help: "Name of the token, e.g. the person or script that uses it.")
+        var name: String
+        @Option(help: "viewer, operator or admin.")
+        var role: String = "viewer"
+        @OptionGroup(title: "Connection Options") var connection: ConnectionOptions
+        @OptionGroup var output: OutputOptions
+
+        func run() async throws {
+            try await CLI.guarded {
+                let token = try await connection.withClient { try await $0.createAPIToken(.init(name: name, role: role)) }
+                if output.json {
+                    try Console.json(token)
+                    return
+                }
+                guard let secret = token.token, !secret.isEmpty else {
+                    throw FerryError(.protocolViolation, "the controller created API token \(token.name) but returned no secret")
+                }
+                print(secret)
+                Console.note("API token '\(Text.printable(token.name))' has role \(token.role); use it as FERRY_TOKEN or --token")
+            }
+        }
+    }
+
+    /// `ferryctl api-token remove NAME`.
+    struct Remove: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove an API token; it stops working at once.")
+
+        @Argument(help: "Name of the token.")
+        var name: String
+        @OptionGroup(title: "Connection Options") var connection: ConnectionOptions
+
+        func run() async throws {
+            try await CLI.guarded {
+                try await connection.withClient { try await $0.removeAPIToken(named: name) }
+                print("removed API token \(Text.printable(name))")
+            }
+        }
+    }
+}
+
+/// `ferryctl api-tokens`.
+struct APITokensCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "api-tokens",
+        abstract: "List operator API tokens (names and roles, never secrets)."
+    )
+
+    @OptionGroup(title: "Connection Options") var connection: ConnectionOptions
+    @OptionGroup var output: OutputOptions
+
+    func run() async throws {
+        try await CLI.guarded {
+            let tokens = try await connection.withClient { try await $0.apiTokens() }
+            if output.json {
+                try Console.json(tokens)
+                return
+            }
+            var table = TextTable("name", "role", "created")
+            for t in tokens { table.add(t.name, t.role, Format.timestamp(t.createdAt)) }
+            print(table.render())
+        }
+    }
+}
