@@ -165,6 +165,8 @@ if [ -n "${FERRY_BIN_DIR:-}" ]; then
   info "FERRY_BIN_DIR set: using $bin, no build"
 else
   command -v swift >/dev/null 2>&1 || fail "swift not found: a Swift 6.x toolchain must be on PATH"
+  # The build links the system SQLite and the demo reads JSON with python3: install them if missing.
+  "$root/deploy/install-deps.sh" || fail "installing system packages failed"
   swift build -c "$config" || fail "swift build failed"
   bin="$(swift build -c "$config" --show-bin-path)"
 fi
@@ -206,7 +208,7 @@ for h in "${hosts[@]}"; do
   adir="$work/$h"
   logs["enroll $h"]="$work/enroll-$h.log"
   labels+=("enroll $h")
-  timeout "$timeout_s" "$agent" enroll --controller "$agent_addr" --token "${tokens[$h]}" --data-dir "$adir" --name "$h" \
+  timeout "$timeout_s" env FERRY_ENROLL_TOKEN="${tokens[$h]}" "$agent" enroll --controller "$agent_addr" --data-dir "$adir" --name "$h" \
     >"$work/enroll-$h.log" 2>&1 || fail "ferry-agent enroll for $h failed"
   sed 's/^/           /' "$work/enroll-$h.log"
   info "stored: $(cd "$adir" && ls | tr '\n' ' ')"

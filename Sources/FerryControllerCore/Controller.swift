@@ -21,7 +21,10 @@ public struct Controller: Sendable {
     public func run() async throws {
         try config.validate()
         try FileManager.default.createDirectory(atPath: config.dataDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        // Keys, tokens and the database live here: owner only, even if it existed already.
+        chmod(config.dataDir, 0o700)
         let store = try StateStore(path: config.databasePath)
+        chmod(config.databasePath, 0o600)
         let pki = try ControllerPKI.prepare(config: config)
         let adminToken = try await ensureAdminToken(store: store)
         let registry = SessionRegistry()
@@ -78,7 +81,11 @@ public struct Controller: Sendable {
             guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
                 throw FerryError(.badConfiguration, "the admin API token exists in the database but \(path) is missing; restore it from backup")
             }
-            return text.trimmingCharacters(in: .whitespacesAndNewlines)
+            let secret = text.trimmingCharacters(in: .whitespacesAndNewlines)
+            guard try await store.principal(forBearer: secret)?.role == .admin else {
+                throw FerryError(.badConfiguration, "\(path) does not hold the admin API token this database knows; restore it from the backup made with the database")
+            }
+            return secret
         }
         let secret = SecretHash.randomToken(prefix: "fat_")
         try PEMFiles.writeSecret(secret + "\n", to: path)

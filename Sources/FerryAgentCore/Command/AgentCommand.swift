@@ -51,8 +51,10 @@ public struct AgentCommand: AsyncParsableCommand {
         @OptionGroup var common: Common
         @Option(help: "The controller's agent listener, HOST:PORT.")
         var controller: String
-        @Option(help: "The enrollment token.")
-        var token: String
+        @Option(help: "The enrollment token. Visible to other local users in the process list: prefer --token-file or FERRY_ENROLL_TOKEN.")
+        var token: String?
+        @Option(help: "A file holding the enrollment token (e.g. - for standard input).")
+        var tokenFile: String?
         @Option(help: "Name to enroll as (default: this host's name; a token bound to a host wins).")
         var name: String?
 
@@ -61,6 +63,7 @@ public struct AgentCommand: AsyncParsableCommand {
                 var settings = try common.settings()
                 if let name { settings.name = name }
                 _ = try ConfigText.hostPort(controller)
+                let token = try resolvedToken()
                 if AgentIdentity.exists(in: settings.dataDir) {
                     throw FerryError(.conflict, "\(settings.dataDir) already holds an enrollment; remove it first to enroll again")
                 }
@@ -72,6 +75,25 @@ public struct AgentCommand: AsyncParsableCommand {
                 )
                 print("enrolled as \(identity.info.hostName) (id \(identity.info.hostID)); certificate valid until \(ISO8601DateFormatter().string(from: identity.certificate.notValidAfter))")
             }
+        }
+
+        /// The token from exactly one of --token, --token-file or FERRY_ENROLL_TOKEN.
+        func resolvedToken() throws -> String {
+            let env = ProcessInfo.processInfo.environment["FERRY_ENROLL_TOKEN"]
+            let given = [token != nil, tokenFile != nil, env != nil].filter { $0 }.count
+            guard given == 1 else {
+                throw FerryError(.badConfiguration, given == 0
+                    ? "no enrollment token: pass --token-file FILE, set FERRY_ENROLL_TOKEN, or --token TOKEN (create one with 'ferryctl token create')"
+                    : "give the enrollment token once: --token, --token-file or FERRY_ENROLL_TOKEN")
+            }
+            if let token { return token }
+            if let env { return env }
+            let path = tokenFile ?? "-"
+            let data = path == "-" ? FileHandle.standardInput.readDataToEndOfFile() : FileManager.default.contents(atPath: path)
+            guard let data, let text = String(data: data, encoding: .utf8) else {
+                throw FerryError(.badConfiguration, "cannot read the enrollment token from \(path)")
+            }
+            return text.trimmingCharacters(in: .whitespacesAndNewlines)
         }
     }
 

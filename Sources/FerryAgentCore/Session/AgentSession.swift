@@ -20,7 +20,8 @@ public final class AgentSession: Service, Sendable {
     let group: any EventLoopGroup
     let identity: Mutex<AgentIdentity>
     let inventory: @Sendable () -> Ferry_V1_Inventory
-    private let current = Mutex<PeerSession?>(nil)
+    /// The connection being set up or held, so graceful shutdown can end it at any stage.
+    private let current = Mutex<(channel: (any Channel)?, session: PeerSession?)>((nil, nil))
     private let connectedCount = Atomic<Int>(0)
 
     /// - Parameter inventory: what this host is; the simulated agents of the load test pass their own.
@@ -62,8 +63,12 @@ public final class AgentSession: Service, Sendable {
                 try? await cancelWhenGracefulShutdown { try await Task.sleep(for: delay) }
             }
         } onGracefulShutdown: {
-            if let session = self.current.withLock({ $0 }) {
+            let (channel, session) = self.current.withLock { $0 }
+            if let session {
                 Task { await session.close(reason: "agent shutting down") }
+            } else {
+                // Still handshaking: nothing to say goodbye to.
+                channel?.close(promise: nil)
             }
         }
     }
@@ -86,6 +91,9 @@ public final class AgentSession: Service, Sendable {
             frameLimit: FrameLimit(FrameSize.defaultAuthenticated)
         )
         try await connection.executeThenClose { inbound, outbound in
+            current.withLock { $0 = (connection.channel, nil) }
+            defer { current.withLock { $0 = (nil, nil) } }
+            if Task.isShuttingDownGracefully { return }
             let session = PeerSession(channel: connection.channel, outbound: outbound)
             var messages = inbound.makeAsyncIterator()
             var hello = Ferry_V1_Hello()
@@ -109,13 +117,10 @@ public final class AgentSession: Service, Sendable {
                 case .error(let e): throw FerryError(wire: e)
                 default: throw FerryError(.protocolViolation, "controller answered hello with \(reply.bodyName)")
                 }
-            } catch let error as NIOSSLError {
-                throw FerryError(.unavailable, "TLS with controller \(address) failed: \(error)")
-            } catch let error as BoringSSLError {
+            } catch where error is NIOSSLError || error is BoringSSLError {
                 throw FerryError(.unavailable, "TLS with controller \(address) failed: \(error)")
             }
-            current.withLock { $0 = session }
-            defer { current.withLock { $0 = nil } }
+            current.withLock { $0.session = session }
             connectedCount.add(1, ordering: .relaxed)
             onWelcome()
             let heartbeat = Duration.milliseconds(Int64(max(100, welcome.heartbeatIntervalMs)))
@@ -187,9 +192,11 @@ public final class AgentSession: Service, Sendable {
             } catch let error as FerryError where error.code == .unavailable {
                 throw error
             } catch {
-                // Keep the session; try again in a minute (the certificate still has a third of its life).
+                // Keep the session and try again soon: within a tenth of the remaining life, at
+                // most a minute, so several attempts fit before the certificate expires.
                 logger.warning("certificate renewal failed", metadata: ["reason": "\(Self.describe(error))"])
-                try await Task.sleep(for: .seconds(60))
+                let remaining = identity.withLock { $0.certificate.notValidAfter.timeIntervalSinceNow }
+                try await Task.sleep(for: .milliseconds(Int64(max(0.5, min(60, remaining / 10)) * 1000)))
             }
         }
     }

@@ -17,7 +17,9 @@ enum ControllerConnection {
         let context = try NIOSSLContext(configuration: tls)
         do {
             return try await ClientBootstrap(group: group)
-                .connectTimeout(.seconds(5))
+                // Short enough that a SIGTERM during a connect to an unreachable controller
+                // still ends the agent within its 5 s budget.
+                .connectTimeout(.seconds(3))
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .connect(host: host, port: port) { channel in
                     channel.eventLoop.makeCompletedFuture {

@@ -48,7 +48,7 @@ extension TokenCommand {
                 print(secret)
                 let binding = token.host.map { "for host \(Text.printable($0)) only" } ?? "for any host name"
                 Console.note("token \(token.id) is valid \(binding) until \(Format.timestamp(token.expiresAt)) (\(Format.relative(token.expiresAt)))")
-                Console.note("enroll with: ferry-agent enroll --controller HOST:PORT --token TOKEN --data-dir DIR")
+                Console.note("enroll with: ferry-agent enroll --controller HOST:PORT --token-file FILE --data-dir DIR (or FERRY_ENROLL_TOKEN=TOKEN)")
             }
         }
 

@@ -124,7 +124,7 @@ struct APIRoutes {
             return JSONBody(value: ["removed": name, "revokedCertificates": "\(serials.count)"])
         }
         v1.post("hosts/:name/inventory/refresh") { _, context in
-            _ = try context.require(.operator)
+            let who = try context.require(.operator)
             let name = try context.parameters.require("name")
             guard let host = try await store.host(named: name) else {
                 throw APIError(error: FerryError(.notFound, "no host named '\(name)'"))
@@ -139,7 +139,8 @@ struct APIRoutes {
             guard case .commandResult(let result) = reply.body, case .inventory(let inventory)? = result.outcome else {
                 throw APIError(error: FerryError(.protocolViolation, "agent answered refresh with \(reply.bodyName)"))
             }
-            try await store.recordInventory(hostID: host.id, inventory: Data(try inventory.serializedBytes() as [UInt8]))
+            try await wrap { try InventoryLimits.check(inventory) }
+            try await store.recordInventory(hostID: host.id, inventory: Data(try inventory.serializedBytes() as [UInt8]), actor: who.actor)
             return JSONBody(value: API.Inventory(inventory))
         }
         v1.post("tokens") { request, context in

@@ -46,8 +46,13 @@ public struct ControllerCommand: AsyncParsableCommand {
             let logger = Logging.make(label: "ferry.controller", level: settings.logLevel)
             try await Controller(config: settings, logger: logger).run()
         } catch let error as FerryError {
+            // Configuration and state problems: restarting will not help (systemd: RestartPreventExitStatus=2).
             FileHandle.standardError.write(Data("ferry-controller: \(error.message)\n".utf8))
             throw ExitCode(2)
+        } catch {
+            // Anything else (a port in use, a disk error) may pass: exit 1 and let systemd retry.
+            FileHandle.standardError.write(Data("ferry-controller: \(error)\n".utf8))
+            throw ExitCode(1)
         }
     }
 }

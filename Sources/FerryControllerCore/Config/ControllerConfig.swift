@@ -22,7 +22,7 @@ public struct ControllerConfig: Sendable {
     public var heartbeatInterval: Duration = .seconds(5)
     public var certificateValidity: Duration = .seconds(30 * 86_400)
     public var maxFrameBytes: Int = FrameSize.defaultAuthenticated
-    /// How long a connection without a certificate may take to send its enrollment request.
+    /// How long a new connection may take, TLS handshake included, to send its first message.
     public var enrollmentTimeout: Duration = .seconds(10)
     public var logLevel: String = "info"
 

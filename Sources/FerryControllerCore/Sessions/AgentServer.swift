@@ -19,9 +19,9 @@ public final class AgentServer: Service, Sendable {
     let metrics: ControllerMetrics
     let logger: Logger
     let group: any EventLoopGroup
-    /// Resolved once the listener is bound (the configured port may be 0).
-    let boundAddress: Mutex<SocketAddress?> = Mutex(nil)
     let onBound: @Sendable (SocketAddress) -> Void
+    /// Every open connection, authenticated or not, so shutdown can close them all at once.
+    let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
 
     init(config: ControllerConfig, pki: ControllerPKI, store: StateStore, registry: SessionRegistry, metrics: ControllerMetrics,
          logger: Logger, group: any EventLoopGroup, onBound: @escaping @Sendable (SocketAddress) -> Void) {
@@ -51,7 +51,6 @@ public final class AgentServer: Service, Sendable {
                 }
             }
         if let address = server.channel.localAddress {
-            boundAddress.withLock { $0 = address }
             onBound(address)
             logger.info("agent listener ready", metadata: ["address": "\(PeerSession.describe(address))"])
         }
@@ -65,11 +64,20 @@ public final class AgentServer: Service, Sendable {
             }
         } onGracefulShutdown: {
             server.channel.close(promise: nil)
-            Task {
-                for entry in await self.registry.all {
-                    await entry.session.close(reason: "controller shutting down")
-                }
+            Task { await self.closeAll(reason: "controller shutting down") }
+        }
+    }
+
+    /// Says goodbye to every session at once, then closes every other connection (enrollments,
+    /// handshakes in progress, silent peers), so shutdown does not wait for their deadlines.
+    func closeAll(reason: String) async {
+        await withTaskGroup(of: Void.self) { group in
+            for entry in await registry.all {
+                group.addTask { await entry.session.close(reason: reason) }
             }
+        }
+        for channel in connections.withLock({ Array($0.values) }) {
+            channel.close(promise: nil)
         }
     }
 
@@ -78,6 +86,9 @@ public final class AgentServer: Service, Sendable {
         let remote = connection.channel.remoteAddress.map(PeerSession.describe) ?? "unknown"
         var log = logger
         log[metadataKey: "peer"] = "\(remote)"
+        let key = ObjectIdentifier(connection.channel)
+        connections.withLock { $0[key] = connection.channel }
+        defer { _ = connections.withLock { $0.removeValue(forKey: key) } }
         do {
             try await connection.executeThenClose { inbound, outbound in
                 let session = PeerSession(channel: connection.channel, outbound: outbound)
@@ -105,10 +116,7 @@ public final class AgentServer: Service, Sendable {
                 }
                 try await runSession(first, certificate: certificate, session: session, messages: &messages, limit: limit, log: log)
             }
-        } catch let error as NIOSSLError {
-            metrics.connectionRejected("tls")
-            log.info("connection refused at TLS", metadata: ["error": "\(error)"])
-        } catch let error as BoringSSLError {
+        } catch where error is NIOSSLError || error is BoringSSLError {
             metrics.connectionRejected("tls")
             log.info("connection refused at TLS", metadata: ["error": "\(error)"])
         } catch let error as FerryError {
@@ -209,8 +217,18 @@ public final class AgentServer: Service, Sendable {
             return
         }
         let log = { var l = log; l[metadataKey: "host"] = "\(host.name)"; return l }()
-        let inventory = (try? hello.inventory.serializedBytes() as [UInt8]).map { Data($0) } ?? Data()
-        _ = try await store.recordSessionStart(hostID: hostID, address: session.remoteDescription, agentVersion: hello.agentVersion, inventory: inventory)
+        do {
+            try InventoryLimits.check(hello.inventory)
+            guard hello.agentVersion.utf8.count <= InventoryLimits.maxString else {
+                throw FerryError(.badRequest, "agent version longer than \(InventoryLimits.maxString) bytes")
+            }
+            let inventory = Data(try hello.inventory.serializedBytes() as [UInt8])
+            _ = try await store.recordSessionStart(hostID: hostID, serial: serial, address: session.remoteDescription,
+                                                   agentVersion: hello.agentVersion, inventory: inventory)
+        } catch let error as FerryError {
+            await reject(session, error, inReplyTo: first.id, reason: error.code == .revoked ? "revoked" : "bad-hello", log: log)
+            return
+        }
         limit.set(config.maxFrameBytes)
 
         var welcome = Ferry_V1_Welcome()
@@ -221,23 +239,23 @@ public final class AgentServer: Service, Sendable {
         welcome.maxFrameBytes = UInt32(config.maxFrameBytes)
         try await session.send(.welcome(welcome), inReplyTo: first.id)
 
-        let entry = SessionRegistry.Entry(hostID: hostID, hostName: host.name, session: session, connectedAt: Date())
+        let entry = SessionRegistry.Entry(hostID: hostID, hostName: host.name, session: session)
         if let old = await registry.register(entry) {
             await old.session.close(reason: "replaced by a newer session of the same host")
         }
         metrics.sessionsOpened.increment()
         metrics.agentsConnected.record(await registry.count)
-        log.info("agent session open", metadata: ["address": "\(session.remoteDescription)", "agent-version": "\(hello.agentVersion)"])
-        defer {
-            Task {
-                await registry.unregister(hostID: hostID, session: session)
-                metrics.agentsConnected.record(await registry.count)
-                try? await store.recordLastSeen([hostID: Date().addingTimeInterval(-session.silence.seconds)])
-            }
+        // A removal that committed after the admission above found no session to close: look again.
+        if let refused = await admissionWithdrawn(hostID: hostID, serial: serial) {
+            await registry.unregister(hostID: hostID, session: session)
+            await session.close(reason: refused.message)
+            return
         }
+        log.info("agent session open", metadata: ["address": "\(session.remoteDescription)", "agent-version": "\(hello.agentVersion)"])
+        let state = SessionState(certificate: certificate)
         do {
             try await session.run(inbound: &messages, heartbeatInterval: config.heartbeatInterval, logger: log) { envelope in
-                try await self.handle(envelope, hostID: hostID, hostName: host.name, session: session, log: log)
+                try await self.handle(envelope, hostID: hostID, hostName: host.name, session: session, state: state, log: log)
             }
         } catch let error as FerryError where error.code == .timeout {
             metrics.heartbeatsMissed.increment()
@@ -247,20 +265,63 @@ public final class AgentServer: Service, Sendable {
             if error.code == .protocolViolation || error.code == .frameTooLarge {
                 await reject(session, error, reason: error.code == .frameTooLarge ? "frame-too-large" : "malformed", log: log)
             }
+        } catch {
+            // An established session ending badly (e.g. an agent killed without a TLS close).
+            log.info("agent session ended", metadata: ["error": "\(error)"])
+        }
+        await registry.unregister(hostID: hostID, session: session)
+        metrics.agentsConnected.record(await registry.count)
+        try? await store.recordLastSeen([hostID: Date().addingTimeInterval(-session.silence.seconds)])
+    }
+
+    func admissionWithdrawn(hostID: String, serial: String) async -> FerryError? {
+        do {
+            _ = try await store.admit(hostID: hostID, serial: serial)
+            return nil
+        } catch let error as FerryError {
+            return error.code == .revoked ? error : nil
+        } catch {
+            return nil
         }
     }
 
+    /// Per-session bookkeeping for messages that must be rate-limited or checked against the
+    /// session's certificate.
+    final class SessionState: Sendable {
+        let certificate: Certificate
+        let lastInventoryUpdate = Mutex<ContinuousClock.Instant?>(nil)
+        init(certificate: Certificate) { self.certificate = certificate }
+    }
+
     /// Messages an agent sends on its own initiative.
-    func handle(_ envelope: Ferry_V1_Envelope, hostID: String, hostName: String, session: PeerSession, log: Logger) async throws {
+    func handle(_ envelope: Ferry_V1_Envelope, hostID: String, hostName: String, session: PeerSession, state: SessionState, log: Logger) async throws {
         metrics.framesReceived.increment()
         switch envelope.body {
         case .inventoryUpdate(let update):
-            let bytes = Data(try update.inventory.serializedBytes() as [UInt8])
-            if try await store.recordInventory(hostID: hostID, inventory: bytes) {
-                log.info("inventory changed")
+            let now = ContinuousClock.now
+            let tooSoon = state.lastInventoryUpdate.withLock { last in
+                defer { last = now }
+                return last.map { now - $0 < InventoryLimits.minUpdateInterval } ?? false
+            }
+            do {
+                if tooSoon { throw FerryError(.badRequest, "inventory updates more often than every \(InventoryLimits.minUpdateInterval) are ignored") }
+                try InventoryLimits.check(update.inventory)
+                let bytes = Data(try update.inventory.serializedBytes() as [UInt8])
+                if try await store.recordInventory(hostID: hostID, inventory: bytes) {
+                    log.info("inventory changed")
+                }
+            } catch let error as FerryError {
+                log.warning("inventory update refused", metadata: ["reason": "\(error.message)"])
+                try await session.send(.error(error.wire), inReplyTo: envelope.id)
             }
         case .renewRequest(let req):
             do {
+                // Renewal only in the second half of the certificate's life: a stolen key cannot
+                // keep minting itself fresh certificates at will.
+                let lifetime = state.certificate.notValidAfter.timeIntervalSince(state.certificate.notValidBefore)
+                guard state.certificate.notValidAfter.timeIntervalSinceNow < lifetime / 2 else {
+                    throw FerryError(.badRequest, "certificate renewal is allowed once half of the certificate's lifetime has passed")
+                }
                 let issued = try pki.issueAgentCertificate(csrDER: Array(req.csrDer), hostID: hostID, hostName: hostName, validity: config.certificateValidity)
                 try await store.recordRenewal(hostID: hostID, serial: issued.serial, notAfter: issued.notAfter)
                 var response = Ferry_V1_RenewResponse()

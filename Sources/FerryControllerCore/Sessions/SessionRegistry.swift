@@ -7,7 +7,6 @@ public actor SessionRegistry {
         public let hostID: String
         public let hostName: String
         public let session: PeerSession
-        public let connectedAt: Date
     }
 
     private var sessions: [String: Entry] = [:]

@@ -315,27 +315,50 @@ extension StateStore {
         }
     }
 
-    /// Admission check for a session: the host exists, is not removed and the serial not revoked.
+    /// Admission check for a session: the host exists and is not removed, and the certificate is
+    /// one this controller issued to that host and has not revoked. (An operator CA could sign
+    /// other certificates naming a host; only the ones issued here count.)
     public func admit(hostID: String, serial: String) async throws -> HostRecord {
-        try await pool.read { db in
-            if try Row.fetchOne(db, sql: "SELECT 1 FROM revokedSerial WHERE serial = ?", arguments: [serial]) != nil {
-                throw FerryError(.revoked, "certificate \(serial) has been revoked")
-            }
-            guard let host = try HostRecord.fetchOne(db, key: hostID) else {
-                throw FerryError(.unauthenticated, "certificate names host \(hostID), which this controller does not know")
-            }
-            guard host.state != HostRecord.State.removed else {
-                throw FerryError(.revoked, "host '\(host.name)' has been removed")
-            }
-            return host
-        }
+        try await pool.read { db in try Self.admit(db, hostID: hostID, serial: serial) }
     }
 
-    /// Stores what a host said at session start; returns the updated record.
-    public func recordSessionStart(hostID: String, address: String, agentVersion: String, inventory: Data) async throws -> HostRecord {
+    static func admit(_ db: Database, hostID: String, serial: String) throws -> HostRecord {
+        if try Row.fetchOne(db, sql: "SELECT 1 FROM revokedSerial WHERE serial = ?", arguments: [serial]) != nil {
+            throw FerryError(.revoked, "certificate \(serial) has been revoked")
+        }
+        guard let host = try HostRecord.fetchOne(db, key: hostID) else {
+            throw FerryError(.unauthenticated, "certificate names host \(hostID), which this controller does not know")
+        }
+        guard host.state != HostRecord.State.removed else {
+            throw FerryError(.revoked, "host '\(host.name)' has been removed")
+        }
+        guard try Row.fetchOne(db, sql: "SELECT 1 FROM certificate WHERE serial = ? AND hostID = ?", arguments: [serial, hostID]) != nil else {
+            throw FerryError(.revoked, "certificate \(serial) was not issued by this controller to host '\(host.name)'")
+        }
+        return host
+    }
+
+    /// Admits a session and stores what the host said, in one transaction, so a concurrent
+    /// `removeHost` either happens before (and this refuses) or after (and closes the session).
+    /// A host that connects with a renewed certificate supersedes its older ones: they are
+    /// revoked, so a copy of an old key is worthless once the real agent has moved on.
+    public func recordSessionStart(hostID: String, serial: String, address: String, agentVersion: String, inventory: Data) async throws -> HostRecord {
         try await pool.write { db in
-            guard var host = try HostRecord.fetchOne(db, key: hostID) else {
-                throw FerryError(.notFound, "host \(hostID) not found")
+            var host = try Self.admit(db, hostID: hostID, serial: serial)
+            let older = try String.fetchAll(db, sql: """
+                SELECT serial FROM certificate WHERE hostID = ? AND issuedAt < (SELECT issuedAt FROM certificate WHERE serial = ?)
+                AND serial NOT IN (SELECT serial FROM revokedSerial)
+                """, arguments: [hostID, serial])
+            for s in older {
+                try db.execute(sql: "INSERT INTO revokedSerial (serial, hostID, revokedAt) VALUES (?, ?, ?)", arguments: [s, hostID, Date()])
+            }
+            if !older.isEmpty {
+                try Self.audit(db, actor: "agent:\(host.name)", action: "host.certificate-superseded", target: host.name,
+                               detail: "revoked=\(older.joined(separator: ",")) current=\(serial)")
+            }
+            if host.agentVersion != agentVersion {
+                try Self.audit(db, actor: "agent:\(host.name)", action: "host.agent-version", target: host.name,
+                               detail: "\(host.agentVersion ?? "none") -> \(agentVersion)")
             }
             let inventoryChanged = host.inventory != inventory
             host.state = HostRecord.State.active
@@ -351,14 +374,15 @@ extension StateStore {
         }
     }
 
-    /// Stores a changed inventory. Returns whether it differed.
+    /// Stores a changed inventory. Returns whether it differed. `actor` is who caused the
+    /// refresh (the agent itself, or an operator who asked for it).
     @discardableResult
-    public func recordInventory(hostID: String, inventory: Data) async throws -> Bool {
+    public func recordInventory(hostID: String, inventory: Data, actor: String? = nil) async throws -> Bool {
         try await pool.write { db in
             guard var host = try HostRecord.fetchOne(db, key: hostID), host.inventory != inventory else { return false }
             host.inventory = inventory
             try host.update(db)
-            try Self.audit(db, actor: "agent:\(host.name)", action: "host.inventory", target: host.name, detail: "\(inventory.count) bytes")
+            try Self.audit(db, actor: actor ?? "agent:\(host.name)", action: "host.inventory", target: host.name, detail: "\(inventory.count) bytes")
             return true
         }
     }

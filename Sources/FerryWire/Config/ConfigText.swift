@@ -16,7 +16,8 @@ public enum ConfigText {
         }
         do {
             // The decoder ignores keys it was not asked for: check them first.
-            if case .mapping(let mapping)? = try Yams.compose(yaml: text) {
+            let document = try Yams.compose(yaml: text)
+            if case .mapping(let mapping)? = document {
                 let known = T.CodingKeys.allCases.map(\.stringValue)
                 for key in mapping.keys {
                     let name = key.string ?? "\(key)"
@@ -25,7 +26,8 @@ public enum ConfigText {
                     }
                 }
             }
-            return try YAMLDecoder().decode(T.self, from: text.isEmpty ? "{}" : text)
+            // A file of comments only is an empty document: all defaults.
+            return try YAMLDecoder().decode(T.self, from: document == nil ? "{}" : text)
         } catch let error as FerryError {
             throw error
         } catch let error as DecodingError {
@@ -54,10 +56,16 @@ public enum ConfigText {
             let number = t.dropLast(unit.count)
             // "ms" ends in "s": make sure "5ms" is not read as "5m" + "s".
             if unit == "s", number.hasSuffix("m") { continue }
-            if let v = Double(number), v >= 0, v.isFinite { return .milliseconds(Int64((v * factor * 1000).rounded())) }
+            if let v = Double(number), let d = milliseconds(v * factor) { return d }
         }
-        if let v = Double(t), v >= 0, v.isFinite { return .milliseconds(Int64((v * 1000).rounded())) }
+        if let v = Double(t), let d = milliseconds(v) { return d }
         throw FerryError(.badConfiguration, "'\(text)' is not a duration (examples: 500ms, 15s, 10m, 1h, 30d)")
+    }
+
+    /// Up to 100 years; anything longer (or negative, or not a number) is a typo.
+    static func milliseconds(_ seconds: Double) -> Duration? {
+        guard seconds.isFinite, seconds >= 0, seconds <= 100 * 365 * 86_400 else { return nil }
+        return .milliseconds(Int64((seconds * 1000).rounded()))
     }
 
     /// Splits `HOST:PORT` (IPv6 as `[::1]:PORT`).

@@ -24,7 +24,9 @@ public final class PeerSession: Sendable {
     public let channel: any Channel
     public let remoteDescription: String
     private let outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>
-    private let pending = Mutex<[UInt64: CheckedContinuation<Ferry_V1_Envelope, any Error>]>([:])
+    /// Requests awaiting their reply. Whoever removes an entry completes its promise, so each
+    /// promise is completed exactly once (reply, timeout, cancellation or close).
+    private let pending = Mutex<[UInt64: EventLoopPromise<Ferry_V1_Envelope>]>([:])
     private let nextID = Atomic<UInt64>(1)
     private let lastReceived = Atomic<UInt64>(0)
     private let closed = Atomic<Bool>(false)
@@ -48,9 +50,10 @@ public final class PeerSession: Sendable {
 
     /// Time since the peer last sent anything.
     public var silence: Duration {
-        let now = DispatchTime.now().uptimeNanoseconds
         let last = lastReceived.load(ordering: .relaxed)
-        return .nanoseconds(Int64(now &- last))
+        let now = DispatchTime.now().uptimeNanoseconds
+        // The read loop may store a newer time between the two loads.
+        return .nanoseconds(now > last ? Int64(now - last) : 0)
     }
 
     /// Sends a message that expects no reply.
@@ -63,32 +66,35 @@ public final class PeerSession: Sendable {
     }
 
     /// Sends a request and waits for the envelope whose `in_reply_to` names it. An `Error` reply
-    /// is thrown as a `FerryError`.
+    /// is thrown as a `FerryError`. The request is written before this returns control, so it keeps
+    /// its order relative to the caller's other sends.
     public func request(_ body: Ferry_V1_Envelope.OneOf_Body, timeout: Duration) async throws -> Ferry_V1_Envelope {
         let id = nextID.add(1, ordering: .relaxed).oldValue
-        let reply: Ferry_V1_Envelope = try await withCheckedThrowingContinuation { continuation in
-            pending.withLock { $0[id] = continuation }
-            if closed.load(ordering: .relaxed) {
-                fail(id, FerryError(.unavailable, "session with \(remoteDescription) is closed"))
-                return
-            }
-            Task {
-                do {
-                    try await write(.with(id: id, body))
-                } catch {
-                    fail(id, error)
-                    return
-                }
-                try? await Task.sleep(for: timeout)
-                fail(id, FerryError(.timeout, "no reply from \(remoteDescription) within \(timeout)"))
-            }
+        let promise = channel.eventLoop.makePromise(of: Ferry_V1_Envelope.self)
+        pending.withLock { $0[id] = promise }
+        if closed.load(ordering: .relaxed) {
+            fail(id, FerryError(.unavailable, "session with \(remoteDescription) is closed"))
+        }
+        let timer = channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(timeout.seconds * 1e9))) {
+            self.fail(id, FerryError(.timeout, "no reply from \(self.remoteDescription) within \(timeout)"))
+        }
+        defer { timer.cancel() }
+        do {
+            try await write(.with(id: id, body))
+        } catch {
+            fail(id, error)
+        }
+        let reply = try await withTaskCancellationHandler {
+            try await promise.futureResult.get()
+        } onCancel: {
+            self.fail(id, CancellationError())
         }
         if case .error(let e) = reply.body { throw FerryError(wire: e) }
         return reply
     }
 
     private func fail(_ id: UInt64, _ error: any Error) {
-        pending.withLock { $0.removeValue(forKey: id) }?.resume(throwing: error)
+        pending.withLock { $0.removeValue(forKey: id) }?.fail(error)
     }
 
     /// Runs the session until the peer closes, goes silent for three heartbeat intervals, or an
@@ -103,14 +109,13 @@ public final class PeerSession: Sendable {
     ) async throws {
         defer { shutdown(FerryError(.unavailable, "session with \(remoteDescription) ended")) }
         let dead = Mutex<FerryError?>(nil)
-        // An unstructured task, so the read loop below can keep using `inbound` (inout).
+        // Unstructured tasks, so the read loop below can keep using `inbound` (inout). The
+        // watchdog never writes: a peer that stops reading must not stall its own detection.
         let watchdog = Task {
                 let deadline = heartbeatInterval * 3
-                // Checks twice per interval so a dead peer is noticed soon after its third miss.
-                var tick = 0
                 while true {
+                    // Checks twice per interval so a dead peer is noticed soon after its third miss.
                     try await Task.sleep(for: heartbeatInterval / 2)
-                    tick += 1
                     if self.silence > deadline {
                         dead.withLock {
                             $0 = FerryError(.timeout, "no message from \(self.remoteDescription) for \(self.silence); peer presumed dead after 3 missed heartbeats")
@@ -118,20 +123,27 @@ public final class PeerSession: Sendable {
                         try? await self.channel.close()
                         return
                     }
-                    guard tick % 2 == 0 else { continue }
+                }
+            }
+            let heartbeats = Task {
+                while true {
+                    try await Task.sleep(for: heartbeatInterval)
                     var hb = Ferry_V1_Heartbeat()
                     hb.sentUnixMs = Int64(Date().timeIntervalSince1970 * 1000)
                     try? await self.send(.heartbeat(hb))
                 }
             }
-            defer { watchdog.cancel() }
+            defer {
+                watchdog.cancel()
+                heartbeats.cancel()
+            }
             do {
                 while let frame = try await inbound.next() {
                     markReceived()
                     let envelope = try Ferry_V1_Envelope(frame: frame)
                     if envelope.inReplyTo != 0 {
                         if let waiter = pending.withLock({ $0.removeValue(forKey: envelope.inReplyTo) }) {
-                            waiter.resume(returning: envelope)
+                            waiter.succeed(envelope)
                         } else {
                             logger.debug("late or unexpected reply", metadata: ["in-reply-to": "\(envelope.inReplyTo)"])
                         }
@@ -193,6 +205,6 @@ public final class PeerSession: Sendable {
             defer { p.removeAll() }
             return Array(p.values)
         }
-        for w in waiters { w.resume(throwing: error) }
+        for w in waiters { w.fail(error) }
     }
 }

@@ -20,7 +20,9 @@ struct BadInputTests {
 
         static func make() async throws -> Fixture {
             let dir = try TestDirectory()
-            let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+            let config = dir.file("controller.yaml")
+            try "enrollment-timeout: 2s\n".write(toFile: config, atomically: true, encoding: .utf8)
+            let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--config", config])
             let agent = try await AgentProcess.enrollAndStart("healthy", controller: controller, in: dir)
             #expect(try await controller.waitFor("healthy", state: "online"))
             return Fixture(dir: dir, controller: controller, agent: agent, identity: try AgentIdentity.load(from: dir.path + "/agent-healthy"))
@@ -79,6 +81,13 @@ struct BadInputTests {
         #expect(bad.last?.error.code == .protocolViolation)
         #expect(bad.last?.error.message.contains("malformed") == true)
 
+        // Random bytes inside an authenticated TLS session.
+        var noise = Frames.envelope(.hello(f.hello()), id: 1)
+        noise += (0..<2048).map { _ in UInt8.random(in: 0...255) }
+        let (noisy, r3) = try await f.opensslSend(noise, certificate: f.identity.certificate, key: f.identity.privateKey)
+        #expect(noisy.first?.welcome.hostName == "healthy", "\(r3)")
+        #expect(noisy.count == 2 && noisy.last?.error.code == .protocolViolation, "\(noisy)")
+
         // The first message of a session must be hello.
         let (notHello, _) = try await f.opensslSend(Frames.envelope(.heartbeat(.init()), id: 3), certificate: f.identity.certificate, key: f.identity.privateKey)
         #expect(notHello.first?.error.code == .protocolViolation)
@@ -94,6 +103,11 @@ struct BadInputTests {
             #expect(answer.closed, "connection left open")
             #expect(answer.bytes.isEmpty || answer.bytes[0] == 21, "\(answer.bytes.prefix(8))")
         }
+        // A client that connects and says nothing is closed after the enrollment timeout (2 s).
+        let started = ContinuousClock.now
+        let silent = try await RawTCP.exchange(address: f.controller.agentAddress, send: [], timeout: .seconds(15))
+        #expect(silent.closed)
+        #expect(ContinuousClock.now - started < .seconds(6))
         let metrics = try await f.controller.ctl("metrics")
         #expect(metrics.stdout.contains("ferry_connections_rejected_total{reason=\"tls\"}"))
         try await f.stillHealthy()
@@ -169,12 +183,23 @@ struct BadInputTests {
         // The refusal did not consume it: the right host still enrolls with it.
         #expect(try await enroll(bound).status == 0)
 
+        // A malformed certificate request is refused without spending the token.
+        let spare = try await f.controller.token()
+        var garbage = Ferry_V1_EnrollRequest()
+        garbage.token = spare
+        garbage.csrDer = Data((0..<300).map { _ in UInt8.random(in: 0...255) })
+        garbage.requestedName = "garbage"
+        let (csrRefused, _) = try await f.opensslSend(Frames.envelope(.enrollRequest(garbage), id: 1))
+        #expect(csrRefused.first?.error.code == .badRequest)
+        #expect(csrRefused.first?.error.message.contains("certificate request") == true, "\(csrRefused)")
+        #expect(try await enroll(spare, name: "second-try").status == 0)
+
         let stranger = EnrollmentToken.generate(caFingerprint: Array(repeating: 7, count: 32))
         refused(try await enroll(stranger.description, name: "x"), "CA fingerprint")
         refused(try await enroll("not-a-token", name: "x"), "not a Ferry enrollment token")
 
         let hosts = try await f.controller.hosts().map(\.name).sorted()
-        #expect(hosts == ["db", "first", "healthy"])
+        #expect(hosts == ["db", "first", "healthy", "second-try"])
         try await f.stillHealthy()
     }
 }

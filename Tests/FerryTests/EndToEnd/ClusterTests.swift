@@ -1,3 +1,4 @@
+import FerryAgentCore
 import FerryWire
 import Foundation
 import Testing
@@ -38,7 +39,8 @@ struct ClusterTests {
         let audit = try await controller.ctl("audit", "--json")
         let entries = try API.decoder().decode([API.AuditEntry].self, from: Data(audit.stdout.utf8))
         #expect(entries.filter { $0.action == "host.enroll" }.count == 2)
-        #expect(entries.filter { $0.action == "token.create" }.allSatisfy { $0.actor == "api:admin" })
+        let tokenCreations = entries.filter { $0.action == "token.create" }
+        #expect(tokenCreations.count == 2 && tokenCreations.allSatisfy { $0.actor == "api:admin" })
 
         // SIGTERM: each daemon drains and exits 0 within 5 s.
         for agent in [db, web] {
@@ -55,8 +57,8 @@ struct ClusterTests {
     @Test("a silent peer is declared dead within three heartbeats, on both sides, and the agent comes back")
     func heartbeats() async throws {
         let dir = try TestDirectory()
-        let interval = 0.4
-        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--heartbeat-interval", "400ms"])
+        let interval = 1.0
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--heartbeat-interval", "1s"])
         let agent = try await AgentProcess.enrollAndStart("app", controller: controller, in: dir)
         #expect(try await controller.waitFor("app", state: "online"))
 
@@ -65,8 +67,9 @@ struct ClusterTests {
         let frozen = ContinuousClock.now
         #expect(try await controller.waitFor("app", state: "offline", timeout: .seconds(10)))
         let detected = ContinuousClock.now - frozen
-        #expect(detected < .seconds(interval * 3 + 1.5), "detected after \(detected)")
-        #expect(detected >= .seconds(interval * 2), "detected after \(detected)")
+        // Three intervals of silence, checked every half interval; slack for a loaded CI machine.
+        #expect(detected < .seconds(interval * 3 + 2.5), "detected after \(detected)")
+        #expect(detected >= .seconds(interval * 2.5), "detected after \(detected)")
         #expect(controller.process.log.contains("agent presumed dead"))
 
         // Thawed, the agent finds its session gone and reconnects by itself.
@@ -76,7 +79,7 @@ struct ClusterTests {
         // Controller frozen: the agent gives up on the session after three intervals and redials.
         let before = agent.log.components(separatedBy: "presumed dead").count
         controller.process.signal(SIGSTOP)
-        let agentNoticed = await eventually(timeout: .seconds(5)) {
+        let agentNoticed = await eventually(timeout: .seconds(interval * 3 + 3)) {
             agent.log.components(separatedBy: "presumed dead").count > before
         }
         controller.process.signal(SIGCONT)
@@ -97,8 +100,8 @@ struct ClusterTests {
         _ = await first.process.waitForExit(timeout: .seconds(10))
         // Down for a moment, so the agent is mid-backoff when the controller returns.
         try await Task.sleep(for: .seconds(2))
-        let second = try await ControllerProcess.start(dataDir: dataDir, listen: first.agentAddress, logName: "controller-2.log")
         let restarted = ContinuousClock.now
+        let second = try await ControllerProcess.start(dataDir: dataDir, listen: first.agentAddress, logName: "controller-2.log")
         #expect(try await second.waitFor("db", state: "online", timeout: .seconds(10)))
         let back = ContinuousClock.now - restarted
         #expect(back < .seconds(10), "back after \(back)")
@@ -120,12 +123,15 @@ struct ClusterTests {
 
         let removed = try await controller.ctl("host", "remove", "web")
         #expect(removed.status == 0, "\(removed)")
-        #expect(await web.waitForExit(timeout: .seconds(15)) == AgentSessionExit.revoked, "\(web.log)")
+        #expect(await web.waitForExit(timeout: .seconds(15)) == AgentSession.exitCodeRevoked, "\(web.log)")
         #expect(try await controller.host("web") == nil)
+        let audit = try await controller.ctl("audit", "--json")
+        #expect(try API.decoder().decode([API.AuditEntry].self, from: Data(audit.stdout.utf8))
+            .contains { $0.action == "host.remove" && $0.target == "web" && $0.actor == "api:admin" })
 
         // A restart of the revoked agent is refused at once, with a reason.
         let again = try AgentProcess.start(dataDir: dir.path + "/agent-web", logPath: dir.file("web-again.log"))
-        #expect(await again.waitForExit(timeout: .seconds(15)) == AgentSessionExit.revoked)
+        #expect(await again.waitForExit(timeout: .seconds(15)) == AgentSession.exitCodeRevoked)
         #expect(again.log.contains("revoked"), "\(again.log)")
         let metrics = try await controller.ctl("metrics")
         #expect(metrics.stdout.contains("reason=\"revoked\""), "\(metrics.stdout)")
@@ -140,30 +146,58 @@ struct ClusterTests {
     @Test("the agent renews its certificate over the session before it expires and keeps working with the new one")
     func renewal() async throws {
         let dir = try TestDirectory()
-        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--certificate-validity", "12s"])
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--certificate-validity", "20s"])
         let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
         let firstSerial = try #require(try await controller.waitFor("db", state: "online") ? try await controller.host("db")?.certificateSerial : nil)
-        // Renewal is due after two thirds of the 12 s lifetime.
-        let renewed = try await eventually(timeout: .seconds(20), every: .milliseconds(500)) {
+        // Renewal is due after two thirds of the 20 s lifetime.
+        let renewed = try await eventually(timeout: .seconds(25), every: .milliseconds(500)) {
             try await controller.host("db")?.certificateSerial != firstSerial
         }
         #expect(renewed, "\(agent.log)")
         #expect(agent.log.contains("certificate renewed"))
-        // After the first certificate has expired, a fresh connection works with the renewed one.
-        try await Task.sleep(for: .seconds(5))
+        // After the first certificate has expired, a fresh connection works with the renewed one,
+        // and supersedes (revokes) the old one.
+        try await Task.sleep(for: .seconds(8))
         _ = await agent.terminate()
         #expect(try await controller.waitFor("db", state: "offline", timeout: .seconds(5)))
         let restarted = try AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
         #expect(try await controller.waitFor("db", state: "online", timeout: .seconds(10)), "\(restarted.log)")
+        let audit = try await controller.ctl("audit", "--json")
+        let superseded = try API.decoder().decode([API.AuditEntry].self, from: Data(audit.stdout.utf8))
+            .first { $0.action == "host.certificate-superseded" }
+        #expect(superseded?.detail.contains(firstSerial) == true)
         _ = await restarted.terminate()
+    }
+
+    @Test("SIGTERM: the controller says goodbye to live sessions and exits 0 within 5 s; an agent exits 0 within 5 s even while its controller is frozen")
+    func shutdown() async throws {
+        let dir = try TestDirectory()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let db = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
+        let web = try await AgentProcess.enrollAndStart("web", controller: controller, in: dir)
+        #expect(try await controller.waitFor("db", state: "online"))
+        #expect(try await controller.waitFor("web", state: "online"))
+        let (status, took) = await controller.process.terminate()
+        #expect(status == 0, "\(controller.process.log)")
+        #expect(took < .seconds(5), "took \(took)")
+        #expect(await eventually(timeout: .seconds(5)) { db.log.contains("controller shutting down") && web.log.contains("controller shutting down") })
+
+        // A frozen controller: the agent is mid-handshake or waiting for a welcome when SIGTERM comes.
+        let frozen = try await ControllerProcess.start(dataDir: controller.dataDir, listen: controller.agentAddress, logName: "controller-2.log")
+        #expect(try await frozen.waitFor("db", state: "online", timeout: .seconds(10)))
+        frozen.process.signal(SIGSTOP)
+        try await Task.sleep(for: .seconds(1))
+        for agent in [db, web] {
+            let (status, took) = await agent.terminate()
+            #expect(status == 0, "\(agent.log)")
+            #expect(took < .seconds(5), "took \(took)")
+        }
+        frozen.process.signal(SIGCONT)
+        _ = await frozen.process.terminate()
     }
 }
 
-enum AgentSessionExit {
-    static let revoked: Int32 = 3
-}
-
-@Suite("inventory")
+@Suite("inventory", .enabled(if: getuid() == 0, "network namespaces need root"))
 struct InventoryTests {
     @Test("an inventory change on the host reaches the controller by itself, and is audited")
     func inventoryChange() async throws {
