@@ -26,8 +26,8 @@ public enum ConfigText {
                     }
                 }
             }
-            // A file of comments only is an empty document: all defaults.
-            return try YAMLDecoder().decode(T.self, from: document == nil ? "{}" : text)
+            // A file of comments only (or a bare `---`) is an empty document: all defaults.
+            return try YAMLDecoder().decode(T.self, from: document == nil || document?.null != nil ? "{}" : text)
         } catch let error as FerryError {
             throw error
         } catch let error as DecodingError {
