@@ -4,9 +4,9 @@ import NIOCore
 
 /// Reads what this host is from the kernel: /proc, /sys, uname and the interface list.
 public enum InventoryCollector {
-    public static func collect(hostnameOverride: String? = nil) -> Ferry_V1_Inventory {
+    public static func collect() -> Ferry_V1_Inventory {
         var inv = Ferry_V1_Inventory()
-        inv.hostname = hostnameOverride ?? ProcessInfo.processInfo.hostName
+        inv.hostname = ProcessInfo.processInfo.hostName
         inv.osName = osRelease()
         var u = utsname()
         if uname(&u) == 0 {

@@ -2,6 +2,7 @@ import AsyncHTTPClient
 import FerryWire
 import Foundation
 import NIOCore
+import NIOPosix
 import NIOSSL
 
 /// Turns NIO / TLS / HTTP client failures into one line an operator can act on:
@@ -27,34 +28,16 @@ enum TransportErrors {
             return httpClientReason(error)
         case is CancellationError:
             return "cancelled"
+        case let error as NIOConnectionError:
+            // Per-address connect failures say more than the resolver's.
+            if let first = error.connectionErrors.first, depth < 4 {
+                return reason(first.error, host: host, caPath: caPath, depth: depth + 1)
+            }
+            return "cannot resolve '\(host)'"
+        case is SocketAddressError:
+            return "cannot resolve '\(host)'"
         default:
             break
-        }
-        // NIOPosix's connection and resolver errors are not visible to this module (it does not
-        // depend on NIOPosix): look inside them for a known cause, else use their first line.
-        let typeName = String(reflecting: type(of: error))
-        if depth < 4 {
-            // Per-address connect failures (a list) say more than resolver errors: look there first.
-            var singles: [any Error] = []
-            for child in Mirror(reflecting: error).children {
-                if let list = child.value as? [Any] {
-                    for element in list {
-                        for grandchild in Mirror(reflecting: element).children {
-                            if let inner = grandchild.value as? any Error {
-                                return reason(inner, host: host, caPath: caPath, depth: depth + 1)
-                            }
-                        }
-                    }
-                } else if let inner = child.value as? any Error {
-                    singles.append(inner)
-                }
-            }
-            if let inner = singles.first {
-                return reason(inner, host: host, caPath: caPath, depth: depth + 1)
-            }
-        }
-        if typeName.contains("SocketAddressError") || typeName.contains("NIOConnectionError") {
-            return "cannot resolve '\(host)'"
         }
         return firstLine(String(describing: error))
     }

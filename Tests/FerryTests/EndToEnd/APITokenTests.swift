@@ -3,7 +3,7 @@ import Foundation
 import Testing
 
 /// The operator API's bearer tokens and roles, through ferryctl.
-@Suite("operator API tokens and roles")
+@Suite("operator API tokens, roles and ferryctl errors")
 struct APITokenTests {
     @Test("viewer reads, operator operates, admin administers; a removed token stops working; all audited")
     func roles() async throws {
@@ -53,6 +53,29 @@ struct APITokenTests {
         #expect(entries.contains { $0.action == "api-token.create" && $0.target == "bob" && $0.actor == "api:admin" })
         #expect(entries.contains { $0.action == "api-token.remove" && $0.target == "alice" })
         _ = await agent.terminate()
+        _ = await controller.process.terminate()
+    }
+
+    @Test("ferryctl failures are one line and a non-zero exit: no settings, nothing listening, another CA")
+    func ferryctlErrors() async throws {
+        let dir = try TestDirectory()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let api = try #require(controller.apiEnvironment["FERRY_API"])
+        let otherCA = try CertificateAuthority.create(commonName: "Another CA")
+        try PEMFiles.writePublic(try PEMFiles.pem(otherCA.certificate), to: dir.file("other-ca.pem"))
+        let port = try #require(api.split(separator: ":").last)
+        let cases: [(env: [String: String], message: String)] = [
+            (["FERRY_API": "", "FERRY_TOKEN": ""], "FERRY_API"),
+            (["FERRY_API": "https://127.0.0.1:1"], "connection refused"),
+            (["FERRY_CA": dir.file("other-ca.pem")], "not signed by the CA"),
+            (["FERRY_API": "https://127.0.0.2:\(port)"], "cannot reach"),
+        ]
+        for c in cases {
+            let r = try await controller.ctl(["hosts"], environment: c.env)
+            #expect(r.status == 1, "\(c.env): \(r)")
+            let lines = r.stderr.split(separator: "\n")
+            #expect(lines.count == 1 && lines[0].hasPrefix("ferryctl: ") && lines[0].contains(c.message), "\(c.env): \(r)")
+        }
         _ = await controller.process.terminate()
     }
 }

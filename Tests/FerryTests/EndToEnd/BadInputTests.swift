@@ -113,7 +113,7 @@ struct BadInputTests {
         try await f.stillHealthy()
     }
 
-    @Test("client certificates: none, another CA, expired, revoked, another host's")
+    @Test("client certificates: none, another CA, expired, not issued here, revoked, another host's")
     func certificates() async throws {
         let f = try await Fixture.make()
         let hello = Frames.envelope(.hello(f.hello()), id: 1)
@@ -139,6 +139,14 @@ struct BadInputTests {
         let (expiredFrames, expiredResult) = try await f.opensslSend(hello, certificate: expired, key: expiredKey)
         #expect(expiredFrames.isEmpty)
         #expect(expiredResult.stderr.contains("certificate expired"), "\(expiredResult)")
+
+        // Valid and signed by the right CA, but never issued by the controller (someone holding
+        // an operator CA key minted it): refused, since only issued serials count.
+        let mintedKey = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        let minted = try ca.issueHostCertificate(publicKey: mintedKey.publicKey, hostID: f.identity.info.hostID, hostName: "healthy", validity: 3600)
+        let (mintedFrames, _) = try await f.opensslSend(hello, certificate: minted, key: mintedKey)
+        #expect(mintedFrames.first?.error.code == .revoked)
+        #expect(mintedFrames.first?.error.message.contains("not issued by this controller") == true, "\(mintedFrames)")
 
         // Another host's certificate: an agent speaks only for itself.
         let otherDir = f.dir.path + "/agent-other"
@@ -267,13 +275,14 @@ enum RawTCP {
         var buffer = [UInt8](repeating: 0, count: 4096)
         while ContinuousClock.now < deadline {
             var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            // Short polls, yielding between them, so no pool thread is held for long.
-            if poll(&pfd, 1, 50) > 0 {
+            // Non-blocking polls with sleeps between them, so no pool thread is ever held.
+            if poll(&pfd, 1, 0) > 0 {
                 let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
                 if n <= 0 { return (received, true) }
                 received += buffer[0..<n]
+                continue
             }
-            await Task.yield()
+            try? await Task.sleep(for: .milliseconds(20))
         }
         return (received, false)
     }

@@ -67,6 +67,7 @@ struct ClusterTests {
         let frozen = ContinuousClock.now
         #expect(try await controller.waitFor("app", state: "offline", timeout: .seconds(10)))
         let detected = ContinuousClock.now - frozen
+        print("dead agent detected by the controller after \(detected) (heartbeat 1 s)")
         // Three intervals of silence, checked every half interval; slack for a loaded CI machine.
         #expect(detected < .seconds(interval * 3 + 2.5), "detected after \(detected)")
         #expect(detected >= .seconds(interval * 2.5), "detected after \(detected)")
@@ -104,6 +105,7 @@ struct ClusterTests {
         let second = try await ControllerProcess.start(dataDir: dataDir, listen: first.agentAddress, logName: "controller-2.log")
         #expect(try await second.waitFor("db", state: "online", timeout: .seconds(10)))
         let back = ContinuousClock.now - restarted
+        print("agent back online \(back) after the controller restarted (signal \(signal))")
         #expect(back < .seconds(10), "back after \(back)")
         // The same identity: no re-enrollment happened.
         #expect(try await second.hosts().count == 1)
@@ -178,6 +180,7 @@ struct ClusterTests {
         #expect(try await controller.waitFor("db", state: "online"))
         #expect(try await controller.waitFor("web", state: "online"))
         let (status, took) = await controller.process.terminate()
+        print("controller with 2 live sessions exited \(status.map(String.init) ?? "-") \(took) after SIGTERM")
         #expect(status == 0, "\(controller.process.log)")
         #expect(took < .seconds(5), "took \(took)")
         #expect(await eventually(timeout: .seconds(5)) { db.log.contains("controller shutting down") && web.log.contains("controller shutting down") })
@@ -189,6 +192,7 @@ struct ClusterTests {
         try await Task.sleep(for: .seconds(1))
         for agent in [db, web] {
             let (status, took) = await agent.terminate()
+            print("agent exited \(status.map(String.init) ?? "-") \(took) after SIGTERM with its controller frozen")
             #expect(status == 0, "\(agent.log)")
             #expect(took < .seconds(5), "took \(took)")
         }
