@@ -48,8 +48,7 @@ struct APITokenTests {
         // Health needs no token; everything else does.
         #expect(try await controller.ctl(["health"], environment: ["FERRY_TOKEN": "fat_guessed"]).status == 0)
 
-        let audit = try await controller.ctl("audit", "--json")
-        let entries = try API.decoder().decode([API.AuditEntry].self, from: Data(audit.stdout.utf8))
+        let entries = try await controller.audit()
         #expect(entries.contains { $0.action == "api-token.create" && $0.target == "bob" && $0.actor == "api:admin" })
         #expect(entries.contains { $0.action == "api-token.remove" && $0.target == "alice" })
         _ = await agent.terminate()

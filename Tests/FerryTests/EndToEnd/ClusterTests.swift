@@ -36,8 +36,7 @@ struct ClusterTests {
         let refreshed = try await controller.ctl("host", "refresh", "web")
         #expect(refreshed.status == 0, "\(refreshed)")
 
-        let audit = try await controller.ctl("audit", "--json")
-        let entries = try API.decoder().decode([API.AuditEntry].self, from: Data(audit.stdout.utf8))
+        let entries = try await controller.audit()
         #expect(entries.filter { $0.action == "host.enroll" }.count == 2)
         let tokenCreations = entries.filter { $0.action == "token.create" }
         #expect(tokenCreations.count == 2 && tokenCreations.allSatisfy { $0.actor == "api:admin" })
@@ -127,8 +126,7 @@ struct ClusterTests {
         #expect(removed.status == 0, "\(removed)")
         #expect(await web.waitForExit(timeout: .seconds(15)) == AgentSession.exitCodeRevoked, "\(web.log)")
         #expect(try await controller.host("web") == nil)
-        let audit = try await controller.ctl("audit", "--json")
-        #expect(try API.decoder().decode([API.AuditEntry].self, from: Data(audit.stdout.utf8))
+        #expect(try await controller.audit()
             .contains { $0.action == "host.remove" && $0.target == "web" && $0.actor == "api:admin" })
 
         // A restart of the revoked agent is refused at once, with a reason.
@@ -164,8 +162,7 @@ struct ClusterTests {
         #expect(try await controller.waitFor("db", state: "offline", timeout: .seconds(5)))
         let restarted = try AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
         #expect(try await controller.waitFor("db", state: "online", timeout: .seconds(10)), "\(restarted.log)")
-        let audit = try await controller.ctl("audit", "--json")
-        let superseded = try API.decoder().decode([API.AuditEntry].self, from: Data(audit.stdout.utf8))
+        let superseded = try await controller.audit()
             .first { $0.action == "host.certificate-superseded" }
         #expect(superseded?.detail.contains(firstSerial) == true)
         _ = await restarted.terminate()
@@ -223,8 +220,7 @@ struct InventoryTests {
             try await controller.host("app")?.inventory?.interfaces.first { $0.name == "ferry0" }?.addresses == ["198.51.100.7/24"]
         }
         #expect(seen, "\(agent.log)")
-        let audit = try await controller.ctl("audit", "--json")
-        let entries = try API.decoder().decode([API.AuditEntry].self, from: Data(audit.stdout.utf8))
+        let entries = try await controller.audit()
         #expect(entries.filter { $0.action == "host.inventory" && $0.actor == "agent:app" }.count >= 2)
         _ = await agent.terminate()
         _ = await controller.process.terminate()

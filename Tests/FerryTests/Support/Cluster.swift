@@ -82,6 +82,13 @@ final class ControllerProcess: Sendable {
         return try API.decoder().decode([API.Host].self, from: Data(r.stdout.utf8))
     }
 
+    /// The audit log through `ferryctl audit --json`, newest first.
+    func audit() async throws -> [API.AuditEntry] {
+        let r = try await ctl("audit", "--json")
+        guard r.status == 0 else { throw FerryError(.internalError, "audit failed: \(r)") }
+        return try API.decoder().decode([API.AuditEntry].self, from: Data(r.stdout.utf8))
+    }
+
     func host(_ name: String) async throws -> API.Host? {
         try await hosts().first { $0.name == name }
     }
