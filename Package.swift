@@ -48,10 +48,13 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Linux system calls Swift's Glibc module does not expose (fallocate, SEEK_DATA/SEEK_HOLE).
+        .target(name: "CFerrySystem"),
         .target(
             name: "FerryAgentCore",
             dependencies: [
                 "FerryWire",
+                "CFerrySystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

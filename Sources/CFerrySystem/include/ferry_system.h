@@ -1,0 +1,15 @@
+// Linux calls Swift's Glibc module does not expose (they need _GNU_SOURCE).
+#ifndef FERRY_SYSTEM_H
+#define FERRY_SYSTEM_H
+
+#include <sys/types.h>
+
+/// Deallocates [offset, offset+length) so it reads as zeroes; the file size is unchanged.
+/// Returns 0, or -1 with errno set (EOPNOTSUPP where the file system cannot).
+int ferry_punch_hole(int fd, off_t offset, off_t length);
+
+/// lseek(fd, offset, SEEK_DATA) and SEEK_HOLE: -1 with errno ENXIO past the last data.
+off_t ferry_seek_data(int fd, off_t offset);
+off_t ferry_seek_hole(int fd, off_t offset);
+
+#endif

@@ -1,0 +1,141 @@
+import CFerrySystem
+import FerryWire
+import Foundation
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// A protected volume's backing store (an image file or a block device), with every mutation
+/// captured. File I/O runs on a thread pool of its own, never on an event loop.
+public final class BlockVolume: Sendable {
+    public let name: String
+    public let path: String
+    public let size: UInt64
+    private let fd: Int32
+    private let pool: NIOThreadPool
+    private let recorder: any ChangeRecorder
+    /// Held while a mutation is applied and recorded, so the capture order is the disk order
+    /// even when writes to the same bytes are in flight on several connections.
+    private let mutation = Mutex<Void>(())
+
+    /// Opens `path` read-write. The file must exist; its size is the export size.
+    public init(name: String, path: String, recorder: any ChangeRecorder, pool: NIOThreadPool) throws {
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw FerryError(.notFound, "cannot open volume \(name) at \(path): \(String(cString: strerror(errno)))")
+        }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            close(fd)
+            throw FerryError(.io, "cannot stat \(path): \(String(cString: strerror(errno)))")
+        }
+        var size = UInt64(st.st_size)
+        if (st.st_mode & S_IFMT) == S_IFBLK {
+            let end = lseek(fd, 0, SEEK_END)
+            size = end > 0 ? UInt64(end) : 0
+        }
+        self.name = name
+        self.path = path
+        self.size = size
+        self.fd = fd
+        self.pool = pool
+        self.recorder = recorder
+    }
+
+    deinit { close(fd) }
+
+    /// Reads `length` bytes at `offset`.
+    public func read(offset: UInt64, length: Int, allocator: ByteBufferAllocator) async throws -> ByteBuffer {
+        let fd = self.fd
+        return try await pool.runIfActive {
+            var buffer = allocator.buffer(capacity: length)
+            var done = 0
+            while done < length {
+                let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length - done) { ptr in
+                    pread(fd, ptr.baseAddress, length - done, off_t(offset) + off_t(done))
+                }
+                if n < 0 { if errno == EINTR { continue }; throw Self.ioError("read", errno) }
+                if n == 0 {
+                    // Past the end of a file that shrank under us: the rest reads as zeroes.
+                    buffer.writeRepeatingByte(0, count: length - done)
+                    break
+                }
+                done += n
+            }
+            return buffer
+        }
+    }
+
+    /// Writes `data` at `offset`, records it, and (FUA) makes it durable before returning.
+    @discardableResult
+    public func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws -> UInt64 {
+        let fd = self.fd
+        return try await pool.runIfActive {
+            let sequence = try self.mutation.withLock { _ in
+                try data.withUnsafeReadableBytes { bytes in
+                    var done = 0
+                    while done < bytes.count {
+                        let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+                        if n < 0 { if errno == EINTR { continue }; throw Self.ioError("write", errno) }
+                        done += n
+                    }
+                }
+                return self.recorder.append(offset: offset, kind: .write(data))
+            }
+            if fua { try Self.sync(fd) }
+            return sequence
+        }
+    }
+
+    /// Makes `length` bytes at `offset` read as zeroes (punching a hole where the file system
+    /// can), records it, and (FUA) makes it durable.
+    @discardableResult
+    public func zero(offset: UInt64, length: UInt64, fua: Bool) async throws -> UInt64 {
+        let fd = self.fd
+        return try await pool.runIfActive {
+            let sequence = try self.mutation.withLock { _ in
+                if ferry_punch_hole(fd, off_t(offset), off_t(length)) != 0 {
+                    guard errno == EOPNOTSUPP || errno == EINVAL else { throw Self.ioError("zero", errno) }
+                    try Self.writeZeroes(fd, offset: offset, length: length)
+                }
+                return self.recorder.append(offset: offset, kind: .zero(length: length))
+            }
+            if fua { try Self.sync(fd) }
+            return sequence
+        }
+    }
+
+    /// Makes every completed write durable.
+    public func flush() async throws {
+        let fd = self.fd
+        try await pool.runIfActive { try Self.sync(fd) }
+    }
+
+    static func writeZeroes(_ fd: Int32, offset: UInt64, length: UInt64) throws {
+        let zeroes = [UInt8](repeating: 0, count: 1 << 20)
+        var done: UInt64 = 0
+        while done < length {
+            let count = Int(min(UInt64(zeroes.count), length - done))
+            let n = zeroes.withUnsafeBytes { pwrite(fd, $0.baseAddress, count, off_t(offset + done)) }
+            if n < 0 { if errno == EINTR { continue }; throw ioError("zero", errno) }
+            done += UInt64(n)
+        }
+    }
+
+    static func sync(_ fd: Int32) throws {
+        while fdatasync(fd) != 0 {
+            if errno != EINTR { throw ioError("flush", errno) }
+        }
+    }
+
+    static func ioError(_ what: String, _ code: Int32) -> VolumeIOError {
+        VolumeIOError(operation: what, errno: code)
+    }
+}
+
+/// A failed read or write on the backing store, with the errno the NBD client will be told.
+public struct VolumeIOError: Error, CustomStringConvertible {
+    public let operation: String
+    public let errno: Int32
+    public var description: String { "\(operation) failed: \(String(cString: strerror(errno)))" }
+}

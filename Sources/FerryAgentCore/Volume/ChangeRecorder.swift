@@ -1,0 +1,50 @@
+import NIOCore
+import Synchronization
+
+/// One captured mutation of a volume, in the order it reached the backing store.
+public struct VolumeChange: Sendable, Equatable {
+    public enum Kind: Sendable, Equatable {
+        /// Bytes written at `offset`.
+        case write(ByteBuffer)
+        /// `length` bytes from `offset` now read as zeroes (WRITE_ZEROES or TRIM).
+        case zero(length: UInt64)
+    }
+
+    /// Strictly increasing per volume, in completion order.
+    public var sequence: UInt64
+    public var offset: UInt64
+    public var kind: Kind
+
+    public var length: UInt64 {
+        switch kind {
+        case .write(let data): UInt64(data.readableBytes)
+        case .zero(let length): length
+        }
+    }
+}
+
+/// Where a volume's captured mutations go. `append` is called with the volume's mutation lock
+/// held, after the change reached the backing store and before the client is answered, so the
+/// order of sequences is exactly the order of the writes on disk. It must not block for long.
+public protocol ChangeRecorder: Sendable {
+    /// Records `change` and returns the sequence it was given.
+    func append(offset: UInt64, kind: VolumeChange.Kind) -> UInt64
+}
+
+/// Keeps every change in memory: for tests and for tools that replay a capture.
+public final class InMemoryChangeRecorder: ChangeRecorder {
+    private let state = Mutex<(next: UInt64, changes: [VolumeChange])>((1, []))
+
+    public init() {}
+
+    public func append(offset: UInt64, kind: VolumeChange.Kind) -> UInt64 {
+        state.withLock { s in
+            let sequence = s.next
+            s.next += 1
+            s.changes.append(VolumeChange(sequence: sequence, offset: offset, kind: kind))
+            return sequence
+        }
+    }
+
+    public var changes: [VolumeChange] { state.withLock { $0.changes } }
+}
