@@ -2,6 +2,7 @@ import ArgumentParser
 import FerryWire
 import Foundation
 import Logging
+import NIOPosix
 import ServiceLifecycle
 
 /// `ferry-agent`: enroll once, then run.
@@ -113,7 +114,13 @@ public struct AgentCommand: AsyncParsableCommand {
                 try settings.validate()
                 let logger = Logging.make(label: "ferry.agent", level: settings.logLevel)
                 let identity = try AgentIdentity.load(from: settings.dataDir)
-                let session = AgentSession(identity: identity, config: settings, logger: logger)
+                // Volume I/O has threads of its own, never the event loops'.
+                let pool = NIOThreadPool(numberOfThreads: settings.ioThreads)
+                pool.start()
+                let volumes = VolumeManager(dataDir: settings.dataDir, socketDirectory: settings.socketDirectory, pool: pool, logger: logger)
+                // Serve the remembered volumes before the controller is even dialled.
+                await volumes.start()
+                let session = AgentSession(identity: identity, config: settings, logger: logger, volumes: volumes)
                 var groupConfig = ServiceGroupConfiguration(
                     services: [.init(service: session)],
                     gracefulShutdownSignals: [.sigterm, .sigint],
@@ -125,7 +132,11 @@ public struct AgentCommand: AsyncParsableCommand {
                 logger.info("agent starting", metadata: [
                     "host": "\(identity.info.hostName)", "host-id": "\(identity.info.hostID)", "version": "\(FerryVersion.current)",
                 ])
-                try await ServiceGroup(configuration: groupConfig).run()
+                var failure: (any Error)?
+                do { try await ServiceGroup(configuration: groupConfig).run() } catch { failure = error }
+                await volumes.stop()
+                try? await pool.shutdownGracefully()
+                if let failure { throw failure }
                 logger.info("agent stopped")
             }
         }

@@ -16,6 +16,12 @@ public struct AgentConfig: Sendable {
     /// How often the inventory is re-read to report changes.
     public var inventoryInterval: Duration = .seconds(60)
     public var logLevel: String = "info"
+    /// Where each protected volume's NBD socket is made (`NAME.sock`); default `DATA-DIR/sockets`.
+    public var socketDir: String?
+    /// Threads doing volume I/O (pread, pwrite, fdatasync).
+    public var ioThreads: Int = 4
+
+    public var socketDirectory: String { socketDir ?? dataDir + "/sockets" }
 
     public init(dataDir: String) { self.dataDir = dataDir }
 
@@ -27,10 +33,13 @@ public struct AgentConfig: Sendable {
         var reconnectMaxDelay: String?
         var inventoryInterval: String?
         var logLevel: String?
+        var socketDir: String?
+        var ioThreads: Int?
 
         enum CodingKeys: String, CodingKey, CaseIterable {
             case dataDir = "data-dir", controller, name, reconnectInitialDelay = "reconnect-initial-delay"
             case reconnectMaxDelay = "reconnect-max-delay", inventoryInterval = "inventory-interval", logLevel = "log-level"
+            case socketDir = "socket-dir", ioThreads = "io-threads"
         }
     }
 
@@ -43,12 +52,17 @@ public struct AgentConfig: Sendable {
         if let v = f.reconnectMaxDelay { reconnectMaxDelay = try ConfigText.duration(v) }
         if let v = f.inventoryInterval { inventoryInterval = try ConfigText.duration(v) }
         if let v = f.logLevel { logLevel = v }
+        if let v = f.socketDir { socketDir = v }
+        if let v = f.ioThreads { ioThreads = v }
     }
 
     public func validate() throws {
         if let controller { _ = try ConfigText.hostPort(controller) }
         guard reconnectInitialDelay > .zero, reconnectMaxDelay >= reconnectInitialDelay else {
             throw FerryError(.badConfiguration, "reconnect-initial-delay must be positive and not above reconnect-max-delay")
+        }
+        guard (1...64).contains(ioThreads) else {
+            throw FerryError(.badConfiguration, "io-threads must be between 1 and 64")
         }
         guard inventoryInterval >= .seconds(1) else {
             throw FerryError(.badConfiguration, "inventory-interval must be at least 1s")

@@ -20,6 +20,8 @@ public final class AgentSession: Service, Sendable {
     let group: any EventLoopGroup
     let identity: Mutex<AgentIdentity>
     let inventory: @Sendable () -> Ferry_V1_Inventory
+    /// The protected volumes and their exports (nil for simulated agents that protect nothing).
+    let volumes: VolumeManager?
     /// The connection being set up or held, so graceful shutdown can end it at any stage.
     private let current = Mutex<(channel: (any Channel)?, session: PeerSession?)>((nil, nil))
     private let connectedCount = Atomic<Int>(0)
@@ -30,8 +32,10 @@ public final class AgentSession: Service, Sendable {
         config: AgentConfig,
         logger: Logger,
         group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        volumes: VolumeManager? = nil,
         inventory: @escaping @Sendable () -> Ferry_V1_Inventory = { InventoryCollector.collect() }
     ) {
+        self.volumes = volumes
         self.dataDir = config.dataDir
         self.config = config
         self.logger = logger
@@ -53,6 +57,13 @@ public final class AgentSession: Service, Sendable {
                     try await connectOnce { backoff.reset() }
                 } catch let error as FerryError where [.revoked, .unauthenticated, .permissionDenied].contains(error.code) {
                     logger.error("controller refuses this host; re-enroll it", metadata: ["reason": "\(error.message)"])
+                    // Never take a workload's disk away: keep exporting its volumes, unreplicated,
+                    // until the operator stops the agent.
+                    if let volumes, await !volumes.statuses().isEmpty {
+                        logger.error("still exporting this host's volumes locally, without replication, until the agent is stopped")
+                        try? await gracefulShutdown()
+                        return
+                    }
                     throw error
                 } catch {
                     if Task.isShuttingDownGracefully { break }
@@ -164,6 +175,21 @@ public final class AgentSession: Service, Sendable {
                 result.inventory = inventory()
             case .echo(let echo):
                 result.echo = echo
+            case .protectVolume(let protect):
+                do {
+                    guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
+                    result.volumeStatus = try await volumes.protect(protect.volume)
+                } catch let error as FerryError {
+                    result.error = error.wire
+                }
+            case .syncVolumes(let sync):
+                guard let volumes else {
+                    result.error = FerryError(.unsupported, "this agent does not protect volumes").wire
+                    break
+                }
+                var statuses = Ferry_V1_VolumeStatuses()
+                statuses.volumes = await volumes.sync(sync.volumes)
+                result.volumeStatuses = statuses
             case .none:
                 result.error = FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)").wire
             }

@@ -48,3 +48,18 @@ public final class InMemoryChangeRecorder: ChangeRecorder {
 
     public var changes: [VolumeChange] { state.withLock { $0.changes } }
 }
+
+/// Numbers changes without keeping them: the capture order exists from the first write, before
+/// anything streams it (the replication stream attaches its change log here).
+public final class SequenceCounter: ChangeRecorder {
+    private let next = Atomic<UInt64>(1)
+
+    public init(last: UInt64 = 0) { next.store(last + 1, ordering: .relaxed) }
+
+    public func append(offset: UInt64, kind: VolumeChange.Kind) -> UInt64 {
+        next.add(1, ordering: .relaxed).oldValue
+    }
+
+    /// The sequence of the last change, 0 if none yet.
+    public var last: UInt64 { next.load(ordering: .relaxed) - 1 }
+}

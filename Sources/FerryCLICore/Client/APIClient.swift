@@ -151,6 +151,22 @@ public struct APIClient: Sendable {
         _ = try await send(.delete, "\(API.prefix)/api-tokens/\(Self.escape(name))")
     }
 
+    /// `POST /v1/volumes`: protect a volume of a connected host.
+    public func protect(_ request: API.ProtectRequest) async throws -> API.Volume {
+        let body = try API.encoder().encode(request)
+        return try await decode(API.Volume.self, from: send(.post, "\(API.prefix)/volumes", body: body))
+    }
+
+    /// `GET /v1/volumes`.
+    public func volumes() async throws -> [API.Volume] {
+        try await decode([API.Volume].self, from: send(.get, "\(API.prefix)/volumes"))
+    }
+
+    /// `GET /v1/volumes/:host/:name`.
+    public func volume(host: String, name: String) async throws -> API.Volume {
+        try await decode(API.Volume.self, from: send(.get, "\(API.prefix)/volumes/\(Self.escape(host))/\(Self.escape(name))"))
+    }
+
     /// `GET /v1/audit?limit=N`: newest first.
     public func audit(limit: Int) async throws -> [API.AuditEntry] {
         try await decode([API.AuditEntry].self, from: send(.get, "\(API.prefix)/audit?limit=\(limit)"))

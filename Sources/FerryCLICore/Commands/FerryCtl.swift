@@ -20,6 +20,7 @@ public struct FerryCtl: AsyncParsableCommand {
         version: FerryVersion.current,
         subcommands: [
             HostsCommand.self, HostCommand.self,
+            ProtectCommand.self, VolumesCommand.self, VolumeCommand.self,
             TokenCommand.self, TokensCommand.self, APITokenCommand.self, APITokensCommand.self,
             AuditCommand.self, HealthCommand.self, MetricsCommand.self,
         ]

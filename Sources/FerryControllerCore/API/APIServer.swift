@@ -181,6 +181,23 @@ struct APIRoutes {
             try await wrap { try await store.removeAPIToken(name: name, actor: who.actor) }
             return JSONBody(value: ["removed": name])
         }
+        v1.post("volumes") { request, context in
+            let who = try context.require(.operator)
+            let body = try await request.decode(as: API.ProtectRequest.self, context: context)
+            return JSONBody(value: try await wrap { try await protect(body, actor: who.actor) }, status: .created)
+        }
+        v1.get("volumes") { _, context in
+            _ = try context.require(.viewer)
+            return JSONBody(value: try await volumeViews())
+        }
+        v1.get("volumes/:host/:name") { _, context in
+            _ = try context.require(.viewer)
+            let host = try context.parameters.require("host"), name = try context.parameters.require("name")
+            guard let view = try await volumeViews().first(where: { $0.host == host && $0.name == name }) else {
+                throw APIError(error: FerryError(.notFound, "no volume \(host)/\(name); 'ferryctl volumes' lists them"))
+            }
+            return JSONBody(value: view)
+        }
         v1.get("audit") { request, context in
             _ = try context.require(.viewer)
             let limit = request.uri.queryParameters.get("limit", as: Int.self) ?? 100
@@ -191,6 +208,58 @@ struct APIRoutes {
 
     func wrap<T>(_ body: () async throws -> T) async throws -> T {
         do { return try await body() } catch let error as FerryError { throw APIError(error: error) }
+    }
+
+    /// Protects a volume: the agent checks (or creates) the path and exports it first; only
+    /// then is it recorded, so an error leaves nothing behind.
+    func protect(_ body: API.ProtectRequest, actor: String) async throws -> API.Volume {
+        guard VolumeName.isValid(body.volume) else {
+            throw FerryError(.badRequest, "'\(body.volume)' is not a valid volume name (1-63 characters: letters, digits, '.', '-', '_')")
+        }
+        guard body.path.hasPrefix("/") else { throw FerryError(.badRequest, "the path must be absolute, not '\(body.path)'") }
+        guard let host = try await store.host(named: body.host) else {
+            throw FerryError(.notFound, "no host named '\(body.host)'; 'ferryctl hosts' lists them")
+        }
+        try await store.checkNewVolume(hostID: host.id, name: body.volume, path: body.path)
+        guard let entry = await registry.entry(hostID: host.id) else {
+            throw FerryError(.unavailable, "host '\(body.host)' is not connected; it must be online to check the path")
+        }
+        var spec = Ferry_V1_VolumeSpec()
+        spec.name = body.volume
+        spec.path = body.path
+        spec.createSizeBytes = body.createSizeBytes ?? 0
+        var command = Ferry_V1_Command()
+        command.timeoutMs = 30_000
+        command.protectVolume.volume = spec
+        let reply = try await entry.session.request(.command(command), timeout: .seconds(30))
+        guard case .commandResult(let result) = reply.body else {
+            throw FerryError(.protocolViolation, "agent answered protect with \(reply.bodyName)")
+        }
+        switch result.outcome {
+        case .volumeStatus(let status):
+            let record = VolumeRecord(hostID: host.id, name: status.name, path: status.path, sizeBytes: Int64(status.sizeBytes),
+                                      socketPath: status.socketPath, protectedAt: Date())
+            try await store.addVolume(record, hostName: host.name, actor: actor)
+            return API.Volume(host: host.name, name: record.name, path: record.path, sizeBytes: status.sizeBytes, state: "exported",
+                              socketPath: status.socketPath, lastSequence: status.lastSequence, protectedAt: record.protectedAt)
+        case .error(let e):
+            throw FerryError(wire: e)
+        default:
+            throw FerryError(.protocolViolation, "agent answered protect without a volume status")
+        }
+    }
+
+    func volumeViews() async throws -> [API.Volume] {
+        let hosts = Dictionary(uniqueKeysWithValues: try await store.hosts().map { ($0.id, $0) })
+        var views: [API.Volume] = []
+        for v in try await store.volumes() {
+            guard let host = hosts[v.hostID] else { continue }
+            let online = await registry.entry(hostID: v.hostID) != nil
+            views.append(API.Volume(host: host.name, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),
+                                    state: online ? "exported" : "host-offline", socketPath: v.socketPath, lastSequence: nil,
+                                    protectedAt: v.protectedAt))
+        }
+        return views.sorted { ($0.host, $0.name) < ($1.host, $1.name) }
     }
 
     func hostViews() async throws -> [API.Host] {

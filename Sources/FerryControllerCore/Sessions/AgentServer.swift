@@ -253,6 +253,9 @@ public final class AgentServer: Service, Sendable {
         }
         log.info("agent session open", metadata: ["address": "\(session.remoteDescription)", "agent-version": "\(hello.agentVersion)"])
         let state = SessionState(certificate: certificate)
+        // The controller owns the volume list: every session starts by handing it over.
+        let sync = Task { await self.syncVolumes(hostID: hostID, session: session, log: log) }
+        defer { sync.cancel() }
         do {
             try await session.run(inbound: &messages, heartbeatInterval: config.heartbeatInterval, logger: log) { envelope in
                 try await self.handle(envelope, hostID: hostID, hostName: host.name, session: session, state: state, log: log)
@@ -272,6 +275,27 @@ public final class AgentServer: Service, Sendable {
         await registry.unregister(hostID: hostID, session: session)
         metrics.agentsConnected.record(await registry.count)
         try? await store.recordLastSeen([hostID: Date().addingTimeInterval(-session.silence.seconds)])
+    }
+
+    /// Sends the host's complete volume list and records where the agent exports each.
+    func syncVolumes(hostID: String, session: PeerSession, log: Logger) async {
+        do {
+            var sync = Ferry_V1_SyncVolumes()
+            sync.volumes = try await store.volumes(hostID: hostID).map(\.spec)
+            var command = Ferry_V1_Command()
+            command.timeoutMs = 30_000
+            command.syncVolumes = sync
+            let reply = try await session.request(.command(command), timeout: .seconds(30))
+            guard case .commandResult(let result) = reply.body, case .volumeStatuses(let statuses)? = result.outcome else {
+                throw FerryError(.protocolViolation, "agent answered the volume list with \(reply.bodyName)")
+            }
+            for failed in statuses.volumes where !failed.error.isEmpty {
+                log.error("agent cannot serve a protected volume", metadata: ["volume": "\(failed.name)", "error": "\(failed.error)"])
+            }
+            try await store.recordVolumeSockets(hostID: hostID, statuses.volumes)
+        } catch {
+            log.warning("volume list not delivered", metadata: ["error": "\(error)"])
+        }
     }
 
     func admissionWithdrawn(hostID: String, serial: String) async -> FerryError? {

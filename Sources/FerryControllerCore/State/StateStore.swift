@@ -81,6 +81,18 @@ public final class StateStore: Sendable {
                 t.column("detail", .text).notNull()
             }
         }
+        m.registerMigration("v2-volumes") { db in
+            try db.create(table: "volume") { t in
+                t.column("hostID", .text).notNull().references("host")
+                t.column("name", .text).notNull()
+                t.column("path", .text).notNull()
+                t.column("sizeBytes", .integer).notNull()
+                t.column("socketPath", .text)
+                t.column("protectedAt", .datetime).notNull()
+                t.primaryKey(["hostID", "name"])
+                t.uniqueKey(["hostID", "path"])
+            }
+        }
         return m
     }
 
@@ -452,5 +464,64 @@ public struct IssuedCertificate: Sendable {
 public enum HostName {
     public static func isValid(_ name: String) -> Bool {
         (1...63).contains(name.count) && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "." || $0 == "_") }
+    }
+}
+
+// MARK: - Volumes
+
+public struct VolumeRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
+    public static let databaseTableName = "volume"
+    public var hostID: String
+    public var name: String
+    public var path: String
+    public var sizeBytes: Int64
+    public var socketPath: String?
+    public var protectedAt: Date
+
+    var spec: Ferry_V1_VolumeSpec {
+        var s = Ferry_V1_VolumeSpec()
+        s.name = name
+        s.path = path
+        s.sizeBytes = UInt64(sizeBytes)
+        return s
+    }
+}
+
+extension StateStore {
+    /// Refuses a volume name or path this host already protects.
+    public func checkNewVolume(hostID: String, name: String, path: String) async throws {
+        try await pool.read { db in
+            if try VolumeRecord.filter(Column("hostID") == hostID && Column("name") == name).fetchOne(db) != nil {
+                throw FerryError(.conflict, "this host already protects a volume named '\(name)'")
+            }
+            if let other = try VolumeRecord.filter(Column("hostID") == hostID && Column("path") == path).fetchOne(db) {
+                throw FerryError(.conflict, "\(path) is already protected on this host, as volume '\(other.name)'")
+            }
+        }
+    }
+
+    public func addVolume(_ record: VolumeRecord, hostName: String, actor: String) async throws {
+        try await pool.write { db in
+            try record.insert(db)
+            try Self.audit(db, actor: actor, action: "volume.protect", target: "\(hostName)/\(record.name)",
+                           detail: "path=\(record.path) bytes=\(record.sizeBytes)")
+        }
+    }
+
+    public func volumes(hostID: String? = nil) async throws -> [VolumeRecord] {
+        try await pool.read { db in
+            var q = VolumeRecord.order(Column("hostID"), Column("name"))
+            if let hostID { q = q.filter(Column("hostID") == hostID) }
+            return try q.fetchAll(db)
+        }
+    }
+
+    /// Remembers where the agent exports each volume, as it last reported.
+    public func recordVolumeSockets(hostID: String, _ statuses: [Ferry_V1_VolumeStatus]) async throws {
+        try await pool.write { db in
+            for s in statuses where s.error.isEmpty {
+                try db.execute(sql: "UPDATE volume SET socketPath = ? WHERE hostID = ? AND name = ?", arguments: [s.socketPath, hostID, s.name])
+            }
+        }
     }
 }

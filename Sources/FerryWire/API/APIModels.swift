@@ -131,6 +131,38 @@ public enum API {
         public init(name: String, role: String) { self.name = name; self.role = role }
     }
 
+    /// A protected volume. `state` is `exported` while its host is online, `host-offline` otherwise.
+    public struct Volume: Codable, Sendable {
+        public var host: String
+        public var name: String
+        public var path: String
+        public var sizeBytes: UInt64
+        public var state: String
+        /// The agent's NBD socket for the workload: nbd+unix:///NAME?socket=SOCKET
+        public var socketPath: String?
+        /// Sequence of the last captured write, as the agent last reported it.
+        public var lastSequence: UInt64?
+        public var protectedAt: Date
+
+        public init(host: String, name: String, path: String, sizeBytes: UInt64, state: String, socketPath: String?,
+                    lastSequence: UInt64?, protectedAt: Date) {
+            self.host = host; self.name = name; self.path = path; self.sizeBytes = sizeBytes; self.state = state
+            self.socketPath = socketPath; self.lastSequence = lastSequence; self.protectedAt = protectedAt
+        }
+    }
+
+    public struct ProtectRequest: Codable, Sendable {
+        public var host: String
+        public var volume: String
+        public var path: String
+        /// Create a sparse image of this size if the path does not exist.
+        public var createSizeBytes: UInt64?
+
+        public init(host: String, volume: String, path: String, createSizeBytes: UInt64?) {
+            self.host = host; self.volume = volume; self.path = path; self.createSizeBytes = createSizeBytes
+        }
+    }
+
     public struct AuditEntry: Codable, Sendable {
         public var id: Int64
         public var at: Date

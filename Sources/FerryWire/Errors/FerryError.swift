@@ -91,3 +91,11 @@ extension FerryError {
         return e
     }
 }
+
+/// Names of protected volumes: they appear in socket paths, URLs and tables.
+public enum VolumeName {
+    public static func isValid(_ name: String) -> Bool {
+        (1...63).contains(name.count) && !name.hasPrefix(".")
+            && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "." || $0 == "_") }
+    }
+}
