@@ -10,3 +10,46 @@ int ferry_punch_hole(int fd, off_t offset, off_t length) {
 off_t ferry_seek_data(int fd, off_t offset) { return lseek(fd, offset, SEEK_DATA); }
 
 off_t ferry_seek_hole(int fd, off_t offset) { return lseek(fd, offset, SEEK_HOLE); }
+
+static uint32_t crc32c_table[256];
+
+// Filled once at load time, before any thread can use it.
+__attribute__((constructor)) static void crc32c_init_table(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc32c_table[i] = c;
+    }
+}
+
+static uint32_t crc32c_software(uint32_t crc, const unsigned char *p, size_t n) {
+    while (n--) crc = crc32c_table[(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return crc;
+}
+
+#if defined(__x86_64__)
+#include <string.h>
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hardware(uint32_t crc, const unsigned char *p, size_t n) {
+    uint64_t c = crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = __builtin_ia32_crc32di(c, v);
+        p += 8;
+        n -= 8;
+    }
+    uint32_t c32 = (uint32_t)c;
+    while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+    return c32;
+}
+#endif
+
+uint32_t ferry_crc32c(uint32_t crc, const void *data, size_t length) {
+    const unsigned char *p = data;
+    crc = ~crc;
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("sse4.2")) return ~crc32c_hardware(crc, p, length);
+#endif
+    return ~crc32c_software(crc, p, length);
+}

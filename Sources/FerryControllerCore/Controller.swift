@@ -32,11 +32,16 @@ public struct Controller: Sendable {
         let group = MultiThreadedEventLoopGroup.singleton
         let dataDir = config.dataDir
 
-        let agents = AgentServer(config: config, pki: pki, store: store, registry: registry, metrics: metrics, logger: logger, group: group) { address in
+        // Replica file I/O gets threads of its own, never the event loops'.
+        let replicaPool = NIOThreadPool(numberOfThreads: 4)
+        replicaPool.start()
+        let replicas = ReplicaManager(root: config.dataDir + "/replicas", pool: replicaPool)
+        let agents = AgentServer(config: config, pki: pki, store: store, registry: registry, metrics: metrics, logger: logger, group: group,
+                                 replicas: replicas) { address in
             // Tests and scripts read the bound port from here (the configured port may be 0).
             try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/agent-listen.addr")
         }
-        let routes = APIRoutes(store: store, registry: registry, metrics: metrics, pki: pki, agents: agents)
+        let routes = APIRoutes(store: store, registry: registry, metrics: metrics, pki: pki, agents: agents, replicas: replicas)
         let (apiHost, apiPort) = try ConfigText.hostPort(config.apiListen)
         let caPath = pki.caPath
         let logger = self.logger
@@ -71,6 +76,7 @@ public struct Controller: Sendable {
         let services = ServiceGroup(configuration: groupConfig)
         logger.info("controller starting", metadata: ["data-dir": "\(config.dataDir)", "version": "\(FerryVersion.current)"])
         try await services.run()
+        try? await replicaPool.shutdownGracefully()
         logger.info("controller stopped")
     }
 

@@ -2,7 +2,13 @@
 #ifndef FERRY_SYSTEM_H
 #define FERRY_SYSTEM_H
 
+#include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
+
+/// CRC32C (Castagnoli) of `length` bytes, continuing from `crc` (0 to start). Uses the CPU's
+/// crc32 instruction where there is one.
+uint32_t ferry_crc32c(uint32_t crc, const void *data, size_t length);
 
 /// Deallocates [offset, offset+length) so it reads as zeroes; the file size is unchanged.
 /// Returns 0, or -1 with errno set (EOPNOTSUPP where the file system cannot).

@@ -25,6 +25,11 @@ public final class AgentSession: Service, Sendable {
     /// The connection being set up or held, so graceful shutdown can end it at any stage.
     private let current = Mutex<(channel: (any Channel)?, session: PeerSession?)>((nil, nil))
     private let connectedCount = Atomic<Int>(0)
+    /// This connection's replication streamers, one per volume; cancelled when it ends.
+    private let streamers = Mutex<[Task<Void, Never>]>([])
+    /// Largest batch sent at once, and most bytes sent but not yet acked, per volume.
+    static let batchBytes = 4 << 20
+    static let windowBytes = 32 << 20
 
     /// - Parameter inventory: what this host is; the simulated agents of the load test pass their own.
     public init(
@@ -132,6 +137,7 @@ public final class AgentSession: Service, Sendable {
                 throw FerryError(.unavailable, "TLS with controller \(address) failed: \(error)")
             }
             current.withLock { $0.session = session }
+            defer { stopStreaming() }
             connectedCount.add(1, ordering: .relaxed)
             onWelcome()
             let heartbeat = Duration.milliseconds(Int64(max(100, welcome.heartbeatIntervalMs)))
@@ -179,6 +185,8 @@ public final class AgentSession: Service, Sendable {
                 do {
                     guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
                     result.volumeStatus = try await volumes.protect(protect.volume)
+                    // Streams restart from what the controller acked; it ignores duplicates.
+                    await startStreaming(volumes, session: session)
                 } catch let error as FerryError {
                     result.error = error.wire
                 }
@@ -190,16 +198,94 @@ public final class AgentSession: Service, Sendable {
                 var statuses = Ferry_V1_VolumeStatuses()
                 statuses.volumes = await volumes.sync(sync.volumes)
                 result.volumeStatuses = statuses
+                // The controller said where each replica stands: stream from there.
+                await startStreaming(volumes, session: session)
             case .none:
                 result.error = FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)").wire
             }
             try await session.send(.commandResult(result), inReplyTo: envelope.id)
+        case .replicationAck(let ack):
+            await volumes?.acked(volume: ack.volume, epoch: ack.epoch, durable: ack.durableSequence)
         case .error(let e):
             logger.warning("controller reported an error", metadata: ["code": "\(e.code)", "message": "\(e.message)"])
         default:
             if envelope.id != 0 {
                 try await session.send(.error(FerryError(.protocolViolation, "\(envelope.bodyName) is not valid from a controller").wire), inReplyTo: envelope.id)
             }
+        }
+    }
+
+    func startStreaming(_ volumes: VolumeManager, session: PeerSession) async {
+        stopStreaming()
+        let tasks = await volumes.streams().map { stream in
+            Task { await self.stream(stream.name, log: stream.log, after: stream.after, session: session) }
+        }
+        streamers.withLock { $0 = tasks }
+    }
+
+    func stopStreaming() {
+        for task in streamers.withLock({ t in defer { t = [] }; return t }) { task.cancel() }
+    }
+
+    /// Sends a volume's changes in order, in batches, keeping at most `windowBytes` unacked.
+    func stream(_ volume: String, log: ChangeLog, after start: UInt64, session: PeerSession) async {
+        var sent = start
+        var unacked: [(sequence: UInt64, bytes: Int)] = []
+        var unackedBytes = 0
+        while !Task.isCancelled {
+            // What the controller has acked is what the log has trimmed.
+            let acked = (log.firstHeld ?? (sent + 1)) - 1
+            while let first = unacked.first, first.sequence <= acked {
+                unackedBytes -= first.bytes
+                unacked.removeFirst()
+            }
+            if unackedBytes >= Self.windowBytes {
+                try? await Task.sleep(for: .milliseconds(1))
+                continue
+            }
+            if let first = log.firstHeld, first > sent + 1 {
+                // Records the controller lacks are gone (the log overflowed): only a resync helps.
+                logger.error("replication stopped: the change log no longer holds what the controller lacks; the volume needs a resync",
+                             metadata: ["volume": "\(volume)", "controller-has": "\(sent)", "log-starts": "\(first)"])
+                return
+            }
+            let records: [VolumeChange]
+            do {
+                records = try log.records(after: sent, maxBytes: Self.batchBytes)
+            } catch {
+                logger.error("replication stopped", metadata: ["volume": "\(volume)", "error": "\(error)"])
+                return
+            }
+            guard let last = records.last else {
+                if log.overflowed, log.last > sent {
+                    logger.error("replication stopped: the change log overflowed; the volume needs a resync", metadata: ["volume": "\(volume)"])
+                    return
+                }
+                await log.waitForChanges(after: sent)
+                continue
+            }
+            var batch = Ferry_V1_ReplicationBatch()
+            batch.volume = volume
+            batch.epoch = log.epoch
+            batch.records = records.map { change in
+                var r = Ferry_V1_ReplicationRecord()
+                r.sequence = change.sequence
+                r.offset = change.offset
+                switch change.kind {
+                case .write(let data): r.data = Data(data.readableBytesView)
+                case .zero(let length): r.zeroLength = length
+                }
+                return r
+            }
+            do {
+                try await session.send(.replicationBatch(batch))
+            } catch {
+                return
+            }
+            let bytes = records.reduce(0) { $0 + ChangeLog.cost($1) }
+            unacked.append((last.sequence, bytes))
+            unackedBytes += bytes
+            sent = last.sequence
         }
     }
 

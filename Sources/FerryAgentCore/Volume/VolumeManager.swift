@@ -11,7 +11,7 @@ public actor VolumeManager {
     struct Served {
         var spec: Ferry_V1_VolumeSpec
         let volume: BlockVolume
-        let counter: SequenceCounter
+        let log: ChangeLog
         let socket: String
         let server: Task<Void, any Error>
     }
@@ -21,8 +21,15 @@ public actor VolumeManager {
     let pool: NIOThreadPool
     let logger: Logger
     private var served: [String: Served] = [:]
+    /// Per volume, the last sequence of its current epoch the controller holds durably.
+    private var resumeAfter: [String: UInt64] = [:]
+    let changeLogBytes: Int
+    let spillBytes: Int64
 
-    public init(dataDir: String, socketDirectory: String, pool: NIOThreadPool, logger: Logger) {
+    public init(dataDir: String, socketDirectory: String, pool: NIOThreadPool, logger: Logger,
+                changeLogBytes: Int = 64 << 20, spillBytes: Int64 = 1 << 30) {
+        self.changeLogBytes = changeLogBytes
+        self.spillBytes = spillBytes
         listPath = dataDir + "/volumes.json"
         self.socketDirectory = socketDirectory
         self.pool = pool
@@ -69,6 +76,13 @@ public actor VolumeManager {
         }
         var statuses: [Ferry_V1_VolumeStatus] = []
         for spec in specs {
+            if let log = served[spec.name]?.log {
+                // Same epoch: resume after what the controller holds. Otherwise (this agent
+                // restarted, or the replica is new) the controller takes this epoch from its start.
+                resumeAfter[spec.name] = spec.epoch == log.epoch ? spec.durableSequence : 0
+            } else {
+                resumeAfter[spec.name] = 0
+            }
             do {
                 statuses.append(try await protect(spec))
             } catch {
@@ -82,6 +96,20 @@ public actor VolumeManager {
         }
         try? persist()
         return statuses
+    }
+
+    /// What each volume's streamer sends: its log and the sequence to resume after.
+    public func streams() -> [(name: String, log: ChangeLog, after: UInt64)] {
+        served.keys.sorted().compactMap { name in
+            served[name].map { (name, $0.log, resumeAfter[name] ?? 0) }
+        }
+    }
+
+    /// The controller holds everything through `durable` of `epoch`: trim it.
+    public func acked(volume: String, epoch: UInt64, durable: UInt64) {
+        guard let log = served[volume]?.log, log.epoch == epoch else { return }
+        log.trim(through: durable)
+        resumeAfter[volume] = max(resumeAfter[volume] ?? 0, durable)
     }
 
     public func statuses() -> [Ferry_V1_VolumeStatus] {
@@ -103,8 +131,10 @@ public actor VolumeManager {
         }
         guard spec.path.hasPrefix("/") else { throw FerryError(.badRequest, "volume path must be absolute, not '\(spec.path)'") }
         try Self.prepare(path: spec.path, createSize: spec.createSizeBytes)
-        let counter = SequenceCounter()
-        let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: counter, pool: pool)
+        let spillDirectory = (listPath as NSString).deletingLastPathComponent + "/spill"
+        try FileManager.default.createDirectory(atPath: spillDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillDirectory + "/" + spec.name + ".spill", spillBytes: spillBytes)
+        let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: log, pool: pool)
         if spec.createSizeBytes > 0, volume.size != spec.createSizeBytes {
             throw FerryError(.conflict, "\(spec.path) exists with \(volume.size) bytes, not the \(spec.createSizeBytes) asked for")
         }
@@ -121,7 +151,7 @@ public actor VolumeManager {
         recorded.sizeBytes = volume.size
         recorded.createSizeBytes = 0
         logger.info("volume exported", metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "bytes": "\(volume.size)", "socket": "\(socket)"])
-        return Served(spec: recorded, volume: volume, counter: counter, socket: socket, server: task)
+        return Served(spec: recorded, volume: volume, log: log, socket: socket, server: task)
     }
 
     /// Checks the path, making a sparse image when asked and it does not exist yet.
@@ -151,7 +181,8 @@ public actor VolumeManager {
         s.path = entry.spec.path
         s.sizeBytes = entry.volume.size
         s.socketPath = entry.socket
-        s.lastSequence = entry.counter.last
+        s.lastSequence = entry.log.last
+        s.epoch = entry.log.epoch
         return s
     }
 

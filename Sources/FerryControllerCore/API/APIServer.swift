@@ -91,6 +91,7 @@ struct APIRoutes {
     let metrics: ControllerMetrics
     let pki: ControllerPKI
     let agents: AgentServer
+    let replicas: ReplicaManager
 
     func router() -> Router<APIContext> {
         let router = Router(context: APIContext.self)
@@ -239,9 +240,10 @@ struct APIRoutes {
         case .volumeStatus(let status):
             let record = VolumeRecord(hostID: host.id, name: status.name, path: status.path, sizeBytes: Int64(status.sizeBytes),
                                       socketPath: status.socketPath, protectedAt: Date())
+            // The replica exists (sparse) from the start, so the first batch finds it.
+            _ = try await replicas.replica(hostID: host.id, volume: record.name, size: status.sizeBytes)
             try await store.addVolume(record, hostName: host.name, actor: actor)
-            return API.Volume(host: host.name, name: record.name, path: record.path, sizeBytes: status.sizeBytes, state: "exported",
-                              socketPath: status.socketPath, lastSequence: status.lastSequence, protectedAt: record.protectedAt)
+            return try await volumeView(record, hostName: host.name)
         case .error(let e):
             throw FerryError(wire: e)
         default:
@@ -254,12 +256,22 @@ struct APIRoutes {
         var views: [API.Volume] = []
         for v in try await store.volumes() {
             guard let host = hosts[v.hostID] else { continue }
-            let online = await registry.entry(hostID: v.hostID) != nil
-            views.append(API.Volume(host: host.name, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),
-                                    state: online ? "exported" : "host-offline", socketPath: v.socketPath, lastSequence: nil,
-                                    protectedAt: v.protectedAt))
+            views.append(try await volumeView(v, hostName: host.name))
         }
         return views.sorted { ($0.host, $0.name) < ($1.host, $1.name) }
+    }
+
+    func volumeView(_ v: VolumeRecord, hostName: String) async throws -> API.Volume {
+        let online = await registry.entry(hostID: v.hostID) != nil
+        let replica = try await replicas.replica(hostID: v.hostID, volume: v.name, size: UInt64(v.sizeBytes))
+        let state = await replica.state
+        var view = API.Volume(host: hostName, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),
+                              state: online ? "exported" : "host-offline", socketPath: v.socketPath, lastSequence: nil,
+                              protectedAt: v.protectedAt)
+        view.replicaState = state.resyncNeeded ? "resync-needed" : "replicating"
+        view.durableSequence = await replica.durable
+        view.replicaPath = await replica.imagePath
+        return view
     }
 
     func hostViews() async throws -> [API.Host] {

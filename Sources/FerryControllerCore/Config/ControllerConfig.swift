@@ -88,8 +88,8 @@ public struct ControllerConfig: Sendable {
         guard certificateValidity >= .seconds(10) else {
             throw FerryError(.badConfiguration, "certificate-validity must be at least 10s")
         }
-        guard (64 * 1024...256 * 1024 * 1024).contains(maxFrameBytes) else {
-            throw FerryError(.badConfiguration, "max-frame-bytes must be between 64 KiB and 256 MiB")
+        guard (FrameSize.minimumAuthenticated...256 * 1024 * 1024).contains(maxFrameBytes) else {
+            throw FerryError(.badConfiguration, "max-frame-bytes must be between 34 MiB (a 32 MiB write plus framing) and 256 MiB")
         }
     }
 

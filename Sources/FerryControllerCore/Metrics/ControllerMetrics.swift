@@ -13,6 +13,7 @@ public final class ControllerMetrics: Sendable {
     let certificatesRenewed: CoreMetrics.Counter
     let framesReceived: CoreMetrics.Counter
     let apiRequests: CoreMetrics.Counter
+    let replicatedRecords: CoreMetrics.Counter
     private let factory: PrometheusMetricsFactory
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
@@ -26,6 +27,7 @@ public final class ControllerMetrics: Sendable {
         certificatesRenewed = CoreMetrics.Counter(label: "ferry_certificates_renewed_total", factory: factory)
         framesReceived = CoreMetrics.Counter(label: "ferry_session_messages_received_total", factory: factory)
         apiRequests = CoreMetrics.Counter(label: "ferry_api_requests_total", factory: factory)
+        replicatedRecords = CoreMetrics.Counter(label: "ferry_replication_records_total", factory: factory)
     }
 
     /// Counts a refused connection, labelled by why.

@@ -19,12 +19,14 @@ public final class AgentServer: Service, Sendable {
     let metrics: ControllerMetrics
     let logger: Logger
     let group: any EventLoopGroup
+    let replicas: ReplicaManager
     let onBound: @Sendable (SocketAddress) -> Void
     /// Every open connection, authenticated or not, so shutdown can close them all at once.
     let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
 
     init(config: ControllerConfig, pki: ControllerPKI, store: StateStore, registry: SessionRegistry, metrics: ControllerMetrics,
-         logger: Logger, group: any EventLoopGroup, onBound: @escaping @Sendable (SocketAddress) -> Void) {
+         logger: Logger, group: any EventLoopGroup, replicas: ReplicaManager, onBound: @escaping @Sendable (SocketAddress) -> Void) {
+        self.replicas = replicas
         self.config = config
         self.pki = pki
         self.store = store
@@ -281,7 +283,14 @@ public final class AgentServer: Service, Sendable {
     func syncVolumes(hostID: String, session: PeerSession, log: Logger) async {
         do {
             var sync = Ferry_V1_SyncVolumes()
-            sync.volumes = try await store.volumes(hostID: hostID).map(\.spec)
+            for record in try await store.volumes(hostID: hostID) {
+                var spec = record.spec
+                // Where the replica stands, so the agent resumes right after it.
+                let replica = try await replicas.replica(hostID: hostID, volume: record.name, size: UInt64(record.sizeBytes))
+                spec.epoch = await replica.state.epoch
+                spec.durableSequence = await replica.durable
+                sync.volumes.append(spec)
+            }
             var command = Ferry_V1_Command()
             command.timeoutMs = 30_000
             command.syncVolumes = sync
@@ -357,6 +366,25 @@ public final class AgentServer: Service, Sendable {
             } catch let error as FerryError {
                 try await session.send(.error(error.wire), inReplyTo: envelope.id)
             }
+        case .replicationBatch(let batch):
+            let replica: ReplicaStore
+            if let opened = await replicas.opened(hostID: hostID, volume: batch.volume) {
+                replica = opened
+            } else {
+                guard let record = try await store.volumes(hostID: hostID).first(where: { $0.name == batch.volume }) else {
+                    throw FerryError(.protocolViolation, "replication for volume '\(batch.volume)', which this host does not protect")
+                }
+                replica = try await replicas.replica(hostID: hostID, volume: record.name, size: UInt64(record.sizeBytes))
+            }
+            // A gap or a bad record ends the session: the agent reconnects and resumes from the
+            // durable sequence it is told at the next session start.
+            let durable = try await replica.apply(batch)
+            metrics.replicatedRecords.increment(by: batch.records.count)
+            var ack = Ferry_V1_ReplicationAck()
+            ack.volume = batch.volume
+            ack.epoch = batch.epoch
+            ack.durableSequence = durable
+            try await session.send(.replicationAck(ack))
         case .error(let e):
             log.warning("agent reported an error", metadata: ["code": "\(e.code)", "message": "\(e.message)"])
         default:

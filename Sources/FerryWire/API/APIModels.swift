@@ -143,6 +143,13 @@ public enum API {
         /// Sequence of the last captured write, as the agent last reported it.
         public var lastSequence: UInt64?
         public var protectedAt: Date
+        /// `replicating`, or `resync-needed` when writes may be missing from the replica (the
+        /// agent restarted or its change log overflowed); resync arrives with a later release.
+        public var replicaState: String?
+        /// Last sequence of the current capture epoch durable on the controller.
+        public var durableSequence: UInt64?
+        /// The controller's replica image of the volume (latest state).
+        public var replicaPath: String?
 
         public init(host: String, name: String, path: String, sizeBytes: UInt64, state: String, socketPath: String?,
                     lastSequence: UInt64?, protectedAt: Date) {

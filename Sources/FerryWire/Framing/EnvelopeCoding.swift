@@ -36,6 +36,8 @@ extension Ferry_V1_Envelope {
         case .enrollResponse: return "enroll-response"
         case .renewRequest: return "renew-request"
         case .renewResponse: return "renew-response"
+        case .replicationBatch: return "replication-batch"
+        case .replicationAck: return "replication-ack"
         }
     }
 

@@ -17,8 +17,11 @@ public final class FrameLimit: Sendable {
 public enum FrameSize {
     /// Cap before the peer has authenticated (enrollment requests are a few KiB).
     public static let unauthenticated = 64 * 1024
-    /// Default cap for an authenticated session; room for replication batches.
-    public static let defaultAuthenticated = 16 * 1024 * 1024
+    /// Default cap for an authenticated session: a replication batch may carry one 32 MiB write
+    /// (the largest NBD request) plus its envelope.
+    public static let defaultAuthenticated = 40 * 1024 * 1024
+    /// The least an authenticated cap may be set to, for the same reason.
+    public static let minimumAuthenticated = 34 * 1024 * 1024
     /// Bytes of the length prefix.
     public static let headerBytes = 4
 }

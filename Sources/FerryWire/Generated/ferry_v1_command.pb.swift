@@ -194,6 +194,12 @@ public nonisolated struct Ferry_V1_VolumeSpec: Sendable {
   /// The size the controller recorded; the agent refuses a volume whose size changed.
   public var sizeBytes: UInt64 = 0
 
+  /// What the controller's replica holds: the capture epoch and the last durable sequence in
+  /// it. The agent resumes streaming after it (same epoch) or from its own start (new epoch).
+  public var epoch: UInt64 = 0
+
+  public var durableSequence: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -257,6 +263,8 @@ public nonisolated struct Ferry_V1_VolumeStatus: Sendable {
 
   /// Set when the agent could not open or export this volume.
   public var error: String = String()
+
+  public var epoch: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -554,7 +562,7 @@ nonisolated extension Ferry_V1_Echo: SwiftProtobuf.Message, SwiftProtobuf._Messa
 
 nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -566,6 +574,8 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
       case 2: try { try decoder.decodeSingularStringField(value: &self.path) }()
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.createSizeBytes) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.sizeBytes) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.durableSequence) }()
       default: break
       }
     }
@@ -584,6 +594,12 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     if self.sizeBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.sizeBytes, fieldNumber: 4)
     }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 5)
+    }
+    if self.durableSequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.durableSequence, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -592,6 +608,8 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     if lhs.path != rhs.path {return false}
     if lhs.createSizeBytes != rhs.createSizeBytes {return false}
     if lhs.sizeBytes != rhs.sizeBytes {return false}
+    if lhs.epoch != rhs.epoch {return false}
+    if lhs.durableSequence != rhs.durableSequence {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -663,7 +681,7 @@ nonisolated extension Ferry_V1_SyncVolumes: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}size_bytes\0\u{3}socket_path\0\u{3}tcp_address\0\u{3}last_sequence\0\u{1}error\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}size_bytes\0\u{3}socket_path\0\u{3}tcp_address\0\u{3}last_sequence\0\u{1}error\0\u{1}epoch\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -678,6 +696,7 @@ nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobu
       case 5: try { try decoder.decodeSingularStringField(value: &self.tcpAddress) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.lastSequence) }()
       case 7: try { try decoder.decodeSingularStringField(value: &self.error) }()
+      case 8: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       default: break
       }
     }
@@ -705,6 +724,9 @@ nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobu
     if !self.error.isEmpty {
       try visitor.visitSingularStringField(value: self.error, fieldNumber: 7)
     }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -716,6 +738,7 @@ nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobu
     if lhs.tcpAddress != rhs.tcpAddress {return false}
     if lhs.lastSequence != rhs.lastSequence {return false}
     if lhs.error != rhs.error {return false}
+    if lhs.epoch != rhs.epoch {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -145,6 +145,22 @@ public nonisolated struct Ferry_V1_Envelope: Sendable {
     set {body = .renewResponse(newValue)}
   }
 
+  public var replicationBatch: Ferry_V1_ReplicationBatch {
+    get {
+      if case .replicationBatch(let v)? = body {return v}
+      return Ferry_V1_ReplicationBatch()
+    }
+    set {body = .replicationBatch(newValue)}
+  }
+
+  public var replicationAck: Ferry_V1_ReplicationAck {
+    get {
+      if case .replicationAck(let v)? = body {return v}
+      return Ferry_V1_ReplicationAck()
+    }
+    set {body = .replicationAck(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Body: Equatable, Sendable {
@@ -160,6 +176,8 @@ public nonisolated struct Ferry_V1_Envelope: Sendable {
     case enrollResponse(Ferry_V1_EnrollResponse)
     case renewRequest(Ferry_V1_RenewRequest)
     case renewResponse(Ferry_V1_RenewResponse)
+    case replicationBatch(Ferry_V1_ReplicationBatch)
+    case replicationAck(Ferry_V1_ReplicationAck)
 
   }
 
@@ -172,7 +190,7 @@ fileprivate nonisolated let _protobuf_package = "ferry.v1"
 
 nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Envelope"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}in_reply_to\0\u{2}\u{8}hello\0\u{1}welcome\0\u{1}heartbeat\0\u{1}goodbye\0\u{1}error\0\u{3}inventory_update\0\u{1}command\0\u{3}command_result\0\u{3}enroll_request\0\u{3}enroll_response\0\u{3}renew_request\0\u{3}renew_response\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}in_reply_to\0\u{2}\u{8}hello\0\u{1}welcome\0\u{1}heartbeat\0\u{1}goodbye\0\u{1}error\0\u{3}inventory_update\0\u{1}command\0\u{3}command_result\0\u{3}enroll_request\0\u{3}enroll_response\0\u{3}renew_request\0\u{3}renew_response\0\u{4}O\u{1}replication_batch\0\u{3}replication_ack\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -338,6 +356,32 @@ nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._M
           self.body = .renewResponse(v)
         }
       }()
+      case 100: try {
+        var v: Ferry_V1_ReplicationBatch?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .replicationBatch(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .replicationBatch(v)
+        }
+      }()
+      case 101: try {
+        var v: Ferry_V1_ReplicationAck?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .replicationAck(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .replicationAck(v)
+        }
+      }()
       default: break
       }
     }
@@ -402,6 +446,14 @@ nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._M
     case .renewResponse?: try {
       guard case .renewResponse(let v)? = self.body else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+    }()
+    case .replicationBatch?: try {
+      guard case .replicationBatch(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 100)
+    }()
+    case .replicationAck?: try {
+      guard case .replicationAck(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 101)
     }()
     case nil: break
     }

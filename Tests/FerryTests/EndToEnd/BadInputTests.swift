@@ -66,10 +66,10 @@ struct BadInputTests {
         #expect(preAuth.first?.error.message.contains("exceeds the limit") == true)
 
         // Authenticated: hello, an unknown message kind (answered, session goes on), then a
-        // frame over the 16 MiB cap ends the session with a reason.
+        // frame over the 40 MiB cap ends the session with a reason.
         var unknown = Frames.envelope(.hello(f.hello()), id: 1)
         unknown += Frames.raw(Frames.unknownKind(id: 7))
-        unknown += Frames.header(32 << 20)
+        unknown += Frames.header(64 << 20)
         let (session, r1) = try await f.opensslSend(unknown, certificate: f.identity.certificate, key: f.identity.privateKey)
         #expect(session.count == 3, "\(r1)")
         if session.count == 3 {

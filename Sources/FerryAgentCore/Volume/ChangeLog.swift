@@ -1,0 +1,208 @@
+import FerryWire
+import Foundation
+import NIOCore
+import Synchronization
+
+/// A volume's captured changes waiting for the controller's durable ack.
+///
+/// Held in memory up to `memoryBytes`; past that, written data spills to a local file up to
+/// `spillBytes`. Appends never block on the controller and never fail: past both caps the log
+/// drops its records and marks itself overflowed, and the volume needs a resync (a workload is
+/// never held up by a slow or absent controller). Acked records are trimmed.
+public final class ChangeLog: ChangeRecorder {
+    enum Entry {
+        case memory(VolumeChange)
+        /// A write whose bytes are in the spill file at `at`.
+        case spilled(sequence: UInt64, offset: UInt64, length: Int, at: Int64)
+
+        var sequence: UInt64 {
+            switch self {
+            case .memory(let c): c.sequence
+            case .spilled(let sequence, _, _, _): sequence
+            }
+        }
+    }
+
+    struct State {
+        var next: UInt64 = 1
+        var entries: [Entry] = []
+        /// Index of the first entry not yet trimmed (trimmed lazily to keep appends O(1)).
+        var head = 0
+        var memoryUsed = 0
+        var spillUsed: Int64 = 0
+        var spillEnd: Int64 = 0
+        var overflowed = false
+        var waiter: CheckedContinuation<Void, Never>?
+    }
+
+    /// Identifies this run of the capture: sequences start at 1 in each epoch.
+    public let epoch: UInt64
+    public let memoryBytes: Int
+    public let spillBytes: Int64
+    private let spill: Int32
+    private let state = Mutex(State())
+
+    /// - Parameter spillPath: the file to spill to (truncated now); nil keeps everything in memory.
+    public init(memoryBytes: Int = 64 << 20, spillPath: String? = nil, spillBytes: Int64 = 1 << 30,
+                epoch: UInt64 = UInt64.random(in: 1...UInt64.max)) throws {
+        self.memoryBytes = memoryBytes
+        self.epoch = epoch
+        if let spillPath {
+            spill = open(spillPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard spill >= 0 else { throw FerryError(.io, "cannot create change-log spill file \(spillPath): \(String(cString: strerror(errno)))") }
+            self.spillBytes = spillBytes
+        } else {
+            spill = -1
+            self.spillBytes = 0
+        }
+    }
+
+    deinit { if spill >= 0 { close(spill) } }
+
+    public func append(offset: UInt64, kind: VolumeChange.Kind) -> UInt64 {
+        let (sequence, waiter) = state.withLock { s -> (UInt64, CheckedContinuation<Void, Never>?) in
+            let sequence = s.next
+            s.next += 1
+            defer { s.waiter = nil }
+            guard !s.overflowed else { return (sequence, s.waiter) }
+            let change = VolumeChange(sequence: sequence, offset: offset, kind: kind)
+            let size = Self.cost(change)
+            if s.memoryUsed + size <= memoryBytes {
+                s.entries.append(.memory(change))
+                s.memoryUsed += size
+            } else if case .write(let data) = kind, spill >= 0, s.spillUsed + Int64(data.readableBytes) <= spillBytes,
+                      Self.writeSpill(spill, data, at: s.spillEnd) {
+                s.entries.append(.spilled(sequence: sequence, offset: offset, length: data.readableBytes, at: s.spillEnd))
+                s.spillEnd += Int64(data.readableBytes)
+                s.spillUsed += Int64(data.readableBytes)
+            } else if case .zero = kind, s.memoryUsed + size <= memoryBytes + (1 << 20) {
+                // Zeroed ranges carry no data: a little headroom keeps them in memory.
+                s.entries.append(.memory(change))
+                s.memoryUsed += size
+            } else {
+                // Keep counting, stop keeping: the replica must be resynchronised.
+                s.overflowed = true
+                s.entries.removeAll()
+                s.head = 0
+                s.memoryUsed = 0
+                s.spillUsed = 0
+                s.spillEnd = 0
+            }
+            return (sequence, s.waiter)
+        }
+        waiter?.resume()
+        return sequence
+    }
+
+    /// The last sequence given out, 0 if none.
+    public var last: UInt64 { state.withLock { $0.next - 1 } }
+    public var overflowed: Bool { state.withLock { $0.overflowed } }
+    /// Bytes waiting for an ack, in memory and in the spill file.
+    public var pendingBytes: Int64 { state.withLock { Int64($0.memoryUsed) + $0.spillUsed } }
+
+    /// Records after `sequence`, up to about `maxBytes` (at least one if any). Spilled data is
+    /// read back outside the lock, so appends are not held up by it.
+    public func records(after sequence: UInt64, maxBytes: Int) throws -> [VolumeChange] {
+        let picked: [Entry] = state.withLock { s in
+            var out: [Entry] = []
+            var size = 0
+            var i = s.head
+            // Entries are dense and ordered: jump to the first one after `sequence`.
+            if i < s.entries.count, sequence >= s.entries[i].sequence { i += Int(sequence - s.entries[i].sequence + 1) }
+            while i < s.entries.count {
+                let cost = Self.cost(s.entries[i])
+                guard out.isEmpty || size + cost <= maxBytes else { break }
+                out.append(s.entries[i])
+                size += cost
+                i += 1
+            }
+            return out
+        }
+        return try picked.map { entry in
+            switch entry {
+            case .memory(let change):
+                return change
+            case .spilled(let sequence, let offset, let length, let at):
+                var buffer = ByteBuffer()
+                buffer.reserveCapacity(length)
+                let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pread(spill, $0.baseAddress, length, off_t(at)) }
+                guard n == length else { throw FerryError(.io, "change-log spill file read failed: \(String(cString: strerror(errno)))") }
+                return VolumeChange(sequence: sequence, offset: offset, kind: .write(buffer))
+            }
+        }
+    }
+
+    /// The first sequence still held, or nil if none is (all acked, or overflowed).
+    public var firstHeld: UInt64? {
+        state.withLock { $0.head < $0.entries.count ? $0.entries[$0.head].sequence : nil }
+    }
+
+    /// Drops records up to `sequence` once the controller holds them durably.
+    public func trim(through sequence: UInt64) {
+        state.withLock { s in
+            while s.head < s.entries.count, s.entries[s.head].sequence <= sequence {
+                switch s.entries[s.head] {
+                case .memory(let change): s.memoryUsed -= Self.cost(change)
+                case .spilled(_, _, let length, _): s.spillUsed -= Int64(length)
+                }
+                s.head += 1
+            }
+            if s.head == s.entries.count {
+                s.entries.removeAll(keepingCapacity: true)
+                s.head = 0
+                // Nothing spilled is needed any more: reuse the file from its start.
+                if s.spillEnd > 0 {
+                    s.spillEnd = 0
+                    if spill >= 0 { ftruncate(spill, 0) }
+                }
+            } else if s.head > 4096, s.head * 2 > s.entries.count {
+                s.entries.removeFirst(s.head)
+                s.head = 0
+            }
+        }
+    }
+
+    /// Waits until a change after `sequence` exists, or the task is cancelled. One waiter at a
+    /// time (the volume's streamer).
+    public func waitForChanges(after sequence: UInt64) async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let ready = state.withLock { s -> Bool in
+                    if s.next - 1 > sequence || Task.isCancelled { return true }
+                    s.waiter?.resume()
+                    s.waiter = c
+                    return false
+                }
+                if ready { c.resume() }
+            }
+        } onCancel: {
+            state.withLock { s in defer { s.waiter = nil }; return s.waiter }?.resume()
+        }
+    }
+
+    static func writeSpill(_ fd: Int32, _ data: ByteBuffer, at: Int64) -> Bool {
+        data.withUnsafeReadableBytes { bytes in
+            var done = 0
+            while done < bytes.count {
+                let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(at) + off_t(done))
+                if n < 0 { if errno == EINTR { continue }; return false }
+                done += n
+            }
+            return true
+        }
+    }
+
+    static func cost(_ change: VolumeChange) -> Int {
+        switch change.kind {
+        case .write(let data): 48 + data.readableBytes
+        case .zero: 48
+        }
+    }
+
+    static func cost(_ entry: Entry) -> Int {
+        switch entry {
+        case .memory(let change): cost(change)
+        case .spilled(_, _, let length, _): 48 + length
+        }
+    }
+}
