@@ -271,6 +271,7 @@ public final class AgentSession: Service, Sendable {
                 var r = Ferry_V1_ReplicationRecord()
                 r.sequence = change.sequence
                 r.offset = change.offset
+                r.capturedUnixNanos = change.captured
                 switch change.kind {
                 case .write(let data): r.data = Data(data.readableBytesView)
                 case .zero(let length): r.zeroLength = length

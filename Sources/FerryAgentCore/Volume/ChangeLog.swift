@@ -13,12 +13,12 @@ public final class ChangeLog: ChangeRecorder {
     enum Entry {
         case memory(VolumeChange)
         /// A write whose bytes are in the spill file at `at`.
-        case spilled(sequence: UInt64, offset: UInt64, length: Int, at: Int64)
+        case spilled(sequence: UInt64, offset: UInt64, length: Int, at: Int64, captured: Int64)
 
         var sequence: UInt64 {
             switch self {
             case .memory(let c): c.sequence
-            case .spilled(let sequence, _, _, _): sequence
+            case .spilled(let sequence, _, _, _, _): sequence
             }
         }
     }
@@ -60,19 +60,20 @@ public final class ChangeLog: ChangeRecorder {
     deinit { if spill >= 0 { close(spill) } }
 
     public func append(offset: UInt64, kind: VolumeChange.Kind) -> UInt64 {
+        let captured = Self.now()
         let (sequence, waiter) = state.withLock { s -> (UInt64, CheckedContinuation<Void, Never>?) in
             let sequence = s.next
             s.next += 1
             defer { s.waiter = nil }
             guard !s.overflowed else { return (sequence, s.waiter) }
-            let change = VolumeChange(sequence: sequence, offset: offset, kind: kind)
+            let change = VolumeChange(sequence: sequence, offset: offset, kind: kind, captured: captured)
             let size = Self.cost(change)
             if s.memoryUsed + size <= memoryBytes {
                 s.entries.append(.memory(change))
                 s.memoryUsed += size
             } else if case .write(let data) = kind, spill >= 0, s.spillUsed + Int64(data.readableBytes) <= spillBytes,
                       Self.writeSpill(spill, data, at: s.spillEnd) {
-                s.entries.append(.spilled(sequence: sequence, offset: offset, length: data.readableBytes, at: s.spillEnd))
+                s.entries.append(.spilled(sequence: sequence, offset: offset, length: data.readableBytes, at: s.spillEnd, captured: captured))
                 s.spillEnd += Int64(data.readableBytes)
                 s.spillUsed += Int64(data.readableBytes)
             } else if case .zero = kind, s.memoryUsed + size <= memoryBytes + (1 << 20) {
@@ -122,12 +123,12 @@ public final class ChangeLog: ChangeRecorder {
             switch entry {
             case .memory(let change):
                 return change
-            case .spilled(let sequence, let offset, let length, let at):
+            case .spilled(let sequence, let offset, let length, let at, let captured):
                 var buffer = ByteBuffer()
                 buffer.reserveCapacity(length)
                 let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pread(spill, $0.baseAddress, length, off_t(at)) }
                 guard n == length else { throw FerryError(.io, "change-log spill file read failed: \(String(cString: strerror(errno)))") }
-                return VolumeChange(sequence: sequence, offset: offset, kind: .write(buffer))
+                return VolumeChange(sequence: sequence, offset: offset, kind: .write(buffer), captured: captured)
             }
         }
     }
@@ -143,7 +144,7 @@ public final class ChangeLog: ChangeRecorder {
             while s.head < s.entries.count, s.entries[s.head].sequence <= sequence {
                 switch s.entries[s.head] {
                 case .memory(let change): s.memoryUsed -= Self.cost(change)
-                case .spilled(_, _, let length, _): s.spillUsed -= Int64(length)
+                case .spilled(_, _, let length, _, _): s.spillUsed -= Int64(length)
                 }
                 s.head += 1
             }
@@ -180,6 +181,12 @@ public final class ChangeLog: ChangeRecorder {
         }
     }
 
+    static func now() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+    }
+
     static func writeSpill(_ fd: Int32, _ data: ByteBuffer, at: Int64) -> Bool {
         data.withUnsafeReadableBytes { bytes in
             var done = 0
@@ -202,7 +209,7 @@ public final class ChangeLog: ChangeRecorder {
     static func cost(_ entry: Entry) -> Int {
         switch entry {
         case .memory(let change): cost(change)
-        case .spilled(_, _, let length, _): 48 + length
+        case .spilled(_, _, let length, _, _): 48 + length
         }
     }
 }

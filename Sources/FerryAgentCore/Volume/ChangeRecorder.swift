@@ -14,6 +14,8 @@ public struct VolumeChange: Sendable, Equatable {
     public var sequence: UInt64
     public var offset: UInt64
     public var kind: Kind
+    /// Wall-clock capture time, Unix nanoseconds (replication lag is measured from it).
+    public var captured: Int64 = 0
 
     public var length: UInt64 {
         switch kind {

@@ -14,11 +14,19 @@ public final class ControllerMetrics: Sendable {
     let framesReceived: CoreMetrics.Counter
     let apiRequests: CoreMetrics.Counter
     let replicatedRecords: CoreMetrics.Counter
+    /// From capture on the agent to durable on the controller, for the newest record of each batch.
+    let replicationLag: CoreMetrics.Timer
     private let factory: PrometheusMetricsFactory
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
-        factory = PrometheusMetricsFactory(registry: registry)
+        var factory = PrometheusMetricsFactory(registry: registry)
+        // Replication lag is a sub-second figure: buckets from 1 ms up.
+        factory.durationHistogramBuckets["ferry_replication_lag_seconds"] = [
+            .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(20), .milliseconds(50),
+            .milliseconds(100), .milliseconds(200), .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10), .seconds(30),
+        ]
+        self.factory = factory
         agentsConnected = CoreMetrics.Gauge(label: "ferry_agents_connected", factory: factory)
         sessionsOpened = CoreMetrics.Counter(label: "ferry_sessions_opened_total", factory: factory)
         heartbeatsMissed = CoreMetrics.Counter(label: "ferry_sessions_dead_peer_total", factory: factory)
@@ -28,6 +36,7 @@ public final class ControllerMetrics: Sendable {
         framesReceived = CoreMetrics.Counter(label: "ferry_session_messages_received_total", factory: factory)
         apiRequests = CoreMetrics.Counter(label: "ferry_api_requests_total", factory: factory)
         replicatedRecords = CoreMetrics.Counter(label: "ferry_replication_records_total", factory: factory)
+        replicationLag = CoreMetrics.Timer(label: "ferry_replication_lag_seconds", factory: factory)
     }
 
     /// Counts a refused connection, labelled by why.

@@ -380,6 +380,10 @@ public final class AgentServer: Service, Sendable {
             // durable sequence it is told at the next session start.
             let durable = try await replica.apply(batch)
             metrics.replicatedRecords.increment(by: batch.records.count)
+            if let newest = batch.records.last, newest.capturedUnixNanos > 0 {
+                let lag = Int64(Date().timeIntervalSince1970 * 1e9) - newest.capturedUnixNanos
+                metrics.replicationLag.recordNanoseconds(max(0, lag))
+            }
             var ack = Ferry_V1_ReplicationAck()
             ack.volume = batch.volume
             ack.epoch = batch.epoch

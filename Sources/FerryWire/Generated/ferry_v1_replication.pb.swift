@@ -43,6 +43,9 @@ public nonisolated struct Ferry_V1_ReplicationRecord: Sendable {
   /// For a zeroed range (WRITE_ZEROES, TRIM): its length. Zero for a write.
   public var zeroLength: UInt64 = 0
 
+  /// When the agent captured it (Unix time, nanoseconds): replication lag is measured from here.
+  public var capturedUnixNanos: Int64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -90,7 +93,7 @@ fileprivate nonisolated let _protobuf_package = "ferry.v1"
 
 nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReplicationRecord"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sequence\0\u{1}offset\0\u{1}data\0\u{3}zero_length\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sequence\0\u{1}offset\0\u{1}data\0\u{3}zero_length\0\u{3}captured_unix_nanos\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -102,6 +105,7 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.offset) }()
       case 3: try { try decoder.decodeSingularBytesField(value: &self.data) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.zeroLength) }()
+      case 5: try { try decoder.decodeSingularInt64Field(value: &self.capturedUnixNanos) }()
       default: break
       }
     }
@@ -120,6 +124,9 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
     if self.zeroLength != 0 {
       try visitor.visitSingularUInt64Field(value: self.zeroLength, fieldNumber: 4)
     }
+    if self.capturedUnixNanos != 0 {
+      try visitor.visitSingularInt64Field(value: self.capturedUnixNanos, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -128,6 +135,7 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
     if lhs.offset != rhs.offset {return false}
     if lhs.data != rhs.data {return false}
     if lhs.zeroLength != rhs.zeroLength {return false}
+    if lhs.capturedUnixNanos != rhs.capturedUnixNanos {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

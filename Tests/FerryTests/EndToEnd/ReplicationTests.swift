@@ -44,6 +44,10 @@ struct ReplicationTests {
         #expect(try await converged(image, replica), "\(agent.log)")
         info = try await volume(controller)
         #expect(info.replicaState == "replicating" && (info.durableSequence ?? 0) > 8000)
+        // Lag is measured from capture on the agent to durable on the controller.
+        let metrics = try await controller.ctl("metrics")
+        let count = metrics.stdout.split(separator: "\n").first { $0.hasPrefix("ferry_replication_lag_seconds_count") }
+        #expect(count.flatMap { Double($0.split(separator: " ").last ?? "") }.map { $0 > 0 } == true, "\(metrics.stdout)")
 
         // The controller dies twice in the middle of a run; the agent resumes after the last
         // durable record each time, and nothing acked is lost.
