@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Ferry's benchmark: in one invocation, fio through nbdkit's file plugin (the baseline) and fio
+# through the Ferry agent's export while it replicates to a controller on the same machine.
+# Volumes, journal and replica live on tmpfs, so software is measured, not the disk.
+# Prints a table of ratios agent / nbdkit and the replication lag p50 / p99.
+#
+#   ./deploy/bench.sh                       # 1 GiB volume, 15 s per fio run
+#   FERRY_BENCH_SIZE=2G FERRY_BENCH_RUNTIME=30 ./deploy/bench.sh
+#
+# Needs root (tmpfs mount). A benchmark, not a test: figures vary from machine to machine.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+size="${FERRY_BENCH_SIZE:-1G}"
+runtime="${FERRY_BENCH_RUNTIME:-15}"
+
+log() { printf 'bench.sh: %s\n' "$*" >&2; }
+die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || die "run as root (the volumes go on a tmpfs mounted here)"
+
+./deploy/install-deps.sh >&2
+log "building (release)"
+swift build -c release >&2 || die "swift build failed"
+bin="$(swift build -c release --show-bin-path)"
+
+work="$(mktemp -d /tmp/ferry-bench.XXXXXX)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  umount "$work" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+mount -t tmpfs -o size=8G ferry-bench "$work"
+mkdir -p "$work/results"
+
+wait_for() { # wait_for SECONDS COMMAND...
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do [ "$SECONDS" -lt "$deadline" ] || return 1; sleep 0.2; done
+}
+
+run_fio() { # run_fio URI RW BS OUTPUT
+  fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --size="$size" --iodepth=16 \
+      --time_based --runtime="${runtime}s" --output-format=json --output="$work/results/$4" >&2 \
+      || die "fio $2 $3 failed"
+}
+
+log "baseline: nbdkit file plugin on tmpfs"
+truncate -s "$size" "$work/base.img"
+nbdkit --foreground --unix "$work/nbdkit.sock" file file="$work/base.img" &
+pids+=($!)
+wait_for 10 test -S "$work/nbdkit.sock" || die "nbdkit did not start"
+run_fio "nbd+unix:///?socket=$work/nbdkit.sock" write 1M nbdkit-seq.json
+run_fio "nbd+unix:///?socket=$work/nbdkit.sock" randwrite 4k nbdkit-rand.json
+kill "${pids[0]}"; rm -f "$work/base.img"
+
+log "ferry: controller and agent on this machine, replicating"
+"$bin/ferry-controller" --data-dir "$work/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 >"$work/controller.log" 2>&1 &
+pids+=($!)
+wait_for 30 test -f "$work/controller/ferryctl.env" || die "controller did not start"
+# shellcheck disable=SC1091
+. "$work/controller/ferryctl.env"
+token="$("$bin/ferryctl" token create --host bench 2>/dev/null)"
+FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$work/controller/agent-listen.addr")" \
+  --data-dir "$work/agent" >/dev/null || die "enroll failed"
+"$bin/ferry-agent" run --data-dir "$work/agent" >"$work/agent.log" 2>&1 &
+pids+=($!)
+wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q 'bench .*online'" || die "agent did not come online"
+"$bin/ferryctl" protect bench --volume bench --path "$work/vol.img" --create-size "$size" >&2 || die "protect failed"
+uri="nbd+unix:///bench?socket=$work/agent/sockets/bench.sock"
+"$bin/ferryctl" metrics >"$work/results/metrics-before.txt"
+run_fio "$uri" write 1M agent-seq.json
+run_fio "$uri" randwrite 4k agent-rand.json
+sleep 2
+"$bin/ferryctl" metrics >"$work/results/metrics-after.txt"
+if qemu-img compare -q -f raw -F raw "$work/vol.img" "$("$bin/ferryctl" volume show bench/bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["replicaPath"])')"; then
+  log "replica identical to the source after the runs"
+else
+  log "WARNING: replica differs from the source after the runs"
+fi
+
+echo
+echo "Ferry benchmark: ${size} volume, ${runtime} s per run, iodepth 16, volumes and journal on tmpfs"
+"$bin/ferry-bench" --results "$work/results"
