@@ -72,14 +72,8 @@ public final class BlockVolume: Sendable {
         let fd = self.fd
         return try await pool.runIfActive {
             let sequence = try self.mutation.withLock { _ in
-                try data.withUnsafeReadableBytes { bytes in
-                    var done = 0
-                    while done < bytes.count {
-                        let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-                        if n < 0 { if errno == EINTR { continue }; throw Self.ioError("write", errno) }
-                        done += n
-                    }
-                }
+                let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: offset) }
+                if failed != 0 { throw Self.ioError("write", failed) }
                 return self.recorder.append(offset: offset, kind: .write(data))
             }
             if fua { try Self.sync(fd) }
@@ -116,9 +110,9 @@ public final class BlockVolume: Sendable {
         var done: UInt64 = 0
         while done < length {
             let count = Int(min(UInt64(zeroes.count), length - done))
-            let n = zeroes.withUnsafeBytes { pwrite(fd, $0.baseAddress, count, off_t(offset + done)) }
-            if n < 0 { if errno == EINTR { continue }; throw ioError("zero", errno) }
-            done += UInt64(n)
+            let failed = zeroes.withUnsafeBytes { FileIO.writeAll(fd, UnsafeRawBufferPointer(rebasing: $0[..<count]), at: offset + done) }
+            if failed != 0 { throw ioError("zero", failed) }
+            done += UInt64(count)
         }
     }
 

@@ -188,15 +188,7 @@ public final class ChangeLog: ChangeRecorder {
     }
 
     static func writeSpill(_ fd: Int32, _ data: ByteBuffer, at: Int64) -> Bool {
-        data.withUnsafeReadableBytes { bytes in
-            var done = 0
-            while done < bytes.count {
-                let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(at) + off_t(done))
-                if n < 0 { if errno == EINTR { continue }; return false }
-                done += n
-            }
-            return true
-        }
+        data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: UInt64(at)) } == 0
     }
 
     static func cost(_ change: VolumeChange) -> Int {

@@ -204,25 +204,13 @@ public actor ReplicaStore {
             }
             return
         }
-        try r.data.withUnsafeBytes { bytes in
-            var done = 0
-            while done < bytes.count {
-                let n = pwrite(image, bytes.baseAddress! + done, bytes.count - done, off_t(r.offset) + off_t(done))
-                if n < 0 { if errno == EINTR { continue }; throw FerryError(.io, "replica write failed: \(String(cString: strerror(errno)))") }
-                done += n
-            }
-        }
+        let failed = r.data.withUnsafeBytes { FileIO.writeAll(image, $0, at: r.offset) }
+        if failed != 0 { throw FerryError(.io, "replica write failed: \(String(cString: strerror(failed)))") }
     }
 
     static func writeAll(_ fd: Int32, _ buffer: ByteBuffer) throws {
-        try buffer.withUnsafeReadableBytes { bytes in
-            var done = 0
-            while done < bytes.count {
-                let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
-                if n < 0 { if errno == EINTR { continue }; throw FerryError(.io, "journal write failed: \(String(cString: strerror(errno)))") }
-                done += n
-            }
-        }
+        let failed = buffer.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: nil) }
+        if failed != 0 { throw FerryError(.io, "journal write failed: \(String(cString: strerror(failed)))") }
     }
 }
 

@@ -67,16 +67,11 @@ public enum PEMFiles {
         // The umask may have narrowed the mode; never widen a secret's, only set it exactly.
         fchmod(fd, mode)
         let bytes = Array(text.utf8)
-        var written = 0
-        while written < bytes.count {
-            let n = bytes[written...].withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                let message = String(cString: strerror(errno))
-                close(fd)
-                throw FerryError(.io, "cannot write \(tmp): \(message)")
-            }
-            written += n
+        let failed = bytes.withUnsafeBytes { FileIO.writeAll(fd, $0, at: 0) }
+        if failed != 0 {
+            close(fd)
+            unlink(tmp)
+            throw FerryError(.io, "cannot write \(tmp): \(String(cString: strerror(failed)))")
         }
         let synced = fsync(fd) == 0
         let closed = close(fd) == 0
