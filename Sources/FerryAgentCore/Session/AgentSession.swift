@@ -216,15 +216,20 @@ public final class AgentSession: Service, Sendable {
     }
 
     func startStreaming(_ volumes: VolumeManager, session: PeerSession) async {
-        stopStreaming()
+        // The old streamers must be gone before the new ones send, or a batch of theirs still
+        // being written could arrive after a new, earlier one.
+        for old in stopStreaming() { await old.value }
         let tasks = await volumes.streams().map { stream in
             Task { await self.stream(stream.name, log: stream.log, after: stream.after, session: session) }
         }
         streamers.withLock { $0 = tasks }
     }
 
-    func stopStreaming() {
-        for task in streamers.withLock({ t in defer { t = [] }; return t }) { task.cancel() }
+    @discardableResult
+    func stopStreaming() -> [Task<Void, Never>] {
+        let tasks = streamers.withLock { t in defer { t = [] }; return t }
+        for task in tasks { task.cancel() }
+        return tasks
     }
 
     /// Sends a volume's changes in order, in batches, keeping at most `windowBytes` unacked.
@@ -233,8 +238,10 @@ public final class AgentSession: Service, Sendable {
         var unacked: [(sequence: UInt64, bytes: Int)] = []
         var unackedBytes = 0
         while !Task.isCancelled {
-            // What the controller has acked is what the log has trimmed.
-            let acked = (log.firstHeld ?? (sent + 1)) - 1
+            // Acks may have overtaken the resume point (batches of an earlier streamer): what
+            // the controller holds need not be sent again.
+            let acked = log.ackedThrough
+            sent = max(sent, acked)
             while let first = unacked.first, first.sequence <= acked {
                 unackedBytes -= first.bytes
                 unacked.removeFirst()

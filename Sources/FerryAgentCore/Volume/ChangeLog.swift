@@ -32,6 +32,8 @@ public final class ChangeLog: ChangeRecorder {
         var spillUsed: Int64 = 0
         var spillEnd: Int64 = 0
         var overflowed = false
+        /// The highest sequence the controller has acked as durable.
+        var acked: UInt64 = 0
         var waiter: CheckedContinuation<Void, Never>?
     }
 
@@ -138,9 +140,13 @@ public final class ChangeLog: ChangeRecorder {
         state.withLock { $0.head < $0.entries.count ? $0.entries[$0.head].sequence : nil }
     }
 
+    /// The highest sequence the controller holds durably (0 if none acked yet).
+    public var ackedThrough: UInt64 { state.withLock { $0.acked } }
+
     /// Drops records up to `sequence` once the controller holds them durably.
     public func trim(through sequence: UInt64) {
         state.withLock { s in
+            s.acked = max(s.acked, sequence)
             while s.head < s.entries.count, s.entries[s.head].sequence <= sequence {
                 switch s.entries[s.head] {
                 case .memory(let change): s.memoryUsed -= Self.cost(change)

@@ -95,4 +95,29 @@ struct ReplicationTests {
         _ = await again.terminate()
         _ = await controller.process.terminate()
     }
+
+    @Test("a second volume protected while the first streams: both replicas converge")
+    func twoVolumes() async throws {
+        let dir = try TestDirectory()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
+        #expect(try await controller.waitFor("db", state: "online"))
+        let volumes = dir.sub("volumes")
+        #expect(try await controller.ctl("protect", "db", "--volume", "data", "--path", volumes + "/data.img", "--create-size", "64M").status == 0)
+        let data = try await volume(controller)
+        async let load = fio("nbd+unix:///data?socket=\(try #require(data.socketPath))", "randwrite", bs: "8k", size: "48M", seconds: 3)
+        try await Task.sleep(for: .seconds(1))
+        let second = try await controller.ctl("protect", "db", "--volume", "logs", "--path", volumes + "/logs.img", "--create-size", "16M")
+        #expect(second.status == 0, "\(second)")
+        let logsInfo = try API.decoder().decode(API.Volume.self, from: Data(try await controller.ctl("volume", "show", "db/logs", "--json").stdout.utf8))
+        let wrote = try await run("/usr/bin/qemu-io", ["-f", "raw", "nbd+unix:///logs?socket=\(try #require(logsInfo.socketPath))", "-c", "write -P 0x6c 0 4M"])
+        #expect(wrote.status == 0, "\(wrote)")
+        #expect(try await load.status == 0)
+        #expect(try await converged(volumes + "/data.img", try #require(data.replicaPath)), "\(agent.log)")
+        #expect(try await converged(volumes + "/logs.img", try #require(logsInfo.replicaPath)), "\(agent.log)")
+        // No gap was ever seen: the session was never torn down for it.
+        #expect(!controller.process.log.contains("replication gap"))
+        _ = await agent.terminate()
+        _ = await controller.process.terminate()
+    }
 }
