@@ -100,8 +100,6 @@ public final class ChangeLog: ChangeRecorder {
     /// The last sequence given out, 0 if none.
     public var last: UInt64 { state.withLock { $0.next - 1 } }
     public var overflowed: Bool { state.withLock { $0.overflowed } }
-    /// Bytes waiting for an ack, in memory and in the spill file.
-    public var pendingBytes: Int64 { state.withLock { Int64($0.memoryUsed) + $0.spillUsed } }
 
     /// Records after `sequence`, up to about `maxBytes` (at least one if any). Spilled data is
     /// read back outside the lock, so appends are not held up by it.

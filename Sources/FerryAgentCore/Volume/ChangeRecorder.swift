@@ -16,13 +16,6 @@ public struct VolumeChange: Sendable, Equatable {
     public var kind: Kind
     /// Wall-clock capture time, Unix nanoseconds (replication lag is measured from it).
     public var captured: Int64 = 0
-
-    public var length: UInt64 {
-        switch kind {
-        case .write(let data): UInt64(data.readableBytes)
-        case .zero(let length): length
-        }
-    }
 }
 
 /// Where a volume's captured mutations go. `append` is called with the volume's mutation lock
@@ -51,17 +44,3 @@ public final class InMemoryChangeRecorder: ChangeRecorder {
     public var changes: [VolumeChange] { state.withLock { $0.changes } }
 }
 
-/// Numbers changes without keeping them: the capture order exists from the first write, before
-/// anything streams it (the replication stream attaches its change log here).
-public final class SequenceCounter: ChangeRecorder {
-    private let next = Atomic<UInt64>(1)
-
-    public init(last: UInt64 = 0) { next.store(last + 1, ordering: .relaxed) }
-
-    public func append(offset: UInt64, kind: VolumeChange.Kind) -> UInt64 {
-        next.add(1, ordering: .relaxed).oldValue
-    }
-
-    /// The sequence of the last change, 0 if none yet.
-    public var last: UInt64 { next.load(ordering: .relaxed) - 1 }
-}

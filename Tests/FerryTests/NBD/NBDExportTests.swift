@@ -131,4 +131,24 @@ struct NBDExportTests {
         #expect(FileManager.default.contentsEqual(atPath: source, andPath: out))
         try await export.compareWithReplay()
     }
+
+    @Test("the loopback TCP listener serves the same export to qemu-io and nbdinfo")
+    func loopbackTCP() async throws {
+        let export = try await Export(size: 8 << 20)
+        let server = NBDServer(volumes: [export.volume], logger: Logger(label: "nbd-tcp-test"))
+        let bound = AsyncStream<Int>.makeStream()
+        let serving = Task { try await server.serve(host: "127.0.0.1", port: 0, onReady: { bound.continuation.yield($0) }) }
+        defer { serving.cancel() }
+        var port = 0
+        for await p in bound.stream { port = p; break }
+        #expect(port > 0)
+        let uri = "nbd://127.0.0.1:\(port)/vol"
+        let r = try await run("/usr/bin/qemu-io", ["-f", "raw", uri, "-c", "write -P 0x7e 0 64k", "-c", "read -P 0x7e 0 64k"])
+        #expect(r.status == 0 && !r.stdout.contains("Pattern verification failed"), "\(r)")
+        let info = try await run("/usr/bin/nbdinfo", ["--size", uri])
+        #expect(info.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "\(8 << 20)", "\(info)")
+        // Both listeners capture into the same log: one write so far.
+        #expect(export.recorder.changes.count == 1)
+        try await export.compareWithReplay()
+    }
 }
