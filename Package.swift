@@ -36,6 +36,7 @@ let package = Package(
         .target(
             name: "FerryWire",
             dependencies: [
+                "CFerrySystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),

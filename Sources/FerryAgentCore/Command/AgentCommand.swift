@@ -117,7 +117,9 @@ public struct AgentCommand: AsyncParsableCommand {
                 // Volume I/O has threads of its own, never the event loops'.
                 let pool = NIOThreadPool(numberOfThreads: settings.ioThreads)
                 pool.start()
-                let volumes = VolumeManager(dataDir: settings.dataDir, socketDirectory: settings.socketDirectory, pool: pool, logger: logger)
+                let volumes = VolumeManager(dataDir: settings.dataDir, socketDirectory: settings.socketDirectory, pool: pool, logger: logger,
+                                            changeLogBytes: Int(settings.changeLogMemory), spillBytes: Int64(settings.changeLogSpill),
+                                            tcpListen: try settings.nbdTCP.map { try ConfigText.hostPort($0) })
                 // Serve the remembered volumes before the controller is even dialled.
                 await volumes.start()
                 let session = AgentSession(identity: identity, config: settings, logger: logger, volumes: volumes)

@@ -20,6 +20,13 @@ public struct AgentConfig: Sendable {
     public var socketDir: String?
     /// Threads doing volume I/O (pread, pwrite, fdatasync).
     public var ioThreads: Int = 4
+    /// Per volume: captured writes held in memory before spilling, and the spill file's cap.
+    /// Past both, only dirty-extent marks are kept and those extents resync later.
+    public var changeLogMemory: UInt64 = 64 << 20
+    public var changeLogSpill: UInt64 = 1 << 30
+    /// Also serve every volume's NBD export on this loopback `HOST:PORT` (by export name), for
+    /// clients that cannot use a unix socket. Off by default.
+    public var nbdTCP: String?
 
     public var socketDirectory: String { socketDir ?? dataDir + "/sockets" }
 
@@ -35,11 +42,15 @@ public struct AgentConfig: Sendable {
         var logLevel: String?
         var socketDir: String?
         var ioThreads: Int?
+        var changeLogMemory: String?
+        var changeLogSpill: String?
+        var nbdTCP: String?
 
         enum CodingKeys: String, CodingKey, CaseIterable {
             case dataDir = "data-dir", controller, name, reconnectInitialDelay = "reconnect-initial-delay"
             case reconnectMaxDelay = "reconnect-max-delay", inventoryInterval = "inventory-interval", logLevel = "log-level"
-            case socketDir = "socket-dir", ioThreads = "io-threads"
+            case socketDir = "socket-dir", ioThreads = "io-threads", changeLogMemory = "change-log-memory", changeLogSpill = "change-log-spill"
+            case nbdTCP = "nbd-tcp"
         }
     }
 
@@ -54,6 +65,9 @@ public struct AgentConfig: Sendable {
         if let v = f.logLevel { logLevel = v }
         if let v = f.socketDir { socketDir = v }
         if let v = f.ioThreads { ioThreads = v }
+        if let v = f.changeLogMemory { changeLogMemory = try ConfigText.byteSize(v) }
+        if let v = f.changeLogSpill { changeLogSpill = try ConfigText.byteSize(v) }
+        if let v = f.nbdTCP { nbdTCP = v }
     }
 
     public func validate() throws {
@@ -63,6 +77,19 @@ public struct AgentConfig: Sendable {
         }
         guard (1...64).contains(ioThreads) else {
             throw FerryError(.badConfiguration, "io-threads must be between 1 and 64")
+        }
+        if let nbdTCP {
+            let (host, _) = try ConfigText.hostPort(nbdTCP)
+            // The export carries no authentication: only processes of this host may reach it.
+            guard host == "localhost" || host.hasPrefix("127.") || host == "::1" || host == "[::1]" else {
+                throw FerryError(.badConfiguration, "nbd-tcp must be a loopback address (127.0.0.1:PORT or [::1]:PORT), not \(nbdTCP)")
+            }
+        }
+        guard changeLogMemory >= 1 << 20, changeLogMemory <= 64 << 30 else {
+            throw FerryError(.badConfiguration, "change-log-memory must be between 1M and 64G")
+        }
+        guard changeLogSpill <= 1 << 40 else {
+            throw FerryError(.badConfiguration, "change-log-spill must be at most 1T (0 disables spilling)")
         }
         guard inventoryInterval >= .seconds(1) else {
             throw FerryError(.badConfiguration, "inventory-interval must be at least 1s")

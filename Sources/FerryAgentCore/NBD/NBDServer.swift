@@ -11,16 +11,26 @@ import Synchronization
 /// READ, WRITE (with FUA), FLUSH, TRIM, WRITE_ZEROES and DISC; several requests in flight per
 /// connection and several connections per export (MULTI_CONN: a FLUSH covers them all).
 public final class NBDServer: Sendable {
-    private let exports: [String: BlockVolume]
+    private let exports: Mutex<[String: BlockVolume]>
     private let logger: Logger
     private let group: any EventLoopGroup
     /// Requests handled at once on one connection; the reader stops reading beyond it.
     static let maxInFlight = 64
 
     public init(volumes: [BlockVolume], logger: Logger, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) {
-        exports = Dictionary(volumes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        exports = Mutex(Dictionary(volumes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first }))
         self.logger = logger
         self.group = group
+    }
+
+    /// Adds (or replaces) an export; connections made from now on see it.
+    public func add(_ volume: BlockVolume) {
+        exports.withLock { $0[volume.name] = volume }
+    }
+
+    /// Withdraws an export from new connections.
+    public func remove(name: String) {
+        exports.withLock { $0[name] = nil }
     }
 
     /// Serves on a unix socket (replacing a stale socket file) until the task is cancelled.
@@ -53,7 +63,7 @@ public final class NBDServer: Sendable {
     ) async throws {
         try await server.executeThenClose { clients in
             onReady()
-            logger.info("NBD export ready", metadata: ["address": "\(address)", "exports": "\(exports.keys.sorted())"])
+            logger.info("NBD export ready", metadata: ["address": "\(address)", "exports": "\(exports.withLock { $0.keys.sorted() })"])
             try await withThrowingDiscardingTaskGroup { group in
                 for try await client in clients {
                     group.addTask { await self.handle(client) }
@@ -68,7 +78,7 @@ public final class NBDServer: Sendable {
             try await client.executeThenClose { inbound, outbound in
                 var connection = NBDConnection(
                     reader: InboundReader(inbound.makeAsyncIterator()), outbound: outbound,
-                    allocator: client.channel.allocator, exports: exports
+                    allocator: client.channel.allocator, exports: exports.withLock { $0 }
                 )
                 if let (volume, structured) = try await connection.negotiate() {
                     try await connection.transmit(volume: volume, structured: structured)

@@ -163,6 +163,9 @@ public final class AgentSession: Service, Sendable {
                     }
                 }
                 tasks.addTask { try await self.renewWhenDue(session: session) }
+                if let volumes {
+                    tasks.addTask { try await Self.reportVolumes(volumes, session: session) }
+                }
                 defer { tasks.cancelAll() }
                 try await session.run(inbound: &messages, heartbeatInterval: heartbeat, logger: logger) { envelope in
                     try await self.handle(envelope, session: session)
@@ -200,6 +203,13 @@ public final class AgentSession: Service, Sendable {
                 result.volumeStatuses = statuses
                 // The controller said where each replica stands: stream from there.
                 await startStreaming(volumes, session: session)
+            case .resyncVolume(let resync):
+                do {
+                    guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
+                    result.volumeStatus = try await volumes.resync(name: resync.name)
+                } catch let error as FerryError {
+                    result.error = error.wire
+                }
             case .none:
                 result.error = FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)").wire
             }
@@ -219,8 +229,12 @@ public final class AgentSession: Service, Sendable {
         // The old streamers must be gone before the new ones send, or a batch of theirs still
         // being written could arrive after a new, earlier one.
         for old in stopStreaming() { await old.value }
-        let tasks = await volumes.streams().map { stream in
-            Task { await self.stream(stream.name, log: stream.log, after: stream.after, session: session) }
+        var tasks: [Task<Void, Never>] = []
+        for stream in await volumes.streams() {
+            tasks.append(Task { await self.stream(stream.name, log: stream.log, after: stream.after, volumes: volumes, session: session) })
+            let worker = VolumeSyncWorker(name: stream.name, volume: stream.volume, log: stream.log, activity: stream.activity,
+                                          tracker: stream.tracker, session: session, logger: logger)
+            tasks.append(Task { await worker.run() })
         }
         streamers.withLock { $0 = tasks }
     }
@@ -233,15 +247,26 @@ public final class AgentSession: Service, Sendable {
     }
 
     /// Sends a volume's changes in order, in batches, keeping at most `windowBytes` unacked.
-    func stream(_ volume: String, log: ChangeLog, after start: UInt64, session: PeerSession) async {
+    func stream(_ volume: String, log: ChangeLog, after start: UInt64, volumes: VolumeManager, session: PeerSession) async {
         var sent = start
+        var epoch = log.epoch
         var unacked: [(sequence: UInt64, bytes: Int)] = []
         var unackedBytes = 0
         while !Task.isCancelled {
+            if log.overflowed || log.firstHeld.map({ $0 > sent + 1 }) == true {
+                // Records the controller lacks are gone: a new epoch starts, and the sync worker
+                // resyncs the extents whose writes were dropped (the activity log kept them).
+                guard let next = await volumes.recoverFromOverflow(name: volume) else { return }
+                epoch = next
+                sent = 0
+                unacked = []
+                unackedBytes = 0
+                continue
+            }
             // Acks may have overtaken the resume point (batches of an earlier streamer): what
             // the controller holds need not be sent again.
-            let acked = log.ackedThrough
-            sent = max(sent, acked)
+            let (ackedEpoch, acked) = log.ackedState
+            if ackedEpoch == epoch { sent = max(sent, acked) }
             while let first = unacked.first, first.sequence <= acked {
                 unackedBytes -= first.bytes
                 unacked.removeFirst()
@@ -250,30 +275,21 @@ public final class AgentSession: Service, Sendable {
                 try? await Task.sleep(for: .milliseconds(1))
                 continue
             }
-            if let first = log.firstHeld, first > sent + 1 {
-                // Records the controller lacks are gone (the log overflowed): only a resync helps.
-                logger.error("replication stopped: the change log no longer holds what the controller lacks; the volume needs a resync",
-                             metadata: ["volume": "\(volume)", "controller-has": "\(sent)", "log-starts": "\(first)"])
-                return
-            }
             let records: [VolumeChange]
             do {
-                records = try log.records(after: sent, maxBytes: Self.batchBytes)
+                records = try log.records(after: sent, maxBytes: Self.batchBytes, epoch: epoch)
             } catch {
                 logger.error("replication stopped", metadata: ["volume": "\(volume)", "error": "\(error)"])
                 return
             }
             guard let last = records.last else {
-                if log.overflowed, log.last > sent {
-                    logger.error("replication stopped: the change log overflowed; the volume needs a resync", metadata: ["volume": "\(volume)"])
-                    return
-                }
+                if log.overflowed || log.epoch != epoch { continue }
                 await log.waitForChanges(after: sent)
                 continue
             }
             var batch = Ferry_V1_ReplicationBatch()
             batch.volume = volume
-            batch.epoch = log.epoch
+            batch.epoch = epoch
             batch.records = records.map { change in
                 var r = Ferry_V1_ReplicationRecord()
                 r.sequence = change.sequence
@@ -294,6 +310,19 @@ public final class AgentSession: Service, Sendable {
             unacked.append((last.sequence, bytes))
             unackedBytes += bytes
             sent = last.sequence
+        }
+    }
+
+    /// Every 250 ms clears the activity marks of acked extents; every second reports how each
+    /// volume's replication and sync stand.
+    static func reportVolumes(_ volumes: VolumeManager, session: PeerSession) async throws {
+        var tick = 0
+        while true {
+            try await Task.sleep(for: .milliseconds(250))
+            let reports = await volumes.maintain()
+            tick += 1
+            guard tick % 4 == 0 else { continue }
+            for report in reports { try await session.send(.volumeReport(report)) }
         }
     }
 

@@ -44,6 +44,20 @@ public final class BlockVolume: Sendable {
 
     deinit { close(fd) }
 
+    /// The size of an image file or block device, without opening it for writing.
+    public static func size(of path: String) throws -> UInt64 {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw FerryError(.notFound, "cannot open \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw FerryError(.io, "cannot stat \(path): \(String(cString: strerror(errno)))") }
+        if (st.st_mode & S_IFMT) == S_IFBLK {
+            let end = lseek(fd, 0, SEEK_END)
+            return end > 0 ? UInt64(end) : 0
+        }
+        return UInt64(st.st_size)
+    }
+
     /// Reads `length` bytes at `offset`.
     public func read(offset: UInt64, length: Int, allocator: ByteBufferAllocator) async throws -> ByteBuffer {
         let fd = self.fd
@@ -71,6 +85,7 @@ public final class BlockVolume: Sendable {
     public func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws -> UInt64 {
         let fd = self.fd
         return try await pool.runIfActive {
+            try self.recorder.prepare(offset: offset, length: UInt64(data.readableBytes))
             let sequence = try self.mutation.withLock { _ in
                 let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: offset) }
                 if failed != 0 { throw Self.ioError("write", failed) }
@@ -87,6 +102,7 @@ public final class BlockVolume: Sendable {
     public func zero(offset: UInt64, length: UInt64, fua: Bool) async throws -> UInt64 {
         let fd = self.fd
         return try await pool.runIfActive {
+            try self.recorder.prepare(offset: offset, length: length)
             let sequence = try self.mutation.withLock { _ in
                 if ferry_punch_hole(fd, off_t(offset), off_t(length)) != 0 {
                     guard errno == EOPNOTSUPP || errno == EINVAL else { throw Self.ioError("zero", errno) }
@@ -96,6 +112,42 @@ public final class BlockVolume: Sendable {
             }
             if fua { try Self.sync(fd) }
             return sequence
+        }
+    }
+
+    /// Block hashes of `count` blocks from `offset` (see `BlockHashing`), read without the
+    /// mutation lock: a write racing with the read is captured anyway and follows in the stream.
+    public func hashes(offset: UInt64, blockBytes: Int, count: Int) async throws -> BlockHashing.Result {
+        let fd = self.fd, size = self.size
+        return try await pool.runIfActive {
+            try BlockHashing.hashes(fd: fd, size: size, offset: offset, blockBytes: blockBytes, count: count)
+        }
+    }
+
+    /// Captures the current content of a range as if it had just been written (a zeroed range
+    /// if it reads as zeroes), under the mutation lock so it takes its place in the write order.
+    /// Returns the sequence and the bytes of data captured.
+    public func captureCurrent(offset: UInt64, length: Int) async throws -> (sequence: UInt64, dataBytes: Int) {
+        let fd = self.fd
+        let length = Int(min(UInt64(length), size - min(size, offset)))
+        return try await pool.runIfActive {
+            try self.mutation.withLock { _ in
+                var buffer = ByteBuffer()
+                buffer.reserveCapacity(length)
+                var done = 0
+                while done < length {
+                    let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length - done) { ptr in
+                        pread(fd, ptr.baseAddress, length - done, off_t(offset) + off_t(done))
+                    }
+                    if n < 0 { if errno == EINTR { continue }; throw Self.ioError("read", errno) }
+                    if n == 0 { buffer.writeRepeatingByte(0, count: length - done); break }
+                    done += n
+                }
+                if buffer.withUnsafeReadableBytes({ BlockHashing.isZero($0) }) {
+                    return (self.recorder.append(offset: offset, kind: .zero(length: UInt64(length))), 0)
+                }
+                return (self.recorder.append(offset: offset, kind: .write(buffer)), length)
+            }
         }
     }
 

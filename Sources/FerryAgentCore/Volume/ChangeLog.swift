@@ -24,6 +24,7 @@ public final class ChangeLog: ChangeRecorder {
     }
 
     struct State {
+        var epoch: UInt64
         var next: UInt64 = 1
         var entries: [Entry] = []
         /// Index of the first entry not yet trimmed (trimmed lazily to keep appends O(1)).
@@ -37,18 +38,20 @@ public final class ChangeLog: ChangeRecorder {
         var waiter: CheckedContinuation<Void, Never>?
     }
 
-    /// Identifies this run of the capture: sequences start at 1 in each epoch.
-    public let epoch: UInt64
     public let memoryBytes: Int
     public let spillBytes: Int64
+    /// Which extents may hold writes the controller lacks (nil: not tracked, as in tests).
+    public let activity: ActivityLog?
     private let spill: Int32
-    private let state = Mutex(State())
+    private let state: Mutex<State>
 
     /// - Parameter spillPath: the file to spill to (truncated now); nil keeps everything in memory.
     public init(memoryBytes: Int = 64 << 20, spillPath: String? = nil, spillBytes: Int64 = 1 << 30,
-                epoch: UInt64 = UInt64.random(in: 1...UInt64.max)) throws {
+                epoch: UInt64 = UInt64.random(in: 1...UInt64.max), activity: ActivityLog? = nil) throws {
         self.memoryBytes = memoryBytes
-        self.epoch = epoch
+        self.activity = activity
+        state = Mutex(State(epoch: epoch))
+        activity?.startEpoch(epoch)
         if let spillPath {
             spill = open(spillPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
             guard spill >= 0 else { throw FerryError(.io, "cannot create change-log spill file \(spillPath): \(String(cString: strerror(errno)))") }
@@ -61,12 +64,28 @@ public final class ChangeLog: ChangeRecorder {
 
     deinit { if spill >= 0 { close(spill) } }
 
+    /// Identifies this run of the capture: sequences start at 1 in each epoch. A new epoch
+    /// starts with each agent run and after an overflow.
+    public var epoch: UInt64 { state.withLock { $0.epoch } }
+
+    public func prepare(offset: UInt64, length: UInt64) throws {
+        try activity?.mark(offset: offset, length: length)
+    }
+
     public func append(offset: UInt64, kind: VolumeChange.Kind) -> UInt64 {
         let captured = Self.now()
+        let length: UInt64
+        switch kind {
+        case .write(let data): length = UInt64(data.readableBytes)
+        case .zero(let n): length = n
+        }
         let (sequence, waiter) = state.withLock { s -> (UInt64, CheckedContinuation<Void, Never>?) in
             let sequence = s.next
             s.next += 1
-            defer { s.waiter = nil }
+            defer {
+                s.waiter = nil
+                activity?.noteWrite(offset: offset, length: length, sequence: sequence, lost: s.overflowed)
+            }
             guard !s.overflowed else { return (sequence, s.waiter) }
             let change = VolumeChange(sequence: sequence, offset: offset, kind: kind, captured: captured)
             let size = Self.cost(change)
@@ -83,8 +102,10 @@ public final class ChangeLog: ChangeRecorder {
                 s.entries.append(.memory(change))
                 s.memoryUsed += size
             } else {
-                // Keep counting, stop keeping: the replica must be resynchronised.
+                // Keep counting, stop keeping: the replica must be resynchronised, and every
+                // extent with a dropped write needs it.
                 s.overflowed = true
+                activity?.markedBecomePending()
                 s.entries.removeAll()
                 s.head = 0
                 s.memoryUsed = 0
@@ -97,15 +118,55 @@ public final class ChangeLog: ChangeRecorder {
         return sequence
     }
 
+    /// Starts a new epoch at sequence 1 with nothing held: after an overflow, or when the
+    /// controller lacks records the log no longer holds. Every marked extent becomes pending in
+    /// the activity log, so a resync brings over whatever was dropped. Returns the new epoch.
+    @discardableResult
+    public func restartAfterOverflow() -> UInt64 {
+        state.withLock { s in
+            s.epoch = UInt64.random(in: 1...UInt64.max)
+            s.next = 1
+            s.acked = 0
+            s.overflowed = false
+            s.entries.removeAll()
+            s.head = 0
+            s.memoryUsed = 0
+            s.spillUsed = 0
+            s.spillEnd = 0
+            activity?.markedBecomePending()
+            activity?.startEpoch(s.epoch)
+            return s.epoch
+        }
+    }
+
+    /// Captured bytes the controller has not acked yet, and the capture time of the oldest
+    /// (nil if none is held).
+    public var pending: (bytes: Int, oldest: Int64?) {
+        state.withLock { s in
+            let oldest: Int64? = s.head < s.entries.count ? {
+                switch s.entries[s.head] {
+                case .memory(let c): c.captured
+                case .spilled(_, _, _, _, let captured): captured
+                }
+            }() : nil
+            return (s.memoryUsed + Int(s.spillUsed), oldest)
+        }
+    }
+
+    /// Bytes held in memory (the resync waits for room here before adding more).
+    public var memoryUsed: Int { state.withLock { $0.memoryUsed } }
+
     /// The last sequence given out, 0 if none.
     public var last: UInt64 { state.withLock { $0.next - 1 } }
     public var overflowed: Bool { state.withLock { $0.overflowed } }
 
     /// Records after `sequence`, up to about `maxBytes` (at least one if any). Spilled data is
     /// read back outside the lock, so appends are not held up by it.
-    public func records(after sequence: UInt64, maxBytes: Int) throws -> [VolumeChange] {
+    /// With `epoch`, returns nothing if the log has moved to another epoch meanwhile.
+    public func records(after sequence: UInt64, maxBytes: Int, epoch: UInt64? = nil) throws -> [VolumeChange] {
         let picked: [Entry] = state.withLock { s in
             var out: [Entry] = []
+            if let epoch, epoch != s.epoch { return out }
             var size = 0
             var i = s.head
             // Entries are dense and ordered: jump to the first one after `sequence`.
@@ -138,12 +199,22 @@ public final class ChangeLog: ChangeRecorder {
         state.withLock { $0.head < $0.entries.count ? $0.entries[$0.head].sequence : nil }
     }
 
+    /// The epoch and the highest sequence of it the controller holds durably, read together.
+    public var ackedState: (epoch: UInt64, acked: UInt64) { state.withLock { ($0.epoch, $0.acked) } }
+
+    /// Clears activity-log marks of extents whose writes are all acked.
+    public func clearAcked() throws {
+        let (epoch, acked) = ackedState
+        try activity?.clear(ackedThrough: acked, epoch: epoch)
+    }
+
     /// The highest sequence the controller holds durably (0 if none acked yet).
     public var ackedThrough: UInt64 { state.withLock { $0.acked } }
 
-    /// Drops records up to `sequence` once the controller holds them durably.
-    public func trim(through sequence: UInt64) {
+    /// Drops records up to `sequence` of `epoch` once the controller holds them durably.
+    public func trim(through sequence: UInt64, epoch: UInt64? = nil) {
         state.withLock { s in
+            if let epoch, epoch != s.epoch { return }
             s.acked = max(s.acked, sequence)
             while s.head < s.entries.count, s.entries[s.head].sequence <= sequence {
                 switch s.entries[s.head] {

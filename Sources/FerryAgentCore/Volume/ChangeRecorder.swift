@@ -24,6 +24,13 @@ public struct VolumeChange: Sendable, Equatable {
 public protocol ChangeRecorder: Sendable {
     /// Records `change` and returns the sequence it was given.
     func append(offset: UInt64, kind: VolumeChange.Kind) -> UInt64
+    /// Called before a mutation of these bytes is applied, without the mutation lock: the
+    /// activity log marks their extents durably here.
+    func prepare(offset: UInt64, length: UInt64) throws
+}
+
+extension ChangeRecorder {
+    public func prepare(offset: UInt64, length: UInt64) throws {}
 }
 
 /// Keeps every change in memory: for tests and for tools that replay a capture.

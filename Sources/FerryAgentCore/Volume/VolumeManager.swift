@@ -12,8 +12,13 @@ public actor VolumeManager {
         var spec: Ferry_V1_VolumeSpec
         let volume: BlockVolume
         let log: ChangeLog
+        let activity: ActivityLog
+        let tracker: SyncTracker
         let socket: String
         let server: Task<Void, any Error>
+        /// Whether the activity log knows this volume's history (it existed, or a full
+        /// comparison has been started since).
+        var historyKnown: Bool
     }
 
     let listPath: String
@@ -25,9 +30,15 @@ public actor VolumeManager {
     private var resumeAfter: [String: UInt64] = [:]
     let changeLogBytes: Int
     let spillBytes: Int64
+    /// The loopback TCP export shared by all volumes, if configured.
+    let tcpListen: (host: String, port: Int)?
+    private var tcpServer: NBDServer?
+    private var tcpTask: Task<Void, any Error>?
+    private var tcpAddress: String?
 
     public init(dataDir: String, socketDirectory: String, pool: NIOThreadPool, logger: Logger,
-                changeLogBytes: Int = 64 << 20, spillBytes: Int64 = 1 << 30) {
+                changeLogBytes: Int = 64 << 20, spillBytes: Int64 = 1 << 30, tcpListen: (host: String, port: Int)? = nil) {
+        self.tcpListen = tcpListen
         self.changeLogBytes = changeLogBytes
         self.spillBytes = spillBytes
         listPath = dataDir + "/volumes.json"
@@ -54,6 +65,7 @@ public actor VolumeManager {
             guard existing.spec.path == spec.path else {
                 throw FerryError(.conflict, "volume \(spec.name) is already protected at \(existing.spec.path)")
             }
+            try startSyncIfNeeded(spec)
             return status(existing)
         }
         if let other = served.values.first(where: { $0.spec.path == spec.path }) {
@@ -62,6 +74,7 @@ public actor VolumeManager {
         let entry = try await openVolume(spec)
         served[spec.name] = entry
         try persist()
+        try startSyncIfNeeded(spec)
         return status(entry)
     }
 
@@ -69,8 +82,10 @@ public actor VolumeManager {
     public func sync(_ specs: [Ferry_V1_VolumeSpec]) async -> [Ferry_V1_VolumeStatus] {
         let wanted = Set(specs.map(\.name))
         for (name, entry) in served where !wanted.contains(name) {
+            tcpServer?.remove(name: name)
             entry.server.cancel()
             unlink(entry.socket)
+            unlink(entry.activity.path)
             served[name] = nil
             logger.info("volume no longer protected", metadata: ["volume": "\(name)"])
         }
@@ -98,18 +113,88 @@ public actor VolumeManager {
         return statuses
     }
 
-    /// What each volume's streamer sends: its log and the sequence to resume after.
-    public func streams() -> [(name: String, log: ChangeLog, after: UInt64)] {
-        served.keys.sorted().compactMap { name in
-            served[name].map { (name, $0.log, resumeAfter[name] ?? 0) }
+    /// Starts a full comparison when the controller's replica was never completely synced,
+    /// or when it holds an earlier run's writes and this agent has no activity log to tell
+    /// which extents may differ.
+    private func startSyncIfNeeded(_ spec: Ferry_V1_VolumeSpec) throws {
+        guard var entry = served[spec.name] else { return }
+        let unknownHistory = !entry.historyKnown && spec.epoch != 0 && spec.epoch != entry.log.epoch
+        if (spec.initialSyncRequired && !entry.activity.fullInProgress) || unknownHistory {
+            try entry.activity.markAllPending()
+            entry.tracker.begin(.full)
+            logger.info(spec.initialSyncRequired ? "initial sync starts" : "full resync starts: no activity log from the earlier run",
+                        metadata: ["volume": "\(spec.name)", "bytes": "\(entry.volume.size)"])
         }
+        entry.historyKnown = true
+        served[spec.name] = entry
+    }
+
+    /// Compares the whole volume with the replica (resync on demand).
+    public func resync(name: String) throws -> Ferry_V1_VolumeStatus {
+        guard let entry = served[name] else { throw FerryError(.notFound, "this agent does not protect a volume named \(name)") }
+        try entry.activity.markAllPending()
+        entry.tracker.begin(.full)
+        logger.info("resync on demand starts", metadata: ["volume": "\(name)", "bytes": "\(entry.volume.size)"])
+        return status(entry)
+    }
+
+    /// What each volume's streamer and sync worker need, and the sequence to resume after.
+    struct Stream {
+        let name: String
+        let volume: BlockVolume
+        let log: ChangeLog
+        let activity: ActivityLog
+        let tracker: SyncTracker
+        let after: UInt64
+    }
+
+    func streams() -> [Stream] {
+        served.keys.sorted().compactMap { name in
+            served[name].map { Stream(name: name, volume: $0.volume, log: $0.log, activity: $0.activity, tracker: $0.tracker, after: resumeAfter[name] ?? 0) }
+        }
+    }
+
+    /// The change log of `name` overflowed: start a new epoch; its dropped writes' extents are
+    /// pending and the sync worker brings them over. Returns the new epoch.
+    func recoverFromOverflow(name: String) -> UInt64? {
+        guard let entry = served[name] else { return nil }
+        let epoch = entry.log.restartAfterOverflow()
+        entry.tracker.begin(.marked)
+        resumeAfter[name] = 0
+        logger.warning("change log overflowed: replication restarts with a resync of the marked extents",
+                       metadata: ["volume": "\(name)", "pending-extents": "\(entry.activity.pendingCount)"])
+        return epoch
     }
 
     /// The controller holds everything through `durable` of `epoch`: trim it.
     public func acked(volume: String, epoch: UInt64, durable: UInt64) {
         guard let log = served[volume]?.log, log.epoch == epoch else { return }
-        log.trim(through: durable)
+        log.trim(through: durable, epoch: epoch)
         resumeAfter[volume] = max(resumeAfter[volume] ?? 0, durable)
+    }
+
+    /// Clears the activity marks of acked extents, and says how each volume stands.
+    func maintain() -> [Ferry_V1_VolumeReport] {
+        served.keys.sorted().compactMap { name in
+            guard let entry = served[name] else { return nil }
+            do { try entry.log.clearAcked() } catch {
+                logger.error("cannot update the activity log", metadata: ["volume": "\(name)", "error": "\(error)"])
+            }
+            var report = Ferry_V1_VolumeReport()
+            report.volume = name
+            let (epoch, acked) = entry.log.ackedState
+            report.epoch = epoch
+            report.ackedSequence = acked
+            report.lastSequence = entry.log.last
+            let pending = entry.log.pending
+            report.pendingBytes = UInt64(pending.bytes)
+            report.oldestPendingUnixNanos = pending.oldest ?? 0
+            report.overflowed = entry.log.overflowed
+            report.markedExtents = UInt64(entry.activity.markedCount)
+            if let tcpAddress { report.tcpAddress = tcpAddress }
+            report.sync = entry.tracker.progress(pendingExtents: entry.activity.pendingCount, extentBytes: entry.activity.extentBytes)
+            return report
+        }
     }
 
     public func statuses() -> [Ferry_V1_VolumeStatus] {
@@ -118,6 +203,7 @@ public actor VolumeManager {
 
     /// Stops every export (the backing files stay as they are).
     public func stop() {
+        tcpTask?.cancel()
         for entry in served.values {
             entry.server.cancel()
             unlink(entry.socket)
@@ -133,8 +219,17 @@ public actor VolumeManager {
         try Self.prepare(path: spec.path, createSize: spec.createSizeBytes)
         let spillDirectory = (listPath as NSString).deletingLastPathComponent + "/spill"
         try FileManager.default.createDirectory(atPath: spillDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-        let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillDirectory + "/" + spec.name + ".spill", spillBytes: spillBytes)
+        let dataDir = (listPath as NSString).deletingLastPathComponent
+        try FileManager.default.createDirectory(atPath: dataDir + "/activity", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let size = try BlockVolume.size(of: spec.path)
+        let activity = try ActivityLog(path: dataDir + "/activity/" + spec.name + ".fal", volumeBytes: size)
+        let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillDirectory + "/" + spec.name + ".spill", spillBytes: spillBytes, activity: activity)
         let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: log, pool: pool)
+        let tracker = SyncTracker()
+        if activity.pendingCount > 0 {
+            tracker.begin(activity.fullInProgress ? .full : .marked)
+            logger.info("extents marked by an earlier run will be resynced", metadata: ["volume": "\(spec.name)", "extents": "\(activity.pendingCount)"])
+        }
         if spec.createSizeBytes > 0, volume.size != spec.createSizeBytes {
             throw FerryError(.conflict, "\(spec.path) exists with \(volume.size) bytes, not the \(spec.createSizeBytes) asked for")
         }
@@ -147,11 +242,38 @@ public actor VolumeManager {
         let ready = AsyncStream<Void>.makeStream()
         let task = Task { try await server.serve(unixSocket: socket, onReady: { ready.continuation.finish() }) }
         for await _ in ready.stream {}
+        await exportOverTCP(volume)
         var recorded = spec
         recorded.sizeBytes = volume.size
         recorded.createSizeBytes = 0
         logger.info("volume exported", metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "bytes": "\(volume.size)", "socket": "\(socket)"])
-        return Served(spec: recorded, volume: volume, log: log, socket: socket, server: task)
+        return Served(spec: recorded, volume: volume, log: log, activity: activity, tracker: tracker, socket: socket, server: task, historyKnown: activity.existed)
+    }
+
+    /// Adds the volume to the loopback TCP export, starting it with the first volume. A port
+    /// that cannot be bound is logged; the unix sockets serve on regardless.
+    private func exportOverTCP(_ volume: BlockVolume) async {
+        guard let tcpListen else { return }
+        if tcpServer == nil {
+            let server = NBDServer(volumes: [], logger: logger)
+            let ready = AsyncStream<Int>.makeStream()
+            let task = Task {
+                defer { ready.continuation.finish() }
+                try await server.serve(host: tcpListen.host, port: tcpListen.port, onReady: { ready.continuation.yield($0) })
+            }
+            var bound: Int?
+            for await port in ready.stream { bound = port; break }
+            guard let bound else {
+                let reason = await (try? task.value).map { "\($0)" } ?? "bind failed"
+                logger.error("cannot open the loopback TCP NBD export; volumes stay on their unix sockets",
+                             metadata: ["address": "\(tcpListen.host):\(tcpListen.port)", "reason": "\(reason)"])
+                return
+            }
+            tcpServer = server
+            tcpTask = task
+            tcpAddress = tcpListen.host.contains(":") ? "[\(tcpListen.host)]:\(bound)" : "\(tcpListen.host):\(bound)"
+        }
+        tcpServer?.add(volume)
     }
 
     /// Checks the path, making a sparse image when asked and it does not exist yet.
@@ -181,6 +303,7 @@ public actor VolumeManager {
         s.path = entry.spec.path
         s.sizeBytes = entry.volume.size
         s.socketPath = entry.socket
+        if let tcpAddress { s.tcpAddress = tcpAddress }
         s.lastSequence = entry.log.last
         s.epoch = entry.log.epoch
         return s

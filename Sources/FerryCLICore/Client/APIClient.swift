@@ -167,6 +167,11 @@ public struct APIClient: Sendable {
         try await decode(API.Volume.self, from: send(.get, "\(API.prefix)/volumes/\(Self.escape(host))/\(Self.escape(name))"))
     }
 
+    /// `POST /v1/volumes/:host/:name/resync`.
+    public func resync(host: String, name: String) async throws -> API.Volume {
+        try await decode(API.Volume.self, from: send(.post, "\(API.prefix)/volumes/\(Self.escape(host))/\(Self.escape(name))/resync"))
+    }
+
     /// `GET /v1/audit?limit=N`: newest first.
     public func audit(limit: Int) async throws -> [API.AuditEntry] {
         try await decode([API.AuditEntry].self, from: send(.get, "\(API.prefix)/audit?limit=\(limit)"))

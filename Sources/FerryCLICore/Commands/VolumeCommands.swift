@@ -57,8 +57,14 @@ struct VolumesCommand: AsyncParsableCommand {
             } else if volumes.isEmpty {
                 print("no protected volumes; 'ferryctl protect HOST --volume NAME --path PATH' adds one")
             } else {
-                var table = TextTable("host", "volume", "state", "size", "path")
-                for v in volumes { table.add(v.host, v.name, v.state, Format.bytes(v.sizeBytes), v.path) }
+                var table = TextTable("host", "volume", "state", "size", "synced", "lag", "lag bytes", "throughput")
+                for v in volumes {
+                    table.add(v.host, v.name, v.replicaState ?? v.state, Format.bytes(v.sizeBytes),
+                              v.syncedPercent.map { String(format: "%.1f%%", $0) } ?? "-",
+                              v.lagSeconds.map { String(format: "%.1fs", $0) } ?? "-",
+                              v.lagBytes.map(Format.bytes) ?? "-",
+                              v.throughputBytesPerSecond.map { Format.bytes(UInt64($0)) + "/s" } ?? "-")
+                }
                 print(table.render())
             }
         }
@@ -68,8 +74,36 @@ struct VolumesCommand: AsyncParsableCommand {
 /// `ferryctl volume show HOST/NAME`.
 struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "volume", abstract: "Show one protected volume.", subcommands: [Show.self]
+        commandName: "volume", abstract: "Show or resync one protected volume.", subcommands: [Show.self, Resync.self]
     )
+
+    static func parse(_ target: String) throws -> (host: String, name: String) {
+        let parts = target.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+            throw FerryError(.badRequest, "expected HOST/VOLUME, e.g. db01/data, not '\(target)'")
+        }
+        return (String(parts[0]), String(parts[1]))
+    }
+
+    struct Resync: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Compare the whole volume with its replica by block hashes and send only what differs.",
+            discussion: "The agent must be online. Progress shows in 'ferryctl volumes' and 'ferryctl volume show'. Needs an operator token."
+        )
+
+        @Argument(help: "HOST/VOLUME")
+        var target: String
+        @OptionGroup(title: "Connection Options") var connection: ConnectionOptions
+        @OptionGroup var output: OutputOptions
+
+        func run() async throws {
+            try await CLI.guarded {
+                let (host, name) = try VolumeCommand.parse(target)
+                let v = try await connection.withClient { try await $0.resync(host: host, name: name) }
+                if output.json { try Console.json(v) } else { print("resync of \(v.host)/\(v.name) started (\(Format.bytes(v.sizeBytes)) to compare)") }
+            }
+        }
+    }
 
     struct Show: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Show a protected volume and where its workload reaches it.")
@@ -81,11 +115,8 @@ struct VolumeCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await CLI.guarded {
-                let parts = target.split(separator: "/", omittingEmptySubsequences: false)
-                guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
-                    throw FerryError(.badRequest, "expected HOST/VOLUME, e.g. db01/data, not '\(target)'")
-                }
-                let v = try await connection.withClient { try await $0.volume(host: String(parts[0]), name: String(parts[1])) }
+                let (host, name) = try VolumeCommand.parse(target)
+                let v = try await connection.withClient { try await $0.volume(host: host, name: name) }
                 if output.json {
                     try Console.json(v)
                     return
@@ -96,7 +127,27 @@ struct VolumeCommand: AsyncParsableCommand {
                 fields.add("path", v.path)
                 fields.add("size", "\(Format.bytes(v.sizeBytes)) (\(v.sizeBytes) bytes)")
                 fields.add("export", v.socketPath.map { "nbd+unix:///\(v.name)?socket=\($0)" } ?? "-")
+                if let tcp = v.tcpAddress { fields.add("tcp export", "nbd://\(tcp)/\(v.name)") }
                 fields.add("protected", Format.timestamp(v.protectedAt))
+                fields.add("replica", v.replicaState ?? "-")
+                fields.add("synced", v.syncedPercent.map { String(format: "%.1f%%", $0) } ?? "-")
+                fields.add("lag", v.lagSeconds.map { String(format: "%.2fs, ", $0) + Format.bytes(v.lagBytes ?? 0) } ?? "-")
+                fields.add("throughput", v.throughputBytesPerSecond.map { Format.bytes(UInt64($0)) + "/s" } ?? "-")
+                fields.add("durable sequence", v.durableSequence.map(String.init) ?? "-")
+                fields.add("marked extents", v.markedExtents.map(String.init) ?? "-")
+                if let s = v.sync {
+                    var line = "\(s.kind): \(Format.bytes(s.doneBytes)) of \(Format.bytes(s.totalBytes)) compared, \(Format.bytes(s.sentBytes)) sent"
+                    if !s.done {
+                        line += ", \(Format.bytes(s.rateBytesPerSecond))/s"
+                        if let eta = s.etaSeconds { line += ", ETA \(Format.span(eta))" }
+                    } else {
+                        line += ", done"
+                    }
+                    fields.add("sync", line)
+                }
+                fields.add("syncs completed", v.syncsCompleted.map(String.init) ?? "-")
+                if let e = v.lastError { fields.add("error", e) }
+                fields.add("replica image", v.replicaPath ?? "-")
                 print(fields.render())
             }
         }

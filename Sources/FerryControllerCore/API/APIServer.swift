@@ -199,6 +199,11 @@ struct APIRoutes {
             }
             return JSONBody(value: view)
         }
+        v1.post("volumes/:host/:name/resync") { _, context in
+            let who = try context.require(.operator)
+            let host = try context.parameters.require("host"), name = try context.parameters.require("name")
+            return JSONBody(value: try await wrap { try await resync(host: host, name: name, actor: who.actor) }, status: .accepted)
+        }
         v1.get("audit") { request, context in
             _ = try context.require(.viewer)
             let limit = request.uri.queryParameters.get("limit", as: Int.self) ?? 100
@@ -229,6 +234,8 @@ struct APIRoutes {
         spec.name = body.volume
         spec.path = body.path
         spec.createSizeBytes = body.createSizeBytes ?? 0
+        // A new replica is empty: the agent compares (and copies) the whole volume first.
+        spec.initialSyncRequired = true
         var command = Ferry_V1_Command()
         command.timeoutMs = 30_000
         command.protectVolume.volume = spec
@@ -251,6 +258,29 @@ struct APIRoutes {
         }
     }
 
+    /// Asks the agent to compare the whole volume with the replica, block hash by block hash.
+    func resync(host hostName: String, name: String, actor: String) async throws -> API.Volume {
+        guard let host = try await store.host(named: hostName) else {
+            throw FerryError(.notFound, "no host named '\(hostName)'; 'ferryctl hosts' lists them")
+        }
+        guard let record = try await store.volumes(hostID: host.id).first(where: { $0.name == name }) else {
+            throw FerryError(.notFound, "no volume \(hostName)/\(name); 'ferryctl volumes' lists them")
+        }
+        guard let entry = await registry.entry(hostID: host.id) else {
+            throw FerryError(.unavailable, "host '\(hostName)' is not connected; a resync needs its agent online")
+        }
+        var command = Ferry_V1_Command()
+        command.timeoutMs = 30_000
+        command.resyncVolume.name = name
+        let reply = try await entry.session.request(.command(command), timeout: .seconds(30))
+        guard case .commandResult(let result) = reply.body else {
+            throw FerryError(.protocolViolation, "agent answered resync with \(reply.bodyName)")
+        }
+        if case .error(let e)? = result.outcome { throw FerryError(wire: e) }
+        try await store.audit(actor: actor, action: "volume.resync", target: "\(hostName)/\(name)")
+        return try await volumeView(record, hostName: host.name)
+    }
+
     func volumeViews() async throws -> [API.Volume] {
         let hosts = Dictionary(uniqueKeysWithValues: try await store.hosts().map { ($0.id, $0) })
         var views: [API.Volume] = []
@@ -268,9 +298,43 @@ struct APIRoutes {
         var view = API.Volume(host: hostName, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),
                               state: online ? "exported" : "host-offline", socketPath: v.socketPath, lastSequence: nil,
                               protectedAt: v.protectedAt)
-        view.replicaState = state.resyncNeeded ? "resync-needed" : "replicating"
         view.durableSequence = await replica.durable
         view.replicaPath = await replica.imagePath
+        let report = await replica.report
+        let lastError = await replica.lastError
+        let syncing = (report?.sync.pendingExtents ?? 0) > 0
+        view.replicaState = lastError != nil ? "error"
+            : !state.initialSynced ? "initial-sync"
+            : (state.resyncNeeded || syncing) ? "resyncing"
+            : !online ? "paused" : "protected"
+        view.lastError = lastError
+        view.syncsCompleted = state.syncsCompleted
+        view.throughputBytesPerSecond = await replica.throughputBytesPerSecond
+        view.reportedAt = await replica.reportedAt
+        if let report {
+            view.lastSequence = report.lastSequence
+            view.markedExtents = report.markedExtents
+            view.tcpAddress = report.tcpAddress.isEmpty ? nil : report.tcpAddress
+            view.lagBytes = report.pendingBytes
+            view.lagSeconds = report.oldestPendingUnixNanos > 0
+                ? max(0, Date().timeIntervalSince1970 - Double(report.oldestPendingUnixNanos) / 1e9) : 0
+            let p = report.sync
+            if p.kind != .none {
+                let left = p.totalBytes - min(p.totalBytes, p.doneBytes)
+                view.sync = API.SyncProgress(
+                    kind: p.kind == .full ? "full" : "marked", totalBytes: p.totalBytes, doneBytes: p.doneBytes, sentBytes: p.sentBytes,
+                    rateBytesPerSecond: p.rateBytesPerSecond,
+                    etaSeconds: left > 0 && p.rateBytesPerSecond > 0 ? Double(left) / Double(p.rateBytesPerSecond) : nil,
+                    done: p.pendingExtents == 0)
+            }
+            // Synced: what the current sync has compared, of the whole volume (a marked resync
+            // only had its marked extents to do; the rest was in sync already).
+            let size = Double(max(1, v.sizeBytes))
+            let pendingBytes = min(size, Double(p.totalBytes - min(p.totalBytes, p.doneBytes)))
+            view.syncedPercent = state.initialSynced || p.kind != .none ? (100 * (size - pendingBytes) / size).rounded(toPlaces: 1) : 0
+        } else {
+            view.syncedPercent = state.initialSynced ? 100 : 0
+        }
         return view
     }
 
@@ -291,5 +355,12 @@ struct APIRoutes {
             ))
         }
         return views
+    }
+}
+
+extension Double {
+    func rounded(toPlaces places: Int) -> Double {
+        let f = pow(10, Double(places))
+        return (self * f).rounded(.down) / f
     }
 }

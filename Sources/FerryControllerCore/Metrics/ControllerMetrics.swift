@@ -1,4 +1,6 @@
 import CoreMetrics
+import FerryWire
+import Foundation
 import Metrics
 import Prometheus
 
@@ -42,6 +44,24 @@ public final class ControllerMetrics: Sendable {
     /// Counts a refused connection, labelled by why.
     func connectionRejected(_ reason: String) {
         CoreMetrics.Counter(label: "ferry_connections_rejected_total", dimensions: [("reason", reason)], factory: factory).increment()
+    }
+
+    /// Per-volume gauges from the agent's report: lag, bytes pending, sync progress, throughput.
+    func noteVolume(host: String, report: Ferry_V1_VolumeReport, throughput: Double) {
+        let labels = [("host", host), ("volume", report.volume)]
+        let oldest = report.oldestPendingUnixNanos
+        let lag = oldest > 0 ? max(0, Date().timeIntervalSince1970 - Double(oldest) / 1e9) : 0
+        CoreMetrics.Gauge(label: "ferry_volume_lag_seconds", dimensions: labels, factory: factory).record(lag)
+        CoreMetrics.Gauge(label: "ferry_volume_pending_bytes", dimensions: labels, factory: factory).record(Double(report.pendingBytes))
+        CoreMetrics.Gauge(label: "ferry_volume_throughput_bytes_per_second", dimensions: labels, factory: factory).record(throughput)
+        CoreMetrics.Gauge(label: "ferry_volume_marked_extents", dimensions: labels, factory: factory).record(Double(report.markedExtents))
+        CoreMetrics.Gauge(label: "ferry_volume_sync_pending_extents", dimensions: labels, factory: factory).record(Double(report.sync.pendingExtents))
+        CoreMetrics.Gauge(label: "ferry_volume_sync_sent_bytes", dimensions: labels, factory: factory).record(Double(report.sync.sentBytes))
+    }
+
+    /// Counts a completed sync (initial, resync after a crash or overflow, or on demand).
+    func syncCompleted(host: String, volume: String) {
+        CoreMetrics.Counter(label: "ferry_volume_syncs_completed_total", dimensions: [("host", host), ("volume", volume)], factory: factory).increment()
     }
 
     public func render() -> String { registry.emitToString() }

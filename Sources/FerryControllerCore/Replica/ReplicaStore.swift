@@ -18,7 +18,35 @@ public actor ReplicaStore {
         public var resyncNeeded = false
         /// Everything through this sequence is in the (synced) image; the journal holds what follows.
         public var checkpointed: UInt64 = 0
+        /// A full comparison with the source has completed once: the replica can be trusted.
+        public var initialSynced = false
+        /// Syncs (initial, crash or overflow resync, on demand) completed.
+        public var syncsCompleted: UInt64 = 0
+
+        public init() {}
+
+        public init(from decoder: any Decoder) throws {
+            // Fields added later default for state files written before them.
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            epoch = try c.decodeIfPresent(UInt64.self, forKey: .epoch) ?? 0
+            resyncNeeded = try c.decodeIfPresent(Bool.self, forKey: .resyncNeeded) ?? false
+            checkpointed = try c.decodeIfPresent(UInt64.self, forKey: .checkpointed) ?? 0
+            initialSynced = try c.decodeIfPresent(Bool.self, forKey: .initialSynced) ?? false
+            syncsCompleted = try c.decodeIfPresent(UInt64.self, forKey: .syncsCompleted) ?? 0
+        }
     }
+
+    /// What the agent last reported about the volume, and when.
+    public private(set) var report: Ferry_V1_VolumeReport?
+    public private(set) var reportedAt: Date?
+    /// The last error applying the stream (cleared by the next batch applied).
+    public private(set) var lastError: String?
+    /// Bytes of data applied since the replica was opened.
+    public private(set) var bytesApplied: UInt64 = 0
+    /// Applied bytes per second, smoothed over about ten seconds.
+    private var throughput = Throughput()
+    /// A sync the agent reported finished, complete once this sequence is durable.
+    private var completion: (through: UInt64, full: Bool)?
 
     public let directory: String
     public let size: UInt64
@@ -67,6 +95,17 @@ public actor ReplicaStore {
     /// Appends a batch durably and applies it; returns the durable sequence to ack.
     /// Duplicates (at or below the durable sequence) are ignored; a gap is refused.
     public func apply(_ batch: Ferry_V1_ReplicationBatch) async throws -> UInt64 {
+        do {
+            let durable = try await applyChecked(batch)
+            lastError = nil
+            return durable
+        } catch {
+            lastError = (error as? FerryError)?.message ?? "\(error)"
+            throw error
+        }
+    }
+
+    private func applyChecked(_ batch: Ferry_V1_ReplicationBatch) async throws -> UInt64 {
         if batch.epoch != state.epoch { try await startEpoch(batch.epoch) }
         let fresh = batch.records.filter { $0.sequence > durable }
         guard let first = fresh.first else { return durable }
@@ -97,8 +136,68 @@ public actor ReplicaStore {
         }
         journalBytes += Int64(bytes.readableBytes)
         durable = fresh.last!.sequence
+        let dataBytes = fresh.reduce(UInt64(0)) { $0 + UInt64($1.data.count) }
+        bytesApplied += dataBytes
+        throughput.add(dataBytes)
         if journalBytes > Self.journalLimit { try await checkpoint() }
+        try completeSyncIfDurable()
         return durable
+    }
+
+    /// The agent's periodic report. A sync it reports finished (nothing pending in this epoch)
+    /// completes once everything it captured up to then is durable here.
+    public func note(_ report: Ferry_V1_VolumeReport) throws {
+        self.report = report
+        reportedAt = Date()
+        guard report.epoch == state.epoch || state.epoch == 0 else {
+            completion = nil
+            return
+        }
+        if report.sync.pendingExtents == 0, !report.overflowed {
+            if completion == nil, state.resyncNeeded || !state.initialSynced {
+                completion = (report.lastSequence, report.sync.kind == .full)
+            }
+        } else {
+            completion = nil
+        }
+        try completeSyncIfDurable()
+    }
+
+    private func completeSyncIfDurable() throws {
+        guard let c = completion, durable >= c.through, state.epoch != 0 || c.through == 0 else { return }
+        completion = nil
+        let wasInitial = !state.initialSynced
+        guard state.resyncNeeded || (wasInitial && c.full) else { return }
+        state.resyncNeeded = false
+        if c.full { state.initialSynced = true }
+        state.syncsCompleted += 1
+        try saveState()
+    }
+
+    /// Applied bytes per second over the last seconds.
+    public var throughputBytesPerSecond: Double { throughput.rate() }
+
+    /// Indices of the blocks whose hashes differ from the replica's (see `BlockHashing`).
+    public func differing(_ request: Ferry_V1_ResyncHashes) async throws -> [UInt32] {
+        let block = request.blockBytes
+        guard BlockHashing.blockBytesRange.contains(block), block & (block - 1) == 0 else {
+            throw FerryError(.badRequest, "resync block size \(block) is not a power of two between 4 KiB and 1 MiB")
+        }
+        guard !request.hashes.isEmpty, request.hashes.count <= BlockHashing.maxBlocks else {
+            throw FerryError(.badRequest, "a resync request carries 1 to \(BlockHashing.maxBlocks) hashes, not \(request.hashes.count)")
+        }
+        guard request.offset % UInt64(block) == 0, request.offset < size,
+              request.offset + UInt64(request.hashes.count - 1) * UInt64(block) < size else {
+            throw FerryError(.badRequest, "resync range at \(request.offset) lies outside the \(size)-byte volume")
+        }
+        guard request.hashes.allSatisfy({ $0.isEmpty || $0.count == BlockHashing.hashBytes }) else {
+            throw FerryError(.badRequest, "resync hashes must be empty or \(BlockHashing.hashBytes) bytes")
+        }
+        let image = self.image, size = self.size
+        let ours = try await pool.runIfActive {
+            try BlockHashing.hashes(fd: image, size: size, offset: request.offset, blockBytes: Int(block), count: request.hashes.count)
+        }
+        return zip(request.hashes, ours.hashes).enumerated().compactMap { i, pair in pair.0 == pair.1 ? nil : UInt32(i) }
     }
 
     /// A new capture epoch: the agent restarted and numbers from 1 again. If the replica held
@@ -109,6 +208,8 @@ public actor ReplicaStore {
         state.epoch = epoch
         state.checkpointed = 0
         durable = 0
+        // A completion reported in the old epoch names sequences that mean nothing now.
+        completion = nil
         try saveState()
     }
 
@@ -211,6 +312,37 @@ public actor ReplicaStore {
     static func writeAll(_ fd: Int32, _ buffer: ByteBuffer) throws {
         let failed = buffer.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: nil) }
         if failed != 0 { throw FerryError(.io, "journal write failed: \(String(cString: strerror(failed)))") }
+    }
+}
+
+/// A smoothed rate: bytes per one-second bucket over the last ten buckets.
+struct Throughput {
+    private var buckets = [UInt64](repeating: 0, count: 10)
+    private var current = Int64(0)
+
+    private static func second() -> Int64 { Int64(Date().timeIntervalSince1970) }
+
+    mutating func add(_ bytes: UInt64) {
+        advance()
+        buckets[Int(current % 10)] += bytes
+    }
+
+    private mutating func advance() {
+        let now = Self.second()
+        if now - current >= 10 {
+            buckets = [UInt64](repeating: 0, count: 10)
+        } else if now > current {
+            for s in (current + 1)...now { buckets[Int(s % 10)] = 0 }
+        }
+        current = max(current, now)
+    }
+
+    func rate() -> Double {
+        var copy = self
+        copy.advance()
+        // The current second is partial: average the nine whole ones before it.
+        let whole = (1...9).reduce(UInt64(0)) { $0 + copy.buckets[Int((copy.current - Int64($1) + 10) % 10)] }
+        return Double(whole) / 9
     }
 }
 

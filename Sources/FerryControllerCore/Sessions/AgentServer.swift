@@ -287,8 +287,10 @@ public final class AgentServer: Service, Sendable {
                 var spec = record.spec
                 // Where the replica stands, so the agent resumes right after it.
                 let replica = try await replicas.replica(hostID: hostID, volume: record.name, size: UInt64(record.sizeBytes))
-                spec.epoch = await replica.state.epoch
+                let state = await replica.state
+                spec.epoch = state.epoch
                 spec.durableSequence = await replica.durable
+                spec.initialSyncRequired = !state.initialSynced
                 sync.volumes.append(spec)
             }
             var command = Ferry_V1_Command()
@@ -367,15 +369,7 @@ public final class AgentServer: Service, Sendable {
                 try await session.send(.error(error.wire), inReplyTo: envelope.id)
             }
         case .replicationBatch(let batch):
-            let replica: ReplicaStore
-            if let opened = await replicas.opened(hostID: hostID, volume: batch.volume) {
-                replica = opened
-            } else {
-                guard let record = try await store.volumes(hostID: hostID).first(where: { $0.name == batch.volume }) else {
-                    throw FerryError(.protocolViolation, "replication for volume '\(batch.volume)', which this host does not protect")
-                }
-                replica = try await replicas.replica(hostID: hostID, volume: record.name, size: UInt64(record.sizeBytes))
-            }
+            let replica = try await protectedReplica(hostID: hostID, volume: batch.volume)
             // A gap or a bad record ends the session: the agent reconnects and resumes from the
             // durable sequence it is told at the next session start.
             let durable = try await replica.apply(batch)
@@ -389,6 +383,29 @@ public final class AgentServer: Service, Sendable {
             ack.epoch = batch.epoch
             ack.durableSequence = durable
             try await session.send(.replicationAck(ack))
+        case .resyncHashes(let request):
+            do {
+                let replica = try await protectedReplica(hostID: hostID, volume: request.volume)
+                var diff = Ferry_V1_ResyncDiff()
+                diff.differing = try await replica.differing(request)
+                try await session.send(.resyncDiff(diff), inReplyTo: envelope.id)
+            } catch let error as FerryError {
+                try await session.send(.error(error.wire), inReplyTo: envelope.id)
+            }
+        case .volumeReport(let report):
+            guard let replica = try? await protectedReplica(hostID: hostID, volume: report.volume) else {
+                log.warning("report about a volume this host does not protect", metadata: ["volume": "\(report.volume)"])
+                return
+            }
+            let before = await replica.state.syncsCompleted
+            try await replica.note(report)
+            metrics.noteVolume(host: hostName, report: report, throughput: await replica.throughputBytesPerSecond)
+            if await replica.state.syncsCompleted > before {
+                metrics.syncCompleted(host: hostName, volume: report.volume)
+                log.info("volume sync complete: the replica matches the source", metadata: [
+                    "volume": "\(report.volume)", "compared-bytes": "\(report.sync.doneBytes)", "sent-bytes": "\(report.sync.sentBytes)",
+                ])
+            }
         case .error(let e):
             log.warning("agent reported an error", metadata: ["code": "\(e.code)", "message": "\(e.message)"])
         default:
@@ -399,6 +416,16 @@ public final class AgentServer: Service, Sendable {
                 log.warning("unexpected message", metadata: ["kind": "\(envelope.bodyName)"])
             }
         }
+    }
+
+    /// The replica of a volume this host protects; a volume it does not protect is a
+    /// protocol violation.
+    func protectedReplica(hostID: String, volume: String) async throws -> ReplicaStore {
+        if let opened = await replicas.opened(hostID: hostID, volume: volume) { return opened }
+        guard let record = try await store.volumes(hostID: hostID).first(where: { $0.name == volume }) else {
+            throw FerryError(.protocolViolation, "replication for volume '\(volume)', which this host does not protect")
+        }
+        return try await replicas.replica(hostID: hostID, volume: record.name, size: UInt64(record.sizeBytes))
     }
 
     /// Closes the live session of a host, if any (used on revocation).

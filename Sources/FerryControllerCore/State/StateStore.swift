@@ -442,6 +442,11 @@ extension StateStore {
         }
     }
 
+    /// Records an operator action that changes no stored row (e.g. a resync request).
+    public func audit(actor: String, action: String, target: String, detail: String = "") async throws {
+        try await pool.write { db in try Self.audit(db, actor: actor, action: action, target: target, detail: detail) }
+    }
+
     public func auditLog(limit: Int) async throws -> [API.AuditEntry] {
         try await pool.read { db in
             try AuditRecord.order(Column("id").desc).limit(limit).fetchAll(db).map {

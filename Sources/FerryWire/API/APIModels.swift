@@ -143,18 +143,58 @@ public enum API {
         /// Sequence of the last captured write, as the agent last reported it.
         public var lastSequence: UInt64?
         public var protectedAt: Date
-        /// `replicating`, or `resync-needed` when writes may be missing from the replica (the
-        /// agent restarted or its change log overflowed); resync arrives with a later release.
+        /// `initial-sync` (never completely copied yet), `protected`, `resyncing` (extents are
+        /// being compared after a crash, an overflow or a request), `paused` (the host is not
+        /// connected, nothing flows) or `error` (see `lastError`).
         public var replicaState: String?
         /// Last sequence of the current capture epoch durable on the controller.
         public var durableSequence: UInt64?
         /// The controller's replica image of the volume (latest state).
         public var replicaPath: String?
+        /// How much of the volume is known to match the replica, 0-100.
+        public var syncedPercent: Double?
+        /// Age of the oldest write the controller does not hold yet (0: none pending).
+        public var lagSeconds: Double?
+        /// Captured bytes the controller does not hold yet.
+        public var lagBytes: UInt64?
+        /// Bytes applied to the replica per second, over the last seconds.
+        public var throughputBytesPerSecond: Double?
+        /// The current (or last) initial sync or resync.
+        public var sync: SyncProgress?
+        /// Extents marked dirty in the agent's activity log.
+        public var markedExtents: UInt64?
+        /// Syncs completed since the volume was protected.
+        public var syncsCompleted: UInt64?
+        /// The last error applying the stream.
+        public var lastError: String?
+        /// When the agent last reported on the volume.
+        public var reportedAt: Date?
+        /// The agent's loopback TCP export (`nbd://HOST:PORT/NAME`), if it has one.
+        public var tcpAddress: String?
 
         public init(host: String, name: String, path: String, sizeBytes: UInt64, state: String, socketPath: String?,
                     lastSequence: UInt64?, protectedAt: Date) {
             self.host = host; self.name = name; self.path = path; self.sizeBytes = sizeBytes; self.state = state
             self.socketPath = socketPath; self.lastSequence = lastSequence; self.protectedAt = protectedAt
+        }
+    }
+
+    /// Where an initial sync or resync stands.
+    public struct SyncProgress: Codable, Sendable {
+        /// `full` (initial sync or on demand) or `marked` (after a crash or a change-log overflow).
+        public var kind: String
+        public var totalBytes: UInt64
+        public var doneBytes: UInt64
+        /// Bytes that differed and were sent.
+        public var sentBytes: UInt64
+        public var rateBytesPerSecond: UInt64
+        /// Seconds left at the current rate (nil when done or unknown).
+        public var etaSeconds: Double?
+        public var done: Bool
+
+        public init(kind: String, totalBytes: UInt64, doneBytes: UInt64, sentBytes: UInt64, rateBytesPerSecond: UInt64, etaSeconds: Double?, done: Bool) {
+            self.kind = kind; self.totalBytes = totalBytes; self.doneBytes = doneBytes; self.sentBytes = sentBytes
+            self.rateBytesPerSecond = rateBytesPerSecond; self.etaSeconds = etaSeconds; self.done = done
         }
     }
 

@@ -102,3 +102,17 @@ extension Duration {
         return Double(c.seconds) + Double(c.attoseconds) / 1e18
     }
 }
+
+extension ConfigText {
+    /// A size such as `64M`, `1G`, `512K` or plain bytes.
+    public static func byteSize(_ text: String) throws -> UInt64 {
+        let t = text.trimmingCharacters(in: .whitespaces).uppercased()
+        let units: [(String, UInt64)] = [("TIB", 1 << 40), ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10),
+                                          ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10), ("B", 1)]
+        for (suffix, factor) in units where t.hasSuffix(suffix) {
+            if let n = UInt64(t.dropLast(suffix.count)), n <= UInt64.max / factor { return n * factor }
+        }
+        if let n = UInt64(t) { return n }
+        throw FerryError(.badConfiguration, "'\(text)' is not a size (examples: 64M, 1G)")
+    }
+}

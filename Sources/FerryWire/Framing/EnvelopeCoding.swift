@@ -38,6 +38,9 @@ extension Ferry_V1_Envelope {
         case .renewResponse: return "renew-response"
         case .replicationBatch: return "replication-batch"
         case .replicationAck: return "replication-ack"
+        case .resyncHashes: return "resync-hashes"
+        case .resyncDiff: return "resync-diff"
+        case .volumeReport: return "volume-report"
         }
     }
 

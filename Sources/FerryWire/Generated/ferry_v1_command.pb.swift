@@ -77,6 +77,14 @@ public nonisolated struct Ferry_V1_Command: Sendable {
     set {kind = .syncVolumes(newValue)}
   }
 
+  public var resyncVolume: Ferry_V1_ResyncVolume {
+    get {
+      if case .resyncVolume(let v)? = kind {return v}
+      return Ferry_V1_ResyncVolume()
+    }
+    set {kind = .resyncVolume(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
@@ -84,6 +92,7 @@ public nonisolated struct Ferry_V1_Command: Sendable {
     case echo(Ferry_V1_Echo)
     case protectVolume(Ferry_V1_ProtectVolume)
     case syncVolumes(Ferry_V1_SyncVolumes)
+    case resyncVolume(Ferry_V1_ResyncVolume)
 
   }
 
@@ -200,6 +209,9 @@ public nonisolated struct Ferry_V1_VolumeSpec: Sendable {
 
   public var durableSequence: UInt64 = 0
 
+  /// The replica has never been completely synced: compare (and copy) the whole volume.
+  public var initialSyncRequired: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -283,13 +295,27 @@ public nonisolated struct Ferry_V1_VolumeStatuses: Sendable {
   public init() {}
 }
 
+/// Compare the whole volume with the replica now, block hash by block hash, and send what
+/// differs (ferryctl volume resync).
+public nonisolated struct Ferry_V1_ResyncVolume: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "ferry.v1"
 
 nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Command"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}timeout_ms\0\u{4}\u{9}refresh_inventory\0\u{1}echo\0\u{4}\u{9}protect_volume\0\u{3}sync_volumes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}timeout_ms\0\u{4}\u{9}refresh_inventory\0\u{1}echo\0\u{4}\u{9}protect_volume\0\u{3}sync_volumes\0\u{3}resync_volume\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -350,6 +376,19 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.kind = .syncVolumes(v)
         }
       }()
+      case 22: try {
+        var v: Ferry_V1_ResyncVolume?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .resyncVolume(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .resyncVolume(v)
+        }
+      }()
       default: break
       }
     }
@@ -379,6 +418,10 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
     case .syncVolumes?: try {
       guard case .syncVolumes(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+    }()
+    case .resyncVolume?: try {
+      guard case .resyncVolume(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
     }()
     case nil: break
     }
@@ -562,7 +605,7 @@ nonisolated extension Ferry_V1_Echo: SwiftProtobuf.Message, SwiftProtobuf._Messa
 
 nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -576,6 +619,7 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.sizeBytes) }()
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.durableSequence) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.initialSyncRequired) }()
       default: break
       }
     }
@@ -600,6 +644,9 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     if self.durableSequence != 0 {
       try visitor.visitSingularUInt64Field(value: self.durableSequence, fieldNumber: 6)
     }
+    if self.initialSyncRequired != false {
+      try visitor.visitSingularBoolField(value: self.initialSyncRequired, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -610,6 +657,7 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     if lhs.sizeBytes != rhs.sizeBytes {return false}
     if lhs.epoch != rhs.epoch {return false}
     if lhs.durableSequence != rhs.durableSequence {return false}
+    if lhs.initialSyncRequired != rhs.initialSyncRequired {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -769,6 +817,36 @@ nonisolated extension Ferry_V1_VolumeStatuses: SwiftProtobuf.Message, SwiftProto
 
   public static func ==(lhs: Ferry_V1_VolumeStatuses, rhs: Ferry_V1_VolumeStatuses) -> Bool {
     if lhs.volumes != rhs.volumes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_ResyncVolume: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ResyncVolume"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_ResyncVolume, rhs: Ferry_V1_ResyncVolume) -> Bool {
+    if lhs.name != rhs.name {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -25,6 +25,48 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+public nonisolated enum Ferry_V1_SyncKind: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case none // = 0
+
+  /// Every extent of the volume is compared (initial sync, or resync on demand).
+  case full // = 1
+
+  /// Only extents marked in the activity log (after a crash or a change-log overflow).
+  case marked // = 2
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .none
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .none
+    case 1: self = .full
+    case 2: self = .marked
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .none: return 0
+    case .full: return 1
+    case .marked: return 2
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Ferry_V1_SyncKind] = [
+    .none,
+    .full,
+    .marked,
+  ]
+
+}
+
 /// One captured mutation of a protected volume.
 public nonisolated struct Ferry_V1_ReplicationRecord: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
@@ -87,9 +129,129 @@ public nonisolated struct Ferry_V1_ReplicationAck: Sendable {
   public init() {}
 }
 
+/// Delta resync, step 1 (agent -> controller request): hashes of consecutive blocks of the
+/// source starting at `offset`. The controller compares them with its replica and answers
+/// ResyncDiff. Used for the initial sync, after a crash (marked extents), after change-log
+/// overflow and on demand.
+public nonisolated struct Ferry_V1_ResyncHashes: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var volume: String = String()
+
+  public var epoch: UInt64 = 0
+
+  public var offset: UInt64 = 0
+
+  /// Block size in bytes (4 KiB to 1 MiB, a power of two); the last block may be short at the
+  /// end of the volume.
+  public var blockBytes: UInt32 = 0
+
+  /// Per block: the first 16 bytes of its SHA-256, or empty for a block that reads as zeroes.
+  public var hashes: [Data] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Delta resync, step 2 (controller -> agent reply): the indices (into ResyncHashes.hashes) of
+/// the blocks the replica holds differently. The agent sends their current content as ordinary
+/// records of its stream, so they stay in order with the writes around them.
+public nonisolated struct Ferry_V1_ResyncDiff: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var differing: [UInt32] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Where an initial sync or resync stands.
+public nonisolated struct Ferry_V1_SyncProgress: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// The current job, or the last one once it is done.
+  public var kind: Ferry_V1_SyncKind = .none
+
+  public var totalBytes: UInt64 = 0
+
+  /// Bytes compared so far.
+  public var doneBytes: UInt64 = 0
+
+  /// Bytes sent because they differed (what the sync actually moved).
+  public var sentBytes: UInt64 = 0
+
+  public var rateBytesPerSecond: UInt64 = 0
+
+  /// Extents still to compare; 0 once the job is done.
+  public var pendingExtents: UInt64 = 0
+
+  public var startedUnixNanos: Int64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Agent -> controller, about once a second per volume: how far behind the replica is.
+public nonisolated struct Ferry_V1_VolumeReport: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var volume: String = String()
+
+  public var epoch: UInt64 = 0
+
+  /// Last sequence captured, and the last one the controller acked.
+  public var lastSequence: UInt64 = 0
+
+  public var ackedSequence: UInt64 = 0
+
+  /// Captured bytes not yet acked, and when the oldest of them was captured (0: none pending).
+  public var pendingBytes: UInt64 = 0
+
+  public var oldestPendingUnixNanos: Int64 = 0
+
+  /// The change log passed its cap: only dirty-extent marks are kept until the next resync.
+  public var overflowed: Bool = false
+
+  public var sync: Ferry_V1_SyncProgress {
+    get {_sync ?? Ferry_V1_SyncProgress()}
+    set {_sync = newValue}
+  }
+  /// Returns true if `sync` has been explicitly set.
+  public var hasSync: Bool {self._sync != nil}
+  /// Clears the value of `sync`. Subsequent reads from it will return its default value.
+  public mutating func clearSync() {self._sync = nil}
+
+  /// Extents marked dirty in the activity log.
+  public var markedExtents: UInt64 = 0
+
+  /// "host:port" of the loopback TCP export, if the agent has one.
+  public var tcpAddress: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _sync: Ferry_V1_SyncProgress? = nil
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "ferry.v1"
+
+nonisolated extension Ferry_V1_SyncKind: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0SYNC_KIND_NONE\0\u{1}SYNC_KIND_FULL\0\u{1}SYNC_KIND_MARKED\0")
+}
 
 nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReplicationRecord"
@@ -216,6 +378,225 @@ nonisolated extension Ferry_V1_ReplicationAck: SwiftProtobuf.Message, SwiftProto
     if lhs.volume != rhs.volume {return false}
     if lhs.epoch != rhs.epoch {return false}
     if lhs.durableSequence != rhs.durableSequence {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_ResyncHashes: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ResyncHashes"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{1}offset\0\u{3}block_bytes\0\u{1}hashes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.offset) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.blockBytes) }()
+      case 5: try { try decoder.decodeRepeatedBytesField(value: &self.hashes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.volume.isEmpty {
+      try visitor.visitSingularStringField(value: self.volume, fieldNumber: 1)
+    }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 2)
+    }
+    if self.offset != 0 {
+      try visitor.visitSingularUInt64Field(value: self.offset, fieldNumber: 3)
+    }
+    if self.blockBytes != 0 {
+      try visitor.visitSingularUInt32Field(value: self.blockBytes, fieldNumber: 4)
+    }
+    if !self.hashes.isEmpty {
+      try visitor.visitRepeatedBytesField(value: self.hashes, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_ResyncHashes, rhs: Ferry_V1_ResyncHashes) -> Bool {
+    if lhs.volume != rhs.volume {return false}
+    if lhs.epoch != rhs.epoch {return false}
+    if lhs.offset != rhs.offset {return false}
+    if lhs.blockBytes != rhs.blockBytes {return false}
+    if lhs.hashes != rhs.hashes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_ResyncDiff: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ResyncDiff"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}differing\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedUInt32Field(value: &self.differing) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.differing.isEmpty {
+      try visitor.visitPackedUInt32Field(value: self.differing, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_ResyncDiff, rhs: Ferry_V1_ResyncDiff) -> Bool {
+    if lhs.differing != rhs.differing {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_SyncProgress: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SyncProgress"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}kind\0\u{3}total_bytes\0\u{3}done_bytes\0\u{3}sent_bytes\0\u{3}rate_bytes_per_second\0\u{3}pending_extents\0\u{3}started_unix_nanos\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularEnumField(value: &self.kind) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.totalBytes) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.doneBytes) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.sentBytes) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.rateBytesPerSecond) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.pendingExtents) }()
+      case 7: try { try decoder.decodeSingularInt64Field(value: &self.startedUnixNanos) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.kind != .none {
+      try visitor.visitSingularEnumField(value: self.kind, fieldNumber: 1)
+    }
+    if self.totalBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.totalBytes, fieldNumber: 2)
+    }
+    if self.doneBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.doneBytes, fieldNumber: 3)
+    }
+    if self.sentBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sentBytes, fieldNumber: 4)
+    }
+    if self.rateBytesPerSecond != 0 {
+      try visitor.visitSingularUInt64Field(value: self.rateBytesPerSecond, fieldNumber: 5)
+    }
+    if self.pendingExtents != 0 {
+      try visitor.visitSingularUInt64Field(value: self.pendingExtents, fieldNumber: 6)
+    }
+    if self.startedUnixNanos != 0 {
+      try visitor.visitSingularInt64Field(value: self.startedUnixNanos, fieldNumber: 7)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_SyncProgress, rhs: Ferry_V1_SyncProgress) -> Bool {
+    if lhs.kind != rhs.kind {return false}
+    if lhs.totalBytes != rhs.totalBytes {return false}
+    if lhs.doneBytes != rhs.doneBytes {return false}
+    if lhs.sentBytes != rhs.sentBytes {return false}
+    if lhs.rateBytesPerSecond != rhs.rateBytesPerSecond {return false}
+    if lhs.pendingExtents != rhs.pendingExtents {return false}
+    if lhs.startedUnixNanos != rhs.startedUnixNanos {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VolumeReport"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{3}last_sequence\0\u{3}acked_sequence\0\u{3}pending_bytes\0\u{3}oldest_pending_unix_nanos\0\u{1}overflowed\0\u{1}sync\0\u{3}marked_extents\0\u{3}tcp_address\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.lastSequence) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.ackedSequence) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.pendingBytes) }()
+      case 6: try { try decoder.decodeSingularInt64Field(value: &self.oldestPendingUnixNanos) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.overflowed) }()
+      case 8: try { try decoder.decodeSingularMessageField(value: &self._sync) }()
+      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.markedExtents) }()
+      case 10: try { try decoder.decodeSingularStringField(value: &self.tcpAddress) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.volume.isEmpty {
+      try visitor.visitSingularStringField(value: self.volume, fieldNumber: 1)
+    }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 2)
+    }
+    if self.lastSequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.lastSequence, fieldNumber: 3)
+    }
+    if self.ackedSequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.ackedSequence, fieldNumber: 4)
+    }
+    if self.pendingBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.pendingBytes, fieldNumber: 5)
+    }
+    if self.oldestPendingUnixNanos != 0 {
+      try visitor.visitSingularInt64Field(value: self.oldestPendingUnixNanos, fieldNumber: 6)
+    }
+    if self.overflowed != false {
+      try visitor.visitSingularBoolField(value: self.overflowed, fieldNumber: 7)
+    }
+    try { if let v = self._sync {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+    } }()
+    if self.markedExtents != 0 {
+      try visitor.visitSingularUInt64Field(value: self.markedExtents, fieldNumber: 9)
+    }
+    if !self.tcpAddress.isEmpty {
+      try visitor.visitSingularStringField(value: self.tcpAddress, fieldNumber: 10)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_VolumeReport, rhs: Ferry_V1_VolumeReport) -> Bool {
+    if lhs.volume != rhs.volume {return false}
+    if lhs.epoch != rhs.epoch {return false}
+    if lhs.lastSequence != rhs.lastSequence {return false}
+    if lhs.ackedSequence != rhs.ackedSequence {return false}
+    if lhs.pendingBytes != rhs.pendingBytes {return false}
+    if lhs.oldestPendingUnixNanos != rhs.oldestPendingUnixNanos {return false}
+    if lhs.overflowed != rhs.overflowed {return false}
+    if lhs._sync != rhs._sync {return false}
+    if lhs.markedExtents != rhs.markedExtents {return false}
+    if lhs.tcpAddress != rhs.tcpAddress {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

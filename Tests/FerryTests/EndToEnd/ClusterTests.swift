@@ -68,7 +68,7 @@ struct ClusterTests {
         let detected = ContinuousClock.now - frozen
         print("dead agent detected by the controller after \(detected) (heartbeat 1 s)")
         // Three intervals of silence, checked every half interval; slack for a loaded CI machine.
-        #expect(detected < .seconds(interval * 3 + 2.5), "detected after \(detected)")
+        #expect(detected < .seconds(interval * 3 + 4), "detected after \(detected)")
         #expect(detected >= .seconds(interval * 2.5), "detected after \(detected)")
         #expect(controller.process.log.contains("agent presumed dead"))
 

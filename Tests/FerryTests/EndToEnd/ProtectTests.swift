@@ -72,4 +72,39 @@ struct ProtectTests {
         #expect(status == 0 && took < .seconds(5))
         _ = await back.process.terminate()
     }
+
+    @Test("nbd-tcp serves every volume on one loopback port by export name; a non-loopback address is refused")
+    func loopbackTCPExport() async throws {
+        let dir = try TestDirectory()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let wide = dir.file("wide.yaml")
+        try "nbd-tcp: 0.0.0.0:10809\n".write(toFile: wide, atomically: true, encoding: .utf8)
+        let refused = try await run(Binaries.path("ferry-agent"), ["run", "--data-dir", dir.sub("nowhere"), "--config", wide])
+        #expect(refused.status != 0 && refused.stderr.contains("nbd-tcp must be a loopback address"), "\(refused)")
+
+        let config = dir.file("agent.yaml")
+        try "nbd-tcp: 127.0.0.1:0\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir, arguments: ["--config", config])
+        #expect(try await controller.waitFor("db", state: "online"))
+        let volumes = dir.sub("volumes")
+        for name in ["data", "logs"] {
+            #expect(try await controller.ctl("protect", "db", "--volume", name, "--path", volumes + "/\(name).img", "--create-size", "16M").status == 0)
+        }
+        var shown: API.Volume?
+        #expect(try await eventually(timeout: .seconds(10), every: .milliseconds(300)) {
+            shown = try API.decoder().decode(API.Volume.self, from: Data(try await controller.ctl("volume", "show", "db/logs", "--json").stdout.utf8))
+            return shown?.tcpAddress != nil
+        })
+        let tcp = try #require(shown?.tcpAddress)
+        #expect(tcp.hasPrefix("127.0.0.1:") && !tcp.hasSuffix(":0"))
+        let written = try await run("/usr/bin/qemu-io", ["-f", "raw", "nbd://\(tcp)/logs", "-c", "write -P 0x7c 0 1M", "-c", "flush"])
+        #expect(written.status == 0, "\(written)")
+        let listed = try await run("/usr/bin/nbdinfo", ["--list", "nbd://\(tcp)"])
+        #expect(listed.stdout.contains("data") && listed.stdout.contains("logs"), "\(listed)")
+        #expect(try await eventually(timeout: .seconds(30), every: .milliseconds(300)) {
+            try await run("/usr/bin/qemu-img", ["compare", "-q", "-f", "raw", "-F", "raw", volumes + "/logs.img", try #require(shown?.replicaPath)]).status == 0
+        })
+        _ = await agent.terminate()
+        _ = await controller.process.terminate()
+    }
 }

@@ -3,7 +3,8 @@ import Foundation
 import Testing
 
 /// Writes through the agent's export reach the controller's replica, in order, durably.
-@Suite("replication")
+// Serialized: these runs are heavy, and side by side they would measure each other.
+@Suite("replication", .serialized)
 struct ReplicationTests {
     func volume(_ controller: ControllerProcess) async throws -> API.Volume {
         let r = try await controller.ctl("volume", "show", "db/data", "--json")
@@ -25,35 +26,53 @@ struct ReplicationTests {
         return try await run("/usr/bin/fio", args, timeout: .seconds(300))
     }
 
-    @Test("fio through the agent, random and sequential with crc32c verify, with the controller killed -9 twice: the replica is byte-identical")
+    /// Waits until the volume's replica state is `state` and no sync is pending, as reported by
+    /// the agent after `after`.
+    func settled(_ controller: ControllerProcess, _ target: String = "db/data", state: String = "protected",
+                 after: Date = .distantPast, timeout: Duration = .seconds(60)) async throws -> API.Volume? {
+        var last: API.Volume?
+        let ok = try await eventually(timeout: timeout, every: .milliseconds(300)) {
+            let r = try await controller.ctl("volume", "show", target, "--json")
+            guard r.status == 0 else { return false }
+            last = try API.decoder().decode(API.Volume.self, from: Data(r.stdout.utf8))
+            return last?.replicaState == state && (last?.sync?.done ?? true) && (last?.reportedAt ?? .distantPast) > after
+        }
+        return ok ? last : nil
+    }
+
+    @Test("fio (512 MiB, crc32c verify) through the agent with the controller killed -9 twice and the agent killed -9 once: the replica is byte-identical, the agent resyncs only marked extents")
     func replicaMatchesSource() async throws {
         let dir = try TestDirectory()
         let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
         let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
         #expect(try await controller.waitFor("db", state: "online"))
         let image = dir.sub("volumes") + "/data.img"
-        #expect(try await controller.ctl("protect", "db", "--volume", "data", "--path", image, "--create-size", "128M").status == 0)
+        #expect(try await controller.ctl("protect", "db", "--volume", "data", "--path", image, "--create-size", "512M").status == 0)
         var info = try await volume(controller)
         let uri = "nbd+unix:///data?socket=\(try #require(info.socketPath))"
         let replica = try #require(info.replicaPath)
+        // A new, empty volume: its initial sync only compares holes.
+        let initial = try await settled(controller)
+        #expect(initial?.sync?.kind == "full" && initial?.sync?.sentBytes == 0, "\(String(describing: initial))")
 
-        let random = try await fio(uri, "randwrite", bs: "4k", size: "32M")
+        let random = try await fio(uri, "randwrite", bs: "4k", size: "256M")
         #expect(random.status == 0, "\(random)")
-        let sequential = try await fio(uri, "write", bs: "1M", size: "96M")
+        let sequential = try await fio(uri, "write", bs: "1M", size: "512M")
         #expect(sequential.status == 0, "\(sequential)")
         #expect(try await converged(image, replica), "\(agent.log)")
         info = try await volume(controller)
-        #expect(info.replicaState == "replicating" && (info.durableSequence ?? 0) > 8000)
+        #expect(info.replicaState == "protected" && (info.durableSequence ?? 0) > 65_000, "\(info)")
         // Lag is measured from capture on the agent to durable on the controller.
         let metrics = try await controller.ctl("metrics")
         let count = metrics.stdout.split(separator: "\n").first { $0.hasPrefix("ferry_replication_lag_seconds_count") }
         #expect(count.flatMap { Double($0.split(separator: " ").last ?? "") }.map { $0 > 0 } == true, "\(metrics.stdout)")
+        #expect(metrics.stdout.contains("ferry_volume_lag_seconds{"), "\(metrics.stdout)")
 
         // The controller dies twice in the middle of a run; the agent resumes after the last
         // durable record each time, and nothing acked is lost.
         var current = controller
         for round in 1...2 {
-            async let load = fio(uri, "randwrite", bs: "16k", size: "64M", seconds: 4)
+            async let load = fio(uri, "randwrite", bs: "16k", size: "512M", seconds: 4)
             try await Task.sleep(for: .seconds(1))
             await current.process.kill9()
             try await Task.sleep(for: .milliseconds(500))
@@ -62,37 +81,132 @@ struct ReplicationTests {
             #expect(result.status == 0, "workload failed while the controller was down: \(result)")
             #expect(try await converged(image, replica), "round \(round): \(agent.log)")
         }
-        info = try await volume(current)
-        #expect(info.replicaState == "replicating")
-        _ = await agent.terminate()
+
+        // The agent dies mid-write, in a 32 MiB region: its restart resyncs only the extents its
+        // activity log marked there, never the whole 512 MiB.
+        let load = Task { try await run("/usr/bin/fio", ["--name=crash", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k",
+                                                         "--offset=256M", "--size=32M", "--iodepth=16", "--time_based", "--runtime=10s"], timeout: .seconds(60)) }
+        try await Task.sleep(for: .seconds(2))
+        await agent.kill9()
+        _ = try? await load.value
+        let again = try AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
+        #expect(try await current.waitFor("db", state: "online"))
+        let resynced = try await settled(current, after: Date())
+        #expect(try await converged(image, replica), "\(again.log)")
+        let sync = try #require(resynced?.sync, "\(again.log)")
+        #expect(sync.kind == "marked" && sync.totalBytes <= 36 << 20 && sync.sentBytes <= sync.totalBytes, "\(sync)")
+        print("agent kill -9 resync: compared \(sync.totalBytes) bytes of marked extents, sent \(sync.sentBytes) bytes, of a 512 MiB volume")
+        _ = await again.terminate()
         _ = await current.process.terminate()
     }
 
-    @Test("an agent restart starts a new capture epoch: the replica says it needs a resync")
-    func agentRestartIsFlagged() async throws {
+    @Test("a 2 GiB half-empty volume's initial sync moves only its non-zero half, skipping holes and zeroed blocks")
+    func initialSyncSkipsZeroes() async throws {
         let dir = try TestDirectory()
         let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
         let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
         #expect(try await controller.waitFor("db", state: "online"))
         let image = dir.sub("volumes") + "/data.img"
-        #expect(try await controller.ctl("protect", "db", "--volume", "data", "--path", image, "--create-size", "16M").status == 0)
+        // 2 GiB: 16 data chunks of 64 MiB (1 GiB) alternating with holes, and one hole chunk
+        // overwritten with real zero bytes (found by content, not by SEEK_HOLE).
+        #expect(try await run("/usr/bin/truncate", ["-s", "2G", image]).status == 0)
+        for chunk in stride(from: 0, to: 32, by: 2) {
+            let r = try await run("/usr/bin/dd", ["if=/dev/urandom", "of=\(image)", "bs=4M", "count=16", "seek=\(chunk * 16)", "conv=notrunc,fsync", "status=none"])
+            #expect(r.status == 0, "\(r)")
+        }
+        #expect(try await run("/usr/bin/dd", ["if=/dev/zero", "of=\(image)", "bs=4M", "count=16", "seek=\(16)", "conv=notrunc", "status=none"]).status == 0)
+        let protect = try await controller.ctl("protect", "db", "--volume", "data", "--path", image)
+        #expect(protect.status == 0, "\(protect)")
+        let info = try await volume(controller)
+        #expect(info.replicaState == "initial-sync" || info.replicaState == "protected")
+        // Writes during the sync flow through the log and the replica converges with them.
+        let uri = "nbd+unix:///data?socket=\(try #require(info.socketPath))"
+        #expect(try await run("/usr/bin/qemu-io", ["-f", "raw", uri, "-c", "write -P 0x5a 1536M 8M"]).status == 0)
+        let synced = try await settled(controller, timeout: .seconds(180))
+        #expect(try await converged(image, try #require(info.replicaPath)), "\(agent.log)")
+        let sync = try #require(synced?.sync, "\(agent.log)")
+        #expect(sync.kind == "full" && sync.totalBytes == 2 << 30 && sync.doneBytes == 2 << 30, "\(sync)")
+        // The non-zero half, give or take the 8 MiB written meanwhile (those blocks may arrive
+        // as ordinary writes before the sync compares them).
+        #expect(sync.sentBytes >= (1 << 30) - (8 << 20) && sync.sentBytes <= (1 << 30) + (8 << 20), "\(sync)")
+        #expect(synced?.syncedPercent == 100)
+        print("initial sync of a 2 GiB half-empty volume: sent \(sync.sentBytes) bytes (\(Double(sync.sentBytes) / Double(1 << 30)) GiB)")
+        _ = await agent.terminate()
+        _ = await controller.process.terminate()
+    }
+
+    @Test("resync on demand repairs a damaged replica by moving only the differing blocks")
+    func resyncOnDemand() async throws {
+        let dir = try TestDirectory()
+        var controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
+        #expect(try await controller.waitFor("db", state: "online"))
+        let image = dir.sub("volumes") + "/data.img"
+        #expect(try await controller.ctl("protect", "db", "--volume", "data", "--path", image, "--create-size", "512M").status == 0)
         let info = try await volume(controller)
         let uri = "nbd+unix:///data?socket=\(try #require(info.socketPath))"
-        #expect(try await run("/usr/bin/qemu-io", ["-f", "raw", uri, "-c", "write -P 0x33 0 1M"]).status == 0)
-        #expect(try await converged(image, try #require(info.replicaPath)))
-        await agent.kill9()
-        let again = try AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
-        #expect(try await eventually(timeout: .seconds(10), every: .milliseconds(200)) {
-            try await run("/usr/bin/nbdinfo", ["--size", uri]).status == 0
-        })
-        #expect(try await run("/usr/bin/qemu-io", ["-f", "raw", uri, "-c", "write -P 0x44 1M 1M"]).status == 0)
-        let flagged = try await eventually(timeout: .seconds(15), every: .milliseconds(300)) {
-            try await volume(controller).replicaState == "resync-needed"
+        let replica = try #require(info.replicaPath)
+        #expect(try await run("/usr/bin/qemu-io", ["-f", "raw", uri, "-c", "write -P 0x11 0 32M"]).status == 0)
+        // Enough more that the controller checkpoints and empties its journal: a restart's
+        // journal replay cannot repair the damage below, only the resync can.
+        #expect(try await run("/usr/bin/qemu-io", ["-f", "raw", uri, "-c", "write -P 0x22 64M 300M"]).status == 0)
+        #expect(try await converged(image, replica))
+        #expect(try await settled(controller) != nil)
+        // Damage three blocks of the replica behind the controller's back (bit rot, a bad copy).
+        _ = await controller.process.terminate()
+        for offset in [100_000, 9_000_000, 30_000_000] {
+            #expect(try await run("/usr/bin/dd", ["if=/dev/urandom", "of=\(replica)", "bs=1", "count=4096", "seek=\(offset)", "conv=notrunc", "status=none"]).status == 0)
         }
-        #expect(flagged, "\(again.log)")
-        // Writes of the new epoch still flow.
-        #expect(try await converged(image, try #require(info.replicaPath)))
-        _ = await again.terminate()
+        controller = try await ControllerProcess.start(dataDir: controller.dataDir, listen: controller.agentAddress, logName: "controller-2.log")
+        #expect(try await controller.waitFor("db", state: "online"))
+        #expect(try await run("/usr/bin/qemu-img", ["compare", "-q", "-f", "raw", "-F", "raw", image, replica]).status != 0)
+        let missing = try await controller.ctl("volume", "resync", "db/nothing")
+        #expect(missing.status != 0 && missing.stderr.contains("no volume db/nothing"), "\(missing)")
+        let started = try await controller.ctl("volume", "resync", "db/data")
+        #expect(started.status == 0, "\(started)")
+        let done = try await settled(controller, after: Date())
+        #expect(try await converged(image, replica, timeout: .seconds(10)), "\(agent.log)")
+        let sync = try #require(done?.sync)
+        // Each damaged range spans one or two 64 KiB blocks; nothing else moves.
+        #expect(sync.kind == "full" && sync.doneBytes == 512 << 20 && sync.sentBytes >= 3 * 65536 && sync.sentBytes <= 6 * 65536, "\(sync)")
+        print("resync on demand of a 512 MiB volume with 3 damaged 4 KiB ranges: sent \(sync.sentBytes) bytes")
+        #expect(try await controller.audit().contains { $0.action == "volume.resync" && $0.target == "db/data" })
+        _ = await agent.terminate()
+        _ = await controller.process.terminate()
+    }
+
+    @Test("controller unreachable for 30 s under fio load, the change log past its caps: the workload runs on, marked extents resync, the replica is identical")
+    func controllerAwayUnderLoad() async throws {
+        let dir = try TestDirectory()
+        var controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let config = dir.file("agent.yaml")
+        try "change-log-memory: 4M\nchange-log-spill: 16M\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir, arguments: ["--config", config])
+        #expect(try await controller.waitFor("db", state: "online"))
+        let image = dir.sub("volumes") + "/data.img"
+        #expect(try await controller.ctl("protect", "db", "--volume", "data", "--path", image, "--create-size", "256M").status == 0)
+        let info = try await volume(controller)
+        let uri = "nbd+unix:///data?socket=\(try #require(info.socketPath))"
+        let replica = try #require(info.replicaPath)
+        #expect(try await settled(controller) != nil, "\(agent.log)\n\(controller.process.log)")
+
+        let started = ContinuousClock.now
+        async let load = run("/usr/bin/fio", ["--name=away", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=64k", "--size=256M",
+                                              "--iodepth=8", "--time_based", "--runtime=36s", "--rate=8m"], timeout: .seconds(120))
+        try await Task.sleep(for: .seconds(2))
+        await controller.process.kill9()
+        try await Task.sleep(for: .seconds(30))
+        controller = try await ControllerProcess.start(dataDir: controller.dataDir, listen: controller.agentAddress, logName: "controller-2.log")
+        #expect(try await controller.waitFor("db", state: "online"))
+        let back = Date()
+        let result = try await load
+        #expect(result.status == 0, "the workload failed while the controller was away: \(result)")
+        #expect(ContinuousClock.now - started >= .seconds(36))
+        #expect(agent.log.contains("change log overflowed"), "\(agent.log)")
+        let synced = try await settled(controller, after: back, timeout: .seconds(90))
+        #expect(try await converged(image, replica), "\(agent.log)")
+        #expect(synced?.sync?.kind == "marked", "\(String(describing: synced))")
+        _ = await agent.terminate()
         _ = await controller.process.terminate()
     }
 

@@ -1,0 +1,138 @@
+import FerryWire
+import Foundation
+import Logging
+import Synchronization
+
+/// Where a volume's sync job (initial sync, crash or overflow resync, resync on demand) stands,
+/// shared by the worker and the reports.
+public final class SyncTracker: Sendable {
+    struct State {
+        var kind: Ferry_V1_SyncKind = .none
+        var doneBytes: UInt64 = 0
+        var sentBytes: UInt64 = 0
+        var started: Int64 = 0
+        var startedAt = ContinuousClock.now
+        var finished = false
+    }
+
+    private let state = Mutex(State())
+
+    /// A new job of `kind` starts (or a running one grows: a full job stays full).
+    func begin(_ kind: Ferry_V1_SyncKind) {
+        state.withLock { s in
+            if s.finished || s.kind == .none {
+                s = State(kind: kind, started: ChangeLog.now(), startedAt: .now)
+            } else if kind == .full {
+                s.kind = .full
+            }
+        }
+    }
+
+    func advance(done: UInt64, sent: UInt64) {
+        state.withLock { s in
+            if s.kind == .none { s = State(kind: .marked, started: ChangeLog.now(), startedAt: .now) }
+            s.finished = false
+            s.doneBytes += done
+            s.sentBytes += sent
+        }
+    }
+
+    func finish() { state.withLock { $0.finished = true } }
+
+    /// The job's progress; `pendingExtents` and `extentBytes` come from the activity log.
+    func progress(pendingExtents: Int, extentBytes: UInt64) -> Ferry_V1_SyncProgress {
+        state.withLock { s in
+            var p = Ferry_V1_SyncProgress()
+            p.kind = s.kind
+            p.doneBytes = s.doneBytes
+            p.totalBytes = s.doneBytes + UInt64(pendingExtents) * extentBytes
+            p.sentBytes = s.sentBytes
+            p.pendingExtents = UInt64(pendingExtents)
+            p.startedUnixNanos = s.started
+            let elapsed = ContinuousClock.now - s.startedAt
+            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            p.rateBytesPerSecond = seconds > 0.05 ? UInt64(Double(s.doneBytes) / seconds) : 0
+            return p
+        }
+    }
+}
+
+/// Compares a volume's pending extents with the controller's replica, block hash by block hash,
+/// and captures the blocks that differ into the change log, where they stream like writes. The
+/// activity log keeps what is still pending, so the job resumes after a disconnect or a restart
+/// of either side.
+struct VolumeSyncWorker {
+    static let blockBytes = 64 << 10
+
+    let name: String
+    let volume: BlockVolume
+    let log: ChangeLog
+    let activity: ActivityLog
+    let tracker: SyncTracker
+    let session: PeerSession
+    let logger: Logger
+
+    func run() async {
+        var cursor = 0
+        var idle = true
+        while !Task.isCancelled {
+            guard let extent = activity.nextPending(from: cursor) else {
+                if !idle {
+                    tracker.finish()
+                    logger.info("volume sync compared everything pending", metadata: ["volume": "\(name)"])
+                    idle = true
+                }
+                try? await Task.sleep(for: .milliseconds(100))
+                continue
+            }
+            idle = false
+            // What is captured streams through the change log: leave room for the workload.
+            while log.memoryUsed > log.memoryBytes / 2, !Task.isCancelled {
+                try? await Task.sleep(for: .milliseconds(5))
+            }
+            if Task.isCancelled { return }
+            do {
+                let (done, sent) = try await sync(extent: extent)
+                activity.finishPending(extent, through: log.last)
+                tracker.advance(done: done, sent: sent)
+                cursor = extent + 1
+            } catch {
+                // The session ending cancels this worker; anything else (the controller not
+                // ready for the volume yet, a timeout, an I/O error) is retried.
+                if Task.isCancelled { return }
+                logger.warning("volume sync step failed; retrying", metadata: ["volume": "\(name)", "extent": "\(extent)", "error": "\((error as? FerryError)?.message ?? "\(error)")"])
+                try? await Task.sleep(for: .seconds(1))
+            }
+        }
+    }
+
+    /// One extent: hash, ask, capture what differs. Returns the bytes compared and sent.
+    func sync(extent: Int) async throws -> (UInt64, UInt64) {
+        let offset = UInt64(extent) * activity.extentBytes
+        let length = min(activity.extentBytes, volume.size - offset)
+        let count = Int((length + UInt64(Self.blockBytes) - 1) / UInt64(Self.blockBytes))
+        let result = try await volume.hashes(offset: offset, blockBytes: Self.blockBytes, count: count)
+        var request = Ferry_V1_ResyncHashes()
+        request.volume = name
+        request.epoch = log.epoch
+        request.offset = offset
+        request.blockBytes = UInt32(Self.blockBytes)
+        request.hashes = result.hashes
+        let reply = try await session.request(.resyncHashes(request), timeout: .seconds(60))
+        let diff: Ferry_V1_ResyncDiff
+        switch reply.body {
+        case .resyncDiff(let d): diff = d
+        case .error(let e): throw FerryError(wire: e)
+        default: throw FerryError(.protocolViolation, "controller answered resync hashes with \(reply.bodyName)")
+        }
+        var sent: UInt64 = 0
+        for index in diff.differing {
+            guard Int(index) < count else {
+                throw FerryError(.protocolViolation, "controller named block \(index) of an extent of \(count) blocks")
+            }
+            let captured = try await volume.captureCurrent(offset: offset + UInt64(index) * UInt64(Self.blockBytes), length: Self.blockBytes)
+            sent += UInt64(captured.dataBytes)
+        }
+        return (length, sent)
+    }
+}

@@ -1,0 +1,254 @@
+import FerryWire
+import Foundation
+import Synchronization
+
+/// Which extents of a volume may hold writes the controller's replica lacks, kept durably on
+/// the agent's disk: before the first write into an extent, its mark reaches the disk; the mark
+/// clears once the controller has acked every write into it. After a crash, a change-log
+/// overflow or a resync request, marked extents are *pending*: they are compared with the replica
+/// by block hashes and only what differs moves.
+///
+/// The file is a 32-byte header (magic, flags, extent size, extent count) and one bit per extent.
+public final class ActivityLog: Sendable {
+    public static let defaultExtentBytes: UInt64 = 4 << 20
+    static let magic: UInt32 = 0x4641_4C31 // "FAL1"
+    static let headerBytes = 32
+    /// Header flag: a full comparison (initial sync or resync on demand) is in progress.
+    static let flagFull: UInt32 = 1
+
+    struct Extent {
+        var marked = false
+        var pending = false
+        /// Sequence of the last write into the extent in the current epoch.
+        var lastSequence: UInt64 = 0
+    }
+
+    struct State {
+        var extents: [Extent]
+        var bitmap: [UInt8]
+        var full: Bool
+        var markedCount = 0
+        var pendingCount = 0
+        /// The change-log epoch the sequences belong to.
+        var epoch: UInt64 = 0
+    }
+
+    public let path: String
+    public let extentBytes: UInt64
+    public let extentCount: Int
+    /// Whether the file existed when opened: without it nothing is known of earlier runs.
+    public let existed: Bool
+    private let fd: Int32
+    private let state: Mutex<State>
+
+    /// Opens the activity log of a volume of `volumeBytes`, or creates an empty one. Marks found
+    /// on disk (an earlier run did not see them acked) become pending.
+    public init(path: String, volumeBytes: UInt64, extentBytes: UInt64 = ActivityLog.defaultExtentBytes) throws {
+        self.path = path
+        self.extentBytes = extentBytes
+        extentCount = Int((volumeBytes + extentBytes - 1) / extentBytes)
+        let bitmapBytes = (extentCount + 7) / 8
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw FerryError(.io, "cannot open activity log \(path): \(String(cString: strerror(errno)))") }
+        self.fd = fd
+        var header = [UInt8](repeating: 0, count: Self.headerBytes)
+        var bitmap = [UInt8](repeating: 0, count: bitmapBytes)
+        let readHeader = header.withUnsafeMutableBytes { pread(fd, $0.baseAddress, Self.headerBytes, 0) }
+        var full = false
+        var existed = false
+        if readHeader == Self.headerBytes {
+            let h = ByteBufferView(header)
+            if h.magic == Self.magic, h.extentBytes == extentBytes, h.extentCount == UInt64(extentCount) {
+                _ = bitmap.withUnsafeMutableBytes { pread(fd, $0.baseAddress, bitmapBytes, off_t(Self.headerBytes)) }
+                full = h.flags & Self.flagFull != 0
+                existed = true
+            } else {
+                // Another geometry (the volume was resized) or garbage: nothing can be trusted,
+                // so everything is pending.
+                bitmap = [UInt8](repeating: 0xFF, count: bitmapBytes)
+                full = true
+            }
+        }
+        self.existed = existed
+        var extents = [Extent](repeating: Extent(), count: extentCount)
+        var marked = 0
+        for i in 0..<extentCount where bitmap[i / 8] & (1 << (i % 8)) != 0 {
+            extents[i] = Extent(marked: true, pending: true)
+            marked += 1
+        }
+        // Trailing bits past the last extent stay clear.
+        if extentCount % 8 != 0, bitmapBytes > 0 { bitmap[bitmapBytes - 1] &= UInt8((1 << (extentCount % 8)) - 1) }
+        state = Mutex(State(extents: extents, bitmap: bitmap, full: full, markedCount: marked, pendingCount: marked))
+        header = Self.header(full: full, extentBytes: extentBytes, extentCount: extentCount)
+        let ok = state.withLock { s in Self.persistAll(fd, header: header, bitmap: s.bitmap) }
+        guard ok else { throw FerryError(.io, "cannot write activity log \(path): \(String(cString: strerror(errno)))") }
+    }
+
+    deinit { close(fd) }
+
+    /// Durably marks the extents `offset..<offset+length` touches, before a write into them is
+    /// applied. Returns at once when they are all marked already.
+    public func mark(offset: UInt64, length: UInt64) throws {
+        guard length > 0, extentCount > 0 else { return }
+        let range = extents(offset: offset, length: length)
+        try state.withLock { s in
+            var firstByte = Int.max, lastByte = -1
+            for i in range where !s.extents[i].marked {
+                s.extents[i].marked = true
+                s.markedCount += 1
+                s.bitmap[i / 8] |= 1 << (i % 8)
+                firstByte = min(firstByte, i / 8)
+                lastByte = max(lastByte, i / 8)
+            }
+            guard lastByte >= 0 else { return }
+            // Held while syncing: a concurrent writer into the same extent must not go ahead
+            // before the mark is on disk.
+            let failed = s.bitmap.withUnsafeBytes {
+                FileIO.writeAll(fd, UnsafeRawBufferPointer(rebasing: $0[firstByte...lastByte]), at: UInt64(Self.headerBytes + firstByte))
+            }
+            if failed != 0 || fdatasync(fd) != 0 {
+                throw VolumeIOError(operation: "activity log update", errno: failed != 0 ? failed : errno)
+            }
+        }
+    }
+
+    /// Records that the write with `sequence` went into these extents. With `lost` (the change
+    /// log dropped it), the extents become pending: only a resync can bring them over.
+    func noteWrite(offset: UInt64, length: UInt64, sequence: UInt64, lost: Bool) {
+        guard length > 0, extentCount > 0 else { return }
+        let range = extents(offset: offset, length: length)
+        state.withLock { s in
+            for i in range {
+                s.extents[i].lastSequence = max(s.extents[i].lastSequence, sequence)
+                if lost, !s.extents[i].pending {
+                    s.extents[i].pending = true
+                    s.pendingCount += 1
+                }
+            }
+        }
+    }
+
+    /// Every marked extent becomes pending (the change log lost records of this epoch).
+    func markedBecomePending() {
+        state.withLock { s in
+            for i in s.extents.indices where s.extents[i].marked && !s.extents[i].pending {
+                s.extents[i].pending = true
+                s.pendingCount += 1
+            }
+        }
+    }
+
+    /// Starts a full comparison: every extent is marked and pending, durably.
+    public func markAllPending() throws {
+        try state.withLock { s in
+            for i in s.extents.indices {
+                s.extents[i] = Extent(marked: true, pending: true, lastSequence: s.extents[i].lastSequence)
+            }
+            s.markedCount = extentCount
+            s.pendingCount = extentCount
+            s.full = true
+            for i in 0..<s.bitmap.count { s.bitmap[i] = 0xFF }
+            if extentCount % 8 != 0, !s.bitmap.isEmpty { s.bitmap[s.bitmap.count - 1] = UInt8((1 << (extentCount % 8)) - 1) }
+            guard Self.persistAll(fd, header: Self.header(full: true, extentBytes: extentBytes, extentCount: extentCount), bitmap: s.bitmap) else {
+                throw FerryError(.io, "cannot write activity log \(path): \(String(cString: strerror(errno)))")
+            }
+        }
+    }
+
+    /// The first pending extent at or after `from` (wrapping around), if any.
+    func nextPending(from: Int) -> Int? {
+        state.withLock { s in
+            guard s.pendingCount > 0 else { return nil }
+            for i in from..<extentCount where s.extents[i].pending { return i }
+            for i in 0..<min(from, extentCount) where s.extents[i].pending { return i }
+            return nil
+        }
+    }
+
+    /// The extent was compared and what differed was captured through `sequence`: it clears
+    /// like any written extent once that is acked.
+    func finishPending(_ index: Int, through sequence: UInt64) {
+        state.withLock { s in
+            guard s.extents[index].pending else { return }
+            s.extents[index].pending = false
+            s.extents[index].lastSequence = max(s.extents[index].lastSequence, sequence)
+            s.pendingCount -= 1
+        }
+    }
+
+    /// Clears the marks of extents whose every write the controller holds (`acked` of the
+    /// current epoch), and the full-sync flag once nothing is pending. One fdatasync for all.
+    func clear(ackedThrough acked: UInt64, epoch: UInt64) throws {
+        try state.withLock { s in
+            guard s.epoch == epoch else { return }
+            var changed = false
+            for i in s.extents.indices where s.extents[i].marked && !s.extents[i].pending && s.extents[i].lastSequence <= acked {
+                s.extents[i].marked = false
+                s.extents[i].lastSequence = 0
+                s.markedCount -= 1
+                s.bitmap[i / 8] &= ~(1 << (i % 8))
+                changed = true
+            }
+            if s.full, s.pendingCount == 0 {
+                s.full = false
+                changed = true
+            }
+            guard changed else { return }
+            guard Self.persistAll(fd, header: Self.header(full: s.full, extentBytes: extentBytes, extentCount: extentCount), bitmap: s.bitmap) else {
+                throw FerryError(.io, "cannot write activity log \(path): \(String(cString: strerror(errno)))")
+            }
+        }
+    }
+
+    /// A new epoch started (a new run, or overflow recovery): sequences of the old one mean
+    /// nothing now.
+    func startEpoch(_ epoch: UInt64) {
+        state.withLock { s in
+            s.epoch = epoch
+            for i in s.extents.indices { s.extents[i].lastSequence = 0 }
+        }
+    }
+
+    public var markedCount: Int { state.withLock { $0.markedCount } }
+    public var pendingCount: Int { state.withLock { $0.pendingCount } }
+    /// A full comparison was started and has not finished (it survives restarts).
+    public var fullInProgress: Bool { state.withLock { $0.full } }
+
+    func extents(offset: UInt64, length: UInt64) -> ClosedRange<Int> {
+        let first = Int(offset / extentBytes)
+        let last = Int(min((offset + length - 1) / extentBytes, UInt64(extentCount - 1)))
+        return first...max(first, last)
+    }
+
+    static func header(full: Bool, extentBytes: UInt64, extentCount: Int) -> [UInt8] {
+        var h = [UInt8]()
+        h.reserveCapacity(headerBytes)
+        func put<T: FixedWidthInteger>(_ v: T) { withUnsafeBytes(of: v.bigEndian) { h.append(contentsOf: $0) } }
+        put(magic)
+        put(full ? flagFull : 0)
+        put(extentBytes)
+        put(UInt64(extentCount))
+        put(UInt64(0))
+        return h
+    }
+
+    static func persistAll(_ fd: Int32, header: [UInt8], bitmap: [UInt8]) -> Bool {
+        let all = header + bitmap
+        return all.withUnsafeBytes { FileIO.writeAll(fd, $0, at: 0) } == 0 && fdatasync(fd) == 0
+    }
+}
+
+/// Reads the activity log header fields.
+private struct ByteBufferView {
+    let bytes: [UInt8]
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+    func integer<T: FixedWidthInteger>(at offset: Int, as: T.Type) -> T {
+        var v: T = 0
+        for i in 0..<MemoryLayout<T>.size { v = v << 8 | T(bytes[offset + i]) }
+        return v
+    }
+    var magic: UInt32 { integer(at: 0, as: UInt32.self) }
+    var flags: UInt32 { integer(at: 4, as: UInt32.self) }
+    var extentBytes: UInt64 { integer(at: 8, as: UInt64.self) }
+    var extentCount: UInt64 { integer(at: 16, as: UInt64.self) }
+}

@@ -1,0 +1,92 @@
+import FerryAgentCore
+import FerryWire
+import Foundation
+import NIOCore
+import Testing
+
+@Suite("activity log and change log")
+struct UnitActivityLogTests {
+    @Test("marks reach the file before the write; a reopened log has them all pending")
+    func marksSurviveARestart() async throws {
+        try await withUnitTempDir { dir in
+            let path = dir + "/v.fal"
+            do {
+                let activity = try ActivityLog(path: path, volumeBytes: 64 << 20)
+                #expect(!activity.existed && activity.extentCount == 16)
+                try activity.mark(offset: 5 << 20, length: 4 << 20) // extents 1 and 2
+                try activity.mark(offset: 63 << 20, length: 1) // the last one
+                #expect(activity.markedCount == 3 && activity.pendingCount == 0)
+            }
+            // As after kill -9: nothing but the file is left.
+            let reopened = try ActivityLog(path: path, volumeBytes: 64 << 20)
+            #expect(reopened.existed && reopened.markedCount == 3 && reopened.pendingCount == 3)
+            // Another geometry (the volume was resized) trusts nothing: everything is pending.
+            let resized = try ActivityLog(path: path, volumeBytes: 128 << 20)
+            #expect(resized.pendingCount == 32 && resized.fullInProgress)
+        }
+    }
+
+    @Test("a mark clears once every write into the extent is acked, and stays while one is not")
+    func marksClearOnAck() async throws {
+        try await withUnitTempDir { dir in
+            let activity = try ActivityLog(path: dir + "/v.fal", volumeBytes: 16 << 20)
+            let log = try ChangeLog(memoryBytes: 1 << 20, epoch: 7, activity: activity)
+            for (offset, byte) in [(UInt64(0), UInt8(1)), (4 << 20, 2), (4 << 20, 3)] {
+                try log.prepare(offset: offset, length: 4096)
+                _ = log.append(offset: offset, kind: .write(ByteBuffer(repeating: byte, count: 4096)))
+            }
+            #expect(activity.markedCount == 2)
+            log.trim(through: 2, epoch: 7)
+            try log.clearAcked()
+            #expect(activity.markedCount == 1, "extent 1 still has write 3 unacked")
+            log.trim(through: 3, epoch: 99) // an ack of another epoch changes nothing
+            try log.clearAcked()
+            #expect(activity.markedCount == 1)
+            log.trim(through: 3, epoch: 7)
+            try log.clearAcked()
+            #expect(activity.markedCount == 0)
+            #expect(try ActivityLog(path: dir + "/v.fal", volumeBytes: 16 << 20).pendingCount == 0)
+        }
+    }
+
+    @Test("past both caps the change log drops records, the written extents become pending, and a restart starts a new epoch at 1")
+    func overflowLeavesPendingExtents() async throws {
+        try await withUnitTempDir { dir in
+            let activity = try ActivityLog(path: dir + "/v.fal", volumeBytes: 64 << 20)
+            let log = try ChangeLog(memoryBytes: 1 << 20, spillPath: dir + "/v.spill", spillBytes: 1 << 20, epoch: 1, activity: activity)
+            let chunk = ByteBuffer(repeating: 9, count: 256 << 10)
+            for i in 0..<12 { // 3 MiB > 1 MiB memory + 1 MiB spill, spread over extents 0..11
+                let offset = UInt64(i) << 22
+                try log.prepare(offset: offset, length: 256 << 10)
+                _ = log.append(offset: offset, kind: .write(chunk))
+            }
+            #expect(log.overflowed && log.last == 12)
+            #expect(activity.pendingCount == 12 && activity.markedCount == 12)
+            let epoch = log.restartAfterOverflow()
+            #expect(epoch != 1 && log.epoch == epoch && !log.overflowed && log.last == 0 && log.firstHeld == nil)
+            // Pending extents never clear by acks alone: only a finished comparison releases them.
+            try log.clearAcked()
+            #expect(activity.markedCount == 12)
+        }
+    }
+
+    @Test("block hashes: holes and zero bytes hash as empty, data by SHA-256, the short last block stops at the end")
+    func blockHashes() async throws {
+        try await withUnitTempDir { dir in
+            let path = dir + "/img"
+            let fd = open(path, O_RDWR | O_CREAT, 0o600)
+            defer { close(fd) }
+            ftruncate(fd, (1 << 20) + 1000)
+            let data = [UInt8](repeating: 0xAB, count: 4096)
+            _ = data.withUnsafeBytes { pwrite(fd, $0.baseAddress, 4096, 65536 * 3) }
+            let zeroes = [UInt8](repeating: 0, count: 65536)
+            _ = zeroes.withUnsafeBytes { pwrite(fd, $0.baseAddress, 65536, 65536 * 5) } // allocated, but zero
+            _ = data.withUnsafeBytes { pwrite(fd, $0.baseAddress, 100, off_t(1 << 20) + 900) } // in the short last block
+            let result = try BlockHashing.hashes(fd: fd, size: (1 << 20) + 1000, offset: 0, blockBytes: 65536, count: 17)
+            #expect(result.hashes.count == 17)
+            #expect(result.hashes.enumerated().filter { !$0.element.isEmpty }.map(\.offset) == [3, 16])
+            #expect(result.hashes[3].count == BlockHashing.hashBytes)
+            #expect(result.bytesRead < 1 << 20, "holes are skipped, not read")
+        }
+    }
+}
