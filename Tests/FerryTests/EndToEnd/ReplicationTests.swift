@@ -21,7 +21,7 @@ struct ReplicationTests {
 
     func fio(_ uri: String, _ rw: String, bs: String, size: String, seconds: Int? = nil) async throws -> CommandResult {
         var args = ["--name=ferry", "--ioengine=nbd", "--uri=\(uri)", "--rw=\(rw)", "--bs=\(bs)", "--size=\(size)",
-                    "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--end_fsync=1", "--randseed=\(Int.random(in: 1...1_000_000))"]
+                    "--iodepth=16", "--verify=crc32c", "--verify_state_save=0", "--do_verify=1", "--end_fsync=1", "--randseed=\(Int.random(in: 1...1_000_000))"]
         if let seconds { args += ["--time_based", "--runtime=\(seconds)s", "--do_verify=0"] }
         return try await run("/usr/bin/fio", args, timeout: .seconds(300))
     }

@@ -108,7 +108,7 @@ struct NBDExportTests {
         for (rw, bs) in [("randwrite", "4k"), ("write", "1M")] {
             let r = try await run("/usr/bin/fio", [
                 "--name=ferry", "--ioengine=nbd", "--uri=\(export.uri)", "--rw=\(rw)", "--bs=\(bs)", "--size=48M",
-                "--iodepth=16", "--numjobs=2", "--offset_increment=64M", "--verify=crc32c", "--do_verify=1",
+                "--iodepth=16", "--numjobs=2", "--offset_increment=64M", "--verify=crc32c", "--verify_state_save=0", "--do_verify=1",
                 "--end_fsync=1", "--group_reporting",
             ], timeout: .seconds(240))
             // fio exits non-zero on any verify mismatch or I/O error.
