@@ -235,6 +235,9 @@ public final class AgentSession: Service, Sendable {
             let worker = VolumeSyncWorker(name: stream.name, volume: stream.volume, log: stream.log, activity: stream.activity,
                                           tracker: stream.tracker, session: session, logger: logger)
             tasks.append(Task { await worker.run() })
+            if let interval = stream.scanInterval {
+                tasks.append(Task { await self.scan(stream.name, every: .seconds(Int64(interval)), volumes: volumes) })
+            }
         }
         streamers.withLock { $0 = tasks }
     }
@@ -310,6 +313,19 @@ public final class AgentSession: Service, Sendable {
             unacked.append((last.sequence, bytes))
             unackedBytes += bytes
             sent = last.sequence
+        }
+    }
+
+    /// Capture mode scan: every interval, the whole volume is compared with the replica and what
+    /// changed is sent (the sync worker does the comparing).
+    func scan(_ volume: String, every interval: Duration, volumes: VolumeManager) async {
+        while !Task.isCancelled {
+            do {
+                try await volumes.startScan(name: volume)
+            } catch {
+                logger.error("cannot start a scan", metadata: ["volume": "\(volume)", "error": "\(error)"])
+            }
+            try? await Task.sleep(for: interval)
         }
     }
 

@@ -22,8 +22,8 @@ public final class SyncTracker: Sendable {
         state.withLock { s in
             if s.finished || s.kind == .none {
                 s = State(kind: kind, started: ChangeLog.now(), startedAt: .now)
-            } else if kind == .full {
-                s.kind = .full
+            } else if kind == .full || (kind == .scan && s.kind == .marked) {
+                s.kind = kind
             }
         }
     }

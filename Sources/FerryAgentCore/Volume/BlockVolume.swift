@@ -18,9 +18,10 @@ public final class BlockVolume: Sendable {
     /// even when writes to the same bytes are in flight on several connections.
     private let mutation = Mutex<Void>(())
 
-    /// Opens `path` read-write. The file must exist; its size is the export size.
-    public init(name: String, path: String, recorder: any ChangeRecorder, pool: NIOThreadPool) throws {
-        let fd = open(path, O_RDWR | O_CLOEXEC)
+    /// Opens `path` read-write (read-only for a volume only scanned). The file must exist; its
+    /// size is the export size.
+    public init(name: String, path: String, recorder: any ChangeRecorder, pool: NIOThreadPool, readOnly: Bool = false) throws {
+        let fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
         guard fd >= 0 else {
             throw FerryError(.notFound, "cannot open volume \(name) at \(path): \(String(cString: strerror(errno)))")
         }

@@ -129,6 +129,13 @@ public actor VolumeManager {
         served[spec.name] = entry
     }
 
+    /// Starts the next scan of a volume in capture mode scan, unless one is still running.
+    func startScan(name: String) throws {
+        guard let entry = served[name], entry.activity.pendingCount == 0 else { return }
+        try entry.activity.markAllPending()
+        entry.tracker.begin(.scan)
+    }
+
     /// Compares the whole volume with the replica (resync on demand).
     public func resync(name: String) throws -> Ferry_V1_VolumeStatus {
         guard let entry = served[name] else { throw FerryError(.notFound, "this agent does not protect a volume named \(name)") }
@@ -146,11 +153,16 @@ public actor VolumeManager {
         let activity: ActivityLog
         let tracker: SyncTracker
         let after: UInt64
+        /// Seconds between scans for a volume in capture mode scan; nil for an exported one.
+        let scanInterval: UInt32?
     }
 
     func streams() -> [Stream] {
         served.keys.sorted().compactMap { name in
-            served[name].map { Stream(name: name, volume: $0.volume, log: $0.log, activity: $0.activity, tracker: $0.tracker, after: resumeAfter[name] ?? 0) }
+            served[name].map {
+                Stream(name: name, volume: $0.volume, log: $0.log, activity: $0.activity, tracker: $0.tracker, after: resumeAfter[name] ?? 0,
+                       scanInterval: $0.spec.captureMode == .scan ? max(5, $0.spec.scanIntervalSeconds) : nil)
+            }
         }
     }
 
@@ -224,7 +236,8 @@ public actor VolumeManager {
         let size = try BlockVolume.size(of: spec.path)
         let activity = try ActivityLog(path: dataDir + "/activity/" + spec.name + ".fal", volumeBytes: size)
         let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillDirectory + "/" + spec.name + ".spill", spillBytes: spillBytes, activity: activity)
-        let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: log, pool: pool)
+        let scanned = spec.captureMode == .scan
+        let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: log, pool: pool, readOnly: scanned)
         let tracker = SyncTracker()
         if activity.pendingCount > 0 {
             tracker.begin(activity.fullInProgress ? .full : .marked)
@@ -236,6 +249,15 @@ public actor VolumeManager {
         if spec.sizeBytes > 0, volume.size != spec.sizeBytes {
             throw FerryError(.conflict, "\(spec.path) is now \(volume.size) bytes, but was protected with \(spec.sizeBytes); resize through Ferry, not behind it")
         }
+        var recorded = spec
+        recorded.sizeBytes = volume.size
+        recorded.createSizeBytes = 0
+        if scanned {
+            // The workload uses the device directly; the agent only reads it, every interval.
+            logger.info("volume protected by scanning", metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "interval": "\(spec.scanIntervalSeconds)s"])
+            return Served(spec: recorded, volume: volume, log: log, activity: activity, tracker: tracker, socket: "",
+                          server: Task {}, historyKnown: activity.existed)
+        }
         try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let socket = socketDirectory + "/" + spec.name + ".sock"
         let server = NBDServer(volumes: [volume], logger: logger)
@@ -243,9 +265,6 @@ public actor VolumeManager {
         let task = Task { try await server.serve(unixSocket: socket, onReady: { ready.continuation.finish() }) }
         for await _ in ready.stream {}
         await exportOverTCP(volume)
-        var recorded = spec
-        recorded.sizeBytes = volume.size
-        recorded.createSizeBytes = 0
         logger.info("volume exported", metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "bytes": "\(volume.size)", "socket": "\(socket)"])
         return Served(spec: recorded, volume: volume, log: log, activity: activity, tracker: tracker, socket: socket, server: task, historyKnown: activity.existed)
     }
@@ -314,18 +333,26 @@ public actor VolumeManager {
         var name: String
         var path: String
         var sizeBytes: UInt64
+        var scanIntervalSeconds: UInt32?
 
         var spec: Ferry_V1_VolumeSpec {
             var s = Ferry_V1_VolumeSpec()
             s.name = name
             s.path = path
             s.sizeBytes = sizeBytes
+            if let scanIntervalSeconds {
+                s.captureMode = .scan
+                s.scanIntervalSeconds = scanIntervalSeconds
+            }
             return s
         }
     }
 
     private func persist() throws {
-        let list = served.values.map { Remembered(name: $0.spec.name, path: $0.spec.path, sizeBytes: $0.spec.sizeBytes) }
+        let list = served.values.map {
+            Remembered(name: $0.spec.name, path: $0.spec.path, sizeBytes: $0.spec.sizeBytes,
+                       scanIntervalSeconds: $0.spec.captureMode == .scan ? $0.spec.scanIntervalSeconds : nil)
+        }
             .sorted { $0.name < $1.name }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]

@@ -23,20 +23,32 @@ struct ProtectCommand: AsyncParsableCommand {
     var path: String
     @Option(help: ArgumentHelp("Create a sparse image of this size if PATH does not exist (e.g. 10G, 512M).", valueName: "SIZE"))
     var createSize: String?
+    @Option(help: ArgumentHelp("How writes are captured: export (through the agent's NBD export, every write in order) or scan (the fallback for a device the workload uses directly: compared with the replica every --scan-interval).", valueName: "MODE"))
+    var capture: String = "export"
+    @Option(help: ArgumentHelp("For --capture scan: time between comparisons, the recovery point objective (e.g. 30s, 5m).", valueName: "DURATION"))
+    var scanInterval: String?
     @OptionGroup(title: "Connection Options") var connection: ConnectionOptions
     @OptionGroup var output: OutputOptions
 
     func run() async throws {
         try await CLI.guarded {
             let size = try createSize.map(ByteSize.parse)
-            let protected = try await connection.withClient {
-                try await $0.protect(API.ProtectRequest(host: host, volume: volume, path: path, createSizeBytes: size))
+            var request = API.ProtectRequest(host: host, volume: volume, path: path, createSizeBytes: size)
+            request.captureMode = capture
+            if let scanInterval {
+                let d = try ConfigText.duration(scanInterval)
+                request.scanIntervalSeconds = Int(d.components.seconds)
             }
+            let protected = try await connection.withClient { [request] in try await $0.protect(request) }
             if output.json {
                 try Console.json(protected)
             } else {
                 print("protected \(protected.host)/\(protected.name): \(protected.path), \(Format.bytes(protected.sizeBytes))")
-                if let socket = protected.socketPath { print("export: nbd+unix:///\(protected.name)?socket=\(socket)") }
+                if protected.captureMode == "scan" {
+                    print("capture: scan every \(protected.scanIntervalSeconds ?? 30)s (the workload keeps using \(protected.path) directly)")
+                } else if let socket = protected.socketPath {
+                    print("export: nbd+unix:///\(protected.name)?socket=\(socket)")
+                }
             }
         }
     }
@@ -126,7 +138,11 @@ struct VolumeCommand: AsyncParsableCommand {
                 fields.add("state", v.state)
                 fields.add("path", v.path)
                 fields.add("size", "\(Format.bytes(v.sizeBytes)) (\(v.sizeBytes) bytes)")
-                fields.add("export", v.socketPath.map { "nbd+unix:///\(v.name)?socket=\($0)" } ?? "-")
+                if v.captureMode == "scan" {
+                    fields.add("capture", "scan every \(v.scanIntervalSeconds ?? 30)s")
+                } else {
+                    fields.add("export", v.socketPath.map { "nbd+unix:///\(v.name)?socket=\($0)" } ?? "-")
+                }
                 if let tcp = v.tcpAddress { fields.add("tcp export", "nbd://\(tcp)/\(v.name)") }
                 fields.add("protected", Format.timestamp(v.protectedAt))
                 fields.add("replica", v.replicaState ?? "-")

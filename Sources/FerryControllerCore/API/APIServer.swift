@@ -223,6 +223,14 @@ struct APIRoutes {
             throw FerryError(.badRequest, "'\(body.volume)' is not a valid volume name (1-63 characters: letters, digits, '.', '-', '_')")
         }
         guard body.path.hasPrefix("/") else { throw FerryError(.badRequest, "the path must be absolute, not '\(body.path)'") }
+        let mode = body.captureMode ?? "export"
+        guard mode == "export" || mode == "scan" else {
+            throw FerryError(.badRequest, "capture mode must be export or scan, not '\(mode)'")
+        }
+        let interval = mode == "scan" ? (body.scanIntervalSeconds ?? 30) : 0
+        guard mode == "export" || (5...86_400).contains(interval) else {
+            throw FerryError(.badRequest, "the scan interval must be between 5 s and 24 h, not \(interval) s")
+        }
         guard let host = try await store.host(named: body.host) else {
             throw FerryError(.notFound, "no host named '\(body.host)'; 'ferryctl hosts' lists them")
         }
@@ -236,6 +244,8 @@ struct APIRoutes {
         spec.createSizeBytes = body.createSizeBytes ?? 0
         // A new replica is empty: the agent compares (and copies) the whole volume first.
         spec.initialSyncRequired = true
+        spec.captureMode = mode == "scan" ? .scan : .export
+        spec.scanIntervalSeconds = UInt32(interval)
         var command = Ferry_V1_Command()
         command.timeoutMs = 30_000
         command.protectVolume.volume = spec
@@ -246,7 +256,7 @@ struct APIRoutes {
         switch result.outcome {
         case .volumeStatus(let status):
             let record = VolumeRecord(hostID: host.id, name: status.name, path: status.path, sizeBytes: Int64(status.sizeBytes),
-                                      socketPath: status.socketPath, protectedAt: Date())
+                                      socketPath: status.socketPath, protectedAt: Date(), captureMode: mode, scanIntervalSeconds: Int64(interval))
             // The replica exists (sparse) from the start, so the first batch finds it.
             _ = try await replicas.replica(hostID: host.id, volume: record.name, size: status.sizeBytes)
             try await store.addVolume(record, hostName: host.name, actor: actor)
@@ -298,11 +308,14 @@ struct APIRoutes {
         var view = API.Volume(host: hostName, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),
                               state: online ? "exported" : "host-offline", socketPath: v.socketPath, lastSequence: nil,
                               protectedAt: v.protectedAt)
+        view.captureMode = v.captureMode
+        view.scanIntervalSeconds = v.captureMode == "scan" ? Int(v.scanIntervalSeconds) : nil
         view.durableSequence = await replica.durable
         view.replicaPath = await replica.imagePath
         let report = await replica.report
         let lastError = await replica.lastError
-        let syncing = (report?.sync.pendingExtents ?? 0) > 0
+        // A scan volume compares itself all the time: that is how it stays protected.
+        let syncing = (report?.sync.pendingExtents ?? 0) > 0 && report?.sync.kind != .scan
         view.replicaState = lastError != nil ? "error"
             : !state.initialSynced ? "initial-sync"
             : (state.resyncNeeded || syncing) ? "resyncing"
@@ -322,7 +335,7 @@ struct APIRoutes {
             if p.kind != .none {
                 let left = p.totalBytes - min(p.totalBytes, p.doneBytes)
                 view.sync = API.SyncProgress(
-                    kind: p.kind == .full ? "full" : "marked", totalBytes: p.totalBytes, doneBytes: p.doneBytes, sentBytes: p.sentBytes,
+                    kind: p.kind == .full ? "full" : p.kind == .scan ? "scan" : "marked", totalBytes: p.totalBytes, doneBytes: p.doneBytes, sentBytes: p.sentBytes,
                     rateBytesPerSecond: p.rateBytesPerSecond,
                     etaSeconds: left > 0 && p.rateBytesPerSecond > 0 ? Double(left) / Double(p.rateBytesPerSecond) : nil,
                     done: p.pendingExtents == 0)

@@ -155,7 +155,7 @@ public actor ReplicaStore {
         }
         if report.sync.pendingExtents == 0, !report.overflowed {
             if completion == nil, state.resyncNeeded || !state.initialSynced {
-                completion = (report.lastSequence, report.sync.kind == .full)
+                completion = (report.lastSequence, report.sync.kind == .full || report.sync.kind == .scan)
             }
         } else {
             completion = nil

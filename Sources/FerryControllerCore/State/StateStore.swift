@@ -93,6 +93,12 @@ public final class StateStore: Sendable {
                 t.uniqueKey(["hostID", "path"])
             }
         }
+        m.registerMigration("v3-volume-capture") { db in
+            try db.alter(table: "volume") { t in
+                t.add(column: "captureMode", .text).notNull().defaults(to: "export")
+                t.add(column: "scanIntervalSeconds", .integer).notNull().defaults(to: 0)
+            }
+        }
         return m
     }
 
@@ -482,12 +488,17 @@ public struct VolumeRecord: Codable, FetchableRecord, PersistableRecord, Sendabl
     public var sizeBytes: Int64
     public var socketPath: String?
     public var protectedAt: Date
+    /// `export` (through the agent's NBD export) or `scan` (periodic hash-and-diff).
+    public var captureMode: String = "export"
+    public var scanIntervalSeconds: Int64 = 0
 
     var spec: Ferry_V1_VolumeSpec {
         var s = Ferry_V1_VolumeSpec()
         s.name = name
         s.path = path
         s.sizeBytes = UInt64(sizeBytes)
+        s.captureMode = captureMode == "scan" ? .scan : .export
+        s.scanIntervalSeconds = UInt32(clamping: scanIntervalSeconds)
         return s
     }
 }

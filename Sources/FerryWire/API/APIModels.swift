@@ -171,6 +171,10 @@ public enum API {
         public var reportedAt: Date?
         /// The agent's loopback TCP export (`nbd://HOST:PORT/NAME`), if it has one.
         public var tcpAddress: String?
+        /// `export` (every write captured through the agent's NBD export) or `scan`.
+        public var captureMode: String?
+        /// For `scan`: seconds between comparisons (the recovery point objective).
+        public var scanIntervalSeconds: Int?
 
         public init(host: String, name: String, path: String, sizeBytes: UInt64, state: String, socketPath: String?,
                     lastSequence: UInt64?, protectedAt: Date) {
@@ -204,6 +208,10 @@ public enum API {
         public var path: String
         /// Create a sparse image of this size if the path does not exist.
         public var createSizeBytes: UInt64?
+        /// `export` (default) or `scan`.
+        public var captureMode: String?
+        /// For `scan`: seconds between comparisons (default 30).
+        public var scanIntervalSeconds: Int?
 
         public init(host: String, volume: String, path: String, createSizeBytes: UInt64?) {
             self.host = host; self.volume = volume; self.path = path; self.createSizeBytes = createSizeBytes

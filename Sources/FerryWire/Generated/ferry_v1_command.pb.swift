@@ -25,6 +25,40 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+public nonisolated enum Ferry_V1_CaptureMode: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case export // = 0
+  case scan // = 1
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .export
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .export
+    case 1: self = .scan
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .export: return 0
+    case .scan: return 1
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Ferry_V1_CaptureMode] = [
+    .export,
+    .scan,
+  ]
+
+}
+
 /// A command from the controller to an agent. The Envelope id correlates the
 /// CommandResult. The controller never sends a command line: anything the agent
 /// runs is defined in its own local configuration and named here.
@@ -212,6 +246,13 @@ public nonisolated struct Ferry_V1_VolumeSpec: Sendable {
   /// The replica has never been completely synced: compare (and copy) the whole volume.
   public var initialSyncRequired: Bool = false
 
+  /// How writes are captured: CAPTURE_MODE_EXPORT (the default: through the agent's NBD export,
+  /// every write in order) or CAPTURE_MODE_SCAN (the device is used directly; the agent compares
+  /// it with the replica every scan_interval_seconds and sends what changed).
+  public var captureMode: Ferry_V1_CaptureMode = .export
+
+  public var scanIntervalSeconds: UInt32 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -312,6 +353,10 @@ public nonisolated struct Ferry_V1_ResyncVolume: Sendable {
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "ferry.v1"
+
+nonisolated extension Ferry_V1_CaptureMode: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0CAPTURE_MODE_EXPORT\0\u{1}CAPTURE_MODE_SCAN\0")
+}
 
 nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Command"
@@ -605,7 +650,7 @@ nonisolated extension Ferry_V1_Echo: SwiftProtobuf.Message, SwiftProtobuf._Messa
 
 nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0\u{3}capture_mode\0\u{3}scan_interval_seconds\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -620,6 +665,8 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.durableSequence) }()
       case 7: try { try decoder.decodeSingularBoolField(value: &self.initialSyncRequired) }()
+      case 8: try { try decoder.decodeSingularEnumField(value: &self.captureMode) }()
+      case 9: try { try decoder.decodeSingularUInt32Field(value: &self.scanIntervalSeconds) }()
       default: break
       }
     }
@@ -647,6 +694,12 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     if self.initialSyncRequired != false {
       try visitor.visitSingularBoolField(value: self.initialSyncRequired, fieldNumber: 7)
     }
+    if self.captureMode != .export {
+      try visitor.visitSingularEnumField(value: self.captureMode, fieldNumber: 8)
+    }
+    if self.scanIntervalSeconds != 0 {
+      try visitor.visitSingularUInt32Field(value: self.scanIntervalSeconds, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -658,6 +711,8 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     if lhs.epoch != rhs.epoch {return false}
     if lhs.durableSequence != rhs.durableSequence {return false}
     if lhs.initialSyncRequired != rhs.initialSyncRequired {return false}
+    if lhs.captureMode != rhs.captureMode {return false}
+    if lhs.scanIntervalSeconds != rhs.scanIntervalSeconds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -34,6 +34,9 @@ public nonisolated enum Ferry_V1_SyncKind: SwiftProtobuf.Enum, Swift.CaseIterabl
 
   /// Only extents marked in the activity log (after a crash or a change-log overflow).
   case marked // = 2
+
+  /// A periodic comparison of a volume in capture mode scan.
+  case scan // = 3
   case UNRECOGNIZED(Int)
 
   public init() {
@@ -45,6 +48,7 @@ public nonisolated enum Ferry_V1_SyncKind: SwiftProtobuf.Enum, Swift.CaseIterabl
     case 0: self = .none
     case 1: self = .full
     case 2: self = .marked
+    case 3: self = .scan
     default: self = .UNRECOGNIZED(rawValue)
     }
   }
@@ -54,6 +58,7 @@ public nonisolated enum Ferry_V1_SyncKind: SwiftProtobuf.Enum, Swift.CaseIterabl
     case .none: return 0
     case .full: return 1
     case .marked: return 2
+    case .scan: return 3
     case .UNRECOGNIZED(let i): return i
     }
   }
@@ -63,6 +68,7 @@ public nonisolated enum Ferry_V1_SyncKind: SwiftProtobuf.Enum, Swift.CaseIterabl
     .none,
     .full,
     .marked,
+    .scan,
   ]
 
 }
@@ -250,7 +256,7 @@ public nonisolated struct Ferry_V1_VolumeReport: Sendable {
 fileprivate nonisolated let _protobuf_package = "ferry.v1"
 
 nonisolated extension Ferry_V1_SyncKind: SwiftProtobuf._ProtoNameProviding {
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0SYNC_KIND_NONE\0\u{1}SYNC_KIND_FULL\0\u{1}SYNC_KIND_MARKED\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0SYNC_KIND_NONE\0\u{1}SYNC_KIND_FULL\0\u{1}SYNC_KIND_MARKED\0\u{1}SYNC_KIND_SCAN\0")
 }
 
 nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {

@@ -6,8 +6,8 @@ import Testing
 // Serialized: these runs are heavy, and side by side they would measure each other.
 @Suite("replication", .serialized)
 struct ReplicationTests {
-    func volume(_ controller: ControllerProcess) async throws -> API.Volume {
-        let r = try await controller.ctl("volume", "show", "db/data", "--json")
+    func volume(_ controller: ControllerProcess, _ target: String = "db/data") async throws -> API.Volume {
+        let r = try await controller.ctl("volume", "show", target, "--json")
         guard r.status == 0 else { throw FerryError(.internalError, "volume show: \(r)") }
         return try API.decoder().decode(API.Volume.self, from: Data(r.stdout.utf8))
     }
@@ -231,6 +231,39 @@ struct ReplicationTests {
         #expect(try await converged(volumes + "/logs.img", try #require(logsInfo.replicaPath)), "\(agent.log)")
         // No gap was ever seen: the session was never torn down for it.
         #expect(!controller.process.log.contains("replication gap"))
+        _ = await agent.terminate()
+        _ = await controller.process.terminate()
+    }
+
+    @Test("capture mode scan: a file the workload writes directly is compared every interval and only changed blocks move")
+    func scanMode() async throws {
+        let dir = try TestDirectory()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
+        #expect(try await controller.waitFor("db", state: "online"))
+        let image = dir.sub("volumes") + "/scan.img"
+        #expect(try await run("/usr/bin/truncate", ["-s", "64M", image]).status == 0)
+        let tooOften = try await controller.ctl("protect", "db", "--volume", "scan", "--path", image, "--capture", "scan", "--scan-interval", "1s")
+        #expect(tooOften.status != 0 && tooOften.stderr.contains("scan interval must be between 5 s and 24 h"), "\(tooOften)")
+        let protect = try await controller.ctl("protect", "db", "--volume", "scan", "--path", image, "--capture", "scan", "--scan-interval", "5s")
+        #expect(protect.status == 0 && protect.stdout.contains("capture: scan every 5s"), "\(protect)")
+        let info = try await volume(controller, "db/scan")
+        #expect(info.captureMode == "scan" && info.scanIntervalSeconds == 5 && info.socketPath?.isEmpty != false, "\(info)")
+        #expect(!FileManager.default.fileExists(atPath: dir.path + "/agent-db/sockets/scan.sock"))
+        let replica = try #require(info.replicaPath)
+        // The workload writes the file itself, not through the agent.
+        #expect(try await run("/usr/bin/dd", ["if=/dev/urandom", "of=\(image)", "bs=64k", "count=3", "seek=100", "conv=notrunc,fsync", "status=none"]).status == 0)
+        #expect(try await converged(image, replica, timeout: .seconds(30)), "\(agent.log)")
+        let before = try await volume(controller, "db/scan")
+        #expect(before.replicaState == "protected", "\(before)")
+        #expect(try await run("/usr/bin/dd", ["if=/dev/urandom", "of=\(image)", "bs=4k", "count=1", "seek=9000", "conv=notrunc,fsync", "status=none"]).status == 0)
+        #expect(try await converged(image, replica, timeout: .seconds(30)), "\(agent.log)")
+        // One 4 KiB change moves one 64 KiB block, in a scan of its own.
+        var after: API.Volume?
+        #expect(try await eventually(timeout: .seconds(15), every: .milliseconds(300)) {
+            after = try await volume(controller, "db/scan")
+            return after?.sync?.kind == "scan" && after?.sync?.done == true && after?.sync?.sentBytes == 65536
+        }, "\(String(describing: after))")
         _ = await agent.terminate()
         _ = await controller.process.terminate()
     }
