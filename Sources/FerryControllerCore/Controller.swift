@@ -35,7 +35,8 @@ public struct Controller: Sendable {
         // Replica file I/O gets threads of its own, never the event loops'.
         let replicaPool = NIOThreadPool(numberOfThreads: 4)
         replicaPool.start()
-        let replicas = ReplicaManager(root: config.dataDir + "/replicas", pool: replicaPool)
+        let replicas = ReplicaManager(root: config.dataDir + "/replicas", pool: replicaPool,
+                                      retention: config.replicaRetention, journalLimit: Int64(config.replicaJournalMax))
         let agents = AgentServer(config: config, pki: pki, store: store, registry: registry, metrics: metrics, logger: logger, group: group,
                                  replicas: replicas) { address in
             // Tests and scripts read the bound port from here (the configured port may be 0).
@@ -64,6 +65,7 @@ public struct Controller: Sendable {
         var groupConfig = ServiceGroupConfiguration(
             services: [
                 .init(service: lastSeen),
+                .init(service: RetentionFolder(replicas: replicas, logger: logger)),
                 .init(service: agents),
                 .init(service: api),
             ],

@@ -13,6 +13,8 @@ public final class SyncTracker: Sendable {
         var started: Int64 = 0
         var startedAt = ContinuousClock.now
         var finished = false
+        /// A full (or scan) job finished during this run.
+        var fullCompleted = false
     }
 
     private let state = Mutex(State())
@@ -21,7 +23,7 @@ public final class SyncTracker: Sendable {
     func begin(_ kind: Ferry_V1_SyncKind) {
         state.withLock { s in
             if s.finished || s.kind == .none {
-                s = State(kind: kind, started: ChangeLog.now(), startedAt: .now)
+                s = State(kind: kind, started: ChangeLog.now(), startedAt: .now, fullCompleted: s.fullCompleted)
             } else if kind == .full || (kind == .scan && s.kind == .marked) {
                 s.kind = kind
             }
@@ -30,14 +32,19 @@ public final class SyncTracker: Sendable {
 
     func advance(done: UInt64, sent: UInt64) {
         state.withLock { s in
-            if s.kind == .none { s = State(kind: .marked, started: ChangeLog.now(), startedAt: .now) }
+            if s.kind == .none { s = State(kind: .marked, started: ChangeLog.now(), startedAt: .now, fullCompleted: s.fullCompleted) }
             s.finished = false
             s.doneBytes += done
             s.sentBytes += sent
         }
     }
 
-    func finish() { state.withLock { $0.finished = true } }
+    func finish() {
+        state.withLock { s in
+            s.finished = true
+            if s.kind == .full || s.kind == .scan { s.fullCompleted = true }
+        }
+    }
 
     /// The job's progress; `pendingExtents` and `extentBytes` come from the activity log.
     func progress(pendingExtents: Int, extentBytes: UInt64) -> Ferry_V1_SyncProgress {
@@ -49,6 +56,7 @@ public final class SyncTracker: Sendable {
             p.sentBytes = s.sentBytes
             p.pendingExtents = UInt64(pendingExtents)
             p.startedUnixNanos = s.started
+            p.fullCompleted = s.fullCompleted
             let elapsed = ContinuousClock.now - s.startedAt
             let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
             p.rateBytesPerSecond = seconds > 0.05 ? UInt64(Double(s.doneBytes) / seconds) : 0
@@ -76,7 +84,7 @@ struct VolumeSyncWorker {
         var cursor = 0
         var idle = true
         while !Task.isCancelled {
-            guard let extent = activity.nextPending(from: cursor) else {
+            guard let (extent, generation) = activity.nextPending(from: cursor) else {
                 if !idle {
                     tracker.finish()
                     logger.info("volume sync compared everything pending", metadata: ["volume": "\(name)"])
@@ -93,7 +101,7 @@ struct VolumeSyncWorker {
             if Task.isCancelled { return }
             do {
                 let (done, sent) = try await sync(extent: extent)
-                activity.finishPending(extent, through: log.last)
+                activity.finishPending(extent, generation: generation, through: log.last)
                 tracker.advance(done: done, sent: sent)
                 cursor = extent + 1
             } catch {

@@ -21,6 +21,13 @@ public final class ActivityLog: Sendable {
         var pending = false
         /// Sequence of the last write into the extent in the current epoch.
         var lastSequence: UInt64 = 0
+        /// Writes marked but not yet recorded: the mark must not clear under them.
+        var inFlight: Int32 = 0
+        /// Bumped whenever the extent becomes pending (again): a comparison that started
+        /// before may not release it.
+        var generation: UInt32 = 0
+        /// The bitmap generation that set the mark, to know whether it is on disk yet.
+        var markedAt: UInt64 = 0
     }
 
     struct State {
@@ -31,6 +38,10 @@ public final class ActivityLog: Sendable {
         var pendingCount = 0
         /// The change-log epoch the sequences belong to.
         var epoch: UInt64 = 0
+        /// Bumped at every change of the bitmap or the full flag; `persisted` is the newest
+        /// generation known to be on disk.
+        var changed: UInt64 = 0
+        var persisted: UInt64 = 0
     }
 
     public let path: String
@@ -40,6 +51,9 @@ public final class ActivityLog: Sendable {
     public let existed: Bool
     private let fd: Int32
     private let state: Mutex<State>
+    /// Held while writing the file, never together with `state` waiting on disk: writers into
+    /// marked extents never wait for another extent's fdatasync.
+    private let disk = Mutex<Void>(())
 
     /// Opens the activity log of a volume of `volumeBytes`, or creates an empty one. Marks found
     /// on disk (an earlier run did not see them acked) become pending.
@@ -79,36 +93,63 @@ public final class ActivityLog: Sendable {
         // Trailing bits past the last extent stay clear.
         if extentCount % 8 != 0, bitmapBytes > 0 { bitmap[bitmapBytes - 1] &= UInt8((1 << (extentCount % 8)) - 1) }
         state = Mutex(State(extents: extents, bitmap: bitmap, full: full, markedCount: marked, pendingCount: marked))
-        header = Self.header(full: full, extentBytes: extentBytes, extentCount: extentCount)
-        let ok = state.withLock { s in Self.persistAll(fd, header: header, bitmap: s.bitmap) }
-        guard ok else { throw FerryError(.io, "cannot write activity log \(path): \(String(cString: strerror(errno)))") }
+        guard Self.write(fd, full: full, extentBytes: extentBytes, extentCount: extentCount, bitmap: bitmap) else {
+            throw FerryError(.io, "cannot write activity log \(path): \(String(cString: strerror(errno)))")
+        }
     }
 
     deinit { close(fd) }
 
     /// Durably marks the extents `offset..<offset+length` touches, before a write into them is
-    /// applied. Returns at once when they are all marked already.
+    /// applied, and counts the write in flight there until `completed` (so the mark cannot clear
+    /// in between). Returns at once when the marks are on disk already.
     public func mark(offset: UInt64, length: UInt64) throws {
         guard length > 0, extentCount > 0 else { return }
         let range = extents(offset: offset, length: length)
-        try state.withLock { s in
-            var firstByte = Int.max, lastByte = -1
-            for i in range where !s.extents[i].marked {
-                s.extents[i].marked = true
-                s.markedCount += 1
-                s.bitmap[i / 8] |= 1 << (i % 8)
-                firstByte = min(firstByte, i / 8)
-                lastByte = max(lastByte, i / 8)
+        let needed: UInt64 = state.withLock { s in
+            var needed: UInt64 = 0
+            for i in range {
+                s.extents[i].inFlight += 1
+                if !s.extents[i].marked {
+                    if needed == 0 { s.changed += 1 }
+                    s.extents[i].marked = true
+                    s.extents[i].markedAt = s.changed
+                    s.markedCount += 1
+                    s.bitmap[i / 8] |= 1 << (i % 8)
+                }
+                needed = max(needed, s.extents[i].markedAt)
             }
-            guard lastByte >= 0 else { return }
-            // Held while syncing: a concurrent writer into the same extent must not go ahead
-            // before the mark is on disk.
-            let failed = s.bitmap.withUnsafeBytes {
-                FileIO.writeAll(fd, UnsafeRawBufferPointer(rebasing: $0[firstByte...lastByte]), at: UInt64(Self.headerBytes + firstByte))
+            return needed > s.persisted ? needed : 0
+        }
+        if needed > 0 {
+            do {
+                try persist(through: needed)
+            } catch {
+                completed(offset: offset, length: length)
+                throw error
             }
-            if failed != 0 || fdatasync(fd) != 0 {
-                throw VolumeIOError(operation: "activity log update", errno: failed != 0 ? failed : errno)
+        }
+    }
+
+    /// The write counted by `mark` is recorded (or failed).
+    public func completed(offset: UInt64, length: UInt64) {
+        guard length > 0, extentCount > 0 else { return }
+        let range = extents(offset: offset, length: length)
+        state.withLock { s in
+            for i in range { s.extents[i].inFlight -= 1 }
+        }
+    }
+
+    /// Writes the bitmap if generation `through` is not on disk yet. Concurrent callers wait
+    /// for the one writing, then find their generation written.
+    private func persist(through generation: UInt64) throws {
+        try disk.withLock { _ in
+            let (snapshot, full, current, done) = state.withLock { s in (s.bitmap, s.full, s.changed, s.persisted >= generation) }
+            if done { return }
+            guard Self.write(fd, full: full, extentBytes: extentBytes, extentCount: extentCount, bitmap: snapshot) else {
+                throw VolumeIOError(operation: "activity log update", errno: errno)
             }
+            state.withLock { $0.persisted = max($0.persisted, current) }
         }
     }
 
@@ -120,69 +161,96 @@ public final class ActivityLog: Sendable {
         state.withLock { s in
             for i in range {
                 s.extents[i].lastSequence = max(s.extents[i].lastSequence, sequence)
-                if lost, !s.extents[i].pending {
+                if lost {
+                    if !s.extents[i].pending { s.pendingCount += 1 }
                     s.extents[i].pending = true
-                    s.pendingCount += 1
+                    s.extents[i].generation &+= 1
+                    if !s.extents[i].marked {
+                        // A capture (no write marked it): mark it, persisted by the next flush.
+                        s.extents[i].marked = true
+                        s.markedCount += 1
+                        s.bitmap[i / 8] |= 1 << (i % 8)
+                        s.changed += 1
+                        s.extents[i].markedAt = s.changed
+                    }
                 }
             }
         }
     }
 
-    /// Every marked extent becomes pending (the change log lost records of this epoch).
+    /// Every marked extent becomes pending (the change log lost records of this epoch); a
+    /// comparison of one already under way must start over.
     func markedBecomePending() {
         state.withLock { s in
-            for i in s.extents.indices where s.extents[i].marked && !s.extents[i].pending {
+            for i in s.extents.indices where s.extents[i].marked {
+                if !s.extents[i].pending { s.pendingCount += 1 }
                 s.extents[i].pending = true
-                s.pendingCount += 1
+                s.extents[i].generation &+= 1
             }
         }
     }
 
     /// Starts a full comparison: every extent is marked and pending, durably.
     public func markAllPending() throws {
-        try state.withLock { s in
+        let generation: UInt64 = state.withLock { s in
             for i in s.extents.indices {
-                s.extents[i] = Extent(marked: true, pending: true, lastSequence: s.extents[i].lastSequence)
+                s.extents[i].marked = true
+                s.extents[i].pending = true
+                s.extents[i].generation &+= 1
             }
             s.markedCount = extentCount
             s.pendingCount = extentCount
             s.full = true
             for i in 0..<s.bitmap.count { s.bitmap[i] = 0xFF }
             if extentCount % 8 != 0, !s.bitmap.isEmpty { s.bitmap[s.bitmap.count - 1] = UInt8((1 << (extentCount % 8)) - 1) }
-            guard Self.persistAll(fd, header: Self.header(full: true, extentBytes: extentBytes, extentCount: extentCount), bitmap: s.bitmap) else {
-                throw FerryError(.io, "cannot write activity log \(path): \(String(cString: strerror(errno)))")
-            }
+            s.changed += 1
+            for i in s.extents.indices { s.extents[i].markedAt = s.changed }
+            return s.changed
         }
+        try persist(through: generation)
     }
 
-    /// The first pending extent at or after `from` (wrapping around), if any.
-    func nextPending(from: Int) -> Int? {
+    /// The first pending extent at or after `from` (wrapping around), with its generation.
+    func nextPending(from: Int) -> (index: Int, generation: UInt32)? {
         state.withLock { s in
             guard s.pendingCount > 0 else { return nil }
-            for i in from..<extentCount where s.extents[i].pending { return i }
-            for i in 0..<min(from, extentCount) where s.extents[i].pending { return i }
+            for i in from..<extentCount where s.extents[i].pending { return (i, s.extents[i].generation) }
+            for i in 0..<min(from, extentCount) where s.extents[i].pending { return (i, s.extents[i].generation) }
             return nil
         }
     }
 
     /// The extent was compared and what differed was captured through `sequence`: it clears
-    /// like any written extent once that is acked.
-    func finishPending(_ index: Int, through sequence: UInt64) {
+    /// like any written extent once that is acked; unless it became pending again meanwhile
+    /// (`generation` moved on), then it stays pending for another comparison.
+    func finishPending(_ index: Int, generation: UInt32, through sequence: UInt64) {
         state.withLock { s in
-            guard s.extents[index].pending else { return }
+            guard s.extents[index].pending, s.extents[index].generation == generation else { return }
             s.extents[index].pending = false
             s.extents[index].lastSequence = max(s.extents[index].lastSequence, sequence)
             s.pendingCount -= 1
         }
     }
 
+    /// Whether `clear` would clear anything (cheap; lets the caller skip syncing the volume).
+    func hasClearable(ackedThrough acked: UInt64, epoch: UInt64) -> Bool {
+        state.withLock { s in
+            guard s.epoch == epoch else { return false }
+            if s.full && s.pendingCount == 0 { return true }
+            return s.extents.contains { $0.marked && !$0.pending && $0.inFlight == 0 && $0.lastSequence <= acked }
+        }
+    }
+
     /// Clears the marks of extents whose every write the controller holds (`acked` of the
-    /// current epoch), and the full-sync flag once nothing is pending. One fdatasync for all.
+    /// current epoch) and none is in flight, and the full-sync flag once nothing is pending.
+    /// The caller has made the volume itself durable first: a mark may only go once the source
+    /// bytes it covers are on disk.
     func clear(ackedThrough acked: UInt64, epoch: UInt64) throws {
-        try state.withLock { s in
-            guard s.epoch == epoch else { return }
+        let generation: UInt64? = state.withLock { s in
+            guard s.epoch == epoch else { return nil }
             var changed = false
-            for i in s.extents.indices where s.extents[i].marked && !s.extents[i].pending && s.extents[i].lastSequence <= acked {
+            for i in s.extents.indices where s.extents[i].marked && !s.extents[i].pending && s.extents[i].inFlight == 0
+                && s.extents[i].lastSequence <= acked {
                 s.extents[i].marked = false
                 s.extents[i].lastSequence = 0
                 s.markedCount -= 1
@@ -193,11 +261,11 @@ public final class ActivityLog: Sendable {
                 s.full = false
                 changed = true
             }
-            guard changed else { return }
-            guard Self.persistAll(fd, header: Self.header(full: s.full, extentBytes: extentBytes, extentCount: extentCount), bitmap: s.bitmap) else {
-                throw FerryError(.io, "cannot write activity log \(path): \(String(cString: strerror(errno)))")
-            }
+            guard changed else { return s.changed > s.persisted ? s.changed : nil }
+            s.changed += 1
+            return s.changed
         }
+        if let generation { try persist(through: generation) }
     }
 
     /// A new epoch started (a new run, or overflow recovery): sequences of the old one mean
@@ -232,8 +300,10 @@ public final class ActivityLog: Sendable {
         return h
     }
 
-    static func persistAll(_ fd: Int32, header: [UInt8], bitmap: [UInt8]) -> Bool {
-        let all = header + bitmap
+    /// Header and bitmap in one write, then fdatasync. A bitmap is a few KiB even for a large
+    /// volume (one bit per 4 MiB).
+    static func write(_ fd: Int32, full: Bool, extentBytes: UInt64, extentCount: Int, bitmap: [UInt8]) -> Bool {
+        let all = header(full: full, extentBytes: extentBytes, extentCount: extentCount) + bitmap
         return all.withUnsafeBytes { FileIO.writeAll(fd, $0, at: 0) } == 0 && fdatasync(fd) == 0
     }
 }

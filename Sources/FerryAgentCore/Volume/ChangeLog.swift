@@ -72,6 +72,10 @@ public final class ChangeLog: ChangeRecorder {
         try activity?.mark(offset: offset, length: length)
     }
 
+    public func completed(offset: UInt64, length: UInt64) {
+        activity?.completed(offset: offset, length: length)
+    }
+
     public func append(offset: UInt64, kind: VolumeChange.Kind) -> UInt64 {
         let captured = Self.now()
         let length: UInt64
@@ -139,20 +143,6 @@ public final class ChangeLog: ChangeRecorder {
         }
     }
 
-    /// Captured bytes the controller has not acked yet, and the capture time of the oldest
-    /// (nil if none is held).
-    public var pending: (bytes: Int, oldest: Int64?) {
-        state.withLock { s in
-            let oldest: Int64? = s.head < s.entries.count ? {
-                switch s.entries[s.head] {
-                case .memory(let c): c.captured
-                case .spilled(_, _, _, _, let captured): captured
-                }
-            }() : nil
-            return (s.memoryUsed + Int(s.spillUsed), oldest)
-        }
-    }
-
     /// Bytes held in memory (the resync waits for room here before adding more).
     public var memoryUsed: Int { state.withLock { $0.memoryUsed } }
 
@@ -202,7 +192,31 @@ public final class ChangeLog: ChangeRecorder {
     /// The epoch and the highest sequence of it the controller holds durably, read together.
     public var ackedState: (epoch: UInt64, acked: UInt64) { state.withLock { ($0.epoch, $0.acked) } }
 
-    /// Clears activity-log marks of extents whose writes are all acked.
+    /// Where the log stands, read at one instant.
+    public struct Snapshot: Sendable {
+        public var epoch: UInt64
+        public var last: UInt64
+        public var acked: UInt64
+        public var overflowed: Bool
+        public var pendingBytes: Int
+        public var oldestPending: Int64?
+    }
+
+    public var snapshot: Snapshot {
+        state.withLock { s in
+            let oldest: Int64? = s.head < s.entries.count ? {
+                switch s.entries[s.head] {
+                case .memory(let c): c.captured
+                case .spilled(_, _, _, _, let captured): captured
+                }
+            }() : nil
+            return Snapshot(epoch: s.epoch, last: s.next - 1, acked: s.acked, overflowed: s.overflowed,
+                            pendingBytes: s.memoryUsed + Int(s.spillUsed), oldestPending: oldest)
+        }
+    }
+
+    /// Clears activity-log marks of extents whose writes are all acked. The caller has made the
+    /// volume durable (fdatasync) after reading what is acked.
     public func clearAcked() throws {
         let (epoch, acked) = ackedState
         try activity?.clear(ackedThrough: acked, epoch: epoch)

@@ -27,10 +27,13 @@ public protocol ChangeRecorder: Sendable {
     /// Called before a mutation of these bytes is applied, without the mutation lock: the
     /// activity log marks their extents durably here.
     func prepare(offset: UInt64, length: UInt64) throws
+    /// Called once the mutation `prepare` announced is recorded, or failed.
+    func completed(offset: UInt64, length: UInt64)
 }
 
 extension ChangeRecorder {
     public func prepare(offset: UInt64, length: UInt64) throws {}
+    public func completed(offset: UInt64, length: UInt64) {}
 }
 
 /// Keeps every change in memory: for tests and for tools that replay a capture.

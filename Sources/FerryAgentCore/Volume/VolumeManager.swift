@@ -125,7 +125,8 @@ public actor VolumeManager {
             logger.info(spec.initialSyncRequired ? "initial sync starts" : "full resync starts: no activity log from the earlier run",
                         metadata: ["volume": "\(spec.name)", "bytes": "\(entry.volume.size)"])
         }
-        entry.historyKnown = true
+        // Specs remembered locally carry no epoch: only the controller's can settle this.
+        if spec.epoch != 0 || spec.initialSyncRequired { entry.historyKnown = true }
         served[spec.name] = entry
     }
 
@@ -186,27 +187,39 @@ public actor VolumeManager {
     }
 
     /// Clears the activity marks of acked extents, and says how each volume stands.
-    func maintain() -> [Ferry_V1_VolumeReport] {
-        served.keys.sorted().compactMap { name in
-            guard let entry = served[name] else { return nil }
-            do { try entry.log.clearAcked() } catch {
+    func maintain() async -> [Ferry_V1_VolumeReport] {
+        var reports: [Ferry_V1_VolumeReport] = []
+        for name in served.keys.sorted() {
+            guard let entry = served[name] else { continue }
+            do {
+                let (epoch, acked) = entry.log.ackedState
+                if entry.activity.hasClearable(ackedThrough: acked, epoch: epoch) {
+                    // A mark may only go once the bytes it covers are on the source's disk: a
+                    // power cut must not take back a write the replica keeps.
+                    try await entry.volume.flush()
+                    try entry.activity.clear(ackedThrough: acked, epoch: epoch)
+                }
+            } catch {
                 logger.error("cannot update the activity log", metadata: ["volume": "\(name)", "error": "\(error)"])
             }
             var report = Ferry_V1_VolumeReport()
             report.volume = name
-            let (epoch, acked) = entry.log.ackedState
-            report.epoch = epoch
-            report.ackedSequence = acked
-            report.lastSequence = entry.log.last
-            let pending = entry.log.pending
-            report.pendingBytes = UInt64(pending.bytes)
-            report.oldestPendingUnixNanos = pending.oldest ?? 0
-            report.overflowed = entry.log.overflowed
+            // Pending extents first, then the log: a capture that finished an extent is then
+            // always within the sequence reported.
+            let pendingExtents = entry.activity.pendingCount
+            let log = entry.log.snapshot
+            report.epoch = log.epoch
+            report.ackedSequence = log.acked
+            report.lastSequence = log.last
+            report.pendingBytes = UInt64(log.pendingBytes)
+            report.oldestPendingUnixNanos = log.oldestPending ?? 0
+            report.overflowed = log.overflowed
             report.markedExtents = UInt64(entry.activity.markedCount)
             if let tcpAddress { report.tcpAddress = tcpAddress }
-            report.sync = entry.tracker.progress(pendingExtents: entry.activity.pendingCount, extentBytes: entry.activity.extentBytes)
-            return report
+            report.sync = entry.tracker.progress(pendingExtents: pendingExtents, extentBytes: entry.activity.extentBytes)
+            reports.append(report)
         }
+        return reports
     }
 
     public func statuses() -> [Ferry_V1_VolumeStatus] {

@@ -25,6 +25,10 @@ public struct ControllerConfig: Sendable {
     /// How long a new connection may take, TLS handshake included, to send its first message.
     public var enrollmentTimeout: Duration = .seconds(10)
     public var logLevel: String = "info"
+    /// How long replica journals keep every record before folding it into the base image, and
+    /// the most journal bytes kept per volume whatever their age.
+    public var replicaRetention: Duration = .seconds(3600)
+    public var replicaJournalMax: UInt64 = 8 << 30
 
     public init(dataDir: String) { self.dataDir = dataDir }
 
@@ -44,12 +48,15 @@ public struct ControllerConfig: Sendable {
         var maxFrameBytes: Int?
         var enrollmentTimeout: String?
         var logLevel: String?
+        var replicaRetention: String?
+        var replicaJournalMax: String?
 
         enum CodingKeys: String, CodingKey, CaseIterable {
             case dataDir = "data-dir", listen, apiListen = "api-listen", tlsNames = "tls-names", tlsAddresses = "tls-addresses"
             case caCert = "ca-cert", caKey = "ca-key", serverCert = "server-cert", serverKey = "server-key"
             case heartbeatInterval = "heartbeat-interval", certificateValidity = "certificate-validity"
             case maxFrameBytes = "max-frame-bytes", enrollmentTimeout = "enrollment-timeout", logLevel = "log-level"
+            case replicaRetention = "replica-retention", replicaJournalMax = "replica-journal-max"
         }
     }
 
@@ -70,6 +77,8 @@ public struct ControllerConfig: Sendable {
         if let v = f.maxFrameBytes { maxFrameBytes = v }
         if let v = f.enrollmentTimeout { enrollmentTimeout = try ConfigText.duration(v) }
         if let v = f.logLevel { logLevel = v }
+        if let v = f.replicaRetention { replicaRetention = try ConfigText.duration(v) }
+        if let v = f.replicaJournalMax { replicaJournalMax = try ConfigText.byteSize(v) }
     }
 
     /// Rejects settings that cannot work, with a message that names the setting.
@@ -81,6 +90,9 @@ public struct ControllerConfig: Sendable {
         }
         guard (serverCert == nil) == (serverKey == nil) else {
             throw FerryError(.badConfiguration, "server-cert and server-key go together")
+        }
+        guard replicaRetention >= .zero, replicaJournalMax >= 64 << 20 else {
+            throw FerryError(.badConfiguration, "replica-retention must not be negative and replica-journal-max must be at least 64M")
         }
         guard heartbeatInterval >= .milliseconds(100), heartbeatInterval <= .seconds(300) else {
             throw FerryError(.badConfiguration, "heartbeat-interval must be between 100ms and 300s")

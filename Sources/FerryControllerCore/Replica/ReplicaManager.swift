@@ -1,24 +1,61 @@
 import FerryWire
 import Foundation
+import Logging
 import NIOPosix
+import ServiceLifecycle
+
+/// Folds replica journals into their base images every few seconds.
+struct RetentionFolder: Service {
+    let replicas: ReplicaManager
+    let logger: Logger
+
+    func run() async throws {
+        while !Task.isShuttingDownGracefully {
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(5)) }
+            if Task.isShuttingDownGracefully { break }
+            await replicas.foldAll(logger: logger)
+        }
+    }
+}
 
 /// The controller's replicas, one per protected volume, under `DATA-DIR/replicas/HOST-ID/VOLUME`.
 /// Replica file I/O runs on a thread pool of its own.
 public actor ReplicaManager {
     let root: String
     let pool: NIOThreadPool
+    let retention: Duration
+    let journalLimit: Int64
     private var open: [String: ReplicaStore] = [:]
 
-    public init(root: String, pool: NIOThreadPool) {
+    public init(root: String, pool: NIOThreadPool, retention: Duration = .seconds(3600), journalLimit: Int64 = 8 << 30) {
         self.root = root
         self.pool = pool
+        self.retention = retention
+        self.journalLimit = journalLimit
+    }
+
+    /// Forgets the live reports of a host's volumes once its session ends.
+    public func sessionEnded(hostID: String) async {
+        for (key, store) in open where key.hasPrefix(hostID + "/") { await store.sessionEnded() }
+    }
+
+    /// Folds expired journal segments of every open replica into its base image.
+    public func foldAll(logger: Logger) async {
+        for (key, store) in open {
+            do {
+                let folded = try await store.fold()
+                if folded > 0 { logger.debug("journal folded into the base image", metadata: ["replica": "\(key)", "segments": "\(folded)"]) }
+            } catch {
+                logger.error("cannot fold the journal into the base image", metadata: ["replica": "\(key)", "error": "\(error)"])
+            }
+        }
     }
 
     /// The replica of `volume`, opened (and recovered) on first use.
     public func replica(hostID: String, volume: String, size: UInt64) throws -> ReplicaStore {
         let key = hostID + "/" + volume
         if let store = open[key] { return store }
-        let store = try ReplicaStore(directory: root + "/" + key, size: size, pool: pool)
+        let store = try ReplicaStore(directory: root + "/" + key, size: size, pool: pool, retention: retention, journalLimit: journalLimit)
         open[key] = store
         return store
     }

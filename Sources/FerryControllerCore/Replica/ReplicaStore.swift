@@ -4,12 +4,18 @@ import Foundation
 import NIOCore
 import NIOPosix
 
-/// One volume's replica on the controller: an append-only journal of the records received,
-/// each checked by CRC32C and made durable (fdatasync) before it is acked, and a replica image
-/// the records are applied to, in sequence order.
+/// One volume's replica on the controller, in `DIR`:
+/// - `journal/ID.seg`: append-only journal segments of the records received, each checked by
+///   CRC32C and made durable (fdatasync, one per batch) before it is acked;
+/// - `replica.img`: the latest state, every record applied in sequence order;
+/// - `base.img`: the state at the retention horizon: records older than the retention window
+///   (or past the journal's size cap) are folded into it and their segments deleted, so the
+///   journal holds the history a point-in-time image is built from;
+/// - `state.json`: epoch, checkpoint, fold progress, sync status.
 ///
-/// On open, a torn or corrupt journal tail is cut at the last valid record and the journal is
-/// replayed onto the image (idempotent, since records apply in order), so nothing acked is lost.
+/// On open, a torn or corrupt journal tail is cut at the last valid record and the records
+/// after the last checkpoint are replayed onto the image (idempotent, since records apply in
+/// order), so nothing acked is lost.
 public actor ReplicaStore {
     public struct State: Codable, Sendable {
         /// The agent's capture epoch the journal belongs to (0: nothing received yet).
@@ -22,6 +28,10 @@ public actor ReplicaStore {
         public var initialSynced = false
         /// Syncs (initial, crash or overflow resync, on demand) completed.
         public var syncsCompleted: UInt64 = 0
+        /// Journal segments up to this id are folded into the base image.
+        public var foldedThrough: UInt64 = 0
+        /// Capture time (Unix nanoseconds) of the newest record folded into the base image.
+        public var baseAsOf: Int64 = 0
 
         public init() {}
 
@@ -33,6 +43,8 @@ public actor ReplicaStore {
             checkpointed = try c.decodeIfPresent(UInt64.self, forKey: .checkpointed) ?? 0
             initialSynced = try c.decodeIfPresent(Bool.self, forKey: .initialSynced) ?? false
             syncsCompleted = try c.decodeIfPresent(UInt64.self, forKey: .syncsCompleted) ?? 0
+            foldedThrough = try c.decodeIfPresent(UInt64.self, forKey: .foldedThrough) ?? 0
+            baseAsOf = try c.decodeIfPresent(Int64.self, forKey: .baseAsOf) ?? 0
         }
     }
 
@@ -53,43 +65,146 @@ public actor ReplicaStore {
     public private(set) var state: State
     /// Last sequence of `state.epoch` on disk in the journal.
     public private(set) var durable: UInt64 = 0
+    /// How long records stay in the journal before they are folded into the base image, and
+    /// the most journal bytes kept whatever their age.
+    public let retention: Duration
+    public let journalLimit: Int64
+    let segmentBytes: Int64
     private let image: Int32
-    private let journal: Int32
-    private var journalBytes: Int64 = 0
+    private let base: Int32
     private let pool: NIOThreadPool
+    /// Segments not folded yet, oldest first; the last one may be the active one.
+    private var segments: [JournalSegment] = []
+    /// The segment being appended to (its fd), if any.
+    private var active: (id: UInt64, fd: Int32)?
+    private var appendedSinceCheckpoint: Int64 = 0
+    private var folding = false
 
-    static let recordMagic: UInt32 = 0x464A_5231 // "FJR1"
-    static let headerSize = 4 + 4 + 8 + 8 + 8 + 8 + 4 // magic, crc, epoch, sequence, offset, length, kind
-    /// Once the journal holds this much, the image is synced and the journal restarted.
-    static let journalLimit: Int64 = 256 << 20
+    /// Every this many journal bytes the image is synced and the checkpoint advanced, which
+    /// bounds what a restart replays.
+    static let checkpointBytes: Int64 = 256 << 20
 
     public var imagePath: String { directory + "/replica.img" }
+    public var basePath: String { directory + "/base.img" }
+    var journalDirectory: String { directory + "/journal" }
+    /// Bytes in journal segments not folded yet.
+    public var journalBytes: Int64 { segments.reduce(0) { $0 + $1.bytes } }
+    /// Capture time (Unix nanoseconds) of the oldest record still in the journal, 0 if none.
+    public var oldestRetained: Int64 {
+        guard let first = segments.first(where: { $0.bytes > 0 }) else { return 0 }
+        return first.newest == 0 ? 0 : (oldestCapture[first.id] ?? first.newest)
+    }
+    private var oldestCapture: [UInt64: Int64] = [:]
 
     /// Opens (or creates, sparse) the replica of a volume of `size` bytes in `directory`.
-    public init(directory: String, size: UInt64, pool: NIOThreadPool) throws {
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+    public init(directory: String, size: UInt64, pool: NIOThreadPool, retention: Duration = .seconds(3600),
+                journalLimit: Int64 = 8 << 30, segmentBytes: Int64 = 64 << 20) throws {
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: directory + "/journal", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         self.directory = directory
         self.size = size
         self.pool = pool
+        self.retention = retention
+        self.journalLimit = journalLimit
+        self.segmentBytes = segmentBytes
         let image = open(directory + "/replica.img", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        let journal = open(directory + "/journal.log", O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
-        guard image >= 0, journal >= 0 else {
+        let base = open(directory + "/base.img", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard image >= 0, base >= 0 else {
             throw FerryError(.io, "cannot open the replica in \(directory): \(String(cString: strerror(errno)))")
         }
         self.image = image
-        self.journal = journal
-        var st = stat()
-        fstat(image, &st)
-        if UInt64(st.st_size) != size { ftruncate(image, off_t(size)) }
-        state = (try? JSONDecoder().decode(State.self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/state.json")))) ?? State()
-        let recovered = try Self.recover(journal: journal, image: image, epoch: state.epoch, after: state.checkpointed, size: size)
+        self.base = base
+        for fd in [image, base] {
+            var st = stat()
+            fstat(fd, &st)
+            if UInt64(st.st_size) != size { ftruncate(fd, off_t(size)) }
+        }
+        let state = (try? JSONDecoder().decode(State.self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/state.json")))) ?? State()
+        self.state = state
+        let recovered = try Self.recover(journalDirectory: directory + "/journal", state: state, image: image, size: size)
+        segments = recovered.segments
         durable = recovered.durable
-        journalBytes = recovered.validBytes
+        oldestCapture = recovered.oldestCapture
     }
 
     deinit {
         close(image)
-        close(journal)
+        close(base)
+        if let active { close(active.fd) }
+    }
+
+    /// Reads the journal back: folded segments left behind are deleted, sealed ones are known
+    /// from their meta file, an unsealed one is scanned and its torn tail cut; records of the
+    /// current epoch after the checkpoint are replayed onto the image.
+    private static func recover(journalDirectory dir: String, state: State, image: Int32, size: UInt64) throws
+        -> (segments: [JournalSegment], durable: UInt64, oldestCapture: [UInt64: Int64]) {
+        var segments: [JournalSegment] = []
+        var oldestCapture: [UInt64: Int64] = [:]
+        var durable: UInt64
+        let ids = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [])
+            .filter { $0.hasSuffix(".seg") }
+            .compactMap { UInt64($0.dropLast(4), radix: 16) }
+            .sorted()
+        durable = state.checkpointed
+        var broken = false
+        for id in ids {
+            var segment = JournalSegment(id: id, epoch: 0)
+            if id <= state.foldedThrough || broken {
+                // Folded already (the crash came before the delete), or after a corrupt
+                // segment, whose successors cannot be trusted in order.
+                unlink(segment.path(in: dir))
+                unlink(segment.metaPath(in: dir))
+                continue
+            }
+            let sealed = (try? JSONDecoder().decode(JournalSegment.self, from: Data(contentsOf: URL(fileURLWithPath: segment.metaPath(in: dir)))))
+            let replay = sealed.map { $0.epoch == state.epoch && $0.last > state.checkpointed } ?? true
+            if let sealed, !replay {
+                segments.append(sealed)
+                continue
+            }
+            let bytes = try JournalRecord.readWhole(segment.path(in: dir))
+            var expected: UInt64?
+            var oldest: Int64 = 0
+            let valid = try JournalRecord.scan(bytes, size: size) { decoded in
+                let r = decoded.record
+                if segment.epoch == 0 { segment.epoch = decoded.epoch }
+                guard decoded.epoch == segment.epoch, expected.map({ r.sequence == $0 }) ?? true else {
+                    throw FerryError(.io, "journal segment \(JournalSegment.name(id)) breaks sequence order at \(r.sequence)")
+                }
+                expected = r.sequence + 1
+                if segment.first == 0 { segment.first = r.sequence }
+                segment.last = r.sequence
+                segment.bytes = Int64(decoded.end)
+                segment.newest = max(segment.newest, r.capturedUnixNanos)
+                if oldest == 0 { oldest = r.capturedUnixNanos }
+                if segment.epoch == state.epoch, r.sequence > durable {
+                    guard r.sequence == durable + 1 else {
+                        throw FerryError(.io, "journal segment \(JournalSegment.name(id)) skips from \(durable) to \(r.sequence)")
+                    }
+                    try JournalRecord.apply(r, to: image)
+                    durable = r.sequence
+                }
+            }
+            if valid < bytes.count {
+                // A torn or corrupt tail: what follows the last valid record was never acked.
+                let fd = open(segment.path(in: dir), O_WRONLY | O_CLOEXEC)
+                if fd >= 0 { ftruncate(fd, off_t(valid)); fdatasync(fd); close(fd) }
+                if sealed != nil { broken = true }
+            }
+            if segment.epoch == 0 {
+                // Nothing valid in it.
+                unlink(segment.path(in: dir))
+                unlink(segment.metaPath(in: dir))
+                continue
+            }
+            oldestCapture[id] = oldest
+            segments.append(segment)
+        }
+        // Appends always go to a fresh segment after a restart.
+        for segment in segments where !FileManager.default.fileExists(atPath: segment.metaPath(in: dir)) {
+            try writeMeta(segment, in: dir)
+        }
+        return (segments, durable, oldestCapture)
     }
 
     /// Appends a batch durably and applies it; returns the durable sequence to ack.
@@ -125,37 +240,119 @@ public actor ReplicaStore {
             guard wellFormed, !overflow, end <= size else {
                 throw FerryError(.protocolViolation, "replication record \(r.sequence) lies outside the \(size)-byte volume")
             }
-            Self.encode(r, epoch: state.epoch, into: &entry)
+            JournalRecord.encode(r, epoch: state.epoch, into: &entry)
         }
-        let journal = self.journal, image = self.image
+        if active == nil || segments.last?.epoch != state.epoch || (segments.last?.bytes ?? 0) >= segmentBytes {
+            try await rotate()
+        }
+        guard let (_, journal) = active else { throw FerryError(.internalError, "no active journal segment") }
+        let image = self.image
         let bytes = entry
         try await pool.runIfActive {
             try Self.writeAll(journal, bytes)
             guard fdatasync(journal) == 0 else { throw FerryError(.io, "journal fdatasync failed: \(String(cString: strerror(errno)))") }
-            for r in fresh { try Self.applyToImage(image, r) }
+            for r in fresh { try JournalRecord.apply(r, to: image) }
         }
-        journalBytes += Int64(bytes.readableBytes)
+        let newest = fresh.reduce(Int64(0)) { max($0, $1.capturedUnixNanos) }
+        segments[segments.count - 1].bytes += Int64(bytes.readableBytes)
+        if segments[segments.count - 1].first == 0 { segments[segments.count - 1].first = fresh.first!.sequence }
+        segments[segments.count - 1].last = fresh.last!.sequence
+        segments[segments.count - 1].newest = max(segments[segments.count - 1].newest, newest)
+        if oldestCapture[segments[segments.count - 1].id] == nil { oldestCapture[segments[segments.count - 1].id] = fresh.first!.capturedUnixNanos }
+        appendedSinceCheckpoint += Int64(bytes.readableBytes)
         durable = fresh.last!.sequence
         let dataBytes = fresh.reduce(UInt64(0)) { $0 + UInt64($1.data.count) }
         bytesApplied += dataBytes
         throughput.add(dataBytes)
-        if journalBytes > Self.journalLimit { try await checkpoint() }
+        if appendedSinceCheckpoint > Self.checkpointBytes { try await checkpoint() }
         try completeSyncIfDurable()
         return durable
     }
 
+    /// Seals the active segment (if any) and starts the next one for the current epoch.
+    private func rotate() async throws {
+        try seal()
+        let id = (segments.last?.id ?? state.foldedThrough) + 1
+        let segment = JournalSegment(id: id, epoch: state.epoch)
+        let fd = open(segment.path(in: journalDirectory), O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw FerryError(.io, "cannot create journal segment \(segment.path(in: journalDirectory)): \(String(cString: strerror(errno)))") }
+        let dir = open(journalDirectory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dir >= 0 { fsync(dir); close(dir) }
+        active = (id, fd)
+        segments.append(segment)
+    }
+
+    /// Closes the active segment and records its range beside it.
+    private func seal() throws {
+        guard let (id, fd) = active else { return }
+        active = nil
+        close(fd)
+        if let segment = segments.last, segment.id == id { try Self.writeMeta(segment, in: journalDirectory) }
+    }
+
+    private static func writeMeta(_ segment: JournalSegment, in directory: String) throws {
+        let data = try JSONEncoder().encode(segment)
+        try PEMFiles.writePublic(String(decoding: data, as: UTF8.self), to: segment.metaPath(in: directory))
+    }
+
+    /// Folds into the base image every sealed segment whose newest record is older than the
+    /// retention window, or the oldest ones while the journal is over its size cap; an active
+    /// segment past the window is sealed first. Returns the segments folded.
+    @discardableResult
+    public func fold(now: Date = Date()) async throws -> Int {
+        guard !folding else { return 0 }
+        folding = true
+        defer { folding = false }
+        let horizon = Int64(now.timeIntervalSince1970 * 1e9) - Int64(retention.components.seconds) * 1_000_000_000
+            - retention.components.attoseconds / 1_000_000_000
+        var folded = 0
+        while let oldest = segments.first {
+            let expired = oldest.newest <= horizon
+            let overCap = journalBytes > journalLimit
+            guard expired || overCap else { break }
+            if active?.id == oldest.id {
+                guard expired || segments.count == 1 else { break }
+                try seal()
+            }
+            if oldest.epoch == state.epoch, oldest.last > state.checkpointed {
+                // Its records must be durable in the latest image before the journal lets
+                // them go, or a crash could lose them there.
+                try await checkpoint()
+            }
+            let path = oldest.path(in: journalDirectory)
+            let base = self.base, size = self.size
+            try await pool.runIfActive {
+                let bytes = try JournalRecord.readWhole(path)
+                _ = try JournalRecord.scan(bytes, size: size) { try JournalRecord.apply($0.record, to: base) }
+                guard fdatasync(base) == 0 else { throw FerryError(.io, "base image fdatasync failed: \(String(cString: strerror(errno)))") }
+            }
+            // The fold is durable: record it, then the segment may go.
+            state.foldedThrough = oldest.id
+            state.baseAsOf = max(state.baseAsOf, oldest.newest)
+            try saveState()
+            unlink(path)
+            unlink(oldest.metaPath(in: journalDirectory))
+            segments.removeAll { $0.id == oldest.id }
+            oldestCapture[oldest.id] = nil
+            folded += 1
+        }
+        return folded
+    }
+
     /// The agent's periodic report. A sync it reports finished (nothing pending in this epoch)
     /// completes once everything it captured up to then is durable here.
-    public func note(_ report: Ferry_V1_VolumeReport) throws {
+    public func note(_ report: Ferry_V1_VolumeReport) async throws {
         self.report = report
         reportedAt = Date()
-        guard report.epoch == state.epoch || state.epoch == 0 else {
-            completion = nil
-            return
+        if report.epoch != 0, report.epoch != state.epoch {
+            // The agent moved to a new epoch (a restart, an overflow) before sending anything
+            // in it: what it had not got acked may be missing here until it resyncs.
+            try await startEpoch(report.epoch)
         }
         if report.sync.pendingExtents == 0, !report.overflowed {
             if completion == nil, state.resyncNeeded || !state.initialSynced {
-                completion = (report.lastSequence, report.sync.kind == .full || report.sync.kind == .scan)
+                let s = report.sync
+                completion = (report.lastSequence, s.kind == .full || s.kind == .scan || s.fullCompleted)
             }
         } else {
             completion = nil
@@ -172,6 +369,12 @@ public actor ReplicaStore {
         if c.full { state.initialSynced = true }
         state.syncsCompleted += 1
         try saveState()
+    }
+
+    /// The agent's session ended: its last report no longer describes anything live.
+    public func sessionEnded() {
+        report = nil
+        completion = nil
     }
 
     /// Applied bytes per second over the last seconds.
@@ -194,7 +397,7 @@ public actor ReplicaStore {
             throw FerryError(.badRequest, "resync hashes must be empty or \(BlockHashing.hashBytes) bytes")
         }
         let image = self.image, size = self.size
-        let ours = try await pool.runIfActive {
+        let ours = try await pool.runIfActive { () throws -> BlockHashing.Result in
             try BlockHashing.hashes(fd: image, size: size, offset: request.offset, blockBytes: Int(block), count: request.hashes.count)
         }
         return zip(request.hashes, ours.hashes).enumerated().compactMap { i, pair in pair.0 == pair.1 ? nil : UInt32(i) }
@@ -213,100 +416,21 @@ public actor ReplicaStore {
         try saveState()
     }
 
-    /// Makes the image durable, records how far it goes, then empties the journal. A crash
-    /// between the two leaves records the image already has: recovery skips them.
+    /// Makes the image durable and records how far it goes: a restart replays only what
+    /// follows. The journal itself stays, for the retention window.
     private func checkpoint() async throws {
-        let journal = self.journal, image = self.image
+        let image = self.image
         try await pool.runIfActive {
             guard fdatasync(image) == 0 else { throw FerryError(.io, "replica image fdatasync failed: \(String(cString: strerror(errno)))") }
         }
         state.checkpointed = durable
+        appendedSinceCheckpoint = 0
         try saveState()
-        try await pool.runIfActive {
-            guard ftruncate(journal, 0) == 0, fdatasync(journal) == 0 else {
-                throw FerryError(.io, "replica journal truncate failed: \(String(cString: strerror(errno)))")
-            }
-        }
-        journalBytes = 0
     }
 
     private func saveState() throws {
         let data = try JSONEncoder().encode(state)
         try PEMFiles.writePublic(String(decoding: data, as: UTF8.self), to: directory + "/state.json")
-    }
-
-    // MARK: Journal format
-
-    static func encode(_ r: Ferry_V1_ReplicationRecord, epoch: UInt64, into buffer: inout ByteBuffer) {
-        let start = buffer.writerIndex
-        buffer.writeInteger(recordMagic)
-        buffer.writeInteger(UInt32(0)) // CRC, filled below
-        buffer.writeInteger(epoch)
-        buffer.writeInteger(r.sequence)
-        buffer.writeInteger(r.offset)
-        buffer.writeInteger(r.data.isEmpty ? r.zeroLength : UInt64(r.data.count))
-        buffer.writeInteger(UInt32(r.data.isEmpty ? 1 : 0))
-        buffer.writeBytes(r.data)
-        let crc = buffer.withUnsafeReadableBytes { all in
-            ferry_crc32c(0, all.baseAddress! + (start - buffer.readerIndex) + 8, buffer.writerIndex - start - 8)
-        }
-        buffer.setInteger(crc, at: start + 4)
-    }
-
-    /// Scans the journal, cuts a torn or corrupt tail and replays the valid records of `epoch`
-    /// that follow the checkpoint.
-    static func recover(journal: Int32, image: Int32, epoch: UInt64, after checkpointed: UInt64, size: UInt64) throws -> (durable: UInt64, validBytes: Int64) {
-        var st = stat()
-        fstat(journal, &st)
-        let total = Int(st.st_size)
-        var data = [UInt8](repeating: 0, count: total)
-        if total > 0 { _ = data.withUnsafeMutableBytes { pread(journal, $0.baseAddress, total, 0) } }
-        var at = 0
-        var durable = checkpointed
-        var buffer = ByteBuffer(bytes: data)
-        while buffer.readableBytes >= headerSize {
-            let start = buffer.readerIndex
-            guard let magic = buffer.readInteger(as: UInt32.self), magic == recordMagic,
-                  let crc = buffer.readInteger(as: UInt32.self), let recordEpoch = buffer.readInteger(as: UInt64.self),
-                  let sequence = buffer.readInteger(as: UInt64.self), let offset = buffer.readInteger(as: UInt64.self),
-                  let length = buffer.readInteger(as: UInt64.self), let kind = buffer.readInteger(as: UInt32.self)
-            else { break }
-            let payload = kind == 0 ? Int(length) : 0
-            guard length <= UInt64(NBDLimit.maxRecord), buffer.readableBytes >= payload else { break }
-            let check = data.withUnsafeBytes { ferry_crc32c(0, $0.baseAddress! + start + 8, headerSize - 8 + payload) }
-            guard check == crc, recordEpoch == epoch, offset + length <= size else { break }
-            if sequence <= durable {
-                // Already in the image (a crash came between checkpoint and truncation).
-                buffer.moveReaderIndex(forwardBy: payload)
-                at = buffer.readerIndex
-                continue
-            }
-            guard sequence == durable + 1 else { break }
-            var record = Ferry_V1_ReplicationRecord()
-            record.sequence = sequence
-            record.offset = offset
-            if kind == 0 { record.data = Data(buffer.readBytes(length: payload)!) } else { record.zeroLength = length }
-            try applyToImage(image, record)
-            durable = sequence
-            at = buffer.readerIndex
-        }
-        if at < total {
-            // A torn or corrupt tail: what follows the last valid record was never acked.
-            ftruncate(journal, off_t(at))
-            fdatasync(journal)
-        }
-        return (durable, Int64(at))
-    }
-
-    static func applyToImage(_ image: Int32, _ r: Ferry_V1_ReplicationRecord) throws {
-        if r.data.isEmpty {
-            if ferry_punch_hole(image, off_t(r.offset), off_t(r.zeroLength)) != 0 {
-                throw FerryError(.io, "cannot zero replica range: \(String(cString: strerror(errno)))")
-            }
-            return
-        }
-        let failed = r.data.withUnsafeBytes { FileIO.writeAll(image, $0, at: r.offset) }
-        if failed != 0 { throw FerryError(.io, "replica write failed: \(String(cString: strerror(failed)))") }
     }
 
     static func writeAll(_ fd: Int32, _ buffer: ByteBuffer) throws {

@@ -250,6 +250,7 @@ public final class AgentServer: Service, Sendable {
         // A removal that committed after the admission above found no session to close: look again.
         if let refused = await admissionWithdrawn(hostID: hostID, serial: serial) {
             await registry.unregister(hostID: hostID, session: session)
+        await replicas.sessionEnded(hostID: hostID)
             await session.close(reason: refused.message)
             return
         }
@@ -275,6 +276,7 @@ public final class AgentServer: Service, Sendable {
             log.info("agent session ended", metadata: ["error": "\(error)"])
         }
         await registry.unregister(hostID: hostID, session: session)
+        await replicas.sessionEnded(hostID: hostID)
         metrics.agentsConnected.record(await registry.count)
         try? await store.recordLastSeen([hostID: Date().addingTimeInterval(-session.silence.seconds)])
     }

@@ -201,54 +201,85 @@ public nonisolated struct Ferry_V1_SyncProgress: Sendable {
 
   public var startedUnixNanos: Int64 = 0
 
+  /// A full comparison (initial sync, resync on demand or scan) has finished during this run of
+  /// the agent: with nothing pending, the replica is complete even if later jobs were partial.
+  public var fullCompleted: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 }
 
 /// Agent -> controller, about once a second per volume: how far behind the replica is.
-public nonisolated struct Ferry_V1_VolumeReport: Sendable {
+public nonisolated struct Ferry_V1_VolumeReport: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var volume: String = String()
+  public var volume: String {
+    get {_storage._volume}
+    set {_uniqueStorage()._volume = newValue}
+  }
 
-  public var epoch: UInt64 = 0
+  public var epoch: UInt64 {
+    get {_storage._epoch}
+    set {_uniqueStorage()._epoch = newValue}
+  }
 
   /// Last sequence captured, and the last one the controller acked.
-  public var lastSequence: UInt64 = 0
+  public var lastSequence: UInt64 {
+    get {_storage._lastSequence}
+    set {_uniqueStorage()._lastSequence = newValue}
+  }
 
-  public var ackedSequence: UInt64 = 0
+  public var ackedSequence: UInt64 {
+    get {_storage._ackedSequence}
+    set {_uniqueStorage()._ackedSequence = newValue}
+  }
 
   /// Captured bytes not yet acked, and when the oldest of them was captured (0: none pending).
-  public var pendingBytes: UInt64 = 0
+  public var pendingBytes: UInt64 {
+    get {_storage._pendingBytes}
+    set {_uniqueStorage()._pendingBytes = newValue}
+  }
 
-  public var oldestPendingUnixNanos: Int64 = 0
+  public var oldestPendingUnixNanos: Int64 {
+    get {_storage._oldestPendingUnixNanos}
+    set {_uniqueStorage()._oldestPendingUnixNanos = newValue}
+  }
 
   /// The change log passed its cap: only dirty-extent marks are kept until the next resync.
-  public var overflowed: Bool = false
+  public var overflowed: Bool {
+    get {_storage._overflowed}
+    set {_uniqueStorage()._overflowed = newValue}
+  }
 
   public var sync: Ferry_V1_SyncProgress {
-    get {_sync ?? Ferry_V1_SyncProgress()}
-    set {_sync = newValue}
+    get {_storage._sync ?? Ferry_V1_SyncProgress()}
+    set {_uniqueStorage()._sync = newValue}
   }
   /// Returns true if `sync` has been explicitly set.
-  public var hasSync: Bool {self._sync != nil}
+  public var hasSync: Bool {_storage._sync != nil}
   /// Clears the value of `sync`. Subsequent reads from it will return its default value.
-  public mutating func clearSync() {self._sync = nil}
+  public mutating func clearSync() {_uniqueStorage()._sync = nil}
 
   /// Extents marked dirty in the activity log.
-  public var markedExtents: UInt64 = 0
+  public var markedExtents: UInt64 {
+    get {_storage._markedExtents}
+    set {_uniqueStorage()._markedExtents = newValue}
+  }
 
   /// "host:port" of the loopback TCP export, if the agent has one.
-  public var tcpAddress: String = String()
+  public var tcpAddress: String {
+    get {_storage._tcpAddress}
+    set {_uniqueStorage()._tcpAddress = newValue}
+  }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _sync: Ferry_V1_SyncProgress? = nil
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
@@ -471,7 +502,7 @@ nonisolated extension Ferry_V1_ResyncDiff: SwiftProtobuf.Message, SwiftProtobuf.
 
 nonisolated extension Ferry_V1_SyncProgress: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SyncProgress"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}kind\0\u{3}total_bytes\0\u{3}done_bytes\0\u{3}sent_bytes\0\u{3}rate_bytes_per_second\0\u{3}pending_extents\0\u{3}started_unix_nanos\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}kind\0\u{3}total_bytes\0\u{3}done_bytes\0\u{3}sent_bytes\0\u{3}rate_bytes_per_second\0\u{3}pending_extents\0\u{3}started_unix_nanos\0\u{3}full_completed\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -486,6 +517,7 @@ nonisolated extension Ferry_V1_SyncProgress: SwiftProtobuf.Message, SwiftProtobu
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.rateBytesPerSecond) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.pendingExtents) }()
       case 7: try { try decoder.decodeSingularInt64Field(value: &self.startedUnixNanos) }()
+      case 8: try { try decoder.decodeSingularBoolField(value: &self.fullCompleted) }()
       default: break
       }
     }
@@ -513,6 +545,9 @@ nonisolated extension Ferry_V1_SyncProgress: SwiftProtobuf.Message, SwiftProtobu
     if self.startedUnixNanos != 0 {
       try visitor.visitSingularInt64Field(value: self.startedUnixNanos, fieldNumber: 7)
     }
+    if self.fullCompleted != false {
+      try visitor.visitSingularBoolField(value: self.fullCompleted, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -524,6 +559,7 @@ nonisolated extension Ferry_V1_SyncProgress: SwiftProtobuf.Message, SwiftProtobu
     if lhs.rateBytesPerSecond != rhs.rateBytesPerSecond {return false}
     if lhs.pendingExtents != rhs.pendingExtents {return false}
     if lhs.startedUnixNanos != rhs.startedUnixNanos {return false}
+    if lhs.fullCompleted != rhs.fullCompleted {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -533,76 +569,130 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
   public static let protoMessageName: String = _protobuf_package + ".VolumeReport"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{3}last_sequence\0\u{3}acked_sequence\0\u{3}pending_bytes\0\u{3}oldest_pending_unix_nanos\0\u{1}overflowed\0\u{1}sync\0\u{3}marked_extents\0\u{3}tcp_address\0")
 
+  fileprivate class _StorageClass {
+    var _volume: String = String()
+    var _epoch: UInt64 = 0
+    var _lastSequence: UInt64 = 0
+    var _ackedSequence: UInt64 = 0
+    var _pendingBytes: UInt64 = 0
+    var _oldestPendingUnixNanos: Int64 = 0
+    var _overflowed: Bool = false
+    var _sync: Ferry_V1_SyncProgress? = nil
+    var _markedExtents: UInt64 = 0
+    var _tcpAddress: String = String()
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _volume = source._volume
+      _epoch = source._epoch
+      _lastSequence = source._lastSequence
+      _ackedSequence = source._ackedSequence
+      _pendingBytes = source._pendingBytes
+      _oldestPendingUnixNanos = source._oldestPendingUnixNanos
+      _overflowed = source._overflowed
+      _sync = source._sync
+      _markedExtents = source._markedExtents
+      _tcpAddress = source._tcpAddress
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
-      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
-      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.lastSequence) }()
-      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.ackedSequence) }()
-      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.pendingBytes) }()
-      case 6: try { try decoder.decodeSingularInt64Field(value: &self.oldestPendingUnixNanos) }()
-      case 7: try { try decoder.decodeSingularBoolField(value: &self.overflowed) }()
-      case 8: try { try decoder.decodeSingularMessageField(value: &self._sync) }()
-      case 9: try { try decoder.decodeSingularUInt64Field(value: &self.markedExtents) }()
-      case 10: try { try decoder.decodeSingularStringField(value: &self.tcpAddress) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._volume) }()
+        case 2: try { try decoder.decodeSingularUInt64Field(value: &_storage._epoch) }()
+        case 3: try { try decoder.decodeSingularUInt64Field(value: &_storage._lastSequence) }()
+        case 4: try { try decoder.decodeSingularUInt64Field(value: &_storage._ackedSequence) }()
+        case 5: try { try decoder.decodeSingularUInt64Field(value: &_storage._pendingBytes) }()
+        case 6: try { try decoder.decodeSingularInt64Field(value: &_storage._oldestPendingUnixNanos) }()
+        case 7: try { try decoder.decodeSingularBoolField(value: &_storage._overflowed) }()
+        case 8: try { try decoder.decodeSingularMessageField(value: &_storage._sync) }()
+        case 9: try { try decoder.decodeSingularUInt64Field(value: &_storage._markedExtents) }()
+        case 10: try { try decoder.decodeSingularStringField(value: &_storage._tcpAddress) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if !self.volume.isEmpty {
-      try visitor.visitSingularStringField(value: self.volume, fieldNumber: 1)
-    }
-    if self.epoch != 0 {
-      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 2)
-    }
-    if self.lastSequence != 0 {
-      try visitor.visitSingularUInt64Field(value: self.lastSequence, fieldNumber: 3)
-    }
-    if self.ackedSequence != 0 {
-      try visitor.visitSingularUInt64Field(value: self.ackedSequence, fieldNumber: 4)
-    }
-    if self.pendingBytes != 0 {
-      try visitor.visitSingularUInt64Field(value: self.pendingBytes, fieldNumber: 5)
-    }
-    if self.oldestPendingUnixNanos != 0 {
-      try visitor.visitSingularInt64Field(value: self.oldestPendingUnixNanos, fieldNumber: 6)
-    }
-    if self.overflowed != false {
-      try visitor.visitSingularBoolField(value: self.overflowed, fieldNumber: 7)
-    }
-    try { if let v = self._sync {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
-    } }()
-    if self.markedExtents != 0 {
-      try visitor.visitSingularUInt64Field(value: self.markedExtents, fieldNumber: 9)
-    }
-    if !self.tcpAddress.isEmpty {
-      try visitor.visitSingularStringField(value: self.tcpAddress, fieldNumber: 10)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if !_storage._volume.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._volume, fieldNumber: 1)
+      }
+      if _storage._epoch != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._epoch, fieldNumber: 2)
+      }
+      if _storage._lastSequence != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._lastSequence, fieldNumber: 3)
+      }
+      if _storage._ackedSequence != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._ackedSequence, fieldNumber: 4)
+      }
+      if _storage._pendingBytes != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._pendingBytes, fieldNumber: 5)
+      }
+      if _storage._oldestPendingUnixNanos != 0 {
+        try visitor.visitSingularInt64Field(value: _storage._oldestPendingUnixNanos, fieldNumber: 6)
+      }
+      if _storage._overflowed != false {
+        try visitor.visitSingularBoolField(value: _storage._overflowed, fieldNumber: 7)
+      }
+      try { if let v = _storage._sync {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 8)
+      } }()
+      if _storage._markedExtents != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._markedExtents, fieldNumber: 9)
+      }
+      if !_storage._tcpAddress.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._tcpAddress, fieldNumber: 10)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Ferry_V1_VolumeReport, rhs: Ferry_V1_VolumeReport) -> Bool {
-    if lhs.volume != rhs.volume {return false}
-    if lhs.epoch != rhs.epoch {return false}
-    if lhs.lastSequence != rhs.lastSequence {return false}
-    if lhs.ackedSequence != rhs.ackedSequence {return false}
-    if lhs.pendingBytes != rhs.pendingBytes {return false}
-    if lhs.oldestPendingUnixNanos != rhs.oldestPendingUnixNanos {return false}
-    if lhs.overflowed != rhs.overflowed {return false}
-    if lhs._sync != rhs._sync {return false}
-    if lhs.markedExtents != rhs.markedExtents {return false}
-    if lhs.tcpAddress != rhs.tcpAddress {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._volume != rhs_storage._volume {return false}
+        if _storage._epoch != rhs_storage._epoch {return false}
+        if _storage._lastSequence != rhs_storage._lastSequence {return false}
+        if _storage._ackedSequence != rhs_storage._ackedSequence {return false}
+        if _storage._pendingBytes != rhs_storage._pendingBytes {return false}
+        if _storage._oldestPendingUnixNanos != rhs_storage._oldestPendingUnixNanos {return false}
+        if _storage._overflowed != rhs_storage._overflowed {return false}
+        if _storage._sync != rhs_storage._sync {return false}
+        if _storage._markedExtents != rhs_storage._markedExtents {return false}
+        if _storage._tcpAddress != rhs_storage._tcpAddress {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

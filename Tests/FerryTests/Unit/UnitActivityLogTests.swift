@@ -1,4 +1,4 @@
-import FerryAgentCore
+@testable import FerryAgentCore
 import FerryWire
 import Foundation
 import NIOCore
@@ -34,15 +34,34 @@ struct UnitActivityLogTests {
             for (offset, byte) in [(UInt64(0), UInt8(1)), (4 << 20, 2), (4 << 20, 3)] {
                 try log.prepare(offset: offset, length: 4096)
                 _ = log.append(offset: offset, kind: .write(ByteBuffer(repeating: byte, count: 4096)))
+                log.completed(offset: offset, length: 4096)
             }
             #expect(activity.markedCount == 2)
-            log.trim(through: 2, epoch: 7)
+            // A write marked but not yet recorded holds its extent's mark, whatever is acked.
+            try log.prepare(offset: 8 << 20, length: 4096)
+            log.trim(through: 3, epoch: 7)
             try log.clearAcked()
-            #expect(activity.markedCount == 1, "extent 1 still has write 3 unacked")
-            log.trim(through: 3, epoch: 99) // an ack of another epoch changes nothing
+            #expect(activity.markedCount == 1, "extent 2 has a write in flight")
+            _ = log.append(offset: 8 << 20, kind: .write(ByteBuffer(repeating: 4, count: 4096)))
+            log.completed(offset: 8 << 20, length: 4096)
+            try log.clearAcked()
+            #expect(activity.markedCount == 1, "write 4 is not acked")
+            log.trim(through: 4, epoch: 7)
+            try log.clearAcked()
+            #expect(activity.markedCount == 0)
+            // Writes 1-3 again, to check acks clear extent by extent.
+            for (offset, byte) in [(UInt64(0), UInt8(1)), (4 << 20, 2), (4 << 20, 3)] {
+                try log.prepare(offset: offset, length: 4096)
+                _ = log.append(offset: offset, kind: .write(ByteBuffer(repeating: byte, count: 4096)))
+                log.completed(offset: offset, length: 4096)
+            }
+            log.trim(through: 6, epoch: 7)
+            try log.clearAcked()
+            #expect(activity.markedCount == 1, "extent 1 still has write 7 unacked")
+            log.trim(through: 7, epoch: 99) // an ack of another epoch changes nothing
             try log.clearAcked()
             #expect(activity.markedCount == 1)
-            log.trim(through: 3, epoch: 7)
+            log.trim(through: 7, epoch: 7)
             try log.clearAcked()
             #expect(activity.markedCount == 0)
             #expect(try ActivityLog(path: dir + "/v.fal", volumeBytes: 16 << 20).pendingCount == 0)
@@ -67,6 +86,14 @@ struct UnitActivityLogTests {
             // Pending extents never clear by acks alone: only a finished comparison releases them.
             try log.clearAcked()
             #expect(activity.markedCount == 12)
+            // A comparison that started before the extent became pending again does not release it.
+            let first = try #require(activity.nextPending(from: 0))
+            activity.markedBecomePending()
+            activity.finishPending(first.index, generation: first.generation, through: 0)
+            #expect(activity.pendingCount == 12)
+            let again = try #require(activity.nextPending(from: 0))
+            activity.finishPending(again.index, generation: again.generation, through: 0)
+            #expect(activity.pendingCount == 11)
         }
     }
 

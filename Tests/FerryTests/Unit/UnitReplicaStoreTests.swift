@@ -1,0 +1,121 @@
+import FerryControllerCore
+import FerryWire
+import Foundation
+import NIOPosix
+import Testing
+
+@Suite("replica store: journal segments, base image, retention")
+struct UnitReplicaStoreTests {
+    static let size: UInt64 = 8 << 20
+
+    /// A batch of `count` 64 KiB writes of `fill` at pseudo-random block offsets.
+    func batch(epoch: UInt64, from sequence: UInt64, count: Int, fill: UInt8, captured: Int64) -> Ferry_V1_ReplicationBatch {
+        var b = Ferry_V1_ReplicationBatch()
+        b.volume = "v"
+        b.epoch = epoch
+        b.records = (0..<count).map { i in
+            var r = Ferry_V1_ReplicationRecord()
+            r.sequence = sequence + UInt64(i)
+            r.offset = (UInt64(i * 37 + Int(fill)) % 128) * 65536
+            r.data = Data(repeating: fill, count: 65536)
+            r.capturedUnixNanos = captured
+            return r
+        }
+        return b
+    }
+
+    func bytes(_ path: String) -> Data { FileManager.default.contents(atPath: path) ?? Data() }
+
+    func withPool<T>(_ body: (NIOThreadPool) async throws -> T) async throws -> T {
+        let pool = NIOThreadPool(numberOfThreads: 2)
+        pool.start()
+        do {
+            let result = try await body(pool)
+            try await pool.shutdownGracefully()
+            return result
+        } catch {
+            try? await pool.shutdownGracefully()
+            throw error
+        }
+    }
+
+    @Test("records stay in segments for the retention window, then fold into the base image in order; the base ends equal to the latest image")
+    func foldsByAge() async throws {
+        try await withUnitTempDir { dir in
+            try await withPool { pool in
+                let old = Int64(Date().addingTimeInterval(-7200).timeIntervalSince1970 * 1e9)
+                do {
+                    let store = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool, retention: .seconds(3600), segmentBytes: 1 << 20)
+                    let recent = Int64(Date().timeIntervalSince1970 * 1e9)
+                    var sequence: UInt64 = 1
+                    for fill in UInt8(1)...6 {
+                        _ = try await store.apply(batch(epoch: 5, from: sequence, count: 20, fill: fill, captured: fill <= 3 ? old : recent))
+                        sequence += 20
+                    }
+                    let before = await store.journalBytes
+                    #expect(before > 6 * 20 * 65536)
+                    // Only what is older than an hour goes into the base.
+                    let folded = try await store.fold()
+                    #expect(folded == 3)
+                    #expect(await store.journalBytes < before)
+                    #expect(await store.state.baseAsOf == old)
+                    #expect(bytes(dir + "/r/base.img") != bytes(dir + "/r/replica.img"))
+                }
+                // With a zero window everything folds and the base catches up with the latest.
+                let all = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool, retention: .zero, segmentBytes: 1 << 20)
+                #expect(await all.durable == 120)
+                _ = try await all.fold()
+                #expect(await all.journalBytes == 0)
+                #expect(bytes(dir + "/r/base.img") == bytes(dir + "/r/replica.img"))
+                #expect((try FileManager.default.contentsOfDirectory(atPath: dir + "/r/journal")).isEmpty)
+            }
+        }
+    }
+
+    @Test("past the journal size cap the oldest segments fold whatever their age")
+    func foldsBySize() async throws {
+        try await withUnitTempDir { dir in
+            try await withPool { pool in
+                let store = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool, journalLimit: 2 << 20, segmentBytes: 1 << 20)
+                let now = Int64(Date().timeIntervalSince1970 * 1e9)
+                for round in 0..<5 {
+                    _ = try await store.apply(batch(epoch: 9, from: UInt64(round * 20 + 1), count: 20, fill: UInt8(round + 1), captured: now))
+                }
+                _ = try await store.fold()
+                #expect(await store.journalBytes <= 2 << 20)
+                #expect(await store.state.foldedThrough >= 2)
+            }
+        }
+    }
+
+    @Test("a torn tail of the active segment is cut on restart; everything before it is replayed and nothing acked is lost")
+    func tornTailIsCut() async throws {
+        try await withUnitTempDir { dir in
+            try await withPool { pool in
+                let now = Int64(Date().timeIntervalSince1970 * 1e9)
+                do {
+                    let store = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool)
+                    #expect(try await store.apply(batch(epoch: 3, from: 1, count: 10, fill: 7, captured: now)) == 10)
+                }
+                let expected = bytes(dir + "/r/replica.img")
+                // A half-written record at the end (a crash mid-append), and damage to the image
+                // the journal must repair (writes not yet checkpointed).
+                let segment = dir + "/r/journal/" + (try FileManager.default.contentsOfDirectory(atPath: dir + "/r/journal").first { $0.hasSuffix(".seg") }!)
+                let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: segment))
+                try handle.seekToEnd()
+                try handle.write(contentsOf: Data([0x46, 0x4A, 0x52, 0x32, 1, 2, 3]))
+                try handle.close()
+                let image = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/r/replica.img"))
+                try image.truncate(atOffset: 0)
+                try image.truncate(atOffset: Self.size)
+                try image.close()
+                let reopened = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool)
+                #expect(await reopened.durable == 10)
+                #expect(bytes(dir + "/r/replica.img") == expected)
+                // The agent resends from 11; a duplicate is ignored, a gap refused.
+                #expect(try await reopened.apply(batch(epoch: 3, from: 5, count: 10, fill: 8, captured: now)) == 14)
+                await #expect(throws: FerryError.self) { try await reopened.apply(batch(epoch: 3, from: 20, count: 1, fill: 9, captured: now)) }
+            }
+        }
+    }
+}
