@@ -56,7 +56,9 @@ run_fio "nbd+unix:///?socket=$work/nbdkit.sock" randwrite 4k nbdkit-rand.json
 kill "${pids[0]}"; rm -f "$work/base.img"
 
 log "ferry: controller and agent on this machine, replicating"
-"$bin/ferry-controller" --data-dir "$work/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 >"$work/controller.log" 2>&1 &
+# The journal is kept for the retention window: cap it so a fast run fits the tmpfs.
+printf 'replica-journal-max: 1G\n' >"$work/controller.yaml"
+"$bin/ferry-controller" --config "$work/controller.yaml" --data-dir "$work/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 >"$work/controller.log" 2>&1 &
 pids+=($!)
 wait_for 30 test -f "$work/controller/ferryctl.env" || die "controller did not start"
 # shellcheck disable=SC1091

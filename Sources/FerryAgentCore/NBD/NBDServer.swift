@@ -102,11 +102,36 @@ struct InboundReader {
     init(_ iterator: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator) { self.iterator = iterator }
 
     mutating func read(_ count: Int) async throws -> ByteBuffer {
-        while buffer.readableBytes < count {
+        if buffer.readableBytes >= count { return buffer.readSlice(length: count)! }
+        // Assemble into a buffer sized for the whole request: each byte is copied once, and
+        // never into storage a slice handed out earlier still shares (that would copy it all).
+        var assembled = buffer.readableBytes > 0 ? ByteBufferAllocator().buffer(capacity: count) : ByteBuffer()
+        assembled.writeBuffer(&buffer)
+        while assembled.readableBytes < count {
             guard var chunk = try await iterator.next() else { throw EndOfStream() }
-            if buffer.readableBytes == 0 { buffer = chunk } else { buffer.writeBuffer(&chunk) }
+            if assembled.readableBytes == 0 && (chunk.readableBytes >= count || assembled.capacity == 0) {
+                assembled = chunk
+                if assembled.readableBytes < count {
+                    var grown = ByteBufferAllocator().buffer(capacity: count)
+                    grown.writeBuffer(&assembled)
+                    assembled = grown
+                }
+            } else {
+                assembled.writeBuffer(&chunk)
+            }
         }
+        buffer = assembled
         return buffer.readSlice(length: count)!
+    }
+
+    /// Whether a whole transmission request (header, and payload for a write) is buffered
+    /// already, so it can join the batch being formed without waiting.
+    func hasWholeRequest() -> Bool {
+        guard buffer.readableBytes >= NBDRequest.size,
+              let type = buffer.getInteger(at: buffer.readerIndex + 6, as: UInt16.self),
+              let length = buffer.getInteger(at: buffer.readerIndex + 24, as: UInt32.self)
+        else { return false }
+        return type != NBD.Command.write.rawValue || buffer.readableBytes >= NBDRequest.size + Int(length)
     }
 
     mutating func read<T: FixedWidthInteger>(_ type: T.Type) async throws -> T {
@@ -235,30 +260,47 @@ struct NBDConnection {
 
     // MARK: Transmission
 
+    /// Requests pipelined by the client and already received are executed as one batch: one
+    /// trip to the I/O threads and one write of all their replies, instead of one each.
+    static let maxBatch = 64
+    static let maxBatchBytes = 32 << 20
+
     mutating func transmit(volume: BlockVolume, structured: Bool) async throws {
         let replies = Replies(outbound: outbound, allocator: allocator, structured: structured)
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
+        try await withThrowingTaskGroup(of: Int.self) { tasks in
             var inFlight = 0
-            while true {
-                var header = try await reader.read(NBDRequest.size)
-                let request = try NBDRequest(parsing: &header)
-                var payload: ByteBuffer?
-                if request.type == NBD.Command.write.rawValue {
-                    // The payload follows the header whatever we think of the request; one too
-                    // large to buffer safely ends the connection instead.
-                    guard request.length <= NBD.maxPayload else {
-                        throw NBDProtocolError("write of \(request.length) bytes exceeds the \(NBD.maxPayload)-byte maximum")
+            var disconnect = false
+            while !disconnect {
+                var batch: [(NBDRequest, ByteBuffer?)] = []
+                var bytes = 0
+                repeat {
+                    var header = try await reader.read(NBDRequest.size)
+                    let request = try NBDRequest(parsing: &header)
+                    var payload: ByteBuffer?
+                    if request.type == NBD.Command.write.rawValue {
+                        // The payload follows the header whatever we think of the request; one
+                        // too large to buffer safely ends the connection instead.
+                        guard request.length <= NBD.maxPayload else {
+                            throw NBDProtocolError("write of \(request.length) bytes exceeds the \(NBD.maxPayload)-byte maximum")
+                        }
+                        payload = try await reader.read(Int(request.length))
                     }
-                    payload = try await reader.read(Int(request.length))
+                    if request.type == NBD.Command.disconnect.rawValue {
+                        disconnect = true
+                        break
+                    }
+                    batch.append((request, payload))
+                    bytes += Int(request.length)
+                } while batch.count < Self.maxBatch && bytes < Self.maxBatchBytes && reader.hasWholeRequest()
+                guard !batch.isEmpty else { break }
+                while inFlight + batch.count > NBDServer.maxInFlight, inFlight > 0 {
+                    inFlight -= try await tasks.next() ?? 0
                 }
-                if request.type == NBD.Command.disconnect.rawValue { break }
-                if inFlight >= NBDServer.maxInFlight {
-                    try await tasks.next()
-                    inFlight -= 1
-                }
-                inFlight += 1
+                inFlight += batch.count
+                let requests = batch
                 tasks.addTask {
-                    try await Self.execute(request, payload: payload, volume: volume, replies: replies)
+                    try await Self.execute(requests, volume: volume, replies: replies)
+                    return requests.count
                 }
             }
             // DISC: finish what is in flight, then close.
@@ -266,86 +308,94 @@ struct NBDConnection {
         }
     }
 
-    static func execute(_ request: NBDRequest, payload: ByteBuffer?, volume: BlockVolume, replies: Replies) async throws {
-        guard let command = NBD.Command(rawValue: request.type) else {
-            try await replies.error(request.cookie, .invalid, isRead: false, message: "unknown command \(request.type)")
-            return
-        }
+    /// What to do with one request: an operation on the volume, or an immediate error reply.
+    enum Plan {
+        case run(BlockVolume.Operation)
+        case fail(NBD.Errno, String)
+        case nothing
+    }
+
+    static func plan(_ request: NBDRequest, payload: ByteBuffer?, volume: BlockVolume) -> Plan {
+        guard let command = NBD.Command(rawValue: request.type) else { return .fail(.invalid, "unknown command \(request.type)") }
         let fua = request.flags & NBD.CommandFlag.fua != 0
         let (end, overflow) = request.offset.addingReportingOverflow(UInt64(request.length))
         let inBounds = !overflow && end <= volume.size
-        do {
-            switch command {
-            case .read:
-                guard request.length <= NBD.maxPayload else {
-                    try await replies.error(request.cookie, .overflow, isRead: true, message: "read of \(request.length) bytes exceeds \(NBD.maxPayload)")
-                    return
-                }
-                guard inBounds else {
-                    try await replies.error(request.cookie, .invalid, isRead: true, message: "read past the end of the export")
-                    return
-                }
-                let data = try await volume.read(offset: request.offset, length: Int(request.length), allocator: replies.allocator)
-                try await replies.read(request.cookie, offset: request.offset, data: data)
-            case .write:
-                guard inBounds, let payload else {
-                    try await replies.error(request.cookie, .noSpace, isRead: false, message: "write past the end of the export")
-                    return
-                }
-                try await volume.write(offset: request.offset, data: payload, fua: fua)
-                try await replies.done(request.cookie)
-            case .writeZeroes, .trim:
-                guard inBounds else {
-                    try await replies.error(request.cookie, .noSpace, isRead: false, message: "request past the end of the export")
-                    return
-                }
-                if request.length > 0 {
-                    try await volume.zero(offset: request.offset, length: UInt64(request.length), fua: fua)
-                }
-                try await replies.done(request.cookie)
-            case .flush:
-                try await volume.flush()
-                try await replies.done(request.cookie)
-            case .disconnect, .cache, .blockStatus:
-                try await replies.error(request.cookie, .invalid, isRead: false, message: "command \(request.type) not offered")
-            }
-        } catch let error as VolumeIOError {
-            let code: NBD.Errno = error.errno == ENOSPC ? .noSpace : .io
-            try await replies.error(request.cookie, code, isRead: command == .read, message: error.description)
+        switch command {
+        case .read:
+            guard request.length <= NBD.maxPayload else { return .fail(.overflow, "read of \(request.length) bytes exceeds \(NBD.maxPayload)") }
+            guard inBounds else { return .fail(.invalid, "read past the end of the export") }
+            return .run(.read(offset: request.offset, length: Int(request.length)))
+        case .write:
+            guard inBounds, let payload else { return .fail(.noSpace, "write past the end of the export") }
+            return .run(.write(offset: request.offset, data: payload, fua: fua))
+        case .writeZeroes, .trim:
+            guard inBounds else { return .fail(.noSpace, "request past the end of the export") }
+            return request.length > 0 ? .run(.zero(offset: request.offset, length: UInt64(request.length), fua: fua)) : .nothing
+        case .flush:
+            return .run(.flush)
+        case .disconnect, .cache, .blockStatus:
+            return .fail(.invalid, "command \(request.type) not offered")
         }
+    }
+
+    static func execute(_ batch: [(NBDRequest, ByteBuffer?)], volume: BlockVolume, replies: Replies) async throws {
+        let plans = batch.map { plan($0.0, payload: $0.1, volume: volume) }
+        let operations = plans.compactMap { if case .run(let op) = $0 { op } else { nil } }
+        var outcomes = operations.isEmpty ? [] : try await volume.perform(operations, allocator: replies.allocator)[...]
+        var out: [ByteBuffer] = []
+        out.reserveCapacity(batch.count * 2)
+        for ((request, _), plan) in zip(batch, plans) {
+            let isRead = request.type == NBD.Command.read.rawValue
+            switch plan {
+            case .fail(let code, let message):
+                replies.error(request.cookie, code, isRead: isRead, message: message, into: &out)
+            case .nothing:
+                replies.done(request.cookie, into: &out)
+            case .run:
+                switch outcomes.removeFirst() {
+                case .success(let data?): replies.read(request.cookie, offset: request.offset, data: data, into: &out)
+                case .success(nil): replies.done(request.cookie, into: &out)
+                case .failure(let error):
+                    replies.error(request.cookie, error.errno == ENOSPC ? .noSpace : .io, isRead: isRead, message: error.description, into: &out)
+                }
+            }
+        }
+        try await replies.outbound.write(contentsOf: out)
     }
 }
 
-/// Writes transmission replies; each reply is one write, so replies of concurrent requests never
-/// interleave.
+/// Builds transmission replies; a batch's replies go out in one write, so replies of concurrent
+/// batches never interleave.
 struct Replies: Sendable {
     let outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>
     let allocator: ByteBufferAllocator
     let structured: Bool
 
-    func done(_ cookie: UInt64) async throws {
-        try await outbound.write(simple(cookie, error: 0))
+    func done(_ cookie: UInt64, into out: inout [ByteBuffer]) {
+        out.append(simple(cookie, error: 0))
     }
 
-    func read(_ cookie: UInt64, offset: UInt64, data: ByteBuffer) async throws {
+    func read(_ cookie: UInt64, offset: UInt64, data: ByteBuffer, into out: inout [ByteBuffer]) {
         guard structured else {
-            try await outbound.write(contentsOf: [simple(cookie, error: 0), data])
+            out.append(simple(cookie, error: 0))
+            out.append(data)
             return
         }
         var header = allocator.buffer(capacity: 28)
         if data.readableBytes == 0 {
             chunk(&header, cookie: cookie, type: NBD.ChunkType.none, length: 0)
-            try await outbound.write(header)
+            out.append(header)
             return
         }
         chunk(&header, cookie: cookie, type: NBD.ChunkType.offsetData, length: 8 + data.readableBytes)
         header.writeInteger(offset)
-        try await outbound.write(contentsOf: [header, data])
+        out.append(header)
+        out.append(data)
     }
 
-    func error(_ cookie: UInt64, _ code: NBD.Errno, isRead: Bool, message: String) async throws {
+    func error(_ cookie: UInt64, _ code: NBD.Errno, isRead: Bool, message: String, into out: inout [ByteBuffer]) {
         guard structured && isRead else {
-            try await outbound.write(simple(cookie, error: code.rawValue))
+            out.append(simple(cookie, error: code.rawValue))
             return
         }
         let text = String(message.utf8.prefix(4096)) ?? "error"
@@ -354,7 +404,7 @@ struct Replies: Sendable {
         reply.writeInteger(code.rawValue)
         reply.writeInteger(UInt16(text.utf8.count))
         reply.writeString(text)
-        try await outbound.write(reply)
+        out.append(reply)
     }
 
     private func simple(_ cookie: UInt64, error: UInt32) -> ByteBuffer {

@@ -61,59 +61,98 @@ public final class BlockVolume: Sendable {
 
     /// Reads `length` bytes at `offset`.
     public func read(offset: UInt64, length: Int, allocator: ByteBufferAllocator) async throws -> ByteBuffer {
-        let fd = self.fd
-        return try await pool.runIfActive {
-            var buffer = allocator.buffer(capacity: length)
-            var done = 0
-            while done < length {
-                let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length - done) { ptr in
-                    pread(fd, ptr.baseAddress, length - done, off_t(offset) + off_t(done))
-                }
-                if n < 0 { if errno == EINTR { continue }; throw Self.ioError("read", errno) }
-                if n == 0 {
-                    // Past the end of a file that shrank under us: the rest reads as zeroes.
-                    buffer.writeRepeatingByte(0, count: length - done)
-                    break
-                }
-                done += n
-            }
-            return buffer
-        }
+        try await pool.runIfActive { try self.readNow(offset: offset, length: length, allocator: allocator) }
     }
 
     /// Writes `data` at `offset`, records it, and (FUA) makes it durable before returning.
     @discardableResult
     public func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws -> UInt64 {
-        let fd = self.fd
-        return try await pool.runIfActive {
-            try self.recorder.prepare(offset: offset, length: UInt64(data.readableBytes))
-            let sequence = try self.mutation.withLock { _ in
-                let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: offset) }
-                if failed != 0 { throw Self.ioError("write", failed) }
-                return self.recorder.append(offset: offset, kind: .write(data))
-            }
-            if fua { try Self.sync(fd) }
-            return sequence
-        }
+        try await pool.runIfActive { try self.writeNow(offset: offset, data: data, fua: fua) }
     }
 
     /// Makes `length` bytes at `offset` read as zeroes (punching a hole where the file system
     /// can), records it, and (FUA) makes it durable.
     @discardableResult
     public func zero(offset: UInt64, length: UInt64, fua: Bool) async throws -> UInt64 {
-        let fd = self.fd
-        return try await pool.runIfActive {
-            try self.recorder.prepare(offset: offset, length: length)
-            let sequence = try self.mutation.withLock { _ in
-                if ferry_punch_hole(fd, off_t(offset), off_t(length)) != 0 {
-                    guard errno == EOPNOTSUPP || errno == EINVAL else { throw Self.ioError("zero", errno) }
-                    try Self.writeZeroes(fd, offset: offset, length: length)
+        try await pool.runIfActive { try self.zeroNow(offset: offset, length: length, fua: fua) }
+    }
+
+    /// One operation of a batch.
+    public enum Operation: Sendable {
+        case read(offset: UInt64, length: Int)
+        case write(offset: UInt64, data: ByteBuffer, fua: Bool)
+        case zero(offset: UInt64, length: UInt64, fua: Bool)
+        case flush
+    }
+
+    /// Runs operations in order in one trip to the I/O threads (what a client pipelined
+    /// together); each has its own outcome. Reads return their data, the others nil.
+    public func perform(_ operations: [Operation], allocator: ByteBufferAllocator) async throws -> [Result<ByteBuffer?, VolumeIOError>] {
+        try await pool.runIfActive {
+            operations.map { op in
+                do {
+                    switch op {
+                    case .read(let offset, let length): return .success(try self.readNow(offset: offset, length: length, allocator: allocator))
+                    case .write(let offset, let data, let fua): _ = try self.writeNow(offset: offset, data: data, fua: fua)
+                    case .zero(let offset, let length, let fua): _ = try self.zeroNow(offset: offset, length: length, fua: fua)
+                    case .flush: try Self.sync(self.fd)
+                    }
+                    return .success(nil)
+                } catch let error as VolumeIOError {
+                    return .failure(error)
+                } catch {
+                    return .failure(VolumeIOError(operation: "request", errno: EIO))
                 }
-                return self.recorder.append(offset: offset, kind: .zero(length: length))
             }
-            if fua { try Self.sync(fd) }
-            return sequence
         }
+    }
+
+    // MARK: On the I/O threads
+
+    func readNow(offset: UInt64, length: Int, allocator: ByteBufferAllocator) throws -> ByteBuffer {
+        var buffer = allocator.buffer(capacity: length)
+        var done = 0
+        while done < length {
+            let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length - done) { ptr in
+                pread(fd, ptr.baseAddress, length - done, off_t(offset) + off_t(done))
+            }
+            if n < 0 { if errno == EINTR { continue }; throw Self.ioError("read", errno) }
+            if n == 0 {
+                // Past the end of a file that shrank under us: the rest reads as zeroes.
+                buffer.writeRepeatingByte(0, count: length - done)
+                break
+            }
+            done += n
+        }
+        return buffer
+    }
+
+    func writeNow(offset: UInt64, data: ByteBuffer, fua: Bool) throws -> UInt64 {
+        try recorder.prepare(offset: offset, length: UInt64(data.readableBytes))
+        defer { recorder.completed(offset: offset, length: UInt64(data.readableBytes)) }
+        let fd = self.fd
+        let sequence = try mutation.withLock { _ in
+            let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: offset) }
+            if failed != 0 { throw Self.ioError("write", failed) }
+            return recorder.append(offset: offset, kind: .write(data))
+        }
+        if fua { try Self.sync(fd) }
+        return sequence
+    }
+
+    func zeroNow(offset: UInt64, length: UInt64, fua: Bool) throws -> UInt64 {
+        try recorder.prepare(offset: offset, length: length)
+        defer { recorder.completed(offset: offset, length: length) }
+        let fd = self.fd
+        let sequence = try mutation.withLock { _ in
+            if ferry_punch_hole(fd, off_t(offset), off_t(length)) != 0 {
+                guard errno == EOPNOTSUPP || errno == EINVAL else { throw Self.ioError("zero", errno) }
+                try Self.writeZeroes(fd, offset: offset, length: length)
+            }
+            return recorder.append(offset: offset, kind: .zero(length: length))
+        }
+        if fua { try Self.sync(fd) }
+        return sequence
     }
 
     /// Block hashes of `count` blocks from `offset` (see `BlockHashing`), read without the
@@ -181,7 +220,7 @@ public final class BlockVolume: Sendable {
 }
 
 /// A failed read or write on the backing store, with the errno the NBD client will be told.
-public struct VolumeIOError: Error, CustomStringConvertible {
+public struct VolumeIOError: Error, CustomStringConvertible, Sendable {
     public let operation: String
     public let errno: Int32
     public var description: String { "\(operation) failed: \(String(cString: strerror(errno)))" }

@@ -173,13 +173,9 @@ struct VolumeCommand: AsyncParsableCommand {
 /// Sizes such as `512M`, `10G`, `1T` or plain bytes.
 enum ByteSize {
     static func parse(_ text: String) throws -> UInt64 {
-        let t = text.trimmingCharacters(in: .whitespaces).uppercased()
-        let units: [(String, UInt64)] = [("TIB", 1 << 40), ("GIB", 1 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10),
-                                          ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10), ("B", 1)]
-        for (suffix, factor) in units where t.hasSuffix(suffix) {
-            if let n = UInt64(t.dropLast(suffix.count)), n > 0, n <= UInt64.max / factor { return n * factor }
+        guard let n = try? ConfigText.byteSize(text), n > 0 else {
+            throw FerryError(.badRequest, "'\(text)' is not a size (examples: 512M, 10G, 1T)")
         }
-        if let n = UInt64(t), n > 0 { return n }
-        throw FerryError(.badRequest, "'\(text)' is not a size (examples: 512M, 10G, 1T)")
+        return n
     }
 }
