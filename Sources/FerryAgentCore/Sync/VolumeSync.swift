@@ -39,6 +39,14 @@ public final class SyncTracker: Sendable {
         }
     }
 
+    /// The volume was created empty by this agent, as its replica was: a full comparison would
+    /// find nothing, so it counts as done.
+    func completedEmpty() {
+        state.withLock { s in
+            s = State(kind: .full, started: ChangeLog.now(), startedAt: .now, finished: true, fullCompleted: true)
+        }
+    }
+
     func finish() {
         state.withLock { s in
             s.finished = true

@@ -19,6 +19,9 @@ public actor VolumeManager {
         /// Whether the activity log knows this volume's history (it existed, or a full
         /// comparison has been started since).
         var historyKnown: Bool
+        /// Made here just now, sparse: it reads as zeroes like a new replica, so the first
+        /// initial sync has nothing to compare.
+        var createdEmpty = false
     }
 
     let listPath: String
@@ -119,7 +122,9 @@ public actor VolumeManager {
     private func startSyncIfNeeded(_ spec: Ferry_V1_VolumeSpec) throws {
         guard var entry = served[spec.name] else { return }
         let unknownHistory = !entry.historyKnown && spec.epoch != 0 && spec.epoch != entry.log.epoch
-        if (spec.initialSyncRequired && !entry.activity.fullInProgress) || unknownHistory {
+        let alreadyEqual = spec.initialSyncRequired && entry.createdEmpty
+        entry.createdEmpty = false
+        if (spec.initialSyncRequired && !entry.activity.fullInProgress && !alreadyEqual) || unknownHistory {
             try entry.activity.markAllPending()
             entry.tracker.begin(.full)
             logger.info(spec.initialSyncRequired ? "initial sync starts" : "full resync starts: no activity log from the earlier run",
@@ -241,7 +246,7 @@ public actor VolumeManager {
             throw FerryError(.badRequest, "'\(spec.name)' is not a valid volume name (1-63 characters: letters, digits, '.', '-', '_')")
         }
         guard spec.path.hasPrefix("/") else { throw FerryError(.badRequest, "volume path must be absolute, not '\(spec.path)'") }
-        try Self.prepare(path: spec.path, createSize: spec.createSizeBytes)
+        let created = try Self.prepare(path: spec.path, createSize: spec.createSizeBytes)
         let spillDirectory = (listPath as NSString).deletingLastPathComponent + "/spill"
         try FileManager.default.createDirectory(atPath: spillDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let dataDir = (listPath as NSString).deletingLastPathComponent
@@ -252,6 +257,10 @@ public actor VolumeManager {
         let scanned = spec.captureMode == .scan
         let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: log, pool: pool, readOnly: scanned)
         let tracker = SyncTracker()
+        if created {
+            // A new sparse image reads as zeroes, like the new replica: already in sync.
+            tracker.completedEmpty()
+        }
         if activity.pendingCount > 0 {
             tracker.begin(activity.fullInProgress ? .full : .marked)
             logger.info("extents marked by an earlier run will be resynced", metadata: ["volume": "\(spec.name)", "extents": "\(activity.pendingCount)"])
@@ -269,7 +278,7 @@ public actor VolumeManager {
             // The workload uses the device directly; the agent only reads it, every interval.
             logger.info("volume protected by scanning", metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "interval": "\(spec.scanIntervalSeconds)s"])
             return Served(spec: recorded, volume: volume, log: log, activity: activity, tracker: tracker, socket: "",
-                          server: Task {}, historyKnown: activity.existed)
+                          server: Task {}, historyKnown: activity.existed, createdEmpty: created)
         }
         try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let socket = socketDirectory + "/" + spec.name + ".sock"
@@ -279,7 +288,8 @@ public actor VolumeManager {
         for await _ in ready.stream {}
         await exportOverTCP(volume)
         logger.info("volume exported", metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "bytes": "\(volume.size)", "socket": "\(socket)"])
-        return Served(spec: recorded, volume: volume, log: log, activity: activity, tracker: tracker, socket: socket, server: task, historyKnown: activity.existed)
+        return Served(spec: recorded, volume: volume, log: log, activity: activity, tracker: tracker, socket: socket, server: task,
+                      historyKnown: activity.existed, createdEmpty: created)
     }
 
     /// Adds the volume to the loopback TCP export, starting it with the first volume. A port
@@ -309,14 +319,16 @@ public actor VolumeManager {
     }
 
     /// Checks the path, making a sparse image when asked and it does not exist yet.
-    static func prepare(path: String, createSize: UInt64) throws {
+    /// Returns whether it made a new image.
+    @discardableResult
+    static func prepare(path: String, createSize: UInt64) throws -> Bool {
         var st = stat()
         if stat(path, &st) == 0 {
             let type = st.st_mode & S_IFMT
             guard type == S_IFREG || type == S_IFBLK else {
                 throw FerryError(.badRequest, "\(path) is neither an image file nor a block device")
             }
-            return
+            return false
         }
         guard createSize > 0 else {
             throw FerryError(.notFound, "\(path) does not exist; give a size to create a new image (ferryctl protect --create-size)")
@@ -327,6 +339,7 @@ public actor VolumeManager {
         guard ftruncate(fd, off_t(createSize)) == 0 else {
             throw FerryError(.io, "cannot size \(path) to \(createSize) bytes: \(String(cString: strerror(errno)))")
         }
+        return true
     }
 
     private func status(_ entry: Served) -> Ferry_V1_VolumeStatus {

@@ -254,8 +254,8 @@ struct ReplicationTests {
         // The workload writes the file itself, not through the agent.
         #expect(try await run("/usr/bin/dd", ["if=/dev/urandom", "of=\(image)", "bs=64k", "count=3", "seek=100", "conv=notrunc,fsync", "status=none"]).status == 0)
         #expect(try await converged(image, replica, timeout: .seconds(30)), "\(agent.log)")
-        let before = try await volume(controller, "db/scan")
-        #expect(before.replicaState == "protected", "\(before)")
+        let before = try await settled(controller, "db/scan", timeout: .seconds(30))
+        #expect(before?.replicaState == "protected", "\(String(describing: before))")
         #expect(try await run("/usr/bin/dd", ["if=/dev/urandom", "of=\(image)", "bs=4k", "count=1", "seek=9000", "conv=notrunc,fsync", "status=none"]).status == 0)
         #expect(try await converged(image, replica, timeout: .seconds(30)), "\(agent.log)")
         // One 4 KiB change moves one 64 KiB block, in a scan of its own.
