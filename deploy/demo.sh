@@ -284,7 +284,6 @@ kill -CONT "${pids[controller]}"
 info "agent killed with 4 MiB of writes the controller never acked; its activity log marked their extent"
 start "agent demo-db" "$work/agent-demo-db-2.log" "$agent" run --data-dir "$work/demo-db"
 wait_until "demo-db to come back online" controller all_online demo-db
-sleep 1.5 # the agent's first report after reconnecting
 wait_until "demo-db/data's resync of its marked extents" controller settled demo-db/data
 wait_until "demo-db/data's replica to match its source" controller identical "$vols/data.img" "$db_replica"
 info "resync after the crash: $(volume_field demo-db/data "'%s extents only: %d MiB compared of a %d MiB volume, %.1f MiB sent' % (v['sync']['kind'], v['sync']['doneBytes'] >> 20, v['sizeBytes'] >> 20, v['sync']['sentBytes'] / 1048576)")"

@@ -316,9 +316,12 @@ struct APIRoutes {
         let lastError = await replica.lastError
         // A scan volume compares itself all the time: that is how it stays protected.
         let syncing = (report?.sync.pendingExtents ?? 0) > 0 && report?.sync.kind != .scan
+        // Online without a report yet (the first comes a second after the session starts):
+        // whether a resync is due is not known, so it is not called protected.
+        let unreported = online && report == nil
         view.replicaState = lastError != nil ? "error"
             : !state.initialSynced ? "initial-sync"
-            : (state.resyncNeeded || syncing) ? "resyncing"
+            : (state.resyncNeeded || syncing || unreported) ? "resyncing"
             : !online ? "paused" : "protected"
         view.lastError = lastError
         view.syncsCompleted = state.syncsCompleted
