@@ -135,6 +135,51 @@ struct ReplicationTests {
         _ = await controller.process.terminate()
     }
 
+    @Test("an initial sync resumes where it was after the agent and then the controller are killed -9 mid-way")
+    func initialSyncResumes() async throws {
+        let dir = try TestDirectory()
+        var controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
+        #expect(try await controller.waitFor("db", state: "online"))
+        let image = dir.sub("volumes") + "/data.img"
+        #expect(try await run("/usr/bin/truncate", ["-s", "1G", image]).status == 0)
+        let filled = try await run("/usr/bin/dd", ["if=/dev/urandom", "of=\(image)", "bs=4M", "count=128", "conv=notrunc,fsync", "status=none"])
+        #expect(filled.status == 0, "\(filled)")
+        #expect(try await controller.ctl("protect", "db", "--volume", "data", "--path", image).status == 0)
+        let replica = try #require(try await volume(controller).replicaPath)
+
+        // Part-way through, the agent dies.
+        func progressed(past bytes: UInt64) async throws -> Bool {
+            try await eventually(timeout: .seconds(60), every: .milliseconds(100)) {
+                let v = try await volume(controller)
+                return (v.sync?.doneBytes ?? 0) >= bytes && v.sync?.done == false
+            }
+        }
+        #expect(try await progressed(past: 96 << 20), "\(agent.log)")
+        await agent.kill9()
+        let again = try AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
+        #expect(try await controller.waitFor("db", state: "online"))
+        // The new run starts from the extents still pending on disk, not from the beginning.
+        var resumed: API.SyncProgress?
+        #expect(try await eventually(timeout: .seconds(30), every: .milliseconds(100)) {
+            resumed = try await volume(controller).sync
+            return resumed?.kind == "full" && (resumed?.totalBytes ?? 0) > 0 && (resumed?.totalBytes ?? 0) < 1 << 30
+        }, "\(String(describing: resumed))\n\(again.log)")
+
+        // Then the controller dies; the agent carries on from where it stood once it is back.
+        #expect(try await progressed(past: 32 << 20), "\(again.log)")
+        await controller.process.kill9()
+        controller = try await ControllerProcess.start(dataDir: controller.dataDir, listen: controller.agentAddress, logName: "controller-2.log")
+        let synced = try await settled(controller, after: Date(), timeout: .seconds(120))
+        #expect(synced?.replicaState == "protected", "\(String(describing: synced))\n\(again.log)")
+        #expect(try await converged(image, replica), "\(again.log)")
+        let last = try #require(synced?.sync)
+        #expect(last.totalBytes < 1 << 30, "the agent compared the whole volume again: \(last)")
+        print("initial sync of 1 GiB interrupted twice: after the agent restart \(resumed?.totalBytes ?? 0) bytes were left to compare; that run compared \(last.totalBytes) bytes in all")
+        _ = await again.terminate()
+        _ = await controller.process.terminate()
+    }
+
     @Test("resync on demand repairs a damaged replica by moving only the differing blocks")
     func resyncOnDemand() async throws {
         let dir = try TestDirectory()
