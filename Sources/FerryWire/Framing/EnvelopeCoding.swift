@@ -6,7 +6,7 @@ extension Ferry_V1_Envelope {
     /// a frame that is not a valid Envelope is a protocol violation.
     public init(frame: ByteBuffer) throws {
         do {
-            try self.init(serializedBytes: Array(frame.readableBytesView))
+            try self.init(serializedBytes: ProtobufBytes(frame))
         } catch {
             throw FerryError(.protocolViolation, "malformed message (\(frame.readableBytes) bytes): \(error)")
         }
@@ -14,10 +14,8 @@ extension Ferry_V1_Envelope {
 
     /// Serializes into a buffer ready to hand to the frame encoder.
     public func frame(allocator: ByteBufferAllocator = ByteBufferAllocator()) throws -> ByteBuffer {
-        let bytes: [UInt8] = try serializedBytes()
-        var buffer = allocator.buffer(capacity: bytes.count)
-        buffer.writeBytes(bytes)
-        return buffer
+        let bytes: ProtobufBytes = try serializedBytes()
+        return bytes.buffer
     }
 
     /// A short name of the body, for logs and errors.
@@ -50,5 +48,33 @@ extension Ferry_V1_Envelope {
         e.inReplyTo = inReplyTo
         e.body = body
         return e
+    }
+}
+
+/// A ByteBuffer as SwiftProtobuf's bag of bytes: a message serializes straight into it and parses
+/// straight from it, with no intermediate array (replication frames carry megabytes).
+struct ProtobufBytes: SwiftProtobufContiguousBytes {
+    var buffer: ByteBuffer
+
+    init(_ buffer: ByteBuffer) { self.buffer = buffer }
+
+    init(repeating: UInt8, count: Int) {
+        buffer = ByteBufferAllocator().buffer(capacity: count)
+        buffer.writeRepeatingByte(repeating, count: count)
+    }
+
+    init<S: Sequence>(_ sequence: S) where S.Element == UInt8 {
+        buffer = ByteBufferAllocator().buffer(capacity: sequence.underestimatedCount)
+        buffer.writeBytes(sequence)
+    }
+
+    var count: Int { buffer.readableBytes }
+
+    func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try buffer.withUnsafeReadableBytes(body)
+    }
+
+    mutating func withUnsafeMutableBytes<R>(_ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
+        try buffer.withUnsafeMutableReadableBytes(body)
     }
 }
