@@ -79,6 +79,9 @@ public actor ReplicaStore {
     private var active: (id: UInt64, fd: Int32)?
     private var appendedSinceCheckpoint: Int64 = 0
     private var folding = false
+    /// A batch is being written to the active segment (the actor is reentrant at its awaits):
+    /// the folder must not close that segment under it.
+    private var applying = false
 
     /// Every this many journal bytes the image is synced and the checkpoint advanced, which
     /// bounds what a restart replays.
@@ -221,6 +224,8 @@ public actor ReplicaStore {
     }
 
     private func applyChecked(_ batch: Ferry_V1_ReplicationBatch) async throws -> UInt64 {
+        applying = true
+        defer { applying = false }
         if batch.epoch != state.epoch { try await startEpoch(batch.epoch) }
         let fresh = batch.records.filter { $0.sequence > durable }
         guard let first = fresh.first else { return durable }
@@ -311,7 +316,8 @@ public actor ReplicaStore {
             let overCap = journalBytes > journalLimit
             guard expired || overCap else { break }
             if active?.id == oldest.id {
-                guard expired || segments.count == 1 else { break }
+                // Only an idle active segment is sealed here; a busy one rotates on its own.
+                guard expired || segments.count == 1, !applying else { break }
                 try seal()
             }
             if oldest.epoch == state.epoch, oldest.last > state.checkpointed {
@@ -419,11 +425,14 @@ public actor ReplicaStore {
     /// Makes the image durable and records how far it goes: a restart replays only what
     /// follows. The journal itself stays, for the retention window.
     private func checkpoint() async throws {
-        let image = self.image
+        // What is applied now is what the sync covers: records applied while it runs (the
+        // actor is reentrant here) wait for the next checkpoint.
+        let image = self.image, epoch = state.epoch, target = durable
         try await pool.runIfActive {
             guard fdatasync(image) == 0 else { throw FerryError(.io, "replica image fdatasync failed: \(String(cString: strerror(errno)))") }
         }
-        state.checkpointed = durable
+        guard state.epoch == epoch else { return }
+        state.checkpointed = max(state.checkpointed, target)
         appendedSinceCheckpoint = 0
         try saveState()
     }

@@ -118,4 +118,37 @@ struct UnitReplicaStoreTests {
             }
         }
     }
+
+    @Test("folding while batches are applied (the actor is reentrant) loses nothing: the reopened replica and the base match")
+    func foldDuringApply() async throws {
+        try await withUnitTempDir { dir in
+            try await withPool { pool in
+                let now = Int64(Date().timeIntervalSince1970 * 1e9)
+                do {
+                    let store = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool, retention: .zero, segmentBytes: 256 << 10)
+                    try await withThrowingTaskGroup(of: Void.self) { group in
+                        group.addTask {
+                            for round in 0..<60 {
+                                _ = try await store.apply(batch(epoch: 4, from: UInt64(round * 4 + 1), count: 4, fill: UInt8(round % 250 + 1), captured: now))
+                            }
+                        }
+                        group.addTask {
+                            for _ in 0..<200 {
+                                _ = try await store.fold()
+                                await Task.yield()
+                            }
+                        }
+                        try await group.waitForAll()
+                    }
+                    #expect(await store.durable == 240)
+                }
+                let expected = bytes(dir + "/r/replica.img")
+                let reopened = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool, retention: .zero)
+                #expect(await reopened.durable == 240)
+                #expect(bytes(dir + "/r/replica.img") == expected)
+                _ = try await reopened.fold()
+                #expect(bytes(dir + "/r/base.img") == expected)
+            }
+        }
+    }
 }
