@@ -327,7 +327,8 @@ struct NBDConnection {
             return .run(.read(offset: request.offset, length: Int(request.length)))
         case .write:
             guard inBounds, let payload else { return .fail(.noSpace, "write past the end of the export") }
-            return .run(.write(offset: request.offset, data: payload, fua: fua))
+            // An empty write changes nothing and records nothing.
+            return request.length > 0 ? .run(.write(offset: request.offset, data: payload, fua: fua)) : .nothing
         case .writeZeroes, .trim:
             guard inBounds else { return .fail(.noSpace, "request past the end of the export") }
             return request.length > 0 ? .run(.zero(offset: request.offset, length: UInt64(request.length), fua: fua)) : .nothing

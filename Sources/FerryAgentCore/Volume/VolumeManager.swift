@@ -68,6 +68,9 @@ public actor VolumeManager {
             guard existing.spec.path == spec.path else {
                 throw FerryError(.conflict, "volume \(spec.name) is already protected at \(existing.spec.path)")
             }
+            guard existing.spec.captureMode == spec.captureMode else {
+                throw FerryError(.conflict, "volume \(spec.name) is already protected in capture mode \(existing.spec.captureMode == .scan ? "scan" : "export"); remove it to change the mode")
+            }
             try startSyncIfNeeded(spec)
             return status(existing)
         }
@@ -253,7 +256,10 @@ public actor VolumeManager {
         try FileManager.default.createDirectory(atPath: dataDir + "/activity", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let size = try BlockVolume.size(of: spec.path)
         let activity = try ActivityLog(path: dataDir + "/activity/" + spec.name + ".fal", volumeBytes: size)
-        let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillDirectory + "/" + spec.name + ".spill", spillBytes: spillBytes, activity: activity)
+        let spillPath = spillDirectory + "/" + spec.name + ".spill"
+        // A fresh file, never the inode an earlier log of the same name may still write to.
+        unlink(spillPath)
+        let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillPath, spillBytes: spillBytes, activity: activity)
         let scanned = spec.captureMode == .scan
         let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: log, pool: pool, readOnly: scanned)
         let tracker = SyncTracker()

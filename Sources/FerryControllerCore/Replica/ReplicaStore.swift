@@ -82,6 +82,19 @@ public actor ReplicaStore {
     /// A batch is being written to the active segment (the actor is reentrant at its awaits):
     /// the folder must not close that segment under it.
     private var applying = false
+    /// Batches and reports change the epoch and the durable sequence across awaits: one at a
+    /// time, even when a reconnected agent's new session overlaps its old one.
+    private var busy = false
+    private var waiting: [CheckedContinuation<Void, Never>] = []
+
+    private func acquire() async {
+        guard busy else { busy = true; return }
+        await withCheckedContinuation { waiting.append($0) }
+    }
+
+    private func release() {
+        if waiting.isEmpty { busy = false } else { waiting.removeFirst().resume() }
+    }
 
     /// Every this many journal bytes the image is synced and the checkpoint advanced, which
     /// bounds what a restart replays.
@@ -171,6 +184,9 @@ public actor ReplicaStore {
             let valid = try JournalRecord.scan(bytes, size: size) { decoded in
                 let r = decoded.record
                 if segment.epoch == 0 { segment.epoch = decoded.epoch }
+                if let expected, decoded.epoch == segment.epoch, r.sequence < expected {
+                    return // a duplicate of a record already read: harmless, skipped
+                }
                 guard decoded.epoch == segment.epoch, expected.map({ r.sequence == $0 }) ?? true else {
                     throw FerryError(.io, "journal segment \(JournalSegment.name(id)) breaks sequence order at \(r.sequence)")
                 }
@@ -213,6 +229,8 @@ public actor ReplicaStore {
     /// Appends a batch durably and applies it; returns the durable sequence to ack.
     /// Duplicates (at or below the durable sequence) are ignored; a gap is refused.
     public func apply(_ batch: Ferry_V1_ReplicationBatch) async throws -> UInt64 {
+        await acquire()
+        defer { release() }
         do {
             let durable = try await applyChecked(batch)
             lastError = nil
@@ -250,20 +268,32 @@ public actor ReplicaStore {
         if active == nil || segments.last?.epoch != state.epoch || (segments.last?.bytes ?? 0) >= segmentBytes {
             try await rotate()
         }
-        guard let (_, journal) = active else { throw FerryError(.internalError, "no active journal segment") }
+        guard let (activeID, journal) = active, let at = segments.lastIndex(where: { $0.id == activeID }) else {
+            throw FerryError(.internalError, "no active journal segment")
+        }
         let image = self.image
         let bytes = entry
+        let knownLength = segments[at].bytes
         try await pool.runIfActive {
-            try Self.writeAll(journal, bytes)
-            guard fdatasync(journal) == 0 else { throw FerryError(.io, "journal fdatasync failed: \(String(cString: strerror(errno)))") }
-            for r in fresh { try JournalRecord.apply(r, to: image) }
+            do {
+                try Self.writeAll(journal, bytes)
+                guard fdatasync(journal) == 0 else { throw FerryError(.io, "journal fdatasync failed: \(String(cString: strerror(errno)))") }
+                for r in fresh { try JournalRecord.apply(r, to: image) }
+            } catch {
+                // Not acked: take the records back out, or the agent's resend would follow
+                // them and the journal would hold the sequences twice.
+                ftruncate(journal, off_t(knownLength))
+                fdatasync(journal)
+                throw error
+            }
         }
         let newest = fresh.reduce(Int64(0)) { max($0, $1.capturedUnixNanos) }
-        segments[segments.count - 1].bytes += Int64(bytes.readableBytes)
-        if segments[segments.count - 1].first == 0 { segments[segments.count - 1].first = fresh.first!.sequence }
-        segments[segments.count - 1].last = fresh.last!.sequence
-        segments[segments.count - 1].newest = max(segments[segments.count - 1].newest, newest)
-        if oldestCapture[segments[segments.count - 1].id] == nil { oldestCapture[segments[segments.count - 1].id] = fresh.first!.capturedUnixNanos }
+        guard let i = segments.firstIndex(where: { $0.id == activeID }) else { throw FerryError(.internalError, "journal segment \(activeID) vanished") }
+        segments[i].bytes += Int64(bytes.readableBytes)
+        if segments[i].first == 0 { segments[i].first = fresh.first!.sequence }
+        segments[i].last = fresh.last!.sequence
+        segments[i].newest = max(segments[i].newest, newest)
+        if oldestCapture[activeID] == nil { oldestCapture[activeID] = fresh.first!.capturedUnixNanos }
         appendedSinceCheckpoint += Int64(bytes.readableBytes)
         durable = fresh.last!.sequence
         let dataBytes = fresh.reduce(UInt64(0)) { $0 + UInt64($1.data.count) }
@@ -348,6 +378,8 @@ public actor ReplicaStore {
     /// The agent's periodic report. A sync it reports finished (nothing pending in this epoch)
     /// completes once everything it captured up to then is durable here.
     public func note(_ report: Ferry_V1_VolumeReport) async throws {
+        await acquire()
+        defer { release() }
         self.report = report
         reportedAt = Date()
         if report.epoch != 0, report.epoch != state.epoch {

@@ -83,7 +83,7 @@ struct RawNBDClient {
 
 @Suite("NBD export bad input")
 struct NBDBadInputTests {
-    @Test("past the end, unknown command, oversized read: the NBD error, and the connection goes on")
+    @Test("past the end, unknown command, oversized read, an empty write: the NBD answer, and the connection goes on")
     func errorsKeepTheConnection() async throws {
         let export = try await NBDExportTests.Export(size: 8 << 20)
         let client = try await RawNBDClient.connect(export.socket)
@@ -104,6 +104,9 @@ struct NBDBadInputTests {
             // An offset that would wrap around 2^64.
             try await out.write(RawNBDClient.request(NBD.Command.trim.rawValue, cookie: 5, offset: UInt64.max - 10, length: 4096))
             #expect(try await RawNBDClient.reply(&reader).error == NBD.Errno.noSpace.rawValue)
+            // An empty write succeeds and records nothing (an empty record would stall replication).
+            try await out.write(RawNBDClient.request(NBD.Command.write.rawValue, cookie: 8, offset: 0, length: 0))
+            #expect(try await RawNBDClient.reply(&reader) == (0, 8))
             // Still served: a good write and read.
             var good = RawNBDClient.request(NBD.Command.write.rawValue, cookie: 6, offset: 4096, length: 512)
             good.writeRepeatingByte(0x5A, count: 512)
