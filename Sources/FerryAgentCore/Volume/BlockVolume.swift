@@ -59,24 +59,6 @@ public final class BlockVolume: Sendable {
         return UInt64(st.st_size)
     }
 
-    /// Reads `length` bytes at `offset`.
-    public func read(offset: UInt64, length: Int, allocator: ByteBufferAllocator) async throws -> ByteBuffer {
-        try await pool.runIfActive { try self.readNow(offset: offset, length: length, allocator: allocator) }
-    }
-
-    /// Writes `data` at `offset`, records it, and (FUA) makes it durable before returning.
-    @discardableResult
-    public func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws -> UInt64 {
-        try await pool.runIfActive { try self.writeNow(offset: offset, data: data, fua: fua) }
-    }
-
-    /// Makes `length` bytes at `offset` read as zeroes (punching a hole where the file system
-    /// can), records it, and (FUA) makes it durable.
-    @discardableResult
-    public func zero(offset: UInt64, length: UInt64, fua: Bool) async throws -> UInt64 {
-        try await pool.runIfActive { try self.zeroNow(offset: offset, length: length, fua: fua) }
-    }
-
     /// One operation of a batch.
     public enum Operation: Sendable {
         case read(offset: UInt64, length: Int)
