@@ -1,5 +1,6 @@
 import FerryWire
 import Foundation
+import NIOCore
 import Synchronization
 
 /// Which extents of a volume may hold writes the controller's replica lacks, kept durably on
@@ -71,10 +72,11 @@ public final class ActivityLog: Sendable {
         var full = false
         var existed = false
         if readHeader == Self.headerBytes {
-            let h = ByteBufferView(header)
-            if h.magic == Self.magic, h.extentBytes == extentBytes, h.extentCount == UInt64(extentCount) {
+            let h = ByteBuffer(bytes: header)
+            if h.getInteger(at: 0, as: UInt32.self) == Self.magic, h.getInteger(at: 8, as: UInt64.self) == extentBytes,
+               h.getInteger(at: 16, as: UInt64.self) == UInt64(extentCount) {
                 _ = bitmap.withUnsafeMutableBytes { pread(fd, $0.baseAddress, bitmapBytes, off_t(Self.headerBytes)) }
-                full = h.flags & Self.flagFull != 0
+                full = (h.getInteger(at: 4, as: UInt32.self) ?? 0) & Self.flagFull != 0
                 existed = true
             } else {
                 // Another geometry (the volume was resized) or garbage: nothing can be trusted,
@@ -288,37 +290,17 @@ public final class ActivityLog: Sendable {
         return first...max(first, last)
     }
 
-    static func header(full: Bool, extentBytes: UInt64, extentCount: Int) -> [UInt8] {
-        var h = [UInt8]()
-        h.reserveCapacity(headerBytes)
-        func put<T: FixedWidthInteger>(_ v: T) { withUnsafeBytes(of: v.bigEndian) { h.append(contentsOf: $0) } }
-        put(magic)
-        put(full ? flagFull : 0)
-        put(extentBytes)
-        put(UInt64(extentCount))
-        put(UInt64(0))
+    static func header(full: Bool, extentBytes: UInt64, extentCount: Int) -> ByteBuffer {
+        var h = ByteBuffer()
+        h.writeMultipleIntegers(magic, full ? flagFull : UInt32(0), extentBytes, UInt64(extentCount), UInt64(0))
         return h
     }
 
     /// Header and bitmap in one write, then fdatasync. A bitmap is a few KiB even for a large
     /// volume (one bit per 4 MiB).
     static func write(_ fd: Int32, full: Bool, extentBytes: UInt64, extentCount: Int, bitmap: [UInt8]) -> Bool {
-        let all = header(full: full, extentBytes: extentBytes, extentCount: extentCount) + bitmap
-        return all.withUnsafeBytes { FileIO.writeAll(fd, $0, at: 0) } == 0 && fdatasync(fd) == 0
+        var all = header(full: full, extentBytes: extentBytes, extentCount: extentCount)
+        all.writeBytes(bitmap)
+        return all.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: 0) } == 0 && fdatasync(fd) == 0
     }
-}
-
-/// Reads the activity log header fields.
-private struct ByteBufferView {
-    let bytes: [UInt8]
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
-    func integer<T: FixedWidthInteger>(at offset: Int, as: T.Type) -> T {
-        var v: T = 0
-        for i in 0..<MemoryLayout<T>.size { v = v << 8 | T(bytes[offset + i]) }
-        return v
-    }
-    var magic: UInt32 { integer(at: 0, as: UInt32.self) }
-    var flags: UInt32 { integer(at: 4, as: UInt32.self) }
-    var extentBytes: UInt64 { integer(at: 8, as: UInt64.self) }
-    var extentCount: UInt64 { integer(at: 16, as: UInt64.self) }
 }

@@ -173,11 +173,8 @@ public final class BlockVolume: Sendable {
         }
     }
 
-    /// Makes every completed write durable.
-    public func flush() async throws {
-        let fd = self.fd
-        try await pool.runIfActive { try Self.sync(fd) }
-    }
+    /// Makes every completed write durable. Blocking: call it on an I/O thread.
+    func flushNow() throws { try Self.sync(fd) }
 
     static func writeZeroes(_ fd: Int32, offset: UInt64, length: UInt64) throws {
         let zeroes = [UInt8](repeating: 0, count: 1 << 20)

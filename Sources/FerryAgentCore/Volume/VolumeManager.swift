@@ -71,7 +71,7 @@ public actor VolumeManager {
             guard existing.spec.captureMode == spec.captureMode else {
                 throw FerryError(.conflict, "volume \(spec.name) is already protected in capture mode \(existing.spec.captureMode == .scan ? "scan" : "export"); remove it to change the mode")
             }
-            try startSyncIfNeeded(spec)
+            try await startSyncIfNeeded(spec)
             return status(existing)
         }
         if let other = served.values.first(where: { $0.spec.path == spec.path }) {
@@ -80,7 +80,7 @@ public actor VolumeManager {
         let entry = try await openVolume(spec)
         served[spec.name] = entry
         try persist()
-        try startSyncIfNeeded(spec)
+        try await startSyncIfNeeded(spec)
         return status(entry)
     }
 
@@ -122,33 +122,39 @@ public actor VolumeManager {
     /// Starts a full comparison when the controller's replica was never completely synced,
     /// or when it holds an earlier run's writes and this agent has no activity log to tell
     /// which extents may differ.
-    private func startSyncIfNeeded(_ spec: Ferry_V1_VolumeSpec) throws {
+    private func startSyncIfNeeded(_ spec: Ferry_V1_VolumeSpec) async throws {
         guard var entry = served[spec.name] else { return }
         let unknownHistory = !entry.historyKnown && spec.epoch != 0 && spec.epoch != entry.log.epoch
         let alreadyEqual = spec.initialSyncRequired && entry.createdEmpty
         entry.createdEmpty = false
+        // Specs remembered locally carry no epoch: only the controller's can settle this.
+        if spec.epoch != 0 || spec.initialSyncRequired { entry.historyKnown = true }
+        // Recorded before the await below: the actor may serve other calls meanwhile.
+        served[spec.name] = entry
         if (spec.initialSyncRequired && !entry.activity.fullInProgress && !alreadyEqual) || unknownHistory {
-            try entry.activity.markAllPending()
+            try await markAllPending(entry.activity)
             entry.tracker.begin(.full)
             logger.info(spec.initialSyncRequired ? "initial sync starts" : "full resync starts: no activity log from the earlier run",
                         metadata: ["volume": "\(spec.name)", "bytes": "\(entry.volume.size)"])
         }
-        // Specs remembered locally carry no epoch: only the controller's can settle this.
-        if spec.epoch != 0 || spec.initialSyncRequired { entry.historyKnown = true }
-        served[spec.name] = entry
     }
 
     /// Starts the next scan of a volume in capture mode scan, unless one is still running.
-    func startScan(name: String) throws {
+    func startScan(name: String) async throws {
         guard let entry = served[name], entry.activity.pendingCount == 0 else { return }
-        try entry.activity.markAllPending()
+        try await markAllPending(entry.activity)
         entry.tracker.begin(.scan)
     }
 
+    /// The activity log's disk writes (fdatasync) run on the I/O threads, not the actor's.
+    private func markAllPending(_ activity: ActivityLog) async throws {
+        try await pool.runIfActive { try activity.markAllPending() }
+    }
+
     /// Compares the whole volume with the replica (resync on demand).
-    public func resync(name: String) throws -> Ferry_V1_VolumeStatus {
+    public func resync(name: String) async throws -> Ferry_V1_VolumeStatus {
         guard let entry = served[name] else { throw FerryError(.notFound, "this agent does not protect a volume named \(name)") }
-        try entry.activity.markAllPending()
+        try await markAllPending(entry.activity)
         entry.tracker.begin(.full)
         logger.info("resync on demand starts", metadata: ["volume": "\(name)", "bytes": "\(entry.volume.size)"])
         return status(entry)
@@ -204,8 +210,11 @@ public actor VolumeManager {
                 if entry.activity.hasClearable(ackedThrough: acked, epoch: epoch) {
                     // A mark may only go once the bytes it covers are on the source's disk: a
                     // power cut must not take back a write the replica keeps.
-                    try await entry.volume.flush()
-                    try entry.activity.clear(ackedThrough: acked, epoch: epoch)
+                    let volume = entry.volume, activity = entry.activity
+                    try await pool.runIfActive {
+                        try volume.flushNow()
+                        try activity.clear(ackedThrough: acked, epoch: epoch)
+                    }
                 }
             } catch {
                 logger.error("cannot update the activity log", metadata: ["volume": "\(name)", "error": "\(error)"])
