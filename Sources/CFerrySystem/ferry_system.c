@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <malloc.h>
 #include <unistd.h>
 #include "ferry_system.h"
 
@@ -52,4 +53,10 @@ uint32_t ferry_crc32c(uint32_t crc, const void *data, size_t length) {
     if (__builtin_cpu_supports("sse4.2")) return ~crc32c_hardware(crc, p, length);
 #endif
     return ~crc32c_software(crc, p, length);
+}
+
+void ferry_malloc_for_bulk_io(void) {
+    // 32 MiB is glibc's ceiling for the mmap threshold on 64-bit (HEAP_MAX_SIZE / 2).
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 256 << 20);
 }

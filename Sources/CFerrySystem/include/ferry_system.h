@@ -18,4 +18,7 @@ int ferry_punch_hole(int fd, off_t offset, off_t length);
 off_t ferry_seek_data(int fd, off_t offset);
 off_t ferry_seek_hole(int fd, off_t offset);
 
+/// Keeps buffers up to 32 MiB in the heap and up to 256 MiB of freed heap mapped (mallopt).
+void ferry_malloc_for_bulk_io(void);
+
 #endif

@@ -37,8 +37,9 @@ public final class NBDServer: Sendable {
     public func serve(unixSocket path: String, onReady: @Sendable () -> Void = {}) async throws {
         unlink(path)
         let server = try await ServerBootstrap(group: group)
+            .childChannelOption(.recvAllocator, value: Self.receiveBuffers)
             .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true) { channel in
-                channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel) }
+                channel.eventLoop.makeCompletedFuture { try Self.asyncChannel(channel) }
             }
         chmod(path, 0o600)
         try await accept(server, onReady: onReady, where: path)
@@ -49,11 +50,21 @@ public final class NBDServer: Sendable {
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.recvAllocator, value: Self.receiveBuffers)
             .bind(host: host, port: port) { channel in
-                channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel) }
+                channel.eventLoop.makeCompletedFuture { try Self.asyncChannel(channel) }
             }
         let bound = server.channel.localAddress?.port ?? port
         try await accept(server, onReady: { onReady(bound) }, where: "\(host):\(bound)")
+    }
+
+    /// Writes come in bursts of up to 32 MiB: read up to 1 MiB at a time (NIO's default stops
+    /// at 64 KiB), so a large write is a few reads and a few trips through the inbound stream.
+    static let receiveBuffers = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 64 << 10, maximum: 1 << 20)
+
+    static func asyncChannel(_ channel: any Channel) throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
+        try NIOAsyncChannel(wrappingChannelSynchronously: channel,
+                            configuration: .init(backPressureStrategy: .init(lowWatermark: 4, highWatermark: 16)))
     }
 
     private func accept(

@@ -167,7 +167,7 @@ public final class AgentSession: Service, Sendable {
                     tasks.addTask { try await Self.reportVolumes(volumes, session: session) }
                 }
                 defer { tasks.cancelAll() }
-                try await session.run(inbound: &messages, heartbeatInterval: heartbeat, logger: logger) { envelope in
+                try await session.run(inbound: &messages, heartbeatInterval: heartbeat, logger: logger) { envelope, _ in
                     try await self.handle(envelope, session: session)
                 }
             }
@@ -280,7 +280,7 @@ public final class AgentSession: Service, Sendable {
             }
             let records: [VolumeChange]
             do {
-                records = try log.records(after: sent, maxBytes: Self.batchBytes, epoch: epoch)
+                records = try log.records(after: sent, maxBytes: Self.batchBytes, maxCount: Attachments.maxCount, epoch: epoch)
             } catch {
                 logger.error("replication stopped", metadata: ["volume": "\(volume)", "error": "\(error)"])
                 return
@@ -290,22 +290,27 @@ public final class AgentSession: Service, Sendable {
                 await log.waitForChanges(after: sent)
                 continue
             }
+            // Large writes travel as attachments: the buffers the export captured go to the TLS
+            // layer as they are, never copied into the protobuf message. Small ones are cheaper
+            // inside it (one frame, one TLS record for many of them).
             var batch = Ferry_V1_ReplicationBatch()
             batch.volume = volume
             batch.epoch = epoch
+            var attachments: [ByteBuffer] = []
             batch.records = records.map { change in
                 var r = Ferry_V1_ReplicationRecord()
                 r.sequence = change.sequence
                 r.offset = change.offset
                 r.capturedUnixNanos = change.captured
                 switch change.kind {
+                case .write(let data) where data.readableBytes >= FrameWriter.copyLimit: attachments.append(data)
                 case .write(let data): r.data = Data(data.readableBytesView)
                 case .zero(let length): r.zeroLength = length
                 }
                 return r
             }
             do {
-                try await session.send(.replicationBatch(batch))
+                try await session.send(.replicationBatch(batch), attachments: attachments)
             } catch {
                 return
             }

@@ -150,10 +150,10 @@ public final class ChangeLog: ChangeRecorder {
     public var last: UInt64 { state.withLock { $0.next - 1 } }
     public var overflowed: Bool { state.withLock { $0.overflowed } }
 
-    /// Records after `sequence`, up to about `maxBytes` (at least one if any). Spilled data is
+    /// Records after `sequence`, up to about `maxBytes` and at most `maxCount` (at least one if any). Spilled data is
     /// read back outside the lock, so appends are not held up by it.
     /// With `epoch`, returns nothing if the log has moved to another epoch meanwhile.
-    public func records(after sequence: UInt64, maxBytes: Int, epoch: UInt64? = nil) throws -> [VolumeChange] {
+    public func records(after sequence: UInt64, maxBytes: Int, maxCount: Int = .max, epoch: UInt64? = nil) throws -> [VolumeChange] {
         let picked: [Entry] = state.withLock { s in
             var out: [Entry] = []
             if let epoch, epoch != s.epoch { return out }
@@ -161,7 +161,7 @@ public final class ChangeLog: ChangeRecorder {
             var i = s.head
             // Entries are dense and ordered: jump to the first one after `sequence`.
             if i < s.entries.count, sequence >= s.entries[i].sequence { i += Int(sequence - s.entries[i].sequence + 1) }
-            while i < s.entries.count {
+            while i < s.entries.count, out.count < maxCount {
                 let cost = Self.cost(s.entries[i])
                 guard out.isEmpty || size + cost <= maxBytes else { break }
                 out.append(s.entries[i])

@@ -32,6 +32,7 @@ public struct ControllerCommand: AsyncParsableCommand {
     public init() {}
 
     public func run() async throws {
+        MemoryTuning.forBulkIO()
         var settings = ControllerConfig(dataDir: "/var/lib/ferry-controller")
         do {
             if let config { try settings.apply(file: config) }

@@ -27,19 +27,23 @@ enum JournalRecord {
     /// magic, crc, epoch, sequence, offset, length, kind, captured
     static let headerSize = 4 + 4 + 8 + 8 + 8 + 8 + 4 + 8
 
-    static func encode(_ r: Ferry_V1_ReplicationRecord, epoch: UInt64, into buffer: inout ByteBuffer) {
+    /// Writes a record's header; its CRC covers the header after the CRC field and the payload,
+    /// which follows the header in the segment.
+    static func encodeHeader(_ r: IncomingRecord, epoch: UInt64, into buffer: inout ByteBuffer) {
         let start = buffer.writerIndex
         buffer.writeInteger(magic)
         buffer.writeInteger(UInt32(0)) // CRC, filled below
         buffer.writeInteger(epoch)
         buffer.writeInteger(r.sequence)
         buffer.writeInteger(r.offset)
-        buffer.writeInteger(r.data.isEmpty ? r.zeroLength : UInt64(r.data.count))
-        buffer.writeInteger(UInt32(r.data.isEmpty ? 1 : 0))
-        buffer.writeInteger(r.capturedUnixNanos)
-        buffer.writeBytes(r.data)
-        let crc = buffer.withUnsafeReadableBytes { all in
-            ferry_crc32c(0, all.baseAddress! + (start - buffer.readerIndex) + 8, buffer.writerIndex - start - 8)
+        buffer.writeInteger(r.length)
+        buffer.writeInteger(UInt32(r.data == nil ? 1 : 0))
+        buffer.writeInteger(r.captured)
+        var crc = buffer.withUnsafeReadableBytes { all in
+            ferry_crc32c(0, all.baseAddress! + (start - buffer.readerIndex) + 8, headerSize - 8)
+        }
+        if let data = r.data {
+            crc = data.withUnsafeReadableBytes { ferry_crc32c(crc, $0.baseAddress, $0.count) }
         }
         buffer.setInteger(crc, at: start + 4)
     }
@@ -84,6 +88,18 @@ enum JournalRecord {
     }
 
     /// Applies one record to an image file: its bytes, or a hole for a zeroed range.
+    static func apply(_ r: IncomingRecord, to image: Int32) throws {
+        guard let data = r.data else {
+            if ferry_punch_hole(image, off_t(r.offset), off_t(r.length)) != 0 {
+                throw FerryError(.io, "cannot zero replica range: \(String(cString: strerror(errno)))")
+            }
+            return
+        }
+        let failed = data.withUnsafeReadableBytes { FileIO.writeAll(image, $0, at: r.offset) }
+        if failed != 0 { throw FerryError(.io, "replica write failed: \(String(cString: strerror(failed)))") }
+    }
+
+    /// Applies a record read back from the journal.
     static func apply(_ r: Ferry_V1_ReplicationRecord, to image: Int32) throws {
         if r.data.isEmpty {
             if ferry_punch_hole(image, off_t(r.offset), off_t(r.zeroLength)) != 0 {
@@ -100,5 +116,48 @@ enum JournalRecord {
             throw FerryError(.io, "cannot read journal segment \(path)")
         }
         return [UInt8](data)
+    }
+}
+
+/// A replication record as received, checked against the volume: a write with its bytes
+/// (an attachment of the batch, not copied) or a zeroed range.
+struct IncomingRecord: Sendable {
+    var sequence: UInt64
+    var offset: UInt64
+    /// Bytes written or zeroed.
+    var length: UInt64
+    var captured: Int64
+    /// The bytes of a write; nil for a zeroed range.
+    var data: ByteBuffer?
+
+    /// The records of a batch. A write's bytes are in the record, or, when its `data` is empty,
+    /// in the batch's next attachment (large writes travel that way, uncopied).
+    static func of(_ batch: Ferry_V1_ReplicationBatch, attachments: [ByteBuffer], volumeSize size: UInt64) throws -> [IncomingRecord] {
+        var next = attachments.makeIterator()
+        let out = try batch.records.map { r -> IncomingRecord in
+            var record = IncomingRecord(sequence: r.sequence, offset: r.offset, length: r.zeroLength, captured: r.capturedUnixNanos)
+            if r.zeroLength == 0 {
+                if !r.data.isEmpty {
+                    record.data = ByteBuffer(bytes: r.data)
+                } else {
+                    guard let data = next.next() else {
+                        throw FerryError(.protocolViolation, "replication record \(r.sequence) has no bytes: neither in the record nor attached")
+                    }
+                    record.data = data
+                }
+                record.length = UInt64(record.data!.readableBytes)
+            } else if !r.data.isEmpty {
+                throw FerryError(.protocolViolation, "replication record \(r.sequence) is both a write and a zeroed range")
+            }
+            let (end, overflow) = record.offset.addingReportingOverflow(record.length)
+            guard record.length > 0, record.length <= UInt64(NBDLimit.maxRecord) || record.data == nil, !overflow, end <= size else {
+                throw FerryError(.protocolViolation, "replication record \(r.sequence) is empty, too large or outside the \(size)-byte volume")
+            }
+            return record
+        }
+        guard next.next() == nil else {
+            throw FerryError(.protocolViolation, "a replication batch carries more attachments than write records")
+        }
+        return out
     }
 }

@@ -228,42 +228,147 @@ public actor ReplicaStore {
 
     /// Appends a batch durably and applies it; returns the durable sequence to ack.
     /// Duplicates (at or below the durable sequence) are ignored; a gap is refused.
-    public func apply(_ batch: Ferry_V1_ReplicationBatch) async throws -> UInt64 {
-        await acquire()
-        defer { release() }
-        do {
-            let durable = try await applyChecked(batch)
-            lastError = nil
-            return durable
-        } catch {
-            lastError = (error as? FerryError)?.message ?? "\(error)"
-            throw error
+    public func apply(_ batch: Ferry_V1_ReplicationBatch, attachments: [ByteBuffer] = []) async throws -> UInt64 {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<UInt64, any Error>) in
+            Task { await self.submit(batch, attachments: attachments) { c.resume(with: $0) } }
         }
     }
 
-    private func applyChecked(_ batch: Ferry_V1_ReplicationBatch) async throws -> UInt64 {
+    /// A batch waiting to be made durable.
+    private struct Queued {
+        var epoch: UInt64
+        var records: [IncomingRecord]
+        var bytes: Int
+        var done: @Sendable (Result<UInt64, any Error>) async -> Void
+    }
+
+    private var queue: [Queued] = []
+    private var queuedBytes = 0
+    private var draining = false
+    private var spaceWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Bytes of batches received but not yet durable. Past it `submit` waits, so a peer that
+    /// ignores its window cannot make the controller buffer without bound.
+    static let maxQueuedBytes = 64 << 20
+    /// Most bytes of data one group commit takes.
+    static let commitBytes = 8 << 20
+
+    /// Queues a batch (with its written bytes as attachments) to be appended durably and
+    /// applied, and returns without waiting for the disk unless `maxQueuedBytes` are already
+    /// queued. Batches queued meanwhile are committed together: one journal write and one
+    /// fdatasync (group commit). `done` gets, in queue order, the durable sequence to ack or why
+    /// the batch was refused (a gap or a malformed record; the batches after it fail too).
+    public func submit(_ batch: Ferry_V1_ReplicationBatch, attachments: [ByteBuffer],
+                       done: @escaping @Sendable (Result<UInt64, any Error>) async -> Void) async {
+        while queuedBytes >= Self.maxQueuedBytes {
+            await withCheckedContinuation { spaceWaiters.append($0) }
+        }
+        let records: [IncomingRecord]
+        do {
+            records = try IncomingRecord.of(batch, attachments: attachments, volumeSize: size)
+        } catch {
+            lastError = (error as? FerryError)?.message ?? "\(error)"
+            await done(.failure(error))
+            return
+        }
+        let bytes = records.reduce(0) { $0 + ($1.data?.readableBytes ?? 0) }
+        queue.append(Queued(epoch: batch.epoch, records: records, bytes: bytes, done: done))
+        queuedBytes += bytes
+        if !draining {
+            draining = true
+            Task { await self.drain() }
+        }
+    }
+
+    /// Commits queued batches, a run of one epoch at a time, until none are left.
+    private func drain() async {
+        while let epoch = queue.first?.epoch {
+            // One epoch per commit, and a few MiB at most: the image is written from the same
+            // buffers just after the journal, while they are still in the CPU's cache.
+            var taken = 0
+            let run = queue.prefix { item in
+                defer { taken += item.bytes }
+                return item.epoch == epoch && (taken == 0 || taken + item.bytes <= Self.commitBytes)
+            }
+            queue.removeFirst(run.count)
+            await acquire()
+            let results = await commit(Array(run), epoch: epoch)
+            release()
+            queuedBytes -= run.reduce(0) { $0 + $1.bytes }
+            for waiter in spaceWaiters { waiter.resume() }
+            spaceWaiters = []
+            for (item, result) in zip(run, results) { await item.done(result) }
+        }
+        draining = false
+    }
+
+    /// Appends the batches' new records to the journal with one write and one fdatasync, then
+    /// applies them to the image. Returns each batch's outcome.
+    private func commit(_ batches: [Queued], epoch: UInt64) async -> [Result<UInt64, any Error>] {
         applying = true
         defer { applying = false }
-        if batch.epoch != state.epoch { try await startEpoch(batch.epoch) }
-        let fresh = batch.records.filter { $0.sequence > durable }
-        guard let first = fresh.first else { return durable }
-        guard first.sequence == durable + 1 else {
-            throw FerryError(.protocolViolation, "replication gap: the replica holds \(durable), the next record is \(first.sequence)")
+        do {
+            if epoch != state.epoch { try await startEpoch(epoch) }
+        } catch {
+            lastError = (error as? FerryError)?.message ?? "\(error)"
+            return batches.map { _ in .failure(error) }
         }
-        var entry = ByteBuffer()
+        // Duplicates are skipped; the first gap refuses its batch and every one after it.
+        var fresh: [IncomingRecord] = []
+        var accepted = 0
+        var refusal: (any Error)?
         var expected = durable + 1
-        for r in fresh {
-            guard r.sequence == expected else {
-                throw FerryError(.protocolViolation, "replication records out of order: expected \(expected), got \(r.sequence)")
+        for batch in batches {
+            let new = batch.records.filter { $0.sequence >= expected }
+            if let first = new.first, first.sequence != expected {
+                refusal = FerryError(.protocolViolation, "replication gap: the replica holds \(expected - 1), the next record is \(first.sequence)")
+                break
             }
-            expected += 1
-            let length = r.data.isEmpty ? r.zeroLength : UInt64(r.data.count)
-            let (end, overflow) = r.offset.addingReportingOverflow(length)
-            let wellFormed = r.data.isEmpty ? r.zeroLength > 0 : (r.zeroLength == 0 && r.data.count <= NBDLimit.maxRecord)
-            guard wellFormed, !overflow, end <= size else {
-                throw FerryError(.protocolViolation, "replication record \(r.sequence) lies outside the \(size)-byte volume")
+            if let bad = zip(new, new.dropFirst()).first(where: { $1.sequence != $0.sequence + 1 }) {
+                refusal = FerryError(.protocolViolation, "replication records out of order: expected \(bad.0.sequence + 1), got \(bad.1.sequence)")
+                break
             }
-            JournalRecord.encode(r, epoch: state.epoch, into: &entry)
+            fresh.append(contentsOf: new)
+            expected = fresh.last.map { $0.sequence + 1 } ?? expected
+            accepted += 1
+        }
+        var results: [Result<UInt64, any Error>] = []
+        do {
+            if !fresh.isEmpty { try await append(fresh, epoch: epoch) }
+            try completeSyncIfDurable()
+            results = Array(repeating: .success(durable), count: accepted)
+            lastError = nil
+        } catch {
+            refusal = error
+            accepted = 0
+        }
+        if let refusal {
+            lastError = (refusal as? FerryError)?.message ?? "\(refusal)"
+            results += Array(repeating: .failure(refusal), count: batches.count - accepted)
+        }
+        return results
+    }
+
+    /// Writes consecutive new records to the active segment, makes them durable and applies them.
+    private func append(_ fresh: [IncomingRecord], epoch: UInt64) async throws {
+        // The journal gets each record's header and bytes; in chunks of about 1 MiB, so the
+        // image is written from buffers the journal write just brought into the CPU's cache.
+        var headers = ByteBuffer()
+        headers.reserveCapacity(fresh.count * JournalRecord.headerSize)
+        var chunks: [(pieces: [ByteBuffer], records: ArraySlice<IncomingRecord>)] = []
+        var pieces: [ByteBuffer] = []
+        var chunkStart = 0, chunkBytes = 0
+        for (i, r) in fresh.enumerated() {
+            let at = headers.writerIndex
+            JournalRecord.encodeHeader(r, epoch: epoch, into: &headers)
+            pieces.append(headers.getSlice(at: at, length: JournalRecord.headerSize)!)
+            if let data = r.data { pieces.append(data) }
+            chunkBytes += JournalRecord.headerSize + (r.data?.readableBytes ?? 0)
+            if chunkBytes >= 1 << 20 || i == fresh.count - 1 {
+                chunks.append((pieces, fresh[chunkStart...i]))
+                pieces = []
+                chunkStart = i + 1
+                chunkBytes = 0
+            }
         }
         if active == nil || segments.last?.epoch != state.epoch || (segments.last?.bytes ?? 0) >= segmentBytes {
             try await rotate()
@@ -272,13 +377,19 @@ public actor ReplicaStore {
             throw FerryError(.internalError, "no active journal segment")
         }
         let image = self.image
-        let bytes = entry
         let knownLength = segments[at].bytes
-        try await pool.runIfActive {
+        let length = chunks.reduce(0) { $0 + $1.pieces.reduce(0) { $0 + $1.readableBytes } }
+        try await pool.runIfActive { [chunks] in
             do {
-                try Self.writeAll(journal, bytes)
+                // The image may get a record before the journal's fdatasync: after a crash the
+                // image is rebuilt from the checkpoint by replaying the journal, and whatever
+                // was not durable is sent again by the agent, which never trimmed it.
+                for chunk in chunks {
+                    let failed = FileIO.writeAll(journal, chunk.pieces)
+                    if failed != 0 { throw FerryError(.io, "journal write failed: \(String(cString: strerror(failed)))") }
+                    for r in chunk.records { try JournalRecord.apply(r, to: image) }
+                }
                 guard fdatasync(journal) == 0 else { throw FerryError(.io, "journal fdatasync failed: \(String(cString: strerror(errno)))") }
-                for r in fresh { try JournalRecord.apply(r, to: image) }
             } catch {
                 // Not acked: take the records back out, or the agent's resend would follow
                 // them and the journal would hold the sequences twice.
@@ -287,21 +398,19 @@ public actor ReplicaStore {
                 throw error
             }
         }
-        let newest = fresh.reduce(Int64(0)) { max($0, $1.capturedUnixNanos) }
+        let newest = fresh.reduce(Int64(0)) { max($0, $1.captured) }
         guard let i = segments.firstIndex(where: { $0.id == activeID }) else { throw FerryError(.internalError, "journal segment \(activeID) vanished") }
-        segments[i].bytes += Int64(bytes.readableBytes)
+        segments[i].bytes += Int64(length)
         if segments[i].first == 0 { segments[i].first = fresh.first!.sequence }
         segments[i].last = fresh.last!.sequence
         segments[i].newest = max(segments[i].newest, newest)
-        if oldestCapture[activeID] == nil { oldestCapture[activeID] = fresh.first!.capturedUnixNanos }
-        appendedSinceCheckpoint += Int64(bytes.readableBytes)
+        if oldestCapture[activeID] == nil { oldestCapture[activeID] = fresh.first!.captured }
+        appendedSinceCheckpoint += Int64(length)
         durable = fresh.last!.sequence
-        let dataBytes = fresh.reduce(UInt64(0)) { $0 + UInt64($1.data.count) }
+        let dataBytes = fresh.reduce(UInt64(0)) { $0 + UInt64($1.data?.readableBytes ?? 0) }
         bytesApplied += dataBytes
         throughput.add(dataBytes)
         if appendedSinceCheckpoint > Self.checkpointBytes { try await checkpoint() }
-        try completeSyncIfDurable()
-        return durable
     }
 
     /// Seals the active segment (if any) and starts the next one for the current epoch.
@@ -474,10 +583,6 @@ public actor ReplicaStore {
         try PEMFiles.writePublic(String(decoding: data, as: UTF8.self), to: directory + "/state.json")
     }
 
-    static func writeAll(_ fd: Int32, _ buffer: ByteBuffer) throws {
-        let failed = buffer.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: nil) }
-        if failed != 0 { throw FerryError(.io, "journal write failed: \(String(cString: strerror(failed)))") }
-    }
 }
 
 /// A smoothed rate: bytes per one-second bucket over the last ten buckets.

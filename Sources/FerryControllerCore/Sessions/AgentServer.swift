@@ -260,8 +260,8 @@ public final class AgentServer: Service, Sendable {
         let sync = Task { await self.syncVolumes(hostID: hostID, session: session, log: log) }
         defer { sync.cancel() }
         do {
-            try await session.run(inbound: &messages, heartbeatInterval: config.heartbeatInterval, logger: log) { envelope in
-                try await self.handle(envelope, hostID: hostID, hostName: host.name, session: session, state: state, log: log)
+            try await session.run(inbound: &messages, heartbeatInterval: config.heartbeatInterval, logger: log) { envelope, attachments in
+                try await self.handle(envelope, attachments: attachments, hostID: hostID, hostName: host.name, session: session, state: state, log: log)
             }
         } catch let error as FerryError where error.code == .timeout {
             metrics.heartbeatsMissed.increment()
@@ -331,7 +331,8 @@ public final class AgentServer: Service, Sendable {
     }
 
     /// Messages an agent sends on its own initiative.
-    func handle(_ envelope: Ferry_V1_Envelope, hostID: String, hostName: String, session: PeerSession, state: SessionState, log: Logger) async throws {
+    func handle(_ envelope: Ferry_V1_Envelope, attachments: [ByteBuffer] = [], hostID: String, hostName: String,
+                session: PeerSession, state: SessionState, log: Logger) async throws {
         metrics.framesReceived.increment()
         switch envelope.body {
         case .inventoryUpdate(let update):
@@ -372,19 +373,31 @@ public final class AgentServer: Service, Sendable {
             }
         case .replicationBatch(let batch):
             let replica = try await protectedReplica(hostID: hostID, volume: batch.volume)
-            // A gap or a bad record ends the session: the agent reconnects and resumes from the
-            // durable sequence it is told at the next session start.
-            let durable = try await replica.apply(batch)
-            metrics.replicatedRecords.increment(by: batch.records.count)
-            if let newest = batch.records.last, newest.capturedUnixNanos > 0 {
-                let lag = Int64(Date().timeIntervalSince1970 * 1e9) - newest.capturedUnixNanos
-                metrics.replicationLag.recordNanoseconds(max(0, lag))
+            // The session reads on while the batch is made durable (batches queued meanwhile
+            // share one fdatasync); the ack follows once it is. A gap or a bad record ends the
+            // session: the agent reconnects and resumes from the durable sequence it is told at
+            // the next session start.
+            let metrics = self.metrics
+            let count = batch.records.count
+            let newest = batch.records.last?.capturedUnixNanos ?? 0
+            let (volume, epoch) = (batch.volume, batch.epoch)
+            await replica.submit(batch, attachments: attachments) { result in
+                switch result {
+                case .success(let durable):
+                    metrics.replicatedRecords.increment(by: count)
+                    if newest > 0 {
+                        metrics.replicationLag.recordNanoseconds(max(0, Int64(Date().timeIntervalSince1970 * 1e9) - newest))
+                    }
+                    var ack = Ferry_V1_ReplicationAck()
+                    ack.volume = volume
+                    ack.epoch = epoch
+                    ack.durableSequence = durable
+                    try? await session.send(.replicationAck(ack))
+                case .failure(let error):
+                    log.warning("replication batch refused; closing the session", metadata: ["volume": "\(volume)", "error": "\(error)"])
+                    await session.close(reason: "replication batch refused: \((error as? FerryError)?.message ?? "\(error)")")
+                }
             }
-            var ack = Ferry_V1_ReplicationAck()
-            ack.volume = batch.volume
-            ack.epoch = batch.epoch
-            ack.durableSequence = durable
-            try await session.send(.replicationAck(ack))
         case .resyncHashes(let request):
             do {
                 let replica = try await protectedReplica(hostID: hostID, volume: request.volume)

@@ -12,8 +12,9 @@
 ///
 /// Transport: one long-lived TLS 1.3 connection per agent, opened by the agent,
 /// mutually authenticated. Each frame is a 4-byte big-endian length followed by
-/// exactly one serialized Envelope. Frames longer than the negotiated cap are
-/// rejected before they are buffered.
+/// exactly one serialized Envelope, or by raw bytes attached to the Envelope
+/// before it (see Envelope.attachments). Frames longer than the negotiated cap
+/// are rejected before they are buffered.
 
 import SwiftProtobuf
 
@@ -46,6 +47,12 @@ public nonisolated struct Ferry_V1_Envelope: Sendable {
 
   /// For a reply: the id of the request it answers. Zero otherwise.
   public var inReplyTo: UInt64 = 0
+
+  /// The next `attachments` frames carry raw bytes that belong to this message
+  /// (a replication batch's written data), so bulk data is neither copied into
+  /// nor parsed out of the protobuf encoding. The receiver bounds their number
+  /// and total size before it reads them.
+  public var attachments: UInt32 = 0
 
   public var body: Ferry_V1_Envelope.OneOf_Body? = nil
 
@@ -217,7 +224,7 @@ fileprivate nonisolated let _protobuf_package = "ferry.v1"
 
 nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Envelope"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}in_reply_to\0\u{2}\u{8}hello\0\u{1}welcome\0\u{1}heartbeat\0\u{1}goodbye\0\u{1}error\0\u{3}inventory_update\0\u{1}command\0\u{3}command_result\0\u{3}enroll_request\0\u{3}enroll_response\0\u{3}renew_request\0\u{3}renew_response\0\u{4}O\u{1}replication_batch\0\u{3}replication_ack\0\u{3}resync_hashes\0\u{3}resync_diff\0\u{3}volume_report\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}in_reply_to\0\u{1}attachments\0\u{2}\u{7}hello\0\u{1}welcome\0\u{1}heartbeat\0\u{1}goodbye\0\u{1}error\0\u{3}inventory_update\0\u{1}command\0\u{3}command_result\0\u{3}enroll_request\0\u{3}enroll_response\0\u{3}renew_request\0\u{3}renew_response\0\u{4}O\u{1}replication_batch\0\u{3}replication_ack\0\u{3}resync_hashes\0\u{3}resync_diff\0\u{3}volume_report\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -227,6 +234,7 @@ nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._M
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.id) }()
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.inReplyTo) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.attachments) }()
       case 10: try {
         var v: Ferry_V1_Hello?
         var hadOneofValue = false
@@ -464,6 +472,9 @@ nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._M
     if self.inReplyTo != 0 {
       try visitor.visitSingularUInt64Field(value: self.inReplyTo, fieldNumber: 2)
     }
+    if self.attachments != 0 {
+      try visitor.visitSingularUInt32Field(value: self.attachments, fieldNumber: 3)
+    }
     switch self.body {
     case .hello?: try {
       guard case .hello(let v)? = self.body else { preconditionFailure() }
@@ -541,6 +552,7 @@ nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._M
   public static func ==(lhs: Ferry_V1_Envelope, rhs: Ferry_V1_Envelope) -> Bool {
     if lhs.id != rhs.id {return false}
     if lhs.inReplyTo != rhs.inReplyTo {return false}
+    if lhs.attachments != rhs.attachments {return false}
     if lhs.body != rhs.body {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true

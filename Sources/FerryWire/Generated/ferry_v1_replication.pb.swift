@@ -85,7 +85,9 @@ public nonisolated struct Ferry_V1_ReplicationRecord: Sendable {
 
   public var offset: UInt64 = 0
 
-  /// The bytes written; empty for a zeroed range.
+  /// The bytes written; empty for a zeroed range. Empty for a write too when its bytes travel
+  /// as the envelope's next attachment (large writes do, so they are never copied into or
+  /// parsed out of the message): attachments belong to such records in record order.
   public var data: Data = Data()
 
   /// For a zeroed range (WRITE_ZEROES, TRIM): its length. Zero for a write.

@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 
 /// Whole-buffer writes: the kernel may write less than asked, or be interrupted.
 public enum FileIO {
@@ -14,6 +15,43 @@ public enum FileIO {
                 return errno
             }
             done += n
+        }
+        return 0
+    }
+
+    /// Appends `buffers` in order at the end of a file opened O_APPEND, with as few system
+    /// calls as the kernel allows (writev). Returns 0, or the errno of the failure.
+    public static func writeAll(_ fd: Int32, _ buffers: [ByteBuffer]) -> Int32 {
+        var index = 0
+        var skip = 0 // bytes of buffers[index] already written
+        while index < buffers.count {
+            let batch = min(buffers.count - index, 1024) // IOV_MAX on Linux
+            // The buffers are alive and unchanged for the whole call, so their storage stays put.
+            var vectors: [iovec] = []
+            vectors.reserveCapacity(batch)
+            for i in index..<(index + batch) {
+                buffers[i].withUnsafeReadableBytes { bytes in
+                    let from = i == index ? skip : 0
+                    vectors.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress.map { $0 + from }),
+                                         iov_len: bytes.count - from))
+                }
+            }
+            let n = writev(fd, vectors, Int32(vectors.count))
+            if n < 0 {
+                if errno == EINTR { continue }
+                return errno
+            }
+            // Advance past what was written, possibly into the middle of a buffer, and past
+            // empty buffers (so a call with nothing left to write ends).
+            var left = n
+            while index < buffers.count {
+                let remaining = buffers[index].readableBytes - skip
+                guard left >= remaining else { skip += left; break }
+                left -= remaining
+                index += 1
+                skip = 0
+            }
+            if n == 0 && index < buffers.count { return EIO }
         }
         return 0
     }

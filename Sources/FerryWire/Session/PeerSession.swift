@@ -7,12 +7,16 @@ import Synchronization
 /// Adds Ferry's framing to a channel whose TLS handler is already in place.
 public enum FramedPipeline {
     public static func configure(_ channel: any Channel, limit: FrameLimit) throws {
+        // Replication streams are bulk: read up to 256 KiB at a time, not NIO's default 64 KiB.
+        try channel.syncOptions?.setOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 256 << 10))
         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(limit: limit)))
-        try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder()))
+        try channel.pipeline.syncOperations.addHandler(FrameWriter())
     }
 
     public static func asyncChannel(_ channel: any Channel) throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
-        try NIOAsyncChannel(wrappingChannelSynchronously: channel)
+        // A replication batch of small writes arrives as many small frames: let more of them
+        // queue before reading pauses (each is capped by the frame limit).
+        try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(backPressureStrategy: .init(lowWatermark: 8, highWatermark: 32)))
     }
 }
 
@@ -61,6 +65,19 @@ public final class PeerSession: Sendable {
         try await write(.with(inReplyTo: inReplyTo, body))
     }
 
+    /// Sends a message followed by raw frames that belong to it (bulk data that is neither
+    /// copied into nor parsed out of protobuf). The frames are queued together, so no other
+    /// message of this session can come between them.
+    public func send(_ body: Ferry_V1_Envelope.OneOf_Body, attachments: [ByteBuffer]) async throws {
+        guard !attachments.isEmpty else { return try await send(body) }
+        precondition(attachments.count <= Attachments.maxCount, "too many attachments for one message")
+        var envelope = Ferry_V1_Envelope.with(body)
+        envelope.attachments = UInt32(attachments.count)
+        var frames = [try envelope.frame(allocator: channel.allocator)]
+        frames.append(contentsOf: attachments)
+        try await outbound.write(contentsOf: frames)
+    }
+
     private func write(_ envelope: Ferry_V1_Envelope) async throws {
         try await outbound.write(try envelope.frame(allocator: channel.allocator))
     }
@@ -98,14 +115,15 @@ public final class PeerSession: Sendable {
     }
 
     /// Runs the session until the peer closes, goes silent for three heartbeat intervals, or an
-    /// error occurs. `handle` receives every message that is neither a heartbeat nor a reply; it
-    /// runs inline, so messages are handled in arrival order. Reads continue from `inbound`, which
-    /// may already have yielded the first messages of the connection.
+    /// error occurs. `handle` receives every message that is neither a heartbeat nor a reply,
+    /// with the frames attached to it; it runs inline, so messages are handled in arrival order.
+    /// Reads continue from `inbound`, which may already have yielded the first messages of the
+    /// connection.
     public func run(
         inbound: inout NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator,
         heartbeatInterval: Duration,
         logger: Logger,
-        handle: @Sendable (Ferry_V1_Envelope) async throws -> Void
+        handle: @Sendable (Ferry_V1_Envelope, [ByteBuffer]) async throws -> Void
     ) async throws {
         defer { shutdown(FerryError(.unavailable, "session with \(remoteDescription) ended")) }
         let dead = Mutex<FerryError?>(nil)
@@ -141,6 +159,7 @@ public final class PeerSession: Sendable {
                 while let frame = try await inbound.next() {
                     markReceived()
                     let envelope = try Ferry_V1_Envelope(frame: frame)
+                    let attachments = try await Attachments.read(envelope.attachments, from: &inbound)
                     if envelope.inReplyTo != 0 {
                         if let waiter = pending.withLock({ $0.removeValue(forKey: envelope.inReplyTo) }) {
                             waiter.succeed(envelope)
@@ -161,7 +180,7 @@ public final class PeerSession: Sendable {
                             try await send(.error(FerryError(.unsupported, "unknown message kind").wire), inReplyTo: envelope.id)
                         }
                     default:
-                        try await handle(envelope)
+                        try await handle(envelope, attachments)
                     }
                 }
             } catch {
@@ -206,5 +225,34 @@ public final class PeerSession: Sendable {
             return Array(p.values)
         }
         for w in waiters { w.fail(error) }
+    }
+}
+
+/// Bounds on the raw frames attached to one message: a peer cannot make the receiver buffer
+/// more than this for one message, whatever the envelope claims.
+public enum Attachments {
+    /// A replication batch attaches one frame per write record.
+    public static let maxCount = 16384
+    public static let maxBytes = 64 << 20
+
+    static func read(_ count: UInt32, from inbound: inout NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator) async throws -> [ByteBuffer] {
+        guard count > 0 else { return [] }
+        guard count <= maxCount else {
+            throw FerryError(.protocolViolation, "a message announces \(count) attached frames, over the limit of \(maxCount)")
+        }
+        var frames: [ByteBuffer] = []
+        frames.reserveCapacity(Int(count))
+        var total = 0
+        for _ in 0..<count {
+            guard let frame = try await inbound.next() else {
+                throw FerryError(.unavailable, "connection closed in the middle of a message's attached frames")
+            }
+            total += frame.readableBytes
+            guard total <= maxBytes else {
+                throw FerryError(.protocolViolation, "a message's attached frames exceed \(maxBytes) bytes")
+            }
+            frames.append(frame)
+        }
+        return frames
     }
 }

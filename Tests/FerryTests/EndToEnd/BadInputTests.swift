@@ -93,6 +93,17 @@ struct BadInputTests {
         #expect(noisy.first?.welcome.hostName == "healthy", "\(r3)")
         #expect(noisy.count == 2 && noisy.last?.error.code == .protocolViolation, "\(noisy)")
 
+        // A message announcing more attached frames than any message may carry is refused
+        // before any of them is read.
+        var attached = Ferry_V1_Envelope.with(id: 0, .heartbeat(.init()))
+        attached.attachments = UInt32(Attachments.maxCount + 1)
+        var tooMany = Frames.envelope(.hello(f.hello()), id: 1)
+        tooMany += Frames.raw(try attached.serializedBytes())
+        let (refused, r4) = try await f.opensslSend(tooMany, certificate: f.identity.certificate, key: f.identity.privateKey)
+        #expect(refused.count == 2, "\(r4)")
+        #expect(refused.last?.error.code == .protocolViolation)
+        #expect(refused.last?.error.message.contains("attached frames") == true, "\(refused)")
+
         // The first message of a session must be hello.
         let (notHello, _) = try await f.opensslSend(Frames.envelope(.heartbeat(.init()), id: 3), certificate: f.identity.certificate, key: f.identity.privateKey)
         #expect(notHello.first?.error.code == .protocolViolation)

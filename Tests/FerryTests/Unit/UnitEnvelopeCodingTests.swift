@@ -81,7 +81,7 @@ struct UnitEnvelopeCodingTests {
         var goodbye = Ferry_V1_Goodbye()
         goodbye.reason = "bye"
         let envelope = Ferry_V1_Envelope.with(id: 1, .goodbye(goodbye))
-        let extra = Self.varint(UInt64(3 << 3 | 0)) + Self.varint(12345) // field 3, varint: a new header field
+        let extra = Self.varint(UInt64(9 << 3 | 0)) + Self.varint(12345) // field 9, varint: a header field no version uses yet
         let bytes: [UInt8] = try envelope.serializedBytes() + extra
         let decoded = try Ferry_V1_Envelope(frame: ByteBuffer(bytes: bytes))
         #expect(decoded.goodbye.reason == "bye")

@@ -116,15 +116,23 @@ struct UnitFrameCodecTests {
         #expect(try second.finish().isClean)
     }
 
-    @Test("FrameEncoder output decodes back through FrameDecoder", arguments: [0, 1, 4, 300, 70_000])
-    func encoderRoundTrip(size: Int) throws {
+    @Test("FrameWriter output decodes back through FrameDecoder; a large frame goes out uncopied behind its own header",
+          arguments: [0, 1, 4, 300, FrameWriter.copyLimit - 1, FrameWriter.copyLimit, 70_000])
+    func writerRoundTrip(size: Int) throws {
         let channel = EmbeddedChannel()
-        try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder()))
+        try channel.pipeline.syncOperations.addHandler(FrameWriter())
         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(limit: FrameLimit(FrameSize.defaultAuthenticated))))
 
         let body = Self.body(size)
         try channel.writeOutbound(ByteBuffer(bytes: body))
-        let wire = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        var wire = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        if size >= FrameWriter.copyLimit {
+            // Header alone, then the frame itself.
+            #expect(wire.readableBytes == FrameSize.headerBytes)
+            var payload = try #require(try channel.readOutbound(as: ByteBuffer.self))
+            wire.writeBuffer(&payload)
+        }
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
         #expect(wire.readableBytes == FrameSize.headerBytes + size)
         #expect(wire.getInteger(at: wire.readerIndex, as: UInt32.self) == UInt32(size))
         #expect(Array(wire.readableBytesView.dropFirst(FrameSize.headerBytes)) == body)
@@ -139,7 +147,7 @@ struct UnitFrameCodecTests {
     @Test("several encoded envelopes in one inbound write come out as separate envelopes")
     func envelopesThroughCodec() throws {
         let channel = EmbeddedChannel()
-        try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder()))
+        try channel.pipeline.syncOperations.addHandler(FrameWriter())
         try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(limit: FrameLimit(FrameSize.unauthenticated))))
 
         var goodbye = Ferry_V1_Goodbye()

@@ -1,7 +1,9 @@
 import FerryControllerCore
 import FerryWire
 import Foundation
+import NIOCore
 import NIOPosix
+import Synchronization
 import Testing
 
 @Suite("replica store: journal segments, base image, retention")
@@ -148,6 +150,73 @@ struct UnitReplicaStoreTests {
                 #expect(bytes(dir + "/r/replica.img") == expected)
                 _ = try await reopened.fold()
                 #expect(bytes(dir + "/r/base.img") == expected)
+            }
+        }
+    }
+
+    /// `batch` with its writes' bytes moved into attachments (every other one, when `mixed`).
+    func attached(_ b: Ferry_V1_ReplicationBatch, mixed: Bool = false) -> (Ferry_V1_ReplicationBatch, [ByteBuffer]) {
+        var out = b
+        var attachments: [ByteBuffer] = []
+        for i in out.records.indices where !mixed || i % 2 == 0 {
+            attachments.append(ByteBuffer(bytes: out.records[i].data))
+            out.records[i].data = Data()
+        }
+        return (out, attachments)
+    }
+
+    @Test("batches queued back to back are committed in groups, with attached and inline bytes; a gap refuses its batch and those after it, not those before")
+    func groupCommit() async throws {
+        try await withUnitTempDir { dir in
+            try await withPool { pool in
+                let now = Int64(Date().timeIntervalSince1970 * 1e9)
+                let store = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool)
+                let reference = try ReplicaStore(directory: dir + "/ref", size: Self.size, pool: pool)
+                let outcomes = Mutex<[Int: Result<UInt64, any Error>]>([:])
+                // 40 batches submitted without waiting: batch 30 skips a sequence.
+                for i in 0..<40 {
+                    let from = UInt64(i * 5 + 1) + (i >= 30 ? 1 : 0)
+                    let plain = batch(epoch: 2, from: from, count: 5, fill: UInt8(i + 1), captured: now)
+                    let (b, a) = attached(plain, mixed: i % 3 == 0)
+                    await store.submit(b, attachments: a) { result in outcomes.withLock { $0[i] = result } }
+                    if i < 30 { _ = try await reference.apply(plain) }
+                }
+                for _ in 0..<1000 where outcomes.withLock({ $0.count }) < 40 { try await Task.sleep(for: .milliseconds(10)) }
+                let results = outcomes.withLock { $0 }
+                for i in 0..<30 {
+                    guard case .success(let durable)? = results[i] else { Issue.record("batch \(i) refused: \(String(describing: results[i]))"); continue }
+                    #expect(durable >= UInt64(i * 5 + 5))
+                }
+                for i in 30..<40 {
+                    guard case .failure? = results[i] else { Issue.record("batch \(i) after the gap was accepted"); continue }
+                }
+                #expect(await store.durable == 150)
+                #expect(await store.lastError?.contains("gap") == true)
+                #expect(bytes(dir + "/r/replica.img") == bytes(dir + "/ref/replica.img"))
+                // The journal holds the same records as one written batch by batch: reopened
+                // from it alone (image wiped), the replica is rebuilt identically.
+                try FileManager.default.removeItem(atPath: dir + "/r/replica.img")
+                let reopened = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool)
+                #expect(await reopened.durable == 150)
+                #expect(bytes(dir + "/r/replica.img") == bytes(dir + "/ref/replica.img"))
+            }
+        }
+    }
+
+    @Test("attachments that do not match the batch's write records are refused and nothing is applied")
+    func attachmentMismatch() async throws {
+        try await withUnitTempDir { dir in
+            try await withPool { pool in
+                let now = Int64(Date().timeIntervalSince1970 * 1e9)
+                let store = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool)
+                let (b, a) = attached(batch(epoch: 2, from: 1, count: 4, fill: 1, captured: now))
+                await #expect(throws: FerryError.self) { try await store.apply(b, attachments: Array(a.dropLast())) }
+                await #expect(throws: FerryError.self) { try await store.apply(b, attachments: a + [ByteBuffer(bytes: [1])]) }
+                var outside = b
+                outside.records[0].offset = Self.size - 100
+                await #expect(throws: FerryError.self) { try await store.apply(outside, attachments: a) }
+                #expect(await store.durable == 0)
+                #expect(try await store.apply(b, attachments: a) == 4)
             }
         }
     }
