@@ -40,10 +40,19 @@ wait_for() { # wait_for SECONDS COMMAND...
   until "$@" >/dev/null 2>&1; do [ "$SECONDS" -lt "$deadline" ] || return 1; sleep 0.2; done
 }
 
-run_fio() { # run_fio URI RW BS OUTPUT
-  fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --size="$size" --iodepth=16 \
-      --time_based --runtime="${runtime}s" --output-format=json --output="$work/results/$4" >&2 \
-      || die "fio $2 $3 failed"
+ticks() { # CPU time (clock ticks) the given processes have used so far
+  local t=0 p
+  for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  echo "$t"
+}
+
+run_fio() { # run_fio URI RW BS OUTPUT [PID...]: also records the CPU seconds the PIDs used
+  local uri="$1" rw="$2" bs="$3" out="$4"; shift 4
+  local before; before=$(ticks "$@")
+  fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --size="$size" --iodepth=16 \
+      --time_based --runtime="${runtime}s" --output-format=json --output="$work/results/$out" >&2 \
+      || die "fio $rw $bs failed"
+  echo "$(( $(ticks "$@") - before )) $(getconf CLK_TCK)" >"$work/results/${out%.json}.cpu"
 }
 
 log "baseline: nbdkit file plugin on tmpfs"
@@ -51,9 +60,20 @@ truncate -s "$size" "$work/base.img"
 nbdkit --foreground --unix "$work/nbdkit.sock" file file="$work/base.img" &
 pids+=($!)
 wait_for 10 test -S "$work/nbdkit.sock" || die "nbdkit did not start"
-run_fio "nbd+unix:///?socket=$work/nbdkit.sock" write 1M nbdkit-seq.json
-run_fio "nbd+unix:///?socket=$work/nbdkit.sock" randwrite 4k nbdkit-rand.json
+run_fio "nbd+unix:///?socket=$work/nbdkit.sock" write 1M nbdkit-seq.json "${pids[0]}"
+run_fio "nbd+unix:///?socket=$work/nbdkit.sock" randwrite 4k nbdkit-rand.json "${pids[0]}"
 kill "${pids[0]}"; rm -f "$work/base.img"
+
+# What the unavoidable work of replication costs on this machine, for the floor table: one
+# core's AES-128-GCM rate (TLS 1.3 here), and tmpfs write rates into new pages (a journal
+# append) and over existing ones (the replica image).
+log "measuring the cost floor: AES-GCM and tmpfs write rates"
+aes="$(openssl speed -evp aes-128-gcm -bytes 16384 -seconds 2 2>/dev/null | awk '/^AES-128-GCM/ {sub(/k$/, "", $2); print $2 * 1000}')"
+fresh="$(dd if=/dev/zero of="$work/dd.img" bs=1M count=1024 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')"
+over="$(dd if=/dev/zero of="$work/dd.img" bs=1M count=1024 conv=notrunc 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')"
+rm -f "$work/dd.img"
+printf 'aes_bytes_per_second %s\ntmpfs_new_bytes_per_second %s\ntmpfs_overwrite_bytes_per_second %s\ncores %s\n' \
+  "$aes" "$fresh" "$over" "$(nproc)" >"$work/results/floor.txt"
 
 log "ferry: controller and agent on this machine, replicating"
 # The journal is kept for the retention window: cap it so a fast run fits the tmpfs.
@@ -72,10 +92,15 @@ wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q 'bench .*online'" || die "age
 "$bin/ferryctl" protect bench --volume bench --path "$work/vol.img" --create-size "$size" >&2 || die "protect failed"
 uri="nbd+unix:///bench?socket=$work/agent/sockets/bench.sock"
 "$bin/ferryctl" metrics >"$work/results/metrics-before.txt"
-run_fio "$uri" write 1M agent-seq.json
-run_fio "$uri" randwrite 4k agent-rand.json
-sleep 2
+run_fio "$uri" write 1M agent-seq.json "${pids[1]}" "${pids[2]}"
+run_fio "$uri" randwrite 4k agent-rand.json "${pids[1]}" "${pids[2]}"
 "$bin/ferryctl" metrics >"$work/results/metrics-after.txt"
+# The change log absorbs what replication has not caught up with yet: wait until it is all
+# durable on the controller before comparing.
+caught_up() { "$bin/ferryctl" volumes --json | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)[0]["lagBytes"] == 0 else 1)'; }
+start=$SECONDS
+wait_for 300 caught_up || log "WARNING: replication had not caught up 300 s after the runs"
+log "replication caught up $((SECONDS - start)) s after fio stopped"
 if qemu-img compare -q -f raw -F raw "$work/vol.img" "$("$bin/ferryctl" volume show bench/bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["replicaPath"])')"; then
   log "replica identical to the source after the runs"
 else

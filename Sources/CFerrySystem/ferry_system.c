@@ -1,11 +1,16 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <unistd.h>
 #include "ferry_system.h"
 
 int ferry_punch_hole(int fd, off_t offset, off_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
+int ferry_reserve(int fd, off_t length) {
+    return fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, length);
 }
 
 off_t ferry_seek_data(int fd, off_t offset) { return lseek(fd, offset, SEEK_DATA); }
@@ -60,3 +65,5 @@ void ferry_malloc_for_bulk_io(void) {
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
     mallopt(M_TRIM_THRESHOLD, 256 << 20);
 }
+
+void ferry_name_thread(const char *name) { pthread_setname_np(pthread_self(), name); }

@@ -3,19 +3,47 @@
 //
 //   ferry-bench --results DIR
 //
-// DIR holds {nbdkit,agent}-{seq,rand}.json and metrics-{before,after}.txt.
+// DIR holds {nbdkit,agent}-{seq,rand}.json, the CPU each run's servers used
+// ({nbdkit,agent}-{seq,rand}.cpu: "TICKS TICKS-PER-SECOND"), metrics-{before,after}.txt and
+// floor.txt (single-core AES-GCM and tmpfs write rates measured in the same invocation).
 import Foundation
 
 struct Failure: Error, CustomStringConvertible { let description: String }
 
-func fioWrite(_ path: String) throws -> (bandwidthBytes: Double, iops: Double) {
+func fioWrite(_ path: String) throws -> (bandwidthBytes: Double, iops: Double, fioCores: Double) {
+    func number(_ any: Any?) -> Double? { any as? Double ?? (any as? Int).map(Double.init) }
     guard let data = FileManager.default.contents(atPath: path),
           let json = try JSONSerialization.jsonObject(with: data) as? [String: Any],
           let job = (json["jobs"] as? [[String: Any]])?.first, let write = job["write"] as? [String: Any],
-          let bw = write["bw_bytes"] as? Double ?? (write["bw_bytes"] as? Int).map(Double.init),
-          let iops = write["iops"] as? Double
+          let bw = number(write["bw_bytes"]), let iops = number(write["iops"]),
+          let usr = number(job["usr_cpu"]), let sys = number(job["sys_cpu"])
     else { throw Failure(description: "\(path): not a fio JSON result with a write section") }
-    return (bw, iops)
+    return (bw, iops, (usr + sys) / 100)
+}
+
+/// Cores the servers of a run used on average: "TICKS TICKS-PER-SECOND" over the run's seconds.
+func serverCores(_ path: String, seconds: Double) throws -> Double {
+    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw Failure(description: "cannot read \(path)") }
+    let parts = text.split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { Double($0) }
+    guard parts.count == 2, parts[1] > 0 else { throw Failure(description: "\(path): expected TICKS TICKS-PER-SECOND") }
+    return parts[0] / parts[1] / seconds
+}
+
+func keyValues(_ path: String) throws -> [String: Double] {
+    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw Failure(description: "cannot read \(path)") }
+    var out: [String: Double] = [:]
+    for line in text.split(separator: "\n") {
+        let parts = line.split(separator: " ")
+        if parts.count == 2, let value = Double(parts[1]) { out[String(parts[0])] = value }
+    }
+    return out
+}
+
+func printTable(_ rows: [[String]]) {
+    let widths = (0..<(rows.first?.count ?? 0)).map { c in rows.map { $0[c].count }.max() ?? 0 }
+    for r in rows {
+        print(zip(r, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }.joined(separator: "  ").trimmingCharacters(in: .whitespaces))
+    }
 }
 
 /// Cumulative bucket counts of `ferry_replication_lag_seconds` by upper bound.
@@ -56,13 +84,34 @@ func main() throws {
         ("replication lag p50", "-", ms(quantile(0.5, before: before, after: after)), "-", "-"),
         ("replication lag p99", "-", ms(quantile(0.99, before: before, after: after)), "-", "< 1 s"),
     ]
-    let header = ("measure", "nbdkit file", "ferry agent", "ratio", "target")
-    let all = [header] + rows
-    let widths = (0..<5).map { c in all.map { [$0.0, $0.1, $0.2, $0.3, $0.4][c].count }.max() ?? 0 }
-    for r in all {
-        let cells = [r.0, r.1, r.2, r.3, r.4]
-        print(zip(cells, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }.joined(separator: "  "))
-    }
+    printTable([["measure", "nbdkit file", "ferry agent", "ratio", "target"]] + rows.map { [$0.0, $0.1, $0.2, $0.3, $0.4] })
+
+    // The floor: the least CPU the sequential target needs here, from rates measured in this
+    // invocation. Only work that cannot be avoided counts (the workload's own side as the
+    // baseline spent it, TLS both ways, one journal append and one replica write per byte);
+    // socket copies, checksums and the agent's bookkeeping come on top.
+    let seconds = Double(ProcessInfo.processInfo.environment["FERRY_BENCH_RUNTIME"] ?? "") ?? 15
+    let floor = try keyValues(dir + "/floor.txt")
+    guard let aes = floor["aes_bytes_per_second"], let fresh = floor["tmpfs_new_bytes_per_second"],
+          let over = floor["tmpfs_overwrite_bytes_per_second"], let cores = floor["cores"], aes > 0, fresh > 0, over > 0
+    else { throw Failure(description: "\(dir)/floor.txt lacks a rate") }
+    let target = 0.9 * baseSeq.bandwidthBytes
+    let baselineCores = try serverCores(dir + "/nbdkit-seq.cpu", seconds: seconds) + baseSeq.fioCores
+    let parts: [(String, String, Double)] = [
+        ("fio and its NBD server (as in the baseline run)", String(format: "%.2f cores at %@", baselineCores, mib(baseSeq.bandwidthBytes)),
+         baselineCores * 0.9),
+        ("TLS encrypt (agent) and decrypt (controller)", String(format: "AES-128-GCM %.1f GB/s per core", aes / 1e9), 2 * target / aes),
+        ("controller journal append (new tmpfs pages)", String(format: "%.1f GB/s", fresh / 1e9), target / fresh),
+        ("controller replica write (tmpfs overwrite)", String(format: "%.1f GB/s", over / 1e9), target / over),
+    ]
+    let needed = parts.reduce(0) { $0 + $1.2 }
+    let used = try serverCores(dir + "/agent-seq.cpu", seconds: seconds) + agentSeq.fioCores
+    print()
+    print("Cost floor of the sequential target on this machine: 0.90x the baseline is \(mib(target))")
+    printTable([["work per byte", "measured here", "cores needed"]]
+        + parts.map { [$0.0, $0.1, String(format: "%.2f", $0.2)] }
+        + [["total, a lower bound", "", String(format: "%.2f of %.0f", needed, cores)],
+           ["agent, controller and fio in the agent run", mib(agentSeq.bandwidthBytes), String(format: "%.2f used", used)]])
 }
 
 do { try main() } catch { FileHandle.standardError.write(Data("ferry-bench: \(error)\n".utf8)); exit(1) }

@@ -14,11 +14,18 @@ uint32_t ferry_crc32c(uint32_t crc, const void *data, size_t length);
 /// Returns 0, or -1 with errno set (EOPNOTSUPP where the file system cannot).
 int ferry_punch_hole(int fd, off_t offset, off_t length);
 
+/// Allocates the first `length` bytes of a file without changing its size, so appends into them
+/// find their blocks ready. Returns 0, or -1 with errno set.
+int ferry_reserve(int fd, off_t length);
+
 /// lseek(fd, offset, SEEK_DATA) and SEEK_HOLE: -1 with errno ENXIO past the last data.
 off_t ferry_seek_data(int fd, off_t offset);
 off_t ferry_seek_hole(int fd, off_t offset);
 
 /// Keeps buffers up to 32 MiB in the heap and up to 256 MiB of freed heap mapped (mallopt).
 void ferry_malloc_for_bulk_io(void);
+
+/// Names the calling thread (at most 15 characters), as `top -H` and profilers show it.
+void ferry_name_thread(const char *name);
 
 #endif

@@ -67,45 +67,31 @@ public final class BlockVolume: Sendable {
         case flush
     }
 
-    /// Runs operations in order in one trip to the I/O threads (what a client pipelined
-    /// together); each has its own outcome. Reads return their data, the others nil.
-    public func perform(_ operations: [Operation], allocator: ByteBufferAllocator) async throws -> [Result<ByteBuffer?, VolumeIOError>] {
-        try await pool.runIfActive {
-            operations.map { op in
-                do {
-                    switch op {
-                    case .read(let offset, let length): return .success(try self.readNow(offset: offset, length: length, allocator: allocator))
-                    case .write(let offset, let data, let fua): _ = try self.writeNow(offset: offset, data: data, fua: fua)
-                    case .zero(let offset, let length, let fua): _ = try self.zeroNow(offset: offset, length: length, fua: fua)
-                    case .flush: try Self.sync(self.fd)
-                    }
-                    return .success(nil)
-                } catch let error as VolumeIOError {
-                    return .failure(error)
-                } catch {
-                    return .failure(VolumeIOError(operation: "request", errno: EIO))
-                }
+    /// Runs one operation now, blocking: on a thread of the caller's own (the NBD export's
+    /// connection threads), never an event loop. Reads return their data, the others nil.
+    func performNow(_ op: Operation, allocator: ByteBufferAllocator) -> Result<ByteBuffer?, VolumeIOError> {
+        do {
+            switch op {
+            case .read(let offset, let length): return .success(try readNow(offset: offset, length: length, allocator: allocator))
+            case .write(let offset, let data, let fua): _ = try writeNow(offset: offset, data: data, fua: fua)
+            case .zero(let offset, let length, let fua): _ = try zeroNow(offset: offset, length: length, fua: fua)
+            case .flush: try Self.sync(fd)
             }
+            return .success(nil)
+        } catch let error as VolumeIOError {
+            return .failure(error)
+        } catch {
+            return .failure(VolumeIOError(operation: "request", errno: EIO))
         }
     }
 
-    // MARK: On the I/O threads
+    // MARK: Blocking: on the I/O threads or an NBD connection's thread
 
     func readNow(offset: UInt64, length: Int, allocator: ByteBufferAllocator) throws -> ByteBuffer {
         var buffer = allocator.buffer(capacity: length)
-        var done = 0
-        while done < length {
-            let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length - done) { ptr in
-                pread(fd, ptr.baseAddress, length - done, off_t(offset) + off_t(done))
-            }
-            if n < 0 { if errno == EINTR { continue }; throw Self.ioError("read", errno) }
-            if n == 0 {
-                // Past the end of a file that shrank under us: the rest reads as zeroes.
-                buffer.writeRepeatingByte(0, count: length - done)
-                break
-            }
-            done += n
-        }
+        // Past the end of a file that shrank under us, the rest reads as zeroes.
+        let failed = FileIO.read(fd, count: length, at: offset, into: &buffer, zeroFillPastEnd: true)
+        if failed != 0 { throw Self.ioError("read", failed) }
         return buffer
     }
 
@@ -156,15 +142,8 @@ public final class BlockVolume: Sendable {
             try self.mutation.withLock { _ in
                 var buffer = ByteBuffer()
                 buffer.reserveCapacity(length)
-                var done = 0
-                while done < length {
-                    let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length - done) { ptr in
-                        pread(fd, ptr.baseAddress, length - done, off_t(offset) + off_t(done))
-                    }
-                    if n < 0 { if errno == EINTR { continue }; throw Self.ioError("read", errno) }
-                    if n == 0 { buffer.writeRepeatingByte(0, count: length - done); break }
-                    done += n
-                }
+                let failed = FileIO.read(fd, count: length, at: offset, into: &buffer, zeroFillPastEnd: true)
+                if failed != 0 { throw Self.ioError("read", failed) }
                 if buffer.withUnsafeReadableBytes({ BlockHashing.isZero($0) }) {
                     return (self.recorder.append(offset: offset, kind: .zero(length: UInt64(length))), 0)
                 }

@@ -177,8 +177,10 @@ public final class ChangeLog: ChangeRecorder {
             case .spilled(let sequence, let offset, let length, let at, let captured):
                 var buffer = ByteBuffer()
                 buffer.reserveCapacity(length)
-                let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pread(spill, $0.baseAddress, length, off_t(at)) }
-                guard n == length else { throw FerryError(.io, "change-log spill file read failed: \(String(cString: strerror(errno)))") }
+                let failed = FileIO.read(spill, count: length, at: UInt64(at), into: &buffer, zeroFillPastEnd: false)
+                guard failed == 0, buffer.readableBytes == length else {
+                    throw FerryError(.io, "change-log spill file read failed: \(failed == 0 ? "file too short" : String(cString: strerror(failed)))")
+                }
                 return VolumeChange(sequence: sequence, offset: offset, kind: .write(buffer), captured: captured)
             }
         }
@@ -240,11 +242,10 @@ public final class ChangeLog: ChangeRecorder {
             if s.head == s.entries.count {
                 s.entries.removeAll(keepingCapacity: true)
                 s.head = 0
-                // Nothing spilled is needed any more: reuse the file from its start.
-                if s.spillEnd > 0 {
-                    s.spillEnd = 0
-                    if spill >= 0 { ftruncate(spill, 0) }
-                }
+                // Nothing spilled is needed any more: reuse the file from its start. It keeps
+                // its size, so writing it again overwrites blocks it has instead of allocating
+                // new ones (several times dearer on tmpfs, and on most file systems).
+                s.spillEnd = 0
             } else if s.head > 4096, s.head * 2 > s.entries.count {
                 s.entries.removeFirst(s.head)
                 s.head = 0

@@ -48,74 +48,82 @@ enum JournalRecord {
         buffer.setInteger(crc, at: start + 4)
     }
 
-    /// A record read back from a segment.
-    struct Decoded {
+    /// A record read back from a segment, its bytes still in the segment's mapping.
+    struct Scanned {
         var epoch: UInt64
-        var record: Ferry_V1_ReplicationRecord
+        var sequence: UInt64
+        var offset: UInt64
+        var length: UInt64
+        var captured: Int64
+        /// The bytes of a write; nil for a zeroed range.
+        var data: UnsafeRawBufferPointer?
         /// Where the next record starts.
         var end: Int
     }
 
-    /// Reads every valid record of `bytes` in order, calling `body` for each; stops at the
-    /// first torn or corrupt one (or one outside a `size`-byte volume). Returns the length of
-    /// the valid prefix.
-    static func scan(_ bytes: [UInt8], size: UInt64, _ body: (Decoded) throws -> Void) rethrows -> Int {
-        var buffer = ByteBuffer(bytes: bytes)
-        var valid = 0
-        while buffer.readableBytes >= headerSize {
-            let start = buffer.readerIndex
-            guard let magic = buffer.readInteger(as: UInt32.self), magic == Self.magic,
-                  let crc = buffer.readInteger(as: UInt32.self), let epoch = buffer.readInteger(as: UInt64.self),
-                  let sequence = buffer.readInteger(as: UInt64.self), let offset = buffer.readInteger(as: UInt64.self),
-                  let length = buffer.readInteger(as: UInt64.self), let kind = buffer.readInteger(as: UInt32.self),
-                  let captured = buffer.readInteger(as: Int64.self), kind <= 1
-            else { break }
-            guard length <= UInt64(NBDLimit.maxRecord) || kind == 1 else { break }
+    /// Reads every valid record of `bytes` (a whole segment) in order, calling `body` for each;
+    /// stops at the first torn or corrupt one (or one outside a `size`-byte volume). Returns
+    /// the length of the valid prefix.
+    static func scan(_ bytes: UnsafeRawBufferPointer, size: UInt64, _ body: (Scanned) throws -> Void) rethrows -> Int {
+        func integer<T: FixedWidthInteger>(_ at: Int, _: T.Type) -> T { T(bigEndian: bytes.loadUnaligned(fromByteOffset: at, as: T.self)) }
+        var at = 0
+        while bytes.count - at >= headerSize {
+            let magic = integer(at, UInt32.self), crc = integer(at + 4, UInt32.self)
+            let epoch = integer(at + 8, UInt64.self), sequence = integer(at + 16, UInt64.self)
+            let offset = integer(at + 24, UInt64.self), length = integer(at + 32, UInt64.self)
+            let kind = integer(at + 40, UInt32.self), captured = integer(at + 44, Int64.self)
+            guard magic == Self.magic, kind <= 1, length <= UInt64(NBDLimit.maxRecord) || kind == 1 else { break }
             let payload = kind == 0 ? Int(length) : 0
-            guard buffer.readableBytes >= payload else { break }
-            let check = bytes.withUnsafeBytes { ferry_crc32c(0, $0.baseAddress! + start + 8, headerSize - 8 + payload) }
+            guard bytes.count - at - headerSize >= payload,
+                  ferry_crc32c(0, bytes.baseAddress! + at + 8, headerSize - 8 + payload) == crc else { break }
             let (end, overflow) = offset.addingReportingOverflow(length)
-            guard check == crc, !overflow, end <= size else { break }
-            var record = Ferry_V1_ReplicationRecord()
-            record.sequence = sequence
-            record.offset = offset
-            record.capturedUnixNanos = captured
-            if kind == 0 { record.data = Data(buffer.readBytes(length: payload)!) } else { record.zeroLength = length }
-            valid = buffer.readerIndex
-            try body(Decoded(epoch: epoch, record: record, end: valid))
+            guard !overflow, end <= size else { break }
+            let data = kind == 0 ? UnsafeRawBufferPointer(rebasing: bytes[(at + headerSize)..<(at + headerSize + payload)]) : nil
+            at += headerSize + payload
+            try body(Scanned(epoch: epoch, sequence: sequence, offset: offset, length: length, captured: captured, data: data, end: at))
         }
-        return valid
+        return at
     }
 
-    /// Applies one record to an image file: its bytes, or a hole for a zeroed range.
+    /// Runs `body` over a whole segment file mapped read-only: scanning and folding read it in
+    /// place, with no buffer to allocate and fill. Only the controller's replica actor changes
+    /// segment files, and never one being read.
+    static func withSegment<T>(_ path: String, _ body: (UnsafeRawBufferPointer) throws -> T) throws -> T {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw FerryError(.io, "cannot open journal segment \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw FerryError(.io, "cannot stat journal segment \(path): \(String(cString: strerror(errno)))") }
+        let size = Int(st.st_size)
+        guard size > 0 else { return try body(UnsafeRawBufferPointer(start: nil, count: 0)) }
+        guard let mapped = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0), mapped != MAP_FAILED else {
+            throw FerryError(.io, "cannot map journal segment \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { munmap(mapped, size) }
+        return try body(UnsafeRawBufferPointer(start: mapped, count: size))
+    }
+
+    /// Applies a record read back from a segment.
+    static func apply(_ r: Scanned, to image: Int32) throws {
+        try apply(offset: r.offset, length: r.length, data: r.data, to: image)
+    }
+
+    /// Applies a record received.
     static func apply(_ r: IncomingRecord, to image: Int32) throws {
-        guard let data = r.data else {
-            if ferry_punch_hole(image, off_t(r.offset), off_t(r.length)) != 0 {
+        guard let data = r.data else { return try apply(offset: r.offset, length: r.length, data: nil, to: image) }
+        try data.withUnsafeReadableBytes { try apply(offset: r.offset, length: r.length, data: $0, to: image) }
+    }
+
+    /// Writes a record's bytes to an image file, or punches a hole for a zeroed range.
+    static func apply(offset: UInt64, length: UInt64, data: UnsafeRawBufferPointer?, to image: Int32) throws {
+        guard let data else {
+            if ferry_punch_hole(image, off_t(offset), off_t(length)) != 0 {
                 throw FerryError(.io, "cannot zero replica range: \(String(cString: strerror(errno)))")
             }
             return
         }
-        let failed = data.withUnsafeReadableBytes { FileIO.writeAll(image, $0, at: r.offset) }
+        let failed = FileIO.writeAll(image, data, at: offset)
         if failed != 0 { throw FerryError(.io, "replica write failed: \(String(cString: strerror(failed)))") }
-    }
-
-    /// Applies a record read back from the journal.
-    static func apply(_ r: Ferry_V1_ReplicationRecord, to image: Int32) throws {
-        if r.data.isEmpty {
-            if ferry_punch_hole(image, off_t(r.offset), off_t(r.zeroLength)) != 0 {
-                throw FerryError(.io, "cannot zero replica range: \(String(cString: strerror(errno)))")
-            }
-            return
-        }
-        let failed = r.data.withUnsafeBytes { FileIO.writeAll(image, $0, at: r.offset) }
-        if failed != 0 { throw FerryError(.io, "replica write failed: \(String(cString: strerror(failed)))") }
-    }
-
-    static func readWhole(_ path: String) throws -> [UInt8] {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            throw FerryError(.io, "cannot read journal segment \(path)")
-        }
-        return [UInt8](data)
     }
 }
 

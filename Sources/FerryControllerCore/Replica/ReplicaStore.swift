@@ -178,33 +178,34 @@ public actor ReplicaStore {
                 segments.append(sealed)
                 continue
             }
-            let bytes = try JournalRecord.readWhole(segment.path(in: dir))
             var expected: UInt64?
             var oldest: Int64 = 0
-            let valid = try JournalRecord.scan(bytes, size: size) { decoded in
-                let r = decoded.record
-                if segment.epoch == 0 { segment.epoch = decoded.epoch }
-                if let expected, decoded.epoch == segment.epoch, r.sequence < expected {
-                    return // a duplicate of a record already read: harmless, skipped
-                }
-                guard decoded.epoch == segment.epoch, expected.map({ r.sequence == $0 }) ?? true else {
-                    throw FerryError(.io, "journal segment \(JournalSegment.name(id)) breaks sequence order at \(r.sequence)")
-                }
-                expected = r.sequence + 1
-                if segment.first == 0 { segment.first = r.sequence }
-                segment.last = r.sequence
-                segment.bytes = Int64(decoded.end)
-                segment.newest = max(segment.newest, r.capturedUnixNanos)
-                if oldest == 0 { oldest = r.capturedUnixNanos }
-                if segment.epoch == state.epoch, r.sequence > durable {
-                    guard r.sequence == durable + 1 else {
-                        throw FerryError(.io, "journal segment \(JournalSegment.name(id)) skips from \(durable) to \(r.sequence)")
+            let (valid, total) = try JournalRecord.withSegment(segment.path(in: dir)) { bytes in
+                let valid = try JournalRecord.scan(bytes, size: size) { r in
+                    if segment.epoch == 0 { segment.epoch = r.epoch }
+                    if let expected, r.epoch == segment.epoch, r.sequence < expected {
+                        return // a duplicate of a record already read: harmless, skipped
                     }
-                    try JournalRecord.apply(r, to: image)
-                    durable = r.sequence
+                    guard r.epoch == segment.epoch, expected.map({ r.sequence == $0 }) ?? true else {
+                        throw FerryError(.io, "journal segment \(JournalSegment.name(id)) breaks sequence order at \(r.sequence)")
+                    }
+                    expected = r.sequence + 1
+                    if segment.first == 0 { segment.first = r.sequence }
+                    segment.last = r.sequence
+                    segment.bytes = Int64(r.end)
+                    segment.newest = max(segment.newest, r.captured)
+                    if oldest == 0 { oldest = r.captured }
+                    if segment.epoch == state.epoch, r.sequence > durable {
+                        guard r.sequence == durable + 1 else {
+                            throw FerryError(.io, "journal segment \(JournalSegment.name(id)) skips from \(durable) to \(r.sequence)")
+                        }
+                        try JournalRecord.apply(r, to: image)
+                        durable = r.sequence
+                    }
                 }
+                return (valid, bytes.count)
             }
-            if valid < bytes.count {
+            if valid < total {
                 // A torn or corrupt tail: what follows the last valid record was never acked.
                 let fd = open(segment.path(in: dir), O_WRONLY | O_CLOEXEC)
                 if fd >= 0 { ftruncate(fd, off_t(valid)); fdatasync(fd); close(fd) }
@@ -420,6 +421,9 @@ public actor ReplicaStore {
         let segment = JournalSegment(id: id, epoch: state.epoch)
         let fd = open(segment.path(in: journalDirectory), O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw FerryError(.io, "cannot create journal segment \(segment.path(in: journalDirectory)): \(String(cString: strerror(errno)))") }
+        // Allocating the segment's blocks in one call is cheaper than one append at a time;
+        // where the file system cannot, appends allocate as they go.
+        _ = ferry_reserve(fd, off_t(segmentBytes))
         let dir = open(journalDirectory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dir >= 0 { fsync(dir); close(dir) }
         active = (id, fd)
@@ -467,8 +471,9 @@ public actor ReplicaStore {
             let path = oldest.path(in: journalDirectory)
             let base = self.base, size = self.size
             try await pool.runIfActive {
-                let bytes = try JournalRecord.readWhole(path)
-                _ = try JournalRecord.scan(bytes, size: size) { try JournalRecord.apply($0.record, to: base) }
+                _ = try JournalRecord.withSegment(path) { bytes in
+                    try JournalRecord.scan(bytes, size: size) { try JournalRecord.apply($0, to: base) }
+                }
                 guard fdatasync(base) == 0 else { throw FerryError(.io, "base image fdatasync failed: \(String(cString: strerror(errno)))") }
             }
             // The fold is durable: record it, then the segment may go.

@@ -43,7 +43,12 @@ public struct FrameDecoder: NIOSingleStepByteToMessageDecoder {
         guard length <= max else {
             throw FerryError(.frameTooLarge, "frame of \(length) bytes exceeds the limit of \(max) bytes")
         }
-        guard buffer.readableBytes >= FrameSize.headerBytes + Int(length) else { return nil }
+        guard buffer.readableBytes >= FrameSize.headerBytes + Int(length) else {
+            // Room for the whole frame at once: the cumulation buffer would otherwise double
+            // (and copy everything so far) several times while a large frame arrives.
+            buffer.reserveCapacity(minimumWritableBytes: FrameSize.headerBytes + Int(length) - buffer.readableBytes)
+            return nil
+        }
         buffer.moveReaderIndex(forwardBy: FrameSize.headerBytes)
         return buffer.readSlice(length: Int(length))
     }

@@ -19,9 +19,33 @@ public enum FileIO {
         return 0
     }
 
-    /// Appends `buffers` in order at the end of a file opened O_APPEND, with as few system
-    /// calls as the kernel allows (writev). Returns 0, or the errno of the failure.
-    public static func writeAll(_ fd: Int32, _ buffers: [ByteBuffer]) -> Int32 {
+    /// Reads `count` bytes at `offset` onto the end of `buffer`, retrying short reads. Past the
+    /// end of the file the rest reads as zeroes when `zeroFillPastEnd`, else the read stops
+    /// there. Returns 0, or the errno of the failure.
+    public static func read(_ fd: Int32, count: Int, at offset: UInt64, into buffer: inout ByteBuffer, zeroFillPastEnd: Bool) -> Int32 {
+        var done = 0
+        while done < count {
+            var failure: Int32 = 0
+            let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count - done) { out in
+                let r = pread(fd, out.baseAddress, count - done, off_t(offset) + off_t(done))
+                if r < 0 { failure = errno }
+                return max(r, 0)
+            }
+            if failure == EINTR { continue }
+            if failure != 0 { return failure }
+            if n == 0 {
+                if zeroFillPastEnd { buffer.writeRepeatingByte(0, count: count - done) }
+                return 0
+            }
+            done += n
+        }
+        return 0
+    }
+
+    /// Appends `buffers` in order at the end of a file opened O_APPEND, or sends them on a
+    /// stream socket (`socket`: a vanished peer is then an EPIPE, never a SIGPIPE), with as few
+    /// system calls as the kernel allows (writev, sendmsg). Returns 0, or the errno of the failure.
+    public static func writeAll(_ fd: Int32, _ buffers: [ByteBuffer], socket: Bool = false) -> Int32 {
         var index = 0
         var skip = 0 // bytes of buffers[index] already written
         while index < buffers.count {
@@ -36,7 +60,13 @@ public enum FileIO {
                                          iov_len: bytes.count - from))
                 }
             }
-            let n = writev(fd, vectors, Int32(vectors.count))
+            let n = vectors.withUnsafeMutableBufferPointer { iov in
+                guard socket else { return writev(fd, iov.baseAddress, Int32(iov.count)) }
+                var message = msghdr()
+                message.msg_iov = iov.baseAddress
+                message.msg_iovlen = iov.count
+                return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
+            }
             if n < 0 {
                 if errno == EINTR { continue }
                 return errno

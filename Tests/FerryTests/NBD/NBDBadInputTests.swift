@@ -185,3 +185,51 @@ struct NBDBadInputTests {
         #expect(r.status == 0, "\(r)")
     }
 }
+
+/// The test client's reader: exact byte counts from a NIO connection's inbound stream.
+struct InboundReader {
+    struct EndOfStream: Error {}
+
+    private var iterator: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator
+    private var buffer = ByteBuffer()
+
+    init(_ iterator: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator) { self.iterator = iterator }
+
+    mutating func read(_ count: Int) async throws -> ByteBuffer {
+        if buffer.readableBytes >= count { return buffer.readSlice(length: count)! }
+        // Assemble into a buffer sized for the whole request: each byte is copied once, and
+        // never into storage a slice handed out earlier still shares (that would copy it all).
+        var assembled = buffer.readableBytes > 0 ? ByteBufferAllocator().buffer(capacity: count) : ByteBuffer()
+        assembled.writeBuffer(&buffer)
+        while assembled.readableBytes < count {
+            guard var chunk = try await iterator.next() else { throw EndOfStream() }
+            if assembled.readableBytes == 0 && (chunk.readableBytes >= count || assembled.capacity == 0) {
+                assembled = chunk
+                if assembled.readableBytes < count {
+                    var grown = ByteBufferAllocator().buffer(capacity: count)
+                    grown.writeBuffer(&assembled)
+                    assembled = grown
+                }
+            } else {
+                assembled.writeBuffer(&chunk)
+            }
+        }
+        buffer = assembled
+        return buffer.readSlice(length: count)!
+    }
+
+    /// Whether a whole transmission request (header, and payload for a write) is buffered
+    /// already, so it can join the batch being formed without waiting.
+    func hasWholeRequest() -> Bool {
+        guard buffer.readableBytes >= NBDRequest.size,
+              let type = buffer.getInteger(at: buffer.readerIndex + 6, as: UInt16.self),
+              let length = buffer.getInteger(at: buffer.readerIndex + 24, as: UInt32.self)
+        else { return false }
+        return type != NBD.Command.write.rawValue || buffer.readableBytes >= NBDRequest.size + Int(length)
+    }
+
+    mutating func read<T: FixedWidthInteger>(_ type: T.Type) async throws -> T {
+        var bytes = try await read(MemoryLayout<T>.size)
+        return bytes.readInteger(as: T.self)!
+    }
+}
