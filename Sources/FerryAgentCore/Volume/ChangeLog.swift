@@ -31,7 +31,37 @@ public final class ChangeLog: ChangeRecorder {
         var head = 0
         var memoryUsed = 0
         var spillUsed: Int64 = 0
+        /// Where the next spilled write goes. The spill file is a ring of `spillBytes`: live
+        /// spilled data runs from the oldest held spilled entry's offset to here, wrapping at
+        /// the cap, so the file never grows past it however long the log goes undrained.
         var spillEnd: Int64 = 0
+        /// Index into `entries` at or before the oldest held spilled entry (it only moves on).
+        var firstSpilled = 0
+
+        /// Index of the oldest held spilled entry, if any.
+        mutating func oldestSpilled() -> Int? {
+            firstSpilled = max(firstSpilled, head)
+            while firstSpilled < entries.count {
+                if case .spilled = entries[firstSpilled] { return firstSpilled }
+                firstSpilled += 1
+            }
+            return nil
+        }
+
+        /// Where `length` bytes can be spilled without touching live spilled data, if anywhere.
+        mutating func spillPosition(_ length: Int64, cap: Int64) -> Int64? {
+            guard let oldest = oldestSpilled(), case .spilled(_, _, _, let tail, _) = entries[oldest] else {
+                return length <= cap ? 0 : nil // nothing live: start over at the beginning
+            }
+            if spillEnd > tail {
+                // Live data is [tail, spillEnd): append, or wrap to the free start.
+                if spillEnd + length <= cap { return spillEnd }
+                return length < tail ? 0 : nil
+            }
+            // Wrapped: live data is [tail, cap) and [0, spillEnd). Never let the two ends meet,
+            // so "spillEnd == tail" always means "nothing wrapped".
+            return spillEnd + length < tail ? spillEnd : nil
+        }
         var overflowed = false
         /// The highest sequence the controller has acked as durable.
         var acked: UInt64 = 0
@@ -96,10 +126,10 @@ public final class ChangeLog: ChangeRecorder {
             if s.memoryUsed + size <= memoryBytes {
                 s.entries.append(.memory(change))
                 s.memoryUsed += size
-            } else if case .write(let data) = kind, spill >= 0, s.spillUsed + Int64(data.readableBytes) <= spillBytes,
-                      Self.writeSpill(spill, data, at: s.spillEnd) {
-                s.entries.append(.spilled(sequence: sequence, offset: offset, length: data.readableBytes, at: s.spillEnd, captured: captured))
-                s.spillEnd += Int64(data.readableBytes)
+            } else if case .write(let data) = kind, spill >= 0,
+                      let at = s.spillPosition(Int64(data.readableBytes), cap: spillBytes), Self.writeSpill(spill, data, at: at) {
+                s.entries.append(.spilled(sequence: sequence, offset: offset, length: data.readableBytes, at: at, captured: captured))
+                s.spillEnd = at + Int64(data.readableBytes)
                 s.spillUsed += Int64(data.readableBytes)
             } else if case .zero = kind, s.memoryUsed + size <= memoryBytes + (1 << 20) {
                 // Zeroed ranges carry no data: a little headroom keeps them in memory.
@@ -112,6 +142,7 @@ public final class ChangeLog: ChangeRecorder {
                 activity?.markedBecomePending()
                 s.entries.removeAll()
                 s.head = 0
+                s.firstSpilled = 0
                 s.memoryUsed = 0
                 s.spillUsed = 0
                 s.spillEnd = 0
@@ -134,6 +165,7 @@ public final class ChangeLog: ChangeRecorder {
             s.overflowed = false
             s.entries.removeAll()
             s.head = 0
+            s.firstSpilled = 0
             s.memoryUsed = 0
             s.spillUsed = 0
             s.spillEnd = 0
@@ -242,12 +274,14 @@ public final class ChangeLog: ChangeRecorder {
             if s.head == s.entries.count {
                 s.entries.removeAll(keepingCapacity: true)
                 s.head = 0
+                s.firstSpilled = 0
                 // Nothing spilled is needed any more: reuse the file from its start. It keeps
                 // its size, so writing it again overwrites blocks it has instead of allocating
                 // new ones (several times dearer on tmpfs, and on most file systems).
                 s.spillEnd = 0
             } else if s.head > 4096, s.head * 2 > s.entries.count {
                 s.entries.removeFirst(s.head)
+                s.firstSpilled = max(0, s.firstSpilled - s.head)
                 s.head = 0
             }
         }

@@ -116,4 +116,42 @@ struct UnitActivityLogTests {
             #expect(result.bytesRead < 1 << 20, "holes are skipped, not read")
         }
     }
+
+    @Test("the spill file is a ring within its cap: a log that is never drained but keeps being acked spills far more than the cap, reads back exactly, and the file never grows past the cap")
+    func spillRing() async throws {
+        try await withUnitTempDir { dir in
+            let cap: Int64 = 1 << 20
+            // No memory to speak of: every write spills.
+            let log = try ChangeLog(memoryBytes: 100, spillPath: dir + "/v.spill", spillBytes: cap, epoch: 1)
+            var sizes: [Int] = []
+            var acked: UInt64 = 0
+            for i in 0..<400 {
+                // Uneven sizes, so wrapping happens at every position.
+                let size = 4096 * (1 + (i * 7) % 23)
+                sizes.append(size)
+                let sequence = log.append(offset: UInt64(i) * 4096, kind: .write(ByteBuffer(repeating: UInt8(i % 251), count: size)))
+                #expect(!log.overflowed, "write \(i) overflowed with \(log.snapshot.pendingBytes) bytes pending")
+                // Every record still held reads back as written.
+                let held = try log.records(after: acked, maxBytes: .max)
+                #expect(held.first?.sequence == acked + 1 && held.last?.sequence == sequence)
+                for change in held {
+                    guard case .write(let data) = change.kind else { Issue.record("not a write"); continue }
+                    let n = Int(change.sequence - 1)
+                    #expect(data == ByteBuffer(repeating: UInt8(n % 251), count: sizes[n]))
+                }
+                // The controller acks all but the newest few: the log is never empty.
+                if sequence > 3 {
+                    acked = sequence - 3
+                    log.trim(through: acked)
+                }
+                var st = stat()
+                stat(dir + "/v.spill", &st)
+                #expect(Int64(st.st_size) <= cap)
+            }
+            #expect(sizes.reduce(0, +) > 10 * Int(cap))
+            // Unacked past the cap: overflow, never a file past the cap.
+            for i in 0..<40 { _ = log.append(offset: UInt64(i) * 65536, kind: .write(ByteBuffer(repeating: 1, count: 65536))) }
+            #expect(log.overflowed)
+        }
+    }
 }
