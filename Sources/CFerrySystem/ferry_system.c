@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <malloc.h>
 #include <pthread.h>
+#include <sys/socket.h>
 #include <unistd.h>
 #include "ferry_system.h"
 
@@ -67,3 +68,5 @@ void ferry_malloc_for_bulk_io(void) {
 }
 
 void ferry_name_thread(const char *name) { pthread_setname_np(pthread_self(), name); }
+
+int ferry_accept(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }

@@ -28,4 +28,7 @@ void ferry_malloc_for_bulk_io(void);
 /// Names the calling thread (at most 15 characters), as `top -H` and profilers show it.
 void ferry_name_thread(const char *name);
 
+/// accept4(fd, NULL, NULL, SOCK_CLOEXEC): the new connection is not inherited by children.
+int ferry_accept(int fd);
+
 #endif

@@ -99,17 +99,17 @@ public final class NBDServer: Sendable {
         try await accept(on: fd, where: "\(host):\(boundPort)", tcp: true)
     }
 
-    /// Accepts on a thread of its own until the task is cancelled; then stops accepting and
-    /// ends every connection of this server.
+    /// Accepts on a thread of its own until the task is cancelled; then stops accepting, ends
+    /// every connection of this server and returns once their threads are done (so no write
+    /// can reach the volume through this server afterwards).
     private func accept(on listener: Int32, where address: String, tcp: Bool) async throws {
         sockets.withLock { _ = $0.listeners.insert(listener) }
         logger.info("NBD export ready", metadata: ["address": "\(address)", "exports": "\(exports.withLock { $0.keys.sorted() })"])
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+        let failure = await withTaskCancellationHandler {
+            await withCheckedContinuation { (done: CheckedContinuation<Int32?, Never>) in
                 let thread = Thread { [self] in
                     ferry_name_thread("ferry-nbd-acpt")
-                    acceptLoop(listener, tcp: tcp)
-                    done.resume()
+                    done.resume(returning: acceptLoop(listener, tcp: tcp))
                 }
                 thread.start()
             }
@@ -117,29 +117,47 @@ public final class NBDServer: Sendable {
             stop(listener)
         }
         try Task.checkCancellation()
+        if let failure {
+            throw FerryError(.io, "NBD export \(address) stopped accepting connections: \(String(cString: strerror(failure)))")
+        }
     }
 
-    private func acceptLoop(_ listener: Int32, tcp: Bool) {
+    /// Returns nil once stopped, or the errno that made accepting impossible.
+    private func acceptLoop(_ listener: Int32, tcp: Bool) -> Int32? {
+        let threads = DispatchGroup()
+        var failure: Int32?
         while true {
-            let fd = Glibc.accept(listener, nil, nil)
+            let fd = ferry_accept(listener)
             if fd < 0 {
-                if errno == EINTR || errno == ECONNABORTED || errno == EMFILE || errno == ENFILE {
-                    if errno == EMFILE || errno == ENFILE { usleep(100_000) }
+                let code = errno
+                let listening = sockets.withLock { $0.listeners.contains(listener) }
+                guard listening else { break } // shut down by `stop`
+                switch code {
+                case EINTR, ECONNABORTED:
                     continue
+                case EMFILE, ENFILE, ENOBUFS, ENOMEM, EPROTO, EPERM:
+                    // Transient: out of descriptors or memory, or a connection refused by policy.
+                    logger.warning("NBD accept failed; retrying", metadata: ["error": "\(String(cString: strerror(code)))"])
+                    usleep(100_000)
+                    continue
+                default:
+                    failure = code
                 }
-                break // shut down by `stop`
+                break
             }
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             if tcp {
                 var one: Int32 = 1
                 setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
             }
+            // Registered under the lock `stop` takes: a connection accepted as the server stops
+            // is either shut down by `stop` or never served.
             let live = sockets.withLock { s -> Bool in
                 guard s.listeners.contains(listener) else { return false }
                 s.connections.insert(fd)
                 return true
             }
             guard live else { close(fd); break }
+            threads.enter()
             let thread = Thread { [self] in
                 // Thread names are inherited on Linux; name it for `top -H` and profiles.
                 ferry_name_thread("ferry-nbd")
@@ -148,19 +166,23 @@ public final class NBDServer: Sendable {
                     s.connections.remove(fd)
                     close(fd)
                 }
+                threads.leave()
             }
             thread.start()
         }
+        stop(listener)
         sockets.withLock { s in
             s.listeners.remove(listener)
             close(listener)
         }
+        threads.wait()
+        return failure
     }
 
     /// Stops accepting on `listener` and interrupts every connection's blocking calls.
     private func stop(_ listener: Int32) {
         sockets.withLock { s in
-            if s.listeners.contains(listener) { shutdown(listener, Int32(SHUT_RDWR)) }
+            if s.listeners.remove(listener) != nil { shutdown(listener, Int32(SHUT_RDWR)) }
             for fd in s.connections { shutdown(fd, Int32(SHUT_RDWR)) }
         }
     }
@@ -303,30 +325,37 @@ struct NBDConnection: ~Copyable {
     // MARK: Transmission
 
     /// Requests the client pipelined are served in order, one after the other, and their
-    /// replies go out together once no further whole request is waiting in the socket buffer.
+    /// replies go out together once no further whole request is waiting in the socket buffer
+    /// (or a megabyte of them is queued).
     mutating func transmit(volume: BlockVolume, structured: Bool) throws {
         let replies = Replies(allocator: allocator, structured: structured)
-        while true {
-            var header = try socket.read(NBDRequest.size)
-            let request = try NBDRequest(parsing: &header)
-            var payload: ByteBuffer?
-            if request.type == NBD.Command.write.rawValue {
-                // The payload follows the header whatever we think of the request; one too
-                // large to buffer safely ends the connection instead.
-                guard request.length <= NBD.maxPayload else {
-                    throw NBDProtocolError("write of \(request.length) bytes exceeds the \(NBD.maxPayload)-byte maximum")
+        do {
+            while true {
+                var header = try socket.read(NBDRequest.size)
+                let request = try NBDRequest(parsing: &header)
+                var payload: ByteBuffer?
+                if request.type == NBD.Command.write.rawValue {
+                    // The payload follows the header whatever we think of the request; one too
+                    // large to buffer safely ends the connection instead.
+                    guard request.length <= NBD.maxPayload else {
+                        throw NBDProtocolError("write of \(request.length) bytes exceeds the \(NBD.maxPayload)-byte maximum")
+                    }
+                    payload = try socket.readOwned(Int(request.length))
                 }
-                payload = try socket.read(Int(request.length))
+                if request.type == NBD.Command.disconnect.rawValue {
+                    // DISC: what came before is answered; then close.
+                    try socket.flush()
+                    return
+                }
+                var out: [ByteBuffer] = []
+                Self.execute(request, payload: payload, volume: volume, replies: replies, into: &out)
+                socket.queue(out)
+                if socket.repliesFull || !socket.hasWholeRequest { try socket.flush() }
             }
-            if request.type == NBD.Command.disconnect.rawValue {
-                // DISC: what came before is answered; then close.
-                try socket.flush()
-                return
-            }
-            var out: [ByteBuffer] = []
-            Self.execute(request, payload: payload, volume: volume, replies: replies, into: &out)
-            socket.queue(out)
-            if !socket.hasWholeRequest { try socket.flush() }
+        } catch let error as NBDProtocolError {
+            // Requests served before the bad one still get their answers.
+            try? socket.flush()
+            throw error
         }
     }
 

@@ -13,6 +13,7 @@ struct NBDSocket: ~Copyable {
     private var buffer: ByteBuffer
     /// Pending replies, written together when the client has nothing more queued.
     private var replies: [ByteBuffer] = []
+    private var replyBytes = 0
 
     /// Bytes asked of the kernel per read: enough for many small requests at once.
     static let readChunk = 256 * 1024
@@ -43,6 +44,17 @@ struct NBDSocket: ~Copyable {
         return buffer.readSlice(length: count)!
     }
 
+    /// Exactly `count` bytes in storage of their own, for data that is kept (a write payload
+    /// waits in the change log until the controller acks it): a small payload is copied out of
+    /// the shared read buffer rather than keeping all of it alive.
+    mutating func readOwned(_ count: Int) throws -> ByteBuffer {
+        let bytes = try read(count)
+        guard count < Self.readChunk else { return bytes }
+        var owned = ByteBufferAllocator().buffer(capacity: count)
+        owned.writeImmutableBuffer(bytes)
+        return owned
+    }
+
     mutating func read<T: FixedWidthInteger>(_ type: T.Type) throws -> T {
         var bytes = try read(MemoryLayout<T>.size)
         return bytes.readInteger(as: T.self)!
@@ -71,13 +83,24 @@ struct NBDSocket: ~Copyable {
     }
 
     /// Queues a reply; `flush` sends everything queued.
-    mutating func queue(_ reply: ByteBuffer) { replies.append(reply) }
+    mutating func queue(_ reply: ByteBuffer) {
+        replies.append(reply)
+        replyBytes += reply.readableBytes
+    }
 
-    mutating func queue(_ more: [ByteBuffer]) { replies.append(contentsOf: more) }
+    mutating func queue(_ more: [ByteBuffer]) {
+        for reply in more { queue(reply) }
+    }
+
+    /// Enough replies are queued that holding more would only cost memory.
+    var repliesFull: Bool { replyBytes >= 1 << 20 || replies.count >= 128 }
 
     mutating func flush() throws {
         guard !replies.isEmpty else { return }
-        defer { replies.removeAll(keepingCapacity: true) }
+        defer {
+            replies.removeAll(keepingCapacity: true)
+            replyBytes = 0
+        }
         let failed = FileIO.writeAll(fd, replies, socket: true)
         if failed != 0 { throw EndOfStream() }
     }

@@ -136,6 +136,7 @@ public final class AgentSession: Service, Sendable {
             } catch where error is NIOSSLError || error is BoringSSLError {
                 throw FerryError(.unavailable, "TLS with controller \(address) failed: \(error)")
             }
+            session.peerAcceptsAttachments = welcome.acceptsAttachments
             current.withLock { $0.session = session }
             defer { stopStreaming() }
             connectedCount.add(1, ordering: .relaxed)
@@ -297,13 +298,14 @@ public final class AgentSession: Service, Sendable {
             batch.volume = volume
             batch.epoch = epoch
             var attachments: [ByteBuffer] = []
+            let attach = session.peerAcceptsAttachments
             batch.records = records.map { change in
                 var r = Ferry_V1_ReplicationRecord()
                 r.sequence = change.sequence
                 r.offset = change.offset
                 r.capturedUnixNanos = change.captured
                 switch change.kind {
-                case .write(let data) where data.readableBytes >= FrameWriter.copyLimit: attachments.append(data)
+                case .write(let data) where attach && data.readableBytes >= FrameWriter.copyLimit: attachments.append(data)
                 case .write(let data): r.data = Data(data.readableBytesView)
                 case .zero(let length): r.zeroLength = length
                 }

@@ -245,6 +245,11 @@ public actor ReplicaStore {
 
     private var queue: [Queued] = []
     private var queuedBytes = 0
+    /// Batches queued and committed (or refused) so far: a report waits for the batches the
+    /// agent sent before it, so it never changes the epoch under them.
+    private var submitted: UInt64 = 0
+    private var finished: UInt64 = 0
+    private var finishWaiters: [(through: UInt64, continuation: CheckedContinuation<Void, Never>)] = []
     private var draining = false
     private var spaceWaiters: [CheckedContinuation<Void, Never>] = []
     /// Bytes of batches received but not yet durable. Past it `submit` waits, so a peer that
@@ -271,9 +276,11 @@ public actor ReplicaStore {
             await done(.failure(error))
             return
         }
-        let bytes = records.reduce(0) { $0 + ($1.data?.readableBytes ?? 0) }
+        // A record costs its bookkeeping too, so batches of zeroed ranges are bounded as well.
+        let bytes = records.reduce(0) { $0 + 48 + ($1.data?.readableBytes ?? 0) }
         queue.append(Queued(epoch: batch.epoch, records: records, bytes: bytes, done: done))
         queuedBytes += bytes
+        submitted += 1
         if !draining {
             draining = true
             Task { await self.drain() }
@@ -297,6 +304,10 @@ public actor ReplicaStore {
             queuedBytes -= run.reduce(0) { $0 + $1.bytes }
             for waiter in spaceWaiters { waiter.resume() }
             spaceWaiters = []
+            finished += UInt64(run.count)
+            let ready = finishWaiters.filter { $0.through <= finished }
+            finishWaiters.removeAll { $0.through <= finished }
+            for waiter in ready { waiter.continuation.resume() }
             for (item, result) in zip(run, results) { await item.done(result) }
         }
         draining = false
@@ -351,25 +362,16 @@ public actor ReplicaStore {
 
     /// Writes consecutive new records to the active segment, makes them durable and applies them.
     private func append(_ fresh: [IncomingRecord], epoch: UInt64) async throws {
-        // The journal gets each record's header and bytes; in chunks of about 1 MiB, so the
-        // image is written from buffers the journal write just brought into the CPU's cache.
+        // Each record's header, then its bytes. The headers are all encoded before any is
+        // sliced off: a write into a buffer a slice still shares would copy it whole.
         var headers = ByteBuffer()
         headers.reserveCapacity(fresh.count * JournalRecord.headerSize)
-        var chunks: [(pieces: [ByteBuffer], records: ArraySlice<IncomingRecord>)] = []
+        for r in fresh { JournalRecord.encodeHeader(r, epoch: epoch, into: &headers) }
         var pieces: [ByteBuffer] = []
-        var chunkStart = 0, chunkBytes = 0
+        pieces.reserveCapacity(fresh.count * 2)
         for (i, r) in fresh.enumerated() {
-            let at = headers.writerIndex
-            JournalRecord.encodeHeader(r, epoch: epoch, into: &headers)
-            pieces.append(headers.getSlice(at: at, length: JournalRecord.headerSize)!)
+            pieces.append(headers.getSlice(at: i * JournalRecord.headerSize, length: JournalRecord.headerSize)!)
             if let data = r.data { pieces.append(data) }
-            chunkBytes += JournalRecord.headerSize + (r.data?.readableBytes ?? 0)
-            if chunkBytes >= 1 << 20 || i == fresh.count - 1 {
-                chunks.append((pieces, fresh[chunkStart...i]))
-                pieces = []
-                chunkStart = i + 1
-                chunkBytes = 0
-            }
         }
         if active == nil || segments.last?.epoch != state.epoch || (segments.last?.bytes ?? 0) >= segmentBytes {
             try await rotate()
@@ -379,18 +381,16 @@ public actor ReplicaStore {
         }
         let image = self.image
         let knownLength = segments[at].bytes
-        let length = chunks.reduce(0) { $0 + $1.pieces.reduce(0) { $0 + $1.readableBytes } }
-        try await pool.runIfActive { [chunks] in
+        let length = pieces.reduce(0) { $0 + $1.readableBytes }
+        try await pool.runIfActive { [pieces] in
             do {
-                // The image may get a record before the journal's fdatasync: after a crash the
-                // image is rebuilt from the checkpoint by replaying the journal, and whatever
-                // was not durable is sent again by the agent, which never trimmed it.
-                for chunk in chunks {
-                    let failed = FileIO.writeAll(journal, chunk.pieces)
-                    if failed != 0 { throw FerryError(.io, "journal write failed: \(String(cString: strerror(failed)))") }
-                    for r in chunk.records { try JournalRecord.apply(r, to: image) }
-                }
+                let failed = FileIO.writeAll(journal, pieces)
+                if failed != 0 { throw FerryError(.io, "journal write failed: \(String(cString: strerror(failed)))") }
                 guard fdatasync(journal) == 0 else { throw FerryError(.io, "journal fdatasync failed: \(String(cString: strerror(errno)))") }
+                // Only records durable in the journal reach the image: after a crash the image
+                // is rebuilt by replaying the journal from the checkpoint, which must find no
+                // later write already there.
+                for r in fresh { try JournalRecord.apply(r, to: image) }
             } catch {
                 // Not acked: take the records back out, or the agent's resend would follow
                 // them and the journal would hold the sequences twice.
@@ -434,6 +434,11 @@ public actor ReplicaStore {
     private func seal() throws {
         guard let (id, fd) = active else { return }
         active = nil
+        // Give back what was reserved past the last record (a segment sealed early: a restart,
+        // a new epoch, an idle segment folded).
+        if let segment = segments.last, segment.id == id, segment.bytes < segmentBytes {
+            _ = ferry_punch_hole(fd, off_t(segment.bytes), off_t(segmentBytes - segment.bytes))
+        }
         close(fd)
         if let segment = segments.last, segment.id == id { try Self.writeMeta(segment, in: journalDirectory) }
     }
@@ -492,6 +497,10 @@ public actor ReplicaStore {
     /// The agent's periodic report. A sync it reports finished (nothing pending in this epoch)
     /// completes once everything it captured up to then is durable here.
     public func note(_ report: Ferry_V1_VolumeReport) async throws {
+        let through = submitted
+        if finished < through {
+            await withCheckedContinuation { finishWaiters.append((through, $0)) }
+        }
         await acquire()
         defer { release() }
         self.report = report

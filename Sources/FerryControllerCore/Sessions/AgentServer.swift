@@ -239,6 +239,7 @@ public final class AgentServer: Service, Sendable {
         welcome.hostName = host.name
         welcome.heartbeatIntervalMs = UInt32(config.heartbeatInterval.seconds * 1000)
         welcome.maxFrameBytes = UInt32(config.maxFrameBytes)
+        welcome.acceptsAttachments = true
         try await session.send(.welcome(welcome), inReplyTo: first.id)
 
         let entry = SessionRegistry.Entry(hostID: hostID, hostName: host.name, session: session)

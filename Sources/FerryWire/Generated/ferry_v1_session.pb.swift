@@ -194,6 +194,10 @@ public nonisolated struct Ferry_V1_Welcome: Sendable {
   /// Largest frame the controller accepts on this session, in bytes.
   public var maxFrameBytes: UInt32 = 0
 
+  /// The controller reads frames attached to an envelope (Envelope.attachments). An older one
+  /// does not: an agent then sends every write's bytes inside its record.
+  public var acceptsAttachments: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -311,7 +315,7 @@ nonisolated extension Ferry_V1_Hello: SwiftProtobuf.Message, SwiftProtobuf._Mess
 
 nonisolated extension Ferry_V1_Welcome: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Welcome"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}controller_version\0\u{3}host_id\0\u{3}host_name\0\u{3}heartbeat_interval_ms\0\u{3}max_frame_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}controller_version\0\u{3}host_id\0\u{3}host_name\0\u{3}heartbeat_interval_ms\0\u{3}max_frame_bytes\0\u{3}accepts_attachments\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -324,6 +328,7 @@ nonisolated extension Ferry_V1_Welcome: SwiftProtobuf.Message, SwiftProtobuf._Me
       case 3: try { try decoder.decodeSingularStringField(value: &self.hostName) }()
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.heartbeatIntervalMs) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.maxFrameBytes) }()
+      case 6: try { try decoder.decodeSingularBoolField(value: &self.acceptsAttachments) }()
       default: break
       }
     }
@@ -345,6 +350,9 @@ nonisolated extension Ferry_V1_Welcome: SwiftProtobuf.Message, SwiftProtobuf._Me
     if self.maxFrameBytes != 0 {
       try visitor.visitSingularUInt32Field(value: self.maxFrameBytes, fieldNumber: 5)
     }
+    if self.acceptsAttachments != false {
+      try visitor.visitSingularBoolField(value: self.acceptsAttachments, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -354,6 +362,7 @@ nonisolated extension Ferry_V1_Welcome: SwiftProtobuf.Message, SwiftProtobuf._Me
     if lhs.hostName != rhs.hostName {return false}
     if lhs.heartbeatIntervalMs != rhs.heartbeatIntervalMs {return false}
     if lhs.maxFrameBytes != rhs.maxFrameBytes {return false}
+    if lhs.acceptsAttachments != rhs.acceptsAttachments {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -14,9 +14,10 @@ public enum FramedPipeline {
     }
 
     public static func asyncChannel(_ channel: any Channel) throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
-        // A replication batch of small writes arrives as many small frames: let more of them
-        // queue before reading pauses (each is capped by the frame limit).
-        try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(backPressureStrategy: .init(lowWatermark: 8, highWatermark: 32)))
+        // A replication batch arrives as a message and its attached frames: let a few more
+        // frames queue than NIO's default before reading pauses. Each is capped by the frame
+        // limit, so this bounds what one peer can make the receiver hold (16 frames).
+        try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(backPressureStrategy: .init(lowWatermark: 4, highWatermark: 16)))
     }
 }
 
@@ -34,6 +35,7 @@ public final class PeerSession: Sendable {
     private let nextID = Atomic<UInt64>(1)
     private let lastReceived = Atomic<UInt64>(0)
     private let closed = Atomic<Bool>(false)
+    private let attachmentsAccepted = Atomic<Bool>(false)
 
     public init(channel: any Channel, outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>) {
         self.channel = channel
@@ -63,6 +65,13 @@ public final class PeerSession: Sendable {
     /// Sends a message that expects no reply.
     public func send(_ body: Ferry_V1_Envelope.OneOf_Body, inReplyTo: UInt64 = 0) async throws {
         try await write(.with(inReplyTo: inReplyTo, body))
+    }
+
+    /// Whether the peer said it reads attached frames (a controller's Welcome does); until it
+    /// has, bulk data must travel inside the messages.
+    public var peerAcceptsAttachments: Bool {
+        get { attachmentsAccepted.load(ordering: .relaxed) }
+        set { attachmentsAccepted.store(newValue, ordering: .relaxed) }
     }
 
     /// Sends a message followed by raw frames that belong to it (bulk data that is neither

@@ -181,7 +181,7 @@ struct UnitReplicaStoreTests {
                     await store.submit(b, attachments: a) { result in outcomes.withLock { $0[i] = result } }
                     if i < 30 { _ = try await reference.apply(plain) }
                 }
-                for _ in 0..<1000 where outcomes.withLock({ $0.count }) < 40 { try await Task.sleep(for: .milliseconds(10)) }
+                for _ in 0..<6000 where outcomes.withLock({ $0.count }) < 40 { try await Task.sleep(for: .milliseconds(10)) }
                 let results = outcomes.withLock { $0 }
                 for i in 0..<30 {
                     guard case .success(let durable)? = results[i] else { Issue.record("batch \(i) refused: \(String(describing: results[i]))"); continue }
