@@ -98,15 +98,24 @@ run_fio "$uri" write 1M agent-seq.json "${pids[1]}" "${pids[2]}"
 run_fio "$uri" randwrite 4k agent-rand.json "${pids[1]}" "${pids[2]}"
 "$bin/ferryctl" metrics >"$work/results/metrics-after.txt"
 # The change log absorbs what replication has not caught up with yet: wait until it is all
-# durable on the controller before comparing.
-caught_up() { "$bin/ferryctl" volumes --json | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)[0]["lagBytes"] == 0 else 1)'; }
+# durable on the controller (and any resync after a change-log overflow done) before comparing.
+caught_up() {
+  "$bin/ferryctl" volumes --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)[0]
+sync = v.get("sync") or {"done": True}
+sys.exit(0 if v.get("lagBytes") == 0 and v.get("replicaState") == "protected" and sync["done"] else 1)'
+}
 start=$SECONDS
-wait_for 300 caught_up || log "WARNING: replication had not caught up 300 s after the runs"
+# Twice, two reports apart: a report can lag behind an overflow the agent has just noticed.
+settled() { caught_up && sleep 2.5 && caught_up; }
+wait_for 300 settled || log "WARNING: replication had not caught up 300 s after the runs"
 log "replication caught up $((SECONDS - start)) s after fio stopped"
 if qemu-img compare -q -f raw -F raw "$work/vol.img" "$("$bin/ferryctl" volume show bench/bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["replicaPath"])')"; then
   log "replica identical to the source after the runs"
 else
   log "WARNING: replica differs from the source after the runs"
+  "$bin/ferryctl" volume show bench/bench >&2
 fi
 
 echo

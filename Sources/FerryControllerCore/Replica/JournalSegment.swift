@@ -138,33 +138,34 @@ struct IncomingRecord: Sendable {
     /// The bytes of a write; nil for a zeroed range.
     var data: ByteBuffer?
 
-    /// The records of a batch. A write's bytes are in the record, or, when its `data` is empty,
-    /// in the batch's next attachment (large writes travel that way, uncopied).
+    /// The records of a batch. A write's bytes are in the record, or (`attached_length`) the
+    /// next bytes of the batch's attachments, sliced from them without a copy.
     static func of(_ batch: Ferry_V1_ReplicationBatch, attachments: [ByteBuffer], volumeSize size: UInt64) throws -> [IncomingRecord] {
-        var next = attachments.makeIterator()
+        var frames = attachments[...]
         let out = try batch.records.map { r -> IncomingRecord in
             var record = IncomingRecord(sequence: r.sequence, offset: r.offset, length: r.zeroLength, captured: r.capturedUnixNanos)
-            if r.zeroLength == 0 {
-                if !r.data.isEmpty {
-                    record.data = ByteBuffer(bytes: r.data)
-                } else {
-                    guard let data = next.next() else {
-                        throw FerryError(.protocolViolation, "replication record \(r.sequence) has no bytes: neither in the record nor attached")
-                    }
-                    record.data = data
-                }
-                record.length = UInt64(record.data!.readableBytes)
-            } else if !r.data.isEmpty {
-                throw FerryError(.protocolViolation, "replication record \(r.sequence) is both a write and a zeroed range")
+            let kinds = (r.zeroLength > 0 ? 1 : 0) + (r.data.isEmpty ? 0 : 1) + (r.attachedLength > 0 ? 1 : 0)
+            guard kinds == 1 else {
+                throw FerryError(.protocolViolation, "replication record \(r.sequence) must be exactly one of: bytes, attached bytes, a zeroed range")
             }
+            if r.attachedLength > 0 {
+                while frames.first?.readableBytes == 0 { frames.removeFirst() }
+                guard frames.startIndex < frames.endIndex, let bytes = frames[frames.startIndex].readSlice(length: Int(r.attachedLength)) else {
+                    throw FerryError(.protocolViolation, "replication record \(r.sequence): its \(r.attachedLength) attached bytes are not the rest of an attached frame")
+                }
+                record.data = bytes
+            } else if !r.data.isEmpty {
+                record.data = ByteBuffer(bytes: r.data)
+            }
+            if let data = record.data { record.length = UInt64(data.readableBytes) }
             let (end, overflow) = record.offset.addingReportingOverflow(record.length)
             guard record.length > 0, record.length <= UInt64(NBDLimit.maxRecord) || record.data == nil, !overflow, end <= size else {
                 throw FerryError(.protocolViolation, "replication record \(r.sequence) is empty, too large or outside the \(size)-byte volume")
             }
             return record
         }
-        guard next.next() == nil else {
-            throw FerryError(.protocolViolation, "a replication batch carries more attachments than write records")
+        guard frames.allSatisfy({ $0.readableBytes == 0 }) else {
+            throw FerryError(.protocolViolation, "a replication batch carries attached bytes no record takes")
         }
         return out
     }

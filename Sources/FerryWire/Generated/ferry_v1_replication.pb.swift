@@ -85,9 +85,7 @@ public nonisolated struct Ferry_V1_ReplicationRecord: Sendable {
 
   public var offset: UInt64 = 0
 
-  /// The bytes written; empty for a zeroed range. Empty for a write too when its bytes travel
-  /// as the envelope's next attachment (large writes do, so they are never copied into or
-  /// parsed out of the message): attachments belong to such records in record order.
+  /// The bytes written; empty for a zeroed range, and for a write whose bytes are attached.
   public var data: Data = Data()
 
   /// For a zeroed range (WRITE_ZEROES, TRIM): its length. Zero for a write.
@@ -95,6 +93,13 @@ public nonisolated struct Ferry_V1_ReplicationRecord: Sendable {
 
   /// When the agent captured it (Unix time, nanoseconds): replication lag is measured from here.
   public var capturedUnixNanos: Int64 = 0
+
+  /// For a write whose bytes travel in the envelope's attachments (so they are never copied
+  /// into or parsed out of the message): its length. The attachments are read as one run of
+  /// bytes in record order, each such record taking the next attached_length bytes; a record's
+  /// bytes never straddle two attached frames, and every attached byte belongs to a record.
+  /// Large writes are an attached frame each; small ones share one.
+  public var attachedLength: UInt32 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -294,7 +299,7 @@ nonisolated extension Ferry_V1_SyncKind: SwiftProtobuf._ProtoNameProviding {
 
 nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReplicationRecord"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sequence\0\u{1}offset\0\u{1}data\0\u{3}zero_length\0\u{3}captured_unix_nanos\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sequence\0\u{1}offset\0\u{1}data\0\u{3}zero_length\0\u{3}captured_unix_nanos\0\u{3}attached_length\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -307,6 +312,7 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
       case 3: try { try decoder.decodeSingularBytesField(value: &self.data) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.zeroLength) }()
       case 5: try { try decoder.decodeSingularInt64Field(value: &self.capturedUnixNanos) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.attachedLength) }()
       default: break
       }
     }
@@ -328,6 +334,9 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
     if self.capturedUnixNanos != 0 {
       try visitor.visitSingularInt64Field(value: self.capturedUnixNanos, fieldNumber: 5)
     }
+    if self.attachedLength != 0 {
+      try visitor.visitSingularUInt32Field(value: self.attachedLength, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -337,6 +346,7 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
     if lhs.data != rhs.data {return false}
     if lhs.zeroLength != rhs.zeroLength {return false}
     if lhs.capturedUnixNanos != rhs.capturedUnixNanos {return false}
+    if lhs.attachedLength != rhs.attachedLength {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

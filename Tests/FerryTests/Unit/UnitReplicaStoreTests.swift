@@ -154,13 +154,22 @@ struct UnitReplicaStoreTests {
         }
     }
 
-    /// `batch` with its writes' bytes moved into attachments (every other one, when `mixed`).
+    /// `batch` with its writes' bytes moved into attachments (every other one, when `mixed`);
+    /// consecutive attached records share a frame in threes, as an agent gathers small writes.
     func attached(_ b: Ferry_V1_ReplicationBatch, mixed: Bool = false) -> (Ferry_V1_ReplicationBatch, [ByteBuffer]) {
         var out = b
         var attachments: [ByteBuffer] = []
+        var shared = 0
         for i in out.records.indices where !mixed || i % 2 == 0 {
-            attachments.append(ByteBuffer(bytes: out.records[i].data))
+            var bytes = ByteBuffer(bytes: out.records[i].data)
+            out.records[i].attachedLength = UInt32(out.records[i].data.count)
             out.records[i].data = Data()
+            if shared % 3 != 0, !attachments.isEmpty {
+                attachments[attachments.count - 1].writeBuffer(&bytes)
+            } else {
+                attachments.append(bytes)
+            }
+            shared += 1
         }
         return (out, attachments)
     }
@@ -212,6 +221,17 @@ struct UnitReplicaStoreTests {
                 let (b, a) = attached(batch(epoch: 2, from: 1, count: 4, fill: 1, captured: now))
                 await #expect(throws: FerryError.self) { try await store.apply(b, attachments: Array(a.dropLast())) }
                 await #expect(throws: FerryError.self) { try await store.apply(b, attachments: a + [ByteBuffer(bytes: [1])]) }
+                // A record whose bytes would straddle two frames.
+                var split = a
+                let cut = split[0].readableBytes - 100
+                let tail = split[0].getSlice(at: split[0].readerIndex + cut, length: 100)!
+                split[0].moveWriterIndex(to: split[0].readerIndex + cut)
+                split.insert(tail, at: 1)
+                await #expect(throws: FerryError.self) { try await store.apply(b, attachments: split) }
+                // Both inline and attached bytes.
+                var both = b
+                both.records[1].data = Data([1, 2, 3])
+                await #expect(throws: FerryError.self) { try await store.apply(both, attachments: a) }
                 var outside = b
                 outside.records[0].offset = Self.size - 100
                 await #expect(throws: FerryError.self) { try await store.apply(outside, attachments: a) }
