@@ -435,9 +435,10 @@ public actor ReplicaStore {
         guard let (id, fd) = active else { return }
         active = nil
         // Give back what was reserved past the last record (a segment sealed early: a restart,
-        // a new epoch, an idle segment folded).
+        // a new epoch, an idle segment folded). Truncating to the current size frees blocks
+        // reserved past the end on ext4, XFS and tmpfs; punching a hole there does not on ext4.
         if let segment = segments.last, segment.id == id, segment.bytes < segmentBytes {
-            _ = ferry_punch_hole(fd, off_t(segment.bytes), off_t(segmentBytes - segment.bytes))
+            _ = ftruncate(fd, off_t(segment.bytes))
         }
         close(fd)
         if let segment = segments.last, segment.id == id { try Self.writeMeta(segment, in: journalDirectory) }

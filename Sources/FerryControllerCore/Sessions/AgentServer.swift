@@ -340,7 +340,8 @@ public final class AgentServer: Service, Sendable {
             let now = ContinuousClock.now
             let tooSoon = state.lastInventoryUpdate.withLock { last in
                 defer { last = now }
-                return last.map { now - $0 < InventoryLimits.minUpdateInterval } ?? false
+                // Updates an agent sends a second apart can arrive a little closer together.
+                return last.map { now - $0 < InventoryLimits.minUpdateInterval - InventoryLimits.arrivalJitter } ?? false
             }
             do {
                 if tooSoon { throw FerryError(.badRequest, "inventory updates more often than every \(InventoryLimits.minUpdateInterval) are ignored") }

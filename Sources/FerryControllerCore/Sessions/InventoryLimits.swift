@@ -10,6 +10,8 @@ enum InventoryLimits {
     static let maxString = 256
     /// Least time between two unsolicited inventory updates from one agent.
     static let minUpdateInterval: Duration = .seconds(1)
+    /// How much closer than that two updates may arrive (scheduling and network jitter).
+    static let arrivalJitter: Duration = .milliseconds(250)
 
     static func check(_ inventory: Ferry_V1_Inventory) throws {
         func bad(_ what: String) -> FerryError { FerryError(.badRequest, "inventory rejected: \(what)") }

@@ -121,13 +121,15 @@ struct UnitActivityLogTests {
     func spillRing() async throws {
         try await withUnitTempDir { dir in
             let cap: Int64 = 1 << 20
-            // No memory to speak of: every write spills.
-            let log = try ChangeLog(memoryBytes: 100, spillPath: dir + "/v.spill", spillBytes: cap, epoch: 1)
+            // Memory for a few small records only: most writes spill, some stay in memory
+            // between spilled ones.
+            let log = try ChangeLog(memoryBytes: 3000, spillPath: dir + "/v.spill", spillBytes: cap, epoch: 1)
             var sizes: [Int] = []
             var acked: UInt64 = 0
-            for i in 0..<400 {
+            // Past 4096 records, so the log compacts its entries too.
+            for i in 0..<6000 {
                 // Uneven sizes, so wrapping happens at every position.
-                let size = 4096 * (1 + (i * 7) % 23)
+                let size = i % 5 == 0 ? 512 : 4096 * (1 + (i * 7) % 23)
                 sizes.append(size)
                 let sequence = log.append(offset: UInt64(i) * 4096, kind: .write(ByteBuffer(repeating: UInt8(i % 251), count: size)))
                 #expect(!log.overflowed, "write \(i) overflowed with \(log.snapshot.pendingBytes) bytes pending")
@@ -148,9 +150,9 @@ struct UnitActivityLogTests {
                 stat(dir + "/v.spill", &st)
                 #expect(Int64(st.st_size) <= cap)
             }
-            #expect(sizes.reduce(0, +) > 10 * Int(cap))
+            #expect(sizes.reduce(0, +) > 100 * Int(cap))
             // Unacked past the cap: overflow, never a file past the cap.
-            for i in 0..<40 { _ = log.append(offset: UInt64(i) * 65536, kind: .write(ByteBuffer(repeating: 1, count: 65536))) }
+            for i in 0..<40 { _ = log.append(offset: UInt64(i % 4) * 65536, kind: .write(ByteBuffer(repeating: 1, count: 65536))) }
             #expect(log.overflowed)
         }
     }

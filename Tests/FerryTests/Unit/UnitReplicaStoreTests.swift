@@ -19,7 +19,8 @@ struct UnitReplicaStoreTests {
             var r = Ferry_V1_ReplicationRecord()
             r.sequence = sequence + UInt64(i)
             r.offset = (UInt64(i * 37 + Int(fill)) % 128) * 65536
-            r.data = Data(repeating: fill, count: 65536)
+            // Each record its own bytes, so a record given another's bytes shows.
+            r.data = Data(repeating: fill &+ UInt8(i), count: 65536)
             r.capturedUnixNanos = captured
             return r
         }
@@ -231,12 +232,36 @@ struct UnitReplicaStoreTests {
                 // Both inline and attached bytes.
                 var both = b
                 both.records[1].data = Data([1, 2, 3])
-                await #expect(throws: FerryError.self) { try await store.apply(both, attachments: a) }
+                let error = await #expect(throws: FerryError.self) { try await store.apply(both, attachments: a) }
+                #expect(error?.message.contains("exactly one of") == true)
                 var outside = b
                 outside.records[0].offset = Self.size - 100
                 await #expect(throws: FerryError.self) { try await store.apply(outside, attachments: a) }
                 #expect(await store.durable == 0)
                 #expect(try await store.apply(b, attachments: a) == 4)
+            }
+        }
+    }
+
+    @Test("a report waits for the batches queued before it: a new epoch it announces is the one left standing")
+    func reportAfterQueuedBatches() async throws {
+        try await withUnitTempDir { dir in
+            try await withPool { pool in
+                let now = Int64(Date().timeIntervalSince1970 * 1e9)
+                let store = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool)
+                let outcomes = Mutex<[Result<UInt64, any Error>]>([])
+                for i in 0..<10 {
+                    let (b, a) = attached(batch(epoch: 2, from: UInt64(i * 5 + 1), count: 5, fill: UInt8(i + 1), captured: now))
+                    await store.submit(b, attachments: a) { result in outcomes.withLock { $0.append(result) } }
+                }
+                // The agent restarted after sending them: its first report is of a new epoch.
+                var report = Ferry_V1_VolumeReport()
+                report.volume = "v"
+                report.epoch = 3
+                try await store.note(report)
+                #expect(outcomes.withLock { $0.count } == 10)
+                #expect(outcomes.withLock { $0.allSatisfy { if case .success = $0 { true } else { false } } })
+                #expect(await store.state.epoch == 3)
             }
         }
     }
