@@ -23,10 +23,13 @@ public final class NBDServer: Sendable {
     private let sockets = Mutex<(listeners: Set<Int32>, connections: Set<Int32>)>(([], []))
     /// A client that has not finished negotiating within this is dropped.
     static let negotiationTimeoutSeconds = 30
+    /// Connections served at once (a thread each); more are closed as they come.
+    let maxConnections: Int
 
-    public init(volumes: [BlockVolume], logger: Logger) {
+    public init(volumes: [BlockVolume], logger: Logger, maxConnections: Int = 256) {
         exports = Mutex(Dictionary(volumes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first }))
         self.logger = logger
+        self.maxConnections = maxConnections
     }
 
     /// Adds (or replaces) an export; connections made from now on see it.
@@ -151,12 +154,19 @@ public final class NBDServer: Sendable {
             }
             // Registered under the lock `stop` takes: a connection accepted as the server stops
             // is either shut down by `stop` or never served.
-            let live = sockets.withLock { s -> Bool in
-                guard s.listeners.contains(listener) else { return false }
+            enum Admission { case served, full, stopped }
+            let admission = sockets.withLock { s -> Admission in
+                guard s.listeners.contains(listener) else { return .stopped }
+                guard s.connections.count < maxConnections else { return .full }
                 s.connections.insert(fd)
-                return true
+                return .served
             }
-            guard live else { close(fd); break }
+            if admission == .stopped { close(fd); break }
+            if admission == .full {
+                close(fd)
+                logger.warning("NBD connection refused: already serving the most connections", metadata: ["limit": "\(maxConnections)"])
+                continue
+            }
             threads.enter()
             let thread = Thread { [self] in
                 // Thread names are inherited on Linux; name it for `top -H` and profiles.

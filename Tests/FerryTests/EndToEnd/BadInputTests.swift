@@ -65,6 +65,10 @@ struct BadInputTests {
         #expect(preAuth.first?.error.code == .protocolViolation)
         #expect(preAuth.first?.error.message.contains("exceeds the limit") == true)
 
+        // The cases below speak with the healthy agent's own identity: paused, it cannot come
+        // back and replace the test's session (which ends it with "replaced") mid-case.
+        f.agent.signal(SIGSTOP)
+
         // Authenticated: hello, an unknown message kind (answered, session goes on), then a
         // frame over the 40 MiB cap ends the session with a reason.
         var unknown = Frames.envelope(.hello(f.hello()), id: 1)
@@ -109,6 +113,10 @@ struct BadInputTests {
         // The first message of a session must be hello.
         let (notHello, _) = try await f.opensslSend(Frames.envelope(.heartbeat(.init()), id: 3), certificate: f.identity.certificate, key: f.identity.privateKey)
         #expect(notHello.first?.error.code == .protocolViolation)
+
+        // Resumed, the agent finds its session taken and comes back on its own.
+        f.agent.signal(SIGCONT)
+        #expect(try await f.controller.waitFor("healthy", state: "online"))
         try await f.stillHealthy()
     }
 

@@ -166,6 +166,40 @@ struct NBDBadInputTests {
         #expect(r.status == 0, "\(r)")
     }
 
+    @Test("past the connection limit a new client is closed at once; the ones being served go on, and a freed place is taken again")
+    func connectionLimit() async throws {
+        let export = try await NBDExportTests.Export(size: 8 << 20, maxConnections: 2)
+        func refused() async throws -> Bool {
+            let client = try await RawNBDClient.connect(export.socket)
+            return try await client.session { reader, _ in
+                do { _ = try await reader.read(18); return false } catch { return true }
+            }
+        }
+        let first = try await RawNBDClient.connect(export.socket)
+        let second = try await RawNBDClient.connect(export.socket)
+        try await first.session { reader, out in
+            let size = try await RawNBDClient.handshake(&reader, out)
+            #expect(size == 8 << 20)
+            try await second.session { reader2, out2 in
+                let size2 = try await RawNBDClient.handshake(&reader2, out2)
+                #expect(size2 == 8 << 20)
+                let third = try await refused()
+                #expect(third)
+            }
+            // The first is still served.
+            try await out.write(RawNBDClient.request(NBD.Command.read.rawValue, cookie: 9, offset: 0, length: 4096))
+            let reply = try await RawNBDClient.reply(&reader)
+            #expect(reply.error == 0 && reply.cookie == 9)
+        }
+        // Both closed: a new client is served again once the server has seen them go.
+        var served = false
+        for _ in 0..<50 where !served {
+            served = try await !refused()
+            if !served { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        #expect(served)
+    }
+
     @Test("a client vanishing mid-write: nothing partial is applied or captured")
     func vanishingClient() async throws {
         let export = try await NBDExportTests.Export(size: 8 << 20)

@@ -23,7 +23,7 @@ struct NBDExportTests {
 
         var uri: String { "nbd+unix:///vol?socket=\(socket)" }
 
-        init(size: Int) async throws {
+        init(size: Int, maxConnections: Int = 256) async throws {
             dir = try TestDirectory("ferry-nbd")
             image = dir.file("vol.img")
             socket = dir.file("vol.sock")
@@ -32,7 +32,7 @@ struct NBDExportTests {
             pool = NIOThreadPool(numberOfThreads: 4)
             pool.start()
             volume = try BlockVolume(name: "vol", path: image, recorder: recorder, pool: pool)
-            let server = NBDServer(volumes: [volume], logger: Logger(label: "nbd-test"))
+            let server = NBDServer(volumes: [volume], logger: Logger(label: "nbd-test"), maxConnections: maxConnections)
             let ready = AsyncStream<Void>.makeStream()
             let socket = self.socket
             serving = Task { try await server.serve(unixSocket: socket, onReady: { ready.continuation.yield() }) }
