@@ -240,7 +240,7 @@ public final class PeerSession: Sendable {
 /// Bounds on the raw frames attached to one message: a peer cannot make the receiver buffer
 /// more than this for one message, whatever the envelope claims.
 public enum Attachments {
-    /// A replication batch attaches one frame per write record.
+    /// A replication batch attaches one frame per large write, plus one for its small writes.
     public static let maxCount = 16384
     public static let maxBytes = 64 << 20
 
