@@ -49,12 +49,25 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // The NBD protocol and a blocking, thread-per-connection export server, shared by the
+        // agent (write-capturing volumes) and the controller (point-in-time images).
+        .target(
+            name: "FerryNBD",
+            dependencies: [
+                "FerryWire",
+                "CFerrySystem",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Linux system calls Swift's Glibc module does not expose (fallocate, SEEK_DATA/SEEK_HOLE).
         .target(name: "CFerrySystem"),
         .target(
             name: "FerryAgentCore",
             dependencies: [
                 "FerryWire",
+                "FerryNBD",
                 "CFerrySystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -73,6 +86,7 @@ let package = Package(
             name: "FerryControllerCore",
             dependencies: [
                 "FerryWire",
+                "FerryNBD",
                 "CFerrySystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -112,7 +126,7 @@ let package = Package(
         .testTarget(
             name: "FerryTests",
             dependencies: [
-                "FerryWire", "FerryAgentCore", "FerryControllerCore", "FerryCLICore",
+                "FerryWire", "FerryNBD", "FerryAgentCore", "FerryControllerCore", "FerryCLICore",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

@@ -27,6 +27,9 @@ public struct AgentConfig: Sendable {
     /// Also serve every volume's NBD export on this loopback `HOST:PORT` (by export name), for
     /// clients that cannot use a unix socket. Off by default.
     public var nbdTCP: String?
+    /// Hooks the controller may ask for by name (quiesce, thaw, later start and stop): each a
+    /// command line run with `/bin/sh -c`. The controller never sends a command, only a name.
+    public var hooks: [String: String] = [:]
 
     public var socketDirectory: String { socketDir ?? dataDir + "/sockets" }
 
@@ -45,12 +48,13 @@ public struct AgentConfig: Sendable {
         var changeLogMemory: String?
         var changeLogSpill: String?
         var nbdTCP: String?
+        var hooks: [String: String]?
 
         enum CodingKeys: String, CodingKey, CaseIterable {
             case dataDir = "data-dir", controller, name, reconnectInitialDelay = "reconnect-initial-delay"
             case reconnectMaxDelay = "reconnect-max-delay", inventoryInterval = "inventory-interval", logLevel = "log-level"
             case socketDir = "socket-dir", ioThreads = "io-threads", changeLogMemory = "change-log-memory", changeLogSpill = "change-log-spill"
-            case nbdTCP = "nbd-tcp"
+            case nbdTCP = "nbd-tcp", hooks
         }
     }
 
@@ -68,6 +72,7 @@ public struct AgentConfig: Sendable {
         if let v = f.changeLogMemory { changeLogMemory = try ConfigText.byteSize(v) }
         if let v = f.changeLogSpill { changeLogSpill = try ConfigText.byteSize(v) }
         if let v = f.nbdTCP { nbdTCP = v }
+        if let v = f.hooks { hooks = v }
     }
 
     public func validate() throws {
@@ -90,6 +95,14 @@ public struct AgentConfig: Sendable {
         }
         guard changeLogSpill <= 1 << 40 else {
             throw FerryError(.badConfiguration, "change-log-spill must be at most 1T (0 disables spilling)")
+        }
+        for (name, command) in hooks {
+            guard !name.isEmpty, name.count <= 64, name.allSatisfy({ $0.isLetter || $0.isNumber || "-_.".contains($0) }) else {
+                throw FerryError(.badConfiguration, "hook name '\(name)' must be 1-64 letters, digits, '-', '_' or '.'")
+            }
+            guard !command.trimmingCharacters(in: .whitespaces).isEmpty else {
+                throw FerryError(.badConfiguration, "hook '\(name)' has an empty command")
+            }
         }
         guard inventoryInterval >= .seconds(1) else {
             throw FerryError(.badConfiguration, "inventory-interval must be at least 1s")

@@ -214,6 +214,35 @@ public final class AgentSession: Service, Sendable {
                 } catch let error as FerryError {
                     result.error = error.wire
                 }
+            case .prepareCut(let prepare):
+                do {
+                    guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
+                    let targets = try await volumes.cutTargets(prepare.volumes)
+                    result.cutPrepared = try await volumes.cuts.prepare(prepare, targets: targets)
+                } catch let error as FerryError {
+                    result.error = error.wire
+                }
+            case .finishCut(let finish):
+                if let volumes {
+                    result.cutFinished = await volumes.cuts.finish(finish)
+                } else {
+                    result.error = FerryError(.unsupported, "this agent does not protect volumes").wire
+                }
+            case .runHook(let hook):
+                // A hook may run for a while: acks and cuts go on meanwhile.
+                let hooks = HookRunner(hooks: config.hooks), id = envelope.id
+                let timeout = Duration.milliseconds(max(1, min(hook.timeoutMs, 3_600_000)))
+                Task {
+                    let started = ContinuousClock.now
+                    var outcome = Ferry_V1_HookResult()
+                    outcome.name = hook.name
+                    if let error = await hooks.run(hook.name, timeout: timeout) { outcome.error = error }
+                    outcome.durationMicros = CutHolds.micros(started.duration(to: .now))
+                    var result = Ferry_V1_CommandResult()
+                    result.hookResult = outcome
+                    try? await session.send(.commandResult(result), inReplyTo: id)
+                }
+                return
             case .none:
                 result.error = FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)").wire
             }

@@ -1,3 +1,4 @@
+import FerryNBD
 import FerryWire
 import Foundation
 import NIOCore

@@ -1,4 +1,5 @@
 import CFerrySystem
+import FerryNBD
 import FerryWire
 import Foundation
 import NIOCore
@@ -7,7 +8,7 @@ import Synchronization
 
 /// A protected volume's backing store (an image file or a block device), with every mutation
 /// captured. File I/O runs on a thread pool of its own, never on an event loop.
-public final class BlockVolume: Sendable {
+public final class BlockVolume: NBDExport {
     public let name: String
     public let path: String
     public let size: UInt64
@@ -17,6 +18,10 @@ public final class BlockVolume: Sendable {
     /// Held while a mutation is applied and recorded, so the capture order is the disk order
     /// even when writes to the same bytes are in flight on several connections.
     private let mutation = Mutex<Void>(())
+    /// Stops writes from completing while a consistency cut holds the volume.
+    private let gate = WriteGate()
+    public var isReadOnly: Bool { false }
+    public var holdsWrites: Bool { gate.isHeld }
 
     /// Opens `path` read-write (read-only for a volume only scanned). The file must exist; its
     /// size is the export size.
@@ -59,17 +64,11 @@ public final class BlockVolume: Sendable {
         return UInt64(st.st_size)
     }
 
-    /// One operation of a batch.
-    public enum Operation: Sendable {
-        case read(offset: UInt64, length: Int)
-        case write(offset: UInt64, data: ByteBuffer, fua: Bool)
-        case zero(offset: UInt64, length: UInt64, fua: Bool)
-        case flush
-    }
+    public typealias Operation = NBDOperation
 
     /// Runs one operation now, blocking: on a thread of the caller's own (the NBD export's
     /// connection threads), never an event loop. Reads return their data, the others nil.
-    func performNow(_ op: Operation, allocator: ByteBufferAllocator) -> Result<ByteBuffer?, VolumeIOError> {
+    public func performNow(_ op: Operation, allocator: ByteBufferAllocator) -> Result<ByteBuffer?, VolumeIOError> {
         do {
             switch op {
             case .read(let offset, let length): return .success(try readNow(offset: offset, length: length, allocator: allocator))
@@ -99,6 +98,8 @@ public final class BlockVolume: Sendable {
         try recorder.prepare(offset: offset, length: UInt64(data.readableBytes))
         defer { recorder.completed(offset: offset, length: UInt64(data.readableBytes)) }
         let fd = self.fd
+        gate.enter()
+        defer { gate.leave() }
         let sequence = try mutation.withLock { _ in
             let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: offset) }
             if failed != 0 { throw Self.ioError("write", failed) }
@@ -112,6 +113,8 @@ public final class BlockVolume: Sendable {
         try recorder.prepare(offset: offset, length: length)
         defer { recorder.completed(offset: offset, length: length) }
         let fd = self.fd
+        gate.enter()
+        defer { gate.leave() }
         let sequence = try mutation.withLock { _ in
             if ferry_punch_hole(fd, off_t(offset), off_t(length)) != 0 {
                 guard errno == EOPNOTSUPP || errno == EINVAL else { throw Self.ioError("zero", errno) }
@@ -139,7 +142,9 @@ public final class BlockVolume: Sendable {
         let fd = self.fd
         let length = Int(min(UInt64(length), size - min(size, offset)))
         return try await pool.runIfActive {
-            try self.mutation.withLock { _ in
+            self.gate.enter()
+            defer { self.gate.leave() }
+            return try self.mutation.withLock { _ in
                 var buffer = ByteBuffer()
                 buffer.reserveCapacity(length)
                 let failed = FileIO.read(fd, count: length, at: offset, into: &buffer, zeroFillPastEnd: true)
@@ -177,9 +182,68 @@ public final class BlockVolume: Sendable {
     }
 }
 
-/// A failed read or write on the backing store, with the errno the NBD client will be told.
-public struct VolumeIOError: Error, CustomStringConvertible, Sendable {
-    public let operation: String
-    public let errno: Int32
-    public var description: String { "\(operation) failed: \(String(cString: strerror(errno)))" }
+// MARK: Consistency cuts
+
+extension BlockVolume {
+    /// Stops writes from completing (new ones wait, those already applying finish) and
+    /// returns once none is in flight, or false if some were still in flight at `deadline`
+    /// (the hold stays on until `releaseWrites`).
+    public func holdWrites(until deadline: ContinuousClock.Instant) -> Bool {
+        gate.hold(until: deadline)
+    }
+
+    /// Lets held writes go on.
+    public func releaseWrites() {
+        gate.release()
+    }
+}
+
+/// Counts writes in flight and, during a hold, makes new ones wait. Writes take it from
+/// their own threads (NBD connections, I/O pool), which may block here for the hold's
+/// duration, bounded by the cut's budget.
+final class WriteGate: @unchecked Sendable {
+    // NSCondition: the writers' threads must sleep until a hold ends; every field below is
+    // guarded by it.
+    private let condition = NSCondition()
+    private var held = false
+    private var inFlight = 0
+    private let heldFlag = Atomic<Bool>(false)
+
+    var isHeld: Bool { heldFlag.load(ordering: .relaxed) }
+
+    func enter() {
+        condition.lock()
+        while held { condition.wait() }
+        inFlight += 1
+        condition.unlock()
+    }
+
+    func leave() {
+        condition.lock()
+        inFlight -= 1
+        if inFlight == 0 { condition.broadcast() }
+        condition.unlock()
+    }
+
+    func hold(until deadline: ContinuousClock.Instant) -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        held = true
+        heldFlag.store(true, ordering: .relaxed)
+        while inFlight > 0 {
+            let left = ContinuousClock.now.duration(to: deadline)
+            guard left > .zero else { break }
+            let seconds = Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18
+            _ = condition.wait(until: Date(timeIntervalSinceNow: seconds))
+        }
+        return inFlight == 0
+    }
+
+    func release() {
+        condition.lock()
+        held = false
+        heldFlag.store(false, ordering: .relaxed)
+        condition.broadcast()
+        condition.unlock()
+    }
 }

@@ -1,3 +1,4 @@
+import FerryNBD
 import FerryWire
 import Foundation
 import Logging
@@ -48,6 +49,24 @@ public actor VolumeManager {
         self.socketDirectory = socketDirectory
         self.pool = pool
         self.logger = logger
+        cuts = CutHolds(pool: pool)
+    }
+
+    /// Consistency cuts holding this agent's volumes.
+    public let cuts: CutHolds
+
+    /// The served volumes a cut names; every one must be protected and captured through the export.
+    public func cutTargets(_ names: [String]) throws -> [CutHolds.Target] {
+        guard !names.isEmpty, Set(names).count == names.count else {
+            throw FerryError(.badRequest, "a cut names each volume once, and at least one")
+        }
+        return try names.map { name in
+            guard let entry = served[name] else { throw FerryError(.notFound, "this agent does not protect a volume named \(name)") }
+            guard entry.spec.captureMode != .scan else {
+                throw FerryError(.unsupported, "volume \(name) is captured by scanning: its writes cannot be held for a cut")
+            }
+            return CutHolds.Target(name: name, volume: entry.volume, log: entry.log)
+        }
     }
 
     /// Serves the volumes remembered from the last run. A volume that cannot be opened is logged

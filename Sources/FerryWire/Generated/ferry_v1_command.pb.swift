@@ -119,6 +119,30 @@ public nonisolated struct Ferry_V1_Command: Sendable {
     set {kind = .resyncVolume(newValue)}
   }
 
+  public var runHook: Ferry_V1_RunHook {
+    get {
+      if case .runHook(let v)? = kind {return v}
+      return Ferry_V1_RunHook()
+    }
+    set {kind = .runHook(newValue)}
+  }
+
+  public var prepareCut: Ferry_V1_PrepareCut {
+    get {
+      if case .prepareCut(let v)? = kind {return v}
+      return Ferry_V1_PrepareCut()
+    }
+    set {kind = .prepareCut(newValue)}
+  }
+
+  public var finishCut: Ferry_V1_FinishCut {
+    get {
+      if case .finishCut(let v)? = kind {return v}
+      return Ferry_V1_FinishCut()
+    }
+    set {kind = .finishCut(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
@@ -127,6 +151,9 @@ public nonisolated struct Ferry_V1_Command: Sendable {
     case protectVolume(Ferry_V1_ProtectVolume)
     case syncVolumes(Ferry_V1_SyncVolumes)
     case resyncVolume(Ferry_V1_ResyncVolume)
+    case runHook(Ferry_V1_RunHook)
+    case prepareCut(Ferry_V1_PrepareCut)
+    case finishCut(Ferry_V1_FinishCut)
 
   }
 
@@ -180,6 +207,30 @@ public nonisolated struct Ferry_V1_CommandResult: Sendable {
     set {outcome = .volumeStatuses(newValue)}
   }
 
+  public var hookResult: Ferry_V1_HookResult {
+    get {
+      if case .hookResult(let v)? = outcome {return v}
+      return Ferry_V1_HookResult()
+    }
+    set {outcome = .hookResult(newValue)}
+  }
+
+  public var cutPrepared: Ferry_V1_CutPrepared {
+    get {
+      if case .cutPrepared(let v)? = outcome {return v}
+      return Ferry_V1_CutPrepared()
+    }
+    set {outcome = .cutPrepared(newValue)}
+  }
+
+  public var cutFinished: Ferry_V1_CutFinished {
+    get {
+      if case .cutFinished(let v)? = outcome {return v}
+      return Ferry_V1_CutFinished()
+    }
+    set {outcome = .cutFinished(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Outcome: Equatable, Sendable {
@@ -188,6 +239,9 @@ public nonisolated struct Ferry_V1_CommandResult: Sendable {
     case echo(Ferry_V1_Echo)
     case volumeStatus(Ferry_V1_VolumeStatus)
     case volumeStatuses(Ferry_V1_VolumeStatuses)
+    case hookResult(Ferry_V1_HookResult)
+    case cutPrepared(Ferry_V1_CutPrepared)
+    case cutFinished(Ferry_V1_CutFinished)
 
   }
 
@@ -350,6 +404,130 @@ public nonisolated struct Ferry_V1_ResyncVolume: Sendable {
   public init() {}
 }
 
+/// Run a hook defined in the agent's own configuration, by name (a quiesce or thaw hook for an
+/// app-consistent point; later start and stop hooks). The agent refuses a name it does not define.
+public nonisolated struct Ferry_V1_RunHook: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  /// The agent kills the hook after this long and reports it as timed out.
+  public var timeoutMs: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_HookResult: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  /// Empty when the hook exited 0; otherwise what went wrong (exit status, timeout, not
+  /// defined), with the end of its output.
+  public var error: String = String()
+
+  public var durationMicros: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Phase one of a consistency cut: stop completing writes to these volumes (new ones wait,
+/// those in flight finish) and report each volume's last sequence. The agent lets the writes
+/// go on at FinishCut, or on its own once hold_ms have passed since the hold began: the
+/// controller only records a point whose members all answered within that budget, so every
+/// member was holding at the moment the last answer arrived.
+public nonisolated struct Ferry_V1_PrepareCut: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var cutID: UInt64 = 0
+
+  public var volumes: [String] = []
+
+  public var holdMs: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_CutMember: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var volume: String = String()
+
+  public var epoch: UInt64 = 0
+
+  /// Every write of this epoch through this sequence is inside the cut, no later one completed.
+  public var sequence: UInt64 = 0
+
+  /// The change log passed its cap: writes are missing from the stream until a resync, so the
+  /// volume cannot be part of a point now.
+  public var overflowed: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_CutPrepared: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var cutID: UInt64 = 0
+
+  public var members: [Ferry_V1_CutMember] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Phase two: let the held writes go on (after a commit or an abort alike).
+public nonisolated struct Ferry_V1_FinishCut: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var cutID: UInt64 = 0
+
+  public var committed: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_CutFinished: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var cutID: UInt64 = 0
+
+  /// How long writes were held, from the hold to its release.
+  public var pauseMicros: UInt64 = 0
+
+  /// The hold had already ended on its own (hold_ms passed) when FinishCut arrived.
+  public var releasedOnOwn: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "ferry.v1"
@@ -360,7 +538,7 @@ nonisolated extension Ferry_V1_CaptureMode: SwiftProtobuf._ProtoNameProviding {
 
 nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Command"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}timeout_ms\0\u{4}\u{9}refresh_inventory\0\u{1}echo\0\u{4}\u{9}protect_volume\0\u{3}sync_volumes\0\u{3}resync_volume\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}timeout_ms\0\u{4}\u{9}refresh_inventory\0\u{1}echo\0\u{4}\u{9}protect_volume\0\u{3}sync_volumes\0\u{3}resync_volume\0\u{4}&run_hook\0\u{3}prepare_cut\0\u{3}finish_cut\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -434,6 +612,45 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.kind = .resyncVolume(v)
         }
       }()
+      case 60: try {
+        var v: Ferry_V1_RunHook?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .runHook(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .runHook(v)
+        }
+      }()
+      case 61: try {
+        var v: Ferry_V1_PrepareCut?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .prepareCut(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .prepareCut(v)
+        }
+      }()
+      case 62: try {
+        var v: Ferry_V1_FinishCut?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .finishCut(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .finishCut(v)
+        }
+      }()
       default: break
       }
     }
@@ -468,6 +685,18 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
       guard case .resyncVolume(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
     }()
+    case .runHook?: try {
+      guard case .runHook(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
+    }()
+    case .prepareCut?: try {
+      guard case .prepareCut(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
+    }()
+    case .finishCut?: try {
+      guard case .finishCut(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -483,7 +712,7 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
 
 nonisolated extension Ferry_V1_CommandResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CommandResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}error\0\u{1}inventory\0\u{1}echo\0\u{4}\u{11}volume_status\0\u{3}volume_statuses\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}error\0\u{1}inventory\0\u{1}echo\0\u{4}\u{11}volume_status\0\u{3}volume_statuses\0\u{4}'hook_result\0\u{3}cut_prepared\0\u{3}cut_finished\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -556,6 +785,45 @@ nonisolated extension Ferry_V1_CommandResult: SwiftProtobuf.Message, SwiftProtob
           self.outcome = .volumeStatuses(v)
         }
       }()
+      case 60: try {
+        var v: Ferry_V1_HookResult?
+        var hadOneofValue = false
+        if let current = self.outcome {
+          hadOneofValue = true
+          if case .hookResult(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.outcome = .hookResult(v)
+        }
+      }()
+      case 61: try {
+        var v: Ferry_V1_CutPrepared?
+        var hadOneofValue = false
+        if let current = self.outcome {
+          hadOneofValue = true
+          if case .cutPrepared(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.outcome = .cutPrepared(v)
+        }
+      }()
+      case 62: try {
+        var v: Ferry_V1_CutFinished?
+        var hadOneofValue = false
+        if let current = self.outcome {
+          hadOneofValue = true
+          if case .cutFinished(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.outcome = .cutFinished(v)
+        }
+      }()
       default: break
       }
     }
@@ -586,6 +854,18 @@ nonisolated extension Ferry_V1_CommandResult: SwiftProtobuf.Message, SwiftProtob
     case .volumeStatuses?: try {
       guard case .volumeStatuses(let v)? = self.outcome else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+    }()
+    case .hookResult?: try {
+      guard case .hookResult(let v)? = self.outcome else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
+    }()
+    case .cutPrepared?: try {
+      guard case .cutPrepared(let v)? = self.outcome else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
+    }()
+    case .cutFinished?: try {
+      guard case .cutFinished(let v)? = self.outcome else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
     }()
     case nil: break
     }
@@ -902,6 +1182,276 @@ nonisolated extension Ferry_V1_ResyncVolume: SwiftProtobuf.Message, SwiftProtobu
 
   public static func ==(lhs: Ferry_V1_ResyncVolume, rhs: Ferry_V1_ResyncVolume) -> Bool {
     if lhs.name != rhs.name {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_RunHook: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RunHook"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}timeout_ms\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.timeoutMs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if self.timeoutMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.timeoutMs, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_RunHook, rhs: Ferry_V1_RunHook) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.timeoutMs != rhs.timeoutMs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_HookResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".HookResult"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}error\0\u{3}duration_micros\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.error) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.durationMicros) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.error.isEmpty {
+      try visitor.visitSingularStringField(value: self.error, fieldNumber: 2)
+    }
+    if self.durationMicros != 0 {
+      try visitor.visitSingularUInt64Field(value: self.durationMicros, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_HookResult, rhs: Ferry_V1_HookResult) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.error != rhs.error {return false}
+    if lhs.durationMicros != rhs.durationMicros {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_PrepareCut: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".PrepareCut"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}cut_id\0\u{1}volumes\0\u{3}hold_ms\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.cutID) }()
+      case 2: try { try decoder.decodeRepeatedStringField(value: &self.volumes) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.holdMs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.cutID != 0 {
+      try visitor.visitSingularUInt64Field(value: self.cutID, fieldNumber: 1)
+    }
+    if !self.volumes.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.volumes, fieldNumber: 2)
+    }
+    if self.holdMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.holdMs, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_PrepareCut, rhs: Ferry_V1_PrepareCut) -> Bool {
+    if lhs.cutID != rhs.cutID {return false}
+    if lhs.volumes != rhs.volumes {return false}
+    if lhs.holdMs != rhs.holdMs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_CutMember: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CutMember"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{1}sequence\0\u{1}overflowed\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.sequence) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.overflowed) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.volume.isEmpty {
+      try visitor.visitSingularStringField(value: self.volume, fieldNumber: 1)
+    }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 2)
+    }
+    if self.sequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sequence, fieldNumber: 3)
+    }
+    if self.overflowed != false {
+      try visitor.visitSingularBoolField(value: self.overflowed, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_CutMember, rhs: Ferry_V1_CutMember) -> Bool {
+    if lhs.volume != rhs.volume {return false}
+    if lhs.epoch != rhs.epoch {return false}
+    if lhs.sequence != rhs.sequence {return false}
+    if lhs.overflowed != rhs.overflowed {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_CutPrepared: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CutPrepared"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}cut_id\0\u{1}members\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.cutID) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.members) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.cutID != 0 {
+      try visitor.visitSingularUInt64Field(value: self.cutID, fieldNumber: 1)
+    }
+    if !self.members.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.members, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_CutPrepared, rhs: Ferry_V1_CutPrepared) -> Bool {
+    if lhs.cutID != rhs.cutID {return false}
+    if lhs.members != rhs.members {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_FinishCut: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".FinishCut"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}cut_id\0\u{1}committed\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.cutID) }()
+      case 2: try { try decoder.decodeSingularBoolField(value: &self.committed) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.cutID != 0 {
+      try visitor.visitSingularUInt64Field(value: self.cutID, fieldNumber: 1)
+    }
+    if self.committed != false {
+      try visitor.visitSingularBoolField(value: self.committed, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_FinishCut, rhs: Ferry_V1_FinishCut) -> Bool {
+    if lhs.cutID != rhs.cutID {return false}
+    if lhs.committed != rhs.committed {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_CutFinished: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".CutFinished"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}cut_id\0\u{3}pause_micros\0\u{3}released_on_own\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.cutID) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.pauseMicros) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.releasedOnOwn) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.cutID != 0 {
+      try visitor.visitSingularUInt64Field(value: self.cutID, fieldNumber: 1)
+    }
+    if self.pauseMicros != 0 {
+      try visitor.visitSingularUInt64Field(value: self.pauseMicros, fieldNumber: 2)
+    }
+    if self.releasedOnOwn != false {
+      try visitor.visitSingularBoolField(value: self.releasedOnOwn, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_CutFinished, rhs: Ferry_V1_CutFinished) -> Bool {
+    if lhs.cutID != rhs.cutID {return false}
+    if lhs.pauseMicros != rhs.pauseMicros {return false}
+    if lhs.releasedOnOwn != rhs.releasedOnOwn {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

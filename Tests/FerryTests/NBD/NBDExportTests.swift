@@ -1,4 +1,5 @@
 @testable import FerryAgentCore
+@testable import FerryNBD
 import FerryWire
 import Foundation
 import Logging

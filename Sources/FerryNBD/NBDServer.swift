@@ -17,7 +17,7 @@ import Synchronization
 /// which is what a disk at hundreds of thousands of requests a second needs. The threads never
 /// run on an event loop or on Swift concurrency's pool.
 public final class NBDServer: Sendable {
-    private let exports: Mutex<[String: BlockVolume]>
+    private let exports: Mutex<[String: any NBDExport]>
     private let logger: Logger
     /// Listening sockets and live connections, so stopping can interrupt their blocking calls.
     private let sockets = Mutex<(listeners: Set<Int32>, connections: Set<Int32>)>(([], []))
@@ -26,14 +26,14 @@ public final class NBDServer: Sendable {
     /// Connections served at once (a thread each); more are closed as they come.
     let maxConnections: Int
 
-    public init(volumes: [BlockVolume], logger: Logger, maxConnections: Int = 256) {
+    public init(volumes: [any NBDExport], logger: Logger, maxConnections: Int = 256) {
         exports = Mutex(Dictionary(volumes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first }))
         self.logger = logger
         self.maxConnections = maxConnections
     }
 
     /// Adds (or replaces) an export; connections made from now on see it.
-    public func add(_ volume: BlockVolume) {
+    public func add(_ volume: any NBDExport) {
         exports.withLock { $0[volume.name] = volume }
     }
 
@@ -219,17 +219,22 @@ public final class NBDServer: Sendable {
 struct NBDConnection: ~Copyable {
     var socket: NBDSocket
     let allocator = ByteBufferAllocator()
-    let exports: [String: BlockVolume]
+    let exports: [String: any NBDExport]
 
     static let transmissionFlags: UInt16 = NBD.TransmissionFlag.hasFlags | NBD.TransmissionFlag.sendFlush
         | NBD.TransmissionFlag.sendFUA | NBD.TransmissionFlag.sendTrim | NBD.TransmissionFlag.sendWriteZeroes
         | NBD.TransmissionFlag.canMultiConn
 
+    static func flags(_ export: any NBDExport) -> UInt16 {
+        export.isReadOnly ? NBD.TransmissionFlag.hasFlags | NBD.TransmissionFlag.sendFlush | NBD.TransmissionFlag.readOnly
+            | NBD.TransmissionFlag.canMultiConn : transmissionFlags
+    }
+
     // MARK: Negotiation
 
     /// Runs the option haggling. Returns the export and whether structured replies were agreed,
     /// or nil if the client aborted.
-    mutating func negotiate() throws -> (BlockVolume, Bool)? {
+    mutating func negotiate() throws -> ((any NBDExport), Bool)? {
         var greeting = allocator.buffer(capacity: 18)
         greeting.writeInteger(NBD.initMagic)
         greeting.writeInteger(NBD.optionMagic)
@@ -261,7 +266,7 @@ struct NBDConnection: ~Copyable {
                 guard let volume = lookup(name) else { throw NBDProtocolError("no export named '\(name)'") }
                 var reply = allocator.buffer(capacity: 134)
                 reply.writeInteger(volume.size)
-                reply.writeInteger(Self.transmissionFlags)
+                reply.writeInteger(Self.flags(volume))
                 if !noZeroes { reply.writeRepeatingByte(0, count: 124) }
                 try socket.write(reply)
                 return (volume, structured)
@@ -291,7 +296,7 @@ struct NBDConnection: ~Copyable {
                 var export = allocator.buffer(capacity: 12)
                 export.writeInteger(NBD.Info.export)
                 export.writeInteger(volume.size)
-                export.writeInteger(Self.transmissionFlags)
+                export.writeInteger(Self.flags(volume))
                 try optionReply(option, NBD.Reply.info, data: export)
                 var sizes = allocator.buffer(capacity: 14)
                 sizes.writeInteger(NBD.Info.blockSize)
@@ -315,7 +320,7 @@ struct NBDConnection: ~Copyable {
     }
 
     /// The default export ("") is the only one when there is exactly one.
-    func lookup(_ name: String) -> BlockVolume? {
+    func lookup(_ name: String) -> (any NBDExport)? {
         if let volume = exports[name] { return volume }
         return name.isEmpty && exports.count == 1 ? exports.values.first : nil
     }
@@ -337,7 +342,7 @@ struct NBDConnection: ~Copyable {
     /// Requests the client pipelined are served in order, one after the other, and their
     /// replies go out together once no further whole request is waiting in the socket buffer
     /// (or a megabyte of them is queued).
-    mutating func transmit(volume: BlockVolume, structured: Bool) throws {
+    mutating func transmit(volume: any NBDExport, structured: Bool) throws {
         let replies = Replies(allocator: allocator, structured: structured)
         do {
             while true {
@@ -357,6 +362,10 @@ struct NBDConnection: ~Copyable {
                     try socket.flush()
                     return
                 }
+                if request.type != NBD.Command.read.rawValue, volume.holdsWrites {
+                    // This request may wait for a cut's hold: what is already done goes out first.
+                    try socket.flush()
+                }
                 var out: [ByteBuffer] = []
                 Self.execute(request, payload: payload, volume: volume, replies: replies, into: &out)
                 socket.queue(out)
@@ -371,16 +380,19 @@ struct NBDConnection: ~Copyable {
 
     /// What to do with one request: an operation on the volume, or an immediate error reply.
     enum Plan {
-        case run(BlockVolume.Operation)
+        case run(NBDOperation)
         case fail(NBD.Errno, String)
         case nothing
     }
 
-    static func plan(_ request: NBDRequest, payload: ByteBuffer?, volume: BlockVolume) -> Plan {
+    static func plan(_ request: NBDRequest, payload: ByteBuffer?, volume: any NBDExport) -> Plan {
         guard let command = NBD.Command(rawValue: request.type) else { return .fail(.invalid, "unknown command \(request.type)") }
         let fua = request.flags & NBD.CommandFlag.fua != 0
         let (end, overflow) = request.offset.addingReportingOverflow(UInt64(request.length))
         let inBounds = !overflow && end <= volume.size
+        if volume.isReadOnly, command == .write || command == .writeZeroes || command == .trim {
+            return .fail(.perm, "the export is read-only")
+        }
         switch command {
         case .read:
             guard request.length <= NBD.maxPayload else { return .fail(.overflow, "read of \(request.length) bytes exceeds \(NBD.maxPayload)") }
@@ -400,7 +412,7 @@ struct NBDConnection: ~Copyable {
         }
     }
 
-    static func execute(_ request: NBDRequest, payload: ByteBuffer?, volume: BlockVolume, replies: Replies, into out: inout [ByteBuffer]) {
+    static func execute(_ request: NBDRequest, payload: ByteBuffer?, volume: any NBDExport, replies: Replies, into out: inout [ByteBuffer]) {
         let isRead = request.type == NBD.Command.read.rawValue
         switch plan(request, payload: payload, volume: volume) {
         case .fail(let code, let message):

@@ -1,0 +1,93 @@
+import FerryWire
+import Foundation
+import Synchronization
+
+/// Runs the hooks defined in the agent's own configuration, by name only: the controller can
+/// ask for `fsfreeze-data`, never send a command line.
+public struct HookRunner: Sendable {
+    public let hooks: [String: String]
+    /// Most bytes of a hook's output kept for its error message.
+    static let outputTail = 2048
+
+    public init(hooks: [String: String]) { self.hooks = hooks }
+
+    /// Runs hook `name` with `/bin/sh -c`, killing it (and its process group) after `timeout`.
+    /// Returns nil when it exited 0, otherwise why it failed, with the end of its output.
+    public func run(_ name: String, timeout: Duration, environment: [String: String] = [:]) async -> String? {
+        guard let command = hooks[name] else {
+            return "no hook named '\(name)' is defined in this agent's configuration (hooks: \(hooks.keys.sorted().joined(separator: ", ")))"
+        }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", command]
+        var env = ProcessInfo.processInfo.environment
+        env["FERRY_HOOK"] = name
+        for (k, v) in environment { env[k] = v }
+        process.environment = env
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        process.standardInput = FileHandle.nullDevice
+        let collected = OutputTail(limit: Self.outputTail)
+        output.fileHandleForReading.readabilityHandler = { handle in
+            let data = handle.availableData
+            if !data.isEmpty { collected.append(data) }
+        }
+        let exited: AsyncStream<Int32> = AsyncStream { continuation in
+            process.terminationHandler = { p in
+                continuation.yield(p.terminationStatus)
+                continuation.finish()
+            }
+        }
+        do {
+            try process.run()
+        } catch {
+            output.fileHandleForReading.readabilityHandler = nil
+            return "hook '\(name)' could not start: \(error)"
+        }
+        let pid = process.processIdentifier
+        let killed = Atomic<Bool>(false)
+        let timer = Task {
+            try await Task.sleep(for: timeout)
+            killed.store(true, ordering: .relaxed)
+            kill(pid, SIGKILL)
+        }
+        var status: Int32 = -1
+        for await s in exited { status = s }
+        timer.cancel()
+        let timedOut = killed.load(ordering: .relaxed)
+        output.fileHandleForReading.readabilityHandler = nil
+        let tail = collected.text
+        if timedOut {
+            return "hook '\(name)' timed out after \(timeout) and was killed" + (tail.isEmpty ? "" : ": \(tail)")
+        }
+        guard status == 0, process.terminationReason == .exit else {
+            let how = process.terminationReason == .exit ? "exited with status \(status)" : "was killed by signal \(status)"
+            return "hook '\(name)' \(how)" + (tail.isEmpty ? "" : ": \(tail)")
+        }
+        return nil
+    }
+}
+
+/// The last bytes a hook wrote, for its error message.
+final class OutputTail: @unchecked Sendable {
+    // Appended from the pipe's reader thread, read once the hook ended.
+    private let lock = NSLock()
+    private var data = Data()
+    private let limit: Int
+
+    init(limit: Int) { self.limit = limit }
+
+    func append(_ more: Data) {
+        lock.lock()
+        data.append(more)
+        if data.count > limit { data = data.suffix(limit) }
+        lock.unlock()
+    }
+
+    var text: String {
+        lock.lock()
+        defer { lock.unlock() }
+        return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
