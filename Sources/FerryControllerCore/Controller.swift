@@ -42,7 +42,11 @@ public struct Controller: Sendable {
             // Tests and scripts read the bound port from here (the configured port may be 0).
             try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/agent-listen.addr")
         }
-        let routes = APIRoutes(store: store, registry: registry, metrics: metrics, pki: pki, agents: agents, replicas: replicas)
+        let coordinator = CutCoordinator(store: store, registry: registry, replicas: replicas, metrics: metrics, logger: logger)
+        let catalogue = PointCatalogue(store: store, replicas: replicas)
+        let exports = PointExports(socketPath: config.dataDir + "/exports.sock", overlayRoot: config.dataDir + "/overlays", logger: logger)
+        let routes = APIRoutes(store: store, registry: registry, metrics: metrics, pki: pki, agents: agents, replicas: replicas,
+                               coordinator: coordinator, catalogue: catalogue, exports: exports)
         let (apiHost, apiPort) = try ConfigText.hostPort(config.apiListen)
         let caPath = pki.caPath
         let logger = self.logger
@@ -66,6 +70,8 @@ public struct Controller: Sendable {
             services: [
                 .init(service: lastSeen),
                 .init(service: RetentionFolder(replicas: replicas, logger: logger)),
+                .init(service: PointScheduler(coordinator: coordinator, catalogue: catalogue, store: store, metrics: metrics, logger: logger)),
+                .init(service: PointExportService(exports: exports)),
                 .init(service: agents),
                 .init(service: api),
             ],

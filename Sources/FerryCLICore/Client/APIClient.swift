@@ -3,6 +3,11 @@ import FerryWire
 import Foundation
 import NIOCore
 import NIOSSL
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// A client of the controller's operator API (HTTPS + JSON, bearer token).
 ///
@@ -29,6 +34,9 @@ public struct APIClient: Sendable {
     public static let maximumResponseBytes = 64 << 20
     /// Whole-request deadline.
     public static let requestTimeout: TimeAmount = .seconds(30)
+    /// Deadline for the answer's head when fetching a point's image: the controller first
+    /// resolves the point and opens the image; the body then streams with no overall deadline.
+    public static let imageHeadTimeout: TimeAmount = .minutes(2)
 
     let http: HTTPClient
     /// The settings this client was made with.
@@ -36,8 +44,11 @@ public struct APIClient: Sendable {
 
     /// Runs `body` with a client for `settings` and shuts the client down afterwards, whether
     /// `body` returns or throws. Transport failures come out as one-line `FerryError`s.
+    /// - Parameter readTimeout: longest wait for data from the server; raise it (with a matching
+    ///   per-call timeout) for calls that may legitimately answer late, such as an app-consistent point.
     public static func withClient<Result>(
         _ settings: Settings,
+        readTimeout: TimeAmount = requestTimeout,
         isolation: isolated (any Actor)? = #isolation,
         _ body: (APIClient) async throws -> Result
     ) async throws -> Result {
@@ -46,7 +57,7 @@ public struct APIClient: Sendable {
         var configuration = HTTPClient.Configuration(
             tlsConfiguration: tls,
             redirectConfiguration: .disallow, // never replay the bearer token to another origin
-            timeout: .init(connect: .seconds(10), read: requestTimeout)
+            timeout: .init(connect: .seconds(10), read: max(readTimeout, requestTimeout))
         )
         // Fail at once on a refused connection or an untrusted certificate instead of
         // retrying quietly until the deadline.
@@ -177,6 +188,132 @@ public struct APIClient: Sendable {
         try await decode([API.AuditEntry].self, from: send(.get, "\(API.prefix)/audit?limit=\(limit)"))
     }
 
+    // MARK: - Groups and points
+
+    /// `POST /v1/groups`: a consistency group of volumes.
+    public func createGroup(_ request: API.GroupCreateRequest) async throws -> API.Group {
+        let body = try API.encoder().encode(request)
+        return try await decode(API.Group.self, from: send(.post, "\(API.prefix)/groups", body: body))
+    }
+
+    /// `GET /v1/groups`.
+    public func groups() async throws -> [API.Group] {
+        try await decode([API.Group].self, from: send(.get, "\(API.prefix)/groups"))
+    }
+
+    /// `GET /v1/groups/:name`.
+    public func group(named name: String) async throws -> API.Group {
+        try await decode(API.Group.self, from: send(.get, "\(API.prefix)/groups/\(Self.escape(name))"))
+    }
+
+    /// `DELETE /v1/groups/:name`.
+    public func removeGroup(named name: String) async throws {
+        _ = try await send(.delete, "\(API.prefix)/groups/\(Self.escape(name))")
+    }
+
+    /// `GET /v1/groups/:name/points`: oldest first.
+    public func points(group name: String) async throws -> [API.Point] {
+        try await decode([API.Point].self, from: send(.get, "\(API.prefix)/groups/\(Self.escape(name))/points"))
+    }
+
+    /// `POST /v1/groups/:name/points`: a manual point. An app-consistent one runs the members'
+    /// quiesce and thaw hooks first, so pass a `timeout` above twice the group's hook timeout
+    /// (and make the client with a matching `readTimeout`).
+    public func createPoint(group name: String, _ request: API.PointCreateRequest,
+                            timeout: TimeAmount = requestTimeout) async throws -> API.Point {
+        let body = try API.encoder().encode(request)
+        return try await decode(API.Point.self, from: send(.post, "\(API.prefix)/groups/\(Self.escape(name))/points",
+                                                           body: body, timeout: timeout))
+    }
+
+    // MARK: - Exports and images
+
+    /// `POST /v1/volumes/:host/:name/exports`: serve a point of the volume over NBD.
+    public func createExport(host: String, name: String, _ request: API.ExportCreateRequest) async throws -> API.Export {
+        let body = try API.encoder().encode(request)
+        return try await decode(API.Export.self, from: send(
+            .post, "\(API.prefix)/volumes/\(Self.escape(host))/\(Self.escape(name))/exports", body: body))
+    }
+
+    /// `GET /v1/exports`.
+    public func exports() async throws -> [API.Export] {
+        try await decode([API.Export].self, from: send(.get, "\(API.prefix)/exports"))
+    }
+
+    /// `DELETE /v1/exports/:id`.
+    public func removeExport(id: String) async throws {
+        _ = try await send(.delete, "\(API.prefix)/exports/\(Self.escape(id))")
+    }
+
+    /// What ``downloadImage(host:name:point:asOf:to:overwrite:)`` wrote.
+    public struct ImageDownload: Sendable {
+        /// Bytes received (the image's size).
+        public var bytes: UInt64
+        /// Bytes actually written; all-zero MiB chunks of a regular file are left as holes.
+        public var writtenBytes: UInt64
+        /// The point the controller resolved the choice to (`X-Ferry-Point`), if it said.
+        public var point: String?
+    }
+
+    /// `GET /v1/volumes/:host/:name/image?point=P` (or `?as-of=TIME`): streams the raw image
+    /// into `path` without holding it in memory. A regular file is written sparsely (all-zero
+    /// MiB chunks are skipped) and truncated to the image's size; a block device is written in full.
+    public func downloadImage(host: String, name: String, point: String?, asOf: Date?, to path: String,
+                              overwrite: Bool) async throws -> ImageDownload {
+        var query: [String] = []
+        if let point { query.append("point=\(Self.escapeQuery(point))") }
+        if let asOf {
+            let formatter = ISO8601DateFormatter()
+            formatter.timeZone = TimeZone(identifier: "UTC")
+            query.append("as-of=\(Self.escapeQuery(formatter.string(from: asOf)))")
+        }
+        let route = "\(API.prefix)/volumes/\(Self.escape(host))/\(Self.escape(name))/image"
+            + (query.isEmpty ? "" : "?" + query.joined(separator: "&"))
+        let url = settings.baseURL + route
+        var request = makeRequest(.get, route, body: nil, authenticated: true)
+        request.headers.replaceOrAdd(name: "Accept", value: "application/octet-stream")
+
+        let response: HTTPClientResponse
+        do {
+            response = try await http.execute(request, timeout: Self.imageHeadTimeout)
+        } catch {
+            throw TransportErrors.describe(error, url: settings.baseURL, caPath: settings.caPath)
+        }
+        guard (200..<300).contains(response.status.code) else {
+            let buffer: ByteBuffer
+            do {
+                buffer = try await response.body.collect(upTo: 1 << 20)
+            } catch {
+                throw FerryError(.protocolViolation, "HTTP \(response.status.code) from \(url)")
+            }
+            throw Self.apiError(status: response.status.code, body: buffer, url: url)
+        }
+        let resolved = response.headers.first(name: "X-Ferry-Point")
+        let expected = response.headers.first(name: "Content-Length").flatMap { UInt64($0) }
+
+        let file = try ImageFile(path: path, overwrite: overwrite)
+        do {
+            do {
+                for try await chunk in response.body {
+                    try file.append(chunk)
+                }
+            } catch let error as FerryError {
+                throw error
+            } catch {
+                throw TransportErrors.describe(error, url: settings.baseURL, caPath: settings.caPath)
+            }
+            if let expected, expected != file.received + UInt64(file.pending) {
+                throw FerryError(.protocolViolation,
+                                 "the image ended after \(file.received + UInt64(file.pending)) of \(expected) bytes; \(path) is incomplete")
+            }
+            try file.finish()
+        } catch {
+            file.abandon()
+            throw error
+        }
+        return ImageDownload(bytes: file.received, writtenBytes: file.written, point: resolved)
+    }
+
     // MARK: - Transport
 
     /// HTTP methods the API uses.
@@ -184,9 +321,28 @@ public struct APIClient: Sendable {
 
     /// Sends one request and returns the body of a 2xx answer; any other status becomes the
     /// server's `FerryError`.
-    func send(_ method: Method, _ path: String, body: Data? = nil, authenticated: Bool = true) async throws -> ByteBuffer {
+    func send(_ method: Method, _ path: String, body: Data? = nil, authenticated: Bool = true,
+              timeout: TimeAmount = requestTimeout) async throws -> ByteBuffer {
         let url = settings.baseURL + path
-        var request = HTTPClientRequest(url: url)
+        let request = makeRequest(method, path, body: body, authenticated: authenticated)
+        let status: UInt
+        let buffer: ByteBuffer
+        do {
+            let response = try await http.execute(request, timeout: timeout)
+            status = response.status.code
+            buffer = try await response.body.collect(upTo: Self.maximumResponseBytes)
+        } catch {
+            throw TransportErrors.describe(error, url: settings.baseURL, caPath: settings.caPath)
+        }
+        guard (200..<300).contains(status) else {
+            throw Self.apiError(status: status, body: buffer, url: url)
+        }
+        return buffer
+    }
+
+    /// The request for `path` with the usual headers and, if `authenticated`, the bearer token.
+    func makeRequest(_ method: Method, _ path: String, body: Data?, authenticated: Bool) -> HTTPClientRequest {
+        var request = HTTPClientRequest(url: settings.baseURL + path)
         switch method {
         case .get: request.method = .GET
         case .post: request.method = .POST
@@ -201,19 +357,7 @@ public struct APIClient: Sendable {
             request.headers.add(name: "Content-Type", value: "application/json")
             request.body = .bytes(ByteBuffer(bytes: body))
         }
-        let status: UInt
-        let buffer: ByteBuffer
-        do {
-            let response = try await http.execute(request, timeout: Self.requestTimeout)
-            status = response.status.code
-            buffer = try await response.body.collect(upTo: Self.maximumResponseBytes)
-        } catch {
-            throw TransportErrors.describe(error, url: settings.baseURL, caPath: settings.caPath)
-        }
-        guard (200..<300).contains(status) else {
-            throw Self.apiError(status: status, body: buffer, url: url)
-        }
-        return buffer
+        return request
     }
 
     /// The server's `{"error": {"code", "message"}}`, or a short summary when the body is not one
@@ -252,5 +396,133 @@ public struct APIClient: Sendable {
         var allowed = CharacterSet.urlPathAllowed
         allowed.remove(charactersIn: "/?#%")
         return segment.addingPercentEncoding(withAllowedCharacters: allowed) ?? segment
+    }
+
+    /// Percent-encodes one query value, so it cannot add parameters.
+    static func escapeQuery(_ value: String) -> String {
+        var allowed = CharacterSet.urlQueryAllowed
+        allowed.remove(charactersIn: "&=+#%?/")
+        return value.addingPercentEncoding(withAllowedCharacters: allowed) ?? value
+    }
+}
+
+/// The target of an image download: fed the body in arbitrary pieces, it writes whole MiB chunks
+/// at their offsets. In a regular file an all-zero chunk is skipped (a hole) and the file is
+/// truncated to the image's size at the end; a block device gets every byte.
+final class ImageFile {
+    static let chunkSize = 1 << 20
+
+    let path: String
+    private let fd: Int32
+    /// A regular file (sparse writes, final truncate), not a device.
+    private let sparse: Bool
+    /// The file did not exist before: remove it again if the download fails.
+    private let created: Bool
+    private var staging = [UInt8](repeating: 0, count: ImageFile.chunkSize)
+    private let zeros = [UInt8](repeating: 0, count: ImageFile.chunkSize)
+    /// Bytes in `staging`, not yet written.
+    private(set) var pending = 0
+    /// Bytes written or skipped: the offset of `staging`'s first byte.
+    private(set) var received: UInt64 = 0
+    /// Bytes actually written.
+    private(set) var written: UInt64 = 0
+    private var isOpen = true
+
+    init(path: String, overwrite: Bool) throws {
+        self.path = path
+        var info = stat()
+        let exists = stat(path, &info) == 0
+        let kind = info.st_mode & S_IFMT
+        if exists, kind == S_IFDIR {
+            throw FerryError(.badRequest, "\(path) is a directory; --out needs a file name")
+        }
+        if exists, kind == S_IFREG, !overwrite {
+            throw FerryError(.conflict, "\(path) already exists; pass --force to overwrite it")
+        }
+        var flags = O_WRONLY | O_CLOEXEC
+        if !exists { flags |= O_CREAT | O_EXCL } else if kind == S_IFREG { flags |= O_TRUNC }
+        // 0600: the image holds the workload's data.
+        let fd = open(path, flags, 0o600)
+        guard fd >= 0 else {
+            throw FerryError(.io, "cannot open \(path): \(String(cString: strerror(errno)))")
+        }
+        var opened = stat()
+        guard fstat(fd, &opened) == 0 else {
+            let reason = String(cString: strerror(errno))
+            _ = close(fd)
+            throw FerryError(.io, "cannot stat \(path): \(reason)")
+        }
+        self.fd = fd
+        self.sparse = (opened.st_mode & S_IFMT) == S_IFREG
+        self.created = !exists
+    }
+
+    deinit {
+        if isOpen { _ = close(fd) }
+    }
+
+    /// Takes the next bytes of the image.
+    func append(_ chunk: ByteBuffer) throws {
+        var chunk = chunk
+        while chunk.readableBytes > 0 {
+            let offset = pending
+            let count = min(Self.chunkSize - offset, chunk.readableBytes)
+            staging.withUnsafeMutableBytes { destination in
+                chunk.withUnsafeReadableBytes { source in
+                    destination.baseAddress!.advanced(by: offset).copyMemory(from: source.baseAddress!, byteCount: count)
+                }
+            }
+            chunk.moveReaderIndex(forwardBy: count)
+            pending += count
+            if pending == Self.chunkSize { try flush() }
+        }
+    }
+
+    /// Writes what is left, sets the size, syncs and closes.
+    func finish() throws {
+        try flush()
+        if sparse, ftruncate(fd, off_t(received)) != 0 {
+            throw FerryError(.io, "cannot set the size of \(path): \(String(cString: strerror(errno)))")
+        }
+        if fsync(fd) != 0 {
+            throw FerryError(.io, "cannot sync \(path): \(String(cString: strerror(errno)))")
+        }
+        isOpen = false
+        if close(fd) != 0 {
+            throw FerryError(.io, "cannot close \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// After a failure: closes, and removes the file if this download created it.
+    func abandon() {
+        if isOpen {
+            isOpen = false
+            _ = close(fd)
+        }
+        if created { _ = unlink(path) }
+    }
+
+    private func flush() throws {
+        let count = pending
+        guard count > 0 else { return }
+        let hole = sparse && staging.withUnsafeBytes { data in
+            zeros.withUnsafeBytes { memcmp(data.baseAddress!, $0.baseAddress!, count) == 0 }
+        }
+        if !hole {
+            try staging.withUnsafeBytes { data in
+                var done = 0
+                while done < count {
+                    let n = pwrite(fd, data.baseAddress!.advanced(by: done), count - done, off_t(received) + off_t(done))
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        throw FerryError(.io, "cannot write \(path): \(String(cString: strerror(errno)))")
+                    }
+                    done += n
+                }
+            }
+            written += UInt64(count)
+        }
+        received += UInt64(count)
+        pending = 0
     }
 }

@@ -5,7 +5,7 @@ import FerryWire
 public struct FerryCtl: AsyncParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "ferryctl",
-        abstract: "Operate a Ferry controller: hosts, enrollment and API tokens, audit log, health and metrics.",
+        abstract: "Operate a Ferry controller: hosts, volumes, consistency groups and points, exports, tokens, audit log, health and metrics.",
         discussion: """
             ferryctl talks to the controller's operator API over HTTPS with a bearer token, and \
             trusts only the cluster CA. The controller writes the settings into its data \
@@ -21,6 +21,8 @@ public struct FerryCtl: AsyncParsableCommand {
         subcommands: [
             HostsCommand.self, HostCommand.self,
             ProtectCommand.self, VolumesCommand.self, VolumeCommand.self,
+            GroupsCommand.self, GroupCommand.self, PointsCommand.self, PointCommand.self,
+            ExportsCommand.self, ExportCommand.self,
             TokenCommand.self, TokensCommand.self, APITokenCommand.self, APITokensCommand.self,
             AuditCommand.self, HealthCommand.self, MetricsCommand.self,
         ]

@@ -86,7 +86,8 @@ struct VolumesCommand: AsyncParsableCommand {
 /// `ferryctl volume show HOST/NAME`.
 struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "volume", abstract: "Show or resync one protected volume.", subcommands: [Show.self, Resync.self]
+        commandName: "volume", abstract: "Show, resync or export one protected volume.",
+        subcommands: [Show.self, Resync.self, Export.self]
     )
 
     static func parse(_ target: String) throws -> (host: String, name: String) {
@@ -114,6 +115,84 @@ struct VolumeCommand: AsyncParsableCommand {
                 let v = try await connection.withClient { try await $0.resync(host: host, name: name) }
                 if output.json { try Console.json(v) } else { print("resync of \(v.host)/\(v.name) started (\(Format.bytes(v.sizeBytes)) to compare)") }
             }
+        }
+    }
+
+    struct Export: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Serve a recovery point of a volume over NBD, or download its image.",
+            discussion: """
+                Without --out the controller serves the point as an NBD export and the URI is \
+                printed alone on stdout, e.g. for qemu-img or qemu -drive file=URI; remove it \
+                with 'ferryctl export remove ID'. With --out the whole raw image is streamed into \
+                FILE (written sparsely if it is a regular file; a block device gets every byte). \
+                Choose the point with --point or --as-of. Needs an operator token.
+                """
+        )
+
+        @Argument(help: "HOST/VOLUME")
+        var target: String
+        @Option(help: ArgumentHelp("Which point: \(PointFormat.choices).", valueName: "POINT"))
+        var point: String?
+        @Option(help: ArgumentHelp("The newest point at or before this ISO 8601 time, e.g. 2026-11-24T10:42:07Z.", valueName: "TIME"))
+        var asOf: String?
+        @Flag(help: "Export writable through a copy-on-write overlay (the point itself never changes).")
+        var writable = false
+        @Option(help: ArgumentHelp("Download the raw image into this file (or block device) instead of exporting it.", valueName: "FILE"))
+        var out: String?
+        @Flag(help: "With --out: overwrite FILE if it exists.")
+        var force = false
+        @OptionGroup(title: "Connection Options") var connection: ConnectionOptions
+        @OptionGroup var output: OutputOptions
+
+        func run() async throws {
+            try await CLI.guarded {
+                let (host, name) = try VolumeCommand.parse(target)
+                if point != nil, asOf != nil { throw FerryError(.badRequest, "give --point or --as-of, not both") }
+                let when = try asOf.map(PointFormat.parse(asOf:))
+                let choice = when == nil ? (point ?? "latest") : nil
+                if let out {
+                    if writable { throw FerryError(.badRequest, "--writable applies to an NBD export, not to --out") }
+                    let started = ContinuousClock.now
+                    let result = try await connection.withClient { [choice] client in
+                        try await client.downloadImage(host: host, name: name, point: choice, asOf: when, to: out, overwrite: force)
+                    }
+                    let elapsed = ContinuousClock.now - started
+                    let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+                    if output.json {
+                        try Console.json(ImageResult(volume: "\(host)/\(name)", file: out, point: result.point, bytes: result.bytes,
+                                                     writtenBytes: result.writtenBytes, seconds: seconds))
+                    } else {
+                        var line = "wrote \(out): \(Format.bytes(result.bytes)) (\(result.bytes) bytes, \(Format.bytes(result.writtenBytes)) non-zero)"
+                        line += " of \(host)/\(name) at point \(result.point.map(Text.printable) ?? choice ?? asOf ?? "-")"
+                        line += String(format: " in %.1fs", seconds)
+                        if seconds > 0 { line += " (\(Format.bytes(UInt64(Double(result.bytes) / seconds)))/s)" }
+                        print(line)
+                    }
+                    return
+                }
+                let request = API.ExportCreateRequest(point: choice, asOf: when, writable: writable ? true : nil)
+                let export = try await connection.withClient { try await $0.createExport(host: host, name: name, request) }
+                if output.json {
+                    try Console.json(export)
+                    return
+                }
+                print(export.uri)
+                Console.note("export \(Text.printable(export.id)): \(Text.printable(export.volume)) at point \(Text.printable(export.point)), "
+                             + "\(export.writable ? "writable (copy-on-write)" : "read-only"), opened in "
+                             + String(format: "%.0f ms", export.openMilliseconds))
+                Console.note("remove it with: ferryctl export remove \(Text.printable(export.id))")
+            }
+        }
+
+        /// `--json` answer of a download.
+        struct ImageResult: Encodable {
+            var volume: String
+            var file: String
+            var point: String?
+            var bytes: UInt64
+            var writtenBytes: UInt64
+            var seconds: Double
         }
     }
 

@@ -92,6 +92,9 @@ struct APIRoutes {
     let pki: ControllerPKI
     let agents: AgentServer
     let replicas: ReplicaManager
+    let coordinator: CutCoordinator
+    let catalogue: PointCatalogue
+    let exports: PointExports
 
     func router() -> Router<APIContext> {
         let router = Router(context: APIContext.self)
@@ -204,6 +207,7 @@ struct APIRoutes {
             let host = try context.parameters.require("host"), name = try context.parameters.require("name")
             return JSONBody(value: try await wrap { try await resync(host: host, name: name, actor: who.actor) }, status: .accepted)
         }
+        addPointRoutes(v1)
         v1.get("audit") { request, context in
             _ = try context.require(.viewer)
             let limit = request.uri.queryParameters.get("limit", as: Int.self) ?? 100

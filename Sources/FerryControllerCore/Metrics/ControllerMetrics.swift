@@ -28,6 +28,11 @@ public final class ControllerMetrics: Sendable {
             .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(20), .milliseconds(50),
             .milliseconds(100), .milliseconds(200), .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10), .seconds(30),
         ]
+        // A cut's pause is a few milliseconds against a 50 ms budget.
+        factory.durationHistogramBuckets["ferry_group_cut_pause_seconds"] = [
+            .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10),
+            .milliseconds(20), .milliseconds(50), .milliseconds(100), .milliseconds(500), .seconds(1),
+        ]
         self.factory = factory
         agentsConnected = CoreMetrics.Gauge(label: "ferry_agents_connected", factory: factory)
         sessionsOpened = CoreMetrics.Counter(label: "ferry_sessions_opened_total", factory: factory)
@@ -62,6 +67,23 @@ public final class ControllerMetrics: Sendable {
     /// Counts a completed sync (initial, resync after a crash or overflow, or on demand).
     func syncCompleted(host: String, volume: String) {
         CoreMetrics.Counter(label: "ferry_volume_syncs_completed_total", dimensions: [("host", host), ("volume", volume)], factory: factory).increment()
+    }
+
+    /// How long one member held its writes during a group cut, as the agent measured it.
+    func cutPause(group: String, host: String, micros: UInt64) {
+        CoreMetrics.Timer(label: "ferry_group_cut_pause_seconds", dimensions: [("group", group), ("host", host)], factory: factory)
+            .recordNanoseconds(Int64(micros) * 1000)
+    }
+
+    /// Counts a cut round by outcome (committed, aborted).
+    func cutRound(group: String, outcome: String) {
+        CoreMetrics.Counter(label: "ferry_group_cut_rounds_total", dimensions: [("group", group), ("outcome", outcome)], factory: factory).increment()
+    }
+
+    /// Seconds since the group's newest point, and whether that is past its alert threshold.
+    func groupRPO(group: String, seconds: Double, alert: Bool) {
+        CoreMetrics.Gauge(label: "ferry_group_rpo_seconds", dimensions: [("group", group)], factory: factory).record(seconds)
+        CoreMetrics.Gauge(label: "ferry_group_rpo_alert", dimensions: [("group", group)], factory: factory).record(alert ? 1 : 0)
     }
 
     public func render() -> String { registry.emitToString() }

@@ -26,6 +26,9 @@ public actor ReplicaManager {
     let retention: Duration
     let journalLimit: Int64
     private var open: [String: ReplicaStore] = [:]
+    /// The oldest position a retained point needs, per replica; nil until the catalogue has
+    /// pinned once (no fold runs before that, or it could fold away a point's history).
+    private var pins: [String: ReplicaPosition]?
 
     public init(root: String, pool: NIOThreadPool, retention: Duration = .seconds(3600), journalLimit: Int64 = 8 << 30) {
         self.root = root
@@ -41,6 +44,7 @@ public actor ReplicaManager {
 
     /// Folds expired journal segments of every open replica into its base image.
     public func foldAll(logger: Logger) async {
+        guard pins != nil else { return }
         for (key, store) in open {
             do {
                 let folded = try await store.fold()
@@ -57,7 +61,14 @@ public actor ReplicaManager {
         if let store = open[key] { return store }
         let store = try ReplicaStore(directory: root + "/" + key, size: size, pool: pool, retention: retention, journalLimit: journalLimit)
         open[key] = store
+        if let pin = pins?[key] { Task { await store.pin(pin) } }
         return store
+    }
+
+    /// Pins each replica's journal at the oldest position a retained point needs.
+    public func pinAll(_ positions: [String: ReplicaPosition]) async {
+        pins = positions
+        for (key, store) in open { await store.pin(positions[key]) }
     }
 
     /// An already opened replica, if any.

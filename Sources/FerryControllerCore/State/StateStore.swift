@@ -99,6 +99,34 @@ public final class StateStore: Sendable {
                 t.add(column: "scanIntervalSeconds", .integer).notNull().defaults(to: 0)
             }
         }
+        m.registerMigration("v4-groups-points") { db in
+            try db.create(table: "consistencyGroup") { t in
+                t.primaryKey("name", .text)
+                t.column("policy", .blob).notNull()          // API.GroupPolicy, JSON
+                t.column("createdAt", .datetime).notNull()
+            }
+            try db.create(table: "groupMember") { t in
+                t.column("groupName", .text).notNull().references("consistencyGroup", onDelete: .cascade)
+                t.column("hostID", .text).notNull()
+                t.column("volume", .text).notNull()
+                // A volume belongs to one group at most.
+                t.primaryKey(["hostID", "volume"])
+            }
+            try db.create(table: "recoveryPoint") { t in
+                t.primaryKey("id", .text)
+                t.column("groupName", .text).notNull()
+                t.column("createdAt", .datetime).notNull()
+                t.column("kind", .text).notNull()
+                t.column("consistency", .text).notNull()
+                t.column("label", .text)
+                t.column("hookError", .text)
+                t.column("members", .blob).notNull()         // [PointMemberRecord], JSON
+                t.column("pauseMicros", .integer)
+                t.column("prunedAt", .datetime)
+                t.column("prunedReason", .text)
+            }
+            try db.create(index: "recoveryPoint_group_time", on: "recoveryPoint", columns: ["groupName", "createdAt"])
+        }
         return m
     }
 

@@ -1,0 +1,252 @@
+import FerryWire
+import Foundation
+import Logging
+import Synchronization
+
+/// Takes recovery points of consistency groups by a two-phase cut across the members' agents.
+///
+/// PREPARE goes to every member host at once; each holds its members' writes (new ones wait,
+/// those in flight finish) and answers with each volume's epoch and last sequence. When every
+/// answer is in within the hold budget, counted from before the first PREPARE left, every
+/// member was holding at that instant, so no write inside the cut can depend on one outside
+/// it: the point is recorded and FINISH lets the writes go on. Any error, an offline member or
+/// a late answer aborts the round; every member resumes, and no point is recorded.
+///
+/// App-consistent points run the policy's quiesce hook on every member host first and the
+/// thaw hook after the cut (also after an abort). A hook that fails or times out leaves the
+/// point crash-consistent, with the hook's error recorded.
+public actor CutCoordinator {
+    let store: StateStore
+    let registry: SessionRegistry
+    let replicas: ReplicaManager
+    let metrics: ControllerMetrics
+    let logger: Logger
+    /// Groups with a round running: rounds of one group never overlap.
+    private var running: Set<String> = []
+    /// Why each group's last round failed (cleared by the next success).
+    public private(set) var lastError: [String: String] = [:]
+
+    public init(store: StateStore, registry: SessionRegistry, replicas: ReplicaManager, metrics: ControllerMetrics, logger: Logger) {
+        self.store = store
+        self.registry = registry
+        self.replicas = replicas
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    /// Takes a point of `group` now. `manual` points are the operator's; the others come from
+    /// the group's schedule. Throws (and records nothing) when the round aborts.
+    public func takePoint(group name: String, app: Bool, manual: Bool, label: String? = nil, actor: String = "system") async throws -> PointRecord {
+        guard let (group, members) = try await store.group(named: name) else {
+            throw FerryError(.notFound, "no consistency group named '\(name)'; 'ferryctl groups' lists them")
+        }
+        guard !members.isEmpty else { throw FerryError(.badRequest, "group '\(name)' has no volumes") }
+        guard running.insert(name).inserted else {
+            throw FerryError(.conflict, "group '\(name)' is already taking a point; try again in a moment")
+        }
+        defer { running.remove(name) }
+        do {
+            let point = try await round(group: group, members: members, app: app, manual: manual, label: label, actor: actor)
+            lastError[name] = nil
+            return point
+        } catch {
+            let message = (error as? FerryError)?.message ?? "\(error)"
+            lastError[name] = message
+            metrics.cutRound(group: name, outcome: "aborted")
+            throw error
+        }
+    }
+
+    private struct Member: Sendable {
+        var hostID: String
+        var hostName: String
+        var session: PeerSession
+        var volumes: [String]
+    }
+
+    private func round(group: GroupRecord, members: [GroupMemberRecord], app: Bool, manual: Bool, label: String?, actor: String) async throws -> PointRecord {
+        let policy = group.decodedPolicy
+        let hosts = Dictionary(uniqueKeysWithValues: try await store.hosts().map { ($0.id, $0.name) })
+        // Every member must be online and its replica whole: a point of a replica still
+        // catching up on a resync would not be a prefix of the source's writes.
+        var byHost: [String: Member] = [:]
+        for m in members {
+            let hostName = hosts[m.hostID] ?? m.hostID
+            guard let entry = await registry.entry(hostID: m.hostID) else {
+                throw FerryError(.unavailable, "host \(hostName) (volume \(m.volume)) is not connected: no point of group '\(group.name)' can be cut")
+            }
+            if let replica = await replicas.opened(hostID: m.hostID, volume: m.volume) {
+                let state = await replica.state
+                guard state.initialSynced, !state.resyncNeeded else {
+                    throw FerryError(.unavailable, "\(hostName)/\(m.volume) is \(state.initialSynced ? "resyncing" : "in its initial sync"): its replica is not yet a consistent copy, so no point can be cut")
+                }
+            } else {
+                throw FerryError(.unavailable, "\(hostName)/\(m.volume) has no replica yet")
+            }
+            byHost[m.hostID, default: Member(hostID: m.hostID, hostName: hostName, session: entry.session, volumes: [])].volumes.append(m.volume)
+        }
+        let hostList = byHost.values.sorted { $0.hostName < $1.hostName }
+
+        var hookError: String?
+        if app {
+            if let quiesce = policy.quiesceHook, !quiesce.isEmpty {
+                hookError = await runHooks(quiesce, on: hostList, timeout: .seconds(policy.hookTimeoutSeconds))
+            } else {
+                hookError = "group '\(group.name)' has no quiesce hook in its policy"
+            }
+        }
+        let outcome: Result<PointRecord, any Error>
+        do {
+            let point = try await cut(group: group, members: hostList, policy: policy, app: app && hookError == nil, manual: manual,
+                                      label: label, hookError: hookError, actor: actor)
+            outcome = .success(point)
+        } catch {
+            outcome = .failure(error)
+        }
+        if app, let thaw = policy.thawHook, !thaw.isEmpty {
+            // Always thawed, even when the cut aborted: a frozen file system must not stay frozen.
+            if let thawError = await runHooks(thaw, on: hostList, timeout: .seconds(policy.hookTimeoutSeconds)) {
+                logger.warning("thaw hook failed", metadata: ["group": "\(group.name)", "error": "\(thawError)"])
+                if case .success(var point) = outcome {
+                    point.hookError = [point.hookError, thawError].compactMap { $0 }.joined(separator: "; ")
+                    try? await store.updateHookError(pointID: point.id, error: point.hookError)
+                    return point
+                }
+            }
+        }
+        return try outcome.get()
+    }
+
+    /// Runs a hook on every host at once; returns the errors, or nil when all succeeded.
+    private func runHooks(_ name: String, on hosts: [Member], timeout: Duration) async -> String? {
+        let errors = await withTaskGroup(of: String?.self) { tasks in
+            for host in hosts {
+                tasks.addTask {
+                    do {
+                        var command = Ferry_V1_Command()
+                        command.timeoutMs = UInt32(timeout.components.seconds * 1000)
+                        command.runHook.name = name
+                        command.runHook.timeoutMs = command.timeoutMs
+                        let reply = try await host.session.request(.command(command), timeout: timeout + .seconds(5))
+                        guard case .commandResult(let result) = reply.body else { return "\(host.hostName): unexpected reply to hook \(name)" }
+                        switch result.outcome {
+                        case .hookResult(let r): return r.error.isEmpty ? nil : "\(host.hostName): \(r.error)"
+                        case .error(let e): return "\(host.hostName): \(e.message)"
+                        default: return "\(host.hostName): unexpected reply to hook \(name)"
+                        }
+                    } catch {
+                        return "\(host.hostName): hook \(name) failed: \((error as? FerryError)?.message ?? "\(error)")"
+                    }
+                }
+            }
+            var all: [String] = []
+            for await e in tasks { if let e { all.append(e) } }
+            return all.sorted()
+        }
+        return errors.isEmpty ? nil : errors.joined(separator: "; ")
+    }
+
+    private func cut(group: GroupRecord, members: [Member], policy: API.GroupPolicy, app: Bool, manual: Bool, label: String?,
+                     hookError: String?, actor: String) async throws -> PointRecord {
+        let cutID = UInt64.random(in: 1...UInt64.max)
+        let budget = Duration.milliseconds(policy.holdBudgetMilliseconds)
+        let started = ContinuousClock.now
+        // Phase one, to every member at once.
+        let answers = await withTaskGroup(of: (Member, Result<Ferry_V1_CutPrepared, any Error>).self) { tasks in
+            for member in members {
+                tasks.addTask {
+                    do {
+                        var command = Ferry_V1_Command()
+                        command.timeoutMs = UInt32(policy.holdBudgetMilliseconds)
+                        command.prepareCut.cutID = cutID
+                        command.prepareCut.volumes = member.volumes
+                        command.prepareCut.holdMs = UInt32(policy.holdBudgetMilliseconds)
+                        let reply = try await member.session.request(.command(command), timeout: budget)
+                        guard case .commandResult(let result) = reply.body else {
+                            throw FerryError(.protocolViolation, "\(member.hostName) answered a cut with \(reply.bodyName)")
+                        }
+                        switch result.outcome {
+                        case .cutPrepared(let p): return (member, .success(p))
+                        case .error(let e): throw FerryError(wire: e)
+                        default: throw FerryError(.protocolViolation, "\(member.hostName) answered a cut without its sequences")
+                        }
+                    } catch {
+                        return (member, .failure(error))
+                    }
+                }
+            }
+            var all: [(Member, Result<Ferry_V1_CutPrepared, any Error>)] = []
+            for await a in tasks { all.append(a) }
+            return all
+        }
+        let elapsed = started.duration(to: .now)
+        var failure: String?
+        var recorded: [PointMemberRecord] = []
+        for (member, answer) in answers.sorted(by: { $0.0.hostName < $1.0.hostName }) {
+            switch answer {
+            case .failure(let error):
+                let why = (error as? FerryError)?.message ?? "\(error)"
+                failure = failure ?? "\(member.hostName): \(why)"
+            case .success(let prepared):
+                guard prepared.cutID == cutID, Set(prepared.members.map(\.volume)) == Set(member.volumes) else {
+                    failure = failure ?? "\(member.hostName) answered for other volumes than asked"
+                    continue
+                }
+                for m in prepared.members {
+                    if m.overflowed {
+                        failure = failure ?? "\(member.hostName)/\(m.volume): its change log overflowed; the volume resyncs before it can be in a point"
+                    }
+                    recorded.append(PointMemberRecord(hostID: member.hostID, volume: m.volume, epoch: m.epoch, sequence: m.sequence))
+                }
+            }
+        }
+        if failure == nil, elapsed > budget {
+            failure = "the members answered in \(elapsed), past the \(policy.holdBudgetMilliseconds) ms hold budget"
+        }
+        let committed = failure == nil
+        // Phase two: everyone resumes, whatever the outcome. Not awaited in line: the point is
+        // recorded meanwhile, and the pauses come back for the metrics.
+        let finishing = Task { [metrics] in
+            await withTaskGroup(of: UInt64.self) { tasks in
+                for member in members {
+                    tasks.addTask {
+                        var command = Ferry_V1_Command()
+                        command.timeoutMs = 5000
+                        command.finishCut.cutID = cutID
+                        command.finishCut.committed = committed
+                        guard let reply = try? await member.session.request(.command(command), timeout: .seconds(5)),
+                              case .commandResult(let result) = reply.body, case .cutFinished(let f)? = result.outcome else { return 0 }
+                        metrics.cutPause(group: group.name, host: member.hostName, micros: f.pauseMicros)
+                        return f.pauseMicros
+                    }
+                }
+                var longest: UInt64 = 0
+                for await p in tasks { longest = max(longest, p) }
+                return longest
+            }
+        }
+        guard committed else {
+            _ = await finishing.value
+            throw FerryError(.unavailable, "cut of group '\(group.name)' aborted, no point recorded: \(failure!)")
+        }
+        let volumeCount = recorded.count
+        let kind = manual ? PointRecord.Kind.manual
+            : volumeCount > 1 ? (app ? PointRecord.Kind.groupApp : PointRecord.Kind.groupCrash)
+            : (app ? PointRecord.Kind.app : PointRecord.Kind.crash)
+        var point = PointRecord(
+            id: Self.newID(), groupName: group.name, createdAt: Date(), kind: kind, consistency: app ? "app" : "crash",
+            label: label, hookError: hookError, members: try JSONEncoder().encode(recorded.sorted { ($0.hostID, $0.volume) < ($1.hostID, $1.volume) }),
+            pauseMicros: nil, prunedAt: nil, prunedReason: nil)
+        let longest = await finishing.value
+        point.pauseMicros = Int64(longest)
+        try await store.addPoint(point, actor: actor)
+        metrics.cutRound(group: group.name, outcome: "committed")
+        return point
+    }
+
+    /// Point ids sort by creation time: `p-` + milliseconds since 1970 in hex + random suffix.
+    static func newID() -> String {
+        let ms = UInt64(Date().timeIntervalSince1970 * 1000)
+        return "p-" + String(ms, radix: 16) + "-" + String(UInt16.random(in: 0...UInt16.max), radix: 16)
+    }
+}

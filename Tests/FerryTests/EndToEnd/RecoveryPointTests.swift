@@ -1,0 +1,236 @@
+import FerryWire
+import Foundation
+import Testing
+
+/// Consistency groups and recovery points through real agents, a real controller and the
+/// project's workload generator and checker (Tests/workload/ferry_workload.py).
+@Suite("recovery points", .serialized)
+struct RecoveryPointTests {
+    static let workload = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("workload/ferry_workload.py").path
+    static let python = "/usr/bin/python3"
+
+    struct Cluster {
+        let dir: TestDirectory
+        var controller: ControllerProcess
+        var agents: [String: ChildProcess]
+        /// HOST/VOLUME → source image path and export URI.
+        var images: [String: String]
+        var uris: [String: String]
+    }
+
+    /// A controller and agents `hosts`, each with its volumes protected (16 MiB, new) and
+    /// hooks `quiesce` / `thaw` that log to files, plus `slow` (sleeps) and `broken` (fails).
+    func cluster(_ volumes: [String: [String]], size: String = "16M") async throws -> Cluster {
+        let dir = try TestDirectory()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        var agents: [String: ChildProcess] = [:]
+        var images: [String: String] = [:], uris: [String: String] = [:]
+        for (host, vols) in volumes.sorted(by: { $0.key < $1.key }) {
+            let config = dir.file("agent-\(host).yaml")
+            let hooks = dir.sub("hooks")
+            try """
+            hooks:
+              quiesce: "echo quiesce >> \(hooks)/\(host).log"
+              thaw: "echo thaw >> \(hooks)/\(host).log"
+              slow: "sleep 30"
+              broken: "echo disk not ready >&2; exit 3"
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+            agents[host] = try await AgentProcess.enrollAndStart(host, controller: controller, in: dir, arguments: ["--config", config])
+            #expect(try await controller.waitFor(host, state: "online"))
+            for v in vols {
+                let image = dir.sub("volumes-\(host)") + "/\(v).img"
+                let r = try await controller.ctl("protect", host, "--volume", v, "--path", image, "--create-size", size)
+                #expect(r.status == 0, "\(r)")
+                images["\(host)/\(v)"] = image
+            }
+        }
+        for target in images.keys {
+            let info = try await volume(controller, target)
+            uris[target] = "nbd+unix:///\(target.split(separator: "/")[1])?socket=\(try #require(info.socketPath))"
+        }
+        for target in images.keys { #expect(try await protected(controller, target), "\(target) never became protected") }
+        return Cluster(dir: dir, controller: controller, agents: agents, images: images, uris: uris)
+    }
+
+    func volume(_ controller: ControllerProcess, _ target: String) async throws -> API.Volume {
+        let r = try await controller.ctl("volume", "show", target, "--json")
+        guard r.status == 0 else { throw FerryError(.internalError, "volume show: \(r)") }
+        return try API.decoder().decode(API.Volume.self, from: Data(r.stdout.utf8))
+    }
+
+    func protected(_ controller: ControllerProcess, _ target: String, timeout: Duration = .seconds(60)) async throws -> Bool {
+        try await eventually(timeout: timeout, every: .milliseconds(300)) {
+            let v = try await volume(controller, target)
+            return v.replicaState == "protected" && (v.sync?.done ?? true)
+        }
+    }
+
+    /// The replica holds everything the agent captured.
+    func caughtUp(_ controller: ControllerProcess, _ target: String) async throws -> Bool {
+        try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
+            let v = try await volume(controller, target)
+            return v.replicaState == "protected" && v.lastSequence != nil && v.durableSequence == v.lastSequence
+        }
+    }
+
+    func points(_ controller: ControllerProcess, _ group: String) async throws -> [API.Point] {
+        let r = try await controller.ctl("points", group, "--json")
+        guard r.status == 0 else { throw FerryError(.internalError, "points: \(r)") }
+        return try API.decoder().decode([API.Point].self, from: Data(r.stdout.utf8))
+    }
+
+    func export(_ controller: ControllerProcess, _ target: String, point: String) async throws -> API.Export {
+        let r = try await controller.ctl("volume", "export", target, "--point", point, "--json")
+        guard r.status == 0 else { throw FerryError(.internalError, "volume export \(target) --point \(point): \(r)") }
+        return try API.decoder().decode(API.Export.self, from: Data(r.stdout.utf8))
+    }
+
+    @Test("two-phase group cuts: 200+ points of every kind, with the controller killed -9 twice, all pass the checker (every image a prefix of its volume's writes, no cut with a dependency outside it); a quiescent point equals the source per qemu-img compare")
+    func checkerPassesOnAllPoints() async throws {
+        var c = try await cluster(["db": ["data", "log"], "app": ["data", "cache"]])
+        let shop = ["db/data", "db/log", "app/data"]
+        var r = try await c.controller.ctl(["group", "create", "shop", "--crash-interval", "1s", "--app-interval", "4s",
+                                            "--quiesce-hook", "quiesce", "--thaw-hook", "thaw"] + shop.flatMap { ["--volume", $0] })
+        #expect(r.status == 0, "\(r)")
+        r = try await c.controller.ctl("group", "create", "solo", "--volume", "app/cache", "--crash-interval", "1s", "--app-interval", "5s",
+                                       "--quiesce-hook", "quiesce", "--thaw-hook", "thaw")
+        #expect(r.status == 0, "\(r)")
+
+        let log = c.dir.file("workload.jsonl"), stop = c.dir.file("stop"), ready = c.dir.file("ready")
+        let targets = shop + ["app/cache"]
+        let workload = try ChildProcess(Self.python, [Self.workload, "run", "--log", log, "--stop-file", stop, "--ready-file", ready,
+                                                      "--rate", "150", "--blocks", "1024"] + targets.flatMap { ["--volume", "\($0)=\(c.uris[$0]!)"] },
+                                        logPath: c.dir.file("workload.out"))
+        #expect(try await eventually(timeout: .seconds(20)) { FileManager.default.fileExists(atPath: ready) || !workload.isRunning })
+        #expect(workload.isRunning, "\(workload.log)")
+
+        // Manual points as fast as ferryctl goes, around two controller crashes; the
+        // scheduler adds crash and app points of both groups meanwhile.
+        var manual = 0
+        for phase in 0..<3 {
+            let until = ContinuousClock.now + .seconds(12)
+            while ContinuousClock.now < until {
+                let group = manual % 5 == 4 ? "solo" : "shop"
+                let app = manual % 7 == 0
+                r = try await c.controller.ctl(["point", "create", group, "--label", "m\(manual)"] + (app ? ["--app"] : []))
+                if r.status == 0 { manual += 1 }
+            }
+            if phase < 2 {
+                await c.controller.process.kill9()
+                c.controller = try await ControllerProcess.start(dataDir: c.controller.dataDir, listen: c.controller.agentAddress,
+                                                                 logName: "controller-\(phase + 2).log")
+                for host in c.agents.keys { #expect(try await c.controller.waitFor(host, state: "online", timeout: .seconds(30))) }
+            }
+        }
+        FileManager.default.createFile(atPath: stop, contents: nil)
+        #expect(await workload.waitForExit(timeout: .seconds(20)) == 0, "\(workload.log)")
+        for t in targets { #expect(try await caughtUp(c.controller, t), "\(t) did not catch up") }
+
+        let shopPoints = try await points(c.controller, "shop"), soloPoints = try await points(c.controller, "solo")
+        let all = shopPoints + soloPoints
+        let kinds = Set(all.map(\.kind))
+        #expect(kinds.isSuperset(of: ["crash", "app", "group-crash", "group-app", "manual"]), "\(kinds)")
+        #expect(all.count >= 200, "only \(all.count) points (\(manual) manual)")
+        #expect(all.allSatisfy(\.complete))
+        #expect(shopPoints.allSatisfy { $0.hookError == nil }, "\(shopPoints.compactMap(\.hookError))")
+        // Every app point ran the quiesce hook, then the thaw hook.
+        let hookLog = (try? String(contentsOfFile: c.dir.sub("hooks") + "/db.log", encoding: .utf8)) ?? ""
+        #expect(hookLog.contains("quiesce\nthaw\n"))
+
+        // Every point of both groups, served by the controller, through the checker.
+        struct Set_: Encodable { var point: String; var group: Bool; var images: [String: String] }
+        var sets: [Set_] = []
+        for p in all {
+            var images: [String: String] = [:]
+            for m in p.members {
+                images[m.volume] = try await export(c.controller, m.volume, point: p.id).uri
+            }
+            sets.append(Set_(point: p.id, group: p.members.count > 1, images: images))
+        }
+        let setsPath = c.dir.file("sets.json"), reportPath = c.dir.file("report.json")
+        try JSONEncoder().encode(sets).write(to: URL(fileURLWithPath: setsPath))
+        let check = try await run(Self.python, [Self.workload, "check", "--log", log, "--sets", setsPath, "--report", reportPath, "--quiet"],
+                                  timeout: .seconds(300))
+        #expect(check.status == 0, "\(check)")
+        let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: reportPath))) as? [String: Any]
+        let totals = report?["totals"] as? [String: Any]
+        #expect((totals?["sets"] as? Int) == all.count && (totals?["violations"] as? Int) == 0, "\(String(describing: totals))")
+        // Points spread over the run: the cuts are not all at the start or the end.
+        let prefixes = (report?["sets"] as? [[String: Any]])?.compactMap { ($0["prefix"] as? [String: Any])?["db/data"] as? Int } ?? []
+        #expect(Set(prefixes).count > 50, "\(Set(prefixes).count) distinct prefixes")
+
+        // Nothing writes now: a new point equals the sources, byte for byte, as a plain file.
+        r = try await c.controller.ctl("point", "create", "shop", "--json")
+        #expect(r.status == 0, "\(r)")
+        let last = try API.decoder().decode(API.Point.self, from: Data(r.stdout.utf8))
+        for t in shop {
+            let out = c.dir.file(t.replacingOccurrences(of: "/", with: "-") + ".point.img")
+            r = try await c.controller.ctl("volume", "export", t, "--point", last.id, "--out", out)
+            #expect(r.status == 0, "\(r)")
+            let compare = try await run("/usr/bin/qemu-img", ["compare", "-f", "raw", "-F", "raw", c.images[t]!, out])
+            #expect(compare.status == 0, "\(t): \(compare)")
+        }
+        for a in c.agents.values { a.signal(SIGTERM) }
+        c.controller.process.signal(SIGTERM)
+    }
+
+    @Test("bad input: unprotected or already grouped volumes, unknown, pruned and out-of-retention points are clear errors; a failing or slow quiesce hook leaves a crash-consistent point with the error; a member that stops answering aborts the cut, the others resume at once and no point is recorded")
+    func badInput() async throws {
+        let c = try await cluster(["db": ["data", "x"], "app": ["data", "y"]])
+        let ctl = c.controller
+        var r = try await ctl.ctl("group", "create", "g1", "--volume", "db/nothing")
+        #expect(r.status != 0 && r.stderr.contains("not a protected volume"), "\(r)")
+        r = try await ctl.ctl("group", "create", "g1", "--volume", "db/data", "--quiesce-hook", "broken", "--thaw-hook", "thaw",
+                              "--crash-interval", "0", "--app-interval", "0")
+        #expect(r.status == 0, "\(r)")
+        r = try await ctl.ctl("group", "create", "g2", "--volume", "app/data", "--volume", "db/data")
+        #expect(r.status != 0 && r.stderr.contains("already in group 'g1'"), "\(r)")
+
+        // A hook that fails: the point is taken, crash-consistent, with the hook's error.
+        r = try await ctl.ctl("point", "create", "g1", "--app", "--json")
+        #expect(r.status == 0, "\(r)")
+        let failed = try API.decoder().decode(API.Point.self, from: Data(r.stdout.utf8))
+        #expect(failed.consistency == "crash" && failed.hookError?.contains("disk not ready") == true, "\(failed)")
+
+        r = try await ctl.ctl("volume", "export", "db/data", "--point", "p-nope")
+        #expect(r.status != 0 && r.stderr.contains("no recovery point 'p-nope'"), "\(r)")
+        r = try await ctl.ctl("volume", "export", "db/data", "--as-of", "2001-01-01T00:00:00Z")
+        #expect(r.status != 0 && r.stderr.contains("outside retention"), "\(r)")
+
+        // A hook that outlives its timeout, and retention that keeps only the newest of each kind.
+        r = try await ctl.ctl("group", "create", "pr", "--volume", "app/data", "--quiesce-hook", "slow", "--hook-timeout", "1s",
+                              "--crash-interval", "0", "--app-interval", "0", "--keep-all", "0s", "--keep-hourly", "0s", "--keep-daily", "0s")
+        #expect(r.status == 0, "\(r)")
+        r = try await ctl.ctl("point", "create", "pr", "--app", "--json")
+        #expect(r.status == 0, "\(r)")
+        let slow = try API.decoder().decode(API.Point.self, from: Data(r.stdout.utf8))
+        #expect(slow.consistency == "crash" && slow.hookError?.contains("timed out") == true, "\(slow)")
+        for _ in 0..<2 { #expect(try await ctl.ctl("point", "create", "pr").status == 0) }
+        #expect(try await eventually(timeout: .seconds(30), every: .milliseconds(500)) { try await points(ctl, "pr").count == 1 })
+        r = try await ctl.ctl("volume", "export", "app/data", "--point", slow.id)
+        #expect(r.status != 0 && r.stderr.contains("was pruned"), "\(r)")
+
+        // A member that stops answering (its agent paused) aborts the round within the budget.
+        r = try await ctl.ctl("group", "create", "pair", "--volume", "db/x", "--volume", "app/y", "--crash-interval", "0", "--app-interval", "0")
+        #expect(r.status == 0, "\(r)")
+        #expect(try await ctl.ctl("point", "create", "pair").status == 0)
+        let app = try #require(c.agents["app"])
+        app.signal(SIGSTOP)
+        r = try await ctl.ctl("point", "create", "pair")
+        #expect(r.status != 0 && r.stderr.contains("aborted"), "\(r)")
+        // The healthy member writes on at once.
+        let started = ContinuousClock.now
+        let write = try await run("/usr/bin/qemu-io", ["-f", "raw", "-t", "none", "-c", "write -P 7 0 64k", c.uris["db/x"]!], timeout: .seconds(10))
+        let took = started.duration(to: .now)
+        app.signal(SIGCONT)
+        #expect(write.status == 0 && took < .seconds(2), "\(write) in \(took)")
+        #expect(try await points(ctl, "pair").count == 1)
+        let metrics = try await ctl.ctl("metrics")
+        #expect(metrics.stdout.contains("ferry_group_cut_rounds_total{group=\"pair\",outcome=\"aborted\"}")
+                || metrics.stdout.contains("ferry_group_cut_rounds_total{outcome=\"aborted\",group=\"pair\"}"), "\(metrics.stdout)")
+        #expect(metrics.stdout.contains("ferry_group_cut_pause_seconds_bucket"))
+        for a in c.agents.values { a.signal(SIGTERM) }
+        ctl.process.signal(SIGTERM)
+    }
+}
