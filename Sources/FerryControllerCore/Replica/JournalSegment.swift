@@ -85,6 +85,42 @@ enum JournalRecord {
         return at
     }
 
+    /// A record's header, with where its payload lies in the segment.
+    struct Header {
+        var epoch: UInt64
+        var sequence: UInt64
+        var offset: UInt64
+        var length: UInt64
+        var zeroed: Bool
+        /// Offset of the payload (a write's bytes) in the segment.
+        var payload: Int
+        /// Where the next record starts.
+        var end: Int
+    }
+
+    /// Walks the headers of `bytes` (records already checked by `scan`) without reading the
+    /// payloads or their CRCs, calling `body` for each until it returns false; stops at
+    /// anything that is not a well-formed record.
+    static func walkHeaders(_ bytes: UnsafeRawBufferPointer, size: UInt64, _ body: (Header) -> Bool) {
+        func integer<T: FixedWidthInteger>(_ at: Int, _: T.Type) -> T { T(bigEndian: bytes.loadUnaligned(fromByteOffset: at, as: T.self)) }
+        var at = 0
+        while bytes.count - at >= headerSize {
+            let magic = integer(at, UInt32.self)
+            let epoch = integer(at + 8, UInt64.self), sequence = integer(at + 16, UInt64.self)
+            let offset = integer(at + 24, UInt64.self), length = integer(at + 32, UInt64.self)
+            let kind = integer(at + 40, UInt32.self)
+            guard magic == Self.magic, kind <= 1, length <= UInt64(NBDLimit.maxRecord) || kind == 1 else { return }
+            let payload = kind == 0 ? Int(length) : 0
+            guard bytes.count - at - headerSize >= payload else { return }
+            let (end, overflow) = offset.addingReportingOverflow(length)
+            guard !overflow, end <= size else { return }
+            let header = Header(epoch: epoch, sequence: sequence, offset: offset, length: length, zeroed: kind == 1,
+                                payload: at + headerSize, end: at + headerSize + payload)
+            at = header.end
+            guard body(header) else { return }
+        }
+    }
+
     /// Runs `body` over a whole segment file mapped read-only: scanning and folding read it in
     /// place, with no buffer to allocate and fill. Only the controller's replica actor changes
     /// segment files, and never one being read.

@@ -11,7 +11,10 @@ import NIOPosix
 /// - `base.img`: the state at the retention horizon: records older than the retention window
 ///   (or past the journal's size cap) are folded into it and their segments deleted, so the
 ///   journal holds the history a point-in-time image is built from;
-/// - `state.json`: epoch, checkpoint, fold progress, sync status.
+/// - `state.json`: epoch, checkpoint, fold progress, sync status, the epochs' order.
+///
+/// A point-in-time image (`openImage(at:)`) is read in place from `base.img` and the journal
+/// up to a position; retained points hold the journal back from folding with `pin`.
 ///
 /// On open, a torn or corrupt journal tail is cut at the last valid record and the records
 /// after the last checkpoint are replayed onto the image (idempotent, since records apply in
@@ -32,6 +35,11 @@ public actor ReplicaStore {
         public var foldedThrough: UInt64 = 0
         /// Capture time (Unix nanoseconds) of the newest record folded into the base image.
         public var baseAsOf: Int64 = 0
+        /// Capture epochs in the order they started: journal positions are ordered by it, since
+        /// epochs are random numbers.
+        public var epochs: [UInt64] = []
+        /// The last record folded into the base image (nil: nothing folded yet).
+        public var baseThrough: ReplicaPosition?
 
         public init() {}
 
@@ -45,6 +53,8 @@ public actor ReplicaStore {
             syncsCompleted = try c.decodeIfPresent(UInt64.self, forKey: .syncsCompleted) ?? 0
             foldedThrough = try c.decodeIfPresent(UInt64.self, forKey: .foldedThrough) ?? 0
             baseAsOf = try c.decodeIfPresent(Int64.self, forKey: .baseAsOf) ?? 0
+            epochs = try c.decodeIfPresent([UInt64].self, forKey: .epochs) ?? (epoch != 0 ? [epoch] : [])
+            baseThrough = try c.decodeIfPresent(ReplicaPosition.self, forKey: .baseThrough)
         }
     }
 
@@ -79,6 +89,12 @@ public actor ReplicaStore {
     private var active: (id: UInt64, fd: Int32)?
     private var appendedSinceCheckpoint: Int64 = 0
     private var folding = false
+    /// Images being opened wait for a fold in progress to finish.
+    private var foldWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Open point images: while any is open the base image does not change (no fold).
+    private let leases = ImageLeases()
+    /// The oldest position a retained recovery point needs (see `pin`).
+    public private(set) var pinned: ReplicaPosition?
     /// A batch is being written to the active segment (the actor is reentrant at its awaits):
     /// the folder must not close that segment under it.
     private var applying = false
@@ -135,12 +151,27 @@ public actor ReplicaStore {
             fstat(fd, &st)
             if UInt64(st.st_size) != size { ftruncate(fd, off_t(size)) }
         }
-        let state = (try? JSONDecoder().decode(State.self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/state.json")))) ?? State()
+        var state = (try? JSONDecoder().decode(State.self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/state.json")))) ?? State()
         self.state = state
         let recovered = try Self.recover(journalDirectory: directory + "/journal", state: state, image: image, size: size)
         segments = recovered.segments
         durable = recovered.durable
         oldestCapture = recovered.oldestCapture
+        // A state file from before positions: the journal's own epochs precede the current
+        // one, and the base ends just before the first record left in the journal.
+        var journalEpochs: [UInt64] = []
+        for segment in segments where !journalEpochs.contains(segment.epoch) && !state.epochs.contains(segment.epoch) {
+            journalEpochs.append(segment.epoch)
+        }
+        state.epochs = journalEpochs + state.epochs
+        if state.baseThrough == nil, state.foldedThrough > 0 {
+            if let first = segments.first(where: { $0.bytes > 0 && $0.first > 0 }) {
+                state.baseThrough = ReplicaPosition(epoch: first.epoch, sequence: first.first - 1)
+            } else {
+                state.baseThrough = ReplicaPosition(epoch: state.epoch, sequence: recovered.durable)
+            }
+        }
+        self.state = state
     }
 
     deinit {
@@ -452,16 +483,30 @@ public actor ReplicaStore {
     /// Folds into the base image every sealed segment whose newest record is older than the
     /// retention window, or the oldest ones while the journal is over its size cap; an active
     /// segment past the window is sealed first. Returns the segments folded.
+    ///
+    /// A pinned position (`pin`) keeps the segments holding records after it, unless the
+    /// journal is over its size cap (the cap wins: points before `basePosition` are gone).
+    /// While a point image is open nothing is folded (it reads the base image): returns 0.
     @discardableResult
     public func fold(now: Date = Date()) async throws -> Int {
-        guard !folding else { return 0 }
+        guard !folding, leases.open == 0 else { return 0 }
         folding = true
-        defer { folding = false }
+        defer {
+            folding = false
+            let waiters = foldWaiters
+            foldWaiters = []
+            for waiter in waiters { waiter.resume() }
+        }
         let horizon = Int64(now.timeIntervalSince1970 * 1e9) - Int64(retention.components.seconds) * 1_000_000_000
             - retention.components.attoseconds / 1_000_000_000
         var folded = 0
-        while let oldest = segments.first {
-            let expired = oldest.newest <= horizon
+        // An image opened meanwhile (the actor is reentrant) stops the fold between segments.
+        while let oldest = segments.first, leases.open == 0 {
+            let needed = pinned.map { pin in
+                // Unknown order (cannot happen for a pin taken from this replica): keep it.
+                compare(ReplicaPosition(epoch: oldest.epoch, sequence: oldest.last), pin).map { $0 == .orderedDescending } ?? true
+            } ?? false
+            let expired = oldest.newest <= horizon && !needed
             let overCap = journalBytes > journalLimit
             guard expired || overCap else { break }
             if active?.id == oldest.id {
@@ -485,6 +530,7 @@ public actor ReplicaStore {
             // The fold is durable: record it, then the segment may go.
             state.foldedThrough = oldest.id
             state.baseAsOf = max(state.baseAsOf, oldest.newest)
+            if oldest.last > 0 { state.baseThrough = ReplicaPosition(epoch: oldest.epoch, sequence: oldest.last) }
             try saveState()
             unlink(path)
             unlink(oldest.metaPath(in: journalDirectory))
@@ -493,6 +539,95 @@ public actor ReplicaStore {
             folded += 1
         }
         return folded
+    }
+
+    // MARK: Positions and point-in-time images
+
+    /// Everything received: the current epoch through its last durable sequence.
+    public var latestPosition: ReplicaPosition { ReplicaPosition(epoch: state.epoch, sequence: durable) }
+
+    /// The last record folded into the base image; nil while nothing is folded. No image can
+    /// be opened before it.
+    public var basePosition: ReplicaPosition? { state.baseThrough }
+
+    /// Open point images (each holds off folding).
+    public var openImages: Int { leases.open }
+
+    /// A position's place in the journal: (the epoch's start order, sequence); epoch 0 (nothing
+    /// received yet) comes before everything. Nil for an epoch this replica never had.
+    private func ordinal(_ p: ReplicaPosition) -> (Int, UInt64)? {
+        if p.epoch == 0 { return (-1, p.sequence) }
+        guard let i = state.epochs.firstIndex(of: p.epoch) else { return nil }
+        return (i, p.sequence)
+    }
+
+    /// Orders two positions by the journal (epochs are not ordered by value); nil when either
+    /// names an epoch this replica never had.
+    public func compare(_ a: ReplicaPosition, _ b: ReplicaPosition) -> ComparisonResult? {
+        guard let x = ordinal(a), let y = ordinal(b) else { return nil }
+        return x < y ? .orderedAscending : x == y ? .orderedSame : .orderedDescending
+    }
+
+    /// Sets the oldest position a retained recovery point needs (nil: none): folding keeps
+    /// every segment holding a record after it, unless the journal is over its size cap.
+    /// Kept in memory only: the catalogue pins again when the controller starts, before it
+    /// lets the replica fold.
+    public func pin(_ oldest: ReplicaPosition?) {
+        pinned = oldest
+    }
+
+    /// Opens the volume as it was at `position`, read in place from the base image and the
+    /// journal (nothing is copied; the cost follows the journal's records, not the volume's
+    /// size). With `overlayDirectory` the image takes writes into a copy-on-write overlay
+    /// kept there (reopened if the directory holds one for the same position); the point,
+    /// the journal and the base are never written. Folding waits until the image is closed.
+    public func openImage(at position: ReplicaPosition, overlayDirectory: String? = nil) async throws -> PointImage {
+        // The lease first: a fold in progress stops after its current segment, and none starts.
+        leases.acquire()
+        var handedOver = false
+        defer { if !handedOver { leases.release() } }
+        while folding { await withCheckedContinuation { foldWaiters.append($0) } }
+        let sources = try pointSources(position)
+        let size = self.size, basePath = self.basePath, leases = self.leases
+        let image = try await pool.runIfActive {
+            try PointImage(size: size, position: position, basePath: basePath, sources: sources,
+                           overlayDirectory: overlayDirectory, leases: leases)
+        }
+        handedOver = true // the image gives the lease back when closed
+        return image
+    }
+
+    /// The journal segments (and how far into each) that make up `position` over the base,
+    /// or why there is no such point.
+    private func pointSources(_ position: ReplicaPosition) throws -> [PointSource] {
+        guard let target = ordinal(position) else {
+            throw FerryError(.notFound, "no point at \(position): this replica never received that epoch (the volume's agent restarts in a new one)")
+        }
+        let latest = latestPosition
+        if let newest = ordinal(latest), target > newest {
+            throw FerryError(.notFound, "no point at \(position): not received yet (the replica holds through \(latest))")
+        }
+        if let base = basePosition, let folded = ordinal(base), target < folded {
+            throw FerryError(.notFound, "no point at \(position): folded into the base: the point was pruned (the oldest point available is \(base))")
+        }
+        if position.epoch != 0, position.epoch != state.epoch {
+            // An earlier epoch ended where the agent restarted: sequences past it never existed.
+            var last = segments.filter { $0.epoch == position.epoch }.map(\.last).max() ?? 0
+            if let base = basePosition, base.epoch == position.epoch { last = max(last, base.sequence) }
+            if position.sequence > last {
+                throw FerryError(.notFound, "no point at \(position): that epoch ended at sequence \(last)")
+            }
+        }
+        var sources: [PointSource] = []
+        for segment in segments where segment.bytes > 0 {
+            guard let at = ordinal(ReplicaPosition(epoch: segment.epoch, sequence: segment.first)) else {
+                throw FerryError(.internalError, "journal segment \(JournalSegment.name(segment.id)) is of an epoch the replica has no order for")
+            }
+            if at.0 > target.0 || (at.0 == target.0 && segment.first > position.sequence) { break }
+            sources.append(PointSource(path: segment.path(in: journalDirectory), bytes: Int(segment.bytes),
+                                       through: at.0 == target.0 ? position.sequence : nil))
+        }
+        return sources
     }
 
     /// The agent's periodic report. A sync it reports finished (nothing pending in this epoch)
@@ -571,6 +706,8 @@ public actor ReplicaStore {
         try await checkpoint()
         state.resyncNeeded = state.resyncNeeded || state.epoch != 0
         state.epoch = epoch
+        // Epochs are random 64-bit numbers: one never comes back.
+        if !state.epochs.contains(epoch) { state.epochs.append(epoch) }
         state.checkpointed = 0
         durable = 0
         // A completion reported in the old epoch names sequences that mean nothing now.
