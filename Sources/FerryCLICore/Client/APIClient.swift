@@ -273,26 +273,26 @@ public struct APIClient: Sendable {
         var request = makeRequest(.get, route, body: nil, authenticated: true)
         request.headers.replaceOrAdd(name: "Accept", value: "application/octet-stream")
 
-        let response: HTTPClientResponse
-        do {
-            response = try await http.execute(request, timeout: Self.imageHeadTimeout)
-        } catch {
-            throw TransportErrors.describe(error, url: settings.baseURL, caPath: settings.caPath)
-        }
-        guard (200..<300).contains(response.status.code) else {
-            let buffer: ByteBuffer
-            do {
-                buffer = try await response.body.collect(upTo: 1 << 20)
-            } catch {
-                throw FerryError(.protocolViolation, "HTTP \(response.status.code) from \(url)")
-            }
-            throw Self.apiError(status: response.status.code, body: buffer, url: url)
-        }
-        let resolved = response.headers.first(name: "X-Ferry-Point")
-        let expected = response.headers.first(name: "Content-Length").flatMap { UInt64($0) }
-
+        // Open (or refuse) the target before asking for many GiB.
         let file = try ImageFile(path: path, overwrite: overwrite)
         do {
+            let response: HTTPClientResponse
+            do {
+                response = try await http.execute(request, timeout: Self.imageHeadTimeout)
+            } catch {
+                throw TransportErrors.describe(error, url: settings.baseURL, caPath: settings.caPath)
+            }
+            guard (200..<300).contains(response.status.code) else {
+                let buffer: ByteBuffer
+                do {
+                    buffer = try await response.body.collect(upTo: 1 << 20)
+                } catch {
+                    throw FerryError(.protocolViolation, "HTTP \(response.status.code) from \(url)")
+                }
+                throw Self.apiError(status: response.status.code, body: buffer, url: url)
+            }
+            let resolved = response.headers.first(name: "X-Ferry-Point")
+            let expected = response.headers.first(name: "Content-Length").flatMap { UInt64($0) }
             do {
                 for try await chunk in response.body {
                     try file.append(chunk)
@@ -302,16 +302,16 @@ public struct APIClient: Sendable {
             } catch {
                 throw TransportErrors.describe(error, url: settings.baseURL, caPath: settings.caPath)
             }
-            if let expected, expected != file.received + UInt64(file.pending) {
-                throw FerryError(.protocolViolation,
-                                 "the image ended after \(file.received + UInt64(file.pending)) of \(expected) bytes; \(path) is incomplete")
+            let total = file.received + UInt64(file.pending)
+            if let expected, expected != total {
+                throw FerryError(.protocolViolation, "the image ended after \(total) of \(expected) bytes")
             }
             try file.finish()
+            return ImageDownload(bytes: file.received, writtenBytes: file.written, point: resolved)
         } catch {
             file.abandon()
             throw error
         }
-        return ImageDownload(bytes: file.received, writtenBytes: file.written, point: resolved)
     }
 
     // MARK: - Transport

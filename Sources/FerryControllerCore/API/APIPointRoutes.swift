@@ -1,5 +1,6 @@
 import FerryWire
 import Foundation
+import HTTPTypes
 import Hummingbird
 import NIOCore
 

@@ -17,7 +17,7 @@ struct PointScheduler: Service {
     static let retentionEvery: Duration = .seconds(10)
 
     func run() async throws {
-        var due = Schedule()
+        let due = Schedule()
         var lastRetention = ContinuousClock.now - Self.retentionEvery
         var alerting = Set<String>()
         while !Task.isShuttingDownGracefully {

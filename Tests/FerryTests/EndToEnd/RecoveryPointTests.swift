@@ -102,7 +102,7 @@ struct RecoveryPointTests {
         let workload = try ChildProcess(Self.python, [Self.workload, "run", "--log", log, "--stop-file", stop, "--ready-file", ready,
                                                       "--rate", "150", "--blocks", "1024"] + targets.flatMap { ["--volume", "\($0)=\(c.uris[$0]!)"] },
                                         logPath: c.dir.file("workload.out"))
-        #expect(try await eventually(timeout: .seconds(20)) { FileManager.default.fileExists(atPath: ready) || !workload.isRunning })
+        #expect(await eventually(timeout: .seconds(20)) { FileManager.default.fileExists(atPath: ready) || !workload.isRunning })
         #expect(workload.isRunning, "\(workload.log)")
 
         // Manual points as fast as ferryctl goes, around two controller crashes; the
@@ -123,7 +123,7 @@ struct RecoveryPointTests {
                 for host in c.agents.keys { #expect(try await c.controller.waitFor(host, state: "online", timeout: .seconds(30))) }
             }
         }
-        FileManager.default.createFile(atPath: stop, contents: nil)
+        _ = FileManager.default.createFile(atPath: stop, contents: nil)
         #expect(await workload.waitForExit(timeout: .seconds(20)) == 0, "\(workload.log)")
         for t in targets { #expect(try await caughtUp(c.controller, t), "\(t) did not catch up") }
 
@@ -132,7 +132,7 @@ struct RecoveryPointTests {
         let kinds = Set(all.map(\.kind))
         #expect(kinds.isSuperset(of: ["crash", "app", "group-crash", "group-app", "manual"]), "\(kinds)")
         #expect(all.count >= 200, "only \(all.count) points (\(manual) manual)")
-        #expect(all.allSatisfy(\.complete))
+        #expect(all.allSatisfy { $0.complete })
         #expect(shopPoints.allSatisfy { $0.hookError == nil }, "\(shopPoints.compactMap(\.hookError))")
         // Every app point ran the quiesce hook, then the thaw hook.
         let hookLog = (try? String(contentsOfFile: c.dir.sub("hooks") + "/db.log", encoding: .utf8)) ?? ""
