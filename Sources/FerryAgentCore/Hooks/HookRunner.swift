@@ -50,6 +50,9 @@ public struct HookRunner: Sendable {
         let timer = Task {
             try await Task.sleep(for: timeout)
             killed.store(true, ordering: .relaxed)
+            // Its process group too (Foundation starts it in one of its own): a child left
+            // holding the output pipe would keep the hook from ever being seen to end.
+            if getpgid(pid) == pid { kill(-pid, SIGKILL) }
             kill(pid, SIGKILL)
         }
         var status: Int32 = -1

@@ -1,0 +1,27 @@
+import FerryAgentCore
+import Foundation
+import Testing
+
+@Suite("agent hooks by name")
+struct UnitHookRunnerTests {
+    let runner = HookRunner(hooks: ["ok": "echo fine", "fails": "echo disk not ready >&2; exit 3", "slow": "sleep 30", "slow-pipe": "sleep 30 | cat"])
+
+    @Test("a hook that exits 0 succeeds; a failing one reports its status and output; an unknown name is refused")
+    func outcomes() async {
+        #expect(await runner.run("ok", timeout: .seconds(10)) == nil)
+        let failed = await runner.run("fails", timeout: .seconds(10))
+        #expect(failed?.contains("status 3") == true && failed?.contains("disk not ready") == true, "\(String(describing: failed))")
+        let unknown = await runner.run("rm -rf /", timeout: .seconds(10))
+        #expect(unknown?.contains("no hook named") == true)
+    }
+
+    @Test("a hook past its timeout is killed, with its children, and reported as timed out")
+    func timeout() async {
+        for name in ["slow", "slow-pipe"] {
+            let started = ContinuousClock.now
+            let outcome = await runner.run(name, timeout: .milliseconds(500))
+            #expect(outcome?.contains("timed out") == true, "\(String(describing: outcome))")
+            #expect(started.duration(to: .now) < .seconds(10))
+        }
+    }
+}
