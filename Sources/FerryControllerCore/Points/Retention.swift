@@ -35,7 +35,7 @@ public enum Retention {
     public static func validate(_ p: API.GroupPolicy) throws {
         func bad(_ m: String) -> FerryError { FerryError(.badRequest, "group policy: " + m) }
         guard p.crashIntervalSeconds == 0 || (1...86_400).contains(p.crashIntervalSeconds) else { throw bad("crash-interval must be 0 (off) or 1 s to 24 h") }
-        guard p.appIntervalSeconds == 0 || (10...604_800).contains(p.appIntervalSeconds) else { throw bad("app-interval must be 0 (off) or 10 s to 7 d") }
+        guard p.appIntervalSeconds == 0 || (1...604_800).contains(p.appIntervalSeconds) else { throw bad("app-interval must be 0 (off) or 1 s to 7 d") }
         guard (1...3600).contains(p.hookTimeoutSeconds) else { throw bad("hook-timeout must be 1 s to 1 h") }
         guard (1...10_000).contains(p.holdBudgetMilliseconds) else { throw bad("hold-budget must be 1 ms to 10 s") }
         guard p.keepAllSeconds >= 0, p.hourlySeconds >= p.keepAllSeconds, p.dailySeconds >= p.hourlySeconds else {
