@@ -118,6 +118,82 @@ else
   "$bin/ferryctl" volume show bench/bench >&2
 fi
 
+# Recovery points. Group cuts: a 16-volume group over 4 agents (this one and three more), points
+# taken back to back while fio writes to one volume of each agent; each point records the
+# longest pause of its members, as the agents measured it.
+log "recovery points: 16-volume group on 4 agents under fio"
+members=()
+agent_pids=("${pids[2]}")
+for a in 1 2 3 4; do
+  name="cut$a"
+  if [ "$a" -gt 1 ]; then
+    token="$("$bin/ferryctl" token create --host "$name" 2>/dev/null)"
+    FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$work/controller/agent-listen.addr")" \
+      --data-dir "$work/agent-$name" >/dev/null || die "enroll $name failed"
+    "$bin/ferry-agent" run --data-dir "$work/agent-$name" >"$work/agent-$name.log" 2>&1 &
+    pids+=($!)
+    agent_pids+=($!)
+    wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q '$name .*online'" || die "agent $name did not come online"
+    host="$name"
+  else
+    host=bench
+  fi
+  for v in 1 2 3 4; do
+    "$bin/ferryctl" protect "$host" --volume "g$v" --path "$work/$host-g$v.img" --create-size 256M >/dev/null || die "protect $host/g$v failed"
+    members+=(--volume "$host/g$v")
+  done
+done
+protected_all() {
+  "$bin/ferryctl" volumes --json | python3 -c '
+import json, sys
+sys.exit(0 if all(v.get("replicaState") == "protected" for v in json.load(sys.stdin)) else 1)'
+}
+wait_for 120 protected_all || die "the group's volumes did not become protected"
+"$bin/ferryctl" group create bench16 "${members[@]}" --crash-interval 0 --app-interval 0 >/dev/null || die "group create failed"
+cut_uris=()
+for host in bench cut2 cut3 cut4; do
+  dir="$work/agent/sockets"; [ "$host" = bench ] || dir="$work/agent-$host/sockets"
+  cut_uris+=("--name=$host" "--uri=nbd+unix:///g1?socket=$dir/g1.sock")
+done
+fio --ioengine=nbd --rw=randwrite --bs=4k --size=256M --iodepth=16 --time_based --runtime="${runtime}s" \
+    "${cut_uris[@]}" --output="$work/results/cut-fio.txt" >&2 &
+fio_pid=$!
+sleep 2
+aborted=0
+: >"$work/results/cuts.txt"
+while kill -0 "$fio_pid" 2>/dev/null; do
+  "$bin/ferryctl" point create bench16 >/dev/null 2>>"$work/results/cut-errors.txt" || aborted=$((aborted + 1))
+done
+wait "$fio_pid" || die "fio under cuts failed"
+"$bin/ferryctl" points bench16 --json | python3 -c '
+import json, sys
+for p in json.load(sys.stdin):
+    if p.get("pauseMicros") is not None: print("pause_micros", p["pauseMicros"])' >>"$work/results/cuts.txt"
+echo "aborted $aborted" >>"$work/results/cuts.txt"
+
+# A point-in-time export of a 10 GiB volume: from the command to the first read answered.
+log "recovery points: export of a 10 GiB volume at a point"
+"$bin/ferryctl" protect bench --volume big --path "$work/big.img" --create-size 10G >/dev/null || die "protect big failed"
+wait_for 300 protected_all || die "the 10 GiB volume did not become protected"
+fio --name=big --ioengine=nbd --uri="nbd+unix:///big?socket=$work/agent/sockets/big.sock" --rw=randwrite --bs=64k \
+    --size=10G --io_size=512M --iodepth=16 >&2 || die "fio on the 10 GiB volume failed"
+"$bin/ferryctl" group create big --volume bench/big --crash-interval 0 --app-interval 0 >/dev/null || die "group create big failed"
+point="$("$bin/ferryctl" point create big)" || die "point create big failed"
+point_complete() {
+  "$bin/ferryctl" points big --json | python3 -c 'import json, sys; sys.exit(0 if all(p["complete"] for p in json.load(sys.stdin)) else 1)'
+}
+wait_for 120 point_complete || die "the point of the 10 GiB volume never completed"
+python3 - "$bin/ferryctl" "$point" >"$work/results/export.txt" <<'PY' || die "export timing failed"
+import json, subprocess, sys, time
+ctl, point = sys.argv[1], sys.argv[2]
+start = time.monotonic()
+export = json.loads(subprocess.run([ctl, "volume", "export", "bench/big", "--point", point, "--json"],
+                                   check=True, capture_output=True, text=True).stdout)
+subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", export["uri"]], check=True, capture_output=True)
+print("first_read_ms", (time.monotonic() - start) * 1000)
+print("open_ms", export["openMilliseconds"])
+PY
+
 echo
 echo "Ferry benchmark: ${size} volume, ${runtime} s per run, iodepth 16, volumes and journal on tmpfs"
 "$bin/ferry-bench" --results "$work/results"

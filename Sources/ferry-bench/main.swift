@@ -86,6 +86,27 @@ func main() throws {
     ]
     printTable([["measure", "nbdkit file", "ferry agent", "ratio", "target"]] + rows.map { [$0.0, $0.1, $0.2, $0.3, $0.4] })
 
+    // Recovery points: group-cut pauses and a point-in-time export's first read.
+    if let cuts = try? String(contentsOfFile: dir + "/cuts.txt", encoding: .utf8) {
+        let pauses = cuts.split(separator: "\n").compactMap { line -> Double? in
+            let p = line.split(separator: " ")
+            return p.count == 2 && p[0] == "pause_micros" ? Double(p[1]).map { $0 / 1000 } : nil
+        }.sorted()
+        let aborted = cuts.split(separator: "\n").first { $0.hasPrefix("aborted ") }.flatMap { Int($0.split(separator: " ")[1]) } ?? 0
+        func at(_ q: Double) -> String {
+            pauses.isEmpty ? "-" : String(format: "%.1f ms", pauses[min(pauses.count - 1, Int((q * Double(pauses.count)).rounded(.up)) - 1)])
+        }
+        let export = (try? keyValues(dir + "/export.txt")) ?? [:]
+        print()
+        print("Recovery points: 16-volume group on 4 agents under fio (\(pauses.count) points, \(aborted) rounds aborted)")
+        printTable([["measure", "value", "target"],
+                    ["group-cut pause p50 (longest member)", at(0.5), "-"],
+                    ["group-cut pause p99", at(0.99), "< 20 ms"],
+                    ["group-cut pause max", pauses.last.map { String(format: "%.1f ms", $0) } ?? "-", "-"],
+                    ["10 GiB point export: command to first read", export["first_read_ms"].map { String(format: "%.0f ms", $0) } ?? "-", "< 1 s"],
+                    ["10 GiB point export: image open (controller)", export["open_ms"].map { String(format: "%.1f ms", $0) } ?? "-", "-"]])
+    }
+
     // The floor: the least CPU the sequential target needs here, from rates measured in this
     // invocation. Only work that cannot be avoided counts (the workload's own side as the
     // baseline spent it, TLS both ways, one journal append and one replica write per byte);

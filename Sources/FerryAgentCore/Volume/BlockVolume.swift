@@ -205,7 +205,9 @@ final class WriteGate: @unchecked Sendable {
     // NSCondition: the writers' threads must sleep until a hold ends; every field below is
     // guarded by it.
     private let condition = NSCondition()
-    private var held = false
+    /// Holds in force: two cuts may overlap (one of a controller that died mid-round and one of
+    /// its successor), and the first to end must not release the other's.
+    private var holders = 0
     private var inFlight = 0
     private let heldFlag = Atomic<Bool>(false)
 
@@ -213,7 +215,7 @@ final class WriteGate: @unchecked Sendable {
 
     func enter() {
         condition.lock()
-        while held { condition.wait() }
+        while holders > 0 { condition.wait() }
         inFlight += 1
         condition.unlock()
     }
@@ -228,7 +230,7 @@ final class WriteGate: @unchecked Sendable {
     func hold(until deadline: ContinuousClock.Instant) -> Bool {
         condition.lock()
         defer { condition.unlock() }
-        held = true
+        holders += 1
         heldFlag.store(true, ordering: .relaxed)
         while inFlight > 0 {
             let left = ContinuousClock.now.duration(to: deadline)
@@ -241,9 +243,11 @@ final class WriteGate: @unchecked Sendable {
 
     func release() {
         condition.lock()
-        held = false
-        heldFlag.store(false, ordering: .relaxed)
-        condition.broadcast()
+        holders = max(0, holders - 1)
+        if holders == 0 {
+            heldFlag.store(false, ordering: .relaxed)
+            condition.broadcast()
+        }
         condition.unlock()
     }
 }

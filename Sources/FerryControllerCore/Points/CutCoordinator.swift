@@ -196,6 +196,14 @@ public actor CutCoordinator {
                     if m.overflowed {
                         failure = failure ?? "\(member.hostName)/\(m.volume): its change log overflowed; the volume resyncs before it can be in a point"
                     }
+                    // The replica must still be a whole copy in the epoch the agent cut: an agent
+                    // that restarted since the checks above starts a new epoch and resyncs.
+                    if let replica = await replicas.opened(hostID: member.hostID, volume: m.volume) {
+                        let state = await replica.state
+                        if state.epoch != m.epoch && state.epoch != 0 || state.resyncNeeded {
+                            failure = failure ?? "\(member.hostName)/\(m.volume) started a new capture epoch (its agent restarted): it resyncs before it can be in a point"
+                        }
+                    }
                     recorded.append(PointMemberRecord(hostID: member.hostID, volume: m.volume, epoch: m.epoch, sequence: m.sequence))
                 }
             }

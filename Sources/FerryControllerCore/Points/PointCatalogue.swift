@@ -24,8 +24,7 @@ public struct PointCatalogue: Sendable {
     func isComplete(_ point: PointRecord, sizes: [String: UInt64]) async -> Bool {
         for m in point.decodedMembers {
             guard let replica = await replicas.opened(hostID: m.hostID, volume: m.volume) else { return false }
-            let latest = await replica.latestPosition
-            guard let order = await replica.compare(Self.position(m), latest), order != .orderedDescending else { return false }
+            guard await replica.holds(Self.position(m)) else { return false }
         }
         return true
     }

@@ -599,7 +599,14 @@ public actor ReplicaStore {
 
     /// The journal segments (and how far into each) that make up `position` over the base,
     /// or why there is no such point.
-    private func pointSources(_ position: ReplicaPosition) throws -> [PointSource] {
+    /// Whether the replica holds everything up to `position` (received, not folded away).
+    public func holds(_ position: ReplicaPosition) -> Bool {
+        (try? check(position)) != nil
+    }
+
+    /// Why there is no image at `position`, if there is none; its place in the journal otherwise.
+    @discardableResult
+    private func check(_ position: ReplicaPosition) throws -> (Int, UInt64) {
         guard let target = ordinal(position) else {
             throw FerryError(.notFound, "no point at \(position): this replica never received that epoch (the volume's agent restarts in a new one)")
         }
@@ -618,6 +625,11 @@ public actor ReplicaStore {
                 throw FerryError(.notFound, "no point at \(position): that epoch ended at sequence \(last)")
             }
         }
+        return target
+    }
+
+    private func pointSources(_ position: ReplicaPosition) throws -> [PointSource] {
+        let target = try check(position)
         var sources: [PointSource] = []
         for segment in segments where segment.bytes > 0 {
             guard let at = ordinal(ReplicaPosition(epoch: segment.epoch, sequence: segment.first)) else {

@@ -101,27 +101,42 @@ struct RecoveryPointTests {
         let log = c.dir.file("workload.jsonl"), stop = c.dir.file("stop"), ready = c.dir.file("ready")
         let targets = shop + ["app/cache"]
         let workload = try ChildProcess(Self.python, [Self.workload, "run", "--log", log, "--stop-file", stop, "--ready-file", ready,
-                                                      "--rate", "150", "--blocks", "1024"] + targets.flatMap { ["--volume", "\($0)=\(c.uris[$0]!)"] },
+                                                      "--rate", "500", "--blocks", "1024"] + targets.flatMap { ["--volume", "\($0)=\(c.uris[$0]!)"] },
                                         logPath: c.dir.file("workload.out"))
         #expect(await eventually(timeout: .seconds(20)) { FileManager.default.fileExists(atPath: ready) || !workload.isRunning })
         #expect(workload.isRunning, "\(workload.log)")
 
-        // Manual points as fast as ferryctl goes, around two controller crashes; the
-        // scheduler adds crash and app points of both groups meanwhile.
+        // Manual points back to back (through the API, as ferryctl makes them), around two
+        // controller crashes; the scheduler adds crash and app points of both groups meanwhile.
+        // The last phase goes on until there are enough points, however busy the machine is.
         var manual = 0
+        func settings(_ controller: ControllerProcess) -> APIClient.Settings {
+            APIClient.Settings(baseURL: controller.apiEnvironment["FERRY_API"]!, token: controller.apiEnvironment["FERRY_TOKEN"],
+                               caPath: controller.caPath)
+        }
         for phase in 0..<3 {
-            let until = ContinuousClock.now + .seconds(12)
-            while ContinuousClock.now < until {
-                let group = manual % 5 == 4 ? "solo" : "shop"
-                let app = manual % 7 == 0
-                r = try await c.controller.ctl(["point", "create", group, "--label", "m\(manual)"] + (app ? ["--app"] : []))
-                if r.status == 0 { manual += 1 }
+            let until = ContinuousClock.now + .seconds(phase < 2 ? 10 : 75)
+            try await APIClient.withClient(settings(c.controller)) { client in
+                var total = 0
+                while ContinuousClock.now < until, phase < 2 || total < 240 {
+                    let group = manual % 5 == 4 ? "solo" : "shop"
+                    let request = API.PointCreateRequest(app: manual % 7 == 0, label: "m\(manual)")
+                    if (try? await client.createPoint(group: group, request)) != nil { manual += 1 }
+                    // About ten a second: enough points in every phase, not thousands to check.
+                    try await Task.sleep(for: .milliseconds(80))
+                    if phase == 2, manual % 10 == 0 {
+                        total = try await client.points(group: "shop").count + client.points(group: "solo").count
+                    }
+                }
             }
             if phase < 2 {
                 await c.controller.process.kill9()
                 c.controller = try await ControllerProcess.start(dataDir: c.controller.dataDir, listen: c.controller.agentAddress,
                                                                  logName: "controller-\(phase + 2).log")
-                for host in c.agents.keys { #expect(try await c.controller.waitFor(host, state: "online", timeout: .seconds(30))) }
+                for host in c.agents.keys {
+                    #expect(try await c.controller.waitFor(host, state: "online", timeout: .seconds(30)),
+                            "\(host) not back online:\n\(c.agents[host]!.log.suffix(4000))\ncontroller:\n\(c.controller.process.log.suffix(3000))")
+                }
             }
         }
         _ = FileManager.default.createFile(atPath: stop, contents: nil)
@@ -142,8 +157,7 @@ struct RecoveryPointTests {
         // Every point of both groups, served by the controller, through the checker, in
         // batches (the controller serves at most 1024 exports at once).
         struct Set_: Encodable { var point: String; var group: Bool; var images: [String: String] }
-        let settings = APIClient.Settings(baseURL: c.controller.apiEnvironment["FERRY_API"]!, token: c.controller.apiEnvironment["FERRY_TOKEN"],
-                                          caPath: c.controller.caPath)
+        let settings = settings(c.controller)
         var checked = 0, violations = 0
         var prefixes = Set<Int>()
         for (n, batch) in stride(from: 0, to: all.count, by: 150).map({ Array(all[$0..<min(all.count, $0 + 150)]) }).enumerated() {
@@ -169,6 +183,10 @@ struct RecoveryPointTests {
             let totals = report?["totals"] as? [String: Any]
             checked += totals?["sets"] as? Int ?? 0
             violations += totals?["violations"] as? Int ?? 1
+            for set in report?["sets"] as? [[String: Any]] ?? [] where set["ok"] as? Bool == false {
+                let point = all.first { $0.id == set["point"] as? String }
+                Issue.record("point \(set["point"] ?? "?") (\(point?.kind ?? "?"), members \(point?.members ?? [])): \(set["violations"] ?? "")")
+            }
             for set in report?["sets"] as? [[String: Any]] ?? [] {
                 if let k = (set["prefix"] as? [String: Any])?["db/data"] as? Int { prefixes.insert(k) }
             }
@@ -177,6 +195,7 @@ struct RecoveryPointTests {
             }
         }
         #expect(checked == all.count && violations == 0, "checked \(checked) of \(all.count), \(violations) violations")
+        print("recovery points: checked \(checked) points (\(manual) manual; kinds \(kinds.sorted())), \(violations) violations, \(prefixes.count) distinct db/data prefixes")
         // Points spread over the run: the cuts are not all at the start or the end.
         #expect(prefixes.count > 50, "\(prefixes.count) distinct prefixes")
 
@@ -252,5 +271,24 @@ struct RecoveryPointTests {
         #expect(metrics.stdout.contains("ferry_group_cut_pause_seconds_bucket"))
         for a in c.agents.values { a.signal(SIGTERM) }
         ctl.process.signal(SIGTERM)
+    }
+
+    @Test("a group of 64 volumes over 4 agents cuts points across all of them")
+    func sixtyFourVolumes() async throws {
+        var layout: [String: [String]] = [:]
+        for h in ["h1", "h2", "h3", "h4"] { layout[h] = (1...16).map { "v\($0)" } }
+        let c = try await cluster(layout, size: "1M")
+        let all = layout.flatMap { host, vols in vols.map { "\(host)/\($0)" } }.sorted()
+        var r = try await c.controller.ctl(["group", "create", "wide", "--crash-interval", "0", "--app-interval", "0"] + all.flatMap { ["--volume", $0] })
+        #expect(r.status == 0, "\(r)")
+        for _ in 0..<3 {
+            r = try await c.controller.ctl("point", "create", "wide")
+            #expect(r.status == 0, "\(r)")
+        }
+        let points = try await points(c.controller, "wide")
+        #expect(points.count == 3 && points.allSatisfy { $0.members.count == 64 && $0.kind == "manual" }, "\(points)")
+        #expect(try await eventually(timeout: .seconds(20)) { try await self.points(c.controller, "wide").allSatisfy { $0.complete } })
+        for a in c.agents.values { a.signal(SIGTERM) }
+        c.controller.process.signal(SIGTERM)
     }
 }
