@@ -96,6 +96,10 @@ enum PointIndex {
                     records.append(Record(start: h.offset, end: h.offset + h.length, mapping: h.zeroed ? -1 : index, payload: h.payload))
                     return true
                 }
+                // The walk touched (nearly) every page of the segment: drop them from this
+                // mapping (the page cache keeps them), so an open image holds only what is read
+                // through it, not every segment it spans, in its resident size.
+                _ = madvise(UnsafeMutableRawPointer(mutating: mapping.base), mapping.count, MADV_DONTNEED)
                 if stopped { break scanning }
             }
         } catch {
