@@ -80,19 +80,6 @@ struct UnitPointImageTests {
         return b
     }
 
-    func withPool<T>(_ body: (NIOThreadPool) async throws -> T) async throws -> T {
-        let pool = NIOThreadPool(numberOfThreads: 2)
-        pool.start()
-        do {
-            let result = try await body(pool)
-            try await pool.shutdownGracefully()
-            return result
-        } catch {
-            try? await pool.shutdownGracefully()
-            throw error
-        }
-    }
-
     func read(_ image: PointImage, _ offset: UInt64, _ length: Int) throws -> [UInt8] {
         var buffer = ByteBuffer()
         try image.read(offset: offset, length: length, into: &buffer)

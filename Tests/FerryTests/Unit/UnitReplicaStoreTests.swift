@@ -29,19 +29,6 @@ struct UnitReplicaStoreTests {
 
     func bytes(_ path: String) -> Data { FileManager.default.contents(atPath: path) ?? Data() }
 
-    func withPool<T>(_ body: (NIOThreadPool) async throws -> T) async throws -> T {
-        let pool = NIOThreadPool(numberOfThreads: 2)
-        pool.start()
-        do {
-            let result = try await body(pool)
-            try await pool.shutdownGracefully()
-            return result
-        } catch {
-            try? await pool.shutdownGracefully()
-            throw error
-        }
-    }
-
     @Test("records stay in segments for the retention window, then fold into the base image in order; the base ends equal to the latest image")
     func foldsByAge() async throws {
         try await withUnitTempDir { dir in

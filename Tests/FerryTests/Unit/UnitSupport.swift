@@ -1,5 +1,6 @@
 import FerryWire
 import Foundation
+import NIOPosix
 
 /// Runs `body` with a fresh directory made by mkdtemp(3) and removes the directory afterwards,
 /// whether `body` returns or throws. Every unit test that touches the disk uses its own.
@@ -22,4 +23,18 @@ func unitFileMode(_ path: String) -> mode_t? {
     var st = stat()
     guard stat(path, &st) == 0 else { return nil }
     return st.st_mode & 0o7777
+}
+
+/// Runs `body` with a started two-thread pool (replica file I/O) and shuts it down afterwards.
+func withPool<T>(_ body: (NIOThreadPool) async throws -> T) async throws -> T {
+    let pool = NIOThreadPool(numberOfThreads: 2)
+    pool.start()
+    do {
+        let result = try await body(pool)
+        try await pool.shutdownGracefully()
+        return result
+    } catch {
+        try? await pool.shutdownGracefully()
+        throw error
+    }
 }
