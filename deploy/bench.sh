@@ -118,26 +118,27 @@ else
   "$bin/ferryctl" volume show bench/bench >&2
 fi
 
-# Recovery points. Group cuts: a 16-volume group over 4 agents (this one and three more), points
-# taken back to back while fio writes to one volume of each agent; each point records the
-# longest pause of its members, as the agents measured it.
+# Recovery points, on a fresh controller: the replication runs above leave up to 8 GiB of
+# journal on the tmpfs. Group cuts: a 16-volume group over 4 agents, points taken back to back
+# while fio writes to one volume of each agent; each point records the longest pause of its
+# members, as the agents measured it.
 log "recovery points: 16-volume group on 4 agents under fio"
+kill "${pids[2]}" "${pids[1]}"; wait "${pids[2]}" "${pids[1]}" 2>/dev/null || true
+pids=()
+rm -rf "$work/controller" "$work/agent" "$work/vol.img"
+"$bin/ferry-controller" --data-dir "$work/points" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 >"$work/points.log" 2>&1 &
+pids+=($!)
+wait_for 30 test -f "$work/points/ferryctl.env" || die "controller did not start"
+# shellcheck disable=SC1091
+. "$work/points/ferryctl.env"
 members=()
-agent_pids=("${pids[2]}")
-for a in 1 2 3 4; do
-  name="cut$a"
-  if [ "$a" -gt 1 ]; then
-    token="$("$bin/ferryctl" token create --host "$name" 2>/dev/null)"
-    FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$work/controller/agent-listen.addr")" \
-      --data-dir "$work/agent-$name" >/dev/null || die "enroll $name failed"
-    "$bin/ferry-agent" run --data-dir "$work/agent-$name" >"$work/agent-$name.log" 2>&1 &
-    pids+=($!)
-    agent_pids+=($!)
-    wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q '$name .*online'" || die "agent $name did not come online"
-    host="$name"
-  else
-    host=bench
-  fi
+for host in cut1 cut2 cut3 cut4; do
+  token="$("$bin/ferryctl" token create --host "$host" 2>/dev/null)"
+  FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$work/points/agent-listen.addr")" \
+    --data-dir "$work/agent-$host" >/dev/null || die "enroll $host failed"
+  "$bin/ferry-agent" run --data-dir "$work/agent-$host" >"$work/agent-$host.log" 2>&1 &
+  pids+=($!)
+  wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q '$host .*online'" || die "agent $host did not come online"
   for v in 1 2 3 4; do
     "$bin/ferryctl" protect "$host" --volume "g$v" --path "$work/$host-g$v.img" --create-size 256M >/dev/null || die "protect $host/g$v failed"
     members+=(--volume "$host/g$v")
@@ -151,9 +152,8 @@ sys.exit(0 if all(v.get("replicaState") == "protected" for v in json.load(sys.st
 wait_for 120 protected_all || die "the group's volumes did not become protected"
 "$bin/ferryctl" group create bench16 "${members[@]}" --crash-interval 0 --app-interval 0 >/dev/null || die "group create failed"
 cut_uris=()
-for host in bench cut2 cut3 cut4; do
-  dir="$work/agent/sockets"; [ "$host" = bench ] || dir="$work/agent-$host/sockets"
-  cut_uris+=("--name=$host" "--uri=nbd+unix:///g1?socket=$dir/g1.sock")
+for host in cut1 cut2 cut3 cut4; do
+  cut_uris+=("--name=$host" "--uri=nbd+unix:///g1?socket=$work/agent-$host/sockets/g1.sock")
 done
 fio --ioengine=nbd --rw=randwrite --bs=4k --size=256M --iodepth=16 --time_based --runtime="${runtime}s" \
     "${cut_uris[@]}" --output="$work/results/cut-fio.txt" >&2 &
@@ -173,11 +173,11 @@ echo "aborted $aborted" >>"$work/results/cuts.txt"
 
 # A point-in-time export of a 10 GiB volume: from the command to the first read answered.
 log "recovery points: export of a 10 GiB volume at a point"
-"$bin/ferryctl" protect bench --volume big --path "$work/big.img" --create-size 10G >/dev/null || die "protect big failed"
+"$bin/ferryctl" protect cut1 --volume big --path "$work/big.img" --create-size 10G >/dev/null || die "protect big failed"
 wait_for 300 protected_all || die "the 10 GiB volume did not become protected"
-fio --name=big --ioengine=nbd --uri="nbd+unix:///big?socket=$work/agent/sockets/big.sock" --rw=randwrite --bs=64k \
+fio --name=big --ioengine=nbd --uri="nbd+unix:///big?socket=$work/agent-cut1/sockets/big.sock" --rw=randwrite --bs=64k \
     --size=10G --io_size=512M --iodepth=16 >&2 || die "fio on the 10 GiB volume failed"
-"$bin/ferryctl" group create big --volume bench/big --crash-interval 0 --app-interval 0 >/dev/null || die "group create big failed"
+"$bin/ferryctl" group create big --volume cut1/big --crash-interval 0 --app-interval 0 >/dev/null || die "group create big failed"
 point="$("$bin/ferryctl" point create big)" || die "point create big failed"
 point_complete() {
   "$bin/ferryctl" points big --json | python3 -c 'import json, sys; sys.exit(0 if all(p["complete"] for p in json.load(sys.stdin)) else 1)'
@@ -187,7 +187,7 @@ python3 - "$bin/ferryctl" "$point" >"$work/results/export.txt" <<'PY' || die "ex
 import json, subprocess, sys, time
 ctl, point = sys.argv[1], sys.argv[2]
 start = time.monotonic()
-export = json.loads(subprocess.run([ctl, "volume", "export", "bench/big", "--point", point, "--json"],
+export = json.loads(subprocess.run([ctl, "volume", "export", "cut1/big", "--point", point, "--json"],
                                    check=True, capture_output=True, text=True).stdout)
 subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", export["uri"]], check=True, capture_output=True)
 print("first_read_ms", (time.monotonic() - start) * 1000)

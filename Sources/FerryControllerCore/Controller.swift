@@ -5,6 +5,7 @@ import HummingbirdTLS
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import ServiceLifecycle
 
 /// The controller process: state, PKI, agent listener, operator API, run as one service group.
@@ -65,6 +66,22 @@ public struct Controller: Sendable {
             eventLoopGroupProvider: .shared(group),
             logger: logger
         )
+        var exportTLS: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        if !config.nbdTLSListen.isEmpty {
+            var tls = TLSConfiguration.makeServerConfiguration(
+                certificateChain: try pki.serverChain.map { .certificate(try TLSSettings.nio($0)) },
+                privateKey: .privateKey(try TLSSettings.nio(pki.serverKey)))
+            tls.minimumTLSVersion = .tlsv13
+            tls.shutdownTimeout = TLSSettings.closeNotifyTimeout
+            // Only enrolled hosts: a client certificate chaining to the cluster CA is required.
+            tls.certificateVerification = .noHostnameVerification
+            tls.trustRoots = .certificates([try TLSSettings.nio(pki.ca.certificate)])
+            exportTLS.append(.init(service: PointExportTLSService(
+                listen: config.nbdTLSListen, exportSocket: config.dataDir + "/exports.sock", tls: try NIOSSLContext(configuration: tls),
+                store: store, group: group, logger: logger) { address in
+                    try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/nbd-tls-listen.addr")
+                }))
+        }
         let lastSeen = LastSeenRecorder(store: store, registry: registry)
         var groupConfig = ServiceGroupConfiguration(
             services: [
@@ -72,6 +89,7 @@ public struct Controller: Sendable {
                 .init(service: RetentionFolder(replicas: replicas, logger: logger)),
                 .init(service: PointScheduler(coordinator: coordinator, catalogue: catalogue, store: store, metrics: metrics, logger: logger)),
                 .init(service: PointExportService(exports: exports)),
+            ] + exportTLS + [
                 .init(service: agents),
                 .init(service: api),
             ],

@@ -32,11 +32,10 @@ public actor CutHolds {
     private var holds: [UInt64: Hold] = [:]
     /// Cuts released, newest last, so a late FINISH still learns the pause.
     private var ended: [(id: UInt64, pause: Duration, own: Bool)] = []
-    private let pool: NIOThreadPool
     /// Longest hold a controller may ask for.
     public static let maxHold: Duration = .seconds(10)
 
-    public init(pool: NIOThreadPool) { self.pool = pool }
+    public init() {}
 
     /// Holds the targets' writes and returns each one's epoch and last sequence.
     public func prepare(_ request: Ferry_V1_PrepareCut, targets: [Target]) async throws -> Ferry_V1_CutPrepared {
@@ -46,14 +45,23 @@ public actor CutHolds {
         guard request.holdMs > 0, Duration.milliseconds(request.holdMs) <= Self.maxHold else {
             throw FerryError(.badRequest, "a cut holds writes for 1 ms to \(Self.maxHold), not \(request.holdMs) ms")
         }
+        // Reserved before the wait below, so a second PREPARE of the same cut is refused
+        // rather than taking a hold nothing would release.
         let started = ContinuousClock.now
-        let deadline = started + .milliseconds(request.holdMs)
         let volumes = targets.map(\.volume)
-        // Waiting for writes in flight blocks a thread: not one of Swift concurrency's.
-        let drained = try await pool.runIfActive {
-            volumes.map { $0.holdWrites(until: deadline) }.allSatisfy { $0 }
-        }
         holds[request.cutID] = Hold(volumes: volumes, started: started)
+        // The hold lasts a little past the budget: the controller measures the budget on its
+        // own clock, and the two clocks may run at slightly different rates.
+        let budget = Duration.milliseconds(request.holdMs)
+        let deadline = started + budget + max(.milliseconds(2), budget / 500)
+        // Waiting for writes in flight blocks a thread: one of its own, so the wait never queues
+        // behind the I/O pool's hashing and reads, nor ties up Swift concurrency's threads.
+        let drained = await withCheckedContinuation { (done: CheckedContinuation<Bool, Never>) in
+            let thread = Thread {
+                done.resume(returning: volumes.map { $0.holdWrites(until: deadline) }.allSatisfy { $0 })
+            }
+            thread.start()
+        }
         guard drained else {
             _ = release(request.cutID)
             throw FerryError(.timeout, "writes in flight did not finish within the \(request.holdMs) ms hold budget")

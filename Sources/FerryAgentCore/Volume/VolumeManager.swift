@@ -49,7 +49,7 @@ public actor VolumeManager {
         self.socketDirectory = socketDirectory
         self.pool = pool
         self.logger = logger
-        cuts = CutHolds(pool: pool)
+        cuts = CutHolds()
     }
 
     /// Consistency cuts holding this agent's volumes.

@@ -42,8 +42,8 @@ extension APIRoutes {
             let who = try context.require(.operator)
             let name = try context.parameters.require("name")
             let body = try await request.decode(as: API.PointCreateRequest.self, context: context)
-            if let label = body.label, label.count > 200 {
-                throw APIError(error: FerryError(.badRequest, "a point label is at most 200 characters"))
+            if let label = body.label, label.utf8.count > 200 {
+                throw APIError(error: FerryError(.badRequest, "a point label is at most 200 bytes"))
             }
             let point = try await wrap {
                 try await coordinator.takePoint(group: name, app: body.app ?? false, manual: true, label: body.label, actor: who.actor)
@@ -201,6 +201,6 @@ extension APIRoutes {
             id: p.id, group: p.groupName, createdAt: p.createdAt, kind: p.kind, consistency: p.consistency, label: p.label,
             hookError: p.hookError,
             members: p.decodedMembers.map { API.PointMember(volume: "\(hosts[$0.hostID] ?? $0.hostID)/\($0.volume)", epoch: $0.epoch, sequence: $0.sequence) },
-            complete: await catalogue.isComplete(p, sizes: [:]), pauseMicros: p.pauseMicros.map { UInt64($0) })
+            complete: await catalogue.isComplete(p), pauseMicros: p.pauseMicros.map { UInt64($0) })
     }
 }

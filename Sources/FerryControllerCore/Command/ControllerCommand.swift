@@ -18,6 +18,8 @@ public struct ControllerCommand: AsyncParsableCommand {
     var listen: String?
     @Option(help: "Operator API listener, HOST:PORT (default 127.0.0.1:7444).")
     var apiListen: String?
+    @Option(name: .customLong("nbd-tls-listen"), help: "Point-in-time exports for agents over NBD with TLS, HOST:PORT (default off).")
+    var nbdTLSListen: String?
     @Option(help: "Operator's CA certificate (PEM); with --ca-key.")
     var caCert: String?
     @Option(help: "Operator's CA private key (PEM).")
@@ -39,6 +41,7 @@ public struct ControllerCommand: AsyncParsableCommand {
             if let dataDir { settings.dataDir = dataDir }
             if let listen { settings.listen = listen }
             if let apiListen { settings.apiListen = apiListen }
+            if let nbdTLSListen { settings.nbdTLSListen = nbdTLSListen }
             if let caCert { settings.caCert = caCert }
             if let caKey { settings.caKey = caKey }
             if let heartbeatInterval { settings.heartbeatInterval = try ConfigText.duration(heartbeatInterval) }

@@ -8,6 +8,9 @@ public struct ControllerConfig: Sendable {
     public var listen: String = "0.0.0.0:7443"
     /// Operator API listener, `HOST:PORT`.
     public var apiListen: String = "127.0.0.1:7444"
+    /// Point-in-time exports for agents: NBD with STARTTLS, client certificates of enrolled
+    /// hosts required, `HOST:PORT`; empty: off.
+    public var nbdTLSListen: String = ""
     /// Extra DNS names and IP addresses for the server certificate (how agents and operators reach
     /// this controller). `ferry-controller`, `localhost`, the hostname and 127.0.0.1 are always in.
     public var tlsNames: [String] = []
@@ -37,6 +40,7 @@ public struct ControllerConfig: Sendable {
         var dataDir: String?
         var listen: String?
         var apiListen: String?
+        var nbdTLSListen: String?
         var tlsNames: [String]?
         var tlsAddresses: [String]?
         var caCert: String?
@@ -52,7 +56,7 @@ public struct ControllerConfig: Sendable {
         var replicaJournalMax: String?
 
         enum CodingKeys: String, CodingKey, CaseIterable {
-            case dataDir = "data-dir", listen, apiListen = "api-listen", tlsNames = "tls-names", tlsAddresses = "tls-addresses"
+            case dataDir = "data-dir", listen, apiListen = "api-listen", nbdTLSListen = "nbd-tls-listen", tlsNames = "tls-names", tlsAddresses = "tls-addresses"
             case caCert = "ca-cert", caKey = "ca-key", serverCert = "server-cert", serverKey = "server-key"
             case heartbeatInterval = "heartbeat-interval", certificateValidity = "certificate-validity"
             case maxFrameBytes = "max-frame-bytes", enrollmentTimeout = "enrollment-timeout", logLevel = "log-level"
@@ -66,6 +70,7 @@ public struct ControllerConfig: Sendable {
         if let v = f.dataDir { dataDir = v }
         if let v = f.listen { listen = v }
         if let v = f.apiListen { apiListen = v }
+        if let v = f.nbdTLSListen { nbdTLSListen = v }
         if let v = f.tlsNames { tlsNames = v }
         if let v = f.tlsAddresses { tlsAddresses = v }
         if let v = f.caCert { caCert = v }
@@ -85,6 +90,7 @@ public struct ControllerConfig: Sendable {
     public func validate() throws {
         _ = try ConfigText.hostPort(listen)
         _ = try ConfigText.hostPort(apiListen)
+        if !nbdTLSListen.isEmpty { _ = try ConfigText.hostPort(nbdTLSListen) }
         guard (caCert == nil) == (caKey == nil) else {
             throw FerryError(.badConfiguration, "ca-cert and ca-key go together: the controller signs agent certificates with the CA key")
         }

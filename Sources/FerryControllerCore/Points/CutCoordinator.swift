@@ -180,6 +180,8 @@ public actor CutCoordinator {
             return all
         }
         let elapsed = started.duration(to: .now)
+        // The point's time is the cut's: when the last answer came in.
+        let cutAt = Date()
         var failure: String?
         var recorded: [PointMemberRecord] = []
         for (member, answer) in answers.sorted(by: { $0.0.hostName < $1.0.hostName }) {
@@ -203,6 +205,8 @@ public actor CutCoordinator {
                         if state.epoch != m.epoch && state.epoch != 0 || state.resyncNeeded {
                             failure = failure ?? "\(member.hostName)/\(m.volume) started a new capture epoch (its agent restarted): it resyncs before it can be in a point"
                         }
+                    } else {
+                        failure = failure ?? "\(member.hostName)/\(m.volume) has no replica on this controller"
                     }
                     recorded.append(PointMemberRecord(hostID: member.hostID, volume: m.volume, epoch: m.epoch, sequence: m.sequence))
                 }
@@ -242,7 +246,7 @@ public actor CutCoordinator {
             : volumeCount > 1 ? (app ? PointRecord.Kind.groupApp : PointRecord.Kind.groupCrash)
             : (app ? PointRecord.Kind.app : PointRecord.Kind.crash)
         var point = PointRecord(
-            id: Self.newID(), groupName: group.name, createdAt: Date(), kind: kind, consistency: app ? "app" : "crash",
+            id: Self.newID(), groupName: group.name, createdAt: cutAt, kind: kind, consistency: app ? "app" : "crash",
             label: label, hookError: hookError, members: try JSONEncoder().encode(recorded.sorted { ($0.hostID, $0.volume) < ($1.hostID, $1.volume) }),
             pauseMicros: nil, prunedAt: nil, prunedReason: nil)
         let longest = await finishing.value

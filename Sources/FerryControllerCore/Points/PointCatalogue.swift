@@ -21,7 +21,7 @@ public struct PointCatalogue: Sendable {
     static func position(_ m: PointMemberRecord) -> ReplicaPosition { ReplicaPosition(epoch: m.epoch, sequence: m.sequence) }
 
     /// Every member's writes up to the point are durable on the controller.
-    func isComplete(_ point: PointRecord, sizes: [String: UInt64]) async -> Bool {
+    func isComplete(_ point: PointRecord) async -> Bool {
         for m in point.decodedMembers {
             guard let replica = await replicas.opened(hostID: m.hostID, volume: m.volume) else { return false }
             guard await replica.holds(Self.position(m)) else { return false }
@@ -53,7 +53,7 @@ public struct PointCatalogue: Sendable {
             guard let m = point.decodedMembers.first(where: { $0.hostID == hostID && $0.volume == volume }) else {
                 throw FerryError(.badRequest, "recovery point '\(word)' of group '\(point.groupName)' does not include \(label)")
             }
-            guard await isComplete(point, sizes: [:]) else {
+            guard await isComplete(point) else {
                 throw FerryError(.unavailable, "recovery point '\(word)' is not complete yet: its writes are still arriving")
             }
             return (Self.position(m), point.id)
@@ -83,7 +83,7 @@ public struct PointCatalogue: Sendable {
         }
         for point in ordered {
             guard let m = point.decodedMembers.first(where: { $0.hostID == hostID && $0.volume == volume }) else { continue }
-            if await isComplete(point, sizes: [:]) { return (Self.position(m), point.id) }
+            if await isComplete(point) { return (Self.position(m), point.id) }
         }
         throw FerryError(.notFound, "no complete recovery point of \(label) matches '\(word ?? "as-of")' yet")
     }
@@ -93,7 +93,13 @@ public struct PointCatalogue: Sendable {
     public func applyRetention(logger: Logger) async {
         do {
             var pinned: [String: ReplicaPosition] = [:]
+            let sizes = Dictionary(try await store.volumes().map { ($0.hostID + "/" + $0.name, UInt64($0.sizeBytes)) }, uniquingKeysWith: { a, _ in a })
             for (group, members) in try await store.groups() {
+                // Every member's replica is opened (and so pinned below), not only those of
+                // connected hosts: an unpinned replica would fold a retained point's history.
+                for m in members {
+                    if let size = sizes[m.hostID + "/" + m.volume] { _ = try await replicas.replica(hostID: m.hostID, volume: m.volume, size: size) }
+                }
                 let points = try await store.points(group: group.name)
                 let expired = Set(Retention.expired(points, policy: group.decodedPolicy))
                 var lost: [String] = []
@@ -105,7 +111,7 @@ public struct PointCatalogue: Sendable {
                         guard let base = await replica.basePosition else { continue }
                         let order = await replica.compare(Self.position(m), base)
                         // Before the base (folded away), or of an epoch the replica no longer knows.
-                        if order == .orderedAscending || order == nil { gone = true }
+                        if order == .orderedAscending { gone = true }
                     }
                     if gone { lost.append(p.id) } else { kept.append(p) }
                 }

@@ -55,6 +55,8 @@ public actor PointExports {
         }
         server.remove(name: id)
         try entry.image.close()
+        // A writable export's overlay goes with it: a later export never reuses its writes.
+        if entry.view.writable { try? FileManager.default.removeItem(atPath: overlayRoot + "/" + id) }
     }
 
     /// Closes every export (controller shutdown).

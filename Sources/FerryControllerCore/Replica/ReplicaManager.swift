@@ -59,9 +59,10 @@ public actor ReplicaManager {
     public func replica(hostID: String, volume: String, size: UInt64) throws -> ReplicaStore {
         let key = hostID + "/" + volume
         if let store = open[key] { return store }
-        let store = try ReplicaStore(directory: root + "/" + key, size: size, pool: pool, retention: retention, journalLimit: journalLimit)
+        // Pinned from the start: a fold may run as soon as the store is in `open`.
+        let store = try ReplicaStore(directory: root + "/" + key, size: size, pool: pool, retention: retention, journalLimit: journalLimit,
+                                     pinned: pins?[key])
         open[key] = store
-        if let pin = pins?[key] { Task { await store.pin(pin) } }
         return store
     }
 

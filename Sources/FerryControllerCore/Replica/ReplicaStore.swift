@@ -40,6 +40,9 @@ public actor ReplicaStore {
         public var epochs: [UInt64] = []
         /// The last record folded into the base image (nil: nothing folded yet).
         public var baseThrough: ReplicaPosition?
+        /// A fold of this segment began and has not been recorded as done: base.img may hold
+        /// part of it, so it is finished (replayed, idempotently) before any image is served.
+        public var folding: UInt64?
 
         public init() {}
 
@@ -55,6 +58,7 @@ public actor ReplicaStore {
             baseAsOf = try c.decodeIfPresent(Int64.self, forKey: .baseAsOf) ?? 0
             epochs = try c.decodeIfPresent([UInt64].self, forKey: .epochs) ?? (epoch != 0 ? [epoch] : [])
             baseThrough = try c.decodeIfPresent(ReplicaPosition.self, forKey: .baseThrough)
+            folding = try c.decodeIfPresent(UInt64.self, forKey: .folding)
         }
     }
 
@@ -130,7 +134,8 @@ public actor ReplicaStore {
 
     /// Opens (or creates, sparse) the replica of a volume of `size` bytes in `directory`.
     public init(directory: String, size: UInt64, pool: NIOThreadPool, retention: Duration = .seconds(3600),
-                journalLimit: Int64 = 8 << 30, segmentBytes: Int64 = 64 << 20) throws {
+                journalLimit: Int64 = 8 << 30, segmentBytes: Int64 = 64 << 20, pinned: ReplicaPosition? = nil) throws {
+        self.pinned = pinned
         let fm = FileManager.default
         try fm.createDirectory(atPath: directory + "/journal", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         self.directory = directory
@@ -508,7 +513,8 @@ public actor ReplicaStore {
             } ?? false
             let expired = oldest.newest <= horizon && !needed
             let overCap = journalBytes > journalLimit
-            guard expired || overCap else { break }
+            let interrupted = state.folding == oldest.id
+            guard expired || overCap || interrupted else { break }
             if active?.id == oldest.id {
                 // Only an idle active segment is sealed here; a busy one rotates on its own.
                 guard expired || segments.count == 1, !applying else { break }
@@ -521,6 +527,10 @@ public actor ReplicaStore {
             }
             let path = oldest.path(in: journalDirectory)
             let base = self.base, size = self.size
+            // Recorded first: a crash or an error part way leaves base.img ahead of
+            // baseThrough, and images must not be served from it until the fold is finished.
+            state.folding = oldest.id
+            try saveState()
             try await pool.runIfActive {
                 _ = try JournalRecord.withSegment(path) { bytes in
                     try JournalRecord.scan(bytes, size: size) { try JournalRecord.apply($0, to: base) }
@@ -531,6 +541,7 @@ public actor ReplicaStore {
             state.foldedThrough = oldest.id
             state.baseAsOf = max(state.baseAsOf, oldest.newest)
             if oldest.last > 0 { state.baseThrough = ReplicaPosition(epoch: oldest.epoch, sequence: oldest.last) }
+            state.folding = nil
             try saveState()
             unlink(path)
             unlink(oldest.metaPath(in: journalDirectory))
@@ -607,6 +618,9 @@ public actor ReplicaStore {
     /// Why there is no image at `position`, if there is none; its place in the journal otherwise.
     @discardableResult
     private func check(_ position: ReplicaPosition) throws -> (Int, UInt64) {
+        if let segment = state.folding {
+            throw FerryError(.unavailable, "the replica is finishing an interrupted fold of journal segment \(JournalSegment.name(segment)) into its base image; try again in a few seconds")
+        }
         guard let target = ordinal(position) else {
             throw FerryError(.notFound, "no point at \(position): this replica never received that epoch (the volume's agent restarts in a new one)")
         }

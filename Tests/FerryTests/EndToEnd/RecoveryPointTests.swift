@@ -22,9 +22,9 @@ struct RecoveryPointTests {
 
     /// A controller and agents `hosts`, each with its volumes protected (16 MiB, new) and
     /// hooks `quiesce` / `thaw` that log to files, plus `slow` (sleeps) and `broken` (fails).
-    func cluster(_ volumes: [String: [String]], size: String = "16M") async throws -> Cluster {
+    func cluster(_ volumes: [String: [String]], size: String = "16M", controllerArguments: [String] = []) async throws -> Cluster {
         let dir = try TestDirectory()
-        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: controllerArguments)
         var agents: [String: ChildProcess] = [:]
         var images: [String: String] = [:], uris: [String: String] = [:]
         for (host, vols) in volumes.sorted(by: { $0.key < $1.key }) {
@@ -289,6 +289,45 @@ struct RecoveryPointTests {
         #expect(points.count == 3 && points.allSatisfy { $0.members.count == 64 && $0.kind == "manual" }, "\(points)")
         #expect(try await eventually(timeout: .seconds(20)) { try await self.points(c.controller, "wide").allSatisfy { $0.complete } })
         for a in c.agents.values { a.signal(SIGTERM) }
+        c.controller.process.signal(SIGTERM)
+    }
+
+    @Test("an enrolled host reads a point-in-time export over NBD with STARTTLS (nbdcopy with its certificate); without a client certificate, or without TLS, it is refused")
+    func exportOverTLS() async throws {
+        let c = try await cluster(["db": ["data"]], controllerArguments: ["--nbd-tls-listen", "127.0.0.1:0"])
+        let w = try await run("/usr/bin/qemu-io", ["-f", "raw", "-t", "none", "-c", "write -P 0x5a 1M 2M", c.uris["db/data"]!])
+        #expect(w.status == 0, "\(w)")
+        var r = try await c.controller.ctl("group", "create", "g", "--volume", "db/data", "--crash-interval", "0", "--app-interval", "0")
+        #expect(r.status == 0, "\(r)")
+        r = try await c.controller.ctl("point", "create", "g")
+        #expect(r.status == 0, "\(r)")
+        let point = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(try await eventually(timeout: .seconds(20)) { try await points(c.controller, "g").allSatisfy { $0.complete } })
+        let export = try await self.export(c.controller, "db/data", point: point)
+        let address = try String(contentsOfFile: c.controller.dataDir + "/nbd-tls-listen.addr", encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+
+        // The agent's own identity, laid out as libnbd expects it.
+        let certs = c.dir.sub("tls"), agentDir = c.dir.path + "/agent-db"
+        for (from, to) in [("ca.pem", "ca-cert.pem"), ("agent.pem", "client-cert.pem"), ("agent.key", "client-key.pem")] {
+            try FileManager.default.copyItem(atPath: agentDir + "/" + from, toPath: certs + "/" + to)
+        }
+        let copy = c.dir.file("over-tls.img"), local = c.dir.file("local.img")
+        r = try await run("/usr/bin/nbdcopy", ["nbds://\(address)/\(export.id)?tls-certificates=\(certs)", copy])
+        #expect(r.status == 0, "\(r)\n\(c.controller.process.log.suffix(2000))")
+        r = try await c.controller.ctl("volume", "export", "db/data", "--point", point, "--out", local)
+        #expect(r.status == 0, "\(r)")
+        #expect(try await run("/usr/bin/qemu-img", ["compare", "-f", "raw", "-F", "raw", copy, local]).status == 0)
+        #expect(try await run("/usr/bin/qemu-img", ["compare", "-f", "raw", "-F", "raw", copy, c.images["db/data"]!]).status == 0)
+
+        // No client certificate: the handshake fails. No TLS at all: every option is refused.
+        let anonymous = c.dir.sub("anonymous")
+        try FileManager.default.copyItem(atPath: agentDir + "/ca.pem", toPath: anonymous + "/ca-cert.pem")
+        r = try await run("/usr/bin/nbdinfo", ["nbds://\(address)/\(export.id)?tls-certificates=\(anonymous)"], timeout: .seconds(30))
+        #expect(r.status != 0, "\(r)")
+        r = try await run("/usr/bin/nbdinfo", ["nbd://\(address)/\(export.id)"], timeout: .seconds(30))
+        #expect(r.status != 0 && r.stderr.contains("opt_go"), "\(r)")
+        c.agents["db"]?.signal(SIGTERM)
         c.controller.process.signal(SIGTERM)
     }
 }
