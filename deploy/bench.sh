@@ -119,9 +119,10 @@ else
 fi
 
 # Recovery points, on a fresh controller: the replication runs above leave up to 8 GiB of
-# journal on the tmpfs. Group cuts: a 16-volume group over 4 agents, points taken back to back
-# while fio writes to one volume of each agent; each point records the longest pause of its
-# members, as the agents measured it.
+# journal on the tmpfs. Group cuts: a 16-volume group over 4 agents, a point every ~0.2 s while
+# fio writes 4 KiB blocks to one volume of each agent at 4000 IOPS each (16 MiB/s; all of
+# them share this machine's cores with the controller); each point records the longest pause
+# of its members, as the agents measured it.
 log "recovery points: 16-volume group on 4 agents under fio"
 kill "${pids[2]}" "${pids[1]}"; wait "${pids[2]}" "${pids[1]}" 2>/dev/null || true
 pids=()
@@ -155,7 +156,7 @@ cut_uris=()
 for host in cut1 cut2 cut3 cut4; do
   cut_uris+=("--name=$host" "--uri=nbd+unix:///g1?socket=$work/agent-$host/sockets/g1.sock")
 done
-fio --ioengine=nbd --rw=randwrite --bs=4k --size=256M --iodepth=16 --time_based --runtime="${runtime}s" \
+fio --ioengine=nbd --rw=randwrite --bs=4k --size=256M --iodepth=16 --rate_iops=4000 --time_based --runtime="${runtime}s" \
     "${cut_uris[@]}" --output="$work/results/cut-fio.txt" >&2 &
 fio_pid=$!
 sleep 2
@@ -163,7 +164,9 @@ aborted=0
 : >"$work/results/cuts.txt"
 while kill -0 "$fio_pid" 2>/dev/null; do
   "$bin/ferryctl" point create bench16 >/dev/null 2>>"$work/results/cut-errors.txt" || aborted=$((aborted + 1))
+  sleep 0.2
 done
+grep -h 'aborted' "$work/results/cut-errors.txt" | sed 's/^/bench.sh: /' | sort | uniq -c | sort -rn | head -5 >&2 || true
 wait "$fio_pid" || die "fio under cuts failed"
 "$bin/ferryctl" points bench16 --json | python3 -c '
 import json, sys

@@ -28,7 +28,7 @@ public final class AgentSession: Service, Sendable {
     /// This connection's replication streamers, one per volume; cancelled when it ends.
     private let streamers = Mutex<[Task<Void, Never>]>([])
     /// Largest batch sent at once, and most bytes sent but not yet acked, per volume.
-    static let batchBytes = 4 << 20
+    static let batchBytes = 1 << 20
     static let windowBytes = 32 << 20
     /// While a volume is busy the streamer polls this often rather than being woken per write;
     /// it adds at most this much to replication lag.

@@ -21,6 +21,9 @@ enum ControllerConnection {
                 // still ends the agent within its 5 s budget.
                 .connectTimeout(.seconds(3))
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                // A small send buffer: a reply to a consistency cut queues behind what is
+                // buffered ahead of it, and the kernel would otherwise buffer megabytes.
+                .channelOption(.socketOption(.so_sndbuf), value: 256 << 10)
                 .connect(host: host, port: port) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         let handler: NIOSSLClientHandler

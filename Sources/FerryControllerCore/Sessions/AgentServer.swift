@@ -44,6 +44,9 @@ public final class AgentServer: Service, Sendable {
             .serverChannelOption(.backlog, value: 512)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // Bounded, like the agent's send buffer: an agent's answer to a consistency cut
+            // waits behind whatever is buffered ahead of it in the stream.
+            .childChannelOption(.socketOption(.so_rcvbuf), value: 512 << 10)
             .bind(host: host, port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let limit = FrameLimit(FrameSize.unauthenticated)
