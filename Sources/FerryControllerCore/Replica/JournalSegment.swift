@@ -101,7 +101,8 @@ enum JournalRecord {
     /// Walks the headers of `bytes` (records already checked by `scan`) without reading the
     /// payloads or their CRCs, calling `body` for each until it returns false; stops at
     /// anything that is not a well-formed record.
-    static func walkHeaders(_ bytes: UnsafeRawBufferPointer, size: UInt64, _ body: (Header) -> Bool) {
+    @discardableResult
+    static func walkHeaders(_ bytes: UnsafeRawBufferPointer, size: UInt64, _ body: (Header) -> Bool) -> Int {
         func integer<T: FixedWidthInteger>(_ at: Int, _: T.Type) -> T { T(bigEndian: bytes.loadUnaligned(fromByteOffset: at, as: T.self)) }
         var at = 0
         while bytes.count - at >= headerSize {
@@ -109,16 +110,17 @@ enum JournalRecord {
             let epoch = integer(at + 8, UInt64.self), sequence = integer(at + 16, UInt64.self)
             let offset = integer(at + 24, UInt64.self), length = integer(at + 32, UInt64.self)
             let kind = integer(at + 40, UInt32.self)
-            guard magic == Self.magic, kind <= 1, length <= UInt64(NBDLimit.maxRecord) || kind == 1 else { return }
+            guard magic == Self.magic, kind <= 1, length <= UInt64(NBDLimit.maxRecord) || kind == 1 else { return at }
             let payload = kind == 0 ? Int(length) : 0
-            guard bytes.count - at - headerSize >= payload else { return }
+            guard bytes.count - at - headerSize >= payload else { return at }
             let (end, overflow) = offset.addingReportingOverflow(length)
-            guard !overflow, end <= size else { return }
+            guard !overflow, end <= size else { return at }
             let header = Header(epoch: epoch, sequence: sequence, offset: offset, length: length, zeroed: kind == 1,
                                 payload: at + headerSize, end: at + headerSize + payload)
             at = header.end
-            guard body(header) else { return }
+            guard body(header) else { return at }
         }
+        return at
     }
 
     /// Runs `body` over a whole segment file mapped read-only: scanning and folding read it in

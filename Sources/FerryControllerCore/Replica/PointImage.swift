@@ -86,7 +86,7 @@ enum PointIndex {
                 var stopped = false
                 // Headers only: the records were checked by CRC32C when written, and reading
                 // each payload would make opening cost the journal's size.
-                JournalRecord.walkHeaders(UnsafeRawBufferPointer(start: mapping.base, count: mapping.count), size: size) { h in
+                let walked = JournalRecord.walkHeaders(UnsafeRawBufferPointer(start: mapping.base, count: mapping.count), size: size) { h in
                     if let through = source.through, h.sequence > through { stopped = true; return false }
                     // A duplicate of a record already read (never appended, but recovery
                     // tolerates them) would bring old bytes back.
@@ -101,6 +101,11 @@ enum PointIndex {
                 // through it, not every segment it spans, in its resident size.
                 _ = madvise(UnsafeMutableRawPointer(mutating: mapping.base), mapping.count, MADV_DONTNEED)
                 if stopped { break scanning }
+                // Its durable part is whole records: anything else is damage, and an image
+                // built past it would silently miss writes.
+                guard walked == mapping.count else {
+                    throw FerryError(.io, "journal segment \(source.path) has an unreadable record at byte \(walked) of \(mapping.count); the replica needs a resync")
+                }
             }
         } catch {
             unmap(mappings)
