@@ -1,6 +1,5 @@
 import FerryWire
 import Foundation
-import NIOPosix
 
 /// The agent's side of consistency cuts: PREPARE holds the writes of the named volumes and
 /// reports where each volume's capture stands; FINISH (commit or abort alike) lets them go on.
@@ -26,7 +25,6 @@ public actor CutHolds {
     private struct Hold {
         var volumes: [BlockVolume]
         var started: ContinuousClock.Instant
-        var releasedAt: ContinuousClock.Instant?
     }
 
     private var holds: [UInt64: Hold] = [:]
@@ -99,9 +97,8 @@ public actor CutHolds {
     }
 
     private func releaseOnOwn(_ id: UInt64) {
-        guard let pause = release(id) else { return }
-        if let i = ended.lastIndex(where: { $0.id == id }) { ended[i].own = true }
-        _ = pause
+        guard release(id) != nil, let i = ended.lastIndex(where: { $0.id == id }) else { return }
+        ended[i].own = true
     }
 
     /// Releases a held cut; returns how long it was held, nil if it was not held.

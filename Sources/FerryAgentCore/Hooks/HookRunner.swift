@@ -13,7 +13,7 @@ public struct HookRunner: Sendable {
 
     /// Runs hook `name` with `/bin/sh -c`, killing it (and its process group) after `timeout`.
     /// Returns nil when it exited 0, otherwise why it failed, with the end of its output.
-    public func run(_ name: String, timeout: Duration, environment: [String: String] = [:]) async -> String? {
+    public func run(_ name: String, timeout: Duration) async -> String? {
         guard let command = hooks[name] else {
             return "no hook named '\(name)' is defined in this agent's configuration (hooks: \(hooks.keys.sorted().joined(separator: ", ")))"
         }
@@ -22,7 +22,6 @@ public struct HookRunner: Sendable {
         process.arguments = ["-c", command]
         var env = ProcessInfo.processInfo.environment
         env["FERRY_HOOK"] = name
-        for (k, v) in environment { env[k] = v }
         process.environment = env
         let output = Pipe()
         process.standardOutput = output
@@ -72,25 +71,22 @@ public struct HookRunner: Sendable {
     }
 }
 
-/// The last bytes a hook wrote, for its error message.
-final class OutputTail: @unchecked Sendable {
-    // Appended from the pipe's reader thread, read once the hook ended.
-    private let lock = NSLock()
-    private var data = Data()
+/// The last bytes a hook wrote, for its error message: appended from the pipe's reader
+/// thread, read once the hook ended.
+final class OutputTail: Sendable {
+    private let data = Mutex(Data())
     private let limit: Int
 
     init(limit: Int) { self.limit = limit }
 
     func append(_ more: Data) {
-        lock.lock()
-        data.append(more)
-        if data.count > limit { data = data.suffix(limit) }
-        lock.unlock()
+        data.withLock { d in
+            d.append(more)
+            if d.count > limit { d = d.suffix(limit) }
+        }
     }
 
     var text: String {
-        lock.lock()
-        defer { lock.unlock() }
-        return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        String(decoding: data.withLock { $0 }, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 }

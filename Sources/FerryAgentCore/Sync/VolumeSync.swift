@@ -66,7 +66,7 @@ public final class SyncTracker: Sendable {
             p.startedUnixNanos = s.started
             p.fullCompleted = s.fullCompleted
             let elapsed = ContinuousClock.now - s.startedAt
-            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            let seconds = elapsed.seconds
             p.rateBytesPerSecond = seconds > 0.05 ? UInt64(Double(s.doneBytes) / seconds) : 0
             return p
         }

@@ -235,8 +235,7 @@ final class WriteGate: @unchecked Sendable {
         while inFlight > 0 {
             let left = ContinuousClock.now.duration(to: deadline)
             guard left > .zero else { break }
-            let seconds = Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18
-            _ = condition.wait(until: Date(timeIntervalSinceNow: seconds))
+            _ = condition.wait(until: Date(timeIntervalSinceNow: left.seconds))
         }
         return inFlight == 0
     }

@@ -413,11 +413,13 @@ final class ImageFile {
     static let chunkSize = 1 << 20
 
     let path: String
+    /// Where the bytes go: for a regular file `PATH.partial`, renamed over `path` once the
+    /// whole image is in, so a failed or interrupted download never leaves a truncated or
+    /// half-written file at `path`; a device is written in place.
+    private let target: String
     private let fd: Int32
     /// A regular file (sparse writes, final truncate), not a device.
     private let sparse: Bool
-    /// The file did not exist before: remove it again if the download fails.
-    private let created: Bool
     private var staging = [UInt8](repeating: 0, count: ImageFile.chunkSize)
     private let zeros = [UInt8](repeating: 0, count: ImageFile.chunkSize)
     /// Bytes in `staging`, not yet written.
@@ -436,15 +438,15 @@ final class ImageFile {
         if exists, kind == S_IFDIR {
             throw FerryError(.badRequest, "\(path) is a directory; --out needs a file name")
         }
-        if exists, kind == S_IFREG, !overwrite {
+        if exists, !overwrite {
             throw FerryError(.conflict, "\(path) already exists; pass --force to overwrite it")
         }
-        var flags = O_WRONLY | O_CLOEXEC
-        if !exists { flags |= O_CREAT | O_EXCL } else if kind == S_IFREG { flags |= O_TRUNC }
+        let regular = !exists || kind == S_IFREG
+        target = regular ? path + ".partial" : path
         // 0600: the image holds the workload's data.
-        let fd = open(path, flags, 0o600)
+        let fd = open(target, O_WRONLY | O_CLOEXEC | (regular ? O_CREAT | O_TRUNC : 0), 0o600)
         guard fd >= 0 else {
-            throw FerryError(.io, "cannot open \(path): \(String(cString: strerror(errno)))")
+            throw FerryError(.io, "cannot open \(target): \(String(cString: strerror(errno)))")
         }
         var opened = stat()
         guard fstat(fd, &opened) == 0 else {
@@ -454,7 +456,6 @@ final class ImageFile {
         }
         self.fd = fd
         self.sparse = (opened.st_mode & S_IFMT) == S_IFREG
-        self.created = !exists
     }
 
     deinit {
@@ -489,17 +490,20 @@ final class ImageFile {
         }
         isOpen = false
         if close(fd) != 0 {
-            throw FerryError(.io, "cannot close \(path): \(String(cString: strerror(errno)))")
+            throw FerryError(.io, "cannot close \(target): \(String(cString: strerror(errno)))")
+        }
+        if target != path, rename(target, path) != 0 {
+            throw FerryError(.io, "cannot rename \(target) to \(path): \(String(cString: strerror(errno)))")
         }
     }
 
-    /// After a failure: closes, and removes the file if this download created it.
+    /// After a failure: closes, and removes the partial file; `path` is left as it was.
     func abandon() {
         if isOpen {
             isOpen = false
             _ = close(fd)
         }
-        if created { _ = unlink(path) }
+        if target != path { _ = unlink(target) }
     }
 
     private func flush() throws {

@@ -157,8 +157,7 @@ struct VolumeCommand: AsyncParsableCommand {
                     let result = try await connection.withClient { [choice] client in
                         try await client.downloadImage(host: host, name: name, point: choice, asOf: when, to: out, overwrite: force)
                     }
-                    let elapsed = ContinuousClock.now - started
-                    let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+                    let seconds = (ContinuousClock.now - started).seconds
                     if output.json {
                         try Console.json(ImageResult(volume: "\(host)/\(name)", file: out, point: result.point, bytes: result.bytes,
                                                      writtenBytes: result.writtenBytes, seconds: seconds))

@@ -250,7 +250,7 @@ struct APIRoutes {
         spec.initialSyncRequired = true
         spec.captureMode = mode == "scan" ? .scan : .export
         spec.scanIntervalSeconds = UInt32(interval)
-        let result = try await Self.command(entry.session, "protect") { $0.protectVolume.volume = spec }
+        let result = try await entry.session.command("protect", timeout: .seconds(30)) { $0.protectVolume.volume = spec }
         switch result.outcome {
         case .volumeStatus(let status):
             let record = VolumeRecord(hostID: host.id, name: status.name, path: status.path, sizeBytes: Int64(status.sizeBytes),
@@ -266,18 +266,6 @@ struct APIRoutes {
         }
     }
 
-    /// Sends a command to an agent and waits (30 s at most) for its result.
-    static func command(_ session: PeerSession, _ what: String, _ fill: (inout Ferry_V1_Command) -> Void) async throws -> Ferry_V1_CommandResult {
-        var command = Ferry_V1_Command()
-        command.timeoutMs = 30_000
-        fill(&command)
-        let reply = try await session.request(.command(command), timeout: .seconds(30))
-        guard case .commandResult(let result) = reply.body else {
-            throw FerryError(.protocolViolation, "agent answered \(what) with \(reply.bodyName)")
-        }
-        return result
-    }
-
     /// Asks the agent to compare the whole volume with the replica, block hash by block hash.
     func resync(host hostName: String, name: String, actor: String) async throws -> API.Volume {
         guard let host = try await store.host(named: hostName) else {
@@ -289,8 +277,7 @@ struct APIRoutes {
         guard let entry = await registry.entry(hostID: host.id) else {
             throw FerryError(.unavailable, "host '\(hostName)' is not connected; a resync needs its agent online")
         }
-        let result = try await Self.command(entry.session, "resync") { $0.resyncVolume.name = name }
-        if case .error(let e)? = result.outcome { throw FerryError(wire: e) }
+        _ = try await entry.session.command("resync", timeout: .seconds(30)) { $0.resyncVolume.name = name }
         try await store.audit(actor: actor, action: "volume.resync", target: "\(hostName)/\(name)")
         return try await volumeView(record, hostName: host.name)
     }

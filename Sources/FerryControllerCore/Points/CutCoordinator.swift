@@ -123,17 +123,12 @@ public actor CutCoordinator {
             for host in hosts {
                 tasks.addTask {
                     do {
-                        var command = Ferry_V1_Command()
-                        command.timeoutMs = UInt32(timeout.components.seconds * 1000)
-                        command.runHook.name = name
-                        command.runHook.timeoutMs = command.timeoutMs
-                        let reply = try await host.session.request(.command(command), timeout: timeout + .seconds(5))
-                        guard case .commandResult(let result) = reply.body else { return "\(host.hostName): unexpected reply to hook \(name)" }
-                        switch result.outcome {
-                        case .hookResult(let r): return r.error.isEmpty ? nil : "\(host.hostName): \(r.error)"
-                        case .error(let e): return "\(host.hostName): \(e.message)"
-                        default: return "\(host.hostName): unexpected reply to hook \(name)"
+                        let result = try await host.session.command("hook \(name)", timeout: timeout + .seconds(5)) {
+                            $0.runHook.name = name
+                            $0.runHook.timeoutMs = UInt32(timeout.components.seconds * 1000)
                         }
+                        guard case .hookResult(let r)? = result.outcome else { return "\(host.hostName): unexpected reply to hook \(name)" }
+                        return r.error.isEmpty ? nil : "\(host.hostName): \(r.error)"
                     } catch {
                         return "\(host.hostName): hook \(name) failed: \((error as? FerryError)?.message ?? "\(error)")"
                     }
@@ -156,20 +151,15 @@ public actor CutCoordinator {
             for member in members {
                 tasks.addTask {
                     do {
-                        var command = Ferry_V1_Command()
-                        command.timeoutMs = UInt32(policy.holdBudgetMilliseconds)
-                        command.prepareCut.cutID = cutID
-                        command.prepareCut.volumes = member.volumes
-                        command.prepareCut.holdMs = UInt32(policy.holdBudgetMilliseconds)
-                        let reply = try await member.session.request(.command(command), timeout: budget)
-                        guard case .commandResult(let result) = reply.body else {
-                            throw FerryError(.protocolViolation, "\(member.hostName) answered a cut with \(reply.bodyName)")
+                        let result = try await member.session.command("a cut", timeout: budget) {
+                            $0.prepareCut.cutID = cutID
+                            $0.prepareCut.volumes = member.volumes
+                            $0.prepareCut.holdMs = UInt32(policy.holdBudgetMilliseconds)
                         }
-                        switch result.outcome {
-                        case .cutPrepared(let p): return (member, .success(p))
-                        case .error(let e): throw FerryError(wire: e)
-                        default: throw FerryError(.protocolViolation, "\(member.hostName) answered a cut without its sequences")
+                        guard case .cutPrepared(let p)? = result.outcome else {
+                            throw FerryError(.protocolViolation, "\(member.hostName) answered a cut without its sequences")
                         }
+                        return (member, .success(p))
                     } catch {
                         return (member, .failure(error))
                     }
@@ -222,12 +212,10 @@ public actor CutCoordinator {
             await withTaskGroup(of: UInt64.self) { tasks in
                 for member in members {
                     tasks.addTask {
-                        var command = Ferry_V1_Command()
-                        command.timeoutMs = 5000
-                        command.finishCut.cutID = cutID
-                        command.finishCut.committed = committed
-                        guard let reply = try? await member.session.request(.command(command), timeout: .seconds(5)),
-                              case .commandResult(let result) = reply.body, case .cutFinished(let f)? = result.outcome else { return 0 }
+                        guard let result = try? await member.session.command("the end of a cut", timeout: .seconds(5), {
+                            $0.finishCut.cutID = cutID
+                            $0.finishCut.committed = committed
+                        }), case .cutFinished(let f)? = result.outcome else { return 0 }
                         metrics.cutPause(group: group.name, host: member.hostName, micros: f.pauseMicros)
                         return f.pauseMicros
                     }

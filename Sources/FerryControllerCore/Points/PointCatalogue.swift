@@ -75,11 +75,14 @@ public struct PointCatalogue: Sendable {
             guard let oldest = candidates.min(by: { $0.createdAt < $1.createdAt }) else {
                 throw FerryError(.notFound, "\(label)'s group has no recovery points yet")
             }
-            guard asOf >= oldest.createdAt else {
+            // Times are given to the second (as `ferryctl points` shows them): a point counts
+            // as at or before `asOf` if its second is.
+            func second(_ d: Date) -> Double { d.timeIntervalSince1970.rounded(.down) }
+            guard second(asOf) >= second(oldest.createdAt) else {
                 let f = ISO8601DateFormatter()
                 throw FerryError(.notFound, "\(f.string(from: asOf)) is outside retention: the oldest point of \(label)'s group is from \(f.string(from: oldest.createdAt))")
             }
-            ordered = ordered.filter { $0.createdAt <= asOf }
+            ordered = ordered.filter { second($0.createdAt) <= second(asOf) }
         }
         for point in ordered {
             guard let m = point.decodedMembers.first(where: { $0.hostID == hostID && $0.volume == volume }) else { continue }

@@ -41,7 +41,7 @@ public actor PointExports {
         let view = API.Export(
             id: id, volume: volume, point: point, epoch: position.epoch, sequence: position.sequence, writable: writable,
             uri: "nbd+unix:///\(id)?socket=\(socketPath)", socketPath: socketPath, createdAt: Date(),
-            openMilliseconds: Double(opened.components.seconds) * 1000 + Double(opened.components.attoseconds) / 1e15)
+            openMilliseconds: opened.seconds * 1000)
         entries[id] = Entry(view: view, image: image)
         server.add(PointImageExport(name: id, image: image))
         return view

@@ -43,11 +43,14 @@ public actor ReplicaManager {
     }
 
     /// Folds expired journal segments of every open replica into its base image.
+    /// Until the catalogue has pinned the retained points' history, only the journal's size
+    /// cap folds (the cap wins over pins anyway), so a catalogue that cannot be read does not
+    /// let the journal grow without bound.
     public func foldAll(logger: Logger) async {
-        guard pins != nil else { return }
+        let pinned = pins != nil
         for (key, store) in open {
             do {
-                let folded = try await store.fold()
+                let folded = try await store.fold(capOnly: !pinned)
                 if folded > 0 { logger.debug("journal folded into the base image", metadata: ["replica": "\(key)", "segments": "\(folded)"]) }
             } catch {
                 logger.error("cannot fold the journal into the base image", metadata: ["replica": "\(key)", "error": "\(error)"])

@@ -492,8 +492,9 @@ public actor ReplicaStore {
     /// A pinned position (`pin`) keeps the segments holding records after it, unless the
     /// journal is over its size cap (the cap wins: points before `basePosition` are gone).
     /// While a point image is open nothing is folded (it reads the base image): returns 0.
+    /// With `capOnly`, only what the size cap forces out is folded.
     @discardableResult
-    public func fold(now: Date = Date()) async throws -> Int {
+    public func fold(now: Date = Date(), capOnly: Bool = false) async throws -> Int {
         guard !folding, leases.open == 0 else { return 0 }
         folding = true
         defer {
@@ -511,7 +512,7 @@ public actor ReplicaStore {
                 // Unknown order (cannot happen for a pin taken from this replica): keep it.
                 compare(ReplicaPosition(epoch: oldest.epoch, sequence: oldest.last), pin).map { $0 == .orderedDescending } ?? true
             } ?? false
-            let expired = oldest.newest <= horizon && !needed
+            let expired = oldest.newest <= horizon && !needed && !capOnly
             let overCap = journalBytes > journalLimit
             let interrupted = state.folding == oldest.id
             guard expired || overCap || interrupted else { break }
@@ -608,8 +609,6 @@ public actor ReplicaStore {
         return image
     }
 
-    /// The journal segments (and how far into each) that make up `position` over the base,
-    /// or why there is no such point.
     /// Whether the replica holds everything up to `position` (received, not folded away).
     public func holds(_ position: ReplicaPosition) -> Bool {
         (try? check(position)) != nil
@@ -642,6 +641,8 @@ public actor ReplicaStore {
         return target
     }
 
+    /// The journal segments (and how far into each) that make up `position` over the base,
+    /// or why there is no such point.
     private func pointSources(_ position: ReplicaPosition) throws -> [PointSource] {
         let target = try check(position)
         var sources: [PointSource] = []

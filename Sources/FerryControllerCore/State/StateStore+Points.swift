@@ -119,6 +119,17 @@ extension StateStore {
         }
     }
 
+    /// Per group, the time of its newest retained point, and of its newest app-consistent one.
+    public func newestPoints() async throws -> [String: (any: Date?, app: Date?)] {
+        try await pool.read { db in
+            let rows = try Row.fetchAll(db, sql: """
+                SELECT groupName, MAX(createdAt) AS newest, MAX(CASE WHEN consistency = 'app' THEN createdAt END) AS app
+                FROM recoveryPoint WHERE prunedAt IS NULL GROUP BY groupName
+                """)
+            return Dictionary(uniqueKeysWithValues: rows.map { ($0["groupName"], (any: $0["newest"] as Date?, app: $0["app"] as Date?)) })
+        }
+    }
+
     public func point(id: String) async throws -> PointRecord? {
         try await pool.read { db in try PointRecord.fetchOne(db, key: id) }
     }

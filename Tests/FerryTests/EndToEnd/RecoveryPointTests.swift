@@ -242,6 +242,21 @@ struct RecoveryPointTests {
         #expect(r.status != 0 && r.stderr.contains("no recovery point 'p-nope'"), "\(r)")
         r = try await ctl.ctl("volume", "export", "db/data", "--as-of", "2001-01-01T00:00:00Z")
         #expect(r.status != 0 && r.stderr.contains("outside retention"), "\(r)")
+        // A time as `ferryctl points` shows it (to the second) finds the point of that second.
+        let iso = ISO8601DateFormatter()
+        r = try await ctl.ctl("volume", "export", "db/data", "--as-of", iso.string(from: failed.createdAt), "--json")
+        #expect(r.status == 0 && (try? API.decoder().decode(API.Export.self, from: Data(r.stdout.utf8)))?.point == failed.id, "\(r)")
+        // A download that fails leaves an existing file as it was, and no partial file.
+        let kept = c.dir.file("kept.img")
+        try Data("keep me".utf8).write(to: URL(fileURLWithPath: kept))
+        r = try await ctl.ctl("volume", "export", "db/data", "--point", failed.id, "--out", kept)
+        #expect(r.status != 0 && r.stderr.contains("--force"), "\(r)")
+        r = try await ctl.ctl("volume", "export", "db/data", "--point", "p-nope", "--out", kept, "--force")
+        #expect(r.status != 0)
+        #expect(FileManager.default.contents(atPath: kept) == Data("keep me".utf8))
+        #expect(!FileManager.default.fileExists(atPath: kept + ".partial"))
+        r = try await ctl.ctl("volume", "export", "db/data", "--point", failed.id, "--out", kept, "--force")
+        #expect(r.status == 0 && (FileManager.default.contents(atPath: kept)?.count ?? 0) == 16 << 20, "\(r)")
 
         // A hook that outlives its timeout, and retention that keeps only the newest of each kind.
         r = try await ctl.ctl("group", "create", "pr", "--volume", "app/data", "--quiesce-hook", "slow", "--hook-timeout", "1s",

@@ -44,6 +44,9 @@ struct UnitReplicaStoreTests {
                     }
                     let before = await store.journalBytes
                     #expect(before > 6 * 20 * 65536)
+                    // Before retention knows what points need (capOnly), nothing under the
+                    // size cap folds, however old.
+                    #expect(try await store.fold(capOnly: true) == 0)
                     // Only what is older than an hour goes into the base.
                     let folded = try await store.fold()
                     #expect(folded == 3)
