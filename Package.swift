@@ -49,14 +49,18 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
-        // The NBD protocol and a blocking, thread-per-connection export server, shared by the
-        // agent (write-capturing volumes) and the controller (point-in-time images).
+        // The NBD protocol, a blocking, thread-per-connection export server, shared by the agent
+        // (write-capturing volumes) and the controller (point-in-time images), and a pipelined
+        // NIO client (the agent reading a point-in-time export over STARTTLS).
         .target(
             name: "FerryNBD",
             dependencies: [
                 "FerryWire",
                 "CFerrySystem",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
@@ -104,6 +108,7 @@ let package = Package(
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Yams", package: "Yams"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -46,8 +46,12 @@ public struct Controller: Sendable {
         let coordinator = CutCoordinator(store: store, registry: registry, replicas: replicas, metrics: metrics, logger: logger)
         let catalogue = PointCatalogue(store: store, replicas: replicas)
         let exports = PointExports(socketPath: config.dataDir + "/exports.sock", overlayRoot: config.dataDir + "/overlays", logger: logger)
+        let exportPort = BoundPort()
+        let reverse = ReverseStreams(exports: exports, registry: registry, store: store, logger: logger)
+        let jobs = JobRunner(store: store, registry: registry, replicas: replicas, catalogue: catalogue, exports: exports, agents: agents,
+                             reverse: reverse, logger: logger, exportPort: { exportPort.value })
         let routes = APIRoutes(store: store, registry: registry, metrics: metrics, pki: pki, agents: agents, replicas: replicas,
-                               coordinator: coordinator, catalogue: catalogue, exports: exports)
+                               coordinator: coordinator, catalogue: catalogue, exports: exports, jobs: jobs)
         let (apiHost, apiPort) = try ConfigText.hostPort(config.apiListen)
         let caPath = pki.caPath
         let logger = self.logger
@@ -79,6 +83,7 @@ public struct Controller: Sendable {
             exportTLS.append(.init(service: PointExportTLSService(
                 listen: config.nbdTLSListen, exportSocket: config.dataDir + "/exports.sock", tls: try NIOSSLContext(configuration: tls),
                 store: store, group: group, logger: logger) { address in
+                    exportPort.set(address.port)
                     try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/nbd-tls-listen.addr")
                 }))
         }
@@ -89,6 +94,7 @@ public struct Controller: Sendable {
                 .init(service: RetentionFolder(replicas: replicas, logger: logger)),
                 .init(service: PointScheduler(coordinator: coordinator, catalogue: catalogue, store: store, metrics: metrics, logger: logger)),
                 .init(service: PointExportService(exports: exports)),
+                .init(service: JobService(jobs: jobs)),
             ] + exportTLS + [
                 .init(service: agents),
                 .init(service: api),

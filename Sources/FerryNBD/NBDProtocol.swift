@@ -31,7 +31,11 @@ enum NBD {
         static let errUnsupported: UInt32 = 1 << 31 | 1
         static let errPolicy: UInt32 = 1 << 31 | 2
         static let errInvalid: UInt32 = 1 << 31 | 3
+        static let errPlatform: UInt32 = 1 << 31 | 4
+        static let errTLSRequired: UInt32 = 1 << 31 | 5
         static let errUnknown: UInt32 = 1 << 31 | 6
+        static let errShutdown: UInt32 = 1 << 31 | 7
+        static let errBlockSizeRequired: UInt32 = 1 << 31 | 8
         static let errTooBig: UInt32 = 1 << 31 | 9
     }
 

@@ -13,7 +13,7 @@ public struct HookRunner: Sendable {
 
     /// Runs hook `name` with `/bin/sh -c`, killing it (and its process group) after `timeout`.
     /// Returns nil when it exited 0, otherwise why it failed, with the end of its output.
-    public func run(_ name: String, timeout: Duration) async -> String? {
+    public func run(_ name: String, timeout: Duration, environment: [String: String] = [:]) async -> String? {
         guard let command = hooks[name] else {
             return "no hook named '\(name)' is defined in this agent's configuration (hooks: \(hooks.keys.sorted().joined(separator: ", ")))"
         }
@@ -21,6 +21,7 @@ public struct HookRunner: Sendable {
         process.executableURL = URL(fileURLWithPath: "/bin/sh")
         process.arguments = ["-c", command]
         var env = ProcessInfo.processInfo.environment
+        for (key, value) in Self.allowed(environment) { env[key] = value }
         env["FERRY_HOOK"] = name
         process.environment = env
         let output = Pipe()
@@ -68,6 +69,24 @@ public struct HookRunner: Sendable {
             return "hook '\(name)' \(how)" + (tail.isEmpty ? "" : ": \(tail)")
         }
         return nil
+    }
+}
+
+extension HookRunner {
+    /// What of a controller's environment a hook gets: FERRY_* names only (never PATH or
+    /// LD_PRELOAD), at most 32 of them and 4 KiB in all.
+    static func allowed(_ environment: [String: String]) -> [String: String] {
+        var out: [String: String] = [:]
+        var bytes = 0
+        for key in environment.keys.sorted() {
+            guard out.count < 32, key.hasPrefix("FERRY_"), key.count <= 64,
+                  key.allSatisfy({ $0.isASCII && ($0.isUppercase || $0.isNumber || $0 == "_") }),
+                  let value = environment[key], !value.contains("\0") else { continue }
+            bytes += key.utf8.count + value.utf8.count
+            guard bytes <= 4096 else { break }
+            out[key] = value
+        }
+        return out
     }
 }
 

@@ -1,3 +1,4 @@
+import FerryNBD
 import FerryWire
 import Foundation
 import Logging
@@ -22,6 +23,8 @@ public final class AgentSession: Service, Sendable {
     let inventory: @Sendable () -> Ferry_V1_Inventory
     /// The protected volumes and their exports (nil for simulated agents that protect nothing).
     let volumes: VolumeManager?
+    /// Volumes this host serves as a recovery host (failover, drills).
+    let recovery: RecoveryManager
     /// The connection being set up or held, so graceful shutdown can end it at any stage.
     private let current = Mutex<(channel: (any Channel)?, session: PeerSession?)>((nil, nil))
     private let connectedCount = Atomic<Int>(0)
@@ -44,6 +47,8 @@ public final class AgentSession: Service, Sendable {
         inventory: @escaping @Sendable () -> Ferry_V1_Inventory = { InventoryCollector.collect() }
     ) {
         self.volumes = volumes
+        self.recovery = RecoveryManager(socketDirectory: config.socketDirectory, dataDir: config.dataDir,
+                                        hooks: HookRunner(hooks: config.hooks), logger: logger)
         self.dataDir = config.dataDir
         self.config = config
         self.logger = logger
@@ -236,12 +241,26 @@ public final class AgentSession: Service, Sendable {
                     let started = ContinuousClock.now
                     var outcome = Ferry_V1_HookResult()
                     outcome.name = hook.name
-                    if let error = await hooks.run(hook.name, timeout: timeout) { outcome.error = error }
+                    if let error = await hooks.run(hook.name, timeout: timeout, environment: hook.environment) { outcome.error = error }
                     outcome.durationMicros = CutHolds.micros(started.duration(to: .now))
                     var result = Ferry_V1_CommandResult()
                     result.hookResult = outcome
                     try? await session.send(.commandResult(result), inReplyTo: id)
                 }
+                return
+            case .fenceVolumes(let fence):
+                do {
+                    guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
+                    var fenced = Ferry_V1_VolumesFenced()
+                    fenced.volumes = try await volumes.fence(fence.volumes, generation: fence.generation)
+                    result.volumesFenced = fenced
+                } catch let error as FerryError {
+                    result.error = error.wire
+                }
+            case .recoverVolumes, .stopRecovery, .hashBlocks, .applyBlocks:
+                // These take a while (connections, hooks, disk reads): answered when done,
+                // while the session goes on.
+                answerLater(command, id: envelope.id, session: session)
                 return
             case .none:
                 result.error = FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)").wire
@@ -255,6 +274,39 @@ public final class AgentSession: Service, Sendable {
             if envelope.id != 0 {
                 try await session.send(.error(FerryError(.protocolViolation, "\(envelope.bodyName) is not valid from a controller").wire), inReplyTo: envelope.id)
             }
+        }
+    }
+
+    func answerLater(_ command: Ferry_V1_Command, id: UInt64, session: PeerSession) {
+        Task {
+            var result = Ferry_V1_CommandResult()
+            do {
+                switch command.kind {
+                case .recoverVolumes(let recover):
+                    let identity = self.identity.withLock { $0 }
+                    let (host, _) = try ConfigText.hostPort(config.controller ?? identity.info.controller)
+                    let context = try NBDClientTLS.makeContext(
+                        trustRoots: [try TLSSettings.nio(identity.ca)], certificateChain: [try TLSSettings.nio(identity.certificate)],
+                        privateKey: try TLSSettings.nio(identity.privateKey))
+                    result.recoveryStarted = try await recovery.recover(recover, controllerHost: host,
+                                                                        tls: NBDClientTLS(context: context, serverHostname: host))
+                case .stopRecovery(let stop):
+                    result.recoveryStopped = await recovery.stop(stop)
+                case .hashBlocks(let request):
+                    guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
+                    result.blockHashes = try await volumes.hashBlocks(request)
+                case .applyBlocks(let request):
+                    guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
+                    result.blocksApplied = try await volumes.applyBlocks(request)
+                default:
+                    throw FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)")
+                }
+            } catch let error as FerryError {
+                result.error = error.wire
+            } catch {
+                result.error = FerryError(.internalError, "\(error)").wire
+            }
+            try? await session.send(.commandResult(result), inReplyTo: id)
         }
     }
 

@@ -20,7 +20,11 @@ public final class BlockVolume: NBDExport {
     private let mutation = Mutex<Void>(())
     /// Stops writes from completing while a consistency cut holds the volume.
     private let gate = WriteGate()
-    public var isReadOnly: Bool { false }
+    /// The other site owns this volume (a failover fenced it): the workload's writes are
+    /// refused with EPERM, and only a sink's applied blocks change it.
+    private let fencedFlag = Atomic<Bool>(false)
+    public var isReadOnly: Bool { fencedFlag.load(ordering: .acquiring) }
+    public var isFenced: Bool { fencedFlag.load(ordering: .acquiring) }
     public var holdsWrites: Bool { gate.isHeld }
 
     /// Opens `path` read-write (read-only for a volume only scanned). The file must exist; its
@@ -101,6 +105,7 @@ public final class BlockVolume: NBDExport {
         gate.enter()
         defer { gate.leave() }
         let sequence = try mutation.withLock { _ in
+            if fencedFlag.load(ordering: .acquiring) { throw Self.ioError("write (volume fenced)", EPERM) }
             let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: offset) }
             if failed != 0 { throw Self.ioError("write", failed) }
             return recorder.append(offset: offset, kind: .write(data))
@@ -116,6 +121,7 @@ public final class BlockVolume: NBDExport {
         gate.enter()
         defer { gate.leave() }
         let sequence = try mutation.withLock { _ in
+            if fencedFlag.load(ordering: .acquiring) { throw Self.ioError("zero (volume fenced)", EPERM) }
             if ferry_punch_hole(fd, off_t(offset), off_t(length)) != 0 {
                 guard errno == EOPNOTSUPP || errno == EINVAL else { throw Self.ioError("zero", errno) }
                 try Self.writeZeroes(fd, offset: offset, length: length)
@@ -159,6 +165,45 @@ public final class BlockVolume: NBDExport {
 
     /// Makes every completed write durable. Blocking: call it on an I/O thread.
     func flushNow() throws { try Self.sync(fd) }
+
+    // MARK: Fencing and the sink role
+
+    /// Refuses the workload's writes from now on; returns once no write is being applied, so
+    /// the change log's last sequence afterwards is final. Blocking (briefly): an I/O thread.
+    func fence() {
+        fencedFlag.store(true, ordering: .releasing)
+        mutation.withLock { _ in }
+    }
+
+    func unfence() {
+        fencedFlag.store(false, ordering: .releasing)
+    }
+
+    /// Writes blocks a reverse stream sends (the sink role): only while fenced, nothing
+    /// captured. Blocking: an I/O thread.
+    func applyAsSink(_ blocks: [(offset: UInt64, data: ByteBuffer?, zeroLength: UInt64)], flush: Bool) throws {
+        let fd = self.fd, size = self.size
+        try mutation.withLock { _ in
+            guard fencedFlag.load(ordering: .acquiring) else {
+                throw FerryError(.conflict, "volume \(name) is not fenced: it takes blocks as a sink only after a failover")
+            }
+            for block in blocks {
+                let length = block.data.map { UInt64($0.readableBytes) } ?? block.zeroLength
+                guard block.offset <= size, length <= size - block.offset else {
+                    throw FerryError(.badRequest, "block at \(block.offset) of \(length) bytes lies outside the \(size)-byte volume \(name)")
+                }
+                if let data = block.data {
+                    let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: block.offset) }
+                    if failed != 0 { throw FerryError(.io, "sink write to \(name) failed: \(String(cString: strerror(failed)))") }
+                } else if length > 0 {
+                    if ferry_punch_hole(fd, off_t(block.offset), off_t(length)) != 0 {
+                        try Self.writeZeroes(fd, offset: block.offset, length: length)
+                    }
+                }
+            }
+        }
+        if flush { try Self.sync(fd) }
+    }
 
     static func writeZeroes(_ fd: Int32, offset: UInt64, length: UInt64) throws {
         let zeroes = [UInt8](repeating: 0, count: 1 << 20)

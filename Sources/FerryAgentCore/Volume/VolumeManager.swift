@@ -90,8 +90,9 @@ public actor VolumeManager {
             guard existing.spec.captureMode == spec.captureMode else {
                 throw FerryError(.conflict, "volume \(spec.name) is already protected in capture mode \(existing.spec.captureMode == .scan ? "scan" : "export"); remove it to change the mode")
             }
+            try await applyFencing(spec)
             try await startSyncIfNeeded(spec)
-            return status(existing)
+            return status(served[spec.name] ?? existing)
         }
         if let other = served.values.first(where: { $0.spec.path == spec.path }) {
             throw FerryError(.conflict, "\(spec.path) is already protected as volume \(other.spec.name)")
@@ -156,6 +157,78 @@ public actor VolumeManager {
             logger.info(spec.initialSyncRequired ? "initial sync starts" : "full resync starts: no activity log from the earlier run",
                         metadata: ["volume": "\(spec.name)", "bytes": "\(entry.volume.size)"])
         }
+    }
+
+    /// Applies the controller's fencing decision. A generation older than the one this agent
+    /// knows is ignored (a stale controller state cannot unfence).
+    private func applyFencing(_ spec: Ferry_V1_VolumeSpec) async throws {
+        guard var entry = served[spec.name] else { return }
+        guard spec.generation >= entry.spec.generation else { return }
+        let changed = spec.fenced != entry.volume.isFenced || spec.generation != entry.spec.generation
+        if spec.fenced && !entry.volume.isFenced {
+            let volume = entry.volume
+            try await pool.runIfActive { volume.fence() }
+            logger.warning("volume fenced: another site owns it since a failover; its export is read-only", metadata: ["volume": "\(spec.name)", "generation": "\(spec.generation)"])
+        } else if !spec.fenced && entry.volume.isFenced {
+            entry.volume.unfence()
+            logger.info("volume unfenced: this host owns it again", metadata: ["volume": "\(spec.name)", "generation": "\(spec.generation)"])
+        }
+        entry.spec.generation = spec.generation
+        entry.spec.fenced = spec.fenced
+        served[spec.name] = entry
+        if changed { try persist() }
+    }
+
+    /// Fences volumes now (planned failover) and says where each one's capture stands.
+    public func fence(_ names: [String], generation: UInt64) async throws -> [Ferry_V1_FencedVolume] {
+        var out: [Ferry_V1_FencedVolume] = []
+        for name in names {
+            guard var entry = served[name] else { throw FerryError(.notFound, "this agent does not protect a volume named \(name)") }
+            let volume = entry.volume
+            try await pool.runIfActive { volume.fence() }
+            entry.spec.fenced = true
+            entry.spec.generation = max(entry.spec.generation, generation)
+            served[name] = entry
+            var f = Ferry_V1_FencedVolume()
+            f.volume = name
+            let log = entry.log.snapshot
+            f.epoch = log.epoch
+            f.lastSequence = log.last
+            f.pendingExtents = UInt64(entry.activity.pendingCount)
+            f.overflowed = log.overflowed
+            out.append(f)
+            logger.warning("volume fenced for a failover; its export is read-only", metadata: ["volume": "\(name)", "last-sequence": "\(f.lastSequence)"])
+        }
+        try persist()
+        return out
+    }
+
+    /// The sink role: hashes of a range of a volume.
+    public func hashBlocks(_ request: Ferry_V1_HashBlocks) async throws -> Ferry_V1_BlockHashes {
+        guard let entry = served[request.volume] else { throw FerryError(.notFound, "this agent does not protect a volume named \(request.volume)") }
+        let block = request.blockBytes
+        guard BlockHashing.blockBytesRange.contains(block), block & (block - 1) == 0,
+              (1...UInt32(BlockHashing.maxBlocks)).contains(request.count), request.offset % UInt64(block) == 0,
+              request.offset < entry.volume.size else {
+            throw FerryError(.badRequest, "hash request out of bounds: \(request.count) blocks of \(block) bytes at \(request.offset)")
+        }
+        var out = Ferry_V1_BlockHashes()
+        out.hashes = try await entry.volume.hashes(offset: request.offset, blockBytes: Int(block), count: Int(request.count)).hashes
+        return out
+    }
+
+    /// The sink role: writes a reverse stream's blocks into a fenced volume.
+    public func applyBlocks(_ request: Ferry_V1_ApplyBlocks) async throws -> Ferry_V1_BlocksApplied {
+        guard let entry = served[request.volume] else { throw FerryError(.notFound, "this agent does not protect a volume named \(request.volume)") }
+        guard request.blocks.count <= 1024 else { throw FerryError(.badRequest, "at most 1024 blocks at once") }
+        let blocks = request.blocks.map { b in
+            (offset: b.offset, data: b.data.isEmpty ? nil : ByteBuffer(bytes: b.data), zeroLength: b.zeroLength)
+        }
+        let volume = entry.volume
+        try await pool.runIfActive { try volume.applyAsSink(blocks, flush: request.flush) }
+        var out = Ferry_V1_BlocksApplied()
+        out.bytes = blocks.reduce(0) { $0 + ($1.data.map { UInt64($0.readableBytes) } ?? $1.zeroLength) }
+        return out
     }
 
     /// Starts the next scan of a volume in capture mode scan, unless one is still running.
@@ -290,6 +363,11 @@ public actor VolumeManager {
         let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillPath, spillBytes: spillBytes, activity: activity)
         let scanned = spec.captureMode == .scan
         let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: log, pool: pool, readOnly: scanned)
+        // Fenced before it is served: the workload never gets a moment of writes here.
+        if spec.fenced {
+            volume.fence()
+            logger.warning("volume fenced: another site owns it since a failover; its export is read-only", metadata: ["volume": "\(spec.name)", "generation": "\(spec.generation)"])
+        }
         let tracker = SyncTracker()
         if created {
             // A new sparse image reads as zeroes, like the new replica: already in sync.
@@ -394,6 +472,8 @@ public actor VolumeManager {
         var path: String
         var sizeBytes: UInt64
         var scanIntervalSeconds: UInt32?
+        var generation: UInt64?
+        var fenced: Bool?
 
         var spec: Ferry_V1_VolumeSpec {
             var s = Ferry_V1_VolumeSpec()
@@ -404,6 +484,8 @@ public actor VolumeManager {
                 s.captureMode = .scan
                 s.scanIntervalSeconds = scanIntervalSeconds
             }
+            s.generation = generation ?? 0
+            s.fenced = fenced ?? false
             return s
         }
     }
@@ -411,7 +493,8 @@ public actor VolumeManager {
     private func persist() throws {
         let list = served.values.map {
             Remembered(name: $0.spec.name, path: $0.spec.path, sizeBytes: $0.spec.sizeBytes,
-                       scanIntervalSeconds: $0.spec.captureMode == .scan ? $0.spec.scanIntervalSeconds : nil)
+                       scanIntervalSeconds: $0.spec.captureMode == .scan ? $0.spec.scanIntervalSeconds : nil,
+                       generation: $0.spec.generation == 0 ? nil : $0.spec.generation, fenced: $0.spec.fenced ? true : nil)
         }
             .sorted { $0.name < $1.name }
         let encoder = JSONEncoder()

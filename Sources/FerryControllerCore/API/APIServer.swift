@@ -95,6 +95,7 @@ struct APIRoutes {
     let coordinator: CutCoordinator
     let catalogue: PointCatalogue
     let exports: PointExports
+    let jobs: JobRunner
 
     func router() -> Router<APIContext> {
         let router = Router(context: APIContext.self)
@@ -208,6 +209,7 @@ struct APIRoutes {
             return JSONBody(value: try await wrap { try await resync(host: host, name: name, actor: who.actor) }, status: .accepted)
         }
         addPointRoutes(v1)
+        addPlanRoutes(v1)
         v1.get("audit") { request, context in
             _ = try context.require(.viewer)
             let limit = request.uri.queryParameters.get("limit", as: Int.self) ?? 100

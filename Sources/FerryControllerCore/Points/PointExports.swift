@@ -14,6 +14,9 @@ public actor PointExports {
     public struct Entry: Sendable {
         public var view: API.Export
         public var image: PointImage
+        /// Serves a recovered host (a job made it): not listed, not removable through the API.
+        public var managed: Bool
+        public var dirty: DirtyBlocks
     }
 
     public let socketPath: String
@@ -32,9 +35,15 @@ public actor PointExports {
         try await server.serve(unixSocket: socketPath)
     }
 
-    public func create(volume: String, replica: ReplicaStore, position: ReplicaPosition, point: String, writable: Bool) async throws -> API.Export {
+    /// Opens a point image and serves it. A managed export (a recovered host's volume) keeps
+    /// the id and overlay it is given, so it can be opened again after a restart with the
+    /// writes it took; its id is an unguessable capability, as hosts reach it over TLS.
+    public func create(id given: String? = nil, volume: String, replica: ReplicaStore, position: ReplicaPosition, point: String,
+                       writable: Bool, managed: Bool = false) async throws -> API.Export {
         guard entries.count < 1024 else { throw FerryError(.unavailable, "1024 exports are open already; remove some ('ferryctl exports')") }
-        let id = "x-" + String(UInt32.random(in: 0...UInt32.max), radix: 16)
+        // 128 bits: the id is all an enrolled host needs to reach the export over TLS.
+        let id = given ?? "x-" + (0..<4).map { _ in String(format: "%08x", UInt32.random(in: 0...UInt32.max)) }.joined()
+        guard entries[id] == nil else { throw FerryError(.conflict, "export \(id) is open already") }
         let started = ContinuousClock.now
         let image = try await replica.openImage(at: position, overlayDirectory: writable ? overlayRoot + "/" + id : nil)
         let opened = started.duration(to: .now)
@@ -42,17 +51,25 @@ public actor PointExports {
             id: id, volume: volume, point: point, epoch: position.epoch, sequence: position.sequence, writable: writable,
             uri: "nbd+unix:///\(id)?socket=\(socketPath)", socketPath: socketPath, createdAt: Date(),
             openMilliseconds: opened.seconds * 1000)
-        entries[id] = Entry(view: view, image: image)
-        server.add(PointImageExport(name: id, image: image))
+        let dirty = DirtyBlocks(blockBytes: UInt64(SinkSync.blockBytes))
+        entries[id] = Entry(view: view, image: image, managed: managed, dirty: dirty)
+        server.add(PointImageExport(name: id, image: image, dirty: dirty))
         return view
     }
 
-    public func list() -> [API.Export] { entries.values.map(\.view).sorted { $0.createdAt < $1.createdAt } }
+    public func list() -> [API.Export] { entries.values.filter { !$0.managed }.map(\.view).sorted { $0.createdAt < $1.createdAt } }
 
-    public func remove(id: String) throws {
-        guard let entry = entries.removeValue(forKey: id) else {
+    /// The image behind an export, if it is open.
+    public func image(id: String) -> PointImage? { entries[id]?.image }
+
+    /// The blocks written to an export since they were last taken.
+    public func dirty(id: String) -> DirtyBlocks? { entries[id]?.dirty }
+
+    public func remove(id: String, managed: Bool = false) throws {
+        guard let found = entries[id], found.managed == managed else {
             throw FerryError(.notFound, "no export '\(id)'; 'ferryctl exports' lists them")
         }
+        guard let entry = entries.removeValue(forKey: id) else { return }
         server.remove(name: id)
         try entry.image.close()
         // A writable export's overlay goes with it: a later export never reuses its writes.
@@ -73,12 +90,14 @@ public actor PointExports {
 final class PointImageExport: NBDExport {
     let name: String
     let image: PointImage
+    let dirty: DirtyBlocks?
     var size: UInt64 { image.size }
     var isReadOnly: Bool { !image.writable }
 
-    init(name: String, image: PointImage) {
+    init(name: String, image: PointImage, dirty: DirtyBlocks? = nil) {
         self.name = name
         self.image = image
+        self.dirty = dirty
     }
 
     func performNow(_ op: NBDOperation, allocator: ByteBufferAllocator) -> Result<ByteBuffer?, VolumeIOError> {
@@ -90,9 +109,11 @@ final class PointImageExport: NBDExport {
                 return .success(buffer)
             case .write(let offset, let data, let fua):
                 try image.write(offset: offset, data: data)
+                dirty?.mark(offset: offset, length: UInt64(data.readableBytes))
                 if fua { try image.flush() }
             case .zero(let offset, let length, let fua):
                 try image.zero(offset: offset, length: length)
+                dirty?.mark(offset: offset, length: length)
                 if fua { try image.flush() }
             case .flush:
                 if image.writable { try image.flush() }
@@ -116,4 +137,23 @@ struct PointExportService: Service {
         }
         await exports.closeAll()
     }
+}
+
+/// Blocks written to an export since they were last taken (the reverse stream's work list).
+public final class DirtyBlocks: Sendable {
+    let blockBytes: UInt64
+    private let blocks = Mutex<Set<UInt64>>([])
+
+    init(blockBytes: UInt64) { self.blockBytes = blockBytes }
+
+    func mark(offset: UInt64, length: UInt64) {
+        guard length > 0 else { return }
+        let first = offset / blockBytes, last = (offset + length - 1) / blockBytes
+        blocks.withLock { for b in first...last { $0.insert(b) } }
+    }
+
+    /// The block indices written since the last take, sorted; the set is empty afterwards.
+    func take() -> [UInt64] { blocks.withLock { b in defer { b = [] }; return b.sorted() } }
+    func add(_ more: [UInt64]) { blocks.withLock { $0.formUnion(more) } }
+    func reset() { blocks.withLock { $0 = [] } }
 }

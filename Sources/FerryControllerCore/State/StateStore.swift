@@ -127,6 +127,7 @@ public final class StateStore: Sendable {
             }
             try db.create(index: "recoveryPoint_group_time", on: "recoveryPoint", columns: ["groupName", "createdAt"])
         }
+        registerPlanMigration(&m)
         return m
     }
 
@@ -519,6 +520,9 @@ public struct VolumeRecord: Codable, FetchableRecord, PersistableRecord, Sendabl
     /// `export` (through the agent's NBD export) or `scan` (periodic hash-and-diff).
     public var captureMode: String = "export"
     public var scanIntervalSeconds: Int64 = 0
+    /// Bumped by every failover and failback; `fenced` while the other site owns the volume.
+    public var generation: Int64 = 0
+    public var fenced: Bool = false
 
     var spec: Ferry_V1_VolumeSpec {
         var s = Ferry_V1_VolumeSpec()
@@ -527,6 +531,8 @@ public struct VolumeRecord: Codable, FetchableRecord, PersistableRecord, Sendabl
         s.sizeBytes = UInt64(sizeBytes)
         s.captureMode = captureMode == "scan" ? .scan : .export
         s.scanIntervalSeconds = UInt32(clamping: scanIntervalSeconds)
+        s.generation = UInt64(max(0, generation))
+        s.fenced = fenced
         return s
     }
 }

@@ -27,6 +27,8 @@ public struct FerryError: Error, Sendable, CustomStringConvertible, Equatable {
         public static let io = Code("io")
         public static let unavailable = Code("unavailable")
         public static let databaseTooNew = Code("database-too-new")
+        /// A hook an agent ran for a job failed or timed out.
+        public static let hookFailed = Code("hook-failed")
     }
 
     public let code: Code

@@ -143,6 +143,46 @@ public nonisolated struct Ferry_V1_Command: Sendable {
     set {kind = .finishCut(newValue)}
   }
 
+  public var recoverVolumes: Ferry_V1_RecoverVolumes {
+    get {
+      if case .recoverVolumes(let v)? = kind {return v}
+      return Ferry_V1_RecoverVolumes()
+    }
+    set {kind = .recoverVolumes(newValue)}
+  }
+
+  public var stopRecovery: Ferry_V1_StopRecovery {
+    get {
+      if case .stopRecovery(let v)? = kind {return v}
+      return Ferry_V1_StopRecovery()
+    }
+    set {kind = .stopRecovery(newValue)}
+  }
+
+  public var fenceVolumes: Ferry_V1_FenceVolumes {
+    get {
+      if case .fenceVolumes(let v)? = kind {return v}
+      return Ferry_V1_FenceVolumes()
+    }
+    set {kind = .fenceVolumes(newValue)}
+  }
+
+  public var hashBlocks: Ferry_V1_HashBlocks {
+    get {
+      if case .hashBlocks(let v)? = kind {return v}
+      return Ferry_V1_HashBlocks()
+    }
+    set {kind = .hashBlocks(newValue)}
+  }
+
+  public var applyBlocks: Ferry_V1_ApplyBlocks {
+    get {
+      if case .applyBlocks(let v)? = kind {return v}
+      return Ferry_V1_ApplyBlocks()
+    }
+    set {kind = .applyBlocks(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Kind: Equatable, Sendable {
@@ -154,6 +194,11 @@ public nonisolated struct Ferry_V1_Command: Sendable {
     case runHook(Ferry_V1_RunHook)
     case prepareCut(Ferry_V1_PrepareCut)
     case finishCut(Ferry_V1_FinishCut)
+    case recoverVolumes(Ferry_V1_RecoverVolumes)
+    case stopRecovery(Ferry_V1_StopRecovery)
+    case fenceVolumes(Ferry_V1_FenceVolumes)
+    case hashBlocks(Ferry_V1_HashBlocks)
+    case applyBlocks(Ferry_V1_ApplyBlocks)
 
   }
 
@@ -231,6 +276,46 @@ public nonisolated struct Ferry_V1_CommandResult: Sendable {
     set {outcome = .cutFinished(newValue)}
   }
 
+  public var recoveryStarted: Ferry_V1_RecoveryStarted {
+    get {
+      if case .recoveryStarted(let v)? = outcome {return v}
+      return Ferry_V1_RecoveryStarted()
+    }
+    set {outcome = .recoveryStarted(newValue)}
+  }
+
+  public var recoveryStopped: Ferry_V1_RecoveryStopped {
+    get {
+      if case .recoveryStopped(let v)? = outcome {return v}
+      return Ferry_V1_RecoveryStopped()
+    }
+    set {outcome = .recoveryStopped(newValue)}
+  }
+
+  public var volumesFenced: Ferry_V1_VolumesFenced {
+    get {
+      if case .volumesFenced(let v)? = outcome {return v}
+      return Ferry_V1_VolumesFenced()
+    }
+    set {outcome = .volumesFenced(newValue)}
+  }
+
+  public var blockHashes: Ferry_V1_BlockHashes {
+    get {
+      if case .blockHashes(let v)? = outcome {return v}
+      return Ferry_V1_BlockHashes()
+    }
+    set {outcome = .blockHashes(newValue)}
+  }
+
+  public var blocksApplied: Ferry_V1_BlocksApplied {
+    get {
+      if case .blocksApplied(let v)? = outcome {return v}
+      return Ferry_V1_BlocksApplied()
+    }
+    set {outcome = .blocksApplied(newValue)}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public nonisolated enum OneOf_Outcome: Equatable, Sendable {
@@ -242,6 +327,11 @@ public nonisolated struct Ferry_V1_CommandResult: Sendable {
     case hookResult(Ferry_V1_HookResult)
     case cutPrepared(Ferry_V1_CutPrepared)
     case cutFinished(Ferry_V1_CutFinished)
+    case recoveryStarted(Ferry_V1_RecoveryStarted)
+    case recoveryStopped(Ferry_V1_RecoveryStopped)
+    case volumesFenced(Ferry_V1_VolumesFenced)
+    case blockHashes(Ferry_V1_BlockHashes)
+    case blocksApplied(Ferry_V1_BlocksApplied)
 
   }
 
@@ -306,6 +396,13 @@ public nonisolated struct Ferry_V1_VolumeSpec: Sendable {
   public var captureMode: Ferry_V1_CaptureMode = .export
 
   public var scanIntervalSeconds: UInt32 = 0
+
+  /// Bumped by every failover of the volume (never by a drill). With `fenced` set the other
+  /// site owns the volume: the agent's export refuses writes (EPERM) and turns read-only, and
+  /// nothing it captures is replicated, until a reprotect or failback hands it back.
+  public var generation: UInt64 = 0
+
+  public var fenced: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -415,6 +512,9 @@ public nonisolated struct Ferry_V1_RunHook: Sendable {
 
   /// The agent kills the hook after this long and reports it as timed out.
   public var timeoutMs: UInt32 = 0
+
+  /// Handed to the hook as environment variables; the agent keeps only FERRY_* names.
+  public var environment: Dictionary<String,String> = [:]
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -528,6 +628,290 @@ public nonisolated struct Ferry_V1_CutFinished: Sendable {
   public init() {}
 }
 
+/// One volume a recovery host re-exports: the controller's point-in-time image (with a writable
+/// overlay) reached over NBD with STARTTLS and this host's own certificate.
+public nonisolated struct Ferry_V1_RecoveredVolumeSpec: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Local export name (and socket file name) on the recovery host, e.g. "db-data".
+  public var name: String = String()
+
+  /// The protected volume it recovers, as "HOST/VOLUME".
+  public var source: String = String()
+
+  /// The controller's NBD TLS listener and the export's name (an unguessable capability).
+  public var exportHost: String = String()
+
+  public var exportPort: UInt32 = 0
+
+  public var exportName: String = String()
+
+  public var sizeBytes: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Bring a protected host's volumes up on this (recovery) host: connect to each export,
+/// serve it locally through the agent's write-capturing NBD frontend, then run the start hook
+/// with the volumes' socket paths and a description of the source host. Idempotent by
+/// recovery_id: a recovery already running answers with its state.
+public nonisolated struct Ferry_V1_RecoverVolumes: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// "PLAN.HOST": names the recovery on this agent.
+  public var recoveryID: String = String()
+
+  public var plan: String = String()
+
+  public var sourceHost: String = String()
+
+  public var volumes: [Ferry_V1_RecoveredVolumeSpec] = []
+
+  /// A hook defined in this agent's configuration; empty: none.
+  public var startHook: String = String()
+
+  public var hookTimeoutMs: UInt32 = 0
+
+  /// "production" or "test" (a drill).
+  public var network: String = String()
+
+  /// JSON: source host inventory (CPUs, memory, interfaces, addresses, disks), the network
+  /// mapping and the volumes; written to a file the hook gets as FERRY_RECOVERY_FILE.
+  public var descriptionJson: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_RecoveredVolumeStatus: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var source: String = String()
+
+  /// nbd+unix:///NAME?socket=SOCKET_PATH
+  public var socketPath: String = String()
+
+  public var sizeBytes: UInt64 = 0
+
+  /// Writes the recovered workload made through this export so far.
+  public var writes: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_RecoveryStarted: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var recoveryID: String = String()
+
+  public var volumes: [Ferry_V1_RecoveredVolumeStatus] = []
+
+  /// The start hook's outcome (name empty when there is none).
+  public var hook: Ferry_V1_HookResult {
+    get {_hook ?? Ferry_V1_HookResult()}
+    set {_hook = newValue}
+  }
+  /// Returns true if `hook` has been explicitly set.
+  public var hasHook: Bool {self._hook != nil}
+  /// Clears the value of `hook`. Subsequent reads from it will return its default value.
+  public mutating func clearHook() {self._hook = nil}
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _hook: Ferry_V1_HookResult? = nil
+}
+
+/// Run the stop hook of a recovery, then withdraw its local exports and disconnect.
+public nonisolated struct Ferry_V1_StopRecovery: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var recoveryID: String = String()
+
+  public var stopHook: String = String()
+
+  public var hookTimeoutMs: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_RecoveryStopped: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var recoveryID: String = String()
+
+  public var hook: Ferry_V1_HookResult {
+    get {_hook ?? Ferry_V1_HookResult()}
+    set {_hook = newValue}
+  }
+  /// Returns true if `hook` has been explicitly set.
+  public var hasHook: Bool {self._hook != nil}
+  /// Clears the value of `hook`. Subsequent reads from it will return its default value.
+  public mutating func clearHook() {self._hook = nil}
+
+  /// False when no such recovery was running (stopping is idempotent).
+  public var wasRunning: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _hook: Ferry_V1_HookResult? = nil
+}
+
+/// Fence volumes now: the export refuses writes (EPERM) and turns read-only, writes in flight
+/// finish first; the answer says where each volume's capture stands, so the controller can
+/// prove the replica holds every write (zero data loss on planned failover).
+public nonisolated struct Ferry_V1_FenceVolumes: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var volumes: [String] = []
+
+  public var generation: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_FencedVolume: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var volume: String = String()
+
+  public var epoch: UInt64 = 0
+
+  /// The last captured write: once the replica's durable sequence reaches it, nothing is lost.
+  public var lastSequence: UInt64 = 0
+
+  /// Extents a resync must still send (they are not in the change log).
+  public var pendingExtents: UInt64 = 0
+
+  public var overflowed: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_VolumesFenced: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var volumes: [Ferry_V1_FencedVolume] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// The sink role (reprotect): hashes of a range of a (fenced) volume, for delta resync.
+public nonisolated struct Ferry_V1_HashBlocks: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var volume: String = String()
+
+  public var offset: UInt64 = 0
+
+  /// 4 KiB to 1 MiB; at most 1024 blocks.
+  public var blockBytes: UInt32 = 0
+
+  public var count: UInt32 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_BlockHashes: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Per block: the first 16 bytes of its SHA-256, or empty for a block that reads as zeroes.
+  public var hashes: [Data] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Blocks to write into a fenced (sink) volume, in order; nothing is captured or replicated.
+public nonisolated struct Ferry_V1_ApplyBlocks: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var volume: String = String()
+
+  public var blocks: [Ferry_V1_AppliedBlock] = []
+
+  /// fdatasync before answering.
+  public var flush: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_AppliedBlock: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var offset: UInt64 = 0
+
+  public var data: Data = Data()
+
+  /// Instead of data: this many bytes of zeroes.
+  public var zeroLength: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_BlocksApplied: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var bytes: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "ferry.v1"
@@ -538,7 +922,7 @@ nonisolated extension Ferry_V1_CaptureMode: SwiftProtobuf._ProtoNameProviding {
 
 nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Command"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}timeout_ms\0\u{4}\u{9}refresh_inventory\0\u{1}echo\0\u{4}\u{9}protect_volume\0\u{3}sync_volumes\0\u{3}resync_volume\0\u{4}&run_hook\0\u{3}prepare_cut\0\u{3}finish_cut\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}timeout_ms\0\u{4}\u{9}refresh_inventory\0\u{1}echo\0\u{4}\u{9}protect_volume\0\u{3}sync_volumes\0\u{3}resync_volume\0\u{4}&run_hook\0\u{3}prepare_cut\0\u{3}finish_cut\0\u{4}&recover_volumes\0\u{3}stop_recovery\0\u{3}fence_volumes\0\u{3}hash_blocks\0\u{3}apply_blocks\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -651,6 +1035,71 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
           self.kind = .finishCut(v)
         }
       }()
+      case 100: try {
+        var v: Ferry_V1_RecoverVolumes?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .recoverVolumes(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .recoverVolumes(v)
+        }
+      }()
+      case 101: try {
+        var v: Ferry_V1_StopRecovery?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .stopRecovery(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .stopRecovery(v)
+        }
+      }()
+      case 102: try {
+        var v: Ferry_V1_FenceVolumes?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .fenceVolumes(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .fenceVolumes(v)
+        }
+      }()
+      case 103: try {
+        var v: Ferry_V1_HashBlocks?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .hashBlocks(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .hashBlocks(v)
+        }
+      }()
+      case 104: try {
+        var v: Ferry_V1_ApplyBlocks?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .applyBlocks(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .applyBlocks(v)
+        }
+      }()
       default: break
       }
     }
@@ -697,6 +1146,26 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
       guard case .finishCut(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
     }()
+    case .recoverVolumes?: try {
+      guard case .recoverVolumes(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 100)
+    }()
+    case .stopRecovery?: try {
+      guard case .stopRecovery(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 101)
+    }()
+    case .fenceVolumes?: try {
+      guard case .fenceVolumes(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 102)
+    }()
+    case .hashBlocks?: try {
+      guard case .hashBlocks(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 103)
+    }()
+    case .applyBlocks?: try {
+      guard case .applyBlocks(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 104)
+    }()
     case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
@@ -712,7 +1181,7 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
 
 nonisolated extension Ferry_V1_CommandResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CommandResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}error\0\u{1}inventory\0\u{1}echo\0\u{4}\u{11}volume_status\0\u{3}volume_statuses\0\u{4}'hook_result\0\u{3}cut_prepared\0\u{3}cut_finished\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}error\0\u{1}inventory\0\u{1}echo\0\u{4}\u{11}volume_status\0\u{3}volume_statuses\0\u{4}'hook_result\0\u{3}cut_prepared\0\u{3}cut_finished\0\u{4}&recovery_started\0\u{3}recovery_stopped\0\u{3}volumes_fenced\0\u{3}block_hashes\0\u{3}blocks_applied\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -824,6 +1293,71 @@ nonisolated extension Ferry_V1_CommandResult: SwiftProtobuf.Message, SwiftProtob
           self.outcome = .cutFinished(v)
         }
       }()
+      case 100: try {
+        var v: Ferry_V1_RecoveryStarted?
+        var hadOneofValue = false
+        if let current = self.outcome {
+          hadOneofValue = true
+          if case .recoveryStarted(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.outcome = .recoveryStarted(v)
+        }
+      }()
+      case 101: try {
+        var v: Ferry_V1_RecoveryStopped?
+        var hadOneofValue = false
+        if let current = self.outcome {
+          hadOneofValue = true
+          if case .recoveryStopped(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.outcome = .recoveryStopped(v)
+        }
+      }()
+      case 102: try {
+        var v: Ferry_V1_VolumesFenced?
+        var hadOneofValue = false
+        if let current = self.outcome {
+          hadOneofValue = true
+          if case .volumesFenced(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.outcome = .volumesFenced(v)
+        }
+      }()
+      case 103: try {
+        var v: Ferry_V1_BlockHashes?
+        var hadOneofValue = false
+        if let current = self.outcome {
+          hadOneofValue = true
+          if case .blockHashes(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.outcome = .blockHashes(v)
+        }
+      }()
+      case 104: try {
+        var v: Ferry_V1_BlocksApplied?
+        var hadOneofValue = false
+        if let current = self.outcome {
+          hadOneofValue = true
+          if case .blocksApplied(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.outcome = .blocksApplied(v)
+        }
+      }()
       default: break
       }
     }
@@ -866,6 +1400,26 @@ nonisolated extension Ferry_V1_CommandResult: SwiftProtobuf.Message, SwiftProtob
     case .cutFinished?: try {
       guard case .cutFinished(let v)? = self.outcome else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
+    }()
+    case .recoveryStarted?: try {
+      guard case .recoveryStarted(let v)? = self.outcome else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 100)
+    }()
+    case .recoveryStopped?: try {
+      guard case .recoveryStopped(let v)? = self.outcome else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 101)
+    }()
+    case .volumesFenced?: try {
+      guard case .volumesFenced(let v)? = self.outcome else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 102)
+    }()
+    case .blockHashes?: try {
+      guard case .blockHashes(let v)? = self.outcome else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 103)
+    }()
+    case .blocksApplied?: try {
+      guard case .blocksApplied(let v)? = self.outcome else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 104)
     }()
     case nil: break
     }
@@ -930,7 +1484,7 @@ nonisolated extension Ferry_V1_Echo: SwiftProtobuf.Message, SwiftProtobuf._Messa
 
 nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0\u{3}capture_mode\0\u{3}scan_interval_seconds\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0\u{3}capture_mode\0\u{3}scan_interval_seconds\0\u{1}generation\0\u{1}fenced\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -947,6 +1501,8 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
       case 7: try { try decoder.decodeSingularBoolField(value: &self.initialSyncRequired) }()
       case 8: try { try decoder.decodeSingularEnumField(value: &self.captureMode) }()
       case 9: try { try decoder.decodeSingularUInt32Field(value: &self.scanIntervalSeconds) }()
+      case 10: try { try decoder.decodeSingularUInt64Field(value: &self.generation) }()
+      case 11: try { try decoder.decodeSingularBoolField(value: &self.fenced) }()
       default: break
       }
     }
@@ -980,6 +1536,12 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     if self.scanIntervalSeconds != 0 {
       try visitor.visitSingularUInt32Field(value: self.scanIntervalSeconds, fieldNumber: 9)
     }
+    if self.generation != 0 {
+      try visitor.visitSingularUInt64Field(value: self.generation, fieldNumber: 10)
+    }
+    if self.fenced != false {
+      try visitor.visitSingularBoolField(value: self.fenced, fieldNumber: 11)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -993,6 +1555,8 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     if lhs.initialSyncRequired != rhs.initialSyncRequired {return false}
     if lhs.captureMode != rhs.captureMode {return false}
     if lhs.scanIntervalSeconds != rhs.scanIntervalSeconds {return false}
+    if lhs.generation != rhs.generation {return false}
+    if lhs.fenced != rhs.fenced {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1189,7 +1753,7 @@ nonisolated extension Ferry_V1_ResyncVolume: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Ferry_V1_RunHook: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RunHook"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}timeout_ms\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}timeout_ms\0\u{1}environment\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1199,6 +1763,7 @@ nonisolated extension Ferry_V1_RunHook: SwiftProtobuf.Message, SwiftProtobuf._Me
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
       case 2: try { try decoder.decodeSingularUInt32Field(value: &self.timeoutMs) }()
+      case 3: try { try decoder.decodeMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: &self.environment) }()
       default: break
       }
     }
@@ -1211,12 +1776,16 @@ nonisolated extension Ferry_V1_RunHook: SwiftProtobuf.Message, SwiftProtobuf._Me
     if self.timeoutMs != 0 {
       try visitor.visitSingularUInt32Field(value: self.timeoutMs, fieldNumber: 2)
     }
+    if !self.environment.isEmpty {
+      try visitor.visitMapField(fieldType: SwiftProtobuf._ProtobufMap<SwiftProtobuf.ProtobufString,SwiftProtobuf.ProtobufString>.self, value: self.environment, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Ferry_V1_RunHook, rhs: Ferry_V1_RunHook) -> Bool {
     if lhs.name != rhs.name {return false}
     if lhs.timeoutMs != rhs.timeoutMs {return false}
+    if lhs.environment != rhs.environment {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1452,6 +2021,604 @@ nonisolated extension Ferry_V1_CutFinished: SwiftProtobuf.Message, SwiftProtobuf
     if lhs.cutID != rhs.cutID {return false}
     if lhs.pauseMicros != rhs.pauseMicros {return false}
     if lhs.releasedOnOwn != rhs.releasedOnOwn {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_RecoveredVolumeSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RecoveredVolumeSpec"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}source\0\u{3}export_host\0\u{3}export_port\0\u{3}export_name\0\u{3}size_bytes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.source) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.exportHost) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.exportPort) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.exportName) }()
+      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.sizeBytes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.source.isEmpty {
+      try visitor.visitSingularStringField(value: self.source, fieldNumber: 2)
+    }
+    if !self.exportHost.isEmpty {
+      try visitor.visitSingularStringField(value: self.exportHost, fieldNumber: 3)
+    }
+    if self.exportPort != 0 {
+      try visitor.visitSingularUInt32Field(value: self.exportPort, fieldNumber: 4)
+    }
+    if !self.exportName.isEmpty {
+      try visitor.visitSingularStringField(value: self.exportName, fieldNumber: 5)
+    }
+    if self.sizeBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sizeBytes, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_RecoveredVolumeSpec, rhs: Ferry_V1_RecoveredVolumeSpec) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.source != rhs.source {return false}
+    if lhs.exportHost != rhs.exportHost {return false}
+    if lhs.exportPort != rhs.exportPort {return false}
+    if lhs.exportName != rhs.exportName {return false}
+    if lhs.sizeBytes != rhs.sizeBytes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_RecoverVolumes: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RecoverVolumes"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}recovery_id\0\u{1}plan\0\u{3}source_host\0\u{1}volumes\0\u{3}start_hook\0\u{3}hook_timeout_ms\0\u{1}network\0\u{3}description_json\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.recoveryID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.plan) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.sourceHost) }()
+      case 4: try { try decoder.decodeRepeatedMessageField(value: &self.volumes) }()
+      case 5: try { try decoder.decodeSingularStringField(value: &self.startHook) }()
+      case 6: try { try decoder.decodeSingularUInt32Field(value: &self.hookTimeoutMs) }()
+      case 7: try { try decoder.decodeSingularStringField(value: &self.network) }()
+      case 8: try { try decoder.decodeSingularStringField(value: &self.descriptionJson) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.recoveryID.isEmpty {
+      try visitor.visitSingularStringField(value: self.recoveryID, fieldNumber: 1)
+    }
+    if !self.plan.isEmpty {
+      try visitor.visitSingularStringField(value: self.plan, fieldNumber: 2)
+    }
+    if !self.sourceHost.isEmpty {
+      try visitor.visitSingularStringField(value: self.sourceHost, fieldNumber: 3)
+    }
+    if !self.volumes.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.volumes, fieldNumber: 4)
+    }
+    if !self.startHook.isEmpty {
+      try visitor.visitSingularStringField(value: self.startHook, fieldNumber: 5)
+    }
+    if self.hookTimeoutMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.hookTimeoutMs, fieldNumber: 6)
+    }
+    if !self.network.isEmpty {
+      try visitor.visitSingularStringField(value: self.network, fieldNumber: 7)
+    }
+    if !self.descriptionJson.isEmpty {
+      try visitor.visitSingularStringField(value: self.descriptionJson, fieldNumber: 8)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_RecoverVolumes, rhs: Ferry_V1_RecoverVolumes) -> Bool {
+    if lhs.recoveryID != rhs.recoveryID {return false}
+    if lhs.plan != rhs.plan {return false}
+    if lhs.sourceHost != rhs.sourceHost {return false}
+    if lhs.volumes != rhs.volumes {return false}
+    if lhs.startHook != rhs.startHook {return false}
+    if lhs.hookTimeoutMs != rhs.hookTimeoutMs {return false}
+    if lhs.network != rhs.network {return false}
+    if lhs.descriptionJson != rhs.descriptionJson {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_RecoveredVolumeStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RecoveredVolumeStatus"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}source\0\u{3}socket_path\0\u{3}size_bytes\0\u{1}writes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.source) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.socketPath) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.sizeBytes) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.writes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.source.isEmpty {
+      try visitor.visitSingularStringField(value: self.source, fieldNumber: 2)
+    }
+    if !self.socketPath.isEmpty {
+      try visitor.visitSingularStringField(value: self.socketPath, fieldNumber: 3)
+    }
+    if self.sizeBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sizeBytes, fieldNumber: 4)
+    }
+    if self.writes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.writes, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_RecoveredVolumeStatus, rhs: Ferry_V1_RecoveredVolumeStatus) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.source != rhs.source {return false}
+    if lhs.socketPath != rhs.socketPath {return false}
+    if lhs.sizeBytes != rhs.sizeBytes {return false}
+    if lhs.writes != rhs.writes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_RecoveryStarted: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RecoveryStarted"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}recovery_id\0\u{1}volumes\0\u{1}hook\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.recoveryID) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.volumes) }()
+      case 3: try { try decoder.decodeSingularMessageField(value: &self._hook) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.recoveryID.isEmpty {
+      try visitor.visitSingularStringField(value: self.recoveryID, fieldNumber: 1)
+    }
+    if !self.volumes.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.volumes, fieldNumber: 2)
+    }
+    try { if let v = self._hook {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 3)
+    } }()
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_RecoveryStarted, rhs: Ferry_V1_RecoveryStarted) -> Bool {
+    if lhs.recoveryID != rhs.recoveryID {return false}
+    if lhs.volumes != rhs.volumes {return false}
+    if lhs._hook != rhs._hook {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_StopRecovery: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".StopRecovery"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}recovery_id\0\u{3}stop_hook\0\u{3}hook_timeout_ms\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.recoveryID) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.stopHook) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.hookTimeoutMs) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.recoveryID.isEmpty {
+      try visitor.visitSingularStringField(value: self.recoveryID, fieldNumber: 1)
+    }
+    if !self.stopHook.isEmpty {
+      try visitor.visitSingularStringField(value: self.stopHook, fieldNumber: 2)
+    }
+    if self.hookTimeoutMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.hookTimeoutMs, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_StopRecovery, rhs: Ferry_V1_StopRecovery) -> Bool {
+    if lhs.recoveryID != rhs.recoveryID {return false}
+    if lhs.stopHook != rhs.stopHook {return false}
+    if lhs.hookTimeoutMs != rhs.hookTimeoutMs {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_RecoveryStopped: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RecoveryStopped"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}recovery_id\0\u{1}hook\0\u{3}was_running\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.recoveryID) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._hook) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.wasRunning) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if !self.recoveryID.isEmpty {
+      try visitor.visitSingularStringField(value: self.recoveryID, fieldNumber: 1)
+    }
+    try { if let v = self._hook {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
+    if self.wasRunning != false {
+      try visitor.visitSingularBoolField(value: self.wasRunning, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_RecoveryStopped, rhs: Ferry_V1_RecoveryStopped) -> Bool {
+    if lhs.recoveryID != rhs.recoveryID {return false}
+    if lhs._hook != rhs._hook {return false}
+    if lhs.wasRunning != rhs.wasRunning {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_FenceVolumes: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".FenceVolumes"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volumes\0\u{1}generation\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedStringField(value: &self.volumes) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.generation) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.volumes.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.volumes, fieldNumber: 1)
+    }
+    if self.generation != 0 {
+      try visitor.visitSingularUInt64Field(value: self.generation, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_FenceVolumes, rhs: Ferry_V1_FenceVolumes) -> Bool {
+    if lhs.volumes != rhs.volumes {return false}
+    if lhs.generation != rhs.generation {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_FencedVolume: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".FencedVolume"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{3}last_sequence\0\u{3}pending_extents\0\u{1}overflowed\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.lastSequence) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.pendingExtents) }()
+      case 5: try { try decoder.decodeSingularBoolField(value: &self.overflowed) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.volume.isEmpty {
+      try visitor.visitSingularStringField(value: self.volume, fieldNumber: 1)
+    }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 2)
+    }
+    if self.lastSequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.lastSequence, fieldNumber: 3)
+    }
+    if self.pendingExtents != 0 {
+      try visitor.visitSingularUInt64Field(value: self.pendingExtents, fieldNumber: 4)
+    }
+    if self.overflowed != false {
+      try visitor.visitSingularBoolField(value: self.overflowed, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_FencedVolume, rhs: Ferry_V1_FencedVolume) -> Bool {
+    if lhs.volume != rhs.volume {return false}
+    if lhs.epoch != rhs.epoch {return false}
+    if lhs.lastSequence != rhs.lastSequence {return false}
+    if lhs.pendingExtents != rhs.pendingExtents {return false}
+    if lhs.overflowed != rhs.overflowed {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_VolumesFenced: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VolumesFenced"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volumes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.volumes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.volumes.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.volumes, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_VolumesFenced, rhs: Ferry_V1_VolumesFenced) -> Bool {
+    if lhs.volumes != rhs.volumes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_HashBlocks: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".HashBlocks"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}offset\0\u{3}block_bytes\0\u{1}count\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.offset) }()
+      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.blockBytes) }()
+      case 4: try { try decoder.decodeSingularUInt32Field(value: &self.count) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.volume.isEmpty {
+      try visitor.visitSingularStringField(value: self.volume, fieldNumber: 1)
+    }
+    if self.offset != 0 {
+      try visitor.visitSingularUInt64Field(value: self.offset, fieldNumber: 2)
+    }
+    if self.blockBytes != 0 {
+      try visitor.visitSingularUInt32Field(value: self.blockBytes, fieldNumber: 3)
+    }
+    if self.count != 0 {
+      try visitor.visitSingularUInt32Field(value: self.count, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_HashBlocks, rhs: Ferry_V1_HashBlocks) -> Bool {
+    if lhs.volume != rhs.volume {return false}
+    if lhs.offset != rhs.offset {return false}
+    if lhs.blockBytes != rhs.blockBytes {return false}
+    if lhs.count != rhs.count {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_BlockHashes: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".BlockHashes"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}hashes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedBytesField(value: &self.hashes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.hashes.isEmpty {
+      try visitor.visitRepeatedBytesField(value: self.hashes, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_BlockHashes, rhs: Ferry_V1_BlockHashes) -> Bool {
+    if lhs.hashes != rhs.hashes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_ApplyBlocks: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ApplyBlocks"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}blocks\0\u{1}flush\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.blocks) }()
+      case 3: try { try decoder.decodeSingularBoolField(value: &self.flush) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.volume.isEmpty {
+      try visitor.visitSingularStringField(value: self.volume, fieldNumber: 1)
+    }
+    if !self.blocks.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.blocks, fieldNumber: 2)
+    }
+    if self.flush != false {
+      try visitor.visitSingularBoolField(value: self.flush, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_ApplyBlocks, rhs: Ferry_V1_ApplyBlocks) -> Bool {
+    if lhs.volume != rhs.volume {return false}
+    if lhs.blocks != rhs.blocks {return false}
+    if lhs.flush != rhs.flush {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_AppliedBlock: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".AppliedBlock"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}offset\0\u{1}data\0\u{3}zero_length\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.offset) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.zeroLength) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.offset != 0 {
+      try visitor.visitSingularUInt64Field(value: self.offset, fieldNumber: 1)
+    }
+    if !self.data.isEmpty {
+      try visitor.visitSingularBytesField(value: self.data, fieldNumber: 2)
+    }
+    if self.zeroLength != 0 {
+      try visitor.visitSingularUInt64Field(value: self.zeroLength, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_AppliedBlock, rhs: Ferry_V1_AppliedBlock) -> Bool {
+    if lhs.offset != rhs.offset {return false}
+    if lhs.data != rhs.data {return false}
+    if lhs.zeroLength != rhs.zeroLength {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_BlocksApplied: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".BlocksApplied"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}bytes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.bytes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.bytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.bytes, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_BlocksApplied, rhs: Ferry_V1_BlocksApplied) -> Bool {
+    if lhs.bytes != rhs.bytes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

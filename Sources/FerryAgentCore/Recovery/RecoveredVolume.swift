@@ -1,0 +1,106 @@
+import FerryNBD
+import FerryWire
+import Foundation
+import Logging
+import NIOCore
+import Synchronization
+
+/// A recovered volume as the recovery host's workload sees it: the agent's own NBD frontend
+/// in front of the controller's point image (with its writable overlay), reached over NBD with
+/// STARTTLS. Every write passes through here, so it is counted from the first one; the
+/// controller's export records which blocks changed, for reprotect.
+///
+/// The connection to the controller is remade when it breaks (a controller restart, a network
+/// blip): requests wait and retry for up to `retryFor` before the workload sees EIO.
+final class RecoveredVolume: NBDExport {
+    let name: String
+    let source: String
+    let size: UInt64
+    var isReadOnly: Bool { false }
+    private let connect: @Sendable () async throws -> NBDClient
+    private let client: Mutex<NBDClient?>
+    private let writeCount = Atomic<UInt64>(0)
+    private let stopped = Atomic<Bool>(false)
+    private let logger: Logger
+    let retryFor: Duration
+
+    init(name: String, source: String, first: NBDClient, retryFor: Duration = .seconds(900), logger: Logger,
+         connect: @escaping @Sendable () async throws -> NBDClient) {
+        self.name = name
+        self.source = source
+        self.size = first.size
+        self.client = Mutex(first)
+        self.connect = connect
+        self.logger = logger
+        self.retryFor = retryFor
+    }
+
+    var writes: UInt64 { writeCount.load(ordering: .relaxed) }
+
+    func stop() async {
+        stopped.store(true, ordering: .relaxed)
+        let c = client.withLock { c in defer { c = nil }; return c }
+        await c?.close()
+    }
+
+    func performNow(_ op: NBDOperation, allocator: ByteBufferAllocator) -> Result<ByteBuffer?, VolumeIOError> {
+        let deadline = ContinuousClock.now + retryFor
+        var delay = Duration.milliseconds(100)
+        while true {
+            guard !stopped.load(ordering: .relaxed) else { return .failure(VolumeIOError(operation: "recovered volume \(name) (stopped)", errno: EIO)) }
+            do {
+                let c = try current()
+                switch op {
+                case .read(let offset, let length): return .success(try c.readBlocking(offset: offset, length: length))
+                case .write(let offset, let data, let fua):
+                    try c.writeBlocking(offset: offset, data: data, fua: fua)
+                    writeCount.add(1, ordering: .relaxed)
+                case .zero(let offset, let length, let fua):
+                    try c.writeZeroesBlocking(offset: offset, length: length, fua: fua)
+                    writeCount.add(1, ordering: .relaxed)
+                case .flush: try c.flushBlocking()
+                }
+                return .success(nil)
+            } catch let error as VolumeIOError {
+                // The server's own answer (EIO, ENOSPC, ...): the workload gets it.
+                return .failure(error)
+            } catch {
+                // The connection is gone: drop it, reconnect and retry the request.
+                client.withLock { $0 = nil }
+                guard ContinuousClock.now < deadline else {
+                    logger.error("recovered volume unreachable; failing requests", metadata: ["volume": "\(name)", "error": "\(error)"])
+                    return .failure(VolumeIOError(operation: "recovered volume \(name)", errno: EIO))
+                }
+                Thread.sleep(forTimeInterval: delay.seconds)
+                delay = min(delay * 2, .seconds(2))
+            }
+        }
+    }
+
+    /// The live client, connecting anew if there is none. Blocking: NBD connection threads only.
+    private func current() throws -> NBDClient {
+        if let c = client.withLock({ $0 }), c.isConnected { return c }
+        let box = Mutex<Result<NBDClient, any Error>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        let connect = self.connect
+        Task {
+            let r: Result<NBDClient, any Error>
+            do { r = .success(try await connect()) } catch { r = .failure(error) }
+            box.withLock { $0 = r }
+            done.signal()
+        }
+        done.wait()
+        let fresh = try box.withLock { $0! }.get()
+        let replaced = client.withLock { c -> NBDClient? in
+            if let c, c.isConnected { return c }
+            c = fresh
+            return nil
+        }
+        if let replaced {
+            Task { await fresh.close() }
+            return replaced
+        }
+        logger.info("recovered volume connected to the controller's export", metadata: ["volume": "\(name)"])
+        return fresh
+    }
+}

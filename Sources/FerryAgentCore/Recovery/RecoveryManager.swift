@@ -1,0 +1,206 @@
+import FerryNBD
+import FerryWire
+import Foundation
+import Logging
+import NIOSSL
+
+/// The recovery host's side of a failover or drill: serves a protected host's volumes from
+/// the controller's point images through local NBD sockets and runs the start hook; stops
+/// them (stop hook first) when the controller says so.
+public actor RecoveryManager {
+    struct Running {
+        var command: Ferry_V1_RecoverVolumes
+        var volumes: [RecoveredVolume]
+        var sockets: [String]
+        var servers: [Task<Void, any Error>]
+        var hook: Ferry_V1_HookResult
+    }
+
+    let socketDirectory: String
+    let dataDir: String
+    let hooks: HookRunner
+    let logger: Logger
+    private var running: [String: Running] = [:]
+    /// Recoveries being started, so a repeated command (a resumed job) waits for the first.
+    private var starting: [String: Task<Ferry_V1_RecoveryStarted, any Error>] = [:]
+
+    public init(socketDirectory: String, dataDir: String, hooks: HookRunner, logger: Logger) {
+        self.socketDirectory = socketDirectory
+        self.dataDir = dataDir
+        self.hooks = hooks
+        self.logger = logger
+    }
+
+    /// Most volumes one recovery serves.
+    static let maxVolumes = 256
+
+    /// - Parameters:
+    ///   - controllerHost: where this agent reaches its controller (exports without a host of
+    ///     their own are there).
+    ///   - tls: STARTTLS with this host's certificate.
+    public func recover(_ command: Ferry_V1_RecoverVolumes, controllerHost: String, tls: NBDClientTLS) async throws -> Ferry_V1_RecoveryStarted {
+        guard Self.validID(command.recoveryID) else {
+            throw FerryError(.badRequest, "recovery id '\(command.recoveryID)' is not PLAN.HOST of letters, digits, '-', '_' and '.'")
+        }
+        guard !command.volumes.isEmpty, command.volumes.count <= Self.maxVolumes,
+              command.volumes.allSatisfy({ VolumeName.isValid($0.name) && !$0.exportName.isEmpty && $0.exportName.utf8.count <= 256 }),
+              Set(command.volumes.map(\.name)).count == command.volumes.count,
+              command.descriptionJson.utf8.count <= 1 << 20 else {
+            throw FerryError(.badRequest, "a recovery names 1 to \(Self.maxVolumes) volumes, each once, with valid names and exports")
+        }
+        if let existing = running[command.recoveryID] { return started(command.recoveryID, existing) }
+        if let pending = starting[command.recoveryID] { return try await pending.value }
+        let task = Task { try await self.start(command, controllerHost: controllerHost, tls: tls) }
+        starting[command.recoveryID] = task
+        defer { starting[command.recoveryID] = nil }
+        return try await task.value
+    }
+
+    private func started(_ id: String, _ r: Running) -> Ferry_V1_RecoveryStarted {
+        var out = Ferry_V1_RecoveryStarted()
+        out.recoveryID = id
+        out.hook = r.hook
+        out.volumes = zip(r.volumes, r.sockets).map { v, socket in
+            var s = Ferry_V1_RecoveredVolumeStatus()
+            s.name = v.name
+            s.source = v.source
+            s.socketPath = socket
+            s.sizeBytes = v.size
+            s.writes = v.writes
+            return s
+        }
+        return out
+    }
+
+    private func start(_ command: Ferry_V1_RecoverVolumes, controllerHost: String, tls: NBDClientTLS) async throws -> Ferry_V1_RecoveryStarted {
+        var volumes: [RecoveredVolume] = []
+        var sockets: [String] = []
+        var servers: [Task<Void, any Error>] = []
+        do {
+            try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            for spec in command.volumes {
+                let host = spec.exportHost.isEmpty ? controllerHost : spec.exportHost
+                let port = Int(spec.exportPort), export = spec.exportName
+                let connect: @Sendable () async throws -> NBDClient = {
+                    try await NBDClient.connect(host: host, port: port, export: export, tls: tls)
+                }
+                let client: NBDClient
+                do {
+                    client = try await connect()
+                } catch {
+                    throw FerryError(.unavailable, "cannot reach the export of \(spec.source) at \(host):\(port): \((error as? FerryError)?.message ?? "\(error)")")
+                }
+                guard spec.sizeBytes == 0 || client.size == spec.sizeBytes else {
+                    await client.close()
+                    throw FerryError(.conflict, "the export of \(spec.source) is \(client.size) bytes, not \(spec.sizeBytes)")
+                }
+                let volume = RecoveredVolume(name: spec.name, source: spec.source, first: client, logger: logger, connect: connect)
+                volumes.append(volume)
+                let socket = socketDirectory + "/recovered-" + spec.name + ".sock"
+                let server = NBDServer(volumes: [volume], logger: logger)
+                try await server.start(unixSocket: socket, into: &servers)
+                sockets.append(socket)
+            }
+        } catch {
+            for s in servers { s.cancel() }
+            for v in volumes { await v.stop() }
+            throw error
+        }
+        // What the start hook gets: the volumes' sockets and the source host's description.
+        let file = dataDir + "/recoveries/" + command.recoveryID + ".json"
+        var description: [String: Any] = [:]
+        if let data = command.descriptionJson.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] {
+            description = object
+        }
+        description["volumes"] = zip(volumes, sockets).map { v, socket in
+            ["name": v.name, "source": v.source, "socket": socket, "uri": "nbd+unix:///\(v.name)?socket=\(socket)", "size_bytes": v.size] as [String: Any]
+        }
+        try FileManager.default.createDirectory(atPath: dataDir + "/recoveries", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        try PEMFiles.writePublic(String(decoding: try JSONSerialization.data(withJSONObject: description, options: [.prettyPrinted, .sortedKeys]), as: UTF8.self) + "\n", to: file)
+        var hook = Ferry_V1_HookResult()
+        if !command.startHook.isEmpty {
+            let begun = ContinuousClock.now
+            hook.name = command.startHook
+            let env = environment(command, file: file, sockets: zip(volumes, sockets).map { ($0.name, $1) }, mode: "recover")
+            if let error = await hooks.run(command.startHook, timeout: Self.timeout(command.hookTimeoutMs), environment: env) { hook.error = error }
+            hook.durationMicros = CutHolds.micros(begun.duration(to: .now))
+        }
+        let r = Running(command: command, volumes: volumes, sockets: sockets, servers: servers, hook: hook)
+        running[command.recoveryID] = r
+        logger.info("recovered volumes served", metadata: ["recovery": "\(command.recoveryID)", "volumes": "\(volumes.count)", "network": "\(command.network)",
+                                                         "hook-error": "\(hook.error)"])
+        return started(command.recoveryID, r)
+    }
+
+    /// Runs the stop hook, then withdraws the volumes. Stopping what is not running is fine.
+    public func stop(_ command: Ferry_V1_StopRecovery) async -> Ferry_V1_RecoveryStopped {
+        var out = Ferry_V1_RecoveryStopped()
+        out.recoveryID = command.recoveryID
+        guard let r = running[command.recoveryID] else { return out }
+        out.wasRunning = true
+        if !command.stopHook.isEmpty {
+            let begun = ContinuousClock.now
+            out.hook.name = command.stopHook
+            let env = environment(r.command, file: dataDir + "/recoveries/" + command.recoveryID + ".json",
+                                  sockets: zip(r.volumes, r.sockets).map { ($0.name, $1) }, mode: "stop")
+            if let error = await hooks.run(command.stopHook, timeout: Self.timeout(command.hookTimeoutMs), environment: env) { out.hook.error = error }
+            out.hook.durationMicros = CutHolds.micros(begun.duration(to: .now))
+            // A stop hook that failed leaves the workload's disks in place: it may still run.
+            guard out.hook.error.isEmpty else { return out }
+        }
+        running[command.recoveryID] = nil
+        for s in r.servers { s.cancel() }
+        for s in r.servers { _ = try? await s.value }
+        for v in r.volumes { await v.stop() }
+        for socket in r.sockets { unlink(socket) }
+        logger.info("recovered volumes withdrawn", metadata: ["recovery": "\(command.recoveryID)"])
+        return out
+    }
+
+    /// Ends every recovery's exports (agent shutdown); no hooks run.
+    public func shutdown() async {
+        for (_, r) in running {
+            for s in r.servers { s.cancel() }
+            for v in r.volumes { await v.stop() }
+        }
+        running = [:]
+    }
+
+    func environment(_ command: Ferry_V1_RecoverVolumes, file: String, sockets: [(String, String)], mode: String) -> [String: String] {
+        [
+            "FERRY_MODE": mode,
+            "FERRY_PLAN": command.plan,
+            "FERRY_RECOVERY_ID": command.recoveryID,
+            "FERRY_SOURCE_HOST": command.sourceHost,
+            "FERRY_NETWORK": command.network,
+            "FERRY_RECOVERY_FILE": file,
+            "FERRY_VOLUMES": sockets.map { "\($0.0)=\($0.1)" }.joined(separator: " "),
+        ]
+    }
+
+    static func timeout(_ ms: UInt32) -> Duration { .milliseconds(Int64(max(1000, min(ms, 3_600_000)))) }
+
+    static func validID(_ id: String) -> Bool {
+        (3...160).contains(id.count) && id.contains(".")
+            && id.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == ".") }
+    }
+}
+
+extension NBDServer {
+    /// Serves a unix socket in a task of its own; returns once it listens (or throws why not).
+    func start(unixSocket path: String, into tasks: inout [Task<Void, any Error>]) async throws {
+        let ready = AsyncStream<Void>.makeStream()
+        let task = Task {
+            defer { ready.continuation.finish() }
+            try await self.serve(unixSocket: path, onReady: { ready.continuation.yield() })
+        }
+        var listening = false
+        for await _ in ready.stream { listening = true; break }
+        guard listening else {
+            let reason: String
+            do { try await task.value; reason = "it stopped" } catch { reason = (error as? FerryError)?.message ?? "\(error)" }
+            throw FerryError(.io, "cannot serve \(path): \(reason)")
+        }
+        tasks.append(task)
+    }
+}

@@ -1,0 +1,461 @@
+import FerryWire
+import Foundation
+import NIOCore
+import NIOPosix
+
+/// What each kind of step does.
+extension JobRunner {
+    struct SourceVolume: Sendable {
+        var hostID: String
+        var host: String
+        var volume: String
+        var size: UInt64
+        var key: String { host + "/" + volume }
+    }
+
+    func hostID(_ name: String) async throws -> String {
+        guard let host = try await store.host(named: name), host.state != "removed" else {
+            throw FerryError(.notFound, "host '\(name)' is not enrolled")
+        }
+        return host.id
+    }
+
+    /// The live session of a host; one that is reconnecting (e.g. after a controller restart)
+    /// gets `wait` to come back.
+    func session(_ name: String, wait: Duration = .seconds(30)) async throws -> PeerSession {
+        let id = try await hostID(name)
+        let deadline = ContinuousClock.now + wait
+        while true {
+            if let entry = await registry.entry(hostID: id) { return entry.session }
+            guard ContinuousClock.now < deadline else { break }
+            try await Task.sleep(for: .milliseconds(250))
+        }
+        throw FerryError(.unavailable, "host '\(name)' is not connected")
+    }
+
+    func sourceVolumes(_ item: RecoveryPlanItem) async throws -> [SourceVolume] {
+        let id = try await hostID(item.host)
+        let records = try await store.volumes(hostID: id)
+        return try item.volumes.map { name in
+            guard let r = records.first(where: { $0.name == name }) else {
+                throw FerryError(.notFound, "\(item.host)/\(name) is no longer protected")
+            }
+            return SourceVolume(hostID: id, host: item.host, volume: name, size: UInt64(r.sizeBytes))
+        }
+    }
+
+    func allSourceVolumes(_ plan: RecoveryPlan) async throws -> [SourceVolume] {
+        var out: [SourceVolume] = []
+        for g in plan.groups { for item in g.items { out += try await sourceVolumes(item) } }
+        return out
+    }
+
+    func item(_ plan: RecoveryPlan, host: String?) throws -> RecoveryPlanItem {
+        guard let host, let item = plan.groups.flatMap(\.items).first(where: { $0.host == host }) else {
+            throw FerryError(.internalError, "the plan has no item for host \(host ?? "?")")
+        }
+        return item
+    }
+
+    func execute(_ id: String, index: Int, spec: JobStepSpec, plan: RecoveryPlan) async throws -> String? {
+        guard let job = current(id) else { return nil }
+        switch spec.kind {
+        case .resolvePoint: return try await resolvePoints(id, plan: plan, request: job.job.request)
+        case .stopSource:
+            let item = try item(plan, host: spec.host)
+            guard let hook = item.stopHook else { return "no stop hook" }
+            return try await runHook(on: item.host, hook, timeout: item.timeoutSeconds, env: ["FERRY_PLAN": plan.name, "FERRY_MODE": "stop"])
+        case .fenceSources: return try await fenceSources(id, plan: plan, planned: job.job.request.planned == true || job.job.operation == .migrate)
+        case .drain: return try await drain(id, index: index, plan: plan)
+        case .pre, .post:
+            guard let group = plan.groups.first(where: { $0.name == spec.group }), let i = spec.index else { return nil }
+            let steps = spec.kind == .pre ? group.pre : group.post
+            guard i < steps.count else { return nil }
+            switch steps[i] {
+            case .hook(let host, let name, let timeout):
+                return try await runHook(on: host, name, timeout: timeout, env: ["FERRY_PLAN": plan.name, "FERRY_GROUP": group.name])
+            case .gate(let message, _):
+                return try await gate(id, index: index, message: message)
+            }
+        case .recover: return try await recover(id, plan: plan, item: try item(plan, host: spec.host), operation: job.job.operation)
+        case .stopRecovery: return try await stopRecovery(plan: plan, item: try item(plan, host: spec.host))
+        case .releaseRecovered: return try await releaseRecovered(plan: plan)
+        case .reverse: return try await reverseItem(id, plan: plan, item: try item(plan, host: spec.host))
+        case .finalReverse: return try await finalReverse(id, plan: plan)
+        case .unfenceSources: return try await unfenceSources(id, index: index, plan: plan)
+        case .startSource:
+            let item = try item(plan, host: spec.host)
+            guard let hook = item.startHook else { return "no start hook" }
+            let volumes = try await store.volumes(hostID: try await hostID(item.host)).filter { item.volumes.contains($0.name) }
+            let sockets = volumes.map { "\($0.name)=\($0.socketPath ?? "")" }.joined(separator: " ")
+            return try await runHook(on: item.host, hook, timeout: item.timeoutSeconds,
+                                     env: ["FERRY_PLAN": plan.name, "FERRY_MODE": "failback", "FERRY_NETWORK": "production", "FERRY_VOLUMES": sockets])
+        case .commit:
+            try await store.audit(actor: "job \(id)", action: "plan.commit", target: plan.name)
+            return "the recovered state is final"
+        case .unprotectSources:
+            let volumes = try await allSourceVolumes(plan)
+            try await store.unprotect(volumes.map { ($0.hostID, $0.volume) }, plan: plan.name, actor: "job \(id)")
+            for host in Set(volumes.map(\.host)) {
+                if let session = try? await session(host) { await agents.syncVolumes(hostID: try await hostID(host), session: session, log: logger) }
+            }
+            return "\(volumes.count) volumes no longer protected"
+        case .settle: return try await settle(id, plan: plan, state: spec.state ?? "protected")
+        }
+    }
+
+    // MARK: Hooks and gates
+
+    func runHook(on host: String, _ name: String, timeout: Int, env: [String: String]) async throws -> String {
+        let session = try await session(host)
+        let result = try await session.command("hook \(name)", timeout: .seconds(Int64(timeout) + 10)) {
+            $0.runHook.name = name
+            $0.runHook.timeoutMs = UInt32(clamping: timeout * 1000)
+            $0.runHook.environment = env
+        }
+        guard case .hookResult(let outcome)? = result.outcome else {
+            throw FerryError(.protocolViolation, "\(host) answered hook \(name) without its result")
+        }
+        if !outcome.error.isEmpty { throw FerryError(.hookFailed, "on \(host): \(outcome.error)") }
+        return "hook \(name) on \(host) took \(String(format: "%.2f", Double(outcome.durationMicros) / 1e6)) s"
+    }
+
+    func gate(_ id: String, index: Int, message: String) async throws -> String {
+        await update(id) { s in
+            s.job.steps[index].state = "waiting"
+            s.job.steps[index].detail = "waiting: \(message); 'ferryctl job resume \(id)' goes on"
+            s.job.state = "waiting"
+        }
+        while !context(id).resumedGates.contains(index) {
+            try await Task.sleep(for: .milliseconds(250))
+        }
+        await update(id) { s in
+            s.job.steps[index].state = "running"
+            s.job.state = "running"
+        }
+        return "resumed by the operator"
+    }
+
+    // MARK: Points, fencing, drain
+
+    func resolvePoints(_ id: String, plan: RecoveryPlan, request: API.JobCreateRequest) async throws -> String {
+        let word = request.point ?? (request.asOf == nil ? (request.operation == .drill ? "latest" : "latest-group") : nil)
+        var positions: [String: JobContext.Position] = [:]
+        var points = Set<String>()
+        for v in try await allSourceVolumes(plan) {
+            _ = try await replicas.replica(hostID: v.hostID, volume: v.volume, size: v.size)
+        }
+        for v in try await allSourceVolumes(plan) {
+            let (position, point) = try await catalogue.resolve(hostID: v.hostID, hostName: v.host, volume: v.volume, choice: word, asOf: request.asOf)
+            var time: Date?
+            if point == "latest" {
+                time = await replicas.opened(hostID: v.hostID, volume: v.volume)?.reportedAt ?? Date()
+            } else {
+                time = try await store.point(id: point)?.createdAt
+            }
+            positions[v.key] = JobContext.Position(epoch: position.epoch, sequence: position.sequence, point: point, pointTime: time)
+            points.insert(point)
+        }
+        await update(id) { $0.context.positions = positions }
+        return "\(positions.count) volumes at \(points.sorted().joined(separator: ", "))"
+    }
+
+    func fenceSources(_ id: String, plan: RecoveryPlan, planned: Bool) async throws -> String {
+        let volumes = try await allSourceVolumes(plan)
+        let generations = try await store.fence(volumes.map { ($0.hostID, $0.volume) }, plan: plan.name, actor: "job \(id)")
+        var fenced: [String: JobContext.Fenced] = [:]
+        var unreachable: [String] = []
+        for host in Set(volumes.map(\.host)).sorted() {
+            let mine = volumes.filter { $0.host == host }
+            do {
+                let session = try await session(host, wait: planned ? .seconds(30) : .seconds(2))
+                let result = try await session.command("fence", timeout: .seconds(60)) {
+                    $0.fenceVolumes.volumes = mine.map(\.volume)
+                    $0.fenceVolumes.generation = mine.compactMap { generations[$0.hostID + "/" + $0.volume] }.max() ?? 0
+                }
+                guard case .volumesFenced(let answer)? = result.outcome else {
+                    throw FerryError(.protocolViolation, "\(host) answered fence without its volumes")
+                }
+                let at = Date()
+                for f in answer.volumes {
+                    fenced[host + "/" + f.volume] = JobContext.Fenced(epoch: f.epoch, lastSequence: f.lastSequence, at: at)
+                }
+            } catch {
+                if planned { throw FerryError(.unavailable, "cannot fence \(host): \((error as? FerryError)?.message ?? "\(error)"); a planned failover needs every source reachable") }
+                unreachable.append(host)
+            }
+        }
+        await update(id) { $0.context.fenced = fenced }
+        let gens = Set(generations.values).sorted().map(String.init).joined(separator: ",")
+        return "\(volumes.count) volumes fenced at generation \(gens)"
+            + (unreachable.isEmpty ? "" : "; unreachable (fenced when they reconnect): \(unreachable.joined(separator: ", "))")
+    }
+
+    /// Planned failover: every write a fenced source captured is durable here. The proof per
+    /// volume: after the fence, the agent reports nothing pending and its last sequence, and
+    /// the replica's durable sequence of that epoch has reached it.
+    func drain(_ id: String, index: Int, plan: RecoveryPlan) async throws -> String {
+        let volumes = try await allSourceVolumes(plan)
+        let fenced = context(id).fenced
+        var positions: [String: JobContext.Position] = [:]
+        var proofs: [String] = []
+        while positions.count < volumes.count {
+            for v in volumes where positions[v.key] == nil {
+                guard let f = fenced[v.key] else { throw FerryError(.internalError, "\(v.key) was not fenced") }
+                guard await registry.entry(hostID: v.hostID) != nil else {
+                    throw FerryError(.unavailable, "\(v.host) went away during the drain; retry with 'ferryctl job resume \(id)' once it is back, or fail over unplanned")
+                }
+                guard let replica = await replicas.opened(hostID: v.hostID, volume: v.volume),
+                      let report = await replica.report, let at = await replica.reportedAt,
+                      at.timeIntervalSince(f.at) > 1.2 else { continue }
+                let latest = await replica.latestPosition
+                guard report.epoch == f.epoch || f.epoch == 0, report.sync.pendingExtents == 0, !report.overflowed,
+                      report.lastSequence >= f.lastSequence, latest.epoch == report.epoch, latest.sequence >= report.lastSequence
+                else { continue }
+                positions[v.key] = JobContext.Position(epoch: latest.epoch, sequence: report.lastSequence, point: "planned", pointTime: Date())
+                proofs.append("\(v.key) \(report.lastSequence)/\(latest.sequence)")
+            }
+            await setProgress(id, index: index, Double(positions.count) / Double(max(1, volumes.count)),
+                              detail: "\(positions.count) of \(volumes.count) volumes drained")
+            if positions.count < volumes.count { try await Task.sleep(for: .milliseconds(200)) }
+        }
+        await update(id) { $0.context.positions = positions }
+        return "zero data loss: every captured write is durable (captured/durable: \(proofs.sorted().joined(separator: ", ")))"
+    }
+
+    // MARK: Recovery
+
+    func recoveryRecord(plan: RecoveryPlan, item: RecoveryPlanItem, purpose: String, positions: [String: JobContext.Position]) async throws -> RecoveryRecord {
+        let rid = RecoveryRecord.id(plan: plan.name, host: item.host)
+        if let existing = try await store.recoveries(plan: plan.name).first(where: { $0.id == rid }) { return existing }
+        var volumes: [RecoveryRecord.Volume] = []
+        for v in try await sourceVolumes(item) {
+            guard let p = positions[v.key] else { throw FerryError(.internalError, "no point chosen for \(v.key)") }
+            let exportID = "r-" + (0..<4).map { _ in String(format: "%08x", UInt32.random(in: 0...UInt32.max)) }.joined()
+            volumes.append(RecoveryRecord.Volume(source: v.key, sourceHostID: v.hostID, volume: v.volume, exportID: exportID,
+                                                 epoch: p.epoch, sequence: p.sequence, point: p.point, size: v.size,
+                                                 localName: item.host + "-" + v.volume))
+        }
+        let record = RecoveryRecord(id: rid, plan: plan.name, sourceHost: item.host, recoveryHost: item.recoveryHost, purpose: purpose,
+                                    network: purpose == "drill" ? "test" : "production", volumes: volumes, startedAt: Date())
+        try await store.saveRecovery(record)
+        return record
+    }
+
+    /// Serves a recovery's volumes (point image plus its overlay), again after a restart.
+    func ensureExports(_ record: RecoveryRecord) async throws {
+        for v in record.volumes where await exports.image(id: v.exportID) == nil {
+            let replica = try await replicas.replica(hostID: v.sourceHostID, volume: v.volume, size: v.size)
+            _ = try await exports.create(id: v.exportID, volume: v.source, replica: replica,
+                                         position: ReplicaPosition(epoch: v.epoch, sequence: v.sequence), point: v.point,
+                                         writable: true, managed: true)
+        }
+    }
+
+    func recover(_ id: String, plan: RecoveryPlan, item: RecoveryPlanItem, operation: API.JobOperation) async throws -> String {
+        guard let port = exportPort() else {
+            throw FerryError(.badConfiguration, "recovery needs the controller's nbd-tls-listen setting: recovery hosts reach the volumes there")
+        }
+        let purpose = operation == .drill ? "drill" : "failover"
+        let record = try await recoveryRecord(plan: plan, item: item, purpose: purpose, positions: context(id).positions)
+        try await ensureExports(record)
+        let session = try await session(item.recoveryHost)
+        var description: [String: Any] = [
+            "plan": plan.name, "source_host": item.host, "recovery_host": item.recoveryHost, "network": record.network,
+            "networks": item.networks.map { ["source": $0.source, "recovery": $0.recovery, "test": $0.test] },
+            "points": Dictionary(record.volumes.map { ($0.source, $0.point) }, uniquingKeysWith: { a, _ in a }),
+        ]
+        if let host = try await store.host(named: item.host), let blob = host.inventory,
+           let inventory = try? Ferry_V1_Inventory(serializedBytes: [UInt8](blob)),
+           let json = try? JSONEncoder().encode(API.Inventory(inventory)),
+           let object = try? JSONSerialization.jsonObject(with: json) {
+            description["source_inventory"] = object
+        }
+        let descriptionJSON = String(decoding: try JSONSerialization.data(withJSONObject: description, options: [.sortedKeys]), as: UTF8.self)
+        let result = try await session.command("recover", timeout: .seconds(Int64(item.timeoutSeconds) + 60)) { c in
+            c.recoverVolumes.recoveryID = record.id
+            c.recoverVolumes.plan = plan.name
+            c.recoverVolumes.sourceHost = item.host
+            c.recoverVolumes.network = record.network
+            c.recoverVolumes.startHook = item.startHook ?? ""
+            c.recoverVolumes.hookTimeoutMs = UInt32(clamping: item.timeoutSeconds * 1000)
+            c.recoverVolumes.descriptionJson = descriptionJSON
+            c.recoverVolumes.volumes = record.volumes.map { v in
+                var s = Ferry_V1_RecoveredVolumeSpec()
+                s.name = v.localName
+                s.source = v.source
+                s.exportPort = UInt32(port)
+                s.exportName = v.exportID
+                s.sizeBytes = v.size
+                return s
+            }
+        }
+        guard case .recoveryStarted(let started)? = result.outcome else {
+            throw FerryError(.protocolViolation, "\(item.recoveryHost) answered recover without its volumes")
+        }
+        if !started.hook.error.isEmpty {
+            throw FerryError(.hookFailed, "start hook on \(item.recoveryHost): \(started.hook.error)")
+        }
+        let now = Date()
+        await update(id) { $0.context.started[item.host] = now }
+        let hook = started.hook.name.isEmpty ? "no start hook" :
+            "start hook \(started.hook.name) \(String(format: "%.2f", Double(started.hook.durationMicros) / 1e6)) s"
+        return "\(started.volumes.count) volumes on \(item.recoveryHost) (\(started.volumes.map(\.name).joined(separator: ", "))), \(record.network) network; \(hook)"
+    }
+
+    func stopRecovery(plan: RecoveryPlan, item: RecoveryPlanItem) async throws -> String {
+        let rid = RecoveryRecord.id(plan: plan.name, host: item.host)
+        let session = try await session(item.recoveryHost)
+        let result = try await session.command("stop recovery", timeout: .seconds(Int64(item.timeoutSeconds) + 60)) {
+            $0.stopRecovery.recoveryID = rid
+            $0.stopRecovery.stopHook = item.stopHook ?? ""
+            $0.stopRecovery.hookTimeoutMs = UInt32(clamping: item.timeoutSeconds * 1000)
+        }
+        guard case .recoveryStopped(let stopped)? = result.outcome else {
+            throw FerryError(.protocolViolation, "\(item.recoveryHost) answered stop without its result")
+        }
+        if !stopped.hook.error.isEmpty { throw FerryError(.hookFailed, "stop hook on \(item.recoveryHost): \(stopped.hook.error)") }
+        return stopped.wasRunning ? "stopped on \(item.recoveryHost)" + (stopped.hook.name.isEmpty ? "" : " after hook \(stopped.hook.name)") : "was not running"
+    }
+
+    func releaseRecovered(plan: RecoveryPlan) async throws -> String {
+        await reverse.stop(plan: plan.name)
+        var dropped = 0
+        for record in try await store.recoveries(plan: plan.name) {
+            for v in record.volumes {
+                if await exports.image(id: v.exportID) != nil {
+                    try await exports.remove(id: v.exportID, managed: true)
+                    dropped += 1
+                }
+            }
+            try await store.deleteRecovery(id: record.id)
+        }
+        return "\(dropped) overlays dropped"
+    }
+
+    // MARK: Reprotect and failback
+
+    func recoveryVolumes(plan: RecoveryPlan, item: RecoveryPlanItem) async throws -> [RecoveryRecord.Volume] {
+        let rid = RecoveryRecord.id(plan: plan.name, host: item.host)
+        guard let record = try await store.recoveries(plan: plan.name).first(where: { $0.id == rid }) else {
+            throw FerryError(.notFound, "\(item.host) is not recovered in plan \(plan.name)")
+        }
+        try await ensureExports(record)
+        return record.volumes
+    }
+
+    func reverseItem(_ id: String, plan: RecoveryPlan, item: RecoveryPlanItem) async throws -> String {
+        let sink = try await session(item.host)
+        var compared: UInt64 = 0, sent: UInt64 = 0
+        for v in try await recoveryVolumes(plan: plan, item: item) {
+            guard let image = await exports.image(id: v.exportID) else { continue }
+            // Writes from now on are streamed by the reverse stream; the pass below covers the rest.
+            await exports.dirty(id: v.exportID)?.reset()
+            let result = try await SinkSync.pass(image: image, sink: sink, volume: v.volume)
+            compared += result.compared
+            sent += result.sent
+        }
+        await reverse.start(plan: plan, fullPassFirst: false)
+        await update(id) { s in
+            s.context.bytesCompared += compared
+            s.context.bytesSent += sent
+        }
+        return "\(item.host) is a sink now: compared \(compared) bytes, sent \(sent) bytes"
+    }
+
+    func finalReverse(_ id: String, plan: RecoveryPlan) async throws -> String {
+        await reverse.stop(plan: plan.name)
+        var compared: UInt64 = 0, sent: UInt64 = 0, verified = 0
+        for g in plan.groups {
+            for item in g.items {
+                let sink = try await session(item.host)
+                for v in try await recoveryVolumes(plan: plan, item: item) {
+                    guard let image = await exports.image(id: v.exportID) else { continue }
+                    let result = try await SinkSync.pass(image: image, sink: sink, volume: v.volume)
+                    compared += result.compared
+                    sent += result.sent
+                    // The proof: a second pass finds every block equal.
+                    let check = try await SinkSync.pass(image: image, sink: sink, volume: v.volume, applying: false)
+                    guard check.sent == 0 else {
+                        throw FerryError(.conflict, "\(v.source) still differs in \(check.sent) bytes after the last pass; is \(item.recoveryHost) still writing?")
+                    }
+                    verified += 1
+                }
+            }
+        }
+        await update(id) { s in
+            s.context.bytesCompared += compared
+            s.context.bytesSent += sent
+        }
+        return "\(verified) volumes equal on their original hosts (compared \(compared) bytes, sent \(sent))"
+    }
+
+    func unfenceSources(_ id: String, index: Int, plan: RecoveryPlan) async throws -> String {
+        let volumes = try await allSourceVolumes(plan)
+        try await store.unfence(volumes.map { ($0.hostID, $0.volume) }, plan: plan.name, actor: "job \(id)")
+        var started: [String: Date] = [:]
+        for host in Set(volumes.map(\.host)).sorted() {
+            let session = try await session(host)
+            let hid = try await hostID(host)
+            await agents.syncVolumes(hostID: hid, session: session, log: logger)
+            for v in volumes where v.host == host {
+                _ = try await session.command("resync", timeout: .seconds(30)) { $0.resyncVolume.name = v.volume }
+                started[v.key] = Date()
+            }
+        }
+        // The replicas compare themselves with the sources, block hash by block hash.
+        var done = Set<String>()
+        var sent: UInt64 = 0, compared: UInt64 = 0
+        while done.count < volumes.count {
+            for v in volumes where !done.contains(v.key) {
+                guard let replica = await replicas.opened(hostID: v.hostID, volume: v.volume),
+                      let report = await replica.report, let at = await replica.reportedAt,
+                      let t = started[v.key], at.timeIntervalSince(t) > 1.2 else { continue }
+                let latest = await replica.latestPosition
+                guard report.sync.pendingExtents == 0, !report.overflowed, latest.epoch == report.epoch,
+                      latest.sequence >= report.lastSequence else { continue }
+                done.insert(v.key)
+                sent += report.sync.sentBytes
+                compared += report.sync.doneBytes
+            }
+            await setProgress(id, index: index, Double(done.count) / Double(max(1, volumes.count)),
+                              detail: "\(done.count) of \(volumes.count) replicas resynced")
+            if done.count < volumes.count { try await Task.sleep(for: .milliseconds(250)) }
+        }
+        return "\(volumes.count) volumes writable on their hosts again; replicas resynced (compared \(compared) bytes, sent \(sent))"
+    }
+
+    // MARK: Settle
+
+    func settle(_ id: String, plan: RecoveryPlan, state: String) async throws -> String {
+        guard let s = current(id) else { return "" }
+        var report: [String: String] = [:]
+        let ctx = s.context
+        if !ctx.started.isEmpty, let last = ctx.started.values.max() {
+            report["rto_seconds"] = String(format: "%.3f", last.timeIntervalSince(s.job.createdAt))
+        }
+        if s.job.request.planned == true || s.job.operation == .migrate {
+            report["rpo_seconds"] = "0"
+            report["data_loss"] = "none: every captured write durable before recovery"
+        } else if let oldest = ctx.positions.values.compactMap(\.pointTime).min() {
+            report["rpo_seconds"] = String(format: "%.3f", max(0, s.job.createdAt.timeIntervalSince(oldest)))
+            report["point"] = Set(ctx.positions.values.map(\.point)).sorted().joined(separator: ",")
+        }
+        if ctx.bytesCompared > 0 || ctx.bytesSent > 0 {
+            report["bytes_compared"] = "\(ctx.bytesCompared)"
+            report["bytes_sent"] = "\(ctx.bytesSent)"
+        }
+        if s.job.operation == .drillCleanup, let drill = try await store.jobs(plan: plan.name).first(where: { $0.job.operation == .drill }) {
+            // The drill report: what the drill achieved, step by step.
+            report["drill_job"] = drill.job.id
+            for (k, v) in drill.job.report { report["drill_" + k] = v }
+            for (i, step) in drill.job.steps.enumerated() {
+                report[String(format: "drill_step_%02d", i + 1)] = "\(step.name): \(step.state) in \(String(format: "%.3f", step.seconds ?? 0)) s"
+            }
+        }
+        try await store.setPlanState(plan.name, state, job: id)
+        if state == "reversed" { await reverse.start(plan: plan, fullPassFirst: false) }
+        await update(id) { $0.job.report = report }
+        return "plan \(plan.name) is \(state)" + (report["rto_seconds"].map { "; RTO \($0) s" } ?? "") + (report["rpo_seconds"].map { "; RPO \($0) s" } ?? "")
+    }
+}

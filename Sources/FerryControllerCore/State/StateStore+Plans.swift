@@ -1,0 +1,282 @@
+import FerryWire
+import Foundation
+import GRDB
+
+// MARK: - Recovery plans, jobs, recoveries and fencing
+
+struct PlanRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
+    static let databaseTableName = "recoveryPlan"
+    var name: String
+    var plan: Data          // RecoveryPlan, JSON
+    var source: String      // the YAML as applied
+    var state: String
+    var updatedAt: Date
+    var lastJob: String?
+
+    var decoded: RecoveryPlan { (try? JSONDecoder().decode(RecoveryPlan.self, from: plan)) ?? RecoveryPlan(name: name, description: "", groups: []) }
+
+    var view: API.Plan { API.Plan(plan: decoded, state: state, updatedAt: updatedAt, lastJob: lastJob, source: source) }
+}
+
+struct JobRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
+    static let databaseTableName = "job"
+    var id: String
+    var plan: String
+    var operation: String
+    var state: String
+    var snapshot: Data      // JobSnapshot, JSON
+    var createdAt: Date
+    var updatedAt: Date
+}
+
+/// A recovered host's volumes: which exports serve them, so a restarted controller serves
+/// them again (same ids, same overlays) and the recovery host's NBD clients reconnect.
+public struct RecoveryRecord: Codable, Sendable, Equatable {
+    public struct Volume: Codable, Sendable, Equatable {
+        /// "HOST/VOLUME" of the protected volume.
+        public var source: String
+        public var sourceHostID: String
+        public var volume: String
+        public var exportID: String
+        public var epoch: UInt64
+        public var sequence: UInt64
+        public var point: String
+        public var size: UInt64
+        /// Local name on the recovery host.
+        public var localName: String
+    }
+    public var id: String
+    public var plan: String
+    public var sourceHost: String
+    public var recoveryHost: String
+    /// `drill` or `failover`.
+    public var purpose: String
+    public var network: String
+    public var volumes: [Volume]
+    public var startedAt: Date
+
+    public static func id(plan: String, host: String) -> String { plan + "." + host }
+}
+
+struct RecoveryRow: Codable, FetchableRecord, PersistableRecord, Sendable {
+    static let databaseTableName = "recovery"
+    var id: String
+    var plan: String
+    var record: Data
+}
+
+extension StateStore {
+    static func registerPlanMigration(_ m: inout DatabaseMigrator) {
+        m.registerMigration("v5-plans-jobs-fencing") { db in
+            try db.alter(table: "volume") { t in
+                t.add(column: "generation", .integer).notNull().defaults(to: 0)
+                t.add(column: "fenced", .boolean).notNull().defaults(to: false)
+            }
+            try db.create(table: "recoveryPlan") { t in
+                t.primaryKey("name", .text)
+                t.column("plan", .blob).notNull()
+                t.column("source", .text).notNull()
+                t.column("state", .text).notNull()
+                t.column("updatedAt", .datetime).notNull()
+                t.column("lastJob", .text)
+            }
+            try db.create(table: "job") { t in
+                t.primaryKey("id", .text)
+                t.column("plan", .text).notNull()
+                t.column("operation", .text).notNull()
+                t.column("state", .text).notNull()
+                t.column("snapshot", .blob).notNull()
+                t.column("createdAt", .datetime).notNull()
+                t.column("updatedAt", .datetime).notNull()
+            }
+            try db.create(index: "job_plan", on: "job", columns: ["plan", "createdAt"])
+            try db.create(table: "recovery") { t in
+                t.primaryKey("id", .text)
+                t.column("plan", .text).notNull()
+                t.column("record", .blob).notNull()
+            }
+        }
+    }
+
+    // MARK: Plans
+
+    /// What a plan file is checked against: enrolled hosts, their protected volumes, and the
+    /// volumes other plans already hold.
+    public func planKnowledge(excludingPlan plan: String) async throws -> PlanParser.Known {
+        try await pool.read { db in
+            let hosts = try HostRecord.filter(Column("state") != "removed").fetchAll(db)
+            let names = Dictionary(hosts.map { ($0.id, $0.name) }, uniquingKeysWith: { a, _ in a })
+            var volumes: [String: [String]] = [:]
+            for v in try VolumeRecord.fetchAll(db) {
+                guard let host = names[v.hostID] else { continue }
+                volumes[host, default: []].append(v.name)
+            }
+            var taken: [String: String] = [:]
+            for p in try PlanRecord.filter(Column("name") != plan).fetchAll(db) {
+                for key in p.decoded.volumeKeys { taken[key] = p.name }
+            }
+            return PlanParser.Known(hosts: Set(hosts.map(\.name)), volumes: volumes.mapValues { $0.sorted() }, taken: taken)
+        }
+    }
+
+    /// Adds a plan, or replaces one that is not in the middle of anything.
+    public func applyPlan(_ plan: RecoveryPlan, source: String, actor: String) async throws -> API.Plan {
+        try await pool.write { db in
+            var record = PlanRecord(name: plan.name, plan: try JSONEncoder().encode(plan), source: source, state: "protected",
+                                    updatedAt: Date(), lastJob: nil)
+            if let old = try PlanRecord.fetchOne(db, key: plan.name) {
+                guard old.state == "protected" else {
+                    throw FerryError(.conflict, "plan '\(plan.name)' is \(old.state); it can change only while protected")
+                }
+                try Self.requireNoRunningJob(db, plan: plan.name)
+                record.lastJob = old.lastJob
+            }
+            try record.save(db)
+            try Self.audit(db, actor: actor, action: "plan.apply", target: plan.name,
+                           detail: "groups=\(plan.groups.map(\.name).joined(separator: ",")) volumes=\(plan.volumeKeys.count)")
+            return record.view
+        }
+    }
+
+    static func requireNoRunningJob(_ db: Database, plan: String) throws {
+        if let job = try JobRecord.filter(Column("plan") == plan && !["succeeded", "failed", "cancelled"].contains(Column("state"))).fetchOne(db) {
+            throw FerryError(.conflict, "plan '\(plan)' has job \(job.id) (\(job.operation)) \(job.state); wait for it, or 'ferryctl job cancel \(job.id)'")
+        }
+    }
+
+    public func plans() async throws -> [API.Plan] {
+        try await pool.read { db in try PlanRecord.order(Column("name")).fetchAll(db).map(\.view) }
+    }
+
+    public func plan(named name: String) async throws -> API.Plan {
+        try await pool.read { db in
+            guard let record = try PlanRecord.fetchOne(db, key: name) else {
+                throw FerryError(.notFound, "no recovery plan named '\(name)'; 'ferryctl plans' lists them")
+            }
+            return record.view
+        }
+    }
+
+    public func deletePlan(named name: String, actor: String) async throws {
+        try await pool.write { db in
+            guard let record = try PlanRecord.fetchOne(db, key: name) else {
+                throw FerryError(.notFound, "no recovery plan named '\(name)'; 'ferryctl plans' lists them")
+            }
+            guard record.state == "protected" || record.state == "migrated" else {
+                throw FerryError(.conflict, "plan '\(name)' is \(record.state); bring it back to protected (drill cleanup, failback) before deleting it")
+            }
+            try Self.requireNoRunningJob(db, plan: name)
+            try record.delete(db)
+            try Self.audit(db, actor: actor, action: "plan.delete", target: name)
+        }
+    }
+
+    func setPlanState(_ name: String, _ state: String, job: String? = nil) async throws {
+        try await pool.write { db in
+            try db.execute(sql: "UPDATE recoveryPlan SET state = ?, updatedAt = ?, lastJob = COALESCE(?, lastJob) WHERE name = ?",
+                           arguments: [state, Date(), job, name])
+        }
+    }
+
+    // MARK: Jobs
+
+    /// Records a new job, refusing it while another job of the plan is unfinished.
+    func insertJob(_ job: JobSnapshot, actor: String) async throws {
+        try await pool.write { db in
+            try Self.requireNoRunningJob(db, plan: job.job.plan)
+            try JobRecord(id: job.job.id, plan: job.job.plan, operation: job.job.operation.rawValue, state: job.job.state,
+                          snapshot: try JSONEncoder().encode(job), createdAt: job.job.createdAt, updatedAt: Date()).insert(db)
+            try db.execute(sql: "UPDATE recoveryPlan SET lastJob = ? WHERE name = ?", arguments: [job.job.id, job.job.plan])
+            try Self.audit(db, actor: actor, action: "job.start", target: job.job.plan,
+                           detail: "\(job.job.id) \(job.job.operation.rawValue)\(job.job.request.point.map { " point=\($0)" } ?? "")")
+        }
+    }
+
+    func saveJob(_ job: JobSnapshot) async throws {
+        let data = try JSONEncoder().encode(job)
+        try await pool.write { db in
+            try db.execute(sql: "UPDATE job SET state = ?, snapshot = ?, updatedAt = ? WHERE id = ?",
+                           arguments: [job.job.state, data, Date(), job.job.id])
+        }
+    }
+
+    func job(id: String) async throws -> JobSnapshot? {
+        try await pool.read { db in
+            try JobRecord.fetchOne(db, key: id).map { try JSONDecoder().decode(JobSnapshot.self, from: $0.snapshot) }
+        }
+    }
+
+    func jobs(plan: String? = nil, unfinishedOnly: Bool = false, limit: Int = 200) async throws -> [JobSnapshot] {
+        try await pool.read { db in
+            var q = JobRecord.order(Column("createdAt").desc).limit(limit)
+            if let plan { q = q.filter(Column("plan") == plan) }
+            if unfinishedOnly { q = q.filter(!["succeeded", "failed", "cancelled"].contains(Column("state"))) }
+            return try q.fetchAll(db).map { try JSONDecoder().decode(JobSnapshot.self, from: $0.snapshot) }
+        }
+    }
+
+    // MARK: Recoveries
+
+    func saveRecovery(_ record: RecoveryRecord) async throws {
+        let data = try JSONEncoder().encode(record)
+        try await pool.write { db in try RecoveryRow(id: record.id, plan: record.plan, record: data).save(db) }
+    }
+
+    func recoveries(plan: String? = nil) async throws -> [RecoveryRecord] {
+        try await pool.read { db in
+            var q = RecoveryRow.order(Column("id"))
+            if let plan { q = q.filter(Column("plan") == plan) }
+            return try q.fetchAll(db).map { try JSONDecoder().decode(RecoveryRecord.self, from: $0.record) }
+        }
+    }
+
+    func deleteRecovery(id: String) async throws {
+        try await pool.write { db in _ = try RecoveryRow.deleteOne(db, key: id) }
+    }
+
+    // MARK: Fencing
+
+    /// Fences volumes for a failover: a new generation, and the other site owns them now.
+    /// Returns each volume's new generation.
+    func fence(_ volumes: [(hostID: String, name: String)], plan: String, actor: String) async throws -> [String: UInt64] {
+        try await pool.write { db in
+            var generations: [String: UInt64] = [:]
+            for v in volumes {
+                guard var record = try VolumeRecord.filter(Column("hostID") == v.hostID && Column("name") == v.name).fetchOne(db) else { continue }
+                if !record.fenced {
+                    record.generation += 1
+                    record.fenced = true
+                    try record.update(db)
+                    try Self.audit(db, actor: actor, action: "volume.fence", target: v.name, detail: "plan=\(plan) generation=\(record.generation)")
+                }
+                generations[v.hostID + "/" + v.name] = UInt64(record.generation)
+            }
+            return generations
+        }
+    }
+
+    /// Hands volumes back to their hosts (failback): a new generation, writes allowed again.
+    func unfence(_ volumes: [(hostID: String, name: String)], plan: String, actor: String) async throws {
+        try await pool.write { db in
+            for v in volumes {
+                guard var record = try VolumeRecord.filter(Column("hostID") == v.hostID && Column("name") == v.name).fetchOne(db) else { continue }
+                guard record.fenced else { continue }
+                record.generation += 1
+                record.fenced = false
+                try record.update(db)
+                try Self.audit(db, actor: actor, action: "volume.unfence", target: v.name, detail: "plan=\(plan) generation=\(record.generation)")
+            }
+        }
+    }
+
+    /// Ends protection of volumes (migration): they leave their groups; replicas stay on disk.
+    func unprotect(_ volumes: [(hostID: String, name: String)], plan: String, actor: String) async throws {
+        try await pool.write { db in
+            for v in volumes {
+                try db.execute(sql: "DELETE FROM groupMember WHERE hostID = ? AND volume = ?", arguments: [v.hostID, v.name])
+                try db.execute(sql: "DELETE FROM volume WHERE hostID = ? AND name = ?", arguments: [v.hostID, v.name])
+                try Self.audit(db, actor: actor, action: "volume.unprotect", target: v.name, detail: "plan=\(plan) (migrated)")
+            }
+        }
+    }
+}
