@@ -289,7 +289,7 @@ public final class AgentSession: Service, Sendable {
                         trustRoots: [try TLSSettings.nio(identity.ca)], certificateChain: [try TLSSettings.nio(identity.certificate)],
                         privateKey: try TLSSettings.nio(identity.privateKey))
                     result.recoveryStarted = try await recovery.recover(recover, controllerHost: host,
-                                                                        tls: NBDClientTLS(context: context, serverHostname: host))
+                                                                        tls: NBDClientTLS(context: context, serverHostname: ControllerIdentity.serverName))
                 case .stopRecovery(let stop):
                     result.recoveryStopped = await recovery.stop(stop)
                 case .hashBlocks(let request):

@@ -226,6 +226,55 @@ public struct APIClient: Sendable {
                                                            body: body, timeout: timeout))
     }
 
+    // MARK: - Recovery plans and jobs
+
+    /// `POST /v1/plans`: add or replace a plan from its YAML (validated by the controller).
+    public func applyPlan(file: String, text: String) async throws -> API.Plan {
+        let body = try API.encoder().encode(API.PlanApplyRequest(file: file, text: text))
+        return try await decode(API.Plan.self, from: send(.post, "\(API.prefix)/plans", body: body))
+    }
+
+    /// `GET /v1/plans`.
+    public func plans() async throws -> [API.Plan] {
+        try await decode([API.Plan].self, from: send(.get, "\(API.prefix)/plans"))
+    }
+
+    /// `GET /v1/plans/:name`.
+    public func plan(named name: String) async throws -> API.Plan {
+        try await decode(API.Plan.self, from: send(.get, "\(API.prefix)/plans/\(Self.escape(name))"))
+    }
+
+    /// `DELETE /v1/plans/:name`.
+    public func removePlan(named name: String) async throws {
+        _ = try await send(.delete, "\(API.prefix)/plans/\(Self.escape(name))")
+    }
+
+    /// `POST /v1/plans/:name/jobs`: start an operation on a plan.
+    public func startJob(plan name: String, _ request: API.JobCreateRequest) async throws -> API.Job {
+        let body = try API.encoder().encode(request)
+        return try await decode(API.Job.self, from: send(.post, "\(API.prefix)/plans/\(Self.escape(name))/jobs", body: body))
+    }
+
+    /// `GET /v1/jobs`: newest first.
+    public func jobs() async throws -> [API.Job] {
+        try await decode([API.Job].self, from: send(.get, "\(API.prefix)/jobs"))
+    }
+
+    /// `GET /v1/jobs/:id`.
+    public func job(id: String) async throws -> API.Job {
+        try await decode(API.Job.self, from: send(.get, "\(API.prefix)/jobs/\(Self.escape(id))"))
+    }
+
+    /// `POST /v1/jobs/:id/resume`.
+    public func resumeJob(id: String) async throws -> API.Job {
+        try await decode(API.Job.self, from: send(.post, "\(API.prefix)/jobs/\(Self.escape(id))/resume"))
+    }
+
+    /// `POST /v1/jobs/:id/cancel`.
+    public func cancelJob(id: String) async throws -> API.Job {
+        try await decode(API.Job.self, from: send(.post, "\(API.prefix)/jobs/\(Self.escape(id))/cancel"))
+    }
+
     // MARK: - Exports and images
 
     /// `POST /v1/volumes/:host/:name/exports`: serve a point of the volume over NBD.

@@ -23,6 +23,8 @@ public struct FerryCtl: AsyncParsableCommand {
             ProtectCommand.self, VolumesCommand.self, VolumeCommand.self,
             GroupsCommand.self, GroupCommand.self, PointsCommand.self, PointCommand.self,
             ExportsCommand.self, ExportCommand.self,
+            PlansCommand.self, PlanCommand.self, DrillCommand.self, FailoverCommand.self, CommitCommand.self,
+            ReprotectCommand.self, FailbackCommand.self, MigrateCommand.self, JobsCommand.self, JobCommand.self,
             TokenCommand.self, TokensCommand.self, APITokenCommand.self, APITokensCommand.self,
             AuditCommand.self, HealthCommand.self, MetricsCommand.self,
         ]

@@ -9,8 +9,9 @@ public struct NBDClientTLS: Sendable {
     /// A client context: its trust roots verify the server (`.fullVerification`); it may carry
     /// a client certificate (Ferry's point exports require one). TLS 1.3 is expected.
     public let context: NIOSSLContext
-    /// The name checked against the server certificate (and sent as SNI); nil skips the name
-    /// check, leaving only the chain check.
+    /// The DNS name checked against the server certificate and sent as SNI (for Ferry's
+    /// controller, `ControllerIdentity.serverName`, also when dialling an IP address; NIOSSL
+    /// refuses an IP address here). nil skips the name check, leaving only the chain check.
     public let serverHostname: String?
 
     public init(context: NIOSSLContext, serverHostname: String?) {
@@ -178,7 +179,7 @@ public final class NBDClient: Sendable {
             }
         } catch {
             // The handler may never have been made; its promise must not be left pending.
-            let failure = FerryError(.unavailable, "cannot connect to the NBD server at \(peer): \(error)")
+            let failure = FerryError(.unavailable, "cannot connect to the NBD server at \(peer): \(NBDClientHandler.describe(error))")
             negotiated.fail(failure)
             throw failure
         }

@@ -82,7 +82,6 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// A READ reply whose data is still arriving, collected in a buffer of its own.
     private struct PartialRead {
-        var handle: UInt64
         var request: InFlight
         var data: ByteBuffer
     }
@@ -156,9 +155,12 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         switch phase {
         case .tlsHandshake:
             reason = FerryError(.unauthenticated, "TLS handshake with the NBD server at \(peer) failed: \(Self.describe(error))")
+        case .goReplies where error is NIOSSLError || error is BoringSSLError:
+            // TLS 1.3: a server refuses the client certificate only after the client's handshake is done.
+            reason = FerryError(.unauthenticated, "the NBD server at \(peer) ended TLS during negotiation (a refused client certificate shows here): "
+                + Self.describe(error))
         case .greeting, .startTLSReply, .goReplies:
-            reason = FerryError(.unavailable, "NBD negotiation with \(peer) failed: \(Self.describe(error))"
-                + (tls != nil && phase == .goReplies ? " (after TLS 1.3 a server refuses a client certificate only now)" : ""))
+            reason = FerryError(.unavailable, "NBD negotiation with \(peer) failed: \(Self.describe(error))")
         case .transmission, .ended:
             // NIOSSL's uncleanShutdown (the peer went without close_notify) lands here too.
             reason = lost(Self.describe(error))
@@ -443,7 +445,7 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
                 // A large read: collect it in storage of its own rather than growing the buffer.
                 var data = context.channel.allocator.buffer(capacity: length)
                 data.writeBuffer(&buffer)
-                partialRead = PartialRead(handle: handle, request: request, data: data)
+                partialRead = PartialRead(request: request, data: data)
                 return true
             }
         } else {
@@ -575,6 +577,7 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
             return "the server closed the TLS connection without close_notify (NIOSSL uncleanShutdown)"
         }
         if let error = error as? FerryError { return error.message }
+        if let error = error as? IOError { return String(cString: strerror(error.errnoCode)) }
         return String(describing: error)
     }
 
