@@ -141,7 +141,9 @@ struct RecoveryPointTests {
                                                                  logName: "controller-\(phase + 2).log")
                 for host in c.agents.keys {
                     #expect(try await c.controller.waitFor(host, state: "online", timeout: .seconds(30)),
-                            "\(host) not back online:\n\(c.agents[host]!.log.suffix(4000))\ncontroller:\n\(c.controller.process.log.suffix(3000))")
+                            "\(host) not back online:\n\(c.agents[host]!.log.suffix(4000))\ncontroller, lines about sessions and \(host):\n"
+                                + c.controller.process.log.split(separator: "\n").filter { $0.contains("session") || $0.contains("host=\(host)") }
+                                    .suffix(60).joined(separator: "\n"))
                 }
             }
         }
