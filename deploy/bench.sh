@@ -2,10 +2,14 @@
 # Ferry's benchmark: in one invocation, fio through nbdkit's file plugin (the baseline) and fio
 # through the Ferry agent's export while it replicates to a controller on the same machine.
 # Volumes, journal and replica live on tmpfs, so software is measured, not the disk.
-# Prints a table of ratios agent / nbdkit and the replication lag p50 / p99.
+# Prints a table of ratios agent / nbdkit and the replication lag p50 / p99, then recovery
+# points (group-cut pauses, a point export's first read) and recovery time (RTO of a 3-group
+# plan of 16 volumes, drill and unplanned failover, at two volume sizes).
 #
 #   ./deploy/bench.sh                       # 1 GiB volume, 15 s per fio run
 #   FERRY_BENCH_SIZE=2G FERRY_BENCH_RUNTIME=30 ./deploy/bench.sh
+#   FERRY_BENCH_PARTS=rto ./deploy/bench.sh # only some parts: replication, points, rto (comma-separated)
+#   FERRY_BENCH_RTO_SIZES="1G 10G" FERRY_BENCH_RTO_DRILLS=3 FERRY_BENCH_RTO_FAILOVER=1  # the RTO part's defaults
 #
 # Needs root (tmpfs mount). A benchmark, not a test: figures vary from machine to machine.
 set -euo pipefail
@@ -13,10 +17,19 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 size="${FERRY_BENCH_SIZE:-1G}"
 runtime="${FERRY_BENCH_RUNTIME:-15}"
+parts="${FERRY_BENCH_PARTS:-replication,points,rto}"
+rto_sizes="${FERRY_BENCH_RTO_SIZES:-1G 10G}"
+rto_drills="${FERRY_BENCH_RTO_DRILLS:-3}"
+rto_failover="${FERRY_BENCH_RTO_FAILOVER:-1}"
 
 log() { printf 'bench.sh: %s\n' "$*" >&2; }
 die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (the volumes go on a tmpfs mounted here)"
+want() { [[ ",$parts," == *",$1,"* ]]; }
+for p in ${parts//,/ }; do
+  case "$p" in replication | points | rto) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, points, rto)" ;; esac
+done
+[[ "$rto_drills" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_RTO_DRILLS: a positive number"
 
 ./deploy/install-deps.sh >&2
 log "building (release)"
@@ -56,137 +69,147 @@ run_fio() { # run_fio URI RW BS OUTPUT [PID...]: also records the CPU seconds th
   echo "$(( $(ticks "$@") - before )) $(getconf CLK_TCK)" >"$work/results/${out%.json}.cpu"
 }
 
-log "baseline: nbdkit file plugin on tmpfs"
-truncate -s "$size" "$work/base.img"
-nbdkit --foreground --unix "$work/nbdkit.sock" file file="$work/base.img" &
-pids+=($!)
-wait_for 10 test -S "$work/nbdkit.sock" || die "nbdkit did not start"
-run_fio "nbd+unix:///?socket=$work/nbdkit.sock" write 1M nbdkit-seq.json "${pids[0]}"
-run_fio "nbd+unix:///?socket=$work/nbdkit.sock" randwrite 4k nbdkit-rand.json "${pids[0]}"
-kill "${pids[0]}"; rm -f "$work/base.img"
-
-# What the unavoidable work of replication costs on this machine, for the floor table: one
-# core's AES-128-GCM rate (TLS 1.3 here), and tmpfs write rates into new pages (a journal
-# append) and over existing ones (the replica image).
-log "measuring the cost floor: AES-GCM and tmpfs write rates"
-aes="$(openssl speed -evp aes-128-gcm -bytes 16384 -seconds 2 2>/dev/null | awk '/^AES-128-GCM/ {sub(/k$/, "", $2); print $2 * 1000}')"
-fresh="$(dd if=/dev/zero of="$work/dd.img" bs=1M count=1024 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')"
-over="$(dd if=/dev/zero of="$work/dd.img" bs=1M count=1024 conv=notrunc 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')"
-rm -f "$work/dd.img"
-printf 'aes_bytes_per_second %s\ntmpfs_new_bytes_per_second %s\ntmpfs_overwrite_bytes_per_second %s\ncores %s\n' \
-  "$aes" "$fresh" "$over" "$(nproc)" >"$work/results/floor.txt"
-
-log "ferry: controller and agent on this machine, replicating"
-# The controller runs with its defaults (journal kept 1 h, up to 8 GiB): the runs are shorter
-# than it takes to fill that, so no journal is folded into the base image during them.
-printf 'replica-journal-max: 8G\n' >"$work/controller.yaml"
-"$bin/ferry-controller" --config "$work/controller.yaml" --data-dir "$work/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 >"$work/controller.log" 2>&1 &
-pids+=($!)
-wait_for 30 test -f "$work/controller/ferryctl.env" || die "controller did not start"
-# shellcheck disable=SC1091
-. "$work/controller/ferryctl.env"
-token="$("$bin/ferryctl" token create --host bench 2>/dev/null)"
-FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$work/controller/agent-listen.addr")" \
-  --data-dir "$work/agent" >/dev/null || die "enroll failed"
-"$bin/ferry-agent" run --data-dir "$work/agent" >"$work/agent.log" 2>&1 &
-pids+=($!)
-wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q 'bench .*online'" || die "agent did not come online"
-"$bin/ferryctl" protect bench --volume bench --path "$work/vol.img" --create-size "$size" >&2 || die "protect failed"
-uri="nbd+unix:///bench?socket=$work/agent/sockets/bench.sock"
-"$bin/ferryctl" metrics >"$work/results/metrics-before.txt"
-run_fio "$uri" write 1M agent-seq.json "${pids[1]}" "${pids[2]}"
-run_fio "$uri" randwrite 4k agent-rand.json "${pids[1]}" "${pids[2]}"
-"$bin/ferryctl" metrics >"$work/results/metrics-after.txt"
-# The change log absorbs what replication has not caught up with yet: wait until it is all
-# durable on the controller (and any resync after a change-log overflow done) before comparing.
-caught_up() {
-  "$bin/ferryctl" volumes --json | python3 -c '
-import json, sys
-v = json.load(sys.stdin)[0]
-sync = v.get("sync") or {"done": True}
-sys.exit(0 if v.get("lagBytes") == 0 and v.get("replicaState") == "protected" and sync["done"] else 1)'
+stop_daemons() { # stops the daemons this script started (newest first) and waits for them
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[$i]}" 2>/dev/null || true; done
+  for i in "${pids[@]}"; do wait "$i" 2>/dev/null || true; done
+  pids=()
 }
-start=$SECONDS
-# Twice, two reports apart: a report can lag behind an overflow the agent has just noticed.
-settled() { caught_up && sleep 2.5 && caught_up; }
-wait_for 300 settled || log "WARNING: replication had not caught up 300 s after the runs"
-log "replication caught up $((SECONDS - start)) s after fio stopped"
-if qemu-img compare -q -f raw -F raw "$work/vol.img" "$("$bin/ferryctl" volume show bench/bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["replicaPath"])')"; then
-  log "replica identical to the source after the runs"
-else
-  log "WARNING: replica differs from the source after the runs"
-  "$bin/ferryctl" volume show bench/bench >&2
-fi
 
-# Recovery points, on a fresh controller: the replication runs above leave up to 8 GiB of
-# journal on the tmpfs. Group cuts: a 16-volume group over 4 agents, a point every ~0.2 s while
-# fio writes 4 KiB blocks to one volume of each agent at 4000 IOPS each (16 MiB/s; all of
-# them share this machine's cores with the controller); each point records the longest pause
-# of its members, as the agents measured it.
-log "recovery points: 16-volume group on 4 agents under fio"
-kill "${pids[2]}" "${pids[1]}"; wait "${pids[2]}" "${pids[1]}" 2>/dev/null || true
-pids=()
-rm -rf "$work/controller" "$work/agent" "$work/vol.img"
-"$bin/ferry-controller" --data-dir "$work/points" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 >"$work/points.log" 2>&1 &
-pids+=($!)
-wait_for 30 test -f "$work/points/ferryctl.env" || die "controller did not start"
-# shellcheck disable=SC1091
-. "$work/points/ferryctl.env"
-members=()
-for host in cut1 cut2 cut3 cut4; do
-  token="$("$bin/ferryctl" token create --host "$host" 2>/dev/null)"
-  FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$work/points/agent-listen.addr")" \
-    --data-dir "$work/agent-$host" >/dev/null || die "enroll $host failed"
-  "$bin/ferry-agent" run --data-dir "$work/agent-$host" >"$work/agent-$host.log" 2>&1 &
-  pids+=($!)
-  wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q '$host .*online'" || die "agent $host did not come online"
-  for v in 1 2 3 4; do
-    "$bin/ferryctl" protect "$host" --volume "g$v" --path "$work/$host-g$v.img" --create-size 256M >/dev/null || die "protect $host/g$v failed"
-    members+=(--volume "$host/g$v")
-  done
-done
 protected_all() {
   "$bin/ferryctl" volumes --json | python3 -c '
 import json, sys
 sys.exit(0 if all(v.get("replicaState") == "protected" for v in json.load(sys.stdin)) else 1)'
 }
-wait_for 120 protected_all || die "the group's volumes did not become protected"
-"$bin/ferryctl" group create bench16 "${members[@]}" --crash-interval 0 --app-interval 0 >/dev/null || die "group create failed"
-cut_uris=()
-for host in cut1 cut2 cut3 cut4; do
-  cut_uris+=("--name=$host" "--uri=nbd+unix:///g1?socket=$work/agent-$host/sockets/g1.sock")
-done
-fio --ioengine=nbd --rw=randwrite --bs=4k --size=256M --iodepth=16 --rate_iops=4000 --time_based --runtime="${runtime}s" \
-    "${cut_uris[@]}" --output="$work/results/cut-fio.txt" >&2 &
-fio_pid=$!
-sleep 2
-aborted=0
-: >"$work/results/cuts.txt"
-while kill -0 "$fio_pid" 2>/dev/null; do
-  "$bin/ferryctl" point create bench16 >/dev/null 2>>"$work/results/cut-errors.txt" || aborted=$((aborted + 1))
-  sleep 0.2
-done
-grep -h 'aborted' "$work/results/cut-errors.txt" | sed 's/^/bench.sh: /' | sort | uniq -c | sort -rn | head -5 >&2 || true
-wait "$fio_pid" || die "fio under cuts failed"
-"$bin/ferryctl" points bench16 --json | python3 -c '
+
+if want replication; then
+  log "baseline: nbdkit file plugin on tmpfs"
+  truncate -s "$size" "$work/base.img"
+  nbdkit --foreground --unix "$work/nbdkit.sock" file file="$work/base.img" &
+  pids+=($!)
+  wait_for 10 test -S "$work/nbdkit.sock" || die "nbdkit did not start"
+  run_fio "nbd+unix:///?socket=$work/nbdkit.sock" write 1M nbdkit-seq.json "${pids[0]}"
+  run_fio "nbd+unix:///?socket=$work/nbdkit.sock" randwrite 4k nbdkit-rand.json "${pids[0]}"
+  kill "${pids[0]}"; rm -f "$work/base.img"
+
+  # What the unavoidable work of replication costs on this machine, for the floor table: one
+  # core's AES-128-GCM rate (TLS 1.3 here), and tmpfs write rates into new pages (a journal
+  # append) and over existing ones (the replica image).
+  log "measuring the cost floor: AES-GCM and tmpfs write rates"
+  aes="$(openssl speed -evp aes-128-gcm -bytes 16384 -seconds 2 2>/dev/null | awk '/^AES-128-GCM/ {sub(/k$/, "", $2); print $2 * 1000}')"
+  fresh="$(dd if=/dev/zero of="$work/dd.img" bs=1M count=1024 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')"
+  over="$(dd if=/dev/zero of="$work/dd.img" bs=1M count=1024 conv=notrunc 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')"
+  rm -f "$work/dd.img"
+  printf 'aes_bytes_per_second %s\ntmpfs_new_bytes_per_second %s\ntmpfs_overwrite_bytes_per_second %s\ncores %s\n' \
+    "$aes" "$fresh" "$over" "$(nproc)" >"$work/results/floor.txt"
+
+  log "ferry: controller and agent on this machine, replicating"
+  # The controller runs with its defaults (journal kept 1 h, up to 8 GiB): the runs are shorter
+  # than it takes to fill that, so no journal is folded into the base image during them.
+  printf 'replica-journal-max: 8G\n' >"$work/controller.yaml"
+  "$bin/ferry-controller" --config "$work/controller.yaml" --data-dir "$work/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 >"$work/controller.log" 2>&1 &
+  pids+=($!)
+  wait_for 30 test -f "$work/controller/ferryctl.env" || die "controller did not start"
+  # shellcheck disable=SC1091
+  . "$work/controller/ferryctl.env"
+  token="$("$bin/ferryctl" token create --host bench 2>/dev/null)"
+  FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$work/controller/agent-listen.addr")" \
+    --data-dir "$work/agent" >/dev/null || die "enroll failed"
+  "$bin/ferry-agent" run --data-dir "$work/agent" >"$work/agent.log" 2>&1 &
+  pids+=($!)
+  wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q 'bench .*online'" || die "agent did not come online"
+  "$bin/ferryctl" protect bench --volume bench --path "$work/vol.img" --create-size "$size" >&2 || die "protect failed"
+  uri="nbd+unix:///bench?socket=$work/agent/sockets/bench.sock"
+  "$bin/ferryctl" metrics >"$work/results/metrics-before.txt"
+  run_fio "$uri" write 1M agent-seq.json "${pids[1]}" "${pids[2]}"
+  run_fio "$uri" randwrite 4k agent-rand.json "${pids[1]}" "${pids[2]}"
+  "$bin/ferryctl" metrics >"$work/results/metrics-after.txt"
+  # The change log absorbs what replication has not caught up with yet: wait until it is all
+  # durable on the controller (and any resync after a change-log overflow done) before comparing.
+  caught_up() {
+    "$bin/ferryctl" volumes --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)[0]
+sync = v.get("sync") or {"done": True}
+sys.exit(0 if v.get("lagBytes") == 0 and v.get("replicaState") == "protected" and sync["done"] else 1)'
+  }
+  start=$SECONDS
+  # Twice, two reports apart: a report can lag behind an overflow the agent has just noticed.
+  settled() { caught_up && sleep 2.5 && caught_up; }
+  wait_for 300 settled || log "WARNING: replication had not caught up 300 s after the runs"
+  log "replication caught up $((SECONDS - start)) s after fio stopped"
+  if qemu-img compare -q -f raw -F raw "$work/vol.img" "$("$bin/ferryctl" volume show bench/bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["replicaPath"])')"; then
+    log "replica identical to the source after the runs"
+  else
+    log "WARNING: replica differs from the source after the runs"
+    "$bin/ferryctl" volume show bench/bench >&2
+  fi
+fi
+
+if want points; then
+  # Recovery points, on a fresh controller: the replication runs above leave up to 8 GiB of
+  # journal on the tmpfs. Group cuts: a 16-volume group over 4 agents, a point every ~0.2 s while
+  # fio writes 4 KiB blocks to one volume of each agent at 4000 IOPS each (16 MiB/s; all of
+  # them share this machine's cores with the controller); each point records the longest pause
+  # of its members, as the agents measured it.
+  log "recovery points: 16-volume group on 4 agents under fio"
+  stop_daemons
+  rm -rf "$work/controller" "$work/agent" "$work/vol.img"
+  "$bin/ferry-controller" --data-dir "$work/points" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 >"$work/points.log" 2>&1 &
+  pids+=($!)
+  wait_for 30 test -f "$work/points/ferryctl.env" || die "controller did not start"
+  # shellcheck disable=SC1091
+  . "$work/points/ferryctl.env"
+  members=()
+  for host in cut1 cut2 cut3 cut4; do
+    token="$("$bin/ferryctl" token create --host "$host" 2>/dev/null)"
+    FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$work/points/agent-listen.addr")" \
+      --data-dir "$work/agent-$host" >/dev/null || die "enroll $host failed"
+    "$bin/ferry-agent" run --data-dir "$work/agent-$host" >"$work/agent-$host.log" 2>&1 &
+    pids+=($!)
+    wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q '$host .*online'" || die "agent $host did not come online"
+    for v in 1 2 3 4; do
+      "$bin/ferryctl" protect "$host" --volume "g$v" --path "$work/$host-g$v.img" --create-size 256M >/dev/null || die "protect $host/g$v failed"
+      members+=(--volume "$host/g$v")
+    done
+  done
+  wait_for 120 protected_all || die "the group's volumes did not become protected"
+  "$bin/ferryctl" group create bench16 "${members[@]}" --crash-interval 0 --app-interval 0 >/dev/null || die "group create failed"
+  cut_uris=()
+  for host in cut1 cut2 cut3 cut4; do
+    cut_uris+=("--name=$host" "--uri=nbd+unix:///g1?socket=$work/agent-$host/sockets/g1.sock")
+  done
+  fio --ioengine=nbd --rw=randwrite --bs=4k --size=256M --iodepth=16 --rate_iops=4000 --time_based --runtime="${runtime}s" \
+      "${cut_uris[@]}" --output="$work/results/cut-fio.txt" >&2 &
+  fio_pid=$!
+  sleep 2
+  aborted=0
+  : >"$work/results/cuts.txt"
+  while kill -0 "$fio_pid" 2>/dev/null; do
+    "$bin/ferryctl" point create bench16 >/dev/null 2>>"$work/results/cut-errors.txt" || aborted=$((aborted + 1))
+    sleep 0.2
+  done
+  grep -h 'aborted' "$work/results/cut-errors.txt" | sed 's/^/bench.sh: /' | sort | uniq -c | sort -rn | head -5 >&2 || true
+  wait "$fio_pid" || die "fio under cuts failed"
+  "$bin/ferryctl" points bench16 --json | python3 -c '
 import json, sys
 for p in json.load(sys.stdin):
     if p.get("pauseMicros") is not None: print("pause_micros", p["pauseMicros"])' >>"$work/results/cuts.txt"
-echo "aborted $aborted" >>"$work/results/cuts.txt"
+  echo "aborted $aborted" >>"$work/results/cuts.txt"
 
-# A point-in-time export of a 10 GiB volume: from the command to the first read answered.
-log "recovery points: export of a 10 GiB volume at a point"
-"$bin/ferryctl" protect cut1 --volume big --path "$work/big.img" --create-size 10G >/dev/null || die "protect big failed"
-wait_for 300 protected_all || die "the 10 GiB volume did not become protected"
-fio --name=big --ioengine=nbd --uri="nbd+unix:///big?socket=$work/agent-cut1/sockets/big.sock" --rw=randwrite --bs=64k \
-    --size=10G --io_size=512M --iodepth=16 >&2 || die "fio on the 10 GiB volume failed"
-"$bin/ferryctl" group create big --volume cut1/big --crash-interval 0 --app-interval 0 >/dev/null || die "group create big failed"
-point="$("$bin/ferryctl" point create big)" || die "point create big failed"
-point_complete() {
-  "$bin/ferryctl" points big --json | python3 -c 'import json, sys; sys.exit(0 if all(p["complete"] for p in json.load(sys.stdin)) else 1)'
-}
-wait_for 120 point_complete || die "the point of the 10 GiB volume never completed"
-python3 - "$bin/ferryctl" "$point" >"$work/results/export.txt" <<'PY' || die "export timing failed"
+  # A point-in-time export of a 10 GiB volume: from the command to the first read answered.
+  log "recovery points: export of a 10 GiB volume at a point"
+  "$bin/ferryctl" protect cut1 --volume big --path "$work/big.img" --create-size 10G >/dev/null || die "protect big failed"
+  wait_for 300 protected_all || die "the 10 GiB volume did not become protected"
+  fio --name=big --ioengine=nbd --uri="nbd+unix:///big?socket=$work/agent-cut1/sockets/big.sock" --rw=randwrite --bs=64k \
+      --size=10G --io_size=512M --iodepth=16 >&2 || die "fio on the 10 GiB volume failed"
+  "$bin/ferryctl" group create big --volume cut1/big --crash-interval 0 --app-interval 0 >/dev/null || die "group create big failed"
+  point="$("$bin/ferryctl" point create big)" || die "point create big failed"
+  point_complete() {
+    "$bin/ferryctl" points big --json | python3 -c 'import json, sys; sys.exit(0 if all(p["complete"] for p in json.load(sys.stdin)) else 1)'
+  }
+  wait_for 120 point_complete || die "the point of the 10 GiB volume never completed"
+  python3 - "$bin/ferryctl" "$point" >"$work/results/export.txt" <<'PY' || die "export timing failed"
 import json, subprocess, sys, time
 ctl, point = sys.argv[1], sys.argv[2]
 start = time.monotonic()
@@ -196,7 +219,151 @@ subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 4k", export["uri"]],
 print("first_read_ms", (time.monotonic() - start) * 1000)
 print("open_ms", export["openMilliseconds"])
 PY
+fi
+
+if want rto; then
+  # Recovery time (RTO), on a fresh controller per volume size: a plan of three groups (db: db1
+  # and db2; app: app1; web: web1), each source agent protecting 4 sparse volumes (16 in all),
+  # recovered onto 2 recovery agents whose start and stop hooks do nothing ("true"), so that
+  # Ferry's own work is measured. The controller reports each job's RTO: from the command (the
+  # job's creation) to the last start hook done; the wall time of the whole ferryctl command is
+  # measured here too (ferryctl, off a terminal, polls the job every 500 ms, so that wall time
+  # is RTO rounded up to the poll). Drills leave production untouched and repeat; an unplanned
+  # failover fences the sources, so it runs once per size, last. The volumes hold no workload
+  # writes: this measures the orchestration (point images and overlays, NBD+TLS connections from
+  # the recovery hosts, hooks), which must not grow with volume size. After each run every
+  # recovered volume is read once through its recovery host's socket.
+  log "recovery time: 3-group plan of 16 volumes at $rto_sizes per volume"
+  rto_start=$SECONDS
+  stop_daemons
+  rm -rf "$work/points" "$work"/agent-* "$work"/*.img
+  : >"$work/results/rto.txt"
+  echo "drills $rto_drills" >>"$work/results/rto.txt"
+  printf 'hooks:\n  start: "true"\n  stop: "true"\n' >"$work/rto-hooks.yaml"
+  cat >"$work/rto-plan.yaml" <<'YAML'
+name: bench
+description: three groups, 16 volumes, hooks that do nothing
+groups:
+  - name: db
+    items:
+      - host: db1
+        recovery-host: rec1
+        start-hook: start
+        stop-hook: stop
+        timeout: 60s
+      - host: db2
+        recovery-host: rec2
+        start-hook: start
+        stop-hook: stop
+        timeout: 60s
+  - name: app
+    items:
+      - host: app1
+        recovery-host: rec1
+        start-hook: start
+        stop-hook: stop
+        timeout: 60s
+  - name: web
+    items:
+      - host: web1
+        recovery-host: rec2
+        start-hook: start
+        stop-hook: stop
+        timeout: 60s
+YAML
+  synced_all() { # all 16 replicas protected, initial syncs done
+    "$bin/ferryctl" volumes --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+sys.exit(0 if len(v) == 16 and all(x.get("replicaState") == "protected" and (x.get("sync") or {"done": True})["done"] for x in v) else 1)'
+  }
+  for rsize in $rto_sizes; do
+    d="$work/rto-$rsize"
+    mkdir -p "$d"
+    "$bin/ferry-controller" --data-dir "$d/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 \
+      --nbd-tls-listen 127.0.0.1:0 >"$d-controller.log" 2>&1 &
+    pids+=($!)
+    wait_for 30 test -s "$d/controller/ferryctl.env" -a -s "$d/controller/nbd-tls-listen.addr" || die "controller ($rsize) did not start"
+    # shellcheck disable=SC1091
+    . "$d/controller/ferryctl.env"
+    for host in db1 db2 app1 web1 rec1 rec2; do
+      token="$("$bin/ferryctl" token create --host "$host" 2>/dev/null)"
+      FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$d/controller/agent-listen.addr")" \
+        --data-dir "$d/agent-$host" >/dev/null || die "enroll $host ($rsize) failed"
+      "$bin/ferry-agent" run --data-dir "$d/agent-$host" --config "$work/rto-hooks.yaml" >"$d-agent-$host.log" 2>&1 &
+      pids+=($!)
+    done
+    for host in db1 db2 app1 web1 rec1 rec2; do
+      wait_for 30 sh -c "'$bin/ferryctl' hosts | grep -q '$host .*online'" || die "agent $host ($rsize) did not come online"
+    done
+    for host in db1 db2 app1 web1; do
+      mkdir -p "$d/volumes-$host"
+      for v in 1 2 3 4; do
+        "$bin/ferryctl" protect "$host" --volume "v$v" --path "$d/volumes-$host/v$v.img" --create-size "$rsize" >/dev/null \
+          || die "protect $host/v$v ($rsize) failed"
+      done
+    done
+    start=$SECONDS
+    wait_for 600 synced_all || die "the 16 volumes of $rsize did not all become protected in 600 s"
+    log "$rsize: 16 volumes protected (initial syncs done) $((SECONDS - start)) s after protect"
+    echo "sync $rsize $((SECONDS - start))" >>"$work/results/rto.txt"
+    "$bin/ferryctl" plan apply -f "$work/rto-plan.yaml" >/dev/null || die "plan apply ($rsize) failed"
+    python3 - "$bin/ferryctl" "$rsize" "$rto_drills" "$rto_failover" "$work/results" "$d" >>"$work/results/rto.txt" <<'PY' \
+      || die "recovery time ($rsize) failed"
+import json, subprocess, sys, time
+ctl, size, drills, failover, results, d = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5], sys.argv[6]
+recovery_host = {"db1": "rec1", "db2": "rec2", "app1": "rec1", "web1": "rec2"}
+
+def job(name, *args):
+    """Runs a ferryctl job command to its end; returns the job and the command's wall time."""
+    start = time.monotonic()
+    r = subprocess.run([ctl, *args, "--json"], capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - start
+    try:
+        j = json.loads(r.stdout)
+    except ValueError:
+        sys.exit(f"bench.sh: ferryctl {' '.join(args)}: exit {r.returncode}, no job: {r.stderr.strip()}")
+    with open(f"{results}/rto-{size}-{name}.json", "w") as f:
+        json.dump(j, f, indent=1)
+    if j.get("state") != "succeeded":
+        sys.exit(f"bench.sh: ferryctl {' '.join(args)}: job {j.get('state')}: {j.get('error')}")
+    return j, wall
+
+def check_recovered():
+    """After the measurement: every one of the 16 volumes answers a read on its recovery host."""
+    for host, rec in recovery_host.items():
+        for v in range(1, 5):
+            name = f"{host}-v{v}"
+            uri = f"nbd+unix:///{name}?socket={d}/agent-{rec}/sockets/recovered-{name}.sock"
+            r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0 0 4k", uri], capture_output=True, text=True, timeout=60)
+            if r.returncode != 0 or "failed" in r.stdout + r.stderr:
+                sys.exit(f"bench.sh: recovered {name} on {rec} does not read back: {(r.stdout + r.stderr).strip()}")
+
+for i in range(1, drills + 1):
+    j, wall = job(f"drill{i}", "drill", "bench", "--point", "latest")
+    rto = float(j["report"]["rto_seconds"])
+    print(f"drill_rto {size} {rto:.3f}")
+    print(f"drill_wall {size} {wall:.3f}")
+    check_recovered()
+    print(f"bench.sh: {size} drill {i}: RTO {rto:.3f} s, ferryctl drill {wall:.3f} s; 16 recovered volumes read back", file=sys.stderr)
+    j, wall = job(f"cleanup{i}", "drill", "cleanup", "bench")
+    print(f"bench.sh: {size} drill cleanup {i}: {wall:.3f} s", file=sys.stderr)
+if failover:
+    j, wall = job("failover", "failover", "bench", "--point", "latest")
+    rto = float(j["report"]["rto_seconds"])
+    print(f"failover_rto {size} {rto:.3f}")
+    print(f"failover_wall {size} {wall:.3f}")
+    check_recovered()
+    print(f"bench.sh: {size} unplanned failover: RTO {rto:.3f} s, ferryctl failover {wall:.3f} s; 16 recovered volumes read back", file=sys.stderr)
+PY
+    stop_daemons
+    rm -rf "$d"
+  done
+  log "recovery time: done in $((SECONDS - rto_start)) s"
+fi
 
 echo
-echo "Ferry benchmark: ${size} volume, ${runtime} s per run, iodepth 16, volumes and journal on tmpfs"
+if want replication; then
+  echo "Ferry benchmark: ${size} volume, ${runtime} s per run, iodepth 16, volumes and journal on tmpfs"
+fi
 "$bin/ferry-bench" --results "$work/results"

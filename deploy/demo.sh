@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Ferry demo, milestones "Foundation" and "Replication": one controller and two agents on this
-# machine, all on loopback, in throw-away data directories.
+# Ferry demo: first one controller and two agents on this machine, all on loopback, in
+# throw-away data directories; then the whole DR cycle in the multi-host lab (deploy/lab/).
 #
 #   build -> start controller -> two host-bound enrollment tokens -> enroll two agents ->
 #   run them -> wait until both are online -> show hosts, one host, the audit log ->
@@ -8,9 +8,10 @@
 #   (initial sync of the existing one) -> kill -9 an agent with unacked writes -> it resyncs only
 #   its marked extents -> SIGTERM everything and check each daemon exits 0 within 5 s.
 #
-# Later milestones grow this script into the drill-and-failover demo (protect volumes, replicate,
-# cut group-consistent recovery points, run a drill, fail over and back); keep its step/section
-# structure so those steps slot in.
+# Then deploy/lab/dr-cycle.sh: protect → drill → cleanup → planned failover → reprotect →
+# failback, and an unplanned failover with the inter-site link cut under load and the controller
+# killed -9 mid-job, every image checked, ending with a timeline (step, duration, RPO, RTO, data
+# verified).
 #
 # Environment:
 #   FERRY_BUILD_CONFIG=release  build and run release binaries (default: debug)
@@ -321,4 +322,12 @@ stop controller
 if [ "$stop_failures" -ne 0 ]; then
   fail "$stop_failures daemon(s) did not exit 0 within 5 s of SIGTERM"
 fi
-printf '\n[%6ss] demo finished: controller and 2 agents enrolled, 2 volumes replicated (initial sync, crash resync), a group point cut and served, all stopped cleanly\n' "$(elapsed)"
+printf '\n[%6ss] single-site part finished: controller and 2 agents enrolled, 2 volumes replicated (initial sync, crash resync), a group point cut and served, all stopped cleanly\n' "$(elapsed)"
+
+step "the DR cycle in a multi-host lab (network namespaces): drill, planned failover, reprotect, failback; unplanned failover with the link cut"
+info "deploy/lab/dr-cycle.sh: a primary site (db, app, web), a secondary site (controller, rec1, rec2), an inter-site link"
+if [ "$(id -u)" -ne 0 ]; then
+  fail "the lab needs root (network namespaces); run the demo as root"
+fi
+FERRY_BIN="$bin" bash "$root/deploy/lab/dr-cycle.sh" || fail "the DR cycle failed (its work directory and logs are named above)"
+printf '\n[%6ss] demo finished\n' "$(elapsed)"

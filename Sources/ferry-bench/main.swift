@@ -5,7 +5,10 @@
 //
 // DIR holds {nbdkit,agent}-{seq,rand}.json, the CPU each run's servers used
 // ({nbdkit,agent}-{seq,rand}.cpu: "TICKS TICKS-PER-SECOND"), metrics-{before,after}.txt and
-// floor.txt (single-core AES-GCM and tmpfs write rates measured in the same invocation).
+// floor.txt (single-core AES-GCM and tmpfs write rates measured in the same invocation);
+// cuts.txt and export.txt (recovery points); rto.txt (recovery time: "KIND SIZE SECONDS" lines,
+// KIND drill_rto, drill_wall, failover_rto or failover_wall). Each table is printed when its
+// files are there (bench.sh's FERRY_BENCH_PARTS runs only some parts).
 import Foundation
 
 struct Failure: Error, CustomStringConvertible { let description: String }
@@ -66,16 +69,13 @@ func quantile(_ q: Double, before: [(le: Double, count: Double)], after: [(le: D
     return delta.first { $0.1 >= q * total }?.0
 }
 
-func main() throws {
-    let args = CommandLine.arguments
-    guard let i = args.firstIndex(of: "--results"), i + 1 < args.count else {
-        throw Failure(description: "usage: ferry-bench --results DIR")
-    }
-    let dir = args[i + 1]
+func mib(_ b: Double) -> String { String(format: "%.0f MiB/s", b / 1_048_576) }
+
+/// Replication throughput against the baseline, and the replication lag.
+func replicationTable(_ dir: String) throws {
     let baseSeq = try fioWrite(dir + "/nbdkit-seq.json"), agentSeq = try fioWrite(dir + "/agent-seq.json")
     let baseRand = try fioWrite(dir + "/nbdkit-rand.json"), agentRand = try fioWrite(dir + "/agent-rand.json")
     let before = try lagBuckets(dir + "/metrics-before.txt"), after = try lagBuckets(dir + "/metrics-after.txt")
-    func mib(_ b: Double) -> String { String(format: "%.0f MiB/s", b / 1_048_576) }
     func ratio(_ a: Double, _ b: Double) -> String { String(format: "%.2fx", a / b) }
     func ms(_ s: Double?) -> String { s.map { $0.isInfinite ? "> 30 s" : String(format: "<= %.0f ms", $0 * 1000) } ?? "no samples" }
     let rows: [(String, String, String, String, String)] = [
@@ -85,32 +85,34 @@ func main() throws {
         ("replication lag p99", "-", ms(quantile(0.99, before: before, after: after)), "-", "< 1 s"),
     ]
     printTable([["measure", "nbdkit file", "ferry agent", "ratio", "target"]] + rows.map { [$0.0, $0.1, $0.2, $0.3, $0.4] })
+}
 
-    // Recovery points: group-cut pauses and a point-in-time export's first read.
-    if let cuts = try? String(contentsOfFile: dir + "/cuts.txt", encoding: .utf8) {
-        let pauses = cuts.split(separator: "\n").compactMap { line -> Double? in
-            let p = line.split(separator: " ")
-            return p.count == 2 && p[0] == "pause_micros" ? Double(p[1]).map { $0 / 1000 } : nil
-        }.sorted()
-        let aborted = cuts.split(separator: "\n").first { $0.hasPrefix("aborted ") }.flatMap { Int($0.split(separator: " ")[1]) } ?? 0
-        func at(_ q: Double) -> String {
-            pauses.isEmpty ? "-" : String(format: "%.1f ms", pauses[min(pauses.count - 1, Int((q * Double(pauses.count)).rounded(.up)) - 1)])
-        }
-        let export = (try? keyValues(dir + "/export.txt")) ?? [:]
-        print()
-        print("Recovery points: 16-volume group on 4 agents, fio 4 KiB random writes at 4000 IOPS per agent (\(pauses.count) points, \(aborted) rounds aborted)")
-        printTable([["measure", "value", "target"],
-                    ["group-cut pause p50 (longest member)", at(0.5), "-"],
-                    ["group-cut pause p99", at(0.99), "< 20 ms"],
-                    ["group-cut pause max", pauses.last.map { String(format: "%.1f ms", $0) } ?? "-", "-"],
-                    ["10 GiB point export: command to first read", export["first_read_ms"].map { String(format: "%.0f ms", $0) } ?? "-", "< 1 s"],
-                    ["10 GiB point export: image open (controller)", export["open_ms"].map { String(format: "%.1f ms", $0) } ?? "-", "-"]])
+/// Recovery points: group-cut pauses and a point-in-time export's first read.
+func pointsTable(_ cuts: String, _ dir: String) {
+    let pauses = cuts.split(separator: "\n").compactMap { line -> Double? in
+        let p = line.split(separator: " ")
+        return p.count == 2 && p[0] == "pause_micros" ? Double(p[1]).map { $0 / 1000 } : nil
+    }.sorted()
+    let aborted = cuts.split(separator: "\n").first { $0.hasPrefix("aborted ") }.flatMap { Int($0.split(separator: " ")[1]) } ?? 0
+    func at(_ q: Double) -> String {
+        pauses.isEmpty ? "-" : String(format: "%.1f ms", pauses[min(pauses.count - 1, Int((q * Double(pauses.count)).rounded(.up)) - 1)])
     }
+    let export = (try? keyValues(dir + "/export.txt")) ?? [:]
+    print("Recovery points: 16-volume group on 4 agents, fio 4 KiB random writes at 4000 IOPS per agent (\(pauses.count) points, \(aborted) rounds aborted)")
+    printTable([["measure", "value", "target"],
+                ["group-cut pause p50 (longest member)", at(0.5), "-"],
+                ["group-cut pause p99", at(0.99), "< 20 ms"],
+                ["group-cut pause max", pauses.last.map { String(format: "%.1f ms", $0) } ?? "-", "-"],
+                ["10 GiB point export: command to first read", export["first_read_ms"].map { String(format: "%.0f ms", $0) } ?? "-", "< 1 s"],
+                ["10 GiB point export: image open (controller)", export["open_ms"].map { String(format: "%.1f ms", $0) } ?? "-", "-"]])
+}
 
-    // The floor: the least CPU the sequential target needs here, from rates measured in this
-    // invocation. Only work that cannot be avoided counts (the workload's own side as the
-    // baseline spent it, TLS both ways, one journal append and one replica write per byte);
-    // socket copies, checksums and the agent's bookkeeping come on top.
+/// The floor: the least CPU the sequential target needs here, from rates measured in this
+/// invocation. Only work that cannot be avoided counts (the workload's own side as the
+/// baseline spent it, TLS both ways, one journal append and one replica write per byte);
+/// socket copies, checksums and the agent's bookkeeping come on top.
+func floorTable(_ dir: String) throws {
+    let baseSeq = try fioWrite(dir + "/nbdkit-seq.json"), agentSeq = try fioWrite(dir + "/agent-seq.json")
     let seconds = Double(ProcessInfo.processInfo.environment["FERRY_BENCH_RUNTIME"] ?? "") ?? 15
     let floor = try keyValues(dir + "/floor.txt")
     guard let aes = floor["aes_bytes_per_second"], let fresh = floor["tmpfs_new_bytes_per_second"],
@@ -127,12 +129,96 @@ func main() throws {
     ]
     let needed = parts.reduce(0) { $0 + $1.2 }
     let used = try serverCores(dir + "/agent-seq.cpu", seconds: seconds) + agentSeq.fioCores
-    print()
     print("Cost floor of the sequential target on this machine: 0.90x the baseline is \(mib(target))")
     printTable([["work per byte", "measured here", "cores needed"]]
         + parts.map { [$0.0, $0.1, String(format: "%.2f", $0.2)] }
         + [["total, a lower bound", "", String(format: "%.2f of %.0f", needed, cores)],
            ["agent, controller and fio in the agent run", mib(agentSeq.bandwidthBytes), String(format: "%.2f used", used)]])
+}
+
+/// "1G" → "1 GiB", "512M" → "512 MiB": a size as bench.sh's FERRY_BENCH_RTO_SIZES gives it.
+func sizeLabel(_ s: String) -> String {
+    let units: [Character: String] = ["K": "KiB", "M": "MiB", "G": "GiB", "T": "TiB"]
+    guard let last = s.last, let unit = units[Character(last.uppercased())] else { return s }
+    return "\(s.dropLast()) \(unit)"
+}
+
+func median(_ xs: [Double]) -> Double? {
+    let s = xs.sorted()
+    guard !s.isEmpty else { return nil }
+    return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+}
+
+/// Recovery time of the 3-group, 16-volume plan at each volume size: the drill's median (and
+/// range), one unplanned failover, each as the controller reports it (job creation to the last
+/// start hook done) and as the whole ferryctl command took; flatness is the ratio of the
+/// largest size's figure to the smallest's.
+func rtoTable(_ text: String) {
+    var samples: [String: [String: [Double]]] = [:]  // kind → size → seconds
+    var sizes: [String] = []
+    var drills = 0
+    for line in text.split(separator: "\n") {
+        let p = line.split(separator: " ").map(String.init)
+        if p.count == 2, p[0] == "drills" { drills = Int(p[1]) ?? 0 }
+        guard p.count == 3, p[0] != "sync", let v = Double(p[2]) else { continue }
+        if !sizes.contains(p[1]) { sizes.append(p[1]) }
+        samples[p[0], default: [:]][p[1], default: []].append(v)
+    }
+    func time(_ s: Double) -> String { s < 1 ? String(format: "%.0f ms", s * 1000) : String(format: "%.2f s", s) }
+    func cell(_ kind: String, _ size: String) -> String {
+        guard let xs = samples[kind]?[size], let m = median(xs) else { return "-" }
+        return time(m) + (xs.count > 1 ? " (\(time(xs.min()!))-\(time(xs.max()!)))" : "")
+    }
+    func flatness(_ kind: String) -> String {
+        guard sizes.count > 1, let a = samples[kind]?[sizes.first!].flatMap(median), let b = samples[kind]?[sizes.last!].flatMap(median), a > 0
+        else { return "-" }
+        return String(format: "%.2fx", b / a)
+    }
+    let target = "< 10 s, ratio ~1.0x"
+    let rows: [(String, String, String)] = [
+        ("drill_rto", "drill RTO: command to last start hook (median)", target),
+        ("drill_wall", "drill: whole ferryctl drill command (median)", "-"),
+        ("failover_rto", "unplanned failover RTO (one run)", target),
+        ("failover_wall", "unplanned failover: whole ferryctl failover command", "-"),
+    ].filter { samples[$0.0] != nil }
+    let ratioHeader = sizes.count > 1 ? "\(sizeLabel(sizes.last!)) / \(sizeLabel(sizes.first!))" : "ratio"
+    let repeats = drills > 0 ? "; drill: median (min-max) of \(drills)" : ""
+    print("Recovery time: plan of 3 groups (db1+db2, app1, web1), 16 sparse volumes on 4 source agents, 2 recovery agents, hooks \"true\"\(repeats)")
+    let header: [String] = ["measure"] + sizes.map(sizeLabel) + [ratioHeader, "target"]
+    let body: [[String]] = rows.map { row in
+        let cells: [String] = sizes.map { cell(row.0, $0) }
+        return [row.1] + cells + [flatness(row.0), row.2]
+    }
+    printTable([header] + body)
+}
+
+func main() throws {
+    let args = CommandLine.arguments
+    guard let i = args.firstIndex(of: "--results"), i + 1 < args.count else {
+        throw Failure(description: "usage: ferry-bench --results DIR")
+    }
+    let dir = args[i + 1]
+    let has = { (name: String) in FileManager.default.fileExists(atPath: dir + "/" + name) }
+    var printed = false
+    func section() { if printed { print() }; printed = true }
+    let replication = has("agent-seq.json")
+    if replication {
+        section()
+        try replicationTable(dir)
+    }
+    if let cuts = try? String(contentsOfFile: dir + "/cuts.txt", encoding: .utf8) {
+        section()
+        pointsTable(cuts, dir)
+    }
+    if replication {
+        section()
+        try floorTable(dir)
+    }
+    if let rto = try? String(contentsOfFile: dir + "/rto.txt", encoding: .utf8) {
+        section()
+        rtoTable(rto)
+    }
+    if !printed { throw Failure(description: "\(dir) holds no results") }
 }
 
 do { try main() } catch { FileHandle.standardError.write(Data("ferry-bench: \(error)\n".utf8)); exit(1) }

@@ -338,7 +338,7 @@ struct JobWatcher {
                 printed = lines
             }
             if job.isFinished { break }
-            try await Task.sleep(for: .milliseconds(tty ? 200 : 500))
+            try await Task.sleep(for: .milliseconds(tty ? 200 : 250))
             job = try await connection.withClient { try await $0.job(id: id) }
         }
         if json {

@@ -165,22 +165,38 @@ extension JobRunner {
         let generations = try await store.fence(volumes.map { ($0.hostID, $0.volume) }, plan: plan.name, actor: "job \(id)")
         var fenced: [String: JobContext.Fenced] = [:]
         var unreachable: [String] = []
-        for host in Set(volumes.map(\.host)).sorted() {
-            let mine = volumes.filter { $0.host == host }
-            do {
-                let session = try await session(host, wait: planned ? .seconds(30) : .seconds(2))
-                let result = try await session.command("fence", timeout: .seconds(60)) {
-                    $0.fenceVolumes.volumes = mine.map(\.volume)
-                    $0.fenceVolumes.generation = mine.compactMap { generations[$0.hostID + "/" + $0.volume] }.max() ?? 0
+        // Every host at once; an unplanned failover does not wait long for sources that may be
+        // cut off (their sessions can look alive until heartbeats say otherwise): the state
+        // fences them anyway when they reconnect.
+        let outcomes = await withTaskGroup(of: (String, Result<[Ferry_V1_FencedVolume], any Error>).self) { group in
+            for host in Set(volumes.map(\.host)).sorted() {
+                let mine = volumes.filter { $0.host == host }
+                group.addTask {
+                    do {
+                        let session = try await self.session(host, wait: planned ? .seconds(30) : .seconds(2))
+                        let result = try await session.command("fence", timeout: planned ? .seconds(60) : .seconds(5)) {
+                            $0.fenceVolumes.volumes = mine.map(\.volume)
+                            $0.fenceVolumes.generation = mine.compactMap { generations[$0.hostID + "/" + $0.volume] }.max() ?? 0
+                        }
+                        guard case .volumesFenced(let answer)? = result.outcome else {
+                            throw FerryError(.protocolViolation, "\(host) answered fence without its volumes")
+                        }
+                        return (host, .success(answer.volumes))
+                    } catch {
+                        return (host, .failure(error))
+                    }
                 }
-                guard case .volumesFenced(let answer)? = result.outcome else {
-                    throw FerryError(.protocolViolation, "\(host) answered fence without its volumes")
-                }
-                let at = Date()
-                for f in answer.volumes {
-                    fenced[host + "/" + f.volume] = JobContext.Fenced(epoch: f.epoch, lastSequence: f.lastSequence, at: at)
-                }
-            } catch {
+            }
+            var all: [(String, Result<[Ferry_V1_FencedVolume], any Error>)] = []
+            for await outcome in group { all.append(outcome) }
+            return all
+        }
+        let at = Date()
+        for (host, outcome) in outcomes.sorted(by: { $0.0 < $1.0 }) {
+            switch outcome {
+            case .success(let answer):
+                for f in answer { fenced[host + "/" + f.volume] = JobContext.Fenced(epoch: f.epoch, lastSequence: f.lastSequence, at: at) }
+            case .failure(let error):
                 if planned { throw FerryError(.unavailable, "cannot fence \(host): \((error as? FerryError)?.message ?? "\(error)"); a planned failover needs every source reachable") }
                 unreachable.append(host)
             }
@@ -347,7 +363,8 @@ extension JobRunner {
     func reverseItem(_ id: String, plan: RecoveryPlan, item: RecoveryPlanItem) async throws -> String {
         let sink = try await session(item.host)
         var compared: UInt64 = 0, sent: UInt64 = 0
-        for v in try await recoveryVolumes(plan: plan, item: item) {
+        let volumes = try await recoveryVolumes(plan: plan, item: item)
+        for v in volumes {
             guard let image = await exports.image(id: v.exportID) else { continue }
             // Writes from now on are streamed by the reverse stream; the pass below covers the rest.
             await exports.dirty(id: v.exportID)?.reset()
@@ -355,6 +372,7 @@ extension JobRunner {
             compared += result.compared
             sent += result.sent
         }
+        await reverse.enable(plan: plan.name, exportIDs: volumes.map(\.exportID))
         await reverse.start(plan: plan, fullPassFirst: false)
         await update(id) { s in
             s.context.bytesCompared += compared

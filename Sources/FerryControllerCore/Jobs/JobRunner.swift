@@ -77,8 +77,8 @@ public actor JobRunner {
             try await store.audit(actor: actor, action: "job.resume", target: s.job.plan, detail: "\(id) gate \(waiting + 1)")
             return s.job
         }
-        guard s.job.state == "failed" else {
-            throw FerryError(.conflict, "job \(id) is \(s.job.state): only a job waiting at a gate or a failed job can be resumed")
+        guard s.job.state == "failed" || s.job.state == "cancelled" else {
+            throw FerryError(.conflict, "job \(id) is \(s.job.state): only a job waiting at a gate, or a failed or cancelled job, can be resumed")
         }
         let plan = try await store.plan(named: s.job.plan)
         if let newer = plan.lastJob, newer != id {
@@ -87,7 +87,7 @@ public actor JobRunner {
         s.job.state = "running"
         s.job.error = nil
         s.job.endedAt = nil
-        for i in s.job.steps.indices where s.job.steps[i].state == "failed" {
+        for i in s.job.steps.indices where s.job.steps[i].state == "failed" || s.job.steps[i].state == "running" {
             s.job.steps[i].state = "pending"
             s.job.steps[i].error = nil
         }
@@ -217,6 +217,13 @@ public actor JobRunner {
             s.job.error = error
             s.job.endedAt = Date()
         }
+        if state != "succeeded", let s = snapshots[id], let partial = Self.stateAfterPartialRun(s) {
+            // What was done stays done, and the plan's state says so: a drill that recovered
+            // some hosts is cleaned up by `drill cleanup`; fenced sources mean failed over.
+            // A task of its own: this one may be cancelled, and the database refuses work then.
+            let store = self.store
+            await Task { try? await store.setPlanState(s.job.plan, partial, job: id) }.value
+        }
         logger.info("job ended", metadata: ["job": "\(id)", "state": "\(state)", "error": "\(error ?? "")"])
     }
 
@@ -253,6 +260,18 @@ public actor JobRunner {
                 s.job.steps[index].error = message
             }
             return "\(snapshots[id]?.job.steps[index].name ?? "step \(index + 1)"): \(message)"
+        }
+    }
+
+    /// The plan's state after a job that failed or was cancelled part way, if it changed anything.
+    static func stateAfterPartialRun(_ s: JobSnapshot) -> String? {
+        func done(_ kind: JobStepSpec.Kind) -> Bool {
+            zip(s.specs, s.job.steps).contains { $0.kind == kind && $1.state == "done" }
+        }
+        switch s.job.operation {
+        case .drill: return done(.recover) ? "drill" : nil
+        case .failover, .migrate: return done(.fenceSources) ? "failed-over" : nil
+        default: return nil
         }
     }
 

@@ -108,6 +108,9 @@ public actor ReverseStreams {
     let store: StateStore
     let logger: Logger
     private var tasks: [String: Task<Void, Never>] = [:]
+    /// Per plan, the exports whose sink has had its full pass: only these stream (another
+    /// item's blocks wait for its own reverse step, which counts what it sends).
+    private var enabled: [String: Set<String>] = [:]
 
     init(exports: PointExports, registry: SessionRegistry, store: StateStore, logger: Logger) {
         self.exports = exports
@@ -127,16 +130,18 @@ public actor ReverseStreams {
                 for record in (try? await store.recoveries(plan: plan.name)) ?? [] { for v in record.volumes { needsFullPass.insert(v.exportID) } }
             }
             while !Task.isCancelled {
+                let streaming = self.enabled(plan.name)
                 for record in (try? await store.recoveries(plan: plan.name)) ?? [] {
                     guard let host = try? await store.host(named: record.sourceHost),
                           let sink = await registry.entry(hostID: host.id)?.session else { continue }
-                    for v in record.volumes {
+                    for v in record.volumes where streaming.contains(v.exportID) || needsFullPass.contains(v.exportID) {
                         guard let image = await exports.image(id: v.exportID), let dirty = await exports.dirty(id: v.exportID) else { continue }
                         do {
                             if needsFullPass.contains(v.exportID) {
                                 dirty.reset()
                                 _ = try await SinkSync.pass(image: image, sink: sink, volume: v.volume)
                                 needsFullPass.remove(v.exportID)
+                                self.enable(plan: plan.name, exportIDs: [v.exportID])
                                 continue
                             }
                             let blocks = dirty.take()
@@ -157,8 +162,16 @@ public actor ReverseStreams {
         }
     }
 
+    /// Lets these exports stream: their sinks have had their full pass.
+    func enable(plan: String, exportIDs: [String]) {
+        enabled[plan, default: []].formUnion(exportIDs)
+    }
+
+    private func enabled(_ plan: String) -> Set<String> { enabled[plan] ?? [] }
+
     /// Stops a plan's reverse streams (failback, release); waits for the round in progress.
     func stop(plan: String) async {
+        enabled[plan] = nil
         guard let task = tasks.removeValue(forKey: plan) else { return }
         task.cancel()
         await task.value

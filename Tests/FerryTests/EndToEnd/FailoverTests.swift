@@ -271,4 +271,44 @@ struct FailoverTests {
         for (_, agent) in site.agents { await agent.kill9() }
         await site.controller.process.kill9()
     }
+
+    @Test("a drill cancelled at its gate leaves the plan in drill, and cleanup withdraws what it recovered; migrate moves the plan for good and unprotects the sources; plan changes are refused while a plan is away")
+    func cancelAndMigrate() async throws {
+        let site = try await site()
+        #expect(try await qemuIO(site.uris["db/data"]!, "write -P 0x41 0 1M").ok)
+        for target in site.uris.keys { #expect(try await caughtUp(site, target)) }
+        let started = try await site.controller.ctl("drill", "shop", "--no-wait", "--json")
+        let drill = try API.decoder().decode(API.Job.self, from: Data(started.stdout.utf8))
+        #expect(try await eventually(timeout: .seconds(90), every: .milliseconds(200)) {
+            let r = try await site.controller.ctl("job", "show", drill.id, "--json")
+            return (try? API.decoder().decode(API.Job.self, from: Data(r.stdout.utf8)))?.state == "waiting"
+        })
+        #expect(try await site.controller.ctl("job", "cancel", drill.id).status == 0)
+        let cancelled = try await site.controller.ctl("job", "watch", drill.id, "--json")
+        #expect(cancelled.status != 0, "watching a cancelled job exits 1")
+        let job = try API.decoder().decode(API.Job.self, from: Data(cancelled.stdout.utf8))
+        #expect(job.state == "cancelled", "\(job)")
+        let socket = site.dir.path + "/agent-rec1/sockets/recovered-db-data.sock"
+        #expect(FileManager.default.fileExists(atPath: socket), "db was recovered before the gate")
+        var plans = try await site.controller.ctl("plans")
+        #expect(plans.stdout.contains("drill"), "\(plans)")
+        let planFile = site.dir.file("plan.yaml")
+        let refused = try await site.controller.ctl("plan", "apply", "-f", planFile)
+        #expect(refused.status != 0 && refused.stderr.contains("drill"), "a plan in a drill cannot change: \(refused)")
+        let cleanup = try await self.job(site, "drill", "cleanup", "shop")
+        #expect(cleanup.state == "succeeded", "\(cleanup)")
+        #expect(!FileManager.default.fileExists(atPath: socket))
+
+        let migrate = try await jobThroughGate(site, "migrate", "shop")
+        #expect(migrate.state == "succeeded", "\(migrate)")
+        #expect(migrate.report["rpo_seconds"] == "0", "\(migrate.report)")
+        plans = try await site.controller.ctl("plans")
+        #expect(plans.stdout.contains("migrated"), "\(plans)")
+        let volumes = try await site.controller.ctl("volumes")
+        #expect(!volumes.stdout.contains("data") || !volumes.stdout.contains("db"), "the sources are unprotected: \(volumes)")
+        let r = try await qemuIO(site.recoveredURI("rec1", "db/data"), "read -P 0x41 0 1M", "write -P 0x42 1M 64k")
+        #expect(r.ok, "the migrated host runs on: \(r.output)")
+        for (_, agent) in site.agents { await agent.kill9() }
+        await site.controller.process.kill9()
+    }
 }

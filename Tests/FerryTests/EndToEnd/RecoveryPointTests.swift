@@ -140,10 +140,10 @@ struct RecoveryPointTests {
                 c.controller = try await ControllerProcess.start(dataDir: c.controller.dataDir, listen: c.controller.agentAddress,
                                                                  logName: "controller-\(phase + 2).log")
                 for host in c.agents.keys {
-                    #expect(try await c.controller.waitFor(host, state: "online", timeout: .seconds(30)),
-                            "\(host) not back online:\n\(c.agents[host]!.log.suffix(4000))\ncontroller, lines about sessions and \(host):\n"
-                                + c.controller.process.log.split(separator: "\n").filter { $0.contains("session") || $0.contains("host=\(host)") }
-                                    .suffix(60).joined(separator: "\n"))
+                    let online = try await c.controller.waitFor(host, state: "online", timeout: .seconds(30))
+                    let sessions = online ? "" : c.controller.process.log.split(separator: "\n")
+                        .filter { $0.contains("session") || $0.contains("host=\(host)") }.suffix(60).joined(separator: "\n")
+                    #expect(online, "\(host) not back online:\n\(c.agents[host]!.log.suffix(4000))\ncontroller, lines about sessions and \(host):\n\(sessions)")
                 }
             }
         }

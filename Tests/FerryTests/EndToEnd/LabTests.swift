@@ -1,0 +1,25 @@
+import Foundation
+import Testing
+
+/// The multi-host lab (deploy/lab/): network namespaces for a primary site (db, app, web), a
+/// secondary site (controller, rec1, rec2) and an inter-site link, driven by its own scripts.
+@Suite("lab", .serialized)
+struct LabTests {
+    static let lab = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("deploy/lab").path
+
+    @Test("the lab's own checks: sites route to each other, the test network reaches nothing, cut and heal work, nothing is left in the root namespace")
+    func selftest() async throws {
+        let r = try await run("/bin/bash", [Self.lab + "/selftest.sh"], timeout: .seconds(120))
+        #expect(r.status == 0, "\(r)")
+        #expect(r.stdout.contains("checks passed"), "\(r.stdout)")
+    }
+
+    @Test("the DR cycle in the lab: drill, cleanup, planned failover (zero data loss), reprotect, failback; unplanned failover with the link cut under load and the controller killed -9 mid-job; the old primary fenced; every image checked")
+    func drCycle() async throws {
+        let r = try await run("/bin/bash", [Self.lab + "/dr-cycle.sh"],
+                              environment: ["FERRY_BIN": Binaries.directory], timeout: .seconds(600))
+        #expect(r.status == 0, "\(r.stdout.suffix(6000))\n\(r.stderr.suffix(4000))")
+        print(r.stdout.split(separator: "\n").suffix(30).joined(separator: "\n"))
+    }
+}
