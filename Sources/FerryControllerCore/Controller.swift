@@ -94,9 +94,11 @@ public struct Controller: Sendable {
                 .init(service: RetentionFolder(replicas: replicas, logger: logger)),
                 .init(service: PointScheduler(coordinator: coordinator, catalogue: catalogue, store: store, metrics: metrics, logger: logger)),
                 .init(service: PointExportService(exports: exports)),
-                .init(service: JobService(jobs: jobs)),
             ] + exportTLS + [
                 .init(service: agents),
+                // After the agent listener: stopped before it, so a job does not see its hosts
+                // go away and fail; it resumes at the next start instead.
+                .init(service: JobService(jobs: jobs)),
                 .init(service: api),
             ],
             gracefulShutdownSignals: [.sigterm, .sigint],

@@ -21,14 +21,19 @@ final class RecoveredVolume: NBDExport {
     private let client: Mutex<NBDClient?>
     private let writeCount = Atomic<UInt64>(0)
     private let stopped = Atomic<Bool>(false)
+    /// Writes acknowledged since the last flush that succeeded: the controller keeps them
+    /// durable only from a flush on, so if the connection drops meanwhile they may be gone, and
+    /// the next flush must say so (EIO) instead of succeeding on the new connection.
+    private let unflushed = Mutex<(writes: UInt64, lost: Bool)>((0, false))
     private let logger: Logger
     let retryFor: Duration
 
-    init(name: String, source: String, first: NBDClient, retryFor: Duration = .seconds(900), logger: Logger,
+    /// - Parameter first: a connection made already, or nil to connect at the first request.
+    init(name: String, source: String, size: UInt64, first: NBDClient?, retryFor: Duration = .seconds(900), logger: Logger,
          connect: @escaping @Sendable () async throws -> NBDClient) {
         self.name = name
         self.source = source
-        self.size = first.size
+        self.size = size
         self.client = Mutex(first)
         self.connect = connect
         self.logger = logger
@@ -55,10 +60,21 @@ final class RecoveredVolume: NBDExport {
                 case .write(let offset, let data, let fua):
                     try c.writeBlocking(offset: offset, data: data, fua: fua)
                     writeCount.add(1, ordering: .relaxed)
+                    if !fua { unflushed.withLock { $0.writes += 1 } }
                 case .zero(let offset, let length, let fua):
                     try c.writeZeroesBlocking(offset: offset, length: length, fua: fua)
                     writeCount.add(1, ordering: .relaxed)
-                case .flush: try c.flushBlocking()
+                    if !fua { unflushed.withLock { $0.writes += 1 } }
+                case .flush:
+                    let before = unflushed.withLock { $0 }
+                    if before.lost {
+                        unflushed.withLock { $0 = (0, false) }
+                        logger.error("writes acknowledged before the connection to the controller dropped were not flushed; reporting EIO on this flush",
+                                     metadata: ["volume": "\(name)"])
+                        return .failure(VolumeIOError(operation: "flush of recovered volume \(name) (unflushed writes lost with the connection)", errno: EIO))
+                    }
+                    try c.flushBlocking()
+                    unflushed.withLock { u in if !u.lost { u.writes -= min(u.writes, before.writes) } }
                 }
                 return .success(nil)
             } catch let error as VolumeIOError {
@@ -67,6 +83,7 @@ final class RecoveredVolume: NBDExport {
             } catch {
                 // The connection is gone: drop it, reconnect and retry the request.
                 client.withLock { $0 = nil }
+                unflushed.withLock { u in if u.writes > 0 { u.lost = true } }
                 guard ContinuousClock.now < deadline else {
                     logger.error("recovered volume unreachable; failing requests", metadata: ["volume": "\(name)", "error": "\(error)"])
                     return .failure(VolumeIOError(operation: "recovered volume \(name)", errno: EIO))

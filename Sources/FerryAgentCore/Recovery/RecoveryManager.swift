@@ -38,7 +38,8 @@ public actor RecoveryManager {
     ///   - controllerHost: where this agent reaches its controller (exports without a host of
     ///     their own are there).
     ///   - tls: STARTTLS with this host's certificate.
-    public func recover(_ command: Ferry_V1_RecoverVolumes, controllerHost: String, tls: NBDClientTLS) async throws -> Ferry_V1_RecoveryStarted {
+    public func recover(_ command: Ferry_V1_RecoverVolumes, controllerHost: String,
+                        tls: @escaping @Sendable () throws -> NBDClientTLS) async throws -> Ferry_V1_RecoveryStarted {
         guard Self.validID(command.recoveryID) else {
             throw FerryError(.badRequest, "recovery id '\(command.recoveryID)' is not PLAN.HOST of letters, digits, '-', '_' and '.'")
         }
@@ -48,9 +49,19 @@ public actor RecoveryManager {
               command.descriptionJson.utf8.count <= 1 << 20 else {
             throw FerryError(.badRequest, "a recovery names 1 to \(Self.maxVolumes) volumes, each once, with valid names and exports")
         }
-        if let existing = running[command.recoveryID] { return started(command.recoveryID, existing) }
+        if var existing = running[command.recoveryID] {
+            guard existing.command.volumes.map(\.exportName) == command.volumes.map(\.exportName) else {
+                throw FerryError(.conflict, "recovery \(command.recoveryID) is running here with other exports; stop it first")
+            }
+            if !existing.hook.error.isEmpty || (existing.hook.name.isEmpty && !command.startHook.isEmpty) {
+                // The start hook failed (or never ran, after an agent restart): run it again.
+                existing.hook = await runStartHook(command, volumes: existing.volumes, sockets: existing.sockets)
+                running[command.recoveryID] = existing
+            }
+            return started(command.recoveryID, existing)
+        }
         if let pending = starting[command.recoveryID] { return try await pending.value }
-        let task = Task { try await self.start(command, controllerHost: controllerHost, tls: tls) }
+        let task = Task { try await self.start(command, controllerHost: controllerHost, tls: tls, runHook: true) }
         starting[command.recoveryID] = task
         defer { starting[command.recoveryID] = nil }
         return try await task.value
@@ -72,7 +83,8 @@ public actor RecoveryManager {
         return out
     }
 
-    private func start(_ command: Ferry_V1_RecoverVolumes, controllerHost: String, tls: NBDClientTLS) async throws -> Ferry_V1_RecoveryStarted {
+    private func start(_ command: Ferry_V1_RecoverVolumes, controllerHost: String, tls: @escaping @Sendable () throws -> NBDClientTLS,
+                       runHook: Bool) async throws -> Ferry_V1_RecoveryStarted {
         var volumes: [RecoveredVolume] = []
         var sockets: [String] = []
         var servers: [Task<Void, any Error>] = []
@@ -81,20 +93,23 @@ public actor RecoveryManager {
             for spec in command.volumes {
                 let host = spec.exportHost.isEmpty ? controllerHost : spec.exportHost
                 let port = Int(spec.exportPort), export = spec.exportName
+                // TLS from the host's current certificate at every connection: it is renewed.
                 let connect: @Sendable () async throws -> NBDClient = {
-                    try await NBDClient.connect(host: host, port: port, export: export, tls: tls)
+                    try await NBDClient.connect(host: host, port: port, export: export, tls: try tls())
                 }
-                let client: NBDClient
+                var client: NBDClient?
                 do {
                     client = try await connect()
                 } catch {
-                    throw FerryError(.unavailable, "cannot reach the export of \(spec.source) at \(host):\(port): \((error as? FerryError)?.message ?? "\(error)")")
+                    // A restored recovery (agent restart) connects when the controller is back.
+                    if runHook { throw FerryError(.unavailable, "cannot reach the export of \(spec.source) at \(host):\(port): \((error as? FerryError)?.message ?? "\(error)")") }
                 }
-                guard spec.sizeBytes == 0 || client.size == spec.sizeBytes else {
-                    await client.close()
-                    throw FerryError(.conflict, "the export of \(spec.source) is \(client.size) bytes, not \(spec.sizeBytes)")
+                let size = client?.size ?? spec.sizeBytes
+                guard spec.sizeBytes == 0 || size == spec.sizeBytes, size > 0 else {
+                    await client?.close()
+                    throw FerryError(.conflict, "the export of \(spec.source) is \(size) bytes, not \(spec.sizeBytes)")
                 }
-                let volume = RecoveredVolume(name: spec.name, source: spec.source, first: client, logger: logger, connect: connect)
+                let volume = RecoveredVolume(name: spec.name, source: spec.source, size: size, first: client, logger: logger, connect: connect)
                 volumes.append(volume)
                 let socket = socketDirectory + "/recovered-" + spec.name + ".sock"
                 let server = NBDServer(volumes: [volume], logger: logger)
@@ -106,7 +121,25 @@ public actor RecoveryManager {
             for v in volumes { await v.stop() }
             throw error
         }
-        // What the start hook gets: the volumes' sockets and the source host's description.
+        do {
+            try writeDescription(command, volumes: volumes, sockets: sockets)
+            // Kept so an agent restart serves the recovered volumes again.
+            try PEMFiles.writePublic(try command.jsonString(), to: dataDir + "/recoveries/" + command.recoveryID + ".recovery")
+        } catch {
+            for s in servers { s.cancel() }
+            for v in volumes { await v.stop() }
+            throw FerryError(.io, "cannot record recovery \(command.recoveryID): \(error)")
+        }
+        let hook = runHook ? await runStartHook(command, volumes: volumes, sockets: sockets) : Ferry_V1_HookResult()
+        let r = Running(command: command, volumes: volumes, sockets: sockets, servers: servers, hook: hook)
+        running[command.recoveryID] = r
+        logger.info("recovered volumes served", metadata: ["recovery": "\(command.recoveryID)", "volumes": "\(volumes.count)", "network": "\(command.network)",
+                                                         "hook-error": "\(hook.error)"])
+        return started(command.recoveryID, r)
+    }
+
+    /// What the start hook gets: the volumes' sockets and the source host's description.
+    private func writeDescription(_ command: Ferry_V1_RecoverVolumes, volumes: [RecoveredVolume], sockets: [String]) throws {
         let file = dataDir + "/recoveries/" + command.recoveryID + ".json"
         var description: [String: Any] = [:]
         if let data = command.descriptionJson.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] {
@@ -117,19 +150,35 @@ public actor RecoveryManager {
         }
         try FileManager.default.createDirectory(atPath: dataDir + "/recoveries", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         try PEMFiles.writePublic(String(decoding: try JSONSerialization.data(withJSONObject: description, options: [.prettyPrinted, .sortedKeys]), as: UTF8.self) + "\n", to: file)
+    }
+
+    private func runStartHook(_ command: Ferry_V1_RecoverVolumes, volumes: [RecoveredVolume], sockets: [String]) async -> Ferry_V1_HookResult {
         var hook = Ferry_V1_HookResult()
-        if !command.startHook.isEmpty {
-            let begun = ContinuousClock.now
-            hook.name = command.startHook
-            let env = environment(command, file: file, sockets: zip(volumes, sockets).map { ($0.name, $1) }, mode: "recover")
-            if let error = await hooks.run(command.startHook, timeout: Self.timeout(command.hookTimeoutMs), environment: env) { hook.error = error }
-            hook.durationMicros = CutHolds.micros(begun.duration(to: .now))
+        guard !command.startHook.isEmpty else { return hook }
+        let begun = ContinuousClock.now
+        hook.name = command.startHook
+        let file = dataDir + "/recoveries/" + command.recoveryID + ".json"
+        let env = environment(command, file: file, sockets: zip(volumes, sockets).map { ($0.name, $1) }, mode: "recover")
+        if let error = await hooks.run(command.startHook, timeout: Self.timeout(command.hookTimeoutMs), environment: env) { hook.error = error }
+        hook.durationMicros = CutHolds.micros(begun.duration(to: .now))
+        return hook
+    }
+
+    /// After an agent restart: serves the recoveries that were running again (no hooks run;
+    /// the controller's next recover command, if any, runs the start hook).
+    public func restore(controllerHost: String, tls: @escaping @Sendable () throws -> NBDClientTLS) async {
+        let dir = dataDir + "/recoveries"
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return }
+        for name in names.sorted() where name.hasSuffix(".recovery") {
+            guard let text = try? String(contentsOfFile: dir + "/" + name, encoding: .utf8),
+                  let command = try? Ferry_V1_RecoverVolumes(jsonString: text), running[command.recoveryID] == nil else { continue }
+            do {
+                _ = try await start(command, controllerHost: controllerHost, tls: tls, runHook: false)
+                logger.info("recovery restored after an agent restart", metadata: ["recovery": "\(command.recoveryID)"])
+            } catch {
+                logger.error("cannot restore a recovery", metadata: ["recovery": "\(command.recoveryID)", "error": "\(error)"])
+            }
         }
-        let r = Running(command: command, volumes: volumes, sockets: sockets, servers: servers, hook: hook)
-        running[command.recoveryID] = r
-        logger.info("recovered volumes served", metadata: ["recovery": "\(command.recoveryID)", "volumes": "\(volumes.count)", "network": "\(command.network)",
-                                                         "hook-error": "\(hook.error)"])
-        return started(command.recoveryID, r)
     }
 
     /// Runs the stop hook, then withdraws the volumes. Stopping what is not running is fine.
@@ -149,6 +198,7 @@ public actor RecoveryManager {
             guard out.hook.error.isEmpty else { return out }
         }
         running[command.recoveryID] = nil
+        unlink(dataDir + "/recoveries/" + command.recoveryID + ".recovery")
         for s in r.servers { s.cancel() }
         for s in r.servers { _ = try? await s.value }
         for v in r.volumes { await v.stop() }

@@ -64,6 +64,12 @@ public final class AgentSession: Service, Sendable {
     /// this host for good (removed, revoked or unknown): retrying cannot help then.
     public func run() async throws {
         var backoff = Backoff(initial: config.reconnectInitialDelay, maximum: config.reconnectMaxDelay)
+        // Recovered volumes this host served before a restart are served again at once.
+        // (In a task of its own: a controller that is away must not hold the session back.)
+        if let host = try? controllerHost() {
+            let recovery = self.recovery
+            Task { await recovery.restore(controllerHost: host, tls: { try self.exportTLS() }) }
+        }
         try await withGracefulShutdownHandler {
             while !Task.isShuttingDownGracefully && !Task.isCancelled {
                 do {
@@ -283,13 +289,7 @@ public final class AgentSession: Service, Sendable {
             do {
                 switch command.kind {
                 case .recoverVolumes(let recover):
-                    let identity = self.identity.withLock { $0 }
-                    let (host, _) = try ConfigText.hostPort(config.controller ?? identity.info.controller)
-                    let context = try NBDClientTLS.makeContext(
-                        trustRoots: [try TLSSettings.nio(identity.ca)], certificateChain: [try TLSSettings.nio(identity.certificate)],
-                        privateKey: try TLSSettings.nio(identity.privateKey))
-                    result.recoveryStarted = try await recovery.recover(recover, controllerHost: host,
-                                                                        tls: NBDClientTLS(context: context, serverHostname: ControllerIdentity.serverName))
+                    result.recoveryStarted = try await recovery.recover(recover, controllerHost: try controllerHost(), tls: { try self.exportTLS() })
                 case .stopRecovery(let stop):
                     result.recoveryStopped = await recovery.stop(stop)
                 case .hashBlocks(let request):
@@ -308,6 +308,21 @@ public final class AgentSession: Service, Sendable {
             }
             try? await session.send(.commandResult(result), inReplyTo: id)
         }
+    }
+
+    /// The controller's host, as this agent reaches it.
+    func controllerHost() throws -> String {
+        let identity = self.identity.withLock { $0 }
+        return try ConfigText.hostPort(config.controller ?? identity.info.controller).0
+    }
+
+    /// TLS for the controller's NBD exports, with this host's current certificate.
+    func exportTLS() throws -> NBDClientTLS {
+        let identity = self.identity.withLock { $0 }
+        let context = try NBDClientTLS.makeContext(
+            trustRoots: [try TLSSettings.nio(identity.ca)], certificateChain: [try TLSSettings.nio(identity.certificate)],
+            privateKey: try TLSSettings.nio(identity.privateKey))
+        return NBDClientTLS(context: context, serverHostname: ControllerIdentity.serverName)
     }
 
     func startStreaming(_ volumes: VolumeManager, session: PeerSession) async {

@@ -162,7 +162,7 @@ public actor VolumeManager {
     /// Applies the controller's fencing decision. A generation older than the one this agent
     /// knows is ignored (a stale controller state cannot unfence).
     private func applyFencing(_ spec: Ferry_V1_VolumeSpec) async throws {
-        guard var entry = served[spec.name] else { return }
+        guard let entry = served[spec.name] else { return }
         guard spec.generation >= entry.spec.generation else { return }
         let changed = spec.fenced != entry.volume.isFenced || spec.generation != entry.spec.generation
         if spec.fenced && !entry.volume.isFenced {
@@ -173,22 +173,30 @@ public actor VolumeManager {
             entry.volume.unfence()
             logger.info("volume unfenced: this host owns it again", metadata: ["volume": "\(spec.name)", "generation": "\(spec.generation)"])
         }
-        entry.spec.generation = spec.generation
-        entry.spec.fenced = spec.fenced
-        served[spec.name] = entry
+        // Re-read after the await: the actor may have changed the entry meanwhile.
+        guard served[spec.name]?.volume === entry.volume else { return }
+        served[spec.name]?.spec.generation = spec.generation
+        served[spec.name]?.spec.fenced = spec.fenced
         if changed { try persist() }
     }
 
     /// Fences volumes now (planned failover) and says where each one's capture stands.
     public func fence(_ names: [String], generation: UInt64) async throws -> [Ferry_V1_FencedVolume] {
+        guard let unknown = names.first(where: { served[$0] == nil }) else {
+            return try await fenceKnown(names)
+        }
+        throw FerryError(.notFound, "this agent does not protect a volume named \(unknown)")
+    }
+
+    private func fenceKnown(_ names: [String]) async throws -> [Ferry_V1_FencedVolume] {
         var out: [Ferry_V1_FencedVolume] = []
         for name in names {
-            guard var entry = served[name] else { throw FerryError(.notFound, "this agent does not protect a volume named \(name)") }
-            let volume = entry.volume
+            guard let volume = served[name]?.volume else { continue }
             try await pool.runIfActive { volume.fence() }
-            entry.spec.fenced = true
-            entry.spec.generation = max(entry.spec.generation, generation)
-            served[name] = entry
+            // Only the flag: each volume's generation comes with the controller's volume list.
+            served[name]?.spec.fenced = true
+            try persist()
+            guard let entry = served[name] else { continue }
             var f = Ferry_V1_FencedVolume()
             f.volume = name
             let log = entry.log.snapshot
@@ -199,7 +207,6 @@ public actor VolumeManager {
             out.append(f)
             logger.warning("volume fenced for a failover; its export is read-only", metadata: ["volume": "\(name)", "last-sequence": "\(f.lastSequence)"])
         }
-        try persist()
         return out
     }
 

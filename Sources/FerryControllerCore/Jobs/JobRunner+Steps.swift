@@ -241,9 +241,17 @@ extension JobRunner {
 
     // MARK: Recovery
 
-    func recoveryRecord(plan: RecoveryPlan, item: RecoveryPlanItem, purpose: String, positions: [String: JobContext.Position]) async throws -> RecoveryRecord {
+    func recoveryRecord(_ job: String, plan: RecoveryPlan, item: RecoveryPlanItem, purpose: String,
+                        positions: [String: JobContext.Position]) async throws -> RecoveryRecord {
         let rid = RecoveryRecord.id(plan: plan.name, host: item.host)
-        if let existing = try await store.recoveries(plan: plan.name).first(where: { $0.id == rid }) { return existing }
+        if let existing = try await store.recoveries(plan: plan.name).first(where: { $0.id == rid }) {
+            // Only the job that made it goes on with it (after a restart or a resume): another
+            // job must never take over a drill's overlay, or a failover's.
+            guard existing.job == job else {
+                throw FerryError(.conflict, "\(item.host) of plan \(plan.name) is recovered already (\(existing.purpose), job \(existing.job ?? "?")); clean that up first")
+            }
+            return existing
+        }
         var volumes: [RecoveryRecord.Volume] = []
         for v in try await sourceVolumes(item) {
             guard let p = positions[v.key] else { throw FerryError(.internalError, "no point chosen for \(v.key)") }
@@ -253,7 +261,7 @@ extension JobRunner {
                                                  localName: item.host + "-" + v.volume))
         }
         let record = RecoveryRecord(id: rid, plan: plan.name, sourceHost: item.host, recoveryHost: item.recoveryHost, purpose: purpose,
-                                    network: purpose == "drill" ? "test" : "production", volumes: volumes, startedAt: Date())
+                                    network: purpose == "drill" ? "test" : "production", volumes: volumes, startedAt: Date(), job: job)
         try await store.saveRecovery(record)
         return record
     }
@@ -273,7 +281,7 @@ extension JobRunner {
             throw FerryError(.badConfiguration, "recovery needs the controller's nbd-tls-listen setting: recovery hosts reach the volumes there")
         }
         let purpose = operation == .drill ? "drill" : "failover"
-        let record = try await recoveryRecord(plan: plan, item: item, purpose: purpose, positions: context(id).positions)
+        let record = try await recoveryRecord(id, plan: plan, item: item, purpose: purpose, positions: context(id).positions)
         try await ensureExports(record)
         let session = try await session(item.recoveryHost)
         var description: [String: Any] = [

@@ -19,7 +19,12 @@ public actor JobRunner {
     /// they reach the controller at.
     let exportPort: @Sendable () -> Int?
     private var running: [String: Task<Void, Never>] = [:]
+    /// Bumped per launch, so a finishing run clears only its own entry in `running`.
+    private var launches: [String: Int] = [:]
     private var snapshots: [String: JobSnapshot] = [:]
+    /// The controller is stopping: a step that fails now because sessions close is not the
+    /// job's outcome; it stays unfinished and resumes at the next start.
+    private var shuttingDown = false
 
     init(store: StateStore, registry: SessionRegistry, replicas: ReplicaManager, catalogue: PointCatalogue, exports: PointExports,
          agents: AgentServer, reverse: ReverseStreams, logger: Logger, exportPort: @escaping @Sendable () -> Int?) {
@@ -39,6 +44,16 @@ public actor JobRunner {
     public func start(plan name: String, request: API.JobCreateRequest, actor: String) async throws -> API.Job {
         let view = try await store.plan(named: name)
         let steps = try JobPlanner.steps(for: request, plan: view.plan, state: view.state)
+        for g in view.plan.groups {
+            for item in g.items {
+                guard let host = try await store.host(named: item.host) else { continue }
+                let scanned = try await store.volumes(hostID: host.id).filter { item.volumes.contains($0.name) && $0.captureMode == "scan" }
+                if let v = scanned.first {
+                    // Its workload writes the device directly: it cannot be fenced or drained.
+                    throw FerryError(.badRequest, "\(item.host)/\(v.name) is captured by scanning: it cannot be fenced, so it cannot be failed over; protect it through the export")
+                }
+            }
+        }
         if request.operation == .failover, request.planned != true, request.point == nil, request.asOf == nil {
             // Unplanned failover must name its point: the operator decides what is lost.
             throw FerryError(.badRequest, "an unplanned failover needs --point (e.g. latest-group) or --as-of; use --planned when the sources are reachable")
@@ -69,7 +84,12 @@ public actor JobRunner {
 
     /// Lets a job waiting at a manual gate go on; or restarts a failed job at its failed step.
     public func resume(id: String, actor: String) async throws -> API.Job {
-        guard var s = try await snapshot(id) else { throw FerryError(.notFound, "no job '\(id)'; 'ferryctl jobs' lists them") }
+        guard let loaded = try await snapshot(id) else { throw FerryError(.notFound, "no job '\(id)'; 'ferryctl jobs' lists them") }
+        let plan = try await store.plan(named: loaded.job.plan)
+        // Read again after the awaits: another resume may have gone first.
+        guard var s = snapshots[id] ?? (running[id] == nil ? loaded : nil) else {
+            throw FerryError(.conflict, "job \(id) is running")
+        }
         if let waiting = s.job.steps.firstIndex(where: { $0.state == "waiting" }) {
             s.context.resumedGates.insert(waiting)
             snapshots[id] = s
@@ -77,10 +97,9 @@ public actor JobRunner {
             try await store.audit(actor: actor, action: "job.resume", target: s.job.plan, detail: "\(id) gate \(waiting + 1)")
             return s.job
         }
-        guard s.job.state == "failed" || s.job.state == "cancelled" else {
+        guard (s.job.state == "failed" || s.job.state == "cancelled"), running[id] == nil else {
             throw FerryError(.conflict, "job \(id) is \(s.job.state): only a job waiting at a gate, or a failed or cancelled job, can be resumed")
         }
-        let plan = try await store.plan(named: s.job.plan)
         if let newer = plan.lastJob, newer != id {
             throw FerryError(.conflict, "job \(id) is not plan '\(s.job.plan)''s newest job (\(newer)); start a new job instead")
         }
@@ -92,9 +111,9 @@ public actor JobRunner {
             s.job.steps[i].error = nil
         }
         snapshots[id] = s
+        launch(id)
         try await store.saveJob(s)
         try await store.audit(actor: actor, action: "job.resume", target: s.job.plan, detail: "\(id) retry")
-        launch(id)
         return s.job
     }
 
@@ -132,6 +151,12 @@ public actor JobRunner {
                     s.job.steps[i].state = "pending"
                     s.job.steps[i].detail = "interrupted by a controller restart; runs again"
                 }
+                // The blocks written since a reverse pass were tracked in memory only: every
+                // pass runs again (only what differs moves), and each volume streams after its own.
+                for i in s.job.steps.indices where s.specs[i].kind == .reverse && s.job.steps[i].state == "done" {
+                    s.job.steps[i].state = "pending"
+                    s.job.steps[i].detail = "runs again after a controller restart"
+                }
                 snapshots[s.job.id] = s
                 try await store.saveJob(s)
                 logger.info("job resumes after a controller restart", metadata: ["job": "\(s.job.id)", "plan": "\(s.job.plan)"])
@@ -150,7 +175,14 @@ public actor JobRunner {
     // MARK: Running
 
     private func launch(_ id: String) {
-        running[id] = Task { await self.run(id) }
+        let launch = (launches[id] ?? 0) + 1
+        launches[id] = launch
+        running[id] = Task { await self.run(id, launch: launch) }
+    }
+
+    /// Graceful shutdown: jobs stay as they are in the database and resume at the next start.
+    func shutdown() {
+        shuttingDown = true
     }
 
     func update(_ id: String, _ change: (inout JobSnapshot) -> Void) async {
@@ -166,8 +198,8 @@ public actor JobRunner {
 
     func current(_ id: String) -> JobSnapshot? { snapshots[id] }
 
-    private func run(_ id: String) async {
-        defer { running[id] = nil }
+    private func run(_ id: String, launch: Int) async {
+        defer { if launches[id] == launch { running[id] = nil } }
         guard let first = snapshots[id] else { return }
         let plan: RecoveryPlan
         do {
@@ -212,6 +244,10 @@ public actor JobRunner {
     }
 
     private func finish(_ id: String, state: String, error: String?) async {
+        if shuttingDown, state != "succeeded" {
+            logger.info("job interrupted by the controller stopping; it resumes at the next start", metadata: ["job": "\(id)"])
+            return
+        }
         await update(id) { s in
             s.job.state = state
             s.job.error = error

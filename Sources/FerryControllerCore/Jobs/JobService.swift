@@ -11,6 +11,7 @@ struct JobService: Service {
     func run() async throws {
         await jobs.resumeAfterRestart()
         try? await gracefulShutdown()
+        await jobs.shutdown()
     }
 }
 

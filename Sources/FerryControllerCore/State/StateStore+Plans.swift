@@ -54,6 +54,8 @@ public struct RecoveryRecord: Codable, Sendable, Equatable {
     public var network: String
     public var volumes: [Volume]
     public var startedAt: Date
+    /// The job that made it: only that job (resumed) may reuse it.
+    public var job: String?
 
     public static func id(plan: String, host: String) -> String { plan + "." + host }
 }

@@ -139,7 +139,7 @@ struct FailoverTests {
 
     @Test("drill, cleanup, planned failover (zero data loss, sources fenced), reprotect (only changed blocks move), failback: data verified through the agents' NBD sockets at every step")
     func fullCycle() async throws {
-        let site = try await site()
+        var site = try await site()
         for (target, uri) in site.uris {
             let pattern = target.hasPrefix("db") ? "0x11" : "0x12"
             #expect(try await qemuIO(uri, "write -P \(pattern) 0 1M").ok)
@@ -181,7 +181,14 @@ struct FailoverTests {
         #expect(env.contains("FERRY_NETWORK=production"), "\(env)")
 
         // The recovered hosts run: their writes go to the overlays, then reprotect sends them home.
-        #expect(try await qemuIO(site.recoveredURI("rec1", "db/data"), "write -P 0x33 2M 128k").ok)
+        #expect(try await qemuIO(site.recoveredURI("rec1", "db/data"), "write -P 0x33 2M 128k", "flush").ok)
+        // The recovery host's agent dies and comes back: it serves its recovered volume again.
+        await site.agents["rec1"]!.kill9()
+        site.agents["rec1"] = try AgentProcess.start(dataDir: site.dir.path + "/agent-rec1", arguments: ["--config", site.dir.file("agent-rec1.yaml")])
+        #expect(try await site.controller.waitFor("rec1", state: "online"))
+        #expect(try await eventually(timeout: .seconds(20)) {
+            try await qemuIO(site.recoveredURI("rec1", "db/data"), "read -P 0x33 2M 128k", "read -P 0x22 1M 1M").ok
+        }, "recovered volume served again after an agent restart")
         let reprotect = try await job(site, "reprotect", "shop")
         #expect(reprotect.state == "succeeded", "\(reprotect)")
         let sent = UInt64(reprotect.report["bytes_sent"] ?? "") ?? .max
