@@ -60,6 +60,16 @@ public struct HookRunner: Sendable {
         timer.cancel()
         let timedOut = killed.load(ordering: .relaxed)
         output.fileHandleForReading.readabilityHandler = nil
+        // What the hook wrote just before it exited may not have reached the handler yet: take
+        // it without blocking (a child it left behind may still hold the pipe open).
+        let fd = output.fileHandleForReading.fileDescriptor
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(fd, &chunk, chunk.count)
+            guard n > 0 else { break }
+            collected.append(Data(chunk[0..<n]))
+        }
         let tail = collected.text
         if timedOut {
             return "hook '\(name)' timed out after \(timeout) and was killed" + (tail.isEmpty ? "" : ": \(tail)")

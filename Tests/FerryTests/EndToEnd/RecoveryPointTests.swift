@@ -126,8 +126,14 @@ struct RecoveryPointTests {
                 var total = 0
                 while ContinuousClock.now < until, phase < 2 || total < 240 {
                     let group = manual % 5 == 4 ? "solo" : "shop"
-                    let request = API.PointCreateRequest(app: manual % 7 == 0, label: "m\(manual)")
-                    if (try? await client.createPoint(group: group, request)) != nil { manual += 1 }
+                    // Manual app points now and then, rarer than the 4 s app schedule: a manual app point resets it.
+                    let request = API.PointCreateRequest(app: manual % 60 == 0, label: "m\(manual)")
+                    if (try? await client.createPoint(group: group, request)) != nil {
+                        manual += 1
+                        // A schedule counts from the newest point, manual ones too: pause now and
+                        // then past the 1 s crash interval so scheduled points are due as well.
+                        if manual % 20 == 0 { try await Task.sleep(for: .milliseconds(1300)) }
+                    }
                     // About ten a second: enough points in every phase, not thousands to check.
                     try await Task.sleep(for: .milliseconds(80))
                     if phase == 2, manual % 10 == 0 {
