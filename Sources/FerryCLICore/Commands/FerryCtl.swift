@@ -24,7 +24,7 @@ public struct FerryCtl: AsyncParsableCommand {
             GroupsCommand.self, GroupCommand.self, PointsCommand.self, PointCommand.self,
             ExportsCommand.self, ExportCommand.self,
             PlansCommand.self, PlanCommand.self, DrillCommand.self, FailoverCommand.self, CommitCommand.self,
-            ReprotectCommand.self, FailbackCommand.self, MigrateCommand.self, JobsCommand.self, JobCommand.self,
+            ReprotectCommand.self, FailbackCommand.self, RollbackCommand.self, MigrateCommand.self, JobsCommand.self, JobCommand.self,
             TokenCommand.self, TokensCommand.self, APITokenCommand.self, APITokensCommand.self,
             AuditCommand.self, HealthCommand.self, MetricsCommand.self,
         ]

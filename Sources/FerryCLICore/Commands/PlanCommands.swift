@@ -207,6 +207,14 @@ struct FailbackCommand: AsyncParsableCommand {
     func run() async throws { try await job.run(API.JobCreateRequest(operation: .failback)) }
 }
 
+struct RollbackCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rollback",
+        abstract: "Undo a failover that was not reprotected: stop the recovered hosts, drop what they wrote, give the sources their volumes back.")
+    @OptionGroup var job: PlanJobOptions
+    func run() async throws { try await job.run(API.JobCreateRequest(operation: .rollback)) }
+}
+
 struct MigrateCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "migrate", abstract: "Move a plan to the recovery site for good: planned failover, commit, unprotect the sources.")

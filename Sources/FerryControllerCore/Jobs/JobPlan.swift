@@ -160,6 +160,17 @@ enum JobPlanner {
             }
             add(.releaseRecovered, "drop overlays", timeout: 120)
             add(.settle, "failed back", state: "protected", timeout: 60)
+        case .rollback:
+            try need(["failed-over"], "a rollback")
+            for g in plan.groups.reversed() {
+                for item in g.items { add(.stopRecovery, "stop \(item.host) on \(item.recoveryHost)", group: g.name, host: item.host, timeout: item.timeoutSeconds + 60) }
+            }
+            add(.releaseRecovered, "drop overlays (the recovered hosts' writes)", timeout: 120)
+            add(.unfenceSources, "sources own their volumes (new generation), replicas resync", timeout: 3600)
+            for g in plan.groups {
+                for item in g.items { add(.startSource, "start \(item.host)", group: g.name, host: item.host, timeout: item.timeoutSeconds) }
+            }
+            add(.settle, "rolled back", state: "protected", timeout: 60)
         case .migrate:
             try need(["protected"], "a migration")
             plannedFailover()

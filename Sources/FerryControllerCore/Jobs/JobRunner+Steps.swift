@@ -174,7 +174,7 @@ extension JobRunner {
                 group.addTask {
                     do {
                         let session = try await self.session(host, wait: planned ? .seconds(30) : .seconds(2))
-                        let result = try await session.command("fence", timeout: planned ? .seconds(60) : .seconds(5)) {
+                        let result = try await session.command("fence", timeout: planned ? .seconds(60) : .seconds(2)) {
                             $0.fenceVolumes.volumes = mine.map(\.volume)
                             $0.fenceVolumes.generation = mine.compactMap { generations[$0.hostID + "/" + $0.volume] }.max() ?? 0
                         }

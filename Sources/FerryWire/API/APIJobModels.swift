@@ -42,6 +42,10 @@ extension API {
         case reprotect
         case failback
         case migrate
+        /// Back to the sources after a failover that has not been reprotected: the recovered
+        /// hosts stop, their overlays (and what they wrote) are dropped, the sources own their
+        /// volumes again. For a failover that went wrong or was a mistake.
+        case rollback
     }
 
     /// `POST /v1/plans/:name/jobs`.

@@ -279,7 +279,7 @@ struct FailoverTests {
         await site.controller.process.kill9()
     }
 
-    @Test("a drill cancelled at its gate leaves the plan in drill, and cleanup withdraws what it recovered; migrate moves the plan for good and unprotects the sources; plan changes are refused while a plan is away")
+    @Test("a drill cancelled at its gate leaves the plan in drill, and cleanup withdraws what it recovered; a planned failover rolled back gives the sources their volumes again; migrate moves the plan for good and unprotects the sources; plan changes are refused while a plan is away")
     func cancelAndMigrate() async throws {
         let site = try await site()
         #expect(try await qemuIO(site.uris["db/data"]!, "write -P 0x41 0 1M").ok)
@@ -305,6 +305,19 @@ struct FailoverTests {
         let cleanup = try await self.job(site, "drill", "cleanup", "shop")
         #expect(cleanup.state == "succeeded", "\(cleanup)")
         #expect(!FileManager.default.fileExists(atPath: socket))
+
+        // A planned failover, then rolled back: the sources take writes again, the recovered
+        // host's writes are gone with its overlay.
+        let failover = try await jobThroughGate(site, "failover", "shop", "--planned")
+        #expect(failover.state == "succeeded", "\(failover)")
+        #expect(try await qemuIO(site.recoveredURI("rec1", "db/data"), "write -P 0x77 2M 64k").ok)
+        #expect(!(try await qemuIO(site.uris["db/data"]!, "write -P 0x78 3M 64k").ok), "fenced")
+        let rollback = try await self.job(site, "rollback", "shop")
+        #expect(rollback.state == "succeeded", "\(rollback)")
+        let back = try await qemuIO(site.uris["db/data"]!, "read -P 0x41 0 1M", "read -P 0 2M 64k", "write -P 0x78 3M 64k")
+        #expect(back.ok, "the source owns its volume again, without the recovered host's writes: \(back.output)")
+        #expect(!FileManager.default.fileExists(atPath: socket))
+        for target in site.uris.keys { #expect(try await caughtUp(site, target)) }
 
         let migrate = try await jobThroughGate(site, "migrate", "shop")
         #expect(migrate.state == "succeeded", "\(migrate)")
