@@ -103,6 +103,22 @@ enum JobPlanner {
                 for (i, step) in g.post.enumerated() { add(.post, describe(step, "after \(g.name)"), group: g.name, index: i, timeout: step.timeoutSeconds) }
             }
         }
+        /// Stop hooks on the recovery hosts and the recovered volumes withdrawn, last group first.
+        func stopRecovered() {
+            for g in plan.groups.reversed() {
+                for item in g.items {
+                    add(.stopRecovery, "stop \(item.host) on \(item.recoveryHost)", group: g.name, host: item.host, timeout: item.timeoutSeconds + 60)
+                }
+            }
+        }
+        /// The sources started again in plan order, with each group's pre and post steps.
+        func startSources() {
+            for g in plan.groups {
+                for (i, step) in g.pre.enumerated() { add(.pre, describe(step, "before \(g.name)"), group: g.name, index: i, timeout: step.timeoutSeconds) }
+                for item in g.items { add(.startSource, "start \(item.host)", group: g.name, host: item.host, timeout: item.timeoutSeconds) }
+                for (i, step) in g.post.enumerated() { add(.post, describe(step, "after \(g.name)"), group: g.name, index: i, timeout: step.timeoutSeconds) }
+            }
+        }
         func plannedFailover() {
             for g in plan.groups.reversed() {
                 for item in g.items { add(.stopSource, "stop \(item.host)", group: g.name, host: item.host, timeout: item.timeoutSeconds) }
@@ -119,9 +135,7 @@ enum JobPlanner {
             add(.settle, "drill up", state: "drill", timeout: 60)
         case .drillCleanup:
             try need(["drill"], "drill cleanup")
-            for g in plan.groups.reversed() {
-                for item in g.items { add(.stopRecovery, "stop \(item.host) on \(item.recoveryHost)", group: g.name, host: item.host, timeout: item.timeoutSeconds + 60) }
-            }
+            stopRecovered()
             add(.releaseRecovered, "drop overlays", timeout: 120)
             add(.settle, "drill report", state: "protected", timeout: 60)
         case .failover:
@@ -148,28 +162,18 @@ enum JobPlanner {
             add(.settle, "reprotected", state: "reversed", timeout: 60)
         case .failback:
             try need(["reversed"], "failback")
-            for g in plan.groups.reversed() {
-                for item in g.items { add(.stopRecovery, "stop \(item.host) on \(item.recoveryHost)", group: g.name, host: item.host, timeout: item.timeoutSeconds + 60) }
-            }
+            stopRecovered()
             add(.finalReverse, "last reverse pass: every block equal", timeout: 3600)
             add(.unfenceSources, "sources own their volumes (new generation), replicas resync", timeout: 3600)
-            for g in plan.groups {
-                for (i, step) in g.pre.enumerated() { add(.pre, describe(step, "before \(g.name)"), group: g.name, index: i, timeout: step.timeoutSeconds) }
-                for item in g.items { add(.startSource, "start \(item.host)", group: g.name, host: item.host, timeout: item.timeoutSeconds) }
-                for (i, step) in g.post.enumerated() { add(.post, describe(step, "after \(g.name)"), group: g.name, index: i, timeout: step.timeoutSeconds) }
-            }
+            startSources()
             add(.releaseRecovered, "drop overlays", timeout: 120)
             add(.settle, "failed back", state: "protected", timeout: 60)
         case .rollback:
             try need(["failed-over"], "a rollback")
-            for g in plan.groups.reversed() {
-                for item in g.items { add(.stopRecovery, "stop \(item.host) on \(item.recoveryHost)", group: g.name, host: item.host, timeout: item.timeoutSeconds + 60) }
-            }
+            stopRecovered()
             add(.releaseRecovered, "drop overlays (the recovered hosts' writes)", timeout: 120)
             add(.unfenceSources, "sources own their volumes (new generation), replicas resync", timeout: 3600)
-            for g in plan.groups {
-                for item in g.items { add(.startSource, "start \(item.host)", group: g.name, host: item.host, timeout: item.timeoutSeconds) }
-            }
+            startSources()
             add(.settle, "rolled back", state: "protected", timeout: 60)
         case .migrate:
             try need(["protected"], "a migration")

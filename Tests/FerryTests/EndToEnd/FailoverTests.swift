@@ -312,7 +312,7 @@ struct FailoverTests {
         #expect(failover.state == "succeeded", "\(failover)")
         #expect(try await qemuIO(site.recoveredURI("rec1", "db/data"), "write -P 0x77 2M 64k").ok)
         #expect(!(try await qemuIO(site.uris["db/data"]!, "write -P 0x78 3M 64k").ok), "fenced")
-        let rollback = try await self.job(site, "rollback", "shop")
+        let rollback = try await jobThroughGate(site, "rollback", "shop")
         #expect(rollback.state == "succeeded", "\(rollback)")
         let back = try await qemuIO(site.uris["db/data"]!, "read -P 0x41 0 1M", "read -P 0 2M 64k", "write -P 0x78 3M 64k")
         #expect(back.ok, "the source owns its volume again, without the recovered host's writes: \(back.output)")
