@@ -84,7 +84,7 @@ public struct HookRunner: Sendable {
 
 extension HookRunner {
     /// What of a controller's environment a hook gets: FERRY_* names only (never PATH or
-    /// LD_PRELOAD), at most 32 of them and 4 KiB in all.
+    /// LD_PRELOAD), at most 32 of them and 64 KiB in all (a recovery of many volumes lists them all).
     static func allowed(_ environment: [String: String]) -> [String: String] {
         var out: [String: String] = [:]
         var bytes = 0
@@ -93,7 +93,7 @@ extension HookRunner {
                   key.allSatisfy({ $0.isASCII && ($0.isUppercase || $0.isNumber || $0 == "_") }),
                   let value = environment[key], !value.contains("\0") else { continue }
             bytes += key.utf8.count + value.utf8.count
-            guard bytes <= 4096 else { break }
+            guard bytes <= 64 << 10 else { break }
             out[key] = value
         }
         return out

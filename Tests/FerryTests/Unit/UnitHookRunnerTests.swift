@@ -4,7 +4,8 @@ import Testing
 
 @Suite("agent hooks by name")
 struct UnitHookRunnerTests {
-    let runner = HookRunner(hooks: ["ok": "echo fine", "fails": "echo disk not ready >&2; exit 3", "slow": "sleep 30", "slow-pipe": "sleep 30 | cat"])
+    let runner = HookRunner(hooks: ["ok": "echo fine", "fails": "echo disk not ready >&2; exit 3", "slow": "sleep 30", "slow-pipe": "sleep 30 | cat",
+                                    "env": "test \"$FERRY_PLAN\" = shop && test -z \"$LD_PRELOAD_X\" && test -z \"$FERRY_bad\""])
 
     @Test("a hook that exits 0 succeeds; a failing one reports its status and output; an unknown name is refused")
     func outcomes() async {
@@ -23,5 +24,12 @@ struct UnitHookRunnerTests {
             #expect(outcome?.contains("timed out") == true, "\(String(describing: outcome))")
             #expect(started.duration(to: .now) < .seconds(10))
         }
+    }
+
+    @Test("a controller's environment reaches the hook only as FERRY_* names: PATH-like and malformed names are dropped")
+    func environment() async {
+        let env = ["FERRY_PLAN": "shop", "LD_PRELOAD_X": "/evil.so", "FERRY_bad": "x", "PATH": "/tmp"]
+        let outcome = await runner.run("env", timeout: .seconds(10), environment: env)
+        #expect(outcome == nil, "\(String(describing: outcome))")
     }
 }
