@@ -62,13 +62,15 @@ public struct HookRunner: Sendable {
         output.fileHandleForReading.readabilityHandler = nil
         // What the hook wrote just before it exited may not have reached the handler yet: take
         // it without blocking (a child it left behind may still hold the pipe open).
-        let fd = output.fileHandleForReading.fileDescriptor
-        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        // (poll, so the descriptor's flags stay as Foundation set them; at most 64 KiB.)
+        var pending = pollfd(fd: output.fileHandleForReading.fileDescriptor, events: Int16(POLLIN), revents: 0)
         var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = read(fd, &chunk, chunk.count)
+        var drained = 0
+        while drained < 64 << 10, poll(&pending, 1, 0) > 0, pending.revents & Int16(POLLIN) != 0 {
+            let n = read(pending.fd, &chunk, chunk.count)
             guard n > 0 else { break }
             collected.append(Data(chunk[0..<n]))
+            drained += n
         }
         let tail = collected.text
         if timedOut {

@@ -68,7 +68,8 @@ final class RecoveredVolume: NBDExport {
                 case .flush:
                     let before = unflushed.withLock { $0 }
                     if before.lost {
-                        unflushed.withLock { $0 = (0, false) }
+                        // Said once; writes made since the reconnect stay counted for the next flush.
+                        unflushed.withLock { $0.lost = false }
                         logger.error("writes acknowledged before the connection to the controller dropped were not flushed; reporting EIO on this flush",
                                      metadata: ["volume": "\(name)"])
                         return .failure(VolumeIOError(operation: "flush of recovered volume \(name) (unflushed writes lost with the connection)", errno: EIO))
@@ -83,7 +84,6 @@ final class RecoveredVolume: NBDExport {
             } catch {
                 // The connection is gone: drop it, reconnect and retry the request.
                 client.withLock { $0 = nil }
-                unflushed.withLock { u in if u.writes > 0 { u.lost = true } }
                 guard ContinuousClock.now < deadline else {
                     logger.error("recovered volume unreachable; failing requests", metadata: ["volume": "\(name)", "error": "\(error)"])
                     return .failure(VolumeIOError(operation: "recovered volume \(name)", errno: EIO))
@@ -112,6 +112,13 @@ final class RecoveredVolume: NBDExport {
             if let c, c.isConnected { return c }
             c = fresh
             return nil
+        }
+        if replaced == nil {
+            // A new connection: writes acknowledged on the old one and not flushed may be gone.
+            unflushed.withLock { u in
+                if u.writes > 0 { u.lost = true }
+                u.writes = 0
+            }
         }
         if let replaced {
             Task { await fresh.close() }

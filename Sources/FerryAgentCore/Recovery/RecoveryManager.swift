@@ -23,6 +23,8 @@ public actor RecoveryManager {
     private var running: [String: Running] = [:]
     /// Recoveries being started, so a repeated command (a resumed job) waits for the first.
     private var starting: [String: Task<Ferry_V1_RecoveryStarted, any Error>] = [:]
+    /// Recoveries whose start hook is being run again.
+    private var rerunning: Set<String> = []
 
     public init(socketDirectory: String, dataDir: String, hooks: HookRunner, logger: Logger) {
         self.socketDirectory = socketDirectory
@@ -53,9 +55,15 @@ public actor RecoveryManager {
             guard existing.command.volumes.map(\.exportName) == command.volumes.map(\.exportName) else {
                 throw FerryError(.conflict, "recovery \(command.recoveryID) is running here with other exports; stop it first")
             }
-            if !existing.hook.error.isEmpty || (existing.hook.name.isEmpty && !command.startHook.isEmpty) {
-                // The start hook failed (or never ran, after an agent restart): run it again.
+            if !existing.hook.error.isEmpty || (existing.hook.name.isEmpty && !command.startHook.isEmpty),
+               rerunning.insert(command.recoveryID).inserted {
+                // The start hook failed (or never ran, after an agent restart): run it again,
+                // once at a time, and keep the outcome only if the recovery is still the same.
+                defer { rerunning.remove(command.recoveryID) }
                 existing.hook = await runStartHook(command, volumes: existing.volumes, sockets: existing.sockets)
+                guard running[command.recoveryID]?.volumes.first === existing.volumes.first else {
+                    throw FerryError(.conflict, "recovery \(command.recoveryID) was stopped while its start hook ran")
+                }
                 running[command.recoveryID] = existing
             }
             return started(command.recoveryID, existing)
@@ -171,9 +179,15 @@ public actor RecoveryManager {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return }
         for name in names.sorted() where name.hasSuffix(".recovery") {
             guard let text = try? String(contentsOfFile: dir + "/" + name, encoding: .utf8),
-                  let command = try? Ferry_V1_RecoverVolumes(jsonString: text), running[command.recoveryID] == nil else { continue }
+                  let command = try? Ferry_V1_RecoverVolumes(jsonString: text), running[command.recoveryID] == nil,
+                  starting[command.recoveryID] == nil else { continue }
+            // Through `starting`, so a recover command meanwhile waits for this instead of
+            // serving the same sockets a second time.
+            let task = Task { try await self.start(command, controllerHost: controllerHost, tls: tls, runHook: false) }
+            starting[command.recoveryID] = task
+            defer { starting[command.recoveryID] = nil }
             do {
-                _ = try await start(command, controllerHost: controllerHost, tls: tls, runHook: false)
+                _ = try await task.value
                 logger.info("recovery restored after an agent restart", metadata: ["recovery": "\(command.recoveryID)"])
             } catch {
                 logger.error("cannot restore a recovery", metadata: ["recovery": "\(command.recoveryID)", "error": "\(error)"])
@@ -185,7 +199,10 @@ public actor RecoveryManager {
     public func stop(_ command: Ferry_V1_StopRecovery) async -> Ferry_V1_RecoveryStopped {
         var out = Ferry_V1_RecoveryStopped()
         out.recoveryID = command.recoveryID
-        guard let r = running[command.recoveryID] else { return out }
+        guard let r = running[command.recoveryID] else {
+            unlink(dataDir + "/recoveries/" + command.recoveryID + ".recovery")
+            return out
+        }
         out.wasRunning = true
         if !command.stopHook.isEmpty {
             let begun = ContinuousClock.now

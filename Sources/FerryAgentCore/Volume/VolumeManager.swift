@@ -164,7 +164,14 @@ public actor VolumeManager {
     private func applyFencing(_ spec: Ferry_V1_VolumeSpec) async throws {
         guard let entry = served[spec.name] else { return }
         guard spec.generation >= entry.spec.generation else { return }
-        let changed = spec.fenced != entry.volume.isFenced || spec.generation != entry.spec.generation
+        // Unfencing always comes with a new generation: a list built before a fence (same
+        // generation, not fenced) arriving after it must not undo it.
+        if !spec.fenced, entry.spec.fenced || entry.volume.isFenced, spec.generation <= entry.spec.generation { return }
+        let changed = spec.fenced != entry.spec.fenced || spec.generation != entry.spec.generation
+        // Recorded before the await below: the actor may serve other calls meanwhile.
+        served[spec.name]?.spec.generation = spec.generation
+        served[spec.name]?.spec.fenced = spec.fenced
+        if changed { try persist() }
         if spec.fenced && !entry.volume.isFenced {
             let volume = entry.volume
             try await pool.runIfActive { volume.fence() }
@@ -173,11 +180,6 @@ public actor VolumeManager {
             entry.volume.unfence()
             logger.info("volume unfenced: this host owns it again", metadata: ["volume": "\(spec.name)", "generation": "\(spec.generation)"])
         }
-        // Re-read after the await: the actor may have changed the entry meanwhile.
-        guard served[spec.name]?.volume === entry.volume else { return }
-        served[spec.name]?.spec.generation = spec.generation
-        served[spec.name]?.spec.fenced = spec.fenced
-        if changed { try persist() }
     }
 
     /// Fences volumes now (planned failover) and says where each one's capture stands.
@@ -191,12 +193,13 @@ public actor VolumeManager {
     private func fenceKnown(_ names: [String]) async throws -> [Ferry_V1_FencedVolume] {
         var out: [Ferry_V1_FencedVolume] = []
         for name in names {
-            guard let volume = served[name]?.volume else { continue }
-            try await pool.runIfActive { volume.fence() }
-            // Only the flag: each volume's generation comes with the controller's volume list.
+            guard let volume = served[name]?.volume else { throw FerryError(.notFound, "volume \(name) stopped being served while it was fenced") }
+            // Only the flag (each volume's generation comes with the controller's volume list),
+            // recorded before the await so nothing read meanwhile sees it unfenced.
             served[name]?.spec.fenced = true
             try persist()
-            guard let entry = served[name] else { continue }
+            try await pool.runIfActive { volume.fence() }
+            guard let entry = served[name] else { throw FerryError(.notFound, "volume \(name) stopped being served while it was fenced") }
             var f = Ferry_V1_FencedVolume()
             f.volume = name
             let log = entry.log.snapshot

@@ -44,7 +44,7 @@ public actor JobRunner {
     public func start(plan name: String, request: API.JobCreateRequest, actor: String) async throws -> API.Job {
         let view = try await store.plan(named: name)
         let steps = try JobPlanner.steps(for: request, plan: view.plan, state: view.state)
-        for g in view.plan.groups {
+        for g in view.plan.groups where [.failover, .migrate].contains(request.operation) {
             for item in g.items {
                 guard let host = try await store.host(named: item.host) else { continue }
                 let scanned = try await store.volumes(hostID: host.id).filter { item.volumes.contains($0.name) && $0.captureMode == "scan" }
@@ -106,7 +106,9 @@ public actor JobRunner {
         s.job.state = "running"
         s.job.error = nil
         s.job.endedAt = nil
-        for i in s.job.steps.indices where s.job.steps[i].state == "failed" || s.job.steps[i].state == "running" {
+        for i in s.job.steps.indices where s.job.steps[i].state == "failed" || s.job.steps[i].state == "running"
+            || (s.specs[i].kind == .reverse && s.job.steps[i].state == "done") {
+            // (Reverse passes run again: the blocks written since were tracked in memory only.)
             s.job.steps[i].state = "pending"
             s.job.steps[i].error = nil
         }
@@ -307,6 +309,8 @@ public actor JobRunner {
         switch s.job.operation {
         case .drill: return done(.recover) ? "drill" : nil
         case .failover, .migrate: return done(.fenceSources) ? "failed-over" : nil
+        // Some sinks hold recovered blocks already: only failback (its last passes) may follow.
+        case .reprotect: return done(.reverse) ? "reversed" : nil
         default: return nil
         }
     }
