@@ -224,15 +224,6 @@ public actor RecoveryManager {
         return out
     }
 
-    /// Ends every recovery's exports (agent shutdown); no hooks run.
-    public func shutdown() async {
-        for (_, r) in running {
-            for s in r.servers { s.cancel() }
-            for v in r.volumes { await v.stop() }
-        }
-        running = [:]
-    }
-
     func environment(_ command: Ferry_V1_RecoverVolumes, file: String, sockets: [(String, String)], mode: String) -> [String: String] {
         [
             "FERRY_MODE": mode,

@@ -258,7 +258,8 @@ public final class AgentSession: Service, Sendable {
                 do {
                     guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
                     var fenced = Ferry_V1_VolumesFenced()
-                    fenced.volumes = try await volumes.fence(fence.volumes, generation: fence.generation)
+                    logger.info("fencing for a failover", metadata: ["volumes": "\(fence.volumes)", "generation": "\(fence.generation)"])
+                    fenced.volumes = try await volumes.fence(fence.volumes)
                     result.volumesFenced = fenced
                 } catch let error as FerryError {
                     result.error = error.wire

@@ -183,7 +183,7 @@ public actor VolumeManager {
     }
 
     /// Fences volumes now (planned failover) and says where each one's capture stands.
-    public func fence(_ names: [String], generation: UInt64) async throws -> [Ferry_V1_FencedVolume] {
+    public func fence(_ names: [String]) async throws -> [Ferry_V1_FencedVolume] {
         guard let unknown = names.first(where: { served[$0] == nil }) else {
             return try await fenceKnown(names)
         }

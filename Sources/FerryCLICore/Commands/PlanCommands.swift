@@ -328,26 +328,28 @@ struct JobWatcher {
 
     func watch(_ id: String) async throws {
         let tty = isatty(STDOUT_FILENO) == 1 && !json
-        var printed: [String] = []
-        var drawn = 0
-        var job = try await connection.withClient { try await $0.job(id: id) }
-        while true {
-            if tty {
-                if drawn > 0 { print("\u{1B}[\(drawn)A", terminator: "") }
-                let lines = ["job \(job.id): \(job.operation.rawValue) of plan \(job.plan): \(job.state)"] + job.steps.enumerated().map { JobFormat.line($0, $1) }
-                for l in lines { print("\u{1B}[2K" + l) }
-                drawn = lines.count
-            } else if !json {
-                let lines = job.steps.enumerated().map { JobFormat.line($0, $1) }
-                for (i, l) in lines.enumerated() where i >= printed.count || printed[i] != l {
-                    let step = job.steps[i]
-                    if step.state != "pending", i >= printed.count || printed[i].contains("pending") || step.state != "running" { print(l) }
+        // One connection for the whole watch, polled.
+        let job = try await connection.withClient { client in
+            var shown: [String] = []
+            var drawn = 0
+            var job = try await client.job(id: id)
+            while true {
+                if tty {
+                    if drawn > 0 { print("\u{1B}[\(drawn)A", terminator: "") }
+                    let lines = ["job \(job.id): \(job.operation.rawValue) of plan \(job.plan): \(job.state)"] + job.steps.enumerated().map { JobFormat.line($0, $1) }
+                    for l in lines { print("\u{1B}[2K" + l) }
+                    drawn = lines.count
+                } else if !json {
+                    // A line per step each time its state changes (not at every progress tick).
+                    for (i, step) in job.steps.enumerated() where step.state != "pending" && (i >= shown.count || shown[i] != step.state) {
+                        print(JobFormat.line(i, step))
+                    }
+                    shown = job.steps.map(\.state)
                 }
-                printed = lines
+                if job.isFinished { return job }
+                try await Task.sleep(for: .milliseconds(tty ? 200 : 250))
+                job = try await client.job(id: id)
             }
-            if job.isFinished { break }
-            try await Task.sleep(for: .milliseconds(tty ? 200 : 250))
-            job = try await connection.withClient { try await $0.job(id: id) }
         }
         if json {
             try Console.json(job)

@@ -18,11 +18,8 @@ extension APIRoutes {
             }
             let file = body.file.isEmpty ? "plan.yaml" : String(body.file.suffix(200))
             let view = try await wrap {
-                // Parsed once to learn the plan's name, then against what the other plans hold.
-                let anyKnown = try await store.planKnowledge(excludingPlan: "")
-                let name = (try? PlanParser.parse(body.text, file: file, known: anyKnown))?.name
-                let known = try await store.planKnowledge(excludingPlan: name ?? "")
-                let plan = try PlanParser.parse(body.text, file: file, known: known)
+                // (The parser ignores volumes taken by the plan it parses: re-applying works.)
+                let plan = try PlanParser.parse(body.text, file: file, known: try await store.planKnowledge())
                 return try await store.applyPlan(plan, source: body.text, actor: who.actor)
             }
             return JSONBody(value: view, status: .created)

@@ -142,10 +142,12 @@ extension JobRunner {
         let word = request.point ?? (request.asOf == nil ? (request.operation == .drill ? "latest" : "latest-group") : nil)
         var positions: [String: JobContext.Position] = [:]
         var points = Set<String>()
-        for v in try await allSourceVolumes(plan) {
+        let volumes = try await allSourceVolumes(plan)
+        // Every replica open first: a point is complete only if all its members' replicas hold it.
+        for v in volumes {
             _ = try await replicas.replica(hostID: v.hostID, volume: v.volume, size: v.size)
         }
-        for v in try await allSourceVolumes(plan) {
+        for v in volumes {
             let (position, point) = try await catalogue.resolve(hostID: v.hostID, hostName: v.host, volume: v.volume, choice: word, asOf: request.asOf)
             var time: Date?
             if point == "latest" {
@@ -215,28 +217,46 @@ extension JobRunner {
         let fenced = context(id).fenced
         var positions: [String: JobContext.Position] = [:]
         var proofs: [String] = []
-        while positions.count < volumes.count {
-            for v in volumes where positions[v.key] == nil {
-                guard let f = fenced[v.key] else { throw FerryError(.internalError, "\(v.key) was not fenced") }
-                guard await registry.entry(hostID: v.hostID) != nil else {
-                    throw FerryError(.unavailable, "\(v.host) went away during the drain; retry with 'ferryctl job resume \(id)' once it is back, or fail over unplanned")
-                }
-                guard let replica = await replicas.opened(hostID: v.hostID, volume: v.volume),
-                      let report = await replica.report, let at = await replica.reportedAt,
-                      at.timeIntervalSince(f.at) > 1.2 else { continue }
-                let latest = await replica.latestPosition
-                guard report.epoch == f.epoch || f.epoch == 0, report.sync.pendingExtents == 0, !report.overflowed,
-                      report.lastSequence >= f.lastSequence, latest.epoch == report.epoch, latest.sequence >= report.lastSequence
-                else { continue }
-                positions[v.key] = JobContext.Position(epoch: latest.epoch, sequence: report.lastSequence, point: "planned", pointTime: Date())
-                proofs.append("\(v.key) \(report.lastSequence)/\(latest.sequence)")
+        try await waitForEach(id, index: index, volumes, done: "drained") { v in
+            guard let f = fenced[v.key] else { throw FerryError(.internalError, "\(v.key) was not fenced") }
+            guard await registry.entry(hostID: v.hostID) != nil else {
+                throw FerryError(.unavailable, "\(v.host) went away during the drain; retry with 'ferryctl job resume \(id)' once it is back, or fail over unplanned")
             }
-            await setProgress(id, index: index, Double(positions.count) / Double(max(1, volumes.count)),
-                              detail: "\(positions.count) of \(volumes.count) volumes drained")
-            if positions.count < volumes.count { try await Task.sleep(for: .milliseconds(200)) }
+            guard let (report, durable) = await caughtUp(v, since: f.at),
+                  report.epoch == f.epoch || f.epoch == 0, report.lastSequence >= f.lastSequence else { return false }
+            positions[v.key] = JobContext.Position(epoch: durable.epoch, sequence: report.lastSequence, point: "planned", pointTime: Date())
+            proofs.append("\(v.key) \(report.lastSequence)/\(durable.sequence)")
+            return true
         }
         await update(id) { $0.context.positions = positions }
         return "zero data loss: every captured write is durable (captured/durable: \(proofs.sorted().joined(separator: ", ")))"
+    }
+
+    /// The replica's newest report, if its agent made it after `since` (reports come every
+    /// second; the margin covers one in flight) and it says the replica holds every write the
+    /// agent captured: nothing pending, no overflow, durable through its last sequence.
+    func caughtUp(_ v: SourceVolume, since: Date) async -> (report: Ferry_V1_VolumeReport, durable: ReplicaPosition)? {
+        guard let replica = await replicas.opened(hostID: v.hostID, volume: v.volume),
+              let report = await replica.report, let at = await replica.reportedAt, at.timeIntervalSince(since) > 1.2 else { return nil }
+        let durable = await replica.latestPosition
+        guard report.sync.pendingExtents == 0, !report.overflowed, durable.epoch == report.epoch,
+              durable.sequence >= report.lastSequence else { return nil }
+        return (report, durable)
+    }
+
+    /// Polls `check` for each volume until every one has passed, showing progress.
+    func waitForEach(_ id: String, index: Int, _ volumes: [SourceVolume], done what: String,
+                     _ check: (SourceVolume) async throws -> Bool) async throws {
+        var passed = Set<String>()
+        while true {
+            for v in volumes where !passed.contains(v.key) {
+                if try await check(v) { passed.insert(v.key) }
+            }
+            await setProgress(id, index: index, Double(passed.count) / Double(max(1, volumes.count)),
+                              detail: "\(passed.count) of \(volumes.count) volumes \(what)")
+            if passed.count == volumes.count { return }
+            try await Task.sleep(for: .milliseconds(250))
+        }
     }
 
     // MARK: Recovery
@@ -255,7 +275,7 @@ extension JobRunner {
         var volumes: [RecoveryRecord.Volume] = []
         for v in try await sourceVolumes(item) {
             guard let p = positions[v.key] else { throw FerryError(.internalError, "no point chosen for \(v.key)") }
-            let exportID = "r-" + (0..<4).map { _ in String(format: "%08x", UInt32.random(in: 0...UInt32.max)) }.joined()
+            let exportID = PointExports.newID(prefix: "r-")
             volumes.append(RecoveryRecord.Volume(source: v.key, sourceHostID: v.hostID, volume: v.volume, exportID: exportID,
                                                  epoch: p.epoch, sequence: p.sequence, point: p.point, size: v.size,
                                                  localName: item.host + "-" + v.volume))
@@ -430,23 +450,12 @@ extension JobRunner {
             }
         }
         // The replicas compare themselves with the sources, block hash by block hash.
-        var done = Set<String>()
         var sent: UInt64 = 0, compared: UInt64 = 0
-        while done.count < volumes.count {
-            for v in volumes where !done.contains(v.key) {
-                guard let replica = await replicas.opened(hostID: v.hostID, volume: v.volume),
-                      let report = await replica.report, let at = await replica.reportedAt,
-                      let t = started[v.key], at.timeIntervalSince(t) > 1.2 else { continue }
-                let latest = await replica.latestPosition
-                guard report.sync.pendingExtents == 0, !report.overflowed, latest.epoch == report.epoch,
-                      latest.sequence >= report.lastSequence else { continue }
-                done.insert(v.key)
-                sent += report.sync.sentBytes
-                compared += report.sync.doneBytes
-            }
-            await setProgress(id, index: index, Double(done.count) / Double(max(1, volumes.count)),
-                              detail: "\(done.count) of \(volumes.count) replicas resynced")
-            if done.count < volumes.count { try await Task.sleep(for: .milliseconds(250)) }
+        try await waitForEach(id, index: index, volumes, done: "resynced") { v in
+            guard let t = started[v.key], let (report, _) = await caughtUp(v, since: t) else { return false }
+            sent += report.sync.sentBytes
+            compared += report.sync.doneBytes
+            return true
         }
         return "\(volumes.count) volumes writable on their hosts again; replicas resynced (compared \(compared) bytes, sent \(sent))"
     }

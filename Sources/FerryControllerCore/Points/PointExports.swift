@@ -41,8 +41,7 @@ public actor PointExports {
     public func create(id given: String? = nil, volume: String, replica: ReplicaStore, position: ReplicaPosition, point: String,
                        writable: Bool, managed: Bool = false) async throws -> API.Export {
         guard entries.count < 1024 else { throw FerryError(.unavailable, "1024 exports are open already; remove some ('ferryctl exports')") }
-        // 128 bits: the id is all an enrolled host needs to reach the export over TLS.
-        let id = given ?? "x-" + (0..<4).map { _ in String(format: "%08x", UInt32.random(in: 0...UInt32.max)) }.joined()
+        let id = given ?? Self.newID(prefix: "x-")
         guard entries[id] == nil else { throw FerryError(.conflict, "export \(id) is open already") }
         let started = ContinuousClock.now
         let image = try await replica.openImage(at: position, overlayDirectory: writable ? overlayRoot + "/" + id : nil)
@@ -55,6 +54,13 @@ public actor PointExports {
         entries[id] = Entry(view: view, image: image, managed: managed, dirty: dirty)
         server.add(PointImageExport(name: id, image: image, dirty: dirty))
         return view
+    }
+
+    /// A new export id: 128 random bits, as the id is all an enrolled host needs to reach the
+    /// export over TLS.
+    public static func newID(prefix: String) -> String {
+        var generator = SystemRandomNumberGenerator()
+        return prefix + (0..<2).map { _ in String(format: "%016llx", generator.next() as UInt64) }.joined()
     }
 
     public func list() -> [API.Export] { entries.values.filter { !$0.managed }.map(\.view).sorted { $0.createdAt < $1.createdAt } }

@@ -104,7 +104,7 @@ extension StateStore {
 
     /// What a plan file is checked against: enrolled hosts, their protected volumes, and the
     /// volumes other plans already hold.
-    public func planKnowledge(excludingPlan plan: String) async throws -> PlanParser.Known {
+    public func planKnowledge() async throws -> PlanParser.Known {
         try await pool.read { db in
             let hosts = try HostRecord.filter(Column("state") != "removed").fetchAll(db)
             let names = Dictionary(hosts.map { ($0.id, $0.name) }, uniquingKeysWith: { a, _ in a })
@@ -114,7 +114,7 @@ extension StateStore {
                 volumes[host, default: []].append(v.name)
             }
             var taken: [String: String] = [:]
-            for p in try PlanRecord.filter(Column("name") != plan).fetchAll(db) {
+            for p in try PlanRecord.fetchAll(db) {
                 for key in p.decoded.volumeKeys { taken[key] = p.name }
             }
             return PlanParser.Known(hosts: Set(hosts.map(\.name)), volumes: volumes.mapValues { $0.sorted() }, taken: taken)

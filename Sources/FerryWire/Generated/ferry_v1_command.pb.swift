@@ -791,6 +791,8 @@ public nonisolated struct Ferry_V1_FenceVolumes: Sendable {
 
   public var volumes: [String] = []
 
+  /// The newest generation among them, for logs: each volume's own generation comes with the
+  /// volume list (SyncVolumes), which alone may unfence.
   public var generation: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
