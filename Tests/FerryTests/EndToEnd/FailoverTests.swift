@@ -158,8 +158,15 @@ struct FailoverTests {
         #expect(r.ok, "\(r.output)")
         r = try await qemuIO(site.uris["db/data"]!, "write -P 0x13 8M 64k", "read -P 0 4M 64k")
         #expect(r.ok, "production writes on during a drill, untouched by the drill's writes: \(r.output)")
-        let cleanup = try await job(site, "drill", "cleanup", "shop")
-        #expect(cleanup.state == "succeeded", "\(cleanup)")
+        // Without --json, off a terminal, ferryctl follows the job a line per step change.
+        let text = try await site.controller.ctl("drill", "cleanup", "shop")
+        #expect(text.status == 0 && text.stdout.contains("done") && text.stdout.contains("drop overlays")
+                && text.stdout.contains("succeeded") && text.stdout.contains("drill_rto_seconds"), "\(text)")
+        let lines = text.stdout.split(separator: "\n").filter { $0.contains("drop overlays") }
+        #expect(lines.count <= 2, "one line as it starts, one as it ends: \(lines)")
+        let jobs = try await site.controller.ctl("jobs", "--json")
+        let cleanup = try #require(try API.decoder().decode([API.Job].self, from: Data(jobs.stdout.utf8)).first)
+        #expect(cleanup.operation == .drillCleanup && cleanup.state == "succeeded", "\(cleanup)")
         #expect(cleanup.report["drill_rto_seconds"] != nil && cleanup.report["drill_rpo_seconds"] != nil, "\(cleanup.report)")
         #expect(!FileManager.default.fileExists(atPath: site.dir.path + "/agent-rec1/sockets/recovered-db-data.sock"))
 
