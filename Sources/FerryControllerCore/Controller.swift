@@ -81,7 +81,7 @@ public struct Controller: Sendable {
             tls.certificateVerification = .noHostnameVerification
             tls.trustRoots = .certificates([try TLSSettings.nio(pki.ca.certificate)])
             exportTLS.append(.init(service: PointExportTLSService(
-                listen: config.nbdTLSListen, exportSocket: config.dataDir + "/exports.sock", tls: try NIOSSLContext(configuration: tls),
+                listen: config.nbdTLSListen, exports: exports, tls: try NIOSSLContext(configuration: tls),
                 store: store, group: group, logger: logger) { address in
                     exportPort.set(address.port)
                     try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/nbd-tls-listen.addr")
@@ -94,6 +94,7 @@ public struct Controller: Sendable {
                 .init(service: RetentionFolder(replicas: replicas, logger: logger)),
                 .init(service: PointScheduler(coordinator: coordinator, catalogue: catalogue, store: store, metrics: metrics, logger: logger)),
                 .init(service: PointExportService(exports: exports)),
+                .init(service: ExportAccessAuditor(log: exports.accessLog, store: store, logger: logger)),
             ] + exportTLS + [
                 .init(service: agents),
                 // After the agent listener: stopped before it, so a job does not see its hosts

@@ -25,6 +25,8 @@ public final class NBDServer: Sendable {
     static let negotiationTimeoutSeconds = 30
     /// Connections served at once (a thread each); more are closed as they come.
     let maxConnections: Int
+    /// Threads of connections joined from elsewhere (`serve(connection:access:)`).
+    private let joinedThreads = DispatchGroup()
 
     public init(volumes: [any NBDExport], logger: Logger, maxConnections: Int = 256) {
         exports = Mutex(Dictionary(volumes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first }))
@@ -168,17 +170,7 @@ public final class NBDServer: Sendable {
                 continue
             }
             threads.enter()
-            let thread = Thread { [self] in
-                // Thread names are inherited on Linux; name it for `top -H` and profiles.
-                ferry_name_thread("ferry-nbd")
-                handle(fd)
-                sockets.withLock { s in
-                    s.connections.remove(fd)
-                    close(fd)
-                }
-                threads.leave()
-            }
-            thread.start()
+            startConnectionThread(fd, access: .local) { threads.leave() }
         }
         stop(listener)
         sockets.withLock { s in
@@ -186,7 +178,42 @@ public final class NBDServer: Sendable {
             close(listener)
         }
         threads.wait()
+        joinedThreads.wait()
         return failure
+    }
+
+    /// Serves a connection made elsewhere (a network client joined after its TLS handshake and
+    /// authentication) on a thread of its own, restricted by `access`. Takes the descriptor:
+    /// it is closed when the connection ends, also when the server is full or stopping.
+    public func serve(connection fd: Int32, access: NBDAccess) {
+        let admitted = sockets.withLock { s -> Bool in
+            // A server that stopped listening everywhere serves nothing new.
+            guard !s.listeners.isEmpty, s.connections.count < maxConnections else { return false }
+            s.connections.insert(fd)
+            return true
+        }
+        guard admitted else {
+            close(fd)
+            logger.warning("NBD connection refused: the server is stopped or serving the most connections", metadata: ["limit": "\(maxConnections)"])
+            return
+        }
+        joinedThreads.enter()
+        startConnectionThread(fd, access: access) { [joinedThreads] in joinedThreads.leave() }
+    }
+
+    /// Serves a registered connection on a new thread; the descriptor is closed at its end.
+    private func startConnectionThread(_ fd: Int32, access: NBDAccess, done: @escaping @Sendable () -> Void) {
+        let thread = Thread { [self] in
+            // Thread names are inherited on Linux; name it for `top -H` and profiles.
+            ferry_name_thread("ferry-nbd")
+            handle(fd, access: access)
+            sockets.withLock { s in
+                s.connections.remove(fd)
+                close(fd)
+            }
+            done()
+        }
+        thread.start()
     }
 
     /// Stops accepting on `listener` and interrupts every connection's blocking calls.
@@ -198,8 +225,9 @@ public final class NBDServer: Sendable {
     }
 
     /// One client connection. Any failure ends this connection only.
-    func handle(_ fd: Int32) {
-        var connection = NBDConnection(socket: NBDSocket(fd: fd), exports: exports.withLock { $0 })
+    func handle(_ fd: Int32, access: NBDAccess = .local) {
+        let visible = exports.withLock { all in access.allowed == nil ? all : all.filter { access.permits($0.key) } }
+        var connection = NBDConnection(socket: NBDSocket(fd: fd), exports: visible, access: access)
         do {
             connection.socket.setReadTimeout(seconds: Self.negotiationTimeoutSeconds)
             if let (volume, structured) = try connection.negotiate() {
@@ -220,6 +248,7 @@ struct NBDConnection: ~Copyable {
     var socket: NBDSocket
     let allocator = ByteBufferAllocator()
     let exports: [String: any NBDExport]
+    var access: NBDAccess = .local
 
     static let transmissionFlags: UInt16 = NBD.TransmissionFlag.hasFlags | NBD.TransmissionFlag.sendFlush
         | NBD.TransmissionFlag.sendFUA | NBD.TransmissionFlag.sendTrim | NBD.TransmissionFlag.sendWriteZeroes
@@ -264,6 +293,7 @@ struct NBDConnection: ~Copyable {
                 let name = data.readString(length: data.readableBytes) ?? ""
                 // The old way has no error reply: an unknown name closes the connection.
                 guard let volume = lookup(name) else { throw NBDProtocolError("no export named '\(name)'") }
+                access.observer?(.opened(export: volume.name))
                 var reply = allocator.buffer(capacity: 134)
                 reply.writeInteger(volume.size)
                 reply.writeInteger(Self.flags(volume))
@@ -305,7 +335,10 @@ struct NBDConnection: ~Copyable {
                 sizes.writeInteger(UInt32(NBD.maxPayload))
                 try optionReply(option, NBD.Reply.info, data: sizes)
                 try optionReply(option, NBD.Reply.ack)
-                if option == NBD.Option.go.rawValue { return (volume, structured) }
+                if option == NBD.Option.go.rawValue {
+                    access.observer?(.opened(export: volume.name))
+                    return (volume, structured)
+                }
             case .structuredReply:
                 guard length == 0 else { try optionReply(option, NBD.Reply.errInvalid, message: "STRUCTURED_REPLY takes no data"); continue }
                 structured = true
@@ -319,10 +352,13 @@ struct NBDConnection: ~Copyable {
         }
     }
 
-    /// The default export ("") is the only one when there is exactly one.
+    /// The default export ("") is the only one when there is exactly one (local sockets only).
+    /// A name this connection may not open is reported, and answered as if it did not exist.
     func lookup(_ name: String) -> (any NBDExport)? {
         if let volume = exports[name] { return volume }
-        return name.isEmpty && exports.count == 1 ? exports.values.first : nil
+        if name.isEmpty, access.offersDefaultExport, exports.count == 1 { return exports.values.first }
+        access.observer?(.refused(export: name))
+        return nil
     }
 
     mutating func optionReply(_ option: UInt32, _ type: UInt32, data: ByteBuffer? = nil, message: String? = nil) throws {

@@ -332,7 +332,9 @@ public final class AgentSession: Service, Sendable {
         for old in stopStreaming() { await old.value }
         var tasks: [Task<Void, Never>] = []
         for stream in await volumes.streams() {
-            tasks.append(Task { await self.stream(stream.name, log: stream.log, after: stream.after, volumes: volumes, session: session) })
+            tasks.append(Task {
+                await self.stream(stream.name, volume: stream.volume, log: stream.log, after: stream.after, volumes: volumes, session: session)
+            })
             let worker = VolumeSyncWorker(name: stream.name, volume: stream.volume, log: stream.log, activity: stream.activity,
                                           tracker: stream.tracker, session: session, logger: logger)
             tasks.append(Task { await worker.run() })
@@ -351,7 +353,8 @@ public final class AgentSession: Service, Sendable {
     }
 
     /// Sends a volume's changes in order, in batches, keeping at most `windowBytes` unacked.
-    func stream(_ volume: String, log: ChangeLog, after start: UInt64, volumes: VolumeManager, session: PeerSession) async {
+    func stream(_ volume: String, volume blockVolume: BlockVolume, log: ChangeLog, after start: UInt64, volumes: VolumeManager,
+                session: PeerSession) async {
         var sent = start
         var epoch = log.epoch
         var unacked: [(sequence: UInt64, bytes: Int)] = []
@@ -404,6 +407,7 @@ public final class AgentSession: Service, Sendable {
             var batch = Ferry_V1_ReplicationBatch()
             batch.volume = volume
             batch.epoch = epoch
+            batch.generation = blockVolume.generation
             var attachments: [ByteBuffer] = []
             var gathered = ByteBuffer()
             let attach = session.peerAcceptsAttachments

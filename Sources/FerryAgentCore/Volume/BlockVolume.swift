@@ -25,6 +25,13 @@ public final class BlockVolume: NBDExport {
     private let fencedFlag = Atomic<Bool>(false)
     public var isReadOnly: Bool { fencedFlag.load(ordering: .acquiring) }
     public var isFenced: Bool { fencedFlag.load(ordering: .acquiring) }
+    /// The volume's generation as the controller last gave it: replication batches carry it,
+    /// so the controller can refuse what an out-of-date source sends.
+    private let generationValue = Atomic<UInt64>(0)
+    public var generation: UInt64 {
+        get { generationValue.load(ordering: .relaxed) }
+        set { generationValue.store(newValue, ordering: .relaxed) }
+    }
     public var holdsWrites: Bool { gate.isHeld }
 
     /// Opens `path` read-write (read-only for a volume only scanned). The file must exist; its

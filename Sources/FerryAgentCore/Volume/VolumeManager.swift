@@ -171,6 +171,7 @@ public actor VolumeManager {
         // Recorded before the await below: the actor may serve other calls meanwhile.
         served[spec.name]?.spec.generation = spec.generation
         served[spec.name]?.spec.fenced = spec.fenced
+        entry.volume.generation = spec.generation
         if changed { try persist() }
         if spec.fenced && !entry.volume.isFenced {
             let volume = entry.volume
@@ -373,6 +374,7 @@ public actor VolumeManager {
         let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillPath, spillBytes: spillBytes, activity: activity)
         let scanned = spec.captureMode == .scan
         let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: log, pool: pool, readOnly: scanned)
+        volume.generation = spec.generation
         // Fenced before it is served: the workload never gets a moment of writes here.
         if spec.fenced {
             volume.fence()

@@ -492,8 +492,12 @@ final class ImageFile {
         }
         let regular = !exists || kind == S_IFREG
         target = regular ? path + ".partial" : path
+        // A new file, never one someone else put there (a symlink planted at PATH.partial would
+        // otherwise send a root-run download's bytes wherever it points). A leftover of an
+        // interrupted download is removed first (unlink removes a link, not what it names).
+        if regular { _ = unlink(target) }
         // 0600: the image holds the workload's data.
-        let fd = open(target, O_WRONLY | O_CLOEXEC | (regular ? O_CREAT | O_TRUNC : 0), 0o600)
+        let fd = open(target, O_WRONLY | O_CLOEXEC | (regular ? O_CREAT | O_EXCL | O_NOFOLLOW : 0), 0o600)
         guard fd >= 0 else {
             throw FerryError(.io, "cannot open \(target): \(String(cString: strerror(errno)))")
         }

@@ -20,10 +20,10 @@ struct ExportsCommand: AsyncParsableCommand {
             } else if exports.isEmpty {
                 print("no exports; 'ferryctl volume export HOST/VOLUME' serves one")
             } else {
-                var table = TextTable("id", "volume", "point", "writable", "uri")
+                var table = TextTable("id", "volume", "point", "writable", "for", "uri")
                 for e in exports {
                     table.add(Text.printable(e.id), Text.printable(e.volume), Text.printable(e.point), e.writable ? "yes" : "no",
-                              Text.printable(e.uri))
+                              e.hosts.isEmpty ? "local only" : Text.printable(e.hosts.joined(separator: ",")), Text.printable(e.uri))
                 }
                 print(table.render())
             }

@@ -138,6 +138,10 @@ struct VolumeCommand: AsyncParsableCommand {
         var asOf: String?
         @Flag(help: "Export writable through a copy-on-write overlay (the point itself never changes).")
         var writable = false
+        @Option(name: .customLong("for"), help: ArgumentHelp(
+            "A host that may open the export over NBD+TLS with its own certificate (repeatable). Without it only the controller's local socket serves it.",
+            valueName: "HOST"))
+        var forHosts: [String] = []
         @Option(help: ArgumentHelp("Download the raw image into this file (or block device) instead of exporting it.", valueName: "FILE"))
         var out: String?
         @Flag(help: "With --out: overwrite FILE if it exists.")
@@ -152,7 +156,7 @@ struct VolumeCommand: AsyncParsableCommand {
                 let when = try asOf.map(PointFormat.parse(asOf:))
                 let choice = when == nil ? (point ?? "latest") : nil
                 if let out {
-                    if writable { throw FerryError(.badRequest, "--writable applies to an NBD export, not to --out") }
+                    if writable || !forHosts.isEmpty { throw FerryError(.badRequest, "--writable and --for apply to an NBD export, not to --out") }
                     let started = ContinuousClock.now
                     let result = try await connection.withClient { [choice] client in
                         try await client.downloadImage(host: host, name: name, point: choice, asOf: when, to: out, overwrite: force)
@@ -170,7 +174,8 @@ struct VolumeCommand: AsyncParsableCommand {
                     }
                     return
                 }
-                let request = API.ExportCreateRequest(point: choice, asOf: when, writable: writable ? true : nil)
+                let request = API.ExportCreateRequest(point: choice, asOf: when, writable: writable ? true : nil,
+                                                     hosts: forHosts.isEmpty ? nil : forHosts)
                 let export = try await connection.withClient { try await $0.createExport(host: host, name: name, request) }
                 if output.json {
                     try Console.json(export)
@@ -179,7 +184,8 @@ struct VolumeCommand: AsyncParsableCommand {
                 print(export.uri)
                 Console.note("export \(Text.printable(export.id)): \(Text.printable(export.volume)) at point \(Text.printable(export.point)), "
                              + "\(export.writable ? "writable (copy-on-write)" : "read-only"), opened in "
-                             + String(format: "%.0f ms", export.openMilliseconds))
+                             + String(format: "%.0f ms", export.openMilliseconds) + "; over NBD+TLS for "
+                             + (export.hosts.isEmpty ? "no host (local socket only)" : Text.printable(export.hosts.joined(separator: ", "))))
                 Console.note("remove it with: ferryctl export remove \(Text.printable(export.id))")
             }
         }

@@ -55,12 +55,13 @@ extension APIRoutes {
             let host = try context.parameters.require("host"), name = try context.parameters.require("name")
             let body = try await request.decode(as: API.ExportCreateRequest.self, context: context)
             let export = try await wrap {
+                let principals = try await exportPrincipals(body.hosts ?? [])
                 let (record, replica, hostID) = try await volumeReplica(host: host, name: name)
                 let (position, point) = try await catalogue.resolve(hostID: hostID, hostName: host, volume: record.name, choice: body.point, asOf: body.asOf)
                 let view = try await exports.create(volume: "\(host)/\(name)", replica: replica, position: position, point: point,
-                                                    writable: body.writable ?? false)
+                                                    writable: body.writable ?? false, principals: principals)
                 try await store.audit(actor: who.actor, action: "volume.export", target: "\(host)/\(name)",
-                                      detail: "\(view.id) point=\(point) writable=\(view.writable)")
+                                      detail: "\(view.id) point=\(point) writable=\(view.writable) for=\(view.hosts.isEmpty ? "local-only" : view.hosts.joined(separator: ","))")
                 return view
             }
             return JSONBody(value: export, status: .created)
@@ -118,6 +119,25 @@ extension APIRoutes {
         }
     }
 
+    /// Most hosts one export is made for.
+    static let maxExportHosts = 64
+
+    /// The hosts an export is made for, by id, with their names: each must be enrolled and
+    /// not removed.
+    func exportPrincipals(_ names: [String]) async throws -> [String: String] {
+        guard names.count <= Self.maxExportHosts else {
+            throw FerryError(.badRequest, "an export is made for at most \(Self.maxExportHosts) hosts, not \(names.count)")
+        }
+        var principals: [String: String] = [:]
+        for name in names {
+            guard let host = try await store.host(named: name) else {
+                throw FerryError(.notFound, "no host named '\(name)' (in --for); 'ferryctl hosts' lists them")
+            }
+            principals[host.id] = host.name
+        }
+        return principals
+    }
+
     func hostNames() async throws -> [String: String] {
         Dictionary(uniqueKeysWithValues: try await store.hosts().map { ($0.id, $0.name) })
     }
@@ -136,7 +156,7 @@ extension APIRoutes {
 
     func createGroup(_ body: API.GroupCreateRequest, actor: String) async throws -> API.Group {
         guard HostName.isValid(body.name) else {
-            throw FerryError(.badRequest, "'\(body.name)' is not a valid group name (1-63 characters: letters, digits, '.', '-', '_')")
+            throw FerryError(.badRequest, "'\(body.name)' is not a valid group name (1-63 characters: letters, digits, '.', '-', '_'; not starting with '.')")
         }
         guard !body.volumes.isEmpty, body.volumes.count <= Self.maxGroupVolumes else {
             throw FerryError(.badRequest, "a group has 1 to \(Self.maxGroupVolumes) volumes, not \(body.volumes.count)")

@@ -164,7 +164,14 @@ extension JobRunner {
 
     func fenceSources(_ id: String, plan: RecoveryPlan, planned: Bool) async throws -> String {
         let volumes = try await allSourceVolumes(plan)
-        let generations = try await store.fence(volumes.map { ($0.hostID, $0.volume) }, plan: plan.name, actor: "job \(id)")
+        // Until a source answers, its replication stops at what the replica holds now.
+        var held: [String: ReplicaPosition] = [:]
+        for v in volumes {
+            if let replica = await replicas.opened(hostID: v.hostID, volume: v.volume) { held[v.hostID + "/" + v.volume] = await replica.latestPosition }
+        }
+        let records = try await store.fence(volumes.map { ($0.hostID, $0.volume) }, held: held, plan: plan.name, actor: "job \(id)")
+        for record in records.values { agents.gates.set(record.ingestGate, hostID: record.hostID, volume: record.name) }
+        let generations = records.mapValues { UInt64(max(0, $0.generation)) }
         var fenced: [String: JobContext.Fenced] = [:]
         var unreachable: [String] = []
         // Every host at once; an unplanned failover does not wait long for sources that may be
@@ -197,7 +204,15 @@ extension JobRunner {
         for (host, outcome) in outcomes.sorted(by: { $0.0 < $1.0 }) {
             switch outcome {
             case .success(let answer):
-                for f in answer { fenced[host + "/" + f.volume] = JobContext.Fenced(epoch: f.epoch, lastSequence: f.lastSequence, at: at) }
+                for f in answer {
+                    fenced[host + "/" + f.volume] = JobContext.Fenced(epoch: f.epoch, lastSequence: f.lastSequence, at: at)
+                    // What the source captured before its fence may still land; nothing after.
+                    guard let v = volumes.first(where: { $0.host == host && $0.volume == f.volume }),
+                          let record = try await store.recordFenceAnswer(hostID: v.hostID, name: v.volume,
+                                                                          position: ReplicaPosition(epoch: f.epoch, sequence: f.lastSequence))
+                    else { continue }
+                    agents.gates.set(record.ingestGate, hostID: v.hostID, volume: v.volume)
+                }
             case .failure(let error):
                 if planned { throw FerryError(.unavailable, "cannot fence \(host): \((error as? FerryError)?.message ?? "\(error)"); a planned failover needs every source reachable") }
                 unreachable.append(host)
@@ -287,12 +302,17 @@ extension JobRunner {
     }
 
     /// Serves a recovery's volumes (point image plus its overlay), again after a restart.
+    /// Only the recovery host the job chose may open them over the network.
     func ensureExports(_ record: RecoveryRecord) async throws {
+        var principals: [String: String] = [:]
+        if let host = try await store.host(named: record.recoveryHost) {
+            principals[host.id] = host.name
+        }
         for v in record.volumes where await exports.image(id: v.exportID) == nil {
             let replica = try await replicas.replica(hostID: v.sourceHostID, volume: v.volume, size: v.size)
             _ = try await exports.create(id: v.exportID, volume: v.source, replica: replica,
                                          position: ReplicaPosition(epoch: v.epoch, sequence: v.sequence), point: v.point,
-                                         writable: true, managed: true)
+                                         writable: true, managed: true, principals: principals)
         }
     }
 
@@ -439,6 +459,7 @@ extension JobRunner {
     func unfenceSources(_ id: String, index: Int, plan: RecoveryPlan) async throws -> String {
         let volumes = try await allSourceVolumes(plan)
         try await store.unfence(volumes.map { ($0.hostID, $0.volume) }, plan: plan.name, actor: "job \(id)")
+        for hid in Set(volumes.map(\.hostID)) { agents.gates.load(hostID: hid, try await store.volumes(hostID: hid)) }
         var started: [String: Date] = [:]
         for host in Set(volumes.map(\.host)).sorted() {
             let session = try await session(host)

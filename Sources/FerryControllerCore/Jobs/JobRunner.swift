@@ -306,9 +306,13 @@ public actor JobRunner {
         func done(_ kind: JobStepSpec.Kind) -> Bool {
             zip(s.specs, s.job.steps).contains { $0.kind == kind && $1.state == "done" }
         }
+        func started(_ kind: JobStepSpec.Kind) -> Bool {
+            zip(s.specs, s.job.steps).contains { $0.kind == kind && $1.state != "pending" }
+        }
         switch s.job.operation {
         case .drill: return done(.recover) ? "drill" : nil
-        case .failover, .migrate: return done(.fenceSources) ? "failed-over" : nil
+        // A fence step that failed part way may have fenced some sources: `rollback` undoes it.
+        case .failover, .migrate: return started(.fenceSources) ? "failed-over" : nil
         // Some sinks hold recovered blocks already: only failback (its last passes) may follow.
         case .reprotect: return done(.reverse) ? "reversed" : nil
         default: return nil

@@ -11,11 +11,11 @@ import X509
 /// Serves the point-in-time exports to agents over the network: NBD fixed-newstyle with
 /// STARTTLS (as `nbds://` clients such as libnbd and qemu speak it), TLS 1.3 with a client
 /// certificate of an enrolled, admitted host required. After the TLS handshake the connection
-/// is joined to the controller's local export socket, which does the rest of the negotiation
-/// and the transmission, so both paths serve exactly the same exports.
+/// is joined to the export server (the same one the controller's local socket reaches) with the
+/// host as its principal: it sees and opens only the exports made for that host.
 struct PointExportTLSService: Service {
     let listen: String
-    let exportSocket: String
+    let exports: PointExports
     let tls: NIOSSLContext
     let store: StateStore
     let group: any EventLoopGroup
@@ -25,7 +25,7 @@ struct PointExportTLSService: Service {
 
     func run() async throws {
         let (host, port) = try ConfigText.hostPort(listen)
-        let socket = exportSocket, tls = self.tls, store = self.store, logger = self.logger
+        let exports = self.exports, tls = self.tls, store = self.store, logger = self.logger
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 128)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -33,7 +33,7 @@ struct PointExportTLSService: Service {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
-                        StartTLSNegotiator(tls: tls, exportSocket: socket, store: store, logger: logger))
+                        StartTLSNegotiator(tls: tls, exports: exports, store: store, logger: logger))
                 }
             }
             .bind(host: host, port: port).get()
@@ -63,16 +63,16 @@ final class StartTLSNegotiator: ChannelInboundHandler, RemovableChannelHandler {
     private static let ack: UInt32 = 1, errTLSRequired: UInt32 = 1 << 31 | 5, errInvalid: UInt32 = 1 << 31 | 3
 
     private let tls: NIOSSLContext
-    private let exportSocket: String
+    private let exports: PointExports
     private let store: StateStore
     private let logger: Logger
     private var buffer = ByteBuffer()
     private var flagsRead = false
     private var options = 0
 
-    init(tls: NIOSSLContext, exportSocket: String, store: StateStore, logger: Logger) {
+    init(tls: NIOSSLContext, exports: PointExports, store: StateStore, logger: Logger) {
         self.tls = tls
-        self.exportSocket = exportSocket
+        self.exports = exports
         self.store = store
         self.logger = logger
     }
@@ -142,7 +142,7 @@ final class StartTLSNegotiator: ChannelInboundHandler, RemovableChannelHandler {
         let pipeline = context.pipeline
         do {
             try pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls), position: .before(self))
-            try pipeline.syncOperations.addHandler(ExportJoiner(exportSocket: exportSocket, store: store, logger: logger), position: .after(self))
+            try pipeline.syncOperations.addHandler(ExportJoiner(exports: exports, store: store, logger: logger), position: .after(self))
         } catch {
             context.close(promise: nil)
             return
@@ -156,21 +156,22 @@ final class StartTLSNegotiator: ChannelInboundHandler, RemovableChannelHandler {
 }
 
 /// After the TLS handshake: checks that the client certificate belongs to an admitted host,
-/// connects to the local export socket, skips its greeting, sends the client's flags, and from
-/// then on copies bytes both ways. What the client sends meanwhile is kept and sent first.
+/// hands one end of a socket pair to the export server with that host as the principal, skips
+/// the server's greeting, sends the client's flags, and from then on copies bytes both ways.
+/// What the client sends meanwhile is kept and sent first. A refused host is audited.
 final class ExportJoiner: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    private let exportSocket: String
+    private let exports: PointExports
     private let store: StateStore
     private let logger: Logger
     private var pending: [ByteBuffer] = []
     private var inner: (any Channel)?
     private(set) var joined = false
 
-    init(exportSocket: String, store: StateStore, logger: Logger) {
-        self.exportSocket = exportSocket
+    init(exports: PointExports, store: StateStore, logger: Logger) {
+        self.exports = exports
         self.store = store
         self.logger = logger
     }
@@ -201,25 +202,39 @@ final class ExportJoiner: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func admit(_ context: ChannelHandlerContext) {
-        let channel = context.channel, store = self.store, loop = context.eventLoop, exportSocket = self.exportSocket
+        let channel = context.channel, store = self.store, loop = context.eventLoop, exports = self.exports
         let handler = NIOLoopBound(self, eventLoop: loop)
         let contextBox = NIOLoopBound(context, eventLoop: loop)
-        let promise = loop.makePromise(of: Void.self)
+        let peer = channel.remoteAddress.map(PeerSession.describe) ?? "unknown address"
+        let promise = loop.makePromise(of: NIOBSDSocket.Handle.self)
         promise.completeWithTask {
-            guard let certificate = try await TLSSettings.peerCertificate(of: channel),
-                  let hostID = HostIdentity.hostID(of: certificate) else {
-                throw FerryError(.unauthenticated, "a client certificate of an enrolled host is required")
+            let host: HostRecord
+            do {
+                guard let certificate = try await TLSSettings.peerCertificate(of: channel),
+                      let hostID = HostIdentity.hostID(of: certificate) else {
+                    throw FerryError(.unauthenticated, "a client certificate of an enrolled host is required")
+                }
+                host = try await store.admit(hostID: hostID, serial: HostIdentity.serialString(certificate))
+            } catch {
+                exports.accessLog.record(.refused, host: peer, export: "-", volume: nil)
+                throw error
             }
-            _ = try await store.admit(hostID: hostID, serial: HostIdentity.serialString(certificate))
+            let (ours, theirs) = try Self.socketPair()
+            await exports.serveJoined(connection: theirs, hostID: host.id, hostName: host.name)
+            return ours
         }
-        promise.futureResult.flatMap { () -> EventLoopFuture<any Channel> in
+        promise.futureResult.flatMap { fd -> EventLoopFuture<any Channel> in
             ClientBootstrap(group: loop)
                 .channelInitializer { inner in
                     inner.eventLoop.makeCompletedFuture {
                         try inner.pipeline.syncOperations.addHandler(InnerSide(outer: channel))
                     }
                 }
-                .connect(unixDomainSocketPath: exportSocket)
+                .withConnectedSocket(fd)
+                .flatMapErrorThrowing { error in
+                    close(fd)
+                    throw error
+                }
         }.whenComplete { result in
             let me = handler.value, context = contextBox.value
             switch result {
@@ -234,14 +249,23 @@ final class ExportJoiner: ChannelInboundHandler, RemovableChannelHandler {
                 me.pending = []
                 inner.flush()
             case .failure(let error):
-                me.logger.info("NBD+TLS connection refused", metadata: ["error": "\((error as? FerryError)?.message ?? "\(error)")"])
+                me.logger.info("NBD+TLS connection refused", metadata: ["peer": "\(peer)", "error": "\((error as? FerryError)?.message ?? "\(error)")"])
                 context.close(promise: nil)
             }
         }
     }
+
+    /// A connected pair of local stream sockets: one for the channel, one for the export server.
+    static func socketPair() throws -> (NIOBSDSocket.Handle, NIOBSDSocket.Handle) {
+        var fds: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+            throw FerryError(.io, "cannot make a socket pair for an NBD+TLS connection: \(String(cString: strerror(errno)))")
+        }
+        return (fds[0], fds[1])
+    }
 }
 
-/// The local export socket's side of a joined connection: its greeting is dropped (the client
+/// The export server's side of a joined connection: its greeting is dropped (the client
 /// had one from the negotiator); everything after goes to the client.
 final class InnerSide: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer

@@ -17,16 +17,21 @@ public actor PointExports {
         /// Serves a recovered host (a job made it): not listed, not removable through the API.
         public var managed: Bool
         public var dirty: DirtyBlocks
+        /// Host ids that may open it over the network (NBD+TLS); none: the local socket only.
+        public var principals: Set<String>
     }
 
     public let socketPath: String
     let overlayRoot: String
     let server: NBDServer
+    /// Every open and refusal over the network, for the audit log.
+    let accessLog: ExportAccessLog
     private var entries: [String: Entry] = [:]
 
-    public init(socketPath: String, overlayRoot: String, logger: Logger) {
+    public init(socketPath: String, overlayRoot: String, accessLog: ExportAccessLog = ExportAccessLog(), logger: Logger) {
         self.socketPath = socketPath
         self.overlayRoot = overlayRoot
+        self.accessLog = accessLog
         server = NBDServer(volumes: [], logger: logger)
     }
 
@@ -38,8 +43,10 @@ public actor PointExports {
     /// Opens a point image and serves it. A managed export (a recovered host's volume) keeps
     /// the id and overlay it is given, so it can be opened again after a restart with the
     /// writes it took; its id is an unguessable capability, as hosts reach it over TLS.
+    /// `principals` are the host ids that may open it over NBD+TLS (`hostNames` their names,
+    /// shown in listings); none: only the controller's own local socket serves it.
     public func create(id given: String? = nil, volume: String, replica: ReplicaStore, position: ReplicaPosition, point: String,
-                       writable: Bool, managed: Bool = false) async throws -> API.Export {
+                       writable: Bool, managed: Bool = false, principals: [String: String] = [:]) async throws -> API.Export {
         guard entries.count < 1024 else { throw FerryError(.unavailable, "1024 exports are open already; remove some ('ferryctl exports')") }
         let id = given ?? Self.newID(prefix: "x-")
         guard entries[id] == nil else { throw FerryError(.conflict, "export \(id) is open already") }
@@ -49,15 +56,30 @@ public actor PointExports {
         let view = API.Export(
             id: id, volume: volume, point: point, epoch: position.epoch, sequence: position.sequence, writable: writable,
             uri: "nbd+unix:///\(id)?socket=\(socketPath)", socketPath: socketPath, createdAt: Date(),
-            openMilliseconds: opened.seconds * 1000)
+            openMilliseconds: opened.seconds * 1000, hosts: principals.values.sorted())
         let dirty = DirtyBlocks(blockBytes: UInt64(SinkSync.blockBytes))
-        entries[id] = Entry(view: view, image: image, managed: managed, dirty: dirty)
+        entries[id] = Entry(view: view, image: image, managed: managed, dirty: dirty, principals: Set(principals.keys))
         server.add(PointImageExport(name: id, image: image, dirty: dirty))
         return view
     }
 
-    /// A new export id: 128 random bits, as the id is all an enrolled host needs to reach the
-    /// export over TLS.
+    /// Serves a connection joined from the NBD+TLS listener for an authenticated host: it sees
+    /// and opens only the exports made for that host, and each open and refusal is logged.
+    /// Takes the descriptor.
+    func serveJoined(connection fd: Int32, hostID: String, hostName: String) {
+        let allowed = Set(entries.filter { $0.value.principals.contains(hostID) }.keys)
+        let volumes = entries.mapValues(\.view.volume)
+        let log = accessLog
+        server.serve(connection: fd, access: NBDAccess(allowed: allowed) { event in
+            switch event {
+            case .opened(let name): log.record(.opened, host: hostName, export: name, volume: volumes[name])
+            case .refused(let name): log.record(.refused, host: hostName, export: name, volume: volumes[name])
+            }
+        })
+    }
+
+    /// A new export id: 128 random bits, not guessable (a host still needs to be named as a
+    /// principal of the export to open it).
     public static func newID(prefix: String) -> String {
         var generator = SystemRandomNumberGenerator()
         return prefix + (0..<2).map { _ in String(format: "%016llx", generator.next() as UInt64) }.joined()

@@ -23,6 +23,8 @@ public final class AgentServer: Service, Sendable {
     let onBound: @Sendable (SocketAddress) -> Void
     /// Every open connection, authenticated or not, so shutdown can close them all at once.
     let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
+    /// Which replication records each volume takes (generation and fence).
+    let gates = IngestGates()
 
     init(config: ControllerConfig, pki: ControllerPKI, store: StateStore, registry: SessionRegistry, metrics: ControllerMetrics,
          logger: Logger, group: any EventLoopGroup, replicas: ReplicaManager, onBound: @escaping @Sendable (SocketAddress) -> Void) {
@@ -289,7 +291,10 @@ public final class AgentServer: Service, Sendable {
     func syncVolumes(hostID: String, session: PeerSession, log: Logger) async {
         do {
             var sync = Ferry_V1_SyncVolumes()
-            for record in try await store.volumes(hostID: hostID) {
+            let records = try await store.volumes(hostID: hostID)
+            // Before the list goes out: the agent streams once it has it.
+            gates.load(hostID: hostID, records)
+            for record in records {
                 var spec = record.spec
                 // Where the replica stands, so the agent resumes right after it.
                 let replica = try await replicas.replica(hostID: hostID, volume: record.name, size: UInt64(record.sizeBytes))
@@ -331,6 +336,8 @@ public final class AgentServer: Service, Sendable {
     final class SessionState: Sendable {
         let certificate: Certificate
         let lastInventoryUpdate = Mutex<ContinuousClock.Instant?>(nil)
+        /// Volumes whose records past their fence were refused in this session (told once).
+        let refusedPastFence = Mutex<Set<String>>([])
         init(certificate: Certificate) { self.certificate = certificate }
     }
 
@@ -376,8 +383,23 @@ public final class AgentServer: Service, Sendable {
             } catch let error as FerryError {
                 try await session.send(.error(error.wire), inReplyTo: envelope.id)
             }
-        case .replicationBatch(let batch):
+        case .replicationBatch(var batch):
             let replica = try await protectedReplica(hostID: hostID, volume: batch.volume)
+            var attachments = attachments
+            switch try await ingestGate(hostID: hostID, volume: batch.volume).decide(
+                generation: batch.generation, epoch: batch.epoch, sequences: batch.records.map(\.sequence)) {
+            case .all:
+                break
+            case .prefix(let count, let refused):
+                (batch, attachments) = batch.prefix(count, attachments: attachments)
+                await refusedPastFence(batch.volume, refused: refused, hostName: hostName, session: session, state: state, log: log)
+                if count == 0 { return }
+            case .refuse(let error):
+                log.warning("replication batch refused", metadata: ["volume": "\(batch.volume)", "reason": "\(error.message)"])
+                // The agent reconnects and is handed the current volume list first.
+                await session.close(reason: error.message)
+                return
+            }
             // The session reads on while the batch is made durable (batches queued meanwhile
             // share one fdatasync); the ack follows once it is. A gap or a bad record ends the
             // session: the agent reconnects and resumes from the durable sequence it is told at
@@ -436,6 +458,28 @@ public final class AgentServer: Service, Sendable {
                 log.warning("unexpected message", metadata: ["kind": "\(envelope.bodyName)"])
             }
         }
+    }
+
+    /// A volume's gate; loaded when the host's session starts, from the store if the volume
+    /// came later.
+    func ingestGate(hostID: String, volume: String) async throws -> IngestGate {
+        if let gate = gates.gate(hostID: hostID, volume: volume) { return gate }
+        guard let record = try await store.volumes(hostID: hostID).first(where: { $0.name == volume }) else {
+            throw FerryError(.protocolViolation, "replication for volume '\(volume)', which this host does not protect")
+        }
+        gates.set(record.ingestGate, hostID: hostID, volume: volume)
+        return record.ingestGate
+    }
+
+    /// Records a fenced source captured after its fence (while it was cut off): never applied,
+    /// never acked. Told to the agent, logged and audited once per session and volume.
+    func refusedPastFence(_ volume: String, refused: Int, hostName: String, session: PeerSession, state: SessionState, log: Logger) async {
+        let first = state.refusedPastFence.withLock { $0.insert(volume).inserted }
+        guard first else { return }
+        let error = FerryError(.fenced, "volume \(volume) is fenced for a failover: the \(refused) records it captured after its fence are refused; reprotect makes it a copy of the recovered site")
+        log.warning("replication records past a fence refused", metadata: ["volume": "\(volume)", "records": "\(refused)"])
+        try? await store.audit(actor: "agent:\(hostName)", action: "replication.refused", target: "\(hostName)/\(volume)", detail: error.message)
+        try? await session.send(.error(error.wire))
     }
 
     /// The replica of a volume this host protects; a volume it does not protect is a

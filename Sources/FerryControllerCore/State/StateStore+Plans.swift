@@ -98,6 +98,13 @@ extension StateStore {
                 t.column("record", .blob).notNull()
             }
         }
+        m.registerMigration("v6-volume-fence-position") { db in
+            // Where a fenced volume's replication stops: nothing past it is taken.
+            try db.alter(table: "volume") { t in
+                t.add(column: "fenceEpoch", .integer)
+                t.add(column: "fenceSequence", .integer)
+            }
+        }
     }
 
     // MARK: Plans
@@ -239,21 +246,40 @@ extension StateStore {
     // MARK: Fencing
 
     /// Fences volumes for a failover: a new generation, and the other site owns them now.
-    /// Returns each volume's new generation.
-    func fence(_ volumes: [(hostID: String, name: String)], plan: String, actor: String) async throws -> [String: UInt64] {
+    /// `held` is where each replica stands (by `HOST-ID/VOLUME`): no record past it is taken
+    /// unless the source's fence answer reports more (`recordFenceAnswer`). Returns each
+    /// volume's record as it is now.
+    func fence(_ volumes: [(hostID: String, name: String)], held: [String: ReplicaPosition], plan: String, actor: String) async throws -> [String: VolumeRecord] {
         try await pool.write { db in
-            var generations: [String: UInt64] = [:]
+            var records: [String: VolumeRecord] = [:]
             for v in volumes {
                 guard var record = try VolumeRecord.filter(Column("hostID") == v.hostID && Column("name") == v.name).fetchOne(db) else { continue }
                 if !record.fenced {
                     record.generation += 1
                     record.fenced = true
+                    let position = held[v.hostID + "/" + v.name] ?? ReplicaPosition(epoch: 0, sequence: 0)
+                    record.fenceEpoch = Int64(bitPattern: position.epoch)
+                    record.fenceSequence = Int64(clamping: position.sequence)
                     try record.update(db)
-                    try Self.audit(db, actor: actor, action: "volume.fence", target: v.name, detail: "plan=\(plan) generation=\(record.generation)")
+                    try Self.audit(db, actor: actor, action: "volume.fence", target: v.name,
+                                   detail: "plan=\(plan) generation=\(record.generation) holds=\(position.sequence)")
                 }
-                generations[v.hostID + "/" + v.name] = UInt64(record.generation)
+                records[v.hostID + "/" + v.name] = record
             }
-            return generations
+            return records
+        }
+    }
+
+    /// A fenced source answered: it captured up to `position`, and those records may still
+    /// land (a planned failover drains them). Returns the record as it is now.
+    func recordFenceAnswer(hostID: String, name: String, position: ReplicaPosition) async throws -> VolumeRecord? {
+        try await pool.write { db in
+            guard var record = try VolumeRecord.filter(Column("hostID") == hostID && Column("name") == name).fetchOne(db),
+                  record.fenced else { return nil }
+            record.fenceEpoch = Int64(bitPattern: position.epoch)
+            record.fenceSequence = Int64(clamping: position.sequence)
+            try record.update(db)
+            return record
         }
     }
 
@@ -265,6 +291,8 @@ extension StateStore {
                 guard record.fenced else { continue }
                 record.generation += 1
                 record.fenced = false
+                record.fenceEpoch = nil
+                record.fenceSequence = nil
                 try record.update(db)
                 try Self.audit(db, actor: actor, action: "volume.unfence", target: v.name, detail: "plan=\(plan) generation=\(record.generation)")
             }

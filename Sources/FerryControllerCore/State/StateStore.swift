@@ -325,7 +325,7 @@ extension StateStore {
                 name = requestedName.isEmpty ? hostname : requestedName
             }
             guard HostName.isValid(name) else {
-                throw FerryError(.badRequest, "'\(name)' is not a valid host name (1-63 characters: letters, digits, '.', '-', '_')")
+                throw FerryError(.badRequest, "'\(name)' is not a valid host name (1-63 characters: letters, digits, '.', '-', '_'; not starting with '.')")
             }
             if try HostRecord.filter(Column("name") == name && Column("state") != HostRecord.State.removed).fetchCount(db) > 0 {
                 throw FerryError(.conflict, "a host named '\(name)' is already enrolled; remove it first with 'ferryctl host remove \(name)' or enroll under another name")
@@ -502,8 +502,10 @@ public struct IssuedCertificate: Sendable {
 
 /// Host name rules: what may be used as a name in tables, paths and URLs.
 public enum HostName {
+    /// Names appear in paths (sockets, recovered volumes) and URLs: `.`, `..` and other
+    /// names starting with a dot are refused.
     public static func isValid(_ name: String) -> Bool {
-        (1...63).contains(name.count) && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "." || $0 == "_") }
+        (1...63).contains(name.count) && !name.hasPrefix(".") && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "." || $0 == "_") }
     }
 }
 
@@ -523,6 +525,10 @@ public struct VolumeRecord: Codable, FetchableRecord, PersistableRecord, Sendabl
     /// Bumped by every failover and failback; `fenced` while the other site owns the volume.
     public var generation: Int64 = 0
     public var fenced: Bool = false
+    /// A fenced volume's replication stops here (epoch as its bit pattern): records past it are
+    /// what the old primary took after the fence, and are refused.
+    public var fenceEpoch: Int64?
+    public var fenceSequence: Int64?
 
     var spec: Ferry_V1_VolumeSpec {
         var s = Ferry_V1_VolumeSpec()

@@ -117,7 +117,11 @@ extension API {
         public var asOf: Date?
         /// Through a copy-on-write overlay; the point itself never changes.
         public var writable: Bool?
-        public init(point: String?, asOf: Date?, writable: Bool?) { self.point = point; self.asOf = asOf; self.writable = writable }
+        /// Hosts (names) that may open it over NBD+TLS; none: the controller's local socket only.
+        public var hosts: [String]?
+        public init(point: String?, asOf: Date?, writable: Bool?, hosts: [String]? = nil) {
+            self.point = point; self.asOf = asOf; self.writable = writable; self.hosts = hosts
+        }
     }
 
     public struct Export: Codable, Sendable {
@@ -134,10 +138,13 @@ extension API {
         public var createdAt: Date
         /// How long opening the image took.
         public var openMilliseconds: Double
+        /// Hosts that may open it over NBD+TLS (empty: the local socket only).
+        public var hosts: [String]
         public init(id: String, volume: String, point: String, epoch: UInt64, sequence: UInt64, writable: Bool, uri: String,
-                    socketPath: String, createdAt: Date, openMilliseconds: Double) {
+                    socketPath: String, createdAt: Date, openMilliseconds: Double, hosts: [String] = []) {
             self.id = id; self.volume = volume; self.point = point; self.epoch = epoch; self.sequence = sequence; self.writable = writable
             self.uri = uri; self.socketPath = socketPath; self.createdAt = createdAt; self.openMilliseconds = openMilliseconds
+            self.hosts = hosts
         }
     }
 }

@@ -29,6 +29,8 @@ public struct FerryError: Error, Sendable, CustomStringConvertible, Equatable {
         public static let databaseTooNew = Code("database-too-new")
         /// A hook an agent ran for a job failed or timed out.
         public static let hookFailed = Code("hook-failed")
+        /// The volume was fenced for a failover: this host no longer owns it.
+        public static let fenced = Code("fenced")
     }
 
     public let code: Code
@@ -48,7 +50,7 @@ extension FerryError {
         switch code {
         case .badRequest, .badConfiguration: return .badRequest
         case .unauthenticated: return .unauthenticated
-        case .permissionDenied: return .permissionDenied
+        case .permissionDenied, .fenced: return .permissionDenied
         case .notFound: return .notFound
         case .conflict: return .conflict
         case .unsupported: return .unsupported

@@ -120,6 +120,11 @@ public nonisolated struct Ferry_V1_ReplicationBatch: Sendable {
 
   public var records: [Ferry_V1_ReplicationRecord] = []
 
+  /// The volume's generation as the agent knows it (VolumeSpec.generation). The controller
+  /// refuses records of an older generation than the volume's, and of a volume fenced for a
+  /// failover every record past the sequence its fence reported.
+  public var generation: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -354,7 +359,7 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Ferry_V1_ReplicationBatch: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReplicationBatch"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{1}records\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{1}records\0\u{1}generation\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -365,6 +370,7 @@ nonisolated extension Ferry_V1_ReplicationBatch: SwiftProtobuf.Message, SwiftPro
       case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       case 3: try { try decoder.decodeRepeatedMessageField(value: &self.records) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.generation) }()
       default: break
       }
     }
@@ -380,6 +386,9 @@ nonisolated extension Ferry_V1_ReplicationBatch: SwiftProtobuf.Message, SwiftPro
     if !self.records.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.records, fieldNumber: 3)
     }
+    if self.generation != 0 {
+      try visitor.visitSingularUInt64Field(value: self.generation, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -387,6 +396,7 @@ nonisolated extension Ferry_V1_ReplicationBatch: SwiftProtobuf.Message, SwiftPro
     if lhs.volume != rhs.volume {return false}
     if lhs.epoch != rhs.epoch {return false}
     if lhs.records != rhs.records {return false}
+    if lhs.generation != rhs.generation {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

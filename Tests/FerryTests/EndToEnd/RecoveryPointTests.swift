@@ -81,8 +81,8 @@ struct RecoveryPointTests {
         return try API.decoder().decode([API.Point].self, from: Data(r.stdout.utf8))
     }
 
-    func export(_ controller: ControllerProcess, _ target: String, point: String) async throws -> API.Export {
-        let r = try await controller.ctl("volume", "export", target, "--point", point, "--json")
+    func export(_ controller: ControllerProcess, _ target: String, point: String, for hosts: [String] = []) async throws -> API.Export {
+        let r = try await controller.ctl(["volume", "export", target, "--point", point, "--json"] + hosts.flatMap { ["--for", $0] })
         guard r.status == 0 else { throw FerryError(.internalError, "volume export \(target) --point \(point): \(r)") }
         return try API.decoder().decode(API.Export.self, from: Data(r.stdout.utf8))
     }
@@ -321,7 +321,7 @@ struct RecoveryPointTests {
         c.controller.process.signal(SIGTERM)
     }
 
-    @Test("an enrolled host reads a point-in-time export over NBD with STARTTLS (nbdcopy with its certificate); without a client certificate, or without TLS, it is refused")
+    @Test("an enrolled host reads a point-in-time export made for it over NBD with STARTTLS (nbdcopy with its certificate); without a client certificate, or without TLS, it is refused")
     func exportOverTLS() async throws {
         let c = try await cluster(["db": ["data"]], controllerArguments: ["--nbd-tls-listen", "127.0.0.1:0"])
         let w = try await run("/usr/bin/qemu-io", ["-f", "raw", "-t", "none", "-c", "write -P 0x5a 1M 2M", c.uris["db/data"]!])
@@ -332,7 +332,7 @@ struct RecoveryPointTests {
         #expect(r.status == 0, "\(r)")
         let point = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(try await eventually(timeout: .seconds(20)) { try await points(c.controller, "g").allSatisfy { $0.complete } })
-        let export = try await self.export(c.controller, "db/data", point: point)
+        let export = try await self.export(c.controller, "db/data", point: point, for: ["db"])
         let address = try String(contentsOfFile: c.controller.dataDir + "/nbd-tls-listen.addr", encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)
 

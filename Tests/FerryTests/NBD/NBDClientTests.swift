@@ -302,7 +302,7 @@ struct NBDClientTests {
         #expect(r.status == 0, "\(r)")
         let point = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(try await eventually(timeout: .seconds(20)) { try await points.points(c.controller, "g").allSatisfy { $0.complete } })
-        let export = try await points.export(c.controller, "db/data", point: point)
+        let export = try await points.export(c.controller, "db/data", point: point, for: ["db"])
         let address = try String(contentsOfFile: c.controller.dataDir + "/nbd-tls-listen.addr", encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)
         let colon = try #require(address.lastIndex(of: ":"))
