@@ -38,14 +38,16 @@ public struct Controller: Sendable {
         replicaPool.start()
         let replicas = ReplicaManager(root: config.dataDir + "/replicas", pool: replicaPool,
                                       retention: config.replicaRetention, journalLimit: Int64(config.replicaJournalMax))
+        let exportConnections = ExportConnections()
         let agents = AgentServer(config: config, pki: pki, store: store, registry: registry, metrics: metrics, logger: logger, group: group,
-                                 replicas: replicas) { address in
+                                 replicas: replicas, exportConnections: exportConnections) { address in
             // Tests and scripts read the bound port from here (the configured port may be 0).
             try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/agent-listen.addr")
         }
         let coordinator = CutCoordinator(store: store, registry: registry, replicas: replicas, metrics: metrics, logger: logger)
         let catalogue = PointCatalogue(store: store, replicas: replicas)
-        let exports = PointExports(socketPath: config.dataDir + "/exports.sock", overlayRoot: config.dataDir + "/overlays", logger: logger)
+        let exports = PointExports(socketPath: config.dataDir + "/exports.sock", overlayRoot: config.dataDir + "/overlays",
+                                   connections: exportConnections, logger: logger)
         let exportPort = BoundPort()
         let reverse = ReverseStreams(exports: exports, registry: registry, store: store, logger: logger)
         let jobs = JobRunner(store: store, registry: registry, replicas: replicas, catalogue: catalogue, exports: exports, agents: agents,

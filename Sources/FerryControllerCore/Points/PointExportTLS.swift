@@ -193,6 +193,7 @@ final class ExportJoiner: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         inner?.close(promise: nil)
+        exports.connections.remove(context.channel)
         context.fireChannelInactive()
     }
 
@@ -209,15 +210,27 @@ final class ExportJoiner: ChannelInboundHandler, RemovableChannelHandler {
         let promise = loop.makePromise(of: NIOBSDSocket.Handle.self)
         promise.completeWithTask {
             let host: HostRecord
+            let certificate: Certificate
             do {
-                guard let certificate = try await TLSSettings.peerCertificate(of: channel),
-                      let hostID = HostIdentity.hostID(of: certificate) else {
+                guard let presented = try await TLSSettings.peerCertificate(of: channel),
+                      let hostID = HostIdentity.hostID(of: presented) else {
                     throw FerryError(.unauthenticated, "a client certificate of an enrolled host is required")
                 }
+                certificate = presented
                 host = try await store.admit(hostID: hostID, serial: HostIdentity.serialString(certificate))
             } catch {
                 exports.accessLog.record(.refused, host: peer, export: "-", volume: nil)
                 throw error
+            }
+            // Revocation and expiry end the connection: removing the host or superseding this
+            // certificate closes it (ExportConnections), and so does the certificate's end.
+            guard exports.connections.add(channel, hostID: host.id, serial: HostIdentity.serialString(certificate)) else {
+                exports.accessLog.record(.refused, host: host.name, export: "-", volume: nil)
+                throw FerryError(.unavailable, "host \(host.name) holds \(exports.connections.maxPerHost) NBD+TLS connections already")
+            }
+            let lifetime = certificate.notValidAfter.timeIntervalSinceNow
+            channel.eventLoop.scheduleTask(in: .milliseconds(Int64(max(0, min(lifetime, 400 * 86_400)) * 1000))) {
+                channel.close(promise: nil)
             }
             let (ours, theirs) = try Self.socketPair()
             await exports.serveJoined(connection: theirs, hostID: host.id, hostName: host.name)

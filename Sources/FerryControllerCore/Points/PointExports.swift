@@ -26,12 +26,16 @@ public actor PointExports {
     let server: NBDServer
     /// Every open and refusal over the network, for the audit log.
     let accessLog: ExportAccessLog
+    /// Live connections over the network, by host.
+    public let connections: ExportConnections
     private var entries: [String: Entry] = [:]
 
-    public init(socketPath: String, overlayRoot: String, accessLog: ExportAccessLog = ExportAccessLog(), logger: Logger) {
+    public init(socketPath: String, overlayRoot: String, accessLog: ExportAccessLog = ExportAccessLog(),
+                connections: ExportConnections = ExportConnections(), logger: Logger) {
         self.socketPath = socketPath
         self.overlayRoot = overlayRoot
         self.accessLog = accessLog
+        self.connections = connections
         server = NBDServer(volumes: [], logger: logger)
     }
 

@@ -26,9 +26,14 @@ public final class AgentServer: Service, Sendable {
     /// Which replication records each volume takes (generation and fence).
     let gates = IngestGates()
 
+    /// The hosts' NBD+TLS connections: revoking a host's certificates ends them too.
+    let exportConnections: ExportConnections
+
     init(config: ControllerConfig, pki: ControllerPKI, store: StateStore, registry: SessionRegistry, metrics: ControllerMetrics,
-         logger: Logger, group: any EventLoopGroup, replicas: ReplicaManager, onBound: @escaping @Sendable (SocketAddress) -> Void) {
+         logger: Logger, group: any EventLoopGroup, replicas: ReplicaManager, exportConnections: ExportConnections = ExportConnections(),
+         onBound: @escaping @Sendable (SocketAddress) -> Void) {
         self.replicas = replicas
+        self.exportConnections = exportConnections
         self.config = config
         self.pki = pki
         self.store = store
@@ -232,6 +237,9 @@ public final class AgentServer: Service, Sendable {
             let inventory = Data(try hello.inventory.serializedBytes() as [UInt8])
             _ = try await store.recordSessionStart(hostID: hostID, serial: serial, address: session.remoteDescription,
                                                    agentVersion: hello.agentVersion, inventory: inventory)
+            // Older certificates of this host are revoked now: what they still hold ends.
+            let closed = exportConnections.close(hostID: hostID, keeping: serial)
+            if closed > 0 { log.info("NBD+TLS connections of superseded certificates closed", metadata: ["count": "\(closed)"]) }
         } catch let error as FerryError {
             await reject(session, error, inReplyTo: first.id, reason: error.code == .revoked ? "revoked" : "bad-hello", log: log)
             return
@@ -265,6 +273,15 @@ public final class AgentServer: Service, Sendable {
         // The controller owns the volume list: every session starts by handing it over.
         let sync = Task { await self.syncVolumes(hostID: hostID, session: session, log: log) }
         defer { sync.cancel() }
+        // A session lives no longer than its certificate (the agent reconnects with its
+        // renewed one, which supersedes this one).
+        let notAfter = certificate.notValidAfter
+        let expiry = Task {
+            try await Task.sleep(for: .seconds(max(0, min(notAfter.timeIntervalSinceNow, 400 * 86_400))))
+            log.info("session ends: its certificate expired")
+            await session.close(reason: "the host's certificate expired; reconnect with the renewed one")
+        }
+        defer { expiry.cancel() }
         do {
             try await session.run(inbound: &messages, heartbeatInterval: config.heartbeatInterval, logger: log) { envelope, attachments in
                 try await self.handle(envelope, attachments: attachments, hostID: hostID, hostName: host.name, session: session, state: state, log: log)
@@ -492,8 +509,9 @@ public final class AgentServer: Service, Sendable {
         return try await replicas.replica(hostID: hostID, volume: record.name, size: UInt64(record.sizeBytes))
     }
 
-    /// Closes the live session of a host, if any (used on revocation).
+    /// Closes the live session and NBD+TLS connections of a host (used on revocation).
     func disconnect(hostID: String, reason: String) async {
+        exportConnections.close(hostID: hostID)
         if let entry = await registry.entry(hostID: hostID) {
             await entry.session.close(reason: reason)
         }
