@@ -1,5 +1,6 @@
 import FerryWire
 import Foundation
+import Glibc
 import Logging
 import NIOCore
 import NIOPosix
@@ -159,8 +160,9 @@ final class StartTLSNegotiator: ChannelInboundHandler, RemovableChannelHandler {
 /// hands one end of a socket pair to the export server with that host as the principal, skips
 /// the server's greeting, sends the client's flags, and from then on copies bytes both ways.
 /// What the client sends meanwhile is kept and sent first. A refused host is audited.
-final class ExportJoiner: ChannelInboundHandler, RemovableChannelHandler {
+final class ExportJoiner: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private let exports: PointExports
@@ -184,11 +186,29 @@ final class ExportJoiner: ChannelInboundHandler, RemovableChannelHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let bytes = unwrapInboundIn(data)
         if joined, let inner {
-            inner.writeAndFlush(bytes, promise: nil)
+            inner.write(bytes, promise: nil)
         } else {
             pending.append(bytes)
             if pending.reduce(0, { $0 + $1.readableBytes }) > 64 << 10 { context.close(promise: nil) }
         }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        inner?.flush()
+        context.fireChannelReadComplete()
+    }
+
+    // Backpressure both ways: the client is read only while the export server's side takes
+    // more, and (InnerSide) the export server only while the client takes its replies, so a
+    // client that never reads holds at most a few socket buffers of the controller's memory.
+    func read(context: ChannelHandlerContext) {
+        if let inner, !inner.isWritable { return }
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { inner?.read() }
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -245,7 +265,7 @@ final class ExportJoiner: ChannelInboundHandler, RemovableChannelHandler {
                 }
                 .withConnectedSocket(fd)
                 .flatMapErrorThrowing { error in
-                    close(fd)
+                    _ = Glibc.close(fd)
                     throw error
                 }
         }.whenComplete { result in
@@ -280,8 +300,9 @@ final class ExportJoiner: ChannelInboundHandler, RemovableChannelHandler {
 
 /// The export server's side of a joined connection: its greeting is dropped (the client
 /// had one from the negotiator); everything after goes to the client.
-final class InnerSide: ChannelInboundHandler {
+final class InnerSide: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private let outer: any Channel
@@ -297,7 +318,23 @@ final class InnerSide: ChannelInboundHandler {
             greetingLeft -= skip
             guard bytes.readableBytes > 0 else { return }
         }
-        outer.writeAndFlush(bytes, promise: nil)
+        outer.write(bytes, promise: nil)
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        outer.flush()
+        context.fireChannelReadComplete()
+    }
+
+    /// Reads the export server's replies only while the client takes them.
+    func read(context: ChannelHandlerContext) {
+        if !outer.isWritable { return }
+        context.read()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { outer.read() }
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {

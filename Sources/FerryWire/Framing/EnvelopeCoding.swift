@@ -5,6 +5,7 @@ extension Ferry_V1_Envelope {
     /// Decodes one frame. Unknown fields are kept, so a newer peer's additions do not fail here;
     /// a frame that is not a valid Envelope is a protocol violation.
     public init(frame: ByteBuffer) throws {
+        try MessageBudget.check(frame)
         do {
             try self.init(serializedBytes: ProtobufBytes(frame))
         } catch {

@@ -10,6 +10,9 @@ import X509
 /// `openssl s_client` for TLS, a raw socket for plain TCP, `ferry-agent enroll` for tokens.
 @Suite("bad input on the agent listener")
 struct BadInputTests {
+    static let frameSession = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("tools/frame_session.py").path
+
     /// One controller with one healthy agent, shared by the cases of a test; after every case the
     /// agent must still be online.
     struct Fixture {
@@ -109,6 +112,26 @@ struct BadInputTests {
         #expect(refused.count == 2, "\(r4)")
         #expect(refused.last?.error.code == .protocolViolation)
         #expect(refused.last?.error.message.contains("attached frames") == true, "\(refused)")
+
+        // Ten million empty records in one 20 MB batch (under the 40 MiB cap) would cost
+        // gigabytes decoded: refused from the raw bytes, before decoding, with the session.
+        // Sent once the welcome has raised the frame cap.
+        let hello = f.dir.file("hello.frames"), flood = f.dir.file("flood.frames")
+        try Data(Frames.envelope(.hello(f.hello()), id: 1)).write(to: URL(fileURLWithPath: hello))
+        try Data(Frames.raw(MessageBudgetTests.emptyRecordsBatch(count: 10_000_000))).write(to: URL(fileURLWithPath: flood))
+        let certPath = f.dir.file("healthy.pem"), keyPath = f.dir.file("healthy.key")
+        try PEMFiles.writePublic(try PEMFiles.pem(f.identity.certificate), to: certPath)
+        try PEMFiles.writeSecret(try PEMFiles.pem(f.identity.privateKey), to: keyPath)
+        let before = try f.controller.process.residentBytes()
+        let r5 = try await run(RecoveryPointTests.python, [BadInputTests.frameSession, f.controller.agentAddress, f.controller.caPath, certPath, keyPath,
+                                                           ControllerIdentity.serverName, hello, flood], timeout: .seconds(90))
+        let flooded = try Frames.split(r5.stdoutBytes).filter { if case .command = $0.body { return false } else { return true } }
+        #expect(flooded.count == 2, "\(r5)")
+        #expect(flooded.last?.error.code == .protocolViolation)
+        #expect(flooded.last?.error.message.contains("before it is decoded") == true, "\(flooded)")
+        let grown = Int64(try f.controller.process.peakResidentBytes()) - Int64(before)
+        print("controller peak RSS growth while refusing 10^7 empty records: \(grown >> 20) MiB")
+        #expect(grown < 256 << 20, "decoding was attempted: the controller grew by \(grown >> 20) MiB")
 
         // The first message of a session must be hello.
         let (notHello, _) = try await f.opensslSend(Frames.envelope(.heartbeat(.init()), id: 3), certificate: f.identity.certificate, key: f.identity.privateKey)

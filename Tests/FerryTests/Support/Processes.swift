@@ -68,6 +68,19 @@ final class ChildProcess: Sendable {
 
     func signal(_ sig: Int32) { if isRunning { kill(pid, sig) } }
 
+    /// Resident memory now (VmRSS) and at its peak (VmHWM), from /proc.
+    func residentBytes() throws -> UInt64 { try statusKilobytes("VmRSS:") << 10 }
+    func peakResidentBytes() throws -> UInt64 { try statusKilobytes("VmHWM:") << 10 }
+
+    private func statusKilobytes(_ key: String) throws -> UInt64 {
+        let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix(key) }),
+              let kb = UInt64(line.dropFirst(key.count).trimmingCharacters(in: .whitespaces).split(separator: " ").first ?? "") else {
+            throw FerryError(.internalError, "no \(key) in /proc/\(pid)/status")
+        }
+        return kb
+    }
+
     /// The exit status (or signal number for a signalled process), or nil if it is still running
     /// after `timeout`.
     func waitForExit(timeout: Duration) async -> Int32? {
