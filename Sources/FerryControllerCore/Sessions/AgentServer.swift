@@ -23,6 +23,9 @@ public final class AgentServer: Service, Sendable {
     let onBound: @Sendable (SocketAddress) -> Void
     /// Every open connection, authenticated or not, so shutdown can close them all at once.
     let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
+    /// Volumes (host id, name, path) an agent serves outside its protect-allow list that this
+    /// controller run has audited already: once per run, not at every reconnection.
+    let auditedOutsideAllowlist = Mutex<Set<String>>([])
 
     init(config: ControllerConfig, pki: ControllerPKI, store: StateStore, registry: SessionRegistry, metrics: ControllerMetrics,
          logger: Logger, group: any EventLoopGroup, replicas: ReplicaManager, onBound: @escaping @Sendable (SocketAddress) -> Void) {
@@ -308,6 +311,13 @@ public final class AgentServer: Service, Sendable {
             }
             for failed in statuses.volumes where !failed.error.isEmpty {
                 log.error("agent cannot serve a protected volume", metadata: ["volume": "\(failed.name)", "error": "\(failed.error)"])
+            }
+            for outside in statuses.volumes where !outside.outsideAllowlist.isEmpty {
+                log.warning("agent serves a volume outside its protect-allow list", metadata: ["volume": "\(outside.name)", "reason": "\(outside.outsideAllowlist)"])
+                guard auditedOutsideAllowlist.withLock({ $0.insert("\(hostID)/\(outside.name)/\(outside.path)").inserted }),
+                      let host = try await store.hosts().first(where: { $0.id == hostID }) else { continue }
+                try await store.audit(actor: "agent:\(host.name)", action: "volume.outside-protect-allow", target: "\(host.name)/\(outside.name)",
+                                      detail: outside.outsideAllowlist)
             }
             try await store.recordVolumeSockets(hostID: hostID, statuses.volumes)
         } catch {
