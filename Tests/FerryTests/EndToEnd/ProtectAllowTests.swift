@@ -21,7 +21,7 @@ struct ProtectAllowTests {
         #expect(try await controller.waitFor("db", state: "online"))
         let dataDir = dir.path + "/agent-db"
         let volumes = dataDir + "/volumes"
-        #expect(try await eventually(timeout: .seconds(10), every: .milliseconds(100)) { FileManager.default.fileExists(atPath: volumes) })
+        #expect(await eventually(timeout: .seconds(10), every: .milliseconds(100)) { FileManager.default.fileExists(atPath: volumes) })
 
         // A secret of the host's, outside the data dir.
         let secret = dir.file("shadow")
