@@ -48,6 +48,8 @@ trap cleanup EXIT
 # Room for the volume, the spill file, the replica, its base image and the default 8 GiB journal.
 mount -t tmpfs -o size=14G ferry-bench "$work"
 mkdir -p "$work/results"
+# The bench's images live in its work dir, not under the agents' data dirs: the host allows it.
+printf 'protect-allow: ["%s/"]\n' "$work" >"$work/agent.yaml"
 
 wait_for() { # wait_for SECONDS COMMAND...
   local deadline=$((SECONDS + $1)); shift
@@ -115,7 +117,7 @@ if want replication; then
   token="$("$bin/ferryctl" token create --host bench 2>/dev/null)"
   FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$work/controller/agent-listen.addr")" \
     --data-dir "$work/agent" >/dev/null || die "enroll failed"
-  "$bin/ferry-agent" run --data-dir "$work/agent" >"$work/agent.log" 2>&1 &
+  "$bin/ferry-agent" run --data-dir "$work/agent" --config "$work/agent.yaml" >"$work/agent.log" 2>&1 &
   pids+=($!)
   wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q 'bench .*online'" || die "agent did not come online"
   "$bin/ferryctl" protect bench --volume bench --path "$work/vol.img" --create-size "$size" >&2 || die "protect failed"
@@ -165,7 +167,7 @@ if want points; then
     token="$("$bin/ferryctl" token create --host "$host" 2>/dev/null)"
     FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$work/points/agent-listen.addr")" \
       --data-dir "$work/agent-$host" >/dev/null || die "enroll $host failed"
-    "$bin/ferry-agent" run --data-dir "$work/agent-$host" >"$work/agent-$host.log" 2>&1 &
+    "$bin/ferry-agent" run --data-dir "$work/agent-$host" --config "$work/agent.yaml" >"$work/agent-$host.log" 2>&1 &
     pids+=($!)
     wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q '$host .*online'" || die "agent $host did not come online"
     for v in 1 2 3 4; do
@@ -239,7 +241,7 @@ if want rto; then
   rm -rf "$work/points" "$work"/agent-* "$work"/*.img
   : >"$work/results/rto.txt"
   echo "drills $rto_drills" >>"$work/results/rto.txt"
-  printf 'hooks:\n  start: "true"\n  stop: "true"\n' >"$work/rto-hooks.yaml"
+  printf 'hooks:\n  start: "true"\n  stop: "true"\nprotect-allow: ["%s/"]\n' "$work" >"$work/rto-hooks.yaml"
   cat >"$work/rto-plan.yaml" <<'YAML'
 name: bench
 description: three groups, 16 volumes, hooks that do nothing

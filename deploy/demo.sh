@@ -217,9 +217,11 @@ for h in "${hosts[@]}"; do
   info "stored: $(cd "$adir" && ls | tr '\n' ' ')"
 done
 
-step "start both agents (ferry-agent run)"
+step "start both agents (ferry-agent run); each may protect only what its protect-allow lists"
+# The demo's images live in one directory outside the agents' data dirs: the host allows it.
+printf 'protect-allow: ["%s/volumes/", unused-block-devices]\n' "$work" >"$work/agent.yaml"
 for h in "${hosts[@]}"; do
-  start "agent $h" "$work/agent-$h.log" "$agent" run --data-dir "$work/$h"
+  start "agent $h" "$work/agent-$h.log" "$agent" run --data-dir "$work/$h" --config "$work/agent.yaml"
 done
 
 step "wait until the controller reports ${hosts[*]} online"

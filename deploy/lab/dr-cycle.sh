@@ -416,6 +416,8 @@ for h in "${AGENTS[@]}"; do
 hooks:
   start: "$work/hooks/hook.sh start $h"
   stop: "$work/hooks/hook.sh stop $h"
+# The volumes live in the lab's work dir, not under the agent's data dir.
+protect-allow: ["$work/volumes/$h/"]
 YAML
 done
 

@@ -118,9 +118,15 @@ public struct AgentCommand: AsyncParsableCommand {
                 // Volume I/O has threads of its own, never the event loops'.
                 let pool = NIOThreadPool(numberOfThreads: settings.ioThreads)
                 pool.start()
+                let allow = try settings.protectAllow
                 let volumes = VolumeManager(dataDir: settings.dataDir, socketDirectory: settings.socketDirectory, pool: pool, logger: logger,
                                             changeLogBytes: Int(settings.changeLogMemory), spillBytes: Int64(settings.changeLogSpill),
-                                            tcpListen: try settings.nbdTCP.map { try ConfigText.hostPort($0) })
+                                            tcpListen: try settings.nbdTCP.map { try ConfigText.hostPort($0) },
+                                            allow: allow, hostName: identity.info.hostName, configPath: settings.configPath)
+                // The default place for images the controller asks to create.
+                try? FileManager.default.createDirectory(atPath: settings.dataDir + "/volumes", withIntermediateDirectories: true,
+                                                         attributes: [.posixPermissions: 0o700])
+                logger.info("protect-allow", metadata: ["list": "\(allow.description)"])
                 // Serve the remembered volumes before the controller is even dialled.
                 await volumes.start()
                 let session = AgentSession(identity: identity, config: settings, logger: logger, volumes: volumes)

@@ -30,6 +30,15 @@ public struct AgentConfig: Sendable {
     /// Hooks the controller may ask for by name (quiesce, thaw, later start and stop): each a
     /// command line run with `/bin/sh -c`. The controller never sends a command, only a name.
     public var hooks: [String: String] = [:]
+    /// What the controller may have this agent protect (open, create, write); nil: the default,
+    /// `DATA-DIR/volumes/` and block devices not in use.
+    public var protectAllowEntries: [String]?
+    /// The config file these settings came from, named in refusals so the operator knows where to look.
+    public var configPath: String?
+
+    public var protectAllow: ProtectAllow {
+        get throws { try protectAllowEntries.map { try ProtectAllow(entries: $0) } ?? .defaults(dataDir: dataDir) }
+    }
 
     public var socketDirectory: String { socketDir ?? dataDir + "/sockets" }
 
@@ -49,17 +58,19 @@ public struct AgentConfig: Sendable {
         var changeLogSpill: String?
         var nbdTCP: String?
         var hooks: [String: String]?
+        var protectAllow: [String]?
 
         enum CodingKeys: String, CodingKey, CaseIterable {
             case dataDir = "data-dir", controller, name, reconnectInitialDelay = "reconnect-initial-delay"
             case reconnectMaxDelay = "reconnect-max-delay", inventoryInterval = "inventory-interval", logLevel = "log-level"
             case socketDir = "socket-dir", ioThreads = "io-threads", changeLogMemory = "change-log-memory", changeLogSpill = "change-log-spill"
-            case nbdTCP = "nbd-tcp", hooks
+            case nbdTCP = "nbd-tcp", hooks, protectAllow = "protect-allow"
         }
     }
 
     public mutating func apply(file path: String) throws {
         let f = try ConfigText.load(File.self, path: path)
+        configPath = path
         if let v = f.dataDir { dataDir = v }
         if let v = f.controller { controller = v }
         if let v = f.name { name = v }
@@ -73,6 +84,7 @@ public struct AgentConfig: Sendable {
         if let v = f.changeLogSpill { changeLogSpill = try ConfigText.byteSize(v) }
         if let v = f.nbdTCP { nbdTCP = v }
         if let v = f.hooks { hooks = v }
+        if let v = f.protectAllow { protectAllowEntries = v }
     }
 
     public func validate() throws {
@@ -104,6 +116,7 @@ public struct AgentConfig: Sendable {
                 throw FerryError(.badConfiguration, "hook '\(name)' has an empty command")
             }
         }
+        _ = try protectAllow
         guard inventoryInterval >= .seconds(1) else {
             throw FerryError(.badConfiguration, "inventory-interval must be at least 1s")
         }

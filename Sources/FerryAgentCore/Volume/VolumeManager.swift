@@ -23,6 +23,9 @@ public actor VolumeManager {
         /// Made here just now, sparse: it reads as zeroes like a new replica, so the first
         /// initial sync has nothing to compare.
         var createdEmpty = false
+        /// Why its path is outside `protect-allow`, for a volume served only because it was
+        /// protected before the list existed (reported to the controller, which audits it).
+        var outsideAllowlist: String?
     }
 
     let listPath: String
@@ -39,9 +42,21 @@ public actor VolumeManager {
     private var tcpServer: NBDServer?
     private var tcpTask: Task<Void, any Error>?
     private var tcpAddress: String?
+    /// What the controller may have this agent open and write.
+    let allow: ProtectAllow
+    /// This host's name and config file, for refusals the operator reads through ferryctl.
+    let hostName: String
+    let configPath: String?
+    /// Volumes the data dir listed at start (name to path): served even outside `allow`, so an
+    /// upgrade that brings the list takes no disk away. Anything else must be allowed.
+    private var remembered: [String: String] = [:]
 
     public init(dataDir: String, socketDirectory: String, pool: NIOThreadPool, logger: Logger,
-                changeLogBytes: Int = 64 << 20, spillBytes: Int64 = 1 << 30, tcpListen: (host: String, port: Int)? = nil) {
+                changeLogBytes: Int = 64 << 20, spillBytes: Int64 = 1 << 30, tcpListen: (host: String, port: Int)? = nil,
+                allow: ProtectAllow, hostName: String, configPath: String?) {
+        self.allow = allow
+        self.hostName = hostName
+        self.configPath = configPath
         self.tcpListen = tcpListen
         self.changeLogBytes = changeLogBytes
         self.spillBytes = spillBytes
@@ -75,6 +90,7 @@ public actor VolumeManager {
         guard let data = FileManager.default.contents(atPath: listPath) else { return }
         do {
             let specs = try JSONDecoder().decode([Remembered].self, from: data).map(\.spec)
+            remembered = Dictionary(specs.map { ($0.name, $0.path) }, uniquingKeysWith: { a, _ in a })
             _ = await sync(specs)
         } catch {
             logger.error("cannot read \(listPath); volumes will be served once the controller sends them", metadata: ["error": "\(error)"])
@@ -113,6 +129,7 @@ public actor VolumeManager {
             unlink(entry.socket)
             unlink(entry.activity.path)
             served[name] = nil
+            remembered[name] = nil
             logger.info("volume no longer protected", metadata: ["volume": "\(name)"])
         }
         var statuses: [Ferry_V1_VolumeStatus] = []
@@ -361,6 +378,19 @@ public actor VolumeManager {
             throw FerryError(.badRequest, "'\(spec.name)' is not a valid volume name (1-63 characters: letters, digits, '.', '-', '_')")
         }
         guard spec.path.hasPrefix("/") else { throw FerryError(.badRequest, "volume path must be absolute, not '\(spec.path)'") }
+        // Before anything is opened or created: the host decides what may be written.
+        let allow = self.allow
+        let (resolved, refusal) = try await pool.runIfActive { allow.check(spec.path) }
+        var outside: String?
+        if let refusal {
+            let shown = resolved == spec.path ? spec.path : "\(spec.path) (\(resolved))"
+            guard remembered[spec.name] == spec.path, spec.createSizeBytes == 0 else {
+                throw FerryError(.permissionDenied, "host \(hostName) does not allow protecting \(shown): \(refusal); add it to protect-allow in \(configPath ?? "its agent configuration (ferry-agent run --config)") on that host")
+            }
+            outside = "\(shown) is outside protect-allow: \(refusal); served because it was protected before; add it to protect-allow in \(configPath ?? "the agent configuration")"
+            logger.warning("volume served although its path is outside protect-allow (it was protected before the list existed); add it to protect-allow",
+                           metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "reason": "\(refusal)"])
+        }
         let created = try Self.prepare(path: spec.path, createSize: spec.createSizeBytes)
         let spillDirectory = (listPath as NSString).deletingLastPathComponent + "/spill"
         try FileManager.default.createDirectory(atPath: spillDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
@@ -402,7 +432,7 @@ public actor VolumeManager {
             // The workload uses the device directly; the agent only reads it, every interval.
             logger.info("volume protected by scanning", metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "interval": "\(spec.scanIntervalSeconds)s"])
             return Served(spec: recorded, volume: volume, log: log, activity: activity, tracker: tracker, socket: "",
-                          server: Task {}, historyKnown: activity.existed, createdEmpty: created)
+                          server: Task {}, historyKnown: activity.existed, createdEmpty: created, outsideAllowlist: outside)
         }
         try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let socket = socketDirectory + "/" + spec.name + ".sock"
@@ -413,7 +443,7 @@ public actor VolumeManager {
         await exportOverTCP(volume)
         logger.info("volume exported", metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "bytes": "\(volume.size)", "socket": "\(socket)"])
         return Served(spec: recorded, volume: volume, log: log, activity: activity, tracker: tracker, socket: socket, server: task,
-                      historyKnown: activity.existed, createdEmpty: created)
+                      historyKnown: activity.existed, createdEmpty: created, outsideAllowlist: outside)
     }
 
     /// Adds the volume to the loopback TCP export, starting it with the first volume. A port
@@ -475,6 +505,7 @@ public actor VolumeManager {
         if let tcpAddress { s.tcpAddress = tcpAddress }
         s.lastSequence = entry.log.last
         s.epoch = entry.log.epoch
+        if let outside = entry.outsideAllowlist { s.outsideAllowlist = outside }
         return s
     }
 

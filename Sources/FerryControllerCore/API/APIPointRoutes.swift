@@ -80,7 +80,7 @@ extension APIRoutes {
             return Response(status: .noContent)
         }
         v1.get("volumes/:host/:name/image") { request, context in
-            _ = try context.require(.operator)
+            let who = try context.require(.operator)
             let host = try context.parameters.require("host"), name = try context.parameters.require("name")
             let choice = request.uri.queryParameters.get("point")
             var asOf: Date?
@@ -93,7 +93,15 @@ extension APIRoutes {
             let (image, point) = try await wrap {
                 let (record, replica, hostID) = try await volumeReplica(host: host, name: name)
                 let (position, point) = try await catalogue.resolve(hostID: hostID, hostName: host, volume: record.name, choice: choice, asOf: asOf)
-                return (try await replica.openImage(at: position), point)
+                let image = try await replica.openImage(at: position)
+                // A download carries a whole disk off the controller: who took which point is recorded.
+                do {
+                    try await store.audit(actor: who.actor, action: "volume.download", target: "\(host)/\(name)", detail: "point=\(point)")
+                } catch {
+                    try? image.close()
+                    throw error
+                }
+                return (image, point)
             }
             let pool = replicas.pool
             let size = image.size

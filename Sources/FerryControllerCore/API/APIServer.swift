@@ -252,7 +252,15 @@ struct APIRoutes {
         spec.initialSyncRequired = true
         spec.captureMode = mode == "scan" ? .scan : .export
         spec.scanIntervalSeconds = UInt32(interval)
-        let result = try await entry.session.command("protect", timeout: .seconds(30)) { $0.protectVolume.volume = spec }
+        let result: Ferry_V1_CommandResult
+        do {
+            result = try await entry.session.command("protect", timeout: .seconds(30)) { $0.protectVolume.volume = spec }
+        } catch let error as FerryError where error.code == .permissionDenied {
+            // The host's protect-allow list refused the path: who tried which path is recorded.
+            try await store.audit(actor: actor, action: "volume.protect-refused", target: "\(host.name)/\(body.volume)",
+                                  detail: "path=\(body.path): \(error.message)")
+            throw error
+        }
         switch result.outcome {
         case .volumeStatus(let status):
             let record = VolumeRecord(hostID: host.id, name: status.name, path: status.path, sizeBytes: Int64(status.sizeBytes),

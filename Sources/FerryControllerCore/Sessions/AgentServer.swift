@@ -28,6 +28,9 @@ public final class AgentServer: Service, Sendable {
 
     /// The hosts' NBD+TLS connections: revoking a host's certificates ends them too.
     let exportConnections: ExportConnections
+    /// Volumes (host id, name, path) an agent serves outside its protect-allow list that this
+    /// controller run has audited already: once per run, not at every reconnection.
+    let auditedOutsideAllowlist = Mutex<Set<String>>([])
 
     init(config: ControllerConfig, pki: ControllerPKI, store: StateStore, registry: SessionRegistry, metrics: ControllerMetrics,
          logger: Logger, group: any EventLoopGroup, replicas: ReplicaManager, exportConnections: ExportConnections = ExportConnections(),
@@ -330,6 +333,13 @@ public final class AgentServer: Service, Sendable {
             }
             for failed in statuses.volumes where !failed.error.isEmpty {
                 log.error("agent cannot serve a protected volume", metadata: ["volume": "\(failed.name)", "error": "\(failed.error)"])
+            }
+            for outside in statuses.volumes where !outside.outsideAllowlist.isEmpty {
+                log.warning("agent serves a volume outside its protect-allow list", metadata: ["volume": "\(outside.name)", "reason": "\(outside.outsideAllowlist)"])
+                guard auditedOutsideAllowlist.withLock({ $0.insert("\(hostID)/\(outside.name)/\(outside.path)").inserted }),
+                      let host = try await store.hosts().first(where: { $0.id == hostID }) else { continue }
+                try await store.audit(actor: "agent:\(host.name)", action: "volume.outside-protect-allow", target: "\(host.name)/\(outside.name)",
+                                      detail: outside.outsideAllowlist)
             }
             try await store.recordVolumeSockets(hostID: hostID, statuses.volumes)
         } catch {

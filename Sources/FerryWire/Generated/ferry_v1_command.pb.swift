@@ -470,6 +470,10 @@ public nonisolated struct Ferry_V1_VolumeStatus: Sendable {
 
   public var epoch: UInt64 = 0
 
+  /// Set when the volume is served although its path is outside the host's protect-allow list
+  /// (it was protected before the list existed): says why, and the controller audits it.
+  public var outsideAllowlist: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1630,7 +1634,7 @@ nonisolated extension Ferry_V1_SyncVolumes: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}size_bytes\0\u{3}socket_path\0\u{3}tcp_address\0\u{3}last_sequence\0\u{1}error\0\u{1}epoch\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}size_bytes\0\u{3}socket_path\0\u{3}tcp_address\0\u{3}last_sequence\0\u{1}error\0\u{1}epoch\0\u{3}outside_allowlist\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1646,6 +1650,7 @@ nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobu
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.lastSequence) }()
       case 7: try { try decoder.decodeSingularStringField(value: &self.error) }()
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 9: try { try decoder.decodeSingularStringField(value: &self.outsideAllowlist) }()
       default: break
       }
     }
@@ -1676,6 +1681,9 @@ nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobu
     if self.epoch != 0 {
       try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 8)
     }
+    if !self.outsideAllowlist.isEmpty {
+      try visitor.visitSingularStringField(value: self.outsideAllowlist, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1688,6 +1696,7 @@ nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobu
     if lhs.lastSequence != rhs.lastSequence {return false}
     if lhs.error != rhs.error {return false}
     if lhs.epoch != rhs.epoch {return false}
+    if lhs.outsideAllowlist != rhs.outsideAllowlist {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -110,7 +110,23 @@ enum AgentProcess {
         return try await run(executable, wrapped)
     }
 
-    static func start(dataDir: String, arguments: [String] = [], logPath: String? = nil, namespace: NetworkNamespace? = nil) throws -> ChildProcess {
+    /// - Parameter allowTestDirectory: let the agent protect anything in its test's directory
+    ///   (tests keep their images there, outside the agent's data dir): a `--config` given gets a
+    ///   `protect-allow` line unless it has one; without one, the agent gets a config of its own.
+    static func start(dataDir: String, arguments: [String] = [], logPath: String? = nil, namespace: NetworkNamespace? = nil,
+                      allowTestDirectory: Bool = true) throws -> ChildProcess {
+        var arguments = arguments
+        if allowTestDirectory {
+            let line = "\nprotect-allow: [\"\((dataDir as NSString).deletingLastPathComponent)/\"]\n"
+            if let i = arguments.firstIndex(of: "--config"), i + 1 < arguments.count {
+                let text = try String(contentsOfFile: arguments[i + 1], encoding: .utf8)
+                if !text.contains("protect-allow") { try (text + line).write(toFile: arguments[i + 1], atomically: true, encoding: .utf8) }
+            } else {
+                let config = dataDir + "-test-allow.yaml"
+                try line.write(toFile: config, atomically: true, encoding: .utf8)
+                arguments += ["--config", config]
+            }
+        }
         let (executable, args) = NetworkNamespace.wrap(namespace, Binaries.path("ferry-agent"),
                                                        ["run", "--data-dir", dataDir, "--log-level", "debug"] + arguments)
         return try ChildProcess(executable, args, logPath: logPath ?? dataDir + ".log")
@@ -118,11 +134,12 @@ enum AgentProcess {
 
     /// Enrolls under `name` with a token bound to it and starts the agent (in the controller's
     /// network namespace, if it has one).
-    static func enrollAndStart(_ name: String, controller: ControllerProcess, in dir: TestDirectory, arguments: [String] = []) async throws -> ChildProcess {
+    static func enrollAndStart(_ name: String, controller: ControllerProcess, in dir: TestDirectory, arguments: [String] = [],
+                               allowTestDirectory: Bool = true) async throws -> ChildProcess {
         let dataDir = dir.path + "/agent-" + name
         let token = try await controller.token(host: name)
         let r = try await enroll(controller: controller, token: token, dataDir: dataDir)
         guard r.status == 0 else { throw FerryError(.internalError, "enroll \(name) failed: \(r)") }
-        return try start(dataDir: dataDir, arguments: arguments, namespace: controller.namespace)
+        return try start(dataDir: dataDir, arguments: arguments, namespace: controller.namespace, allowTestDirectory: allowTestDirectory)
     }
 }
