@@ -237,6 +237,7 @@ struct APIRoutes {
         guard mode == "export" || (5...86_400).contains(interval) else {
             throw FerryError(.badRequest, "the scan interval must be between 5 s and 24 h, not \(interval) s")
         }
+        if let size = body.createSizeBytes { try WireLimits.checkVolumeSize(size, "the size to create (--create-size)") }
         guard let host = try await store.host(named: body.host) else {
             throw FerryError(.notFound, "no host named '\(body.host)'; 'ferryctl hosts' lists them")
         }
@@ -255,6 +256,7 @@ struct APIRoutes {
         let result = try await entry.session.command("protect", timeout: .seconds(30)) { $0.protectVolume.volume = spec }
         switch result.outcome {
         case .volumeStatus(let status):
+            try AgentInputChecks.check(status)
             let record = VolumeRecord(hostID: host.id, name: status.name, path: status.path, sizeBytes: Int64(status.sizeBytes),
                                       socketPath: status.socketPath, protectedAt: Date(), captureMode: mode, scanIntervalSeconds: Int64(interval))
             // The replica exists (sparse) from the start, so the first batch finds it.

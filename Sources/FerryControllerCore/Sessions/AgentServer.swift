@@ -378,6 +378,14 @@ public final class AgentServer: Service, Sendable {
             }
         case .replicationBatch(let batch):
             let replica = try await protectedReplica(hostID: hostID, volume: batch.volume)
+            do {
+                try AgentInputChecks.check(batch)
+            } catch let error as FerryError {
+                // As for a batch the replica refuses: the agent resumes from what is durable.
+                log.warning("replication batch refused; closing the session", metadata: ["volume": "\(batch.volume)", "error": "\(error.message)"])
+                await session.close(reason: "replication batch refused: \(error.message)")
+                return
+            }
             // The session reads on while the batch is made durable (batches queued meanwhile
             // share one fdatasync); the ack follows once it is. A gap or a bad record ends the
             // session: the agent reconnects and resumes from the durable sequence it is told at
@@ -391,7 +399,7 @@ public final class AgentServer: Service, Sendable {
                 case .success(let durable):
                     metrics.replicatedRecords.increment(by: count)
                     if newest > 0 {
-                        metrics.replicationLag.recordNanoseconds(max(0, Int64(Date().timeIntervalSince1970 * 1e9) - newest))
+                        metrics.replicationLag.recordNanoseconds(AgentInputChecks.lagNanoseconds(since: newest, now: Date().timeIntervalSince1970))
                     }
                     var ack = Ferry_V1_ReplicationAck()
                     ack.volume = volume

@@ -528,7 +528,7 @@ public struct VolumeRecord: Codable, FetchableRecord, PersistableRecord, Sendabl
         var s = Ferry_V1_VolumeSpec()
         s.name = name
         s.path = path
-        s.sizeBytes = UInt64(sizeBytes)
+        s.sizeBytes = UInt64(clamping: sizeBytes)
         s.captureMode = captureMode == "scan" ? .scan : .export
         s.scanIntervalSeconds = UInt32(clamping: scanIntervalSeconds)
         s.generation = UInt64(max(0, generation))
