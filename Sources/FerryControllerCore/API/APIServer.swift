@@ -193,12 +193,12 @@ struct APIRoutes {
         }
         v1.get("volumes") { _, context in
             _ = try context.require(.viewer)
-            return JSONBody(value: try await volumeViews())
+            return JSONBody(value: try await wrap { try await volumeViews() })
         }
         v1.get("volumes/:host/:name") { _, context in
             _ = try context.require(.viewer)
             let host = try context.parameters.require("host"), name = try context.parameters.require("name")
-            guard let view = try await volumeViews().first(where: { $0.host == host && $0.name == name }) else {
+            guard let view = try await wrap({ try await volumeViews() }).first(where: { $0.host == host && $0.name == name }) else {
                 throw APIError(error: FerryError(.notFound, "no volume \(host)/\(name); 'ferryctl volumes' lists them"))
             }
             return JSONBody(value: view)

@@ -6,7 +6,7 @@ import FerryWire
 /// inventory's size) are not repeated here.
 enum AgentInputChecks {
     /// A replication batch: epoch 0 means "none" everywhere, and capture times are Unix
-    /// nanoseconds, never before 1970 (the replication lag is computed from them).
+    /// nanoseconds, never before 1970 (the journal's age-based retention reads them).
     static func check(_ batch: Ferry_V1_ReplicationBatch) throws {
         guard batch.epoch != 0 else {
             throw FerryError(.protocolViolation, "replication batch for volume \(batch.volume.prefix(64)) names epoch 0; epochs start at 1")
@@ -28,13 +28,5 @@ enum AgentInputChecks {
     /// for the point's record and the metrics, so clamped to what they can hold.
     static func pauseMicros(_ finished: Ferry_V1_CutFinished) -> UInt64 {
         min(finished.pauseMicros, maxPauseMicros)
-    }
-
-    /// Nanoseconds from `captured` (Unix nanoseconds) to now, 0 if it lies in the future;
-    /// never overflows, whatever the agent claimed.
-    static func lagNanoseconds(since captured: Int64, now: Double) -> Int64 {
-        let nowNanos = now * 1e9 < 9.2e18 ? Int64(now * 1e9) : Int64.max
-        let (lag, overflow) = nowNanos.subtractingReportingOverflow(captured)
-        return overflow ? Int64.max : max(0, lag)
     }
 }

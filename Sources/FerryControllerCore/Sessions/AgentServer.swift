@@ -399,7 +399,7 @@ public final class AgentServer: Service, Sendable {
                 case .success(let durable):
                     metrics.replicatedRecords.increment(by: count)
                     if newest > 0 {
-                        metrics.replicationLag.recordNanoseconds(AgentInputChecks.lagNanoseconds(since: newest, now: Date().timeIntervalSince1970))
+                        metrics.replicationLag.recordNanoseconds(max(0, Int64(Date().timeIntervalSince1970 * 1e9) - newest))
                     }
                     var ack = Ferry_V1_ReplicationAck()
                     ack.volume = volume

@@ -251,7 +251,7 @@ extension StateStore {
                     try record.update(db)
                     try Self.audit(db, actor: actor, action: "volume.fence", target: v.name, detail: "plan=\(plan) generation=\(record.generation)")
                 }
-                generations[v.hostID + "/" + v.name] = UInt64(record.generation)
+                generations[v.hostID + "/" + v.name] = UInt64(clamping: record.generation)
             }
             return generations
         }

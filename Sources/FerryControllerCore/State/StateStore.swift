@@ -562,7 +562,13 @@ extension StateStore {
         try await pool.read { db in
             var q = VolumeRecord.order(Column("hostID"), Column("name"))
             if let hostID { q = q.filter(Column("hostID") == hostID) }
-            return try q.fetchAll(db)
+            let records = try q.fetchAll(db)
+            // Ferry never writes a negative size; one read back means a damaged database, and
+            // is refused here rather than trapping (or sizing a replica to 0) further in.
+            if let bad = records.first(where: { $0.sizeBytes < 0 }) {
+                throw FerryError(.internalError, "the state database records volume \(bad.name) of host \(bad.hostID) as \(bad.sizeBytes) bytes: it is damaged; restore it from a backup")
+            }
+            return records
         }
     }
 

@@ -163,7 +163,22 @@ struct ExtremeValueTests {
             #expect(try await f.controller.ctl("volumes").status == 0)
         }
         try await up()
-        #expect(f.controller.process.isRunning)
+
+        // Values read back from the database that Ferry never writes (a pause of UInt64.max
+        // stored as its signed bit pattern, a negative volume size): the controller starts
+        // and answers, with an error where the value cannot be used.
+        _ = await f.controller.process.terminate()
+        let edit = try await run("/usr/bin/sqlite3", [f.controller.dataDir + "/state.sqlite",
+                                                       "UPDATE recoveryPoint SET pauseMicros = -1; UPDATE volume SET sizeBytes = -1;"])
+        #expect(edit.status == 0, "\(edit)")
+        let again = try await ControllerProcess.start(dataDir: f.controller.dataDir, arguments: ["--config", f.dir.file("controller.yaml")])
+        defer { again.process.signal(SIGKILL) }
+        let points = try await again.ctl("points", "g", "--json")
+        #expect(points.status == 0, "\(points)")
+        let volumes = try await again.ctl("volumes")
+        #expect(volumes.status != 0 && volumes.stderr.contains("damaged"), "\(volumes)")
+        #expect(try await again.ctl("hosts").status == 0)
+        #expect(again.process.isRunning, "controller died:\n\(again.process.log.suffix(3000))")
     }
 
     // MARK: A fake controller against a real agent
