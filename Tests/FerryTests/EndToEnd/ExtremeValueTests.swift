@@ -590,8 +590,7 @@ final class FakeController: Sendable {
     }
 
     /// An identity for the agent's data dir, issued by this CA, pointing at this listener
-    /// (valid once `serve` has bound it: call it inside `serve`'s body, or set the address
-    /// later with the agent's --controller).
+    /// (known once `serve` has bound it: call this inside `serve`'s body).
     func identity(hostID: String, hostName: String) throws -> AgentIdentity {
         let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
         let certificate = try ca.issueHostCertificate(publicKey: key.publicKey, hostID: hostID, hostName: hostName, validity: 3600)
@@ -620,8 +619,6 @@ final class FakeController: Sendable {
             try await body(&connections)
         }
     }
-
-    var listenAddress: String { address.withLock { $0 } }
 
     /// Takes the next agent connection: hello, then a welcome with the given numbers; runs
     /// `body` while answering the agent's resync requests with indices out of range.
