@@ -93,6 +93,11 @@ public actor RecoveryManager {
 
     private func start(_ command: Ferry_V1_RecoverVolumes, controllerHost: String, tls: @escaping @Sendable () throws -> NBDClientTLS,
                        runHook: Bool) async throws -> Ferry_V1_RecoveryStarted {
+        // Here, so a recovery restored from the data dir is checked like a command.
+        for spec in command.volumes {
+            try WireLimits.checkPort(spec.exportPort, "the export port of \(spec.name)")
+            try WireLimits.checkVolumeSize(spec.sizeBytes, "the recovered volume \(spec.name)")
+        }
         var volumes: [RecoveredVolume] = []
         var sockets: [String] = []
         var servers: [Task<Void, any Error>] = []

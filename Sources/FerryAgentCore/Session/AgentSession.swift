@@ -274,7 +274,12 @@ public final class AgentSession: Service, Sendable {
             }
             try await session.send(.commandResult(result), inReplyTo: envelope.id)
         case .replicationAck(let ack):
-            await volumes?.acked(volume: ack.volume, epoch: ack.epoch, durable: ack.durableSequence)
+            do {
+                try await volumes?.acked(volume: ack.volume, epoch: ack.epoch, durable: ack.durableSequence)
+            } catch let error as FerryError {
+                logger.warning("replication ack refused", metadata: ["reason": "\(error.message)"])
+                try await session.send(.error(error.wire), inReplyTo: envelope.id)
+            }
         case .error(let e):
             logger.warning("controller reported an error", metadata: ["code": "\(e.code)", "message": "\(e.message)"])
         default:

@@ -134,15 +134,27 @@ public actor VolumeManager {
         }
         var statuses: [Ferry_V1_VolumeStatus] = []
         for spec in specs {
+            // A replica that claims more of this epoch than was ever captured here is refused
+            // (the volume is still served; its whole held stream is offered again).
+            var claim: String?
             if let log = served[spec.name]?.log {
                 // Same epoch: resume after what the controller holds. Otherwise (this agent
                 // restarted, or the replica is new) the controller takes this epoch from its start.
                 resumeAfter[spec.name] = spec.epoch == log.epoch ? spec.durableSequence : 0
+                if spec.epoch == log.epoch, spec.durableSequence > log.last {
+                    claim = "the controller's replica claims sequence \(spec.durableSequence) of epoch \(spec.epoch), but this agent captured only through \(log.last)"
+                    resumeAfter[spec.name] = 0
+                }
             } else {
                 resumeAfter[spec.name] = 0
             }
             do {
-                statuses.append(try await protect(spec))
+                var status = try await protect(spec)
+                if let claim {
+                    logger.error("volume list refused for a volume", metadata: ["volume": "\(spec.name)", "error": "\(claim)"])
+                    status.error = claim
+                }
+                statuses.append(status)
             } catch {
                 var failed = Ferry_V1_VolumeStatus()
                 failed.name = spec.name
@@ -313,9 +325,14 @@ public actor VolumeManager {
         return epoch
     }
 
-    /// The controller holds everything through `durable` of `epoch`: trim it.
-    public func acked(volume: String, epoch: UInt64, durable: UInt64) {
+    /// The controller holds everything through `durable` of `epoch`: trim it. An ack past the
+    /// last captured write is refused (nothing is trimmed): the controller cannot hold what
+    /// was never sent.
+    public func acked(volume: String, epoch: UInt64, durable: UInt64) throws {
         guard let log = served[volume]?.log, log.epoch == epoch else { return }
+        guard durable <= log.last else {
+            throw FerryError(.badRequest, "ack of sequence \(durable) for volume \(volume), but this agent captured only through \(log.last) in epoch \(epoch); ignored")
+        }
         log.trim(through: durable, epoch: epoch)
         resumeAfter[volume] = max(resumeAfter[volume] ?? 0, durable)
     }
@@ -487,6 +504,7 @@ public actor VolumeManager {
         guard createSize > 0 else {
             throw FerryError(.notFound, "\(path) does not exist; give a size to create a new image (ferryctl protect --create-size)")
         }
+        try WireLimits.checkVolumeSize(createSize, "the size to create for \(path)")
         let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw FerryError(.io, "cannot create \(path): \(String(cString: strerror(errno)))") }
         defer { close(fd) }

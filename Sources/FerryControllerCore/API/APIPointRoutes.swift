@@ -229,6 +229,6 @@ extension APIRoutes {
             id: p.id, group: p.groupName, createdAt: p.createdAt, kind: p.kind, consistency: p.consistency, label: p.label,
             hookError: p.hookError,
             members: p.decodedMembers.map { API.PointMember(volume: "\(hosts[$0.hostID] ?? $0.hostID)/\($0.volume)", epoch: $0.epoch, sequence: $0.sequence) },
-            complete: await catalogue.isComplete(p), pauseMicros: p.pauseMicros.map { UInt64($0) })
+            complete: await catalogue.isComplete(p), pauseMicros: p.pauseMicros.map { UInt64(clamping: $0) })
     }
 }

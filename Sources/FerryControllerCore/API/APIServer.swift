@@ -193,12 +193,12 @@ struct APIRoutes {
         }
         v1.get("volumes") { _, context in
             _ = try context.require(.viewer)
-            return JSONBody(value: try await volumeViews())
+            return JSONBody(value: try await wrap { try await volumeViews() })
         }
         v1.get("volumes/:host/:name") { _, context in
             _ = try context.require(.viewer)
             let host = try context.parameters.require("host"), name = try context.parameters.require("name")
-            guard let view = try await volumeViews().first(where: { $0.host == host && $0.name == name }) else {
+            guard let view = try await wrap({ try await volumeViews() }).first(where: { $0.host == host && $0.name == name }) else {
                 throw APIError(error: FerryError(.notFound, "no volume \(host)/\(name); 'ferryctl volumes' lists them"))
             }
             return JSONBody(value: view)
@@ -237,6 +237,7 @@ struct APIRoutes {
         guard mode == "export" || (5...86_400).contains(interval) else {
             throw FerryError(.badRequest, "the scan interval must be between 5 s and 24 h, not \(interval) s")
         }
+        if let size = body.createSizeBytes { try WireLimits.checkVolumeSize(size, "the size to create (--create-size)") }
         guard let host = try await store.host(named: body.host) else {
             throw FerryError(.notFound, "no host named '\(body.host)'; 'ferryctl hosts' lists them")
         }
@@ -263,6 +264,7 @@ struct APIRoutes {
         }
         switch result.outcome {
         case .volumeStatus(let status):
+            try AgentInputChecks.check(status)
             let record = VolumeRecord(hostID: host.id, name: status.name, path: status.path, sizeBytes: Int64(status.sizeBytes),
                                       socketPath: status.socketPath, protectedAt: Date(), captureMode: mode, scanIntervalSeconds: Int64(interval))
             // The replica exists (sparse) from the start, so the first batch finds it.

@@ -100,6 +100,10 @@ public struct ControllerConfig: Sendable {
         guard replicaRetention >= .zero, replicaJournalMax >= 64 << 20 else {
             throw FerryError(.badConfiguration, "replica-retention must not be negative and replica-journal-max must be at least 64M")
         }
+        // Journal sizes are counted in signed 64-bit bytes; a cap past a pebibyte is a typo.
+        guard replicaJournalMax <= 1 << 50 else {
+            throw FerryError(.badConfiguration, "replica-journal-max must be at most 1024T (a pebibyte), not \(replicaJournalMax) bytes")
+        }
         guard heartbeatInterval >= .milliseconds(100), heartbeatInterval <= .seconds(300) else {
             throw FerryError(.badConfiguration, "heartbeat-interval must be between 100ms and 300s")
         }

@@ -72,7 +72,7 @@ public final class ControllerMetrics: Sendable {
     /// How long one member held its writes during a group cut, as the agent measured it.
     func cutPause(group: String, host: String, micros: UInt64) {
         CoreMetrics.Timer(label: "ferry_group_cut_pause_seconds", dimensions: [("group", group), ("host", host)], factory: factory)
-            .recordNanoseconds(Int64(micros) * 1000)
+            .recordNanoseconds(Int64(min(micros, AgentInputChecks.maxPauseMicros)) * 1000)
     }
 
     /// Counts a cut round by outcome (committed, aborted).

@@ -125,7 +125,7 @@ public actor CutCoordinator {
                     do {
                         let result = try await host.session.command("hook \(name)", timeout: timeout + .seconds(5)) {
                             $0.runHook.name = name
-                            $0.runHook.timeoutMs = UInt32(timeout.components.seconds * 1000)
+                            $0.runHook.timeoutMs = UInt32(clamping: timeout.components.seconds * 1000)
                         }
                         guard case .hookResult(let r)? = result.outcome else { return "\(host.hostName): unexpected reply to hook \(name)" }
                         return r.error.isEmpty ? nil : "\(host.hostName): \(r.error)"
@@ -154,7 +154,7 @@ public actor CutCoordinator {
                         let result = try await member.session.command("a cut", timeout: budget) {
                             $0.prepareCut.cutID = cutID
                             $0.prepareCut.volumes = member.volumes
-                            $0.prepareCut.holdMs = UInt32(policy.holdBudgetMilliseconds)
+                            $0.prepareCut.holdMs = UInt32(clamping: policy.holdBudgetMilliseconds)
                         }
                         guard case .cutPrepared(let p)? = result.outcome else {
                             throw FerryError(.protocolViolation, "\(member.hostName) answered a cut without its sequences")
@@ -216,8 +216,9 @@ public actor CutCoordinator {
                             $0.finishCut.cutID = cutID
                             $0.finishCut.committed = committed
                         }), case .cutFinished(let f)? = result.outcome else { return 0 }
-                        metrics.cutPause(group: group.name, host: member.hostName, micros: f.pauseMicros)
-                        return f.pauseMicros
+                        let pause = AgentInputChecks.pauseMicros(f)
+                        metrics.cutPause(group: group.name, host: member.hostName, micros: pause)
+                        return pause
                     }
                 }
                 var longest: UInt64 = 0
@@ -238,7 +239,7 @@ public actor CutCoordinator {
             label: label, hookError: hookError, members: try JSONEncoder().encode(recorded.sorted { ($0.hostID, $0.volume) < ($1.hostID, $1.volume) }),
             pauseMicros: nil, prunedAt: nil, prunedReason: nil)
         let longest = await finishing.value
-        point.pauseMicros = Int64(longest)
+        point.pauseMicros = Int64(clamping: longest)
         try await store.addPoint(point, actor: actor)
         metrics.cutRound(group: group.name, outcome: "committed")
         return point

@@ -412,6 +412,14 @@ public final class AgentServer: Service, Sendable {
             }
         case .replicationBatch(var batch):
             let replica = try await protectedReplica(hostID: hostID, volume: batch.volume)
+            do {
+                try AgentInputChecks.check(batch)
+            } catch let error as FerryError {
+                // As for a batch the replica refuses: the agent resumes from what is durable.
+                log.warning("replication batch refused; closing the session", metadata: ["volume": "\(batch.volume)", "error": "\(error.message)"])
+                await session.close(reason: "replication batch refused: \(error.message)")
+                return
+            }
             var attachments = attachments
             switch try await ingestGate(hostID: hostID, volume: batch.volume).decide(
                 generation: batch.generation, epoch: batch.epoch, sequences: batch.records.map(\.sequence)) {

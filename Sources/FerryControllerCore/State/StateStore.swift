@@ -534,7 +534,7 @@ public struct VolumeRecord: Codable, FetchableRecord, PersistableRecord, Sendabl
         var s = Ferry_V1_VolumeSpec()
         s.name = name
         s.path = path
-        s.sizeBytes = UInt64(sizeBytes)
+        s.sizeBytes = UInt64(clamping: sizeBytes)
         s.captureMode = captureMode == "scan" ? .scan : .export
         s.scanIntervalSeconds = UInt32(clamping: scanIntervalSeconds)
         s.generation = UInt64(max(0, generation))
@@ -568,7 +568,13 @@ extension StateStore {
         try await pool.read { db in
             var q = VolumeRecord.order(Column("hostID"), Column("name"))
             if let hostID { q = q.filter(Column("hostID") == hostID) }
-            return try q.fetchAll(db)
+            let records = try q.fetchAll(db)
+            // Ferry never writes a negative size; one read back means a damaged database, and
+            // is refused here rather than trapping (or sizing a replica to 0) further in.
+            if let bad = records.first(where: { $0.sizeBytes < 0 }) {
+                throw FerryError(.internalError, "the state database records volume \(bad.name) of host \(bad.hostID) as \(bad.sizeBytes) bytes: it is damaged; restore it from a backup")
+            }
+            return records
         }
     }
 
