@@ -93,7 +93,7 @@ public struct Controller: Sendable {
         var groupConfig = ServiceGroupConfiguration(
             services: [
                 .init(service: lastSeen),
-                .init(service: RetentionFolder(replicas: replicas, logger: logger)),
+                .init(service: RetentionFolder(replicas: replicas, registry: registry, logger: logger)),
                 .init(service: PointScheduler(coordinator: coordinator, catalogue: catalogue, store: store, metrics: metrics, logger: logger)),
                 .init(service: PointExportService(exports: exports)),
                 .init(service: ExportAccessAuditor(log: exports.accessLog, store: store, logger: logger)),

@@ -123,6 +123,44 @@ enum JournalRecord {
         return at
     }
 
+    /// Whether the record whose header starts at `at` in `bytes` passes its CRC (a record
+    /// `walkHeaders` found well-formed; its payload lies within `bytes`).
+    static func verify(_ bytes: UnsafeRawBufferPointer, header at: Int) -> Bool {
+        func integer<T: FixedWidthInteger>(_ at: Int, _: T.Type) -> T { T(bigEndian: bytes.loadUnaligned(fromByteOffset: at, as: T.self)) }
+        guard at >= 0, bytes.count - at >= headerSize else { return false }
+        let crc = integer(at + 4, UInt32.self), length = integer(at + 32, UInt64.self), kind = integer(at + 40, UInt32.self)
+        let payload = kind == 0 ? Int(clamping: length) : 0
+        guard bytes.count - at - headerSize >= payload else { return false }
+        return ferry_crc32c(0, bytes.baseAddress! + at + 8, headerSize - 8 + payload) == crc
+    }
+
+    /// Whether a valid record follows a bad one at `at`: then the bad one is damage amid acked
+    /// records, not the torn end of an append (which nothing valid can follow).
+    static func recordFollows(_ bytes: UnsafeRawBufferPointer, damageAt at: Int, size: UInt64) -> Bool {
+        guard at < bytes.count else { return false }
+        let rest = UnsafeRawBufferPointer(rebasing: bytes[at...])
+        var next = 0
+        walkHeaders(rest, size: size) { next = $0.end; return false }
+        guard next > 0, next < rest.count else { return false }
+        return scan(UnsafeRawBufferPointer(rebasing: rest[next...]), size: size) { _ in } > 0
+    }
+
+    /// Applies every record `walkHeaders` finds in `bytes` (a segment whose CRCs were checked).
+    static func applyAll(_ bytes: UnsafeRawBufferPointer, size: UInt64, to image: Int32) throws {
+        var failure: (any Error)?
+        walkHeaders(bytes, size: size) { h in
+            do {
+                let data = h.zeroed ? nil : UnsafeRawBufferPointer(rebasing: bytes[h.payload..<h.end])
+                try apply(offset: h.offset, length: h.length, data: data, to: image)
+                return true
+            } catch {
+                failure = error
+                return false
+            }
+        }
+        if let failure { throw failure }
+    }
+
     /// Runs `body` over a whole segment file mapped read-only: scanning and folding read it in
     /// place, with no buffer to allocate and fill. Only the controller's replica actor changes
     /// segment files, and never one being read.

@@ -35,6 +35,8 @@ final class ImageLeases: Sendable {
 /// A journal segment a point image is built from.
 struct PointSource: Sendable {
     var path: String
+    /// The segment's id.
+    var segment: UInt64
     /// Bytes of records the replica knows to be durable: the active segment grows past it.
     var bytes: Int
     /// Records after this sequence are not part of the point (the position's own epoch).
@@ -45,6 +47,8 @@ struct PointSource: Sendable {
 struct SegmentMapping: @unchecked Sendable {
     let base: UnsafeRawPointer
     let count: Int
+    let path: String
+    let segment: UInt64
 }
 
 /// A run of the volume whose point-in-time bytes come from one journal record, or are zeroes.
@@ -55,6 +59,14 @@ struct PointExtent: Sendable {
     var mapping: Int32
     /// Offset in the mapped segment of the byte at `start`.
     var data: Int
+    /// The record's index in the image's record table (its CRC is checked on first read).
+    var record: Int32
+}
+
+/// Where a record of a point image lies: its segment's mapping and its header's offset there.
+struct ImageRecord: Sendable {
+    var mapping: Int32
+    var header: Int
 }
 
 /// Which record last wrote each byte of the volume at a position, as a sorted array of
@@ -68,12 +80,17 @@ enum PointIndex {
     struct Record {
         var start: UInt64
         var end: UInt64
+        /// -1 for a zeroed range.
         var mapping: Int32
         var payload: Int
+        /// The segment's mapping, and the header's offset there.
+        var segment: Int32
+        var header: Int
     }
 
     /// Maps the sources and indexes their records. The caller owns the returned mappings.
-    static func build(_ sources: [PointSource], size: UInt64) throws -> (mappings: [SegmentMapping], extents: [PointExtent]) {
+    static func build(_ sources: [PointSource], size: UInt64) throws
+        -> (mappings: [SegmentMapping], extents: [PointExtent], records: [ImageRecord]) {
         var mappings: [SegmentMapping] = []
         var records: [Record] = []
         do {
@@ -84,8 +101,8 @@ enum PointIndex {
                 mappings.append(mapping)
                 let index = Int32(mappings.count - 1)
                 var stopped = false
-                // Headers only: the records were checked by CRC32C when written, and reading
-                // each payload would make opening cost the journal's size.
+                // Headers only: reading each payload to check its CRC would make opening cost
+                // the journal's size. A record's CRC is checked when a read first needs it.
                 let walked = JournalRecord.walkHeaders(UnsafeRawBufferPointer(start: mapping.base, count: mapping.count), size: size) { h in
                     if let through = source.through, h.sequence > through { stopped = true; return false }
                     // A duplicate of a record already read (never appended, but recovery
@@ -93,7 +110,8 @@ enum PointIndex {
                     if h.epoch == lastEpoch, h.sequence <= lastSequence, lastEpoch != 0 { return true }
                     lastEpoch = h.epoch
                     lastSequence = h.sequence
-                    records.append(Record(start: h.offset, end: h.offset + h.length, mapping: h.zeroed ? -1 : index, payload: h.payload))
+                    records.append(Record(start: h.offset, end: h.offset + h.length, mapping: h.zeroed ? -1 : index, payload: h.payload,
+                                          segment: index, header: h.payload - JournalRecord.headerSize))
                     return true
                 }
                 // The walk touched (nearly) every page of the segment: drop them from this
@@ -111,7 +129,7 @@ enum PointIndex {
             unmap(mappings)
             throw error
         }
-        return (mappings, sweep(records))
+        return (mappings, sweep(records), records.map { ImageRecord(mapping: $0.segment, header: $0.header) })
     }
 
     private static func map(_ source: PointSource) throws -> SegmentMapping {
@@ -127,7 +145,7 @@ enum PointIndex {
         guard let mapped = mmap(nil, source.bytes, PROT_READ, MAP_SHARED, fd, 0), mapped != MAP_FAILED else {
             throw FerryError(.io, "cannot map journal segment \(source.path): \(String(cString: strerror(errno)))")
         }
-        return SegmentMapping(base: UnsafeRawPointer(mapped), count: source.bytes)
+        return SegmentMapping(base: UnsafeRawPointer(mapped), count: source.bytes, path: source.path, segment: source.segment)
     }
 
     static func unmap(_ mappings: [SegmentMapping]) {
@@ -160,12 +178,12 @@ enum PointIndex {
             let next = events[e].at
             let r = records[Int(top)]
             let data = r.mapping < 0 ? 0 : r.payload + Int(at - r.start)
-            if var last = extents.last, last.end == at, last.mapping == r.mapping,
-               r.mapping < 0 || last.data + Int(last.end - last.start) == data {
+            // Runs of one record merge; different records stay apart (each has its own CRC).
+            if var last = extents.last, last.end == at, last.record == top {
                 last.end = next
                 extents[extents.count - 1] = last
             } else {
-                extents.append(PointExtent(start: at, end: next, mapping: r.mapping, data: data))
+                extents.append(PointExtent(start: at, end: next, mapping: r.mapping, data: data, record: top))
             }
         }
         return extents
@@ -221,6 +239,12 @@ public final class PointImage: Sendable {
 
     private let extents: [PointExtent]
     private let mappings: [SegmentMapping]
+    private let records: [ImageRecord]
+    /// Records whose CRC was checked, a bit each: opening reads only headers, so a record is
+    /// checked the first time a read needs its bytes, and once.
+    private let verified: Mutex<[UInt64]>
+    /// Told of a record found damaged (the segment, the record's offset in it, its path).
+    private let onDamage: (@Sendable (UInt64, Int, String) -> Void)?
     private let base: Int32
     private let overlay: Overlay?
     private let leases: ImageLeases
@@ -236,10 +260,10 @@ public final class PointImage: Sendable {
     /// Maps and indexes `sources` over `basePath`. Blocking; the caller has taken a lease,
     /// which the image gives back when released (the caller keeps it if this throws).
     init(size: UInt64, position: ReplicaPosition, basePath: String, sources: [PointSource],
-         overlayDirectory: String?, leases: ImageLeases) throws {
+         overlayDirectory: String?, leases: ImageLeases, onDamage: (@Sendable (UInt64, Int, String) -> Void)? = nil) throws {
         let base = open(basePath, O_RDONLY | O_CLOEXEC)
         guard base >= 0 else { throw FerryError(.io, "cannot open the base image \(basePath): \(String(cString: strerror(errno)))") }
-        let index: (mappings: [SegmentMapping], extents: [PointExtent])
+        let index: (mappings: [SegmentMapping], extents: [PointExtent], records: [ImageRecord])
         do {
             index = try PointIndex.build(sources, size: size)
         } catch {
@@ -261,6 +285,9 @@ public final class PointImage: Sendable {
         self.base = base
         self.extents = index.extents
         self.mappings = index.mappings
+        self.records = index.records
+        self.verified = Mutex([UInt64](repeating: 0, count: (index.records.count + 63) / 64))
+        self.onDamage = onDamage
         self.overlay = overlay
         self.leases = leases
     }
@@ -450,6 +477,7 @@ public final class PointImage: Sendable {
             let into = out.baseAddress! + Int(at - offset)
             if i < extents.count, extents[i].start <= at {
                 let e = extents[i]
+                try verify(e.record)
                 let n = Int(min(e.end, stop) - at)
                 if e.mapping < 0 {
                     into.initializeMemory(as: UInt8.self, repeating: 0, count: n)
@@ -464,6 +492,20 @@ public final class PointImage: Sendable {
                 at = gapEnd
             }
         }
+    }
+
+    /// Checks a record's CRC the first time a read needs it: a damaged record fails the read
+    /// rather than return wrong bytes.
+    private func verify(_ record: Int32) throws {
+        let word = Int(record) / 64, bit = UInt64(1) << (UInt64(record) % 64)
+        if verified.withLock({ $0[word] & bit != 0 }) { return }
+        let r = records[Int(record)]
+        let mapping = mappings[Int(r.mapping)]
+        guard JournalRecord.verify(UnsafeRawBufferPointer(start: mapping.base, count: mapping.count), header: r.header) else {
+            onDamage?(mapping.segment, r.header, mapping.path)
+            throw FerryError(.io, "journal segment \(mapping.path) is damaged: the record at byte \(r.header) fails its CRC check, so the point at \(position) cannot be read there; the replica needs a full resync (`ferryctl volume resync HOST/VOLUME`)")
+        }
+        verified.withLock { $0[word] |= bit }
     }
 
     /// pread until `out` is full; past the end of the file it reads as zeroes.

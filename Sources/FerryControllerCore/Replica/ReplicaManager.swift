@@ -4,9 +4,11 @@ import Logging
 import NIOPosix
 import ServiceLifecycle
 
-/// Folds replica journals into their base images every few seconds.
+/// Folds replica journals into their base images every few seconds, and asks the agents of
+/// replicas whose journal is damaged for the full resync that repairs them.
 struct RetentionFolder: Service {
     let replicas: ReplicaManager
+    let registry: SessionRegistry
     let logger: Logger
 
     func run() async throws {
@@ -14,6 +16,23 @@ struct RetentionFolder: Service {
             try? await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(5)) }
             if Task.isShuttingDownGracefully { break }
             await replicas.foldAll(logger: logger)
+            await requestRepairs()
+        }
+    }
+
+    private func requestRepairs() async {
+        for (hostID, volume, store) in await replicas.repairsDue() {
+            guard let entry = await registry.entry(hostID: hostID) else { continue }
+            do {
+                _ = try await entry.session.command("resync", timeout: .seconds(30)) { $0.resyncVolume.name = volume }
+                await store.noteRepairResyncRequested()
+                let damage = await store.lastError ?? ""
+                logger.warning("replica journal damaged: full resync requested from the agent", metadata: [
+                    "host": "\(entry.hostName)", "volume": "\(volume)", "error": "\(damage)",
+                ])
+            } catch {
+                logger.error("cannot request the resync of a damaged replica", metadata: ["host": "\(entry.hostName)", "volume": "\(volume)", "error": "\(error)"])
+            }
         }
     }
 }
@@ -56,6 +75,16 @@ public actor ReplicaManager {
                 logger.error("cannot fold the journal into the base image", metadata: ["replica": "\(key)", "error": "\(error)"])
             }
         }
+    }
+
+    /// Replicas whose damaged journal needs a full resync asked of their agent's session.
+    func repairsDue() async -> [(hostID: String, volume: String, store: ReplicaStore)] {
+        var due: [(hostID: String, volume: String, store: ReplicaStore)] = []
+        for (key, store) in open where await store.repairResyncDue {
+            guard let slash = key.firstIndex(of: "/") else { continue }
+            due.append((String(key[..<slash]), String(key[key.index(after: slash)...]), store))
+        }
+        return due
     }
 
     /// The replica of `volume`, opened (and recovered) on first use.

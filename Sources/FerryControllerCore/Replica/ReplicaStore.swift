@@ -43,6 +43,11 @@ public actor ReplicaStore {
         /// A fold of this segment began and has not been recorded as done: base.img may hold
         /// part of it, so it is finished (replayed, idempotently) before any image is served.
         public var folding: UInt64?
+        /// Damage found in the journal (nil: none known). Set, the replica needs a full resync.
+        public var corruption: JournalCorruption?
+        /// The base image is being rebuilt from the resynced latest image (see `rebase`): no
+        /// image is served from it until that is done.
+        public var rebasing = false
 
         public init() {}
 
@@ -59,14 +64,20 @@ public actor ReplicaStore {
             epochs = try c.decodeIfPresent([UInt64].self, forKey: .epochs) ?? (epoch != 0 ? [epoch] : [])
             baseThrough = try c.decodeIfPresent(ReplicaPosition.self, forKey: .baseThrough)
             folding = try c.decodeIfPresent(UInt64.self, forKey: .folding)
+            corruption = try c.decodeIfPresent(JournalCorruption.self, forKey: .corruption)
+            rebasing = try c.decodeIfPresent(Bool.self, forKey: .rebasing) ?? false
         }
     }
 
     /// What the agent last reported about the volume, and when.
     public private(set) var report: Ferry_V1_VolumeReport?
     public private(set) var reportedAt: Date?
-    /// The last error applying the stream (cleared by the next batch applied).
-    public private(set) var lastError: String?
+    /// The last error applying the stream (cleared by the next batch applied), or else the
+    /// journal's damage until a resync repairs it.
+    public var lastError: String? { streamError ?? state.corruption?.message }
+    private var streamError: String?
+    /// A resync was asked of the agent's current session for the journal's damage.
+    public private(set) var repairRequested = false
     /// Bytes of data applied since the replica was opened.
     public private(set) var bytesApplied: UInt64 = 0
     /// Applied bytes per second, smoothed over about ten seconds.
@@ -156,7 +167,7 @@ public actor ReplicaStore {
             fstat(fd, &st)
             if UInt64(st.st_size) != size { ftruncate(fd, off_t(size)) }
         }
-        var state = (try? JSONDecoder().decode(State.self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/state.json")))) ?? State()
+        var state = try Self.loadState(directory + "/state.json")
         self.state = state
         let recovered = try Self.recover(journalDirectory: directory + "/journal", state: state, image: image, size: size)
         segments = recovered.segments
@@ -176,7 +187,31 @@ public actor ReplicaStore {
                 state.baseThrough = ReplicaPosition(epoch: state.epoch, sequence: recovered.durable)
             }
         }
+        if let found = recovered.corruption, state.corruption == nil || state.corruption?.resynced == true {
+            // Recorded at once: a restart must not forget it, even if nothing else is saved.
+            state.corruption = found
+            state.resyncNeeded = true
+            try Self.save(state, in: directory)
+        }
         self.state = state
+    }
+
+    /// The saved state; a new one only when there is no file. A file that cannot be read is
+    /// an error: starting afresh would forget the epoch, the checkpoint and the fold progress,
+    /// and serve a replica that is not what it claims.
+    private static func loadState(_ path: String) throws -> State {
+        let data: Data
+        do {
+            data = try Data(contentsOf: URL(fileURLWithPath: path))
+        } catch {
+            if !FileManager.default.fileExists(atPath: path) { return State() }
+            throw FerryError(.io, "cannot read the replica state \(path): \(error.localizedDescription); fix its permissions or storage and restart the controller")
+        }
+        do {
+            return try JSONDecoder().decode(State.self, from: data)
+        } catch {
+            throw FerryError(.io, "the replica state \(path) is damaged (\(data.count) bytes that are not a replica state: \(error)); restore it from a backup, or move the replica's directory away to start it afresh with a full resync")
+        }
     }
 
     deinit {
@@ -186,37 +221,41 @@ public actor ReplicaStore {
     }
 
     /// Reads the journal back: folded segments left behind are deleted, sealed ones are known
-    /// from their meta file, an unsealed one is scanned and its torn tail cut; records of the
-    /// current epoch after the checkpoint are replayed onto the image.
+    /// from their meta file, the active one (the last, unsealed) is scanned and its torn tail
+    /// cut; records of the current epoch after the checkpoint are replayed onto the image.
+    ///
+    /// A sealed segment (or one before the last) with a record failing its CRC is damage, not a
+    /// torn append: it and every later segment are kept whole (they hold acked history), the
+    /// damage is returned, and nothing past it is replayed.
     private static func recover(journalDirectory dir: String, state: State, image: Int32, size: UInt64) throws
-        -> (segments: [JournalSegment], durable: UInt64, oldestCapture: [UInt64: Int64]) {
+        -> (segments: [JournalSegment], durable: UInt64, oldestCapture: [UInt64: Int64], corruption: JournalCorruption?) {
         var segments: [JournalSegment] = []
         var oldestCapture: [UInt64: Int64] = [:]
         var durable: UInt64
+        var corruption: JournalCorruption?
         let ids = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [])
             .filter { $0.hasSuffix(".seg") }
             .compactMap { UInt64($0.dropLast(4), radix: 16) }
             .sorted()
         durable = state.checkpointed
-        var broken = false
         for id in ids {
             var segment = JournalSegment(id: id, epoch: 0)
-            if id <= state.foldedThrough || broken {
-                // Folded already (the crash came before the delete), or after a corrupt
-                // segment, whose successors cannot be trusted in order.
+            if id <= state.foldedThrough {
+                // Folded already (the crash came before the delete).
                 unlink(segment.path(in: dir))
                 unlink(segment.metaPath(in: dir))
                 continue
             }
             let sealed = (try? JSONDecoder().decode(JournalSegment.self, from: Data(contentsOf: URL(fileURLWithPath: segment.metaPath(in: dir)))))
-            let replay = sealed.map { $0.epoch == state.epoch && $0.last > state.checkpointed } ?? true
+            // Past damage nothing is replayed: the image would skip the damaged records' writes.
+            let replay = corruption == nil && (sealed.map { $0.epoch == state.epoch && $0.last > state.checkpointed } ?? true)
             if let sealed, !replay {
                 segments.append(sealed)
                 continue
             }
             var expected: UInt64?
             var oldest: Int64 = 0
-            let (valid, total) = try JournalRecord.withSegment(segment.path(in: dir)) { bytes in
+            let (valid, total, intactAfter) = try JournalRecord.withSegment(segment.path(in: dir)) { bytes in
                 let valid = try JournalRecord.scan(bytes, size: size) { r in
                     if segment.epoch == 0 { segment.epoch = r.epoch }
                     if let expected, r.epoch == segment.epoch, r.sequence < expected {
@@ -231,7 +270,7 @@ public actor ReplicaStore {
                     segment.bytes = Int64(r.end)
                     segment.newest = max(segment.newest, r.captured)
                     if oldest == 0 { oldest = r.captured }
-                    if segment.epoch == state.epoch, r.sequence > durable {
+                    if replay, segment.epoch == state.epoch, r.sequence > durable {
                         guard r.sequence == durable + 1 else {
                             throw FerryError(.io, "journal segment \(JournalSegment.name(id)) skips from \(durable) to \(r.sequence)")
                         }
@@ -239,13 +278,28 @@ public actor ReplicaStore {
                         durable = r.sequence
                     }
                 }
-                return (valid, bytes.count)
+                return (valid, bytes.count, JournalRecord.recordFollows(bytes, damageAt: valid, size: size))
             }
-            if valid < total {
-                // A torn or corrupt tail: what follows the last valid record was never acked.
+            let damaged = valid < total || sealed.map { Int64(valid) < $0.bytes } ?? false
+            if damaged, sealed == nil, id == ids.last, !intactAfter {
+                // The active segment's torn tail: what follows the last valid record was never
+                // acked (an append is acked only once it is durable whole).
                 let fd = open(segment.path(in: dir), O_WRONLY | O_CLOEXEC)
                 if fd >= 0 { ftruncate(fd, off_t(valid)); fdatasync(fd); close(fd) }
-                if sealed != nil { broken = true }
+            } else if damaged {
+                if corruption == nil {
+                    let lost = state.epoch == (sealed?.epoch ?? segment.epoch)
+                        ? "the latest image lacks the writes after sequence \(durable) until a resync" : nil
+                    corruption = .of(segment: id, offset: valid, path: segment.path(in: dir), found: "at start-up", lost: lost)
+                }
+                // Kept whole, as its meta file describes it: its records past the damage are
+                // acked history, and images over them must fail, not miss them.
+                var kept = sealed ?? segment
+                kept.bytes = Int64(total)
+                if kept.epoch == 0 { kept.epoch = state.epoch }
+                oldestCapture[id] = oldest
+                segments.append(kept)
+                continue
             }
             if segment.epoch == 0 {
                 // Nothing valid in it.
@@ -260,7 +314,7 @@ public actor ReplicaStore {
         for segment in segments where !FileManager.default.fileExists(atPath: segment.metaPath(in: dir)) {
             try writeMeta(segment, in: dir)
         }
-        return (segments, durable, oldestCapture)
+        return (segments, durable, oldestCapture, corruption)
     }
 
     /// Appends a batch durably and applies it; returns the durable sequence to ack.
@@ -308,7 +362,7 @@ public actor ReplicaStore {
         do {
             records = try IncomingRecord.of(batch, attachments: attachments, volumeSize: size)
         } catch {
-            lastError = (error as? FerryError)?.message ?? "\(error)"
+            streamError = (error as? FerryError)?.message ?? "\(error)"
             await done(.failure(error))
             return
         }
@@ -357,7 +411,7 @@ public actor ReplicaStore {
         do {
             if epoch != state.epoch { try await startEpoch(epoch) }
         } catch {
-            lastError = (error as? FerryError)?.message ?? "\(error)"
+            streamError = (error as? FerryError)?.message ?? "\(error)"
             return batches.map { _ in .failure(error) }
         }
         // Duplicates are skipped; the first gap refuses its batch and every one after it.
@@ -384,13 +438,13 @@ public actor ReplicaStore {
             if !fresh.isEmpty { try await append(fresh, epoch: epoch) }
             try completeSyncIfDurable()
             results = Array(repeating: .success(durable), count: accepted)
-            lastError = nil
+            streamError = nil
         } catch {
             refusal = error
             accepted = 0
         }
         if let refusal {
-            lastError = (refusal as? FerryError)?.message ?? "\(refusal)"
+            streamError = (refusal as? FerryError)?.message ?? "\(refusal)"
             results += Array(repeating: .failure(refusal), count: batches.count - accepted)
         }
         return results
@@ -505,9 +559,12 @@ public actor ReplicaStore {
         }
         let horizon = Int64(now.timeIntervalSince1970 * 1e9) - Int64(retention.components.seconds) * 1_000_000_000
             - retention.components.attoseconds / 1_000_000_000
+        if state.corruption?.resynced == true || state.rebasing { return try await rebase() }
         var folded = 0
         // An image opened meanwhile (the actor is reentrant) stops the fold between segments.
         while let oldest = segments.first, leases.open == 0 {
+            // A damaged segment never folds (nor anything after it) until a resync repairs the replica.
+            if let damage = state.corruption, oldest.id >= damage.segment { break }
             let needed = pinned.map { pin in
                 // Unknown order (cannot happen for a pin taken from this replica): keep it.
                 compare(ReplicaPosition(epoch: oldest.epoch, sequence: oldest.last), pin).map { $0 == .orderedDescending } ?? true
@@ -532,11 +589,26 @@ public actor ReplicaStore {
             // baseThrough, and images must not be served from it until the fold is finished.
             state.folding = oldest.id
             try saveState()
-            try await pool.runIfActive {
-                _ = try JournalRecord.withSegment(path) { bytes in
-                    try JournalRecord.scan(bytes, size: size) { try JournalRecord.apply($0, to: base) }
+            let recorded = Int(oldest.bytes)
+            // Every record's CRC is checked before the first is applied: a damaged segment
+            // leaves the base image as it was (and is kept), never folded up to the damage.
+            let damagedAt = try await pool.runIfActive { () throws -> Int? in
+                let damagedAt = try JournalRecord.withSegment(path) { bytes -> Int? in
+                    let valid = JournalRecord.scan(bytes, size: size) { _ in }
+                    guard valid == bytes.count, bytes.count >= recorded else { return valid }
+                    try JournalRecord.applyAll(bytes, size: size, to: base)
+                    return nil
                 }
-                guard fdatasync(base) == 0 else { throw FerryError(.io, "base image fdatasync failed: \(String(cString: strerror(errno)))") }
+                guard damagedAt != nil || fdatasync(base) == 0 else { throw FerryError(.io, "base image fdatasync failed: \(String(cString: strerror(errno)))") }
+                return damagedAt
+            }
+            if let damagedAt {
+                let damage = JournalCorruption.of(segment: oldest.id, offset: damagedAt, path: path, found: "while folding it into the base image")
+                state.folding = nil
+                state.corruption = damage
+                state.resyncNeeded = true
+                try saveState()
+                throw FerryError(.io, damage.message)
             }
             // The fold is durable: record it, then the segment may go.
             state.foldedThrough = oldest.id
@@ -551,6 +623,75 @@ public actor ReplicaStore {
             folded += 1
         }
         return folded
+    }
+
+    /// Repairs a damaged journal once a full resync has made the latest image match the source
+    /// again: the base image becomes a copy of it and every journal segment goes, the damaged
+    /// history with it (points before now are gone; the damage made them unreadable in part).
+    /// Batches wait meanwhile, so the copy is the image at one position. Returns the segments
+    /// dropped.
+    private func rebase() async throws -> Int {
+        await acquire()
+        defer { release() }
+        // No batch is applying: batches commit under the same lock.
+        try seal()
+        try await checkpoint()
+        // Recorded first: a crash part way leaves base.img neither the old base nor the new
+        // one, and no image may be served from it until a rebase is finished.
+        state.rebasing = true
+        try saveState()
+        let image = self.image, base = self.base, size = self.size
+        try await pool.runIfActive { try Self.copy(image, to: base, size: size) }
+        let dropped = segments
+        state.baseThrough = ReplicaPosition(epoch: state.epoch, sequence: durable)
+        state.baseAsOf = max(state.baseAsOf, dropped.map(\.newest).max() ?? 0)
+        state.foldedThrough = max(state.foldedThrough, dropped.last?.id ?? 0)
+        state.folding = nil
+        state.corruption = nil
+        state.rebasing = false
+        try saveState()
+        for segment in dropped {
+            unlink(segment.path(in: journalDirectory))
+            unlink(segment.metaPath(in: journalDirectory))
+        }
+        segments = []
+        oldestCapture = [:]
+        return dropped.count
+    }
+
+    /// Copies a whole image file to another, durably; all-zero MiB chunks become holes.
+    private static func copy(_ from: Int32, to: Int32, size: UInt64) throws {
+        let chunk = 1 << 20
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { buffer.deallocate() }
+        var at: UInt64 = 0
+        while at < size {
+            let n = Int(min(UInt64(chunk), size - at))
+            let view = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
+            try PointImage.readFully(from, into: view, at: at, what: "the replica image")
+            if view.allSatisfy({ $0 == 0 }) {
+                if ferry_punch_hole(to, off_t(at), off_t(n)) != 0 {
+                    throw FerryError(.io, "cannot zero a base image range: \(String(cString: strerror(errno)))")
+                }
+            } else {
+                let failed = FileIO.writeAll(to, UnsafeRawBufferPointer(view), at: at)
+                if failed != 0 { throw FerryError(.io, "base image write failed: \(String(cString: strerror(failed)))") }
+            }
+            at += UInt64(n)
+        }
+        guard fdatasync(to) == 0 else { throw FerryError(.io, "base image fdatasync failed: \(String(cString: strerror(errno)))") }
+    }
+
+    /// Whether to ask the agent for a full resync now: the journal is damaged, no full
+    /// comparison has covered it yet, the agent's session reports, and none was asked of it.
+    public var repairResyncDue: Bool {
+        guard let damage = state.corruption, !damage.resynced, !repairRequested, let report else { return false }
+        return !(report.sync.kind == .full && report.sync.pendingExtents > 0)
+    }
+
+    /// The agent's current session was asked for a full resync of the damaged replica.
+    public func noteRepairResyncRequested() {
+        repairRequested = true
     }
 
     // MARK: Positions and point-in-time images
@@ -601,12 +742,25 @@ public actor ReplicaStore {
         while folding { await withCheckedContinuation { foldWaiters.append($0) } }
         let sources = try pointSources(position)
         let size = self.size, basePath = self.basePath, leases = self.leases
+        // A read finding a damaged record marks the replica (the image's reads run on threads
+        // of their own, so the note goes to the actor in a task).
+        let onDamage: @Sendable (UInt64, Int, String) -> Void = { [weak self] segment, offset, path in
+            Task { await self?.noteDamage(segment: segment, offset: offset, path: path) }
+        }
         let image = try await pool.runIfActive {
             try PointImage(size: size, position: position, basePath: basePath, sources: sources,
-                           overlayDirectory: overlayDirectory, leases: leases)
+                           overlayDirectory: overlayDirectory, leases: leases, onDamage: onDamage)
         }
         handedOver = true // the image gives the lease back when closed
         return image
+    }
+
+    /// A damaged record found by a point image's read: the replica needs a resync.
+    private func noteDamage(segment: UInt64, offset: Int, path: String) {
+        guard state.corruption == nil, segments.contains(where: { $0.id == segment }) else { return }
+        state.corruption = .of(segment: segment, offset: offset, path: path, found: "reading a point image")
+        state.resyncNeeded = true
+        try? saveState()
     }
 
     /// Whether the replica holds everything up to `position` (received, not folded away).
@@ -617,6 +771,9 @@ public actor ReplicaStore {
     /// Why there is no image at `position`, if there is none; its place in the journal otherwise.
     @discardableResult
     private func check(_ position: ReplicaPosition) throws -> (Int, UInt64) {
+        if state.rebasing {
+            throw FerryError(.unavailable, "the replica is rebuilding its base image after a resync repaired its damaged journal; try again in a few seconds")
+        }
         if let segment = state.folding {
             throw FerryError(.unavailable, "the replica is finishing an interrupted fold of journal segment \(JournalSegment.name(segment)) into its base image; try again in a few seconds")
         }
@@ -651,7 +808,7 @@ public actor ReplicaStore {
                 throw FerryError(.internalError, "journal segment \(JournalSegment.name(segment.id)) is of an epoch the replica has no order for")
             }
             if at.0 > target.0 || (at.0 == target.0 && segment.first > position.sequence) { break }
-            sources.append(PointSource(path: segment.path(in: journalDirectory), bytes: Int(segment.bytes),
+            sources.append(PointSource(path: segment.path(in: journalDirectory), segment: segment.id, bytes: Int(segment.bytes),
                                        through: at.0 == target.0 ? position.sequence : nil))
         }
         return sources
@@ -689,6 +846,11 @@ public actor ReplicaStore {
         completion = nil
         let wasInitial = !state.initialSynced
         guard state.resyncNeeded || (wasInitial && c.full) else { return }
+        if let damage = state.corruption, !damage.resynced {
+            // Only a comparison of the whole volume covers writes the damage may hide.
+            guard c.full else { return }
+            state.corruption?.resynced = true
+        }
         state.resyncNeeded = false
         if c.full { state.initialSynced = true }
         state.syncsCompleted += 1
@@ -699,6 +861,7 @@ public actor ReplicaStore {
     public func sessionEnded() {
         report = nil
         completion = nil
+        repairRequested = false
     }
 
     /// Applied bytes per second over the last seconds.
@@ -758,6 +921,10 @@ public actor ReplicaStore {
     }
 
     private func saveState() throws {
+        try Self.save(state, in: directory)
+    }
+
+    private static func save(_ state: State, in directory: String) throws {
         let data = try JSONEncoder().encode(state)
         try PEMFiles.writePublic(String(decoding: data, as: UTF8.self), to: directory + "/state.json")
     }
