@@ -53,7 +53,7 @@ public struct Controller: Sendable {
         let jobs = JobRunner(store: store, registry: registry, replicas: replicas, catalogue: catalogue, exports: exports, agents: agents,
                              reverse: reverse, logger: logger, exportPort: { exportPort.value })
         let routes = APIRoutes(store: store, registry: registry, metrics: metrics, pki: pki, agents: agents, replicas: replicas,
-                               coordinator: coordinator, catalogue: catalogue, exports: exports, jobs: jobs)
+                               coordinator: coordinator, catalogue: catalogue, exports: exports, jobs: jobs, dataDir: config.dataDir)
         let (apiHost, apiPort) = try ConfigText.hostPort(config.apiListen)
         let caPath = pki.caPath
         let logger = self.logger

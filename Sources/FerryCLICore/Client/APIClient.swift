@@ -158,6 +158,12 @@ public struct APIClient: Sendable {
     }
 
     /// `DELETE /v1/api-tokens/:name`.
+    /// `POST /v1/api-tokens/NAME/rotate`: a new secret, returned once.
+    public func rotateAPIToken(named name: String, _ request: API.APITokenRotateRequest) async throws -> API.APIToken {
+        let body = try API.encoder().encode(request)
+        return try await decode(API.APIToken.self, from: send(.post, "\(API.prefix)/api-tokens/\(Self.escape(name))/rotate", body: body))
+    }
+
     public func removeAPIToken(named name: String) async throws {
         _ = try await send(.delete, "\(API.prefix)/api-tokens/\(Self.escape(name))")
     }

@@ -7,7 +7,7 @@ struct APITokenCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "api-token",
         abstract: "Create or remove operator API tokens (needs an admin token).",
-        subcommands: [Create.self, Remove.self]
+        subcommands: [Create.self, Rotate.self, Remove.self]
     )
 }
 
@@ -27,12 +27,15 @@ extension APITokenCommand {
         var name: String
         @Option(help: "viewer, operator or admin.")
         var role: String = "viewer"
+        @Option(help: ArgumentHelp("How long it works, e.g. 30d, 12h (default 90d, at most 2 years).", valueName: "DURATION"))
+        var expiresIn: String?
         @OptionGroup(title: "Connection Options") var connection: ConnectionOptions
         @OptionGroup var output: OutputOptions
 
         func run() async throws {
             try await CLI.guarded {
-                let token = try await connection.withClient { try await $0.createAPIToken(.init(name: name, role: role)) }
+                let lifetime = try expiresIn.map(APITokenCommand.seconds)
+                let token = try await connection.withClient { try await $0.createAPIToken(.init(name: name, role: role, expiresInSeconds: lifetime)) }
                 if output.json {
                     try Console.json(token)
                     return
@@ -42,6 +45,41 @@ extension APITokenCommand {
                 }
                 print(secret)
                 Console.note("API token '\(Text.printable(token.name))' has role \(token.role); use it as FERRY_TOKEN or --token")
+            }
+        }
+    }
+
+    /// `ferryctl api-token rotate NAME`.
+    struct Rotate: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Give a token a new secret; the old one stops working at once.",
+            discussion: """
+                Prints the new secret alone on stdout; it is shown only now. Rotating the bootstrap \
+                'admin' token also rewrites admin.token and ferryctl.env in the controller's data dir.
+                """
+        )
+
+        @Argument(help: "Name of the token.")
+        var name: String
+        @Option(help: ArgumentHelp("How long the new secret works (default: as long as the old one was given).", valueName: "DURATION"))
+        var expiresIn: String?
+        @OptionGroup(title: "Connection Options") var connection: ConnectionOptions
+        @OptionGroup var output: OutputOptions
+
+        func run() async throws {
+            try await CLI.guarded {
+                let lifetime = try expiresIn.map(APITokenCommand.seconds)
+                let token = try await connection.withClient { try await $0.rotateAPIToken(named: name, .init(expiresInSeconds: lifetime)) }
+                if output.json {
+                    try Console.json(token)
+                    return
+                }
+                guard let secret = token.token, !secret.isEmpty else {
+                    throw FerryError(.protocolViolation, "the controller rotated API token \(token.name) but returned no secret")
+                }
+                print(secret)
+                Console.note("API token '\(Text.printable(token.name))' rotated; it expires "
+                             + (token.expiresAt.map(Format.timestamp) ?? "never"))
             }
         }
     }
@@ -80,9 +118,17 @@ struct APITokensCommand: AsyncParsableCommand {
                 try Console.json(tokens)
                 return
             }
-            var table = TextTable("name", "role", "created")
-            for t in tokens { table.add(t.name, t.role, Format.timestamp(t.createdAt)) }
+            var table = TextTable("name", "role", "created", "expires")
+            for t in tokens { table.add(t.name, t.role, Format.timestamp(t.createdAt), t.expiresAt.map(Format.timestamp) ?? "never") }
             print(table.render())
         }
+    }
+}
+
+extension APITokenCommand {
+    /// A duration flag in whole seconds.
+    static func seconds(_ text: String) throws -> Int64 {
+        let duration = try ConfigText.duration(text)
+        return duration.components.seconds
     }
 }

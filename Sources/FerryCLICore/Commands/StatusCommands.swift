@@ -6,8 +6,8 @@ import Foundation
 struct HealthCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "health",
-        abstract: "Check that the controller answers; show its version and how many agents are online.",
-        discussion: "Needs no token. Exits 1 unless the controller reports status ok, so it fits scripts and probes."
+        abstract: "Check that the controller answers; with a token, also its version and how many agents are online.",
+        discussion: "Needs no token (without one the controller says only that it is up). Exits 1 unless the controller reports status ok, so it fits scripts and probes."
     )
 
     @OptionGroup(title: "Connection Options") var connection: ConnectionOptions
@@ -21,8 +21,9 @@ struct HealthCommand: AsyncParsableCommand {
             } else {
                 var fields = KeyValueList()
                 fields.add("status", health.status)
-                fields.add("version", health.version)
-                fields.add("agents online", "\(health.agentsOnline)")
+                // Only for a caller with a token.
+                if let version = health.version { fields.add("version", version) }
+                if let online = health.agentsOnline { fields.add("agents online", "\(online)") }
                 print(fields.render())
             }
             if health.status != "ok" {

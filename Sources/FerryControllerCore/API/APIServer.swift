@@ -11,10 +11,13 @@ import SwiftProtobuf
 public struct APIContext: RequestContext {
     public var coreContext: CoreRequestContextStorage
     public var principal: APIPrincipal?
+    /// The caller's IP address, for refusals' audit entries and their rate limit.
+    public var peer: String
 
     public init(source: ApplicationRequestContextSource) {
         coreContext = .init(source: source)
         principal = nil
+        peer = source.channel.remoteAddress?.ipAddress ?? "unknown"
     }
 }
 
@@ -31,6 +34,7 @@ struct APIError: HTTPResponseError {
         case .conflict: .conflict
         case .unavailable: .serviceUnavailable
         case .timeout: .gatewayTimeout
+        case .rateLimited: .tooManyRequests
         default: .internalServerError
         }
     }
@@ -41,24 +45,52 @@ struct APIError: HTTPResponseError {
     }
 }
 
-/// Checks the bearer token on every request except `/healthz`.
+/// Checks the bearer token on every request (`/healthz` answers without one, with less).
+/// Every failed attempt is audited; an address with too many in a minute is refused, without
+/// a lookup or an audit entry each, until the minute is over.
 struct BearerAuthMiddleware: RouterMiddleware {
     typealias Context = APIContext
     let store: StateStore
     let metrics: ControllerMetrics
+    let failures: FailureLimiter
 
     func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
         metrics.apiRequests.increment()
-        if request.uri.path == "/healthz" { return try await next(request, context) }
-        guard let header = request.headers[.authorization], header.hasPrefix("Bearer ") else {
-            throw APIError(error: FerryError(.unauthenticated, "missing bearer token; set FERRY_TOKEN (see ferryctl.env in the controller's data dir)"))
+        let health = request.uri.path == "/healthz"
+        if let wait = failures.blocked(context.peer) {
+            throw APIError(error: FerryError(.rateLimited, "too many failed token attempts from \(context.peer); retry in \(Int(wait.seconds.rounded(.up))) s"))
         }
-        guard let principal = try await store.principal(forBearer: String(header.dropFirst("Bearer ".count))) else {
-            throw APIError(error: FerryError(.unauthenticated, "bearer token not recognised by this controller"))
+        guard let header = request.headers[.authorization], header.hasPrefix("Bearer ") else {
+            if health { return try await next(request, context) }
+            throw try await refuse(FerryError(.unauthenticated, "missing bearer token; set FERRY_TOKEN (see ferryctl.env in the controller's data dir)"), request, context)
+        }
+        let principal: APIPrincipal
+        do {
+            guard let found = try await store.principal(forBearer: String(header.dropFirst("Bearer ".count))) else {
+                throw FerryError(.unauthenticated, "bearer token not recognised by this controller")
+            }
+            principal = found
+        } catch let error as FerryError where error.code == .unauthenticated {
+            throw try await refuse(error, request, context)
         }
         var context = context
         context.principal = principal
         return try await next(request, context)
+    }
+
+    /// Audits a failed attempt (until its address is limited) and returns the error to throw.
+    private func refuse(_ error: FerryError, _ request: Request, _ context: APIContext) async throws -> APIError {
+        let target = String(request.uri.path.prefix(200))
+        switch failures.fail(context.peer) {
+        case .counted:
+            try? await store.audit(actor: "address:\(context.peer)", action: "api.auth-failed", target: target, detail: error.message)
+        case .limited:
+            try? await store.audit(actor: "address:\(context.peer)", action: "api.auth-rate-limited", target: target,
+                                   detail: "\(failures.limit) failed token attempts within \(failures.window); refused until the window ends")
+        case .alreadyLimited:
+            break
+        }
+        return APIError(error: error)
     }
 }
 
@@ -96,12 +128,18 @@ struct APIRoutes {
     let catalogue: PointCatalogue
     let exports: PointExports
     let jobs: JobRunner
+    /// Where the bootstrap admin token's secret lives (rewritten when it is rotated).
+    let dataDir: String
+    /// Failed token attempts per address: 20 a minute.
+    let authFailures = FailureLimiter(limit: 20, window: .seconds(60))
 
     func router() -> Router<APIContext> {
         let router = Router(context: APIContext.self)
-        router.add(middleware: BearerAuthMiddleware(store: store, metrics: metrics))
-        router.get("/healthz") { _, _ in
-            JSONBody(value: API.Health(status: "ok", version: FerryVersion.current, agentsOnline: await registry.count))
+        router.add(middleware: BearerAuthMiddleware(store: store, metrics: metrics, failures: authFailures))
+        router.get("/healthz") { _, context in
+            // Without a token: that it answers, nothing about what it runs or holds.
+            guard context.principal != nil else { return JSONBody(value: API.Health(status: "ok", version: nil, agentsOnline: nil)) }
+            return JSONBody(value: API.Health(status: "ok", version: FerryVersion.current, agentsOnline: await registry.count))
         }
         router.get("/metrics") { _, context in
             _ = try context.require(.viewer)
@@ -174,7 +212,21 @@ struct APIRoutes {
             guard let role = APIPrincipal.Role(rawValue: body.role) else {
                 throw APIError(error: FerryError(.badRequest, "role must be viewer, operator or admin, not '\(body.role)'"))
             }
-            return JSONBody(value: try await wrap { try await store.createAPIToken(name: body.name, role: role, actor: who.actor) }, status: .created)
+            let lifetime = try Self.tokenLifetime(body.expiresInSeconds) ?? StateStore.apiTokenLifetime
+            return JSONBody(value: try await wrap { try await store.createAPIToken(name: body.name, role: role, actor: who.actor, lifetime: lifetime) },
+                            status: .created)
+        }
+        v1.post("api-tokens/:name/rotate") { request, context in
+            let who = try context.require(.admin)
+            let name = try context.parameters.require("name")
+            let body = try await request.decode(as: API.APITokenRotateRequest.self, context: context)
+            let lifetime = try Self.tokenLifetime(body.expiresInSeconds)
+            let rotated = try await wrap {
+                let rotated = try await store.rotateAPIToken(name: name, actor: who.actor, lifetime: lifetime)
+                if name == "admin", let secret = rotated.token { try rewriteAdminToken(secret) }
+                return rotated
+            }
+            return JSONBody(value: rotated)
         }
         v1.get("api-tokens") { _, context in
             _ = try context.require(.admin)
@@ -381,5 +433,28 @@ extension Double {
     func rounded(toPlaces places: Int) -> Double {
         let f = pow(10, Double(places))
         return (self * f).rounded(.down) / f
+    }
+}
+
+extension APIRoutes {
+    /// A token lifetime from the API, range-checked.
+    static func tokenLifetime(_ seconds: Int64?) throws -> TimeInterval? {
+        guard let seconds else { return nil }
+        guard StateStore.apiTokenLifetimeRange.contains(seconds) else {
+            throw APIError(error: FerryError(.badRequest, "a token lives \(StateStore.apiTokenLifetimeRange.lowerBound) s to \(StateStore.apiTokenLifetimeRange.upperBound / 86_400) days, not \(seconds) s"))
+        }
+        return TimeInterval(seconds)
+    }
+
+    /// The bootstrap admin token was rotated: its file, and the env file that names it, get the
+    /// new secret (0600), so the controller starts again and local scripts keep working.
+    func rewriteAdminToken(_ secret: String) throws {
+        try PEMFiles.writeSecret(secret + "\n", to: dataDir + "/admin.token")
+        let envPath = dataDir + "/ferryctl.env"
+        guard let env = try? String(contentsOfFile: envPath, encoding: .utf8) else { return }
+        let lines = env.split(separator: "\n", omittingEmptySubsequences: false).map { line in
+            line.hasPrefix("export FERRY_TOKEN=") ? "export FERRY_TOKEN=\(secret)" : String(line)
+        }
+        try PEMFiles.writeSecret(lines.joined(separator: "\n"), to: envPath)
     }
 }

@@ -128,6 +128,9 @@ public final class StateStore: Sendable {
             try db.create(index: "recoveryPoint_group_time", on: "recoveryPoint", columns: ["groupName", "createdAt"])
         }
         registerPlanMigration(&m)
+        m.registerMigration("v7-api-token-expiry") { db in
+            try db.alter(table: "apiToken") { t in t.add(column: "expiresAt", .datetime) }
+        }
         return m
     }
 
@@ -184,6 +187,10 @@ struct APITokenRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
     var name: String
     var role: String
     var createdAt: Date
+    /// Nil for the bootstrap admin token (its secret is a 0600 file; it is rotated instead).
+    var expiresAt: Date?
+
+    var api: API.APIToken { API.APIToken(name: name, role: role, createdAt: createdAt, token: nil, expiresAt: expiresAt) }
 }
 
 struct AuditRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
@@ -223,27 +230,60 @@ extension StateStore {
         }
     }
 
-    /// Makes a named API token for an operator or a script; the secret is returned once.
-    public func createAPIToken(name: String, role: APIPrincipal.Role, actor: String) async throws -> API.APIToken {
+    /// How long an API token lives by default, and at most.
+    public static let apiTokenLifetime: TimeInterval = 90 * 86_400
+    public static let apiTokenLifetimeRange: ClosedRange<Int64> = 10...(2 * 366 * 86_400)
+
+    /// Makes a named API token for an operator or a script, valid for `lifetime` seconds; the
+    /// secret is returned once.
+    public func createAPIToken(name: String, role: APIPrincipal.Role, actor: String,
+                               lifetime: TimeInterval = StateStore.apiTokenLifetime) async throws -> API.APIToken {
         guard HostName.isValid(name) else {
-            throw FerryError(.badRequest, "'\(name)' is not a valid token name (1-63 characters: letters, digits, '.', '-', '_')")
+            throw FerryError(.badRequest, "'\(name)' is not a valid token name (1-63 characters: letters, digits, '.', '-', '_'; not starting with '.')")
         }
         let secret = SecretHash.randomToken(prefix: "fat_")
-        let record = APITokenRecord(hash: SecretHash.of(secret), name: name, role: role.rawValue, createdAt: Date())
+        let now = Date()
+        let record = APITokenRecord(hash: SecretHash.of(secret), name: name, role: role.rawValue, createdAt: now,
+                                    expiresAt: now.addingTimeInterval(lifetime))
         try await pool.write { db in
             if try APITokenRecord.filter(Column("name") == name).fetchCount(db) > 0 {
                 throw FerryError(.conflict, "an API token named '\(name)' exists already; remove it first or pick another name")
             }
             try record.insert(db)
-            try Self.audit(db, actor: actor, action: "api-token.create", target: name, detail: "role=\(role.rawValue)")
+            try Self.audit(db, actor: actor, action: "api-token.create", target: name,
+                           detail: "role=\(role.rawValue) expires=\(ISO8601DateFormatter().string(from: now.addingTimeInterval(lifetime)))")
         }
-        return API.APIToken(name: name, role: role.rawValue, createdAt: record.createdAt, token: secret)
+        var view = record.api
+        view.token = secret
+        return view
+    }
+
+    /// A new secret for a token (same name and role); the old one stops working at once. The
+    /// new one lives `lifetime` seconds, or as long as the old one was meant to (the bootstrap
+    /// admin token: without expiry).
+    public func rotateAPIToken(name: String, actor: String, lifetime: TimeInterval?) async throws -> API.APIToken {
+        let secret = SecretHash.randomToken(prefix: "fat_")
+        let record = try await pool.write { db -> APITokenRecord in
+            guard let old = try APITokenRecord.filter(Column("name") == name).fetchOne(db) else {
+                throw FerryError(.notFound, "no API token named '\(name)'; 'ferryctl api-tokens' lists them")
+            }
+            let now = Date()
+            let keep = old.expiresAt.map { $0.timeIntervalSince(old.createdAt) }
+            let record = APITokenRecord(hash: SecretHash.of(secret), name: name, role: old.role, createdAt: now,
+                                        expiresAt: (lifetime ?? keep).map { now.addingTimeInterval($0) })
+            try old.delete(db)
+            try record.insert(db)
+            try Self.audit(db, actor: actor, action: "api-token.rotate", target: name,
+                           detail: "expires=\(record.expiresAt.map { ISO8601DateFormatter().string(from: $0) } ?? "never")")
+            return record
+        }
+        var view = record.api
+        view.token = secret
+        return view
     }
 
     public func apiTokens() async throws -> [API.APIToken] {
-        try await pool.read { db in
-            try APITokenRecord.order(Column("name")).fetchAll(db).map { API.APIToken(name: $0.name, role: $0.role, createdAt: $0.createdAt, token: nil) }
-        }
+        try await pool.read { db in try APITokenRecord.order(Column("name")).fetchAll(db).map(\.api) }
     }
 
     /// Removes an API token; it stops working at once. The bootstrap admin token stays, so the
@@ -264,10 +304,15 @@ extension StateStore {
         try await pool.read { db in try APITokenRecord.filter(Column("name") == name).fetchCount(db) > 0 }
     }
 
+    /// The caller a bearer secret names; nil for an unknown secret. An expired token is an
+    /// error that says so.
     public func principal(forBearer secret: String) async throws -> APIPrincipal? {
         let hash = SecretHash.of(secret)
         return try await pool.read { db in
             guard let r = try APITokenRecord.fetchOne(db, key: hash), let role = APIPrincipal.Role(rawValue: r.role) else { return nil }
+            if let expiry = r.expiresAt, expiry < Date() {
+                throw FerryError(.unauthenticated, "API token '\(r.name)' expired at \(ISO8601DateFormatter().string(from: expiry)); an admin can rotate it ('ferryctl api-token rotate \(r.name)')")
+            }
             return APIPrincipal(name: r.name, role: role)
         }
     }

@@ -116,19 +116,33 @@ public enum API {
         /// `viewer` (read), `operator` (run operations), `admin` (also tokens, hosts, PKI).
         public var role: String
         public var createdAt: Date
-        /// The secret; only in the answer to its creation.
+        /// The secret; only in the answer to its creation or rotation.
         public var token: String?
+        /// When it stops working (nil: the bootstrap admin token, which is rotated instead).
+        public var expiresAt: Date?
 
-        public init(name: String, role: String, createdAt: Date, token: String?) {
-            self.name = name; self.role = role; self.createdAt = createdAt; self.token = token
+        public init(name: String, role: String, createdAt: Date, token: String?, expiresAt: Date? = nil) {
+            self.name = name; self.role = role; self.createdAt = createdAt; self.token = token; self.expiresAt = expiresAt
         }
     }
 
     public struct APITokenCreateRequest: Codable, Sendable {
         public var name: String
         public var role: String
+        /// Lifetime in seconds (default 90 days, at most 2 years).
+        public var expiresInSeconds: Int64?
 
-        public init(name: String, role: String) { self.name = name; self.role = role }
+        public init(name: String, role: String, expiresInSeconds: Int64? = nil) {
+            self.name = name; self.role = role; self.expiresInSeconds = expiresInSeconds
+        }
+    }
+
+    /// `POST /v1/api-tokens/:name/rotate`: a new secret for the token.
+    public struct APITokenRotateRequest: Codable, Sendable {
+        /// Lifetime of the new secret in seconds (default: as long as the old one was given).
+        public var expiresInSeconds: Int64?
+
+        public init(expiresInSeconds: Int64? = nil) { self.expiresInSeconds = expiresInSeconds }
     }
 
     /// A protected volume. `state` is `exported` while its host is online, `host-offline` otherwise.
@@ -231,12 +245,13 @@ public enum API {
         }
     }
 
+    /// Without a token only `status`; the rest for a valid token.
     public struct Health: Codable, Sendable {
         public var status: String
-        public var version: String
-        public var agentsOnline: Int
+        public var version: String?
+        public var agentsOnline: Int?
 
-        public init(status: String, version: String, agentsOnline: Int) {
+        public init(status: String, version: String?, agentsOnline: Int?) {
             self.status = status; self.version = version; self.agentsOnline = agentsOnline
         }
     }

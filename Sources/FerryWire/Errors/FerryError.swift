@@ -31,6 +31,8 @@ public struct FerryError: Error, Sendable, CustomStringConvertible, Equatable {
         public static let hookFailed = Code("hook-failed")
         /// The volume was fenced for a failover: this host no longer owns it.
         public static let fenced = Code("fenced")
+        /// Too many failed attempts from one address: refused for a while.
+        public static let rateLimited = Code("rate-limited")
     }
 
     public let code: Code

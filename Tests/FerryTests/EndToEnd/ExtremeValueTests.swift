@@ -616,7 +616,20 @@ final class FakeController: Sendable {
         address.withLock { $0 = "127.0.0.1:\(server.channel.localAddress?.port ?? 0)" }
         try await server.executeThenClose { inbound in
             var connections = inbound.makeAsyncIterator()
-            try await body(&connections)
+            let outcome: Result<Void, any Error>
+            do {
+                try await body(&connections)
+                outcome = .success(())
+            } catch {
+                outcome = .failure(error)
+            }
+            // The agent reconnects by itself: every connection it made meanwhile must be ended
+            // through executeThenClose (NIO traps on an async channel dropped unentered).
+            try? await server.channel.close()
+            while let connection = try? await connections.next() {
+                try? await connection.executeThenClose { _, _ in }
+            }
+            try outcome.get()
         }
     }
 
