@@ -70,3 +70,11 @@ void ferry_malloc_for_bulk_io(void) {
 void ferry_name_thread(const char *name) { pthread_setname_np(pthread_self(), name); }
 
 int ferry_accept(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
+
+int ferry_peer_uid(int fd, uint32_t *uid) {
+    struct ucred credentials;
+    socklen_t length = sizeof(credentials);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) != 0) return -1;
+    *uid = credentials.uid;
+    return 0;
+}

@@ -25,13 +25,29 @@ public final class NBDServer: Sendable {
     static let negotiationTimeoutSeconds = 30
     /// Connections served at once (a thread each); more are closed as they come.
     let maxConnections: Int
+    /// Who may use the unix socket: root, this process's user and these (checked with
+    /// SO_PEERCRED on every connection, whatever the socket file's mode). With extra users the
+    /// socket file is made 0666 so they can reach it; the check is the gate.
+    let socketUsers: Set<UInt32>
     /// Threads of connections joined from elsewhere (`serve(connection:access:)`).
     private let joinedThreads = DispatchGroup()
 
-    public init(volumes: [any NBDExport], logger: Logger, maxConnections: Int = 256) {
+    public init(volumes: [any NBDExport], logger: Logger, maxConnections: Int = 256, socketUsers: Set<UInt32> = []) {
         exports = Mutex(Dictionary(volumes.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first }))
         self.logger = logger
         self.maxConnections = maxConnections
+        self.socketUsers = socketUsers
+    }
+
+    /// Whether the peer of a unix socket connection may use the exports.
+    func admitsPeer(_ fd: Int32) -> Bool {
+        var uid: UInt32 = .max
+        guard ferry_peer_uid(fd, &uid) == 0 else { return false }
+        guard uid == 0 || uid == geteuid() || socketUsers.contains(uid) else {
+            logger.warning("NBD connection refused: the peer's user may not use this socket (add it to nbd-socket-users)", metadata: ["uid": "\(uid)"])
+            return false
+        }
+        return true
     }
 
     /// Adds (or replaces) an export; connections made from now on see it.
@@ -65,7 +81,7 @@ public final class NBDServer: Sendable {
             close(fd)
             throw FerryError(.io, "cannot listen on NBD socket \(path): \(reason)")
         }
-        chmod(path, 0o600)
+        chmod(path, socketUsers.isEmpty ? 0o600 : 0o666)
         onReady()
         try await accept(on: fd, where: path, tcp: false)
     }
@@ -153,6 +169,9 @@ public final class NBDServer: Sendable {
             if tcp {
                 var one: Int32 = 1
                 setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            } else if !admitsPeer(fd) {
+                close(fd)
+                continue
             }
             // Registered under the lock `stop` takes: a connection accepted as the server stops
             // is either shut down by `stop` or never served.

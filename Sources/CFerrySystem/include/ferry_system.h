@@ -31,4 +31,7 @@ void ferry_name_thread(const char *name);
 /// accept4(fd, NULL, NULL, SOCK_CLOEXEC): the new connection is not inherited by children.
 int ferry_accept(int fd);
 
+/// The user id of a unix socket's peer (SO_PEERCRED). Returns 0, or -1 with errno set.
+int ferry_peer_uid(int fd, uint32_t *uid);
+
 #endif

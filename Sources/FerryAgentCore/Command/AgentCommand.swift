@@ -122,7 +122,8 @@ public struct AgentCommand: AsyncParsableCommand {
                 let volumes = VolumeManager(dataDir: settings.dataDir, socketDirectory: settings.socketDirectory, pool: pool, logger: logger,
                                             changeLogBytes: Int(settings.changeLogMemory), spillBytes: Int64(settings.changeLogSpill),
                                             tcpListen: try settings.nbdTCP.map { try ConfigText.hostPort($0) },
-                                            allow: allow, hostName: identity.info.hostName, configPath: settings.configPath)
+                                            allow: allow, hostName: identity.info.hostName, configPath: settings.configPath,
+                                            socketUsers: try settings.socketUserIDs)
                 // The default place for images the controller asks to create.
                 try? FileManager.default.createDirectory(atPath: settings.dataDir + "/volumes", withIntermediateDirectories: true,
                                                          attributes: [.posixPermissions: 0o700])

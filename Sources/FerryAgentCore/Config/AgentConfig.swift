@@ -27,6 +27,12 @@ public struct AgentConfig: Sendable {
     /// Also serve every volume's NBD export on this loopback `HOST:PORT` (by export name), for
     /// clients that cannot use a unix socket. Off by default.
     public var nbdTCP: String?
+    /// nbd-tcp has no authentication: any local user could read and write every protected
+    /// volume through it. It is served only when this says the operator accepts that.
+    public var nbdTCPInsecure = false
+    /// Users besides root and the agent's own that may use the NBD unix sockets (names or
+    /// numeric ids), e.g. the user qemu runs as. Checked per connection (SO_PEERCRED).
+    public var nbdSocketUsers: [String] = []
     /// Hooks the controller may ask for by name (quiesce, thaw, later start and stop): each a
     /// command line run with `/bin/sh -c`. The controller never sends a command, only a name.
     public var hooks: [String: String] = [:]
@@ -59,12 +65,15 @@ public struct AgentConfig: Sendable {
         var nbdTCP: String?
         var hooks: [String: String]?
         var protectAllow: [String]?
+        var nbdTCPInsecure: Bool?
+        var nbdSocketUsers: [String]?
 
         enum CodingKeys: String, CodingKey, CaseIterable {
             case dataDir = "data-dir", controller, name, reconnectInitialDelay = "reconnect-initial-delay"
             case reconnectMaxDelay = "reconnect-max-delay", inventoryInterval = "inventory-interval", logLevel = "log-level"
             case socketDir = "socket-dir", ioThreads = "io-threads", changeLogMemory = "change-log-memory", changeLogSpill = "change-log-spill"
-            case nbdTCP = "nbd-tcp", hooks, protectAllow = "protect-allow"
+            case nbdTCP = "nbd-tcp", hooks, protectAllow = "protect-allow", nbdTCPInsecure = "nbd-tcp-insecure"
+            case nbdSocketUsers = "nbd-socket-users"
         }
     }
 
@@ -85,6 +94,21 @@ public struct AgentConfig: Sendable {
         if let v = f.nbdTCP { nbdTCP = v }
         if let v = f.hooks { hooks = v }
         if let v = f.protectAllow { protectAllowEntries = v }
+        if let v = f.nbdTCPInsecure { nbdTCPInsecure = v }
+        if let v = f.nbdSocketUsers { nbdSocketUsers = v }
+    }
+
+    /// `nbd-socket-users` as user ids (names looked up in the user database).
+    public var socketUserIDs: Set<UInt32> {
+        get throws {
+            Set(try nbdSocketUsers.map { entry in
+                if let uid = UInt32(entry) { return uid }
+                guard let user = getpwnam(entry) else {
+                    throw FerryError(.badConfiguration, "nbd-socket-users: no user named '\(entry)' on this host")
+                }
+                return user.pointee.pw_uid
+            })
+        }
     }
 
     public func validate() throws {
@@ -101,7 +125,11 @@ public struct AgentConfig: Sendable {
             guard host == "localhost" || host.hasPrefix("127.") || host == "::1" || host == "[::1]" else {
                 throw FerryError(.badConfiguration, "nbd-tcp must be a loopback address (127.0.0.1:PORT or [::1]:PORT), not \(nbdTCP)")
             }
+            guard nbdTCPInsecure else {
+                throw FerryError(.badConfiguration, "nbd-tcp serves every protected volume without authentication to any user of this host; prefer the unix sockets (nbd-socket-users lets other users in), or set nbd-tcp-insecure: true to accept that")
+            }
         }
+        _ = try socketUserIDs
         guard changeLogMemory >= 1 << 20, changeLogMemory <= 64 << 30 else {
             throw FerryError(.badConfiguration, "change-log-memory must be between 1M and 64G")
         }

@@ -26,8 +26,12 @@ public actor RecoveryManager {
     /// Recoveries whose start hook is being run again.
     private var rerunning: Set<String> = []
 
-    public init(socketDirectory: String, dataDir: String, hooks: HookRunner, logger: Logger) {
+    /// Users besides root and the agent's that may use the recovered volumes' sockets.
+    let socketUsers: Set<UInt32>
+
+    public init(socketDirectory: String, dataDir: String, hooks: HookRunner, logger: Logger, socketUsers: Set<UInt32> = []) {
         self.socketDirectory = socketDirectory
+        self.socketUsers = socketUsers
         self.dataDir = dataDir
         self.hooks = hooks
         self.logger = logger
@@ -125,7 +129,7 @@ public actor RecoveryManager {
                 let volume = RecoveredVolume(name: spec.name, source: spec.source, size: size, first: client, logger: logger, connect: connect)
                 volumes.append(volume)
                 let socket = socketDirectory + "/recovered-" + spec.name + ".sock"
-                let server = NBDServer(volumes: [volume], logger: logger)
+                let server = NBDServer(volumes: [volume], logger: logger, socketUsers: socketUsers)
                 try await server.start(unixSocket: socket, into: &servers)
                 sockets.append(socket)
             }

@@ -48,7 +48,8 @@ public final class AgentSession: Service, Sendable {
     ) {
         self.volumes = volumes
         self.recovery = RecoveryManager(socketDirectory: config.socketDirectory, dataDir: config.dataDir,
-                                        hooks: HookRunner(hooks: config.hooks), logger: logger)
+                                        hooks: HookRunner(hooks: config.hooks), logger: logger,
+                                        socketUsers: (try? config.socketUserIDs) ?? [])
         self.dataDir = config.dataDir
         self.config = config
         self.logger = logger

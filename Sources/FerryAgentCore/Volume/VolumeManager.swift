@@ -44,6 +44,8 @@ public actor VolumeManager {
     private var tcpAddress: String?
     /// What the controller may have this agent open and write.
     let allow: ProtectAllow
+    /// Users besides root and the agent's that may use the NBD sockets.
+    let socketUsers: Set<UInt32>
     /// This host's name and config file, for refusals the operator reads through ferryctl.
     let hostName: String
     let configPath: String?
@@ -53,7 +55,8 @@ public actor VolumeManager {
 
     public init(dataDir: String, socketDirectory: String, pool: NIOThreadPool, logger: Logger,
                 changeLogBytes: Int = 64 << 20, spillBytes: Int64 = 1 << 30, tcpListen: (host: String, port: Int)? = nil,
-                allow: ProtectAllow, hostName: String, configPath: String?) {
+                allow: ProtectAllow, hostName: String, configPath: String?, socketUsers: Set<UInt32> = []) {
+        self.socketUsers = socketUsers
         self.allow = allow
         self.hostName = hostName
         self.configPath = configPath
@@ -452,8 +455,10 @@ public actor VolumeManager {
                           server: Task {}, historyKnown: activity.existed, createdEmpty: created, outsideAllowlist: outside)
         }
         try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        // Other users named in nbd-socket-users must reach the sockets (not list them).
+        if !socketUsers.isEmpty { chmod(socketDirectory, 0o711) }
         let socket = socketDirectory + "/" + spec.name + ".sock"
-        let server = NBDServer(volumes: [volume], logger: logger)
+        let server = NBDServer(volumes: [volume], logger: logger, socketUsers: socketUsers)
         let ready = AsyncStream<Void>.makeStream()
         let task = Task { try await server.serve(unixSocket: socket, onReady: { ready.continuation.finish() }) }
         for await _ in ready.stream {}

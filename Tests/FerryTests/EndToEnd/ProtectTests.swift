@@ -73,7 +73,38 @@ struct ProtectTests {
         _ = await back.process.terminate()
     }
 
-    @Test("nbd-tcp serves every volume on one loopback port by export name; a non-loopback address is refused")
+    @Test("the NBD unix socket checks its peer's user: root and nbd-socket-users get in, any other local user is refused whatever the file's mode")
+    func socketPeerUser() async throws {
+        let dir = try TestDirectory()
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        // Sockets where other users can reach them (the test's own directory is private).
+        let sockets = "/tmp/ferry-sockets-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: sockets) }
+        let config = dir.file("agent.yaml")
+        try "socket-dir: \(sockets)\nnbd-socket-users: [daemon]\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir, arguments: ["--config", config])
+        defer {
+            agent.signal(SIGTERM)
+            controller.process.signal(SIGTERM)
+        }
+        #expect(try await controller.waitFor("db", state: "online"))
+        let r = try await controller.ctl("protect", "db", "--volume", "data", "--path", dir.sub("volumes") + "/data.img", "--create-size", "16M")
+        #expect(r.status == 0, "\(r)")
+        let uri = "nbd+unix:///data?socket=\(sockets)/data.sock"
+        #expect(try await eventually(timeout: .seconds(10)) { FileManager.default.fileExists(atPath: sockets + "/data.sock") })
+        func size(as user: String) async throws -> CommandResult {
+            let uid = try #require(getpwnam(user)).pointee.pw_uid, gid = try #require(getpwnam(user)).pointee.pw_gid
+            return try await run("/usr/bin/setpriv", ["--reuid=\(uid)", "--regid=\(gid)", "--clear-groups", "/usr/bin/nbdinfo", "--size", uri], timeout: .seconds(20))
+        }
+        #expect(try await run("/usr/bin/nbdinfo", ["--size", uri]).stdout.contains("16777216"), "root")
+        let allowed = try await size(as: "daemon")
+        #expect(allowed.status == 0 && allowed.stdout.contains("16777216"), "\(allowed)")
+        let other = try await size(as: "nobody")
+        #expect(other.status != 0 && other.stderr.contains("16777216") == false, "\(other)")
+        #expect(await eventually(timeout: .seconds(5)) { agent.log.contains("peer's user may not use this socket") }, "\(agent.log.suffix(3000))")
+    }
+
+    @Test("nbd-tcp serves every volume on one loopback port by export name, only with nbd-tcp-insecure; a non-loopback address is refused")
     func loopbackTCPExport() async throws {
         let dir = try TestDirectory()
         let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
@@ -82,8 +113,14 @@ struct ProtectTests {
         let refused = try await run(Binaries.path("ferry-agent"), ["run", "--data-dir", dir.sub("nowhere"), "--config", wide])
         #expect(refused.status != 0 && refused.stderr.contains("nbd-tcp must be a loopback address"), "\(refused)")
 
+        // Unauthenticated: only with the operator's explicit acceptance.
+        let plain = dir.file("plain.yaml")
+        try "nbd-tcp: 127.0.0.1:0\n".write(toFile: plain, atomically: true, encoding: .utf8)
+        let unaccepted = try await run(Binaries.path("ferry-agent"), ["run", "--data-dir", dir.sub("nowhere"), "--config", plain])
+        #expect(unaccepted.status != 0 && unaccepted.stderr.contains("nbd-tcp-insecure"), "\(unaccepted)")
+
         let config = dir.file("agent.yaml")
-        try "nbd-tcp: 127.0.0.1:0\n".write(toFile: config, atomically: true, encoding: .utf8)
+        try "nbd-tcp: 127.0.0.1:0\nnbd-tcp-insecure: true\n".write(toFile: config, atomically: true, encoding: .utf8)
         let agent = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir, arguments: ["--config", config])
         #expect(try await controller.waitFor("db", state: "online"))
         let volumes = dir.sub("volumes")
