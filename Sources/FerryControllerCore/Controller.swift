@@ -84,7 +84,8 @@ public struct Controller: Sendable {
             tls.trustRoots = .certificates([try TLSSettings.nio(pki.ca.certificate)])
             exportTLS.append(.init(service: PointExportTLSService(
                 listen: config.nbdTLSListen, exports: exports, tls: try NIOSSLContext(configuration: tls),
-                store: store, group: group, logger: logger) { address in
+                store: store, group: group, logger: logger,
+                caps: ConnectionCaps(total: config.maxConnections, perAddress: config.maxConnectionsPerAddress)) { address in
                     exportPort.set(address.port)
                     try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/nbd-tls-listen.addr")
                 }))

@@ -25,6 +25,13 @@ public struct ControllerConfig: Sendable {
     public var heartbeatInterval: Duration = .seconds(5)
     public var certificateValidity: Duration = .seconds(30 * 86_400)
     public var maxFrameBytes: Int = FrameSize.defaultAuthenticated
+    /// Connections each listener (agents, NBD+TLS) holds at once, and from one source address
+    /// (raise it for many agents behind one NAT address).
+    public var maxConnections: Int = 4096
+    public var maxConnectionsPerAddress: Int = 64
+    /// Failed enrollments one source address may make in a minute before it is refused for the
+    /// rest of that minute.
+    public var enrollmentFailuresPerMinute: Int = 10
     /// How long a new connection may take, TLS handshake included, to send its first message.
     public var enrollmentTimeout: Duration = .seconds(10)
     public var logLevel: String = "info"
@@ -50,6 +57,9 @@ public struct ControllerConfig: Sendable {
         var heartbeatInterval: String?
         var certificateValidity: String?
         var maxFrameBytes: Int?
+        var maxConnections: Int?
+        var maxConnectionsPerAddress: Int?
+        var enrollmentFailuresPerMinute: Int?
         var enrollmentTimeout: String?
         var logLevel: String?
         var replicaRetention: String?
@@ -59,6 +69,8 @@ public struct ControllerConfig: Sendable {
             case dataDir = "data-dir", listen, apiListen = "api-listen", nbdTLSListen = "nbd-tls-listen", tlsNames = "tls-names", tlsAddresses = "tls-addresses"
             case caCert = "ca-cert", caKey = "ca-key", serverCert = "server-cert", serverKey = "server-key"
             case heartbeatInterval = "heartbeat-interval", certificateValidity = "certificate-validity"
+            case maxConnections = "max-connections", maxConnectionsPerAddress = "max-connections-per-address"
+            case enrollmentFailuresPerMinute = "enrollment-failures-per-minute"
             case maxFrameBytes = "max-frame-bytes", enrollmentTimeout = "enrollment-timeout", logLevel = "log-level"
             case replicaRetention = "replica-retention", replicaJournalMax = "replica-journal-max"
         }
@@ -80,6 +92,9 @@ public struct ControllerConfig: Sendable {
         if let v = f.heartbeatInterval { heartbeatInterval = try ConfigText.duration(v) }
         if let v = f.certificateValidity { certificateValidity = try ConfigText.duration(v) }
         if let v = f.maxFrameBytes { maxFrameBytes = v }
+        if let v = f.maxConnections { maxConnections = v }
+        if let v = f.maxConnectionsPerAddress { maxConnectionsPerAddress = v }
+        if let v = f.enrollmentFailuresPerMinute { enrollmentFailuresPerMinute = v }
         if let v = f.enrollmentTimeout { enrollmentTimeout = try ConfigText.duration(v) }
         if let v = f.logLevel { logLevel = v }
         if let v = f.replicaRetention { replicaRetention = try ConfigText.duration(v) }
@@ -106,6 +121,12 @@ public struct ControllerConfig: Sendable {
         }
         guard heartbeatInterval >= .milliseconds(100), heartbeatInterval <= .seconds(300) else {
             throw FerryError(.badConfiguration, "heartbeat-interval must be between 100ms and 300s")
+        }
+        guard (1...1_000_000).contains(maxConnections), (1...maxConnections).contains(maxConnectionsPerAddress) else {
+            throw FerryError(.badConfiguration, "max-connections must be 1 to 1000000 and max-connections-per-address 1 to max-connections")
+        }
+        guard (1...100_000).contains(enrollmentFailuresPerMinute) else {
+            throw FerryError(.badConfiguration, "enrollment-failures-per-minute must be 1 to 100000")
         }
         guard certificateValidity >= .seconds(10) else {
             throw FerryError(.badConfiguration, "certificate-validity must be at least 10s")

@@ -21,18 +21,24 @@ struct PointExportTLSService: Service {
     let store: StateStore
     let group: any EventLoopGroup
     let logger: Logger
+    /// Connections held at once, in all and per source address.
+    let caps: ConnectionCaps
     /// Called with the bound address (the configured port may be 0).
     let onBound: @Sendable (SocketAddress) -> Void
 
     func run() async throws {
         let (host, port) = try ConfigText.hostPort(listen)
-        let exports = self.exports, tls = self.tls, store = self.store, logger = self.logger
+        let exports = self.exports, tls = self.tls, store = self.store, logger = self.logger, caps = self.caps
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 128)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    guard caps.admit(channel) else {
+                        channel.close(promise: nil)
+                        return
+                    }
                     try channel.pipeline.syncOperations.addHandler(
                         StartTLSNegotiator(tls: tls, exports: exports, store: store, logger: logger))
                 }

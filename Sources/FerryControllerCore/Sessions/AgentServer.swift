@@ -25,6 +25,10 @@ public final class AgentServer: Service, Sendable {
     let connections = Mutex<[ObjectIdentifier: any Channel]>([:])
     /// Which replication records each volume takes (generation and fence).
     let gates = IngestGates()
+    /// Connections held at once, in all and per source address (before authentication too).
+    let caps: ConnectionCaps
+    /// Failed enrollments per source address.
+    let enrollmentFailures: FailureLimiter
 
     /// The hosts' NBD+TLS connections: revoking a host's certificates ends them too.
     let exportConnections: ExportConnections
@@ -37,6 +41,8 @@ public final class AgentServer: Service, Sendable {
          onBound: @escaping @Sendable (SocketAddress) -> Void) {
         self.replicas = replicas
         self.exportConnections = exportConnections
+        caps = ConnectionCaps(total: config.maxConnections, perAddress: config.maxConnectionsPerAddress)
+        enrollmentFailures = FailureLimiter(limit: config.enrollmentFailuresPerMinute, window: .seconds(60))
         self.config = config
         self.pki = pki
         self.store = store
@@ -57,10 +63,16 @@ public final class AgentServer: Service, Sendable {
             // Bounded, like the agent's send buffer: an agent's answer to a consistency cut
             // waits behind whatever is buffered ahead of it in the stream.
             .childChannelOption(.socketOption(.so_rcvbuf), value: 512 << 10)
-            .bind(host: host, port: port) { channel in
+            .bind(host: host, port: port) { [caps] channel in
                 channel.eventLoop.makeCompletedFuture {
                     let limit = FrameLimit(FrameSize.unauthenticated)
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
+                    // Over a cap: closed before any TLS work (still handed on, to be ended).
+                    let admitted = caps.admit(channel)
+                    if admitted {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
+                    } else {
+                        channel.close(promise: nil)
+                    }
                     try FramedPipeline.configure(channel, limit: limit)
                     return (try FramedPipeline.asyncChannel(channel), limit)
                 }
@@ -157,6 +169,13 @@ public final class AgentServer: Service, Sendable {
                          inReplyTo: request.id, reason: "no-certificate", log: log)
             return
         }
+        let address = session.channel.remoteAddress?.ipAddress ?? "unknown"
+        if let wait = enrollmentFailures.blocked(address) {
+            metrics.enrollmentsRejected.increment()
+            await reject(session, FerryError(.rateLimited, "too many failed enrollments from \(address); retry in \(Int(wait.seconds.rounded(.up))) s"),
+                         inReplyTo: request.id, reason: "enrollment-rate-limited", log: log)
+            return
+        }
         do {
             let token: EnrollmentToken
             do { token = try EnrollmentToken(parsing: req.token) } catch {
@@ -187,6 +206,11 @@ public final class AgentServer: Service, Sendable {
             log.info("host enrolled", metadata: ["host": "\(host.name)", "host-id": "\(host.id)"])
         } catch let error as FerryError {
             metrics.enrollmentsRejected.increment()
+            if enrollmentFailures.fail(address) == .limited {
+                log.warning("enrollments from this address refused for a minute: too many failed", metadata: ["address": "\(address)"])
+                try? await store.audit(actor: "address:\(address)", action: "enroll.rate-limited", target: "-",
+                                       detail: "\(enrollmentFailures.limit) failed enrollments within a minute")
+            }
             await reject(session, error, inReplyTo: request.id, reason: "enrollment", log: log)
         } catch {
             metrics.enrollmentsRejected.increment()

@@ -349,7 +349,12 @@ extension StateStore {
         issue: @escaping @Sendable (_ hostID: String, _ hostName: String) throws -> IssuedCertificate,
         peer: String
     ) async throws -> (HostRecord, IssuedCertificate) {
-        try await pool.write { db in
+        // A token that does not exist is refused on a read: a flood of bogus enrollments never
+        // queues for the write lock that sessions, points and jobs need.
+        guard try await pool.read({ db in try EnrollmentTokenRecord.fetchOne(db, key: tokenSecretHash) }) != nil else {
+            throw FerryError(.tokenInvalid, "enrollment token not recognised by this controller; create one with 'ferryctl token create'")
+        }
+        return try await pool.write { db in
             let now = Date()
             guard var token = try EnrollmentTokenRecord.fetchOne(db, key: tokenSecretHash) else {
                 throw FerryError(.tokenInvalid, "enrollment token not recognised by this controller; create one with 'ferryctl token create'")

@@ -91,7 +91,7 @@ struct ProtectTests {
         let r = try await controller.ctl("protect", "db", "--volume", "data", "--path", dir.sub("volumes") + "/data.img", "--create-size", "16M")
         #expect(r.status == 0, "\(r)")
         let uri = "nbd+unix:///data?socket=\(sockets)/data.sock"
-        #expect(try await eventually(timeout: .seconds(10)) { FileManager.default.fileExists(atPath: sockets + "/data.sock") })
+        #expect(await eventually(timeout: .seconds(10)) { FileManager.default.fileExists(atPath: sockets + "/data.sock") })
         func size(as user: String) async throws -> CommandResult {
             let uid = try #require(getpwnam(user)).pointee.pw_uid, gid = try #require(getpwnam(user)).pointee.pw_gid
             return try await run("/usr/bin/setpriv", ["--reuid=\(uid)", "--regid=\(gid)", "--clear-groups", "/usr/bin/nbdinfo", "--size", uri], timeout: .seconds(20))
