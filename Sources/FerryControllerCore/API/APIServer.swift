@@ -374,7 +374,8 @@ struct APIRoutes {
         // Online without a report yet (the first comes a second after the session starts):
         // whether a resync is due is not known, so it is not called protected.
         let unreported = online && report == nil
-        view.replicaState = lastError != nil ? "error"
+        view.replicaState = await replica.spacePause != nil ? "paused"
+            : lastError != nil ? "error"
             : !state.initialSynced ? "initial-sync"
             : (state.resyncNeeded || syncing || unreported) ? "resyncing"
             : !online ? "paused" : "protected"

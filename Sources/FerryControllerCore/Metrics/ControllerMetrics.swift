@@ -64,6 +64,13 @@ public final class ControllerMetrics: Sendable {
         CoreMetrics.Gauge(label: "ferry_volume_sync_sent_bytes", dimensions: labels, factory: factory).record(Double(report.sync.sentBytes))
     }
 
+    /// 1 while a volume's replication waits for the controller's disk to have space, else 0
+    /// (the alert: `ferry_volume_replication_paused{reason="disk-full"} == 1`).
+    func replicationPaused(host: String, volume: String, paused: Bool) {
+        CoreMetrics.Gauge(label: "ferry_volume_replication_paused", dimensions: [("host", host), ("volume", volume), ("reason", "disk-full")],
+                          factory: factory).record(paused ? 1 : 0)
+    }
+
     /// Counts a completed sync (initial, resync after a crash or overflow, or on demand).
     func syncCompleted(host: String, volume: String) {
         CoreMetrics.Counter(label: "ferry_volume_syncs_completed_total", dimensions: [("host", host), ("volume", volume)], factory: factory).increment()

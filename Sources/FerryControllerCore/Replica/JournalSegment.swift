@@ -199,7 +199,7 @@ enum JournalRecord {
             return
         }
         let failed = FileIO.writeAll(image, data, at: offset)
-        if failed != 0 { throw FerryError(.io, "replica write failed: \(String(cString: strerror(failed)))") }
+        if failed != 0 { throw FerryError.system(failed, "replica write failed") }
     }
 }
 

@@ -74,8 +74,13 @@ public actor ReplicaStore {
     public private(set) var reportedAt: Date?
     /// The last error applying the stream (cleared by the next batch applied), or else the
     /// journal's damage until a resync repairs it.
-    public var lastError: String? { streamError ?? state.corruption?.message }
+    public var lastError: String? { spacePause?.message ?? streamError ?? state.corruption?.message }
     private var streamError: String?
+    /// Replication into this replica waits for disk space (ENOSPC): batches are refused with
+    /// this, not applied and not acked, until the space is there again.
+    private(set) var spacePause: FerryError?
+    /// Free bytes wanted before replication resumes: the batch that failed, and room to spare.
+    private var spaceWanted: UInt64 = 0
     /// A resync was asked of the agent's current session for the journal's damage.
     public private(set) var repairRequested = false
     /// Bytes of data applied since the replica was opened.
@@ -377,6 +382,22 @@ public actor ReplicaStore {
         }
     }
 
+    /// Room beyond a failed batch before replication resumes, so it does not stop again at once.
+    static let spaceMargin: UInt64 = 64 << 20
+
+    /// After a pause for space: whether the disk has the room now (the pause then ends and the
+    /// agent is to resend from the durable sequence).
+    public func spaceReturned() -> Bool {
+        guard spacePause != nil else { return false }
+        var fs = statvfs()
+        guard statvfs(directory, &fs) == 0 else { return false }
+        let free = UInt64(fs.f_bavail) &* UInt64(fs.f_frsize)
+        guard free >= spaceWanted else { return false }
+        spacePause = nil
+        streamError = nil
+        return true
+    }
+
     /// Commits queued batches, a run of one epoch at a time, until none are left.
     private func drain() async {
         while let epoch = queue.first?.epoch {
@@ -406,6 +427,8 @@ public actor ReplicaStore {
     /// Appends the batches' new records to the journal with one write and one fdatasync, then
     /// applies them to the image. Returns each batch's outcome.
     private func commit(_ batches: [Queued], epoch: UInt64) async -> [Result<UInt64, any Error>] {
+        // Paused for space: what was queued behind the batch that failed waits for the resend.
+        if let pause = spacePause { return batches.map { _ in .failure(pause) } }
         applying = true
         defer { applying = false }
         do {
@@ -444,6 +467,14 @@ public actor ReplicaStore {
             accepted = 0
         }
         if let refusal {
+            if let full = refusal as? FerryError, full.code == .noSpace {
+                let needed = UInt64(fresh.reduce(0) { $0 + 64 + Int($1.length) }) + Self.spaceMargin
+                spaceWanted = needed
+                let pause = FerryError(.noSpace, "replication paused: the controller's disk is full (\(full.message)); \(needed >> 20) MiB free needed in \(directory), and replication resumes by itself when it is there")
+                spacePause = pause
+                results += Array(repeating: .failure(pause), count: batches.count - accepted)
+                return results
+            }
             streamError = (refusal as? FerryError)?.message ?? "\(refusal)"
             results += Array(repeating: .failure(refusal), count: batches.count - accepted)
         }
@@ -475,8 +506,8 @@ public actor ReplicaStore {
         try await pool.runIfActive { [pieces] in
             do {
                 let failed = FileIO.writeAll(journal, pieces)
-                if failed != 0 { throw FerryError(.io, "journal write failed: \(String(cString: strerror(failed)))") }
-                guard fdatasync(journal) == 0 else { throw FerryError(.io, "journal fdatasync failed: \(String(cString: strerror(errno)))") }
+                if failed != 0 { throw FerryError.system(failed, "journal write failed") }
+                guard fdatasync(journal) == 0 else { throw FerryError.system(errno, "journal fdatasync failed") }
                 // Only records durable in the journal reach the image: after a crash the image
                 // is rebuilt by replaying the journal from the checkpoint, which must find no
                 // later write already there.
@@ -510,7 +541,7 @@ public actor ReplicaStore {
         let id = (segments.last?.id ?? state.foldedThrough) + 1
         let segment = JournalSegment(id: id, epoch: state.epoch)
         let fd = open(segment.path(in: journalDirectory), O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw FerryError(.io, "cannot create journal segment \(segment.path(in: journalDirectory)): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw FerryError.system(errno, "cannot create journal segment \(segment.path(in: journalDirectory))") }
         // Allocating the segment's blocks in one call is cheaper than one append at a time;
         // where the file system cannot, appends allocate as they go.
         _ = ferry_reserve(fd, off_t(segmentBytes))

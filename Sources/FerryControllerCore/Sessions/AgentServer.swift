@@ -389,6 +389,8 @@ public final class AgentServer: Service, Sendable {
         let lastInventoryUpdate = Mutex<ContinuousClock.Instant?>(nil)
         /// Volumes whose records past their fence were refused in this session (told once).
         let refusedPastFence = Mutex<Set<String>>([])
+        /// Volumes whose replication waits for the controller's disk (logged once a pause).
+        let pausedForSpace = Mutex<Set<String>>([])
         init(certificate: Certificate) { self.certificate = certificate }
     }
 
@@ -479,6 +481,13 @@ public final class AgentServer: Service, Sendable {
                     ack.epoch = epoch
                     ack.durableSequence = durable
                     try? await session.send(.replicationAck(ack))
+                case .failure(let error as FerryError) where error.code == .noSpace:
+                    // A state, not a fault of the agent: its session and other volumes go on;
+                    // the volume's next report after the space returns resumes it.
+                    if state.pausedForSpace.withLock({ $0.insert(volume).inserted }) {
+                        log.warning("replication paused: the controller's disk is full", metadata: ["volume": "\(volume)", "reason": "\(error.message)"])
+                        metrics.replicationPaused(host: hostName, volume: volume, paused: true)
+                    }
                 case .failure(let error):
                     log.warning("replication batch refused; closing the session", metadata: ["volume": "\(volume)", "error": "\(error)"])
                     await session.close(reason: "replication batch refused: \((error as? FerryError)?.message ?? "\(error)")")
@@ -497,6 +506,15 @@ public final class AgentServer: Service, Sendable {
             guard let replica = try? await protectedReplica(hostID: hostID, volume: report.volume) else {
                 log.warning("report about a volume this host does not protect", metadata: ["volume": "\(report.volume)"])
                 return
+            }
+            if await replica.spaceReturned() {
+                state.pausedForSpace.withLock { _ = $0.remove(report.volume) }
+                metrics.replicationPaused(host: hostName, volume: report.volume, paused: false)
+                log.info("replication resumes: the controller's disk has space again", metadata: ["volume": "\(report.volume)"])
+                // The volume list tells the agent where the replica stands: it resends from there.
+                // Not awaited here: its answer comes through this very message loop (bounded by
+                // the request's timeout, it ends with the session).
+                Task { await self.syncVolumes(hostID: hostID, session: session, log: log) }
             }
             let before = await replica.state.syncsCompleted
             try await replica.note(report)

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// An error an operator can act on: an opaque, stable code plus a message that says what went
 /// wrong and, where it helps, what to do about it.
 public struct FerryError: Error, Sendable, CustomStringConvertible, Equatable {
@@ -33,6 +39,8 @@ public struct FerryError: Error, Sendable, CustomStringConvertible, Equatable {
         public static let fenced = Code("fenced")
         /// Too many failed attempts from one address: refused for a while.
         public static let rateLimited = Code("rate-limited")
+        /// A file system is full (ENOSPC, EDQUOT): a state that clears when space returns.
+        public static let noSpace = Code("no-space")
     }
 
     public let code: Code
@@ -95,6 +103,15 @@ extension FerryError {
         e.code = wireCode
         e.message = message
         return e
+    }
+}
+
+extension FerryError {
+    /// A failed system call as an error: `.noSpace` for a full file system (or quota), so
+    /// callers can treat it as a state to wait out; `.io` otherwise.
+    public static func system(_ code: Int32, _ what: String) -> FerryError {
+        let reason = String(cString: strerror(code))
+        return FerryError(code == ENOSPC || code == EDQUOT ? .noSpace : .io, "\(what): \(reason)")
     }
 }
 
