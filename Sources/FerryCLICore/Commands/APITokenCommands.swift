@@ -36,15 +36,7 @@ extension APITokenCommand {
             try await CLI.guarded {
                 let lifetime = try expiresIn.map(APITokenCommand.seconds)
                 let token = try await connection.withClient { try await $0.createAPIToken(.init(name: name, role: role, expiresInSeconds: lifetime)) }
-                if output.json {
-                    try Console.json(token)
-                    return
-                }
-                guard let secret = token.token, !secret.isEmpty else {
-                    throw FerryError(.protocolViolation, "the controller created API token \(token.name) but returned no secret")
-                }
-                print(secret)
-                Console.note("API token '\(Text.printable(token.name))' has role \(token.role); use it as FERRY_TOKEN or --token")
+                try APITokenCommand.show(token, output: output, note: "has role \(token.role); use it as FERRY_TOKEN or --token")
             }
         }
     }
@@ -70,16 +62,7 @@ extension APITokenCommand {
             try await CLI.guarded {
                 let lifetime = try expiresIn.map(APITokenCommand.seconds)
                 let token = try await connection.withClient { try await $0.rotateAPIToken(named: name, .init(expiresInSeconds: lifetime)) }
-                if output.json {
-                    try Console.json(token)
-                    return
-                }
-                guard let secret = token.token, !secret.isEmpty else {
-                    throw FerryError(.protocolViolation, "the controller rotated API token \(token.name) but returned no secret")
-                }
-                print(secret)
-                Console.note("API token '\(Text.printable(token.name))' rotated; it expires "
-                             + (token.expiresAt.map(Format.timestamp) ?? "never"))
+                try APITokenCommand.show(token, output: output, note: "rotated; it expires " + (token.expiresAt.map(Format.timestamp) ?? "never"))
             }
         }
     }
@@ -126,6 +109,19 @@ struct APITokensCommand: AsyncParsableCommand {
 }
 
 extension APITokenCommand {
+    /// A new secret: JSON, or the secret alone on stdout and a note on stderr.
+    static func show(_ token: API.APIToken, output: OutputOptions, note: String) throws {
+        if output.json {
+            try Console.json(token)
+            return
+        }
+        guard let secret = token.token, !secret.isEmpty else {
+            throw FerryError(.protocolViolation, "the controller answered for API token \(token.name) without its secret")
+        }
+        print(secret)
+        Console.note("API token '\(Text.printable(token.name))' \(note)")
+    }
+
     /// A duration flag in whole seconds.
     static func seconds(_ text: String) throws -> Int64 {
         let duration = try ConfigText.duration(text)
