@@ -15,7 +15,10 @@ struct ScaleTests {
     @Test("200 simulated agents hold sessions with one controller and all show in ferryctl hosts --json")
     func twoHundredAgents() async throws {
         let dir = try TestDirectory()
-        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
+        // Every simulated agent comes from 127.0.0.1, as many agents behind one NAT address do.
+        let config = dir.file("controller.yaml")
+        try "max-connections-per-address: \(Self.agentCount + 16)\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--config", config])
         let api = APIClient.Settings(
             baseURL: try #require(controller.apiEnvironment["FERRY_API"]),
             token: controller.apiEnvironment["FERRY_TOKEN"], caPath: controller.caPath
