@@ -45,11 +45,11 @@ struct FuzzCorpusTests {
         let known = PlanParser.Known(
             hosts: ["db", "app", "web", "rec1", "rec2"],
             volumes: ["db": ["data", "log", "archive"], "app": ["root"], "web": ["root", "static"]],
-            taken: ["web/static": "other"]
+            taken: ["db/archive": "other"]
         )
         for input in try Self.inputs("fuzz-plan") {
             let plan = Result { try PlanParser.parse(Self.text(input.bytes), file: input.name, known: known) }
-            if !input.name.hasPrefix("crash-") { #expect(throws: Never.self, "seed \(input.name)") { try plan.get() } }
+            if !input.name.hasPrefix("crash-") { #expect((try? plan.get()) != nil, "seed \(input.name)") }
         }
     }
 
@@ -57,7 +57,7 @@ struct FuzzCorpusTests {
         try await withUnitTempDir { dir in
             for input in try Self.inputs("fuzz-config") {
                 let path = dir + "/" + input.name
-                FileManager.default.createFile(atPath: path, contents: Data(input.bytes))
+                try Data(input.bytes).write(to: URL(fileURLWithPath: path))
                 var agent = AgentConfig(dataDir: "/var/lib/ferry")
                 let asAgent = Result { try agent.apply(file: path); try agent.validate() }
                 var controller = ControllerConfig(dataDir: "/var/lib/ferry")

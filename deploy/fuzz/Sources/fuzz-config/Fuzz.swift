@@ -13,7 +13,7 @@ let path: String = {
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzz(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
-    FileManager.default.createFile(atPath: path, contents: Data(UnsafeRawBufferPointer(start: data, count: size)))
+    _ = FileManager.default.createFile(atPath: path, contents: Data(UnsafeRawBufferPointer(start: data, count: size)))
     var agent = AgentConfig(dataDir: "/var/lib/ferry")
     if (try? agent.apply(file: path)) != nil { _ = try? agent.validate() }
     var controller = ControllerConfig(dataDir: "/var/lib/ferry")

@@ -6,7 +6,7 @@ import FerryControllerCore
 let known = PlanParser.Known(
     hosts: ["db", "app", "web", "rec1", "rec2"],
     volumes: ["db": ["data", "log", "archive"], "app": ["root"], "web": ["root", "static"]],
-    taken: ["web/static": "other"]
+    taken: ["db/archive": "other"]
 )
 
 @_cdecl("LLVMFuzzerTestOneInput")
