@@ -1,9 +1,13 @@
 // swift-tools-version:6.1
 import PackageDescription
 
+// deploy/fuzz.sh builds Ferry's modules (only these: instrumenting every dependency too makes
+// libFuzzer scan a million coverage counters after each input) with coverage and ASan.
+let fuzzing = Context.environment["FERRY_FUZZ"] == "1"
+
 let swiftSettings: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
-]
+] + (fuzzing ? [.unsafeFlags(["-sanitize=fuzzer,address"])] : [])
 
 let package = Package(
     name: "ferry",
@@ -12,6 +16,12 @@ let package = Package(
         .executable(name: "ferry-agent", targets: ["ferry-agent"]),
         .executable(name: "ferry-controller", targets: ["ferry-controller"]),
         .executable(name: "ferryctl", targets: ["ferryctl"]),
+        // Libraries only for deploy/fuzz (a package of its own, so the fuzz targets, which
+        // have no main, stay out of this build).
+        .library(name: "FerryWire", targets: ["FerryWire"]),
+        .library(name: "FerryNBD", targets: ["FerryNBD"]),
+        .library(name: "FerryAgentCore", targets: ["FerryAgentCore"]),
+        .library(name: "FerryControllerCore", targets: ["FerryControllerCore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),

@@ -245,23 +245,39 @@ public enum Attachments {
     public static let maxBytes = 64 << 20
 
     static func read(_ count: UInt32, from inbound: inout NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator) async throws -> [ByteBuffer] {
-        guard count > 0 else { return [] }
-        guard count <= maxCount else {
-            throw FerryError(.protocolViolation, "a message announces \(count) attached frames, over the limit of \(maxCount)")
-        }
-        var frames: [ByteBuffer] = []
-        frames.reserveCapacity(Int(count))
-        var total = 0
-        for _ in 0..<count {
+        var gather = try Gather(count)
+        while !gather.isComplete {
             guard let frame = try await inbound.next() else {
                 throw FerryError(.unavailable, "connection closed in the middle of a message's attached frames")
             }
+            try gather.add(frame)
+        }
+        return gather.frames
+    }
+
+    /// One message's attached frames as they arrive, refused as soon as they exceed the bounds
+    /// (public for the fuzz targets, which feed frames without a connection).
+    public struct Gather {
+        public private(set) var frames: [ByteBuffer] = []
+        private let count: Int
+        private var total = 0
+
+        public init(_ count: UInt32) throws {
+            guard count <= maxCount else {
+                throw FerryError(.protocolViolation, "a message announces \(count) attached frames, over the limit of \(maxCount)")
+            }
+            self.count = Int(count)
+            frames.reserveCapacity(self.count)
+        }
+
+        public var isComplete: Bool { frames.count == count }
+
+        public mutating func add(_ frame: ByteBuffer) throws {
             total += frame.readableBytes
             guard total <= maxBytes else {
                 throw FerryError(.protocolViolation, "a message's attached frames exceed \(maxBytes) bytes")
             }
             frames.append(frame)
         }
-        return frames
     }
 }
