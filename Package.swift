@@ -16,12 +16,6 @@ let package = Package(
         .executable(name: "ferry-agent", targets: ["ferry-agent"]),
         .executable(name: "ferry-controller", targets: ["ferry-controller"]),
         .executable(name: "ferryctl", targets: ["ferryctl"]),
-        // Libraries only for deploy/fuzz (a package of its own, so the fuzz targets, which
-        // have no main, stay out of this build).
-        .library(name: "FerryWire", targets: ["FerryWire"]),
-        .library(name: "FerryNBD", targets: ["FerryNBD"]),
-        .library(name: "FerryAgentCore", targets: ["FerryAgentCore"]),
-        .library(name: "FerryControllerCore", targets: ["FerryControllerCore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -160,3 +154,30 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// The libFuzzer targets (deploy/fuzz/Sources), only with FERRY_FUZZ=1, and then only them and the
+// libraries they fuzz. They live in this package so a fuzz build in the same scratch directory
+// reuses every dependency already built and recompiles only Ferry's own modules; their main
+// hands LLVMFuzzerTestOneInput to libFuzzer's driver and links only with -sanitize=fuzzer.
+if fuzzing {
+    func fuzzTarget(_ name: String, _ dependencies: [Target.Dependency]) -> Target {
+        .executableTarget(
+            name: name, dependencies: ["CFuzzerDriver"] + dependencies, path: "deploy/fuzz/Sources/\(name)",
+            swiftSettings: swiftSettings,
+            linkerSettings: [.unsafeFlags(["-sanitize=fuzzer,address"])]
+        )
+    }
+    let libraries: Set = ["FerryWire", "FerryNBD", "CFerrySystem", "FerryAgentCore", "FerryControllerCore"]
+    package.targets.removeAll { !libraries.contains($0.name) }
+    package.products = []
+    package.targets += [
+        .target(name: "CFuzzerDriver", path: "deploy/fuzz/Sources/CFuzzerDriver"),
+        fuzzTarget("fuzz-frames", ["FerryControllerCore"]),
+        fuzzTarget("fuzz-nbd-server", ["FerryNBD"]),
+        fuzzTarget("fuzz-nbd-client", ["FerryNBD", .product(name: "NIOEmbedded", package: "swift-nio")]),
+        fuzzTarget("fuzz-plan", ["FerryControllerCore"]),
+        fuzzTarget("fuzz-config", ["FerryAgentCore", "FerryControllerCore"]),
+        fuzzTarget("fuzz-token", ["FerryWire"]),
+        fuzzTarget("fuzz-journal", ["FerryControllerCore"]),
+    ]
+}

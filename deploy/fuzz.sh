@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Builds Ferry's libFuzzer targets (deploy/fuzz, a package of their own, built apart from the
-# normal build in .build-fuzz) and runs each for SECONDS (default 10) from its committed seed
-# corpus (deploy/fuzz/corpus/NAME). Prints executions, exec/s and crashes per target and exits
-# nonzero if any target crashed; a crash's input is kept in .build-fuzz/crashes/.
+# Builds Ferry's libFuzzer targets (deploy/fuzz/Sources; Package.swift declares them only with
+# FERRY_FUZZ=1) and runs each for SECONDS (default 10) from its committed seed corpus
+# (deploy/fuzz/corpus/NAME). Prints executions, exec/s and crashes per target and exits
+# nonzero if any target crashed; a crash's input is kept in BUILD/crashes/ (BUILD: .build-fuzz or FUZZ_SCRATCH).
 #
 #   ./deploy/fuzz.sh                    # every target, 10 s each (what CI runs)
 #   ./deploy/fuzz.sh 600 fuzz-frames    # one target for 10 minutes
 #   FUZZ_ARGS="-runs=10000000" ./deploy/fuzz.sh 86400 fuzz-token   # extra libFuzzer flags
+#   FUZZ_SCRATCH=.build ./deploy/fuzz.sh   # build in the normal build's directory (what CI does)
 #
-# New inputs libFuzzer finds go to .build-fuzz/corpus/NAME, not to the committed corpus: copy
+# The build goes to .build-fuzz unless FUZZ_SCRATCH names another directory. In the normal
+# build's own directory every dependency is reused and only Ferry's modules are recompiled
+# (minutes, not a quarter of an hour), but that build's Ferry modules are then the fuzz ones:
+# the next `swift build` recompiles them.
+#
+# New inputs libFuzzer finds go to BUILD/corpus/NAME, not to the committed corpus: copy
 # the interesting ones over (or minimize with -merge=1) when they are worth keeping.
 set -euo pipefail
 
@@ -29,20 +35,20 @@ for t in "${targets[@]}"; do
 done
 
 command -v swift >/dev/null 2>&1 || die "swift not found: a Swift 6.x toolchain must be on PATH"
-scratch="$root/.build-fuzz"
+scratch="$(realpath -m "${FUZZ_SCRATCH:-$root/.build-fuzz}")"
 start=$SECONDS
-log "building the fuzz targets in $scratch (apart from the normal build)"
-# -sanitize=fuzzer,address goes to Ferry's modules (FERRY_FUZZ=1) and the fuzz targets only
-# (deploy/fuzz/Package.swift): with SwiftPM's --sanitize or -Xswiftc every dependency is
-# instrumented too, and each execution costs a scan of a million coverage counters.
+log "building the fuzz targets in $scratch"
+# -sanitize=fuzzer,address goes to Ferry's modules and the fuzz targets only (FERRY_FUZZ=1 in
+# Package.swift): with SwiftPM's --sanitize or -Xswiftc every dependency is instrumented too, and
+# each execution costs a scan of a million coverage counters.
 # (gold warns once per ASan helper symbol at each link: hundreds of lines of noise, dropped.)
 export FERRY_FUZZ=1
 mkdir -p "$scratch"
 build_rc=0
-swift build -c debug --package-path deploy/fuzz --scratch-path "$scratch" >"$scratch/build.log" 2>&1 || build_rc=$?
+swift build -c debug --scratch-path "$scratch" >"$scratch/build.log" 2>&1 || build_rc=$?
 grep -v "ld.gold: warning: Cannot export local symbol '__asan_" "$scratch/build.log" || true
 [ "$build_rc" -eq 0 ] || die "the fuzz build failed (exit $build_rc)"
-bin="$(swift build -c debug --package-path deploy/fuzz --scratch-path "$scratch" --show-bin-path)"
+bin="$(swift build -c debug --scratch-path "$scratch" --show-bin-path)"
 log "build done in $((SECONDS - start))s"
 
 mkdir -p "$scratch/crashes"
