@@ -8,6 +8,7 @@
 #   ./deploy/fuzz.sh 600 fuzz-frames    # one target for 10 minutes
 #   FUZZ_ARGS="-runs=10000000" ./deploy/fuzz.sh 86400 fuzz-token   # extra libFuzzer flags
 #   FUZZ_SCRATCH=.build ./deploy/fuzz.sh   # build in the normal build's directory (what CI does)
+#   FUZZ_CONFIG=release ./deploy/fuzz.sh 3600   # optimized: 3-10x the executions per second
 #
 # The build goes to .build-fuzz unless FUZZ_SCRATCH names another directory. In the normal
 # build's own directory every dependency is reused and only Ferry's modules are recompiled
@@ -34,10 +35,12 @@ for t in "${targets[@]}"; do
   [ -d "deploy/fuzz/Sources/$t" ] || die "no fuzz target '$t' (targets: ${all[*]})"
 done
 
+config="${FUZZ_CONFIG:-debug}"
+[[ "$config" =~ ^(debug|release)$ ]] || die "FUZZ_CONFIG must be debug or release, not '$config'"
 command -v swift >/dev/null 2>&1 || die "swift not found: a Swift 6.x toolchain must be on PATH"
 scratch="$(realpath -m "${FUZZ_SCRATCH:-$root/.build-fuzz}")"
 start=$SECONDS
-log "building the fuzz targets in $scratch"
+log "building the fuzz targets ($config) in $scratch"
 # -sanitize=fuzzer,address goes to Ferry's modules and the fuzz targets only (FERRY_FUZZ=1 in
 # Package.swift): with SwiftPM's --sanitize or -Xswiftc every dependency is instrumented too, and
 # each execution costs a scan of a million coverage counters.
@@ -45,10 +48,10 @@ log "building the fuzz targets in $scratch"
 export FERRY_FUZZ=1
 mkdir -p "$scratch"
 build_rc=0
-swift build -c debug --scratch-path "$scratch" >"$scratch/build.log" 2>&1 || build_rc=$?
+swift build -c "$config" --scratch-path "$scratch" >"$scratch/build.log" 2>&1 || build_rc=$?
 grep -v "ld.gold: warning: Cannot export local symbol '__asan_" "$scratch/build.log" || true
 [ "$build_rc" -eq 0 ] || die "the fuzz build failed (exit $build_rc)"
-bin="$(swift build -c debug --scratch-path "$scratch" --show-bin-path)"
+bin="$(swift build -c "$config" --scratch-path "$scratch" --show-bin-path)"
 log "build done in $((SECONDS - start))s"
 
 mkdir -p "$scratch/crashes"

@@ -15,10 +15,18 @@ public protocol NBDExport: AnyObject, Sendable {
     var holdsWrites: Bool { get }
     /// Runs one operation, blocking. Reads return their data, the others nil.
     func performNow(_ op: NBDOperation, allocator: ByteBufferAllocator) -> Result<ByteBuffer?, VolumeIOError>
+    /// The `base:allocation` map of `[offset, offset + length)` (in bounds, length > 0), blocking:
+    /// at least one extent, from `offset`, covering the range or a prefix of it.
+    func allocation(offset: UInt64, length: UInt64, limit: Int) -> Result<[NBDExtent], VolumeIOError>
 }
 
 extension NBDExport {
     public var holdsWrites: Bool { false }
+
+    /// Without a map of its own, an export is data throughout.
+    public func allocation(offset: UInt64, length: UInt64, limit: Int) -> Result<[NBDExtent], VolumeIOError> {
+        .success([NBDExtent(length: length, flags: 0)])
+    }
 }
 
 /// One operation on an export.

@@ -21,13 +21,15 @@ enum NBD {
     }
 
     enum Option: UInt32 {
-        case exportName = 1, abort = 2, list = 3, startTLS = 5, info = 6, go = 7, structuredReply = 8
+        case exportName = 1, abort = 2, list = 3, startTLS = 5, info = 6, go = 7, structuredReply = 8,
+             listMetaContext = 9, setMetaContext = 10
     }
 
     enum Reply {
         static let ack: UInt32 = 1
         static let server: UInt32 = 2
         static let info: UInt32 = 3
+        static let metaContext: UInt32 = 4
         static let errUnsupported: UInt32 = 1 << 31 | 1
         static let errPolicy: UInt32 = 1 << 31 | 2
         static let errInvalid: UInt32 = 1 << 31 | 3
@@ -62,6 +64,7 @@ enum NBD {
         static let fua: UInt16 = 1 << 0
         static let noHole: UInt16 = 1 << 1
         static let df: UInt16 = 1 << 2
+        static let reqOne: UInt16 = 1 << 3
         static let fastZero: UInt16 = 1 << 4
     }
 
@@ -73,10 +76,19 @@ enum NBD {
     enum ChunkType {
         static let none: UInt16 = 0
         static let offsetData: UInt16 = 1
+        static let blockStatus: UInt16 = 5
         static let error: UInt16 = 1 << 15 | 1
     }
 
     static let chunkFlagDone: UInt16 = 1 << 0
+
+    /// The one metadata context offered, and the id it has on every connection.
+    static let allocationContext = "base:allocation"
+    static let allocationContextID: UInt32 = 1
+    /// Most queries one LIST/SET_META_CONTEXT may carry (each names a context).
+    static let maxMetaQueries = 64
+    /// Most extents one block status reply carries.
+    static let maxExtentsPerReply = 1024
 
     /// Largest request payload accepted and advertised (the protocol lets clients assume 32 MiB).
     static let maxPayload = 32 * 1024 * 1024

@@ -249,10 +249,10 @@ public final class NBDServer: Sendable {
         var connection = NBDConnection(socket: NBDSocket(fd: fd), exports: visible, access: access)
         do {
             connection.socket.setReadTimeout(seconds: Self.negotiationTimeoutSeconds)
-            if let (volume, structured) = try connection.negotiate() {
+            if let agreed = try connection.negotiate() {
                 // An idle disk is normal: no timeout once the export is in use.
                 connection.socket.setReadTimeout(seconds: 0)
-                try connection.transmit(volume: volume, structured: structured)
+                try connection.transmit(agreed)
             }
         } catch is NBDSocket.EndOfStream {
             // The client went away, possibly mid-request: nothing partial was applied.
@@ -280,9 +280,17 @@ struct NBDConnection: ~Copyable {
 
     // MARK: Negotiation
 
-    /// Runs the option haggling. Returns the export and whether structured replies were agreed,
-    /// or nil if the client aborted.
-    mutating func negotiate() throws -> ((any NBDExport), Bool)? {
+    /// What one connection's negotiation settled.
+    struct Agreed {
+        var volume: any NBDExport
+        /// Structured replies were agreed.
+        var structured: Bool
+        /// `base:allocation` was selected for this export: block status is answered.
+        var allocation: Bool
+    }
+
+    /// Runs the option haggling. Returns what was agreed, or nil if the client aborted.
+    mutating func negotiate() throws -> Agreed? {
         var greeting = allocator.buffer(capacity: 18)
         greeting.writeInteger(NBD.initMagic)
         greeting.writeInteger(NBD.optionMagic)
@@ -295,6 +303,8 @@ struct NBDConnection: ~Copyable {
         }
         let noZeroes = clientFlags & NBD.ClientFlag.noZeroes != 0
         var structured = false
+        // The export SET_META_CONTEXT selected base:allocation for, if any.
+        var allocationFor: String?
 
         while true {
             var header = try socket.read(16)
@@ -318,7 +328,7 @@ struct NBDConnection: ~Copyable {
                 reply.writeInteger(Self.flags(volume))
                 if !noZeroes { reply.writeRepeatingByte(0, count: 124) }
                 try socket.write(reply)
-                return (volume, structured)
+                return Agreed(volume: volume, structured: structured, allocation: structured && allocationFor == name)
             case .abort:
                 try optionReply(option, NBD.Reply.ack)
                 return nil
@@ -356,11 +366,36 @@ struct NBDConnection: ~Copyable {
                 try optionReply(option, NBD.Reply.ack)
                 if option == NBD.Option.go.rawValue {
                     access.observer?(.opened(export: volume.name))
-                    return (volume, structured)
+                    return Agreed(volume: volume, structured: structured, allocation: structured && allocationFor == name)
                 }
             case .structuredReply:
                 guard length == 0 else { try optionReply(option, NBD.Reply.errInvalid, message: "STRUCTURED_REPLY takes no data"); continue }
                 structured = true
+                try optionReply(option, NBD.Reply.ack)
+            case .listMetaContext, .setMetaContext:
+                let isSet = option == NBD.Option.setMetaContext.rawValue
+                guard let request = Self.metaContextRequest(&data) else {
+                    try optionReply(option, NBD.Reply.errInvalid, message: "malformed META_CONTEXT request")
+                    continue
+                }
+                guard !isSet || structured else {
+                    try optionReply(option, NBD.Reply.errInvalid, message: "SET_META_CONTEXT needs structured replies first")
+                    continue
+                }
+                guard lookup(request.export) != nil else {
+                    try optionReply(option, NBD.Reply.errUnknown, message: "no export named '\(request.export)'")
+                    continue
+                }
+                // An empty LIST asks for every context; "base:" names every one of the base namespace.
+                let offered = request.queries.contains(NBD.allocationContext)
+                    || (!isSet && (request.queries.isEmpty || request.queries.contains("base:")))
+                if isSet { allocationFor = offered ? request.export : nil }
+                if offered {
+                    var context = allocator.buffer(capacity: 4 + NBD.allocationContext.utf8.count)
+                    context.writeInteger(NBD.allocationContextID)
+                    context.writeString(NBD.allocationContext)
+                    try optionReply(option, NBD.Reply.metaContext, data: context)
+                }
                 try optionReply(option, NBD.Reply.ack)
             case .startTLS:
                 // The export is local (unix socket or loopback); TLS is for the controller link.
@@ -369,6 +404,20 @@ struct NBDConnection: ~Copyable {
                 try optionReply(option, NBD.Reply.errUnsupported)
             }
         }
+    }
+
+    /// A LIST/SET_META_CONTEXT request: the export, then the queries, each a length and a name.
+    static func metaContextRequest(_ data: inout ByteBuffer) -> (export: String, queries: [String])? {
+        guard let nameLength = data.readInteger(as: UInt32.self), nameLength <= 4096,
+              let export = data.readString(length: Int(nameLength)),
+              let count = data.readInteger(as: UInt32.self), count <= NBD.maxMetaQueries else { return nil }
+        var queries: [String] = []
+        for _ in 0..<count {
+            guard let length = data.readInteger(as: UInt32.self), length <= 4096,
+                  let query = data.readString(length: Int(length)) else { return nil }
+            queries.append(query)
+        }
+        return data.readableBytes == 0 ? (export, queries) : nil
     }
 
     /// The default export ("") is the only one when there is exactly one (local sockets only).
@@ -397,8 +446,9 @@ struct NBDConnection: ~Copyable {
     /// Requests the client pipelined are served in order, one after the other, and their
     /// replies go out together once no further whole request is waiting in the socket buffer
     /// (or a megabyte of them is queued).
-    mutating func transmit(volume: any NBDExport, structured: Bool) throws {
-        let replies = Replies(allocator: allocator, structured: structured)
+    mutating func transmit(_ agreed: Agreed) throws {
+        let volume = agreed.volume
+        let replies = Replies(allocator: allocator, structured: agreed.structured, allocation: agreed.allocation)
         do {
             while true {
                 var header = try socket.read(NBDRequest.size)
@@ -436,11 +486,13 @@ struct NBDConnection: ~Copyable {
     /// What to do with one request: an operation on the volume, or an immediate error reply.
     enum Plan {
         case run(NBDOperation)
+        /// Block status of `[offset, offset + length)`; `one`: a single extent is enough.
+        case status(offset: UInt64, length: UInt64, one: Bool)
         case fail(NBD.Errno, String)
         case nothing
     }
 
-    static func plan(_ request: NBDRequest, payload: ByteBuffer?, volume: any NBDExport) -> Plan {
+    static func plan(_ request: NBDRequest, payload: ByteBuffer?, volume: any NBDExport, allocation: Bool = false) -> Plan {
         guard let command = NBD.Command(rawValue: request.type) else { return .fail(.invalid, "unknown command \(request.type)") }
         let fua = request.flags & NBD.CommandFlag.fua != 0
         let (end, overflow) = request.offset.addingReportingOverflow(UInt64(request.length))
@@ -462,18 +514,30 @@ struct NBDConnection: ~Copyable {
             return request.length > 0 ? .run(.zero(offset: request.offset, length: UInt64(request.length), fua: fua)) : .nothing
         case .flush:
             return .run(.flush)
-        case .disconnect, .cache, .blockStatus:
+        case .blockStatus:
+            guard allocation else { return .fail(.invalid, "block status needs base:allocation selected with SET_META_CONTEXT") }
+            guard inBounds, request.length > 0 else { return .fail(.invalid, "block status of an empty range or past the end of the export") }
+            return .status(offset: request.offset, length: UInt64(request.length), one: request.flags & NBD.CommandFlag.reqOne != 0)
+        case .disconnect, .cache:
             return .fail(.invalid, "command \(request.type) not offered")
         }
     }
 
     static func execute(_ request: NBDRequest, payload: ByteBuffer?, volume: any NBDExport, replies: Replies, into out: inout [ByteBuffer]) {
-        let isRead = request.type == NBD.Command.read.rawValue
-        switch plan(request, payload: payload, volume: volume) {
+        // Errors of these carry a message in a structured reply.
+        let isRead = request.type == NBD.Command.read.rawValue || request.type == NBD.Command.blockStatus.rawValue
+        switch plan(request, payload: payload, volume: volume, allocation: replies.allocation) {
         case .fail(let code, let message):
             replies.error(request.cookie, code, isRead: isRead, message: message, into: &out)
         case .nothing:
             replies.done(request.cookie, into: &out)
+        case .status(let offset, let length, let one):
+            switch volume.allocation(offset: offset, length: length, limit: one ? 1 : NBD.maxExtentsPerReply) {
+            case .success(let extents):
+                replies.blockStatus(request.cookie, extents: Self.answerable(extents, length: length, one: one), into: &out)
+            case .failure(let error):
+                replies.error(request.cookie, .io, isRead: true, message: error.description, into: &out)
+            }
         case .run(let operation):
             switch volume.performNow(operation, allocator: replies.allocator) {
             case .success(let data?): replies.read(request.cookie, offset: request.offset, data: data, into: &out)
@@ -485,10 +549,38 @@ struct NBDConnection: ~Copyable {
     }
 }
 
+extension NBDConnection {
+    /// What an export's map becomes on the wire: within the request, no empty extent, each
+    /// under 4 GiB (the field is 32 bits; a request is too), one if the client asked for one.
+    static func answerable(_ extents: [NBDExtent], length: UInt64, one: Bool) -> [NBDExtent] {
+        var out: [NBDExtent] = []
+        var left = length
+        for e in extents where e.length > 0 && left > 0 {
+            let n = min(e.length, left, UInt64(UInt32.max))
+            out.append(NBDExtent(length: n, flags: e.flags))
+            left -= n
+            if one || n < e.length { break }
+        }
+        return out.isEmpty ? [NBDExtent(length: min(length, UInt64(UInt32.max)), flags: 0)] : out
+    }
+}
+
 /// Builds transmission replies.
 struct Replies: Sendable {
     let allocator: ByteBufferAllocator
     let structured: Bool
+    var allocation = false
+
+    func blockStatus(_ cookie: UInt64, extents: [NBDExtent], into out: inout [ByteBuffer]) {
+        var reply = allocator.buffer(capacity: 24 + 8 * extents.count)
+        chunk(&reply, cookie: cookie, type: NBD.ChunkType.blockStatus, length: 4 + 8 * extents.count)
+        reply.writeInteger(NBD.allocationContextID)
+        for e in extents {
+            reply.writeInteger(UInt32(e.length))
+            reply.writeInteger(e.flags)
+        }
+        out.append(reply)
+    }
 
     func done(_ cookie: UInt64, into out: inout [ByteBuffer]) {
         out.append(simple(cookie, error: 0))

@@ -95,7 +95,8 @@ REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY = 0x67446698
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO, OPT_STRUCTURED = 1, 2, 3, 5, 6, 7, 8
-CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
+OPT_LIST_META, OPT_SET_META = 9, 10
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 0, 1, 2, 3, 4, 6, 7
 
 
 def option(opt, data=b""):
@@ -105,6 +106,12 @@ def option(opt, data=b""):
 def go_data(name, infos=(3,)):
     n = name.encode()
     return struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos)) + b"".join(struct.pack(">H", i) for i in infos)
+
+
+def meta_data(name, queries):
+    n = name.encode()
+    return (struct.pack(">I", len(n)) + n + struct.pack(">I", len(queries))
+            + b"".join(struct.pack(">I", len(q.encode())) + q.encode() for q in queries))
 
 
 def request(cmd, handle, offset=0, length=0, flags=0, payload=b""):
@@ -127,6 +134,10 @@ def nbd_server():
           + request(CMD_DISC, 3))
     write("fuzz-nbd-server", "export-name", struct.pack(">I", 1) + option(OPT_EXPORT_NAME, b"disk") + request(CMD_READ, 1, 0, 512)
           + request(CMD_FLUSH, 2))
+    write("fuzz-nbd-server", "block-status", flags + option(OPT_STRUCTURED) + option(OPT_LIST_META, meta_data("disk", []))
+          + option(OPT_SET_META, meta_data("disk", ["base:allocation", "qemu:dirty-bitmap:x"])) + option(OPT_GO, go_data("disk"))
+          + request(CMD_WRITE, 1, 4096, 16, payload=b"b" * 16) + request(CMD_BLOCK_STATUS, 2, 0, 65536)
+          + request(CMD_BLOCK_STATUS, 3, 0, 65536, flags=8) + request(CMD_BLOCK_STATUS, 4, 65535, 2) + request(CMD_DISC, 5))
     write("fuzz-nbd-server", "abort", flags + option(OPT_GO, go_data("missing")) + option(OPT_ABORT))
 
 

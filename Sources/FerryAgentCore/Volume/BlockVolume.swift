@@ -95,6 +95,13 @@ public final class BlockVolume: NBDExport {
         }
     }
 
+    /// Holes of the backing file are unallocated zeroes; a block device is data throughout.
+    public func allocation(offset: UInt64, length: UInt64, limit: Int) -> Result<[NBDExtent], VolumeIOError> {
+        var list = NBDExtentList(limit: limit)
+        FileAllocation.append(fd: fd, from: offset, to: offset + length, into: &list)
+        return .success(list.extents)
+    }
+
     // MARK: Blocking: on the I/O threads or an NBD connection's thread
 
     func readNow(offset: UInt64, length: Int, allocator: ByteBufferAllocator) throws -> ByteBuffer {

@@ -155,6 +155,14 @@ final class PointImageExport: NBDExport {
             return .failure(VolumeIOError(operation: "point image \(name)", errno: EIO))
         }
     }
+
+    func allocation(offset: UInt64, length: UInt64, limit: Int) -> Result<[NBDExtent], VolumeIOError> {
+        do {
+            return .success(try image.allocation(offset: offset, length: length, limit: limit))
+        } catch {
+            return .failure(VolumeIOError(operation: "block status of point image \(name)", errno: EIO))
+        }
+    }
 }
 
 /// Serves the exports' socket as a service of the controller.

@@ -1,4 +1,5 @@
 import CFerrySystem
+import FerryNBD
 import FerryWire
 import Foundation
 import NIOCore
@@ -443,6 +444,46 @@ public final class PointImage: Sendable {
         let data = ferry_seek_data(base, off_t(offset))
         if data < 0 { return errno != ENXIO } // past the last data: all holes
         return UInt64(data) < end
+    }
+
+    /// The `base:allocation` map of `[offset, offset + length)` (NBD block status): overlay
+    /// blocks are data; journal records data, zeroed records unallocated zeroes; elsewhere the
+    /// base image's own holes and data. At most `limit` runs, covering a prefix if more.
+    public func allocation(offset: UInt64, length: UInt64, limit: Int) throws -> [NBDExtent] {
+        try check(offset, length, "a block status")
+        return try use {
+            var list = NBDExtentList(limit: limit)
+            let end = offset + length
+            if let overlay {
+                for run in overlay.runs(offset: offset, length: length) {
+                    let more = run.held ? list.append(run.end - run.start, flags: 0) : pointAllocation(from: run.start, to: run.end, into: &list)
+                    if !more { break }
+                }
+            } else {
+                pointAllocation(from: offset, to: end, into: &list)
+            }
+            return list.extents
+        }
+    }
+
+    @discardableResult
+    private func pointAllocation(from: UInt64, to: UInt64, into list: inout NBDExtentList) -> Bool {
+        var i = firstExtent(endingAfter: from)
+        var at = from
+        while at < to {
+            if i < extents.count, extents[i].start <= at {
+                let e = extents[i]
+                let n = min(e.end, to)
+                guard list.append(n - at, flags: e.mapping < 0 ? NBDExtent.unallocated : 0) else { return false }
+                at = n
+                i += 1
+            } else {
+                let gapEnd = i < extents.count ? min(extents[i].start, to) : to
+                guard FileAllocation.append(fd: base, from: at, to: gapEnd, into: &list) else { return false }
+                at = gapEnd
+            }
+        }
+        return true
     }
 
     /// Index of the first extent ending after `offset` (extents are sorted and disjoint).

@@ -348,6 +348,10 @@ struct RecoveryPointTests {
         #expect(r.status == 0, "\(r)")
         #expect(try await run("/usr/bin/qemu-img", ["compare", "-f", "raw", "-F", "raw", copy, local]).status == 0)
         #expect(try await run("/usr/bin/qemu-img", ["compare", "-f", "raw", "-F", "raw", copy, c.images["db/data"]!]).status == 0)
+        // Block status over TLS: only what was written is data.
+        let size = try #require(try FileManager.default.attributesOfItem(atPath: c.images["db/data"]!)[.size] as? Int)
+        let map = try await NBDExportTests.nbdinfoMap("nbds://\(address)/\(export.id)?tls-certificates=\(certs)")
+        #expect(map.map { [$0.offset, $0.length, $0.data ? 1 : 0] } == [[0, 1 << 20, 0], [1 << 20, 2 << 20, 1], [3 << 20, size - (3 << 20), 0]], "\(map)")
 
         // No client certificate: the handshake fails. No TLS at all: every option is refused.
         let anonymous = c.dir.sub("anonymous")

@@ -91,6 +91,52 @@ struct NBDExportTests {
         #expect(list.status == 0 && list.stdout.contains("\"export-name\": \"vol\""), "\(list)")
     }
 
+    @Test("block status (base:allocation): nbdinfo --map and qemu-img map see exactly the written ranges as data and the file's holes as zero holes")
+    func blockStatus() async throws {
+        let export = try await Export(size: 64 << 20)
+        let w = try await run("/usr/bin/qemu-io", ["-f", "raw", export.uri, "-c", "write -P 0x61 4M 1M", "-c", "write -P 0x62 40M 64k", "-c", "flush"])
+        #expect(w.status == 0, "\(w)")
+        let expected: [(offset: Int, length: Int, data: Bool)] = [
+            (0, 4 << 20, false), (4 << 20, 1 << 20, true), (5 << 20, 35 << 20, false),
+            (40 << 20, 64 << 10, true), ((40 << 20) + (64 << 10), (24 << 20) - (64 << 10), false),
+        ]
+        let map = try await Self.nbdinfoMap(export.uri)
+        #expect(map.map { [$0.offset, $0.length, $0.data ? 1 : 0] } == expected.map { [$0.offset, $0.length, $0.data ? 1 : 0] }, "\(map)")
+        let q = try await Self.qemuImgMap(export.uri)
+        #expect(q.map { [$0.offset, $0.length, $0.data ? 1 : 0] } == expected.map { [$0.offset, $0.length, $0.data ? 1 : 0] }, "\(q)")
+        // The data still reads back where the map says it is.
+        let r = try await run("/usr/bin/qemu-io", ["-f", "raw", export.uri, "-c", "read -P 0x61 4M 1M", "-c", "read -P 0x62 40M 64k", "-c", "read -P 0 5M 1M"])
+        #expect(r.status == 0 && !r.stdout.contains("Pattern verification failed"), "\(r)")
+    }
+
+    /// `nbdinfo --map` (libnbd's block status): runs of data and of zero holes, merged.
+    static func nbdinfoMap(_ uri: String) async throws -> [(offset: Int, length: Int, data: Bool)] {
+        let r = try await run("/usr/bin/nbdinfo", ["--map=base:allocation", "--json", uri])
+        #expect(r.status == 0, "\(r)")
+        let runs = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [[String: Any]] ?? []
+        return merged(runs.map { ($0["offset"] as? Int ?? -1, $0["length"] as? Int ?? -1, ($0["type"] as? Int ?? -1) & 2 == 0) })
+    }
+
+    /// `qemu-img map` (qemu's NBD client asks block status too).
+    static func qemuImgMap(_ uri: String) async throws -> [(offset: Int, length: Int, data: Bool)] {
+        let r = try await run("/usr/bin/qemu-img", ["map", "-f", "raw", "--output=json", uri])
+        #expect(r.status == 0, "\(r)")
+        let runs = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [[String: Any]] ?? []
+        return merged(runs.map { ($0["start"] as? Int ?? -1, $0["length"] as? Int ?? -1, $0["data"] as? Bool ?? true) })
+    }
+
+    static func merged(_ runs: [(Int, Int, Bool)]) -> [(offset: Int, length: Int, data: Bool)] {
+        var out: [(offset: Int, length: Int, data: Bool)] = []
+        for (offset, length, data) in runs {
+            if let last = out.last, last.data == data, last.offset + last.length == offset {
+                out[out.count - 1].length += length
+            } else {
+                out.append((offset, length, data))
+            }
+        }
+        return out
+    }
+
     @Test("qemu-io writes, zeroes, discards and flushes; every change is captured in order")
     func qemuIO() async throws {
         let export = try await Export(size: 32 << 20)

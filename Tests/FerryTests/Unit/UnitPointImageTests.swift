@@ -1,4 +1,5 @@
 import FerryControllerCore
+import FerryNBD
 import FerryWire
 import Foundation
 import NIOCore
@@ -246,6 +247,60 @@ struct UnitPointImageTests {
                 let latest = try await store.openImage(at: points.last!.0)
                 try check(latest, equals: points.last!.1, random: &random, "latest over the cap")
                 try latest.close()
+            }
+        }
+    }
+
+    @Test("block status: a point's map covers the range in order, what it calls zero reads as zeroes, written records are data, zeroed records and base holes are holes; a limit answers a prefix")
+    func allocationMap() async throws {
+        try await withUnitTempDir { dir in
+            try await withPool { pool in
+                // Exact on a sparse volume: data only where a record wrote bytes.
+                let size: UInt64 = 10 << 20
+                let sparse = try ReplicaStore(directory: dir + "/sparse", size: size, pool: pool, segmentBytes: 1 << 20)
+                let durable = try await sparse.apply(batch(epoch: Self.first, from: 1, [
+                    Write(offset: 1 << 20, length: 65536, data: [UInt8](repeating: 7, count: 65536)),
+                    Write(offset: 2 << 20, length: 65536, data: nil),
+                ]))
+                let image = try await sparse.openImage(at: ReplicaPosition(epoch: Self.first, sequence: durable))
+                let map = try image.allocation(offset: 0, length: size, limit: 1024)
+                #expect(map == [NBDExtent(length: 1 << 20, flags: NBDExtent.unallocated), NBDExtent(length: 65536, flags: 0),
+                                NBDExtent(length: size - (1 << 20) - 65536, flags: NBDExtent.unallocated)], "\(map)")
+                #expect(try image.allocation(offset: 0, length: size, limit: 1) == [NBDExtent(length: 1 << 20, flags: NBDExtent.unallocated)])
+                #expect(try image.allocation(offset: (1 << 20) + 4096, length: 4096, limit: 8) == [NBDExtent(length: 4096, flags: 0)])
+                #expect(throws: FerryError.self) { try image.allocation(offset: size - 1, length: 2, limit: 8) }
+                try image.close()
+
+                // Random writes, zeroes and an overlay: whatever the map calls zero is zero.
+                var random = Random(state: 9)
+                var model = Model(size: Self.size)
+                let store = try ReplicaStore(directory: dir + "/r", size: Self.size, pool: pool, segmentBytes: 64 << 10)
+                let points = try await fill(store, epoch: Self.first, rounds: 5, model: &model, random: &random)
+                var expected = Model(size: Self.size)
+                expected.image = points[2].1
+                let writable = try await store.openImage(at: points[2].0, overlayDirectory: dir + "/overlay")
+                for change in writes(20, random: &random) {
+                    if let data = change.data { try writable.write(offset: change.offset, data: ByteBuffer(bytes: data)) } else { try writable.zero(offset: change.offset, length: change.length) }
+                    expected.apply(change)
+                }
+                for (image, bytes) in [(try await store.openImage(at: points[4].0), points[4].1), (writable, expected.image)] {
+                    for _ in 0..<50 {
+                        let offset = random.below(Self.size)
+                        let length = 1 + random.below(Self.size - offset)
+                        let limit = Int(1 + random.below(6))
+                        let extents = try image.allocation(offset: offset, length: length, limit: limit)
+                        #expect(!extents.isEmpty && extents.count <= limit && extents.allSatisfy { $0.length > 0 })
+                        #expect(extents.reduce(0) { $0 + $1.length } <= length)
+                        var at = offset
+                        for e in extents {
+                            if e.isZero { #expect(bytes[Int(at)..<Int(at + e.length)].allSatisfy { $0 == 0 }, "zero extent \(e) at \(at)") }
+                            at += e.length
+                        }
+                    }
+                    let whole = try image.allocation(offset: 0, length: Self.size, limit: 1 << 20)
+                    #expect(whole.reduce(0) { $0 + $1.length } == Self.size)
+                    try image.close()
+                }
             }
         }
     }
