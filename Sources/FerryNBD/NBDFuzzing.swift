@@ -64,12 +64,14 @@ public enum NBDFuzzing {
     /// Plays `input` as everything an NBD server sends to the client on `channel`, which must
     /// be an `EmbeddedChannel` (everything runs on the caller's thread). The first byte picks
     /// how the rest is cut into reads; once negotiated, the client submits a few requests (a
-    /// DISC after them when bit 3 of the first byte is set). Traps unless every request and the
+    /// DISC after them when bit 3 of the first byte is set). With bit 4 set the client asks for
+    /// structured replies and `base:allocation` first, and its last request is a block status. Traps unless every request and the
     /// negotiation have their outcome once the channel is closed.
     public static func client(_ input: [UInt8], channel: any Channel) throws {
         let state = NBDClientConnectionState()
         let negotiated = channel.eventLoop.makePromise(of: NBDNegotiatedExport.self)
-        let handler = NBDClientHandler(export: "disk", tls: nil, peer: "fuzz", state: state, negotiated: negotiated,
+        let allocation = (input.first ?? 0) & 0x10 != 0
+        let handler = NBDClientHandler(export: "disk", allocation: allocation, tls: nil, peer: "fuzz", state: state, negotiated: negotiated,
                                        deadline: .now() + .hours(1), timeout: .hours(1))
         try channel.pipeline.syncOperations.addHandler(handler)
         channel.pipeline.fireChannelActive()
@@ -90,7 +92,7 @@ public enum NBDFuzzing {
                 channel.pipeline.fireChannelRead(ByteBuffer(bytes: piece))
             }
             if ready.value > 0, submitted == 0 {
-                for request in requests(channel.eventLoop) {
+                for request in requests(channel.eventLoop, blockStatus: allocation) {
                     request.promise.futureResult.whenComplete { _ in outcomes.add() }
                     channel.writeAndFlush(NBDClientCommand.request(request), promise: nil)
                     submitted += 1
@@ -103,15 +105,15 @@ public enum NBDFuzzing {
         precondition(outcomes.value == 1 + submitted, "\(1 + submitted - outcomes.value) NBD client promises left pending after the connection closed")
     }
 
-    /// The requests a negotiated client submits: handles 1 to 5, in this order.
-    private static func requests(_ loop: any EventLoop) -> [NBDClientRequest] {
-        [
+    /// The requests a negotiated client submits: handles 1 to 5 (6: block status), in this order.
+    private static func requests(_ loop: any EventLoop, blockStatus: Bool) -> [NBDClientRequest] {
+        return [
             NBDClientRequest(command: .read, flags: 0, offset: 0, length: 512, payload: nil, promise: loop.makePromise()),
             NBDClientRequest(command: .write, flags: 0, offset: 512, length: 512, payload: ByteBuffer(repeating: 1, count: 512), promise: loop.makePromise()),
             NBDClientRequest(command: .flush, flags: 0, offset: 0, length: 0, payload: nil, promise: loop.makePromise()),
             NBDClientRequest(command: .writeZeroes, flags: 0, offset: 0, length: 4096, payload: nil, promise: loop.makePromise()),
             NBDClientRequest(command: .read, flags: 0, offset: 4096, length: 8192, payload: nil, promise: loop.makePromise()),
-        ]
+        ] + (blockStatus ? [NBDClientRequest(command: .blockStatus, flags: 0, offset: 0, length: 65536, payload: nil, promise: loop.makePromise())] : [])
     }
 
     private final class Counter: Sendable {

@@ -76,6 +76,7 @@ enum NBD {
     enum ChunkType {
         static let none: UInt16 = 0
         static let offsetData: UInt16 = 1
+        static let offsetHole: UInt16 = 2
         static let blockStatus: UInt16 = 5
         static let error: UInt16 = 1 << 15 | 1
     }

@@ -157,6 +157,18 @@ def nbd_client():
     write("fuzz-nbd-client", "session", bytes([7]) + greeting + info + replies)
     write("fuzz-nbd-client", "session-chunked-disc", bytes([8 | 3]) + greeting + info + replies)
     write("fuzz-nbd-client", "negotiation-only", bytes([5]) + greeting + info)
+    # Bit 4: structured replies and base:allocation; request 6 is a block status of 64 KiB.
+    structured_info = (option_reply(OPT_STRUCTURED, 1) + option_reply(OPT_SET_META, 4, struct.pack(">I", 1) + b"base:allocation")
+                       + option_reply(OPT_SET_META, 1) + info)
+    chunk = lambda flags, ctype, handle, data: struct.pack(">IHHQI", 0x668E33EF, flags, ctype, handle, len(data)) + data
+    structured = (chunk(1, 1, 1, struct.pack(">Q", 0) + b"r" * 512) + struct.pack(">IIQ", SIMPLE_REPLY, 0, 2)
+                  + struct.pack(">IIQ", SIMPLE_REPLY, 0, 3) + struct.pack(">IIQ", SIMPLE_REPLY, 0, 4)
+                  + chunk(0, 1, 5, struct.pack(">Q", 4096) + b"s" * 4096) + chunk(0, 2, 5, struct.pack(">QI", 8192, 4096))
+                  + chunk(1, 0, 5, b"")
+                  + chunk(1, 5, 6, struct.pack(">IIIII", 1, 4096, 0, 61440, 3)))
+    write("fuzz-nbd-client", "structured-block-status", bytes([0x10 | 7]) + greeting + structured_info + structured)
+    write("fuzz-nbd-client", "structured-refused", bytes([0x10 | 5]) + greeting + option_reply(OPT_STRUCTURED, 1 << 31 | 1)
+          + option_reply(OPT_SET_META, 1 << 31 | 3) + info + replies)
     write("fuzz-nbd-client", "go-refused", bytes([7]) + greeting + option_reply(OPT_GO, 1 << 31 | 6, b"no such export"))
 
 

@@ -66,6 +66,8 @@ public final class NBDClient: Sendable {
     public let canWriteZeroes: Bool
     /// The server advertised NBD_FLAG_CAN_MULTI_CONN.
     public let canMultiConn: Bool
+    /// The server answers block status (`base:allocation`): asked for with `allocation: true`.
+    public let canBlockStatus: Bool
     /// The server's block size constraints (NBD_INFO_BLOCK_SIZE), if it sent them: a
     /// re-export should advertise the same so its clients keep to them.
     public let minimumBlockSize: UInt32?
@@ -88,6 +90,7 @@ public final class NBDClient: Sendable {
         self.state = state
         self.peer = peer
         size = export.size
+        canBlockStatus = export.structured && export.allocationContext != nil
         let flags = export.transmissionFlags & NBD.TransmissionFlag.hasFlags != 0 ? export.transmissionFlags : 0
         isReadOnly = flags & NBD.TransmissionFlag.readOnly != 0
         canFlush = flags & NBD.TransmissionFlag.sendFlush != 0
@@ -122,19 +125,19 @@ public final class NBDClient: Sendable {
     ///   `.notFound` / `.permissionDenied` (the server refused the export, its text included),
     ///   `.protocolViolation`.
     public static func connect(
-        unixSocket path: String, export: String, tls: NBDClientTLS? = nil,
+        unixSocket path: String, export: String, tls: NBDClientTLS? = nil, allocation: Bool = false,
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, timeout: TimeAmount = .seconds(10)
     ) async throws -> NBDClient {
-        try await connect(to: .unix(path), export: export, tls: tls, group: eventLoopGroup, timeout: timeout)
+        try await connect(to: .unix(path), export: export, tls: tls, allocation: allocation, group: eventLoopGroup, timeout: timeout)
     }
 
     /// Connects to the NBD server at `host:port` over TCP and opens `export` (NBD_OPT_GO).
     /// Parameters and errors as for the unix socket form.
     public static func connect(
-        host: String, port: Int, export: String, tls: NBDClientTLS? = nil,
+        host: String, port: Int, export: String, tls: NBDClientTLS? = nil, allocation: Bool = false,
         eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, timeout: TimeAmount = .seconds(10)
     ) async throws -> NBDClient {
-        try await connect(to: .tcp(host, port), export: export, tls: tls, group: eventLoopGroup, timeout: timeout)
+        try await connect(to: .tcp(host, port), export: export, tls: tls, allocation: allocation, group: eventLoopGroup, timeout: timeout)
     }
 
     private enum Target: CustomStringConvertible {
@@ -150,7 +153,7 @@ public final class NBDClient: Sendable {
     }
 
     private static func connect(
-        to target: Target, export: String, tls: NBDClientTLS?, group: any EventLoopGroup, timeout: TimeAmount
+        to target: Target, export: String, tls: NBDClientTLS?, allocation: Bool, group: any EventLoopGroup, timeout: TimeAmount
     ) async throws -> NBDClient {
         let peer = target.description
         guard export.utf8.count <= 4096 else {
@@ -165,7 +168,7 @@ public final class NBDClient: Sendable {
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(NBDClientHandler(
-                        export: export, tls: tls, peer: peer, state: state, negotiated: negotiated, deadline: deadline, timeout: timeout))
+                        export: export, allocation: allocation, tls: tls, peer: peer, state: state, negotiated: negotiated, deadline: deadline, timeout: timeout))
                 }
             }
         let channel: any Channel
@@ -240,6 +243,13 @@ public final class NBDClient: Sendable {
         try await flushFuture().get()
     }
 
+    /// The `base:allocation` map from `offset`: at least one extent, covering up to `length`
+    /// bytes (a server may answer a prefix; ask again from where it ends). Needs a connection
+    /// made with `allocation: true` to a server that offers it (`canBlockStatus`).
+    public func blockStatus(offset: UInt64, length: UInt64) async throws -> [NBDExtent] {
+        try await blockStatusFuture(offset: offset, length: length).get()
+    }
+
     // MARK: Blocking operations
 
     // For plain threads (an NBDExport serving a local NBD server): each call waits for its own
@@ -262,6 +272,12 @@ public final class NBDClient: Sendable {
     public func writeZeroesBlocking(offset: UInt64, length: UInt64, fua: Bool = false) throws {
         Self.preconditionNotOnEventLoop()
         try writeZeroesFuture(offset: offset, length: length, fua: fua).wait()
+    }
+
+    /// `blockStatus(offset:length:)`, blocking the calling thread.
+    public func blockStatusBlocking(offset: UInt64, length: UInt64) throws -> [NBDExtent] {
+        Self.preconditionNotOnEventLoop()
+        return try blockStatusFuture(offset: offset, length: length).wait()
     }
 
     /// `flush()`, blocking the calling thread.
@@ -396,6 +412,33 @@ public final class NBDClient: Sendable {
             return channel.eventLoop.makeSucceededVoidFuture()
         }
         return send(.flush).map { _ in }
+    }
+
+    private func blockStatusFuture(offset: UInt64, length: UInt64) -> EventLoopFuture<[NBDExtent]> {
+        let loop = channel.eventLoop
+        guard canBlockStatus else {
+            return loop.makeFailedFuture(VolumeIOError(operation: "NBD block status (not offered by \(peer), or not asked for)", errno: EOPNOTSUPP))
+        }
+        if let error = checkRange("block status", offset: offset, length: length, errno: EINVAL) { return loop.makeFailedFuture(error) }
+        let asked = UInt32(min(length, UInt64(UInt32.max)))
+        guard asked > 0 else { return loop.makeFailedFuture(VolumeIOError(operation: "NBD block status of 0 bytes", errno: EINVAL)) }
+        let peer = self.peer
+        return send(.blockStatus, offset: offset, length: asked).flatMapThrowing { descriptors in
+            var bytes = descriptors ?? ByteBuffer()
+            var extents: [NBDExtent] = []
+            var covered: UInt64 = 0
+            while let length = bytes.readInteger(as: UInt32.self), let flags = bytes.readInteger(as: UInt32.self) {
+                // Past the request the answer is cut (the protocol lets the last extent run on).
+                let n = min(UInt64(length), UInt64(asked) - covered)
+                guard n > 0 else { break }
+                extents.append(NBDExtent(length: n, flags: flags))
+                covered += n
+            }
+            guard !extents.isEmpty else {
+                throw VolumeIOError(operation: "NBD block status at \(offset) on \(peer) (an empty answer)", errno: EIO)
+            }
+            return extents
+        }
     }
 
     /// Succeeds when every piece has; a FUA write to a server without FUA is followed by a flush.

@@ -32,6 +32,10 @@ struct NBDNegotiatedExport: Sendable {
     var minimumBlockSize: UInt32?
     var preferredBlockSize: UInt32?
     var maximumBlockSize: UInt32?
+    /// Structured replies were agreed (reads and block status come as chunks).
+    var structured = false
+    /// The id the server gave `base:allocation`, if it selected it: block status is answered.
+    var allocationContext: UInt32?
 }
 
 /// The part of a connection's state that threads other than the event loop read: why it ended.
@@ -68,6 +72,8 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case greeting
         case startTLSReply
         case tlsHandshake
+        case structuredReply
+        case metaContextReplies
         case goReplies
         case transmission
         case ended
@@ -78,6 +84,10 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         var offset: UInt64
         var length: UInt32
         var promise: EventLoopPromise<ByteBuffer?>
+        /// Structured replies: what the chunks so far brought (a READ's data, zero-filled where
+        /// no chunk was; BLOCK_STATUS's descriptors), and the first error chunk's errno.
+        var collected: ByteBuffer?
+        var error: UInt32 = 0
     }
 
     /// A READ reply whose data is still arriving, collected in a buffer of its own.
@@ -91,6 +101,8 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
     static let maxOptionReplyLength = 64 * 1024
 
     private let export: String
+    /// Ask for structured replies and `base:allocation` (block status) before GO.
+    private let allocation: Bool
     private let tls: NBDClientTLS?
     private let peer: String
     private let state: NBDClientConnectionState
@@ -112,9 +124,10 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Why the connection is ending, as told to requests still outstanding when it goes.
     private var endReason: FerryError?
 
-    init(export: String, tls: NBDClientTLS?, peer: String, state: NBDClientConnectionState,
+    init(export: String, allocation: Bool = false, tls: NBDClientTLS?, peer: String, state: NBDClientConnectionState,
          negotiated: EventLoopPromise<NBDNegotiatedExport>, deadline: NIODeadline, timeout: TimeAmount) {
         self.export = export
+        self.allocation = allocation
         self.tls = tls
         self.peer = peer
         self.state = state
@@ -155,11 +168,13 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         switch phase {
         case .tlsHandshake:
             reason = FerryError(.unauthenticated, "TLS handshake with the NBD server at \(peer) failed: \(Self.describe(error))")
-        case .goReplies where error is NIOSSLError || error is BoringSSLError:
+        case .goReplies where error is NIOSSLError || error is BoringSSLError,
+             .structuredReply where error is NIOSSLError || error is BoringSSLError,
+             .metaContextReplies where error is NIOSSLError || error is BoringSSLError:
             // TLS 1.3: a server refuses the client certificate only after the client's handshake is done.
             reason = FerryError(.unauthenticated, "the NBD server at \(peer) ended TLS during negotiation (a refused client certificate shows here): "
                 + Self.describe(error))
-        case .greeting, .startTLSReply, .goReplies:
+        case .greeting, .startTLSReply, .goReplies, .structuredReply, .metaContextReplies:
             reason = FerryError(.unavailable, "NBD negotiation with \(peer) failed: \(Self.describe(error))")
         case .transmission, .ended:
             // NIOSSL's uncleanShutdown (the peer went without close_notify) lands here too.
@@ -176,8 +191,7 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case TLSUserEvent.handshakeCompleted = event, phase == .tlsHandshake {
-            phase = .goReplies
-            sendGo(context)
+            sendOptions(context)
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -210,6 +224,8 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
             switch phase {
             case .greeting: progressed = readGreeting(context)
             case .startTLSReply: progressed = readStartTLSReply(context)
+            case .structuredReply: progressed = readStructuredReplyAnswer(context)
+            case .metaContextReplies: progressed = readMetaContextReply(context)
             case .goReplies: progressed = readGoReply(context)
             case .transmission: progressed = readReply(context)
             case .tlsHandshake, .ended: progressed = false
@@ -246,8 +262,7 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
             context.writeAndFlush(wrapOutboundOut(out), promise: nil)
         } else {
             context.write(wrapOutboundOut(out), promise: nil)
-            phase = .goReplies
-            sendGo(context)
+            sendOptions(context)
         }
         return true
     }
@@ -310,6 +325,51 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         // GO is sent once the handshake completes (userInboundEventTriggered).
         phase = .tlsHandshake
         return false
+    }
+
+    /// The options after the greeting (and TLS), sent together: with `allocation`,
+    /// STRUCTURED_REPLY and SET_META_CONTEXT base:allocation; then GO. Their replies come in order.
+    private func sendOptions(_ context: ChannelHandlerContext) {
+        guard allocation else {
+            phase = .goReplies
+            return sendGo(context)
+        }
+        var out = context.channel.allocator.buffer(capacity: 64 + export.utf8.count)
+        writeOption(&out, .structuredReply, data: nil)
+        var meta = context.channel.allocator.buffer(capacity: 32 + export.utf8.count)
+        meta.writeInteger(UInt32(export.utf8.count))
+        meta.writeString(export)
+        meta.writeInteger(UInt32(1))
+        meta.writeInteger(UInt32(NBD.allocationContext.utf8.count))
+        meta.writeString(NBD.allocationContext)
+        writeOption(&out, .setMetaContext, data: meta)
+        context.write(wrapOutboundOut(out), promise: nil)
+        phase = .structuredReply
+        sendGo(context)
+    }
+
+    /// A server without structured replies refuses them and SET_META_CONTEXT: the connection
+    /// then works without block status.
+    private func readStructuredReplyAnswer(_ context: ChannelHandlerContext) -> Bool {
+        guard case .reply(let type, _) = readOptionReply(context, expecting: .structuredReply) else { return false }
+        info.structured = type == NBD.Reply.ack
+        phase = .metaContextReplies
+        return true
+    }
+
+    private func readMetaContextReply(_ context: ChannelHandlerContext) -> Bool {
+        guard case .reply(let type, var data) = readOptionReply(context, expecting: .setMetaContext) else { return false }
+        switch type {
+        case NBD.Reply.metaContext:
+            guard let id = data.readInteger(as: UInt32.self), let name = data.readString(length: data.readableBytes) else {
+                return violation(context, "the NBD server at \(peer) sent a short NBD_REP_META_CONTEXT")
+            }
+            if name == NBD.allocationContext, info.structured { info.allocationContext = id }
+        default:
+            // ACK ends the list; an error means no context (the server does not offer it).
+            phase = .goReplies
+        }
+        return true
     }
 
     /// NBD_OPT_GO for the export, asking for its block size constraints as well.
@@ -425,6 +485,7 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard buffer.readableBytes >= 16 else { return false }
         let start = buffer.readerIndex
         let magic = buffer.getInteger(at: start, as: UInt32.self)!
+        if magic == NBD.structuredReplyMagic, info.structured { return readChunk(context) }
         let error = buffer.getInteger(at: start + 4, as: UInt32.self)!
         let handle = buffer.getInteger(at: start + 8, as: UInt64.self)!
         guard magic == NBD.simpleReplyMagic else {
@@ -455,6 +516,86 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         return true
     }
 
+    /// Largest structured chunk taken: a READ's data (at most the largest request) and its offset,
+    /// or a block status answer of 1 Mi descriptors.
+    static let maxChunkLength = Int(NBDClient.defaultMaximumRequestSize) + 4096
+
+    /// One structured reply chunk, once whole. A READ collects its data (OFFSET_DATA,
+    /// OFFSET_HOLE) into a zero-filled buffer; BLOCK_STATUS its descriptors; the DONE chunk
+    /// answers the request.
+    private func readChunk(_ context: ChannelHandlerContext) -> Bool {
+        guard buffer.readableBytes >= 20 else { return false }
+        let start = buffer.readerIndex
+        let flags = buffer.getInteger(at: start + 4, as: UInt16.self)!
+        let type = buffer.getInteger(at: start + 6, as: UInt16.self)!
+        let handle = buffer.getInteger(at: start + 8, as: UInt64.self)!
+        let length = Int(buffer.getInteger(at: start + 16, as: UInt32.self)!)
+        guard length <= Self.maxChunkLength else {
+            return violation(context, "the NBD server at \(peer) sent a \(length)-byte reply chunk (over \(Self.maxChunkLength))")
+        }
+        guard buffer.readableBytes >= 20 + length else { return false }
+        guard var request = inFlight[handle] else {
+            return violation(context, "the NBD server at \(peer) sent a reply chunk for handle \(handle), which no outstanding request has")
+        }
+        buffer.moveReaderIndex(forwardBy: 20)
+        var payload = buffer.readSlice(length: length)!
+        switch (type, request.command) {
+        case (NBD.ChunkType.none, _):
+            guard flags & NBD.chunkFlagDone != 0, length == 0 else {
+                return violation(context, "the NBD server at \(peer) sent NBD_REPLY_TYPE_NONE without DONE or with data")
+            }
+        case (NBD.ChunkType.offsetData, .read), (NBD.ChunkType.offsetHole, .read):
+            guard let offset = payload.readInteger(as: UInt64.self), offset >= request.offset else {
+                return violation(context, "the NBD server at \(peer) sent a read chunk before the request's offset")
+            }
+            let count = type == NBD.ChunkType.offsetData ? payload.readableBytes : Int(payload.readInteger(as: UInt32.self) ?? 0)
+            let at = offset - request.offset
+            guard at + UInt64(count) <= UInt64(request.length) else {
+                return violation(context, "the NBD server at \(peer) sent read data past the request's end")
+            }
+            var data = request.collected ?? context.channel.allocator.buffer(repeating: 0, count: Int(request.length))
+            if type == NBD.ChunkType.offsetData {
+                data.setBuffer(payload, at: data.readerIndex + Int(at))
+            } else {
+                data.setRepeatingByte(0, count: count, at: data.readerIndex + Int(at))
+            }
+            request.collected = data
+        case (NBD.ChunkType.blockStatus, .blockStatus):
+            guard payload.readInteger(as: UInt32.self) == info.allocationContext, payload.readableBytes % 8 == 0, payload.readableBytes > 0 else {
+                return violation(context, "the NBD server at \(peer) sent block status of another context or without descriptors")
+            }
+            request.collected = payload
+        case (let t, _) where t & (1 << 15) != 0:
+            guard let code = payload.readInteger(as: UInt32.self) else {
+                return violation(context, "the NBD server at \(peer) sent an error chunk without an error")
+            }
+            if request.error == 0 { request.error = code == 0 ? UInt32(EIO) : code }
+        default:
+            return violation(context, "the NBD server at \(peer) sent reply chunk type \(type) to NBD command \(request.command)")
+        }
+        guard flags & NBD.chunkFlagDone != 0 else {
+            inFlight[handle] = request
+            return true
+        }
+        inFlight[handle] = nil
+        if request.error != 0 {
+            request.promise.fail(Self.requestFailed(request, errno: request.error, peer: peer))
+        } else if request.command == .read {
+            request.promise.succeed(request.collected ?? context.channel.allocator.buffer(repeating: 0, count: Int(request.length)))
+        } else if request.command == .blockStatus {
+            guard let descriptors = request.collected else {
+                request.promise.fail(VolumeIOError(operation: "NBD block status at \(request.offset) on \(peer) (no descriptors)", errno: EIO))
+                replied(context)
+                return true
+            }
+            request.promise.succeed(descriptors)
+        } else {
+            request.promise.succeed(nil)
+        }
+        replied(context)
+        return true
+    }
+
     /// After each answered request: a disconnecting client closes once nothing is outstanding.
     private func replied(_ context: ChannelHandlerContext) {
         if disconnecting, inFlight.isEmpty, partialRead == nil {
@@ -469,6 +610,7 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
         case .write: name = "NBD write of \(request.length) bytes at \(request.offset)"
         case .writeZeroes: name = "NBD write-zeroes of \(request.length) bytes at \(request.offset)"
         case .flush: name = "NBD flush"
+        case .blockStatus: name = "NBD block status of \(request.length) bytes at \(request.offset)"
         default: name = "NBD command \(request.command)"
         }
         // The protocol uses Linux errno values; anything out of range is reported as EIO.

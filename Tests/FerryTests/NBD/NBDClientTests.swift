@@ -170,6 +170,64 @@ struct NBDClientTests {
         await server.stop()
     }
 
+    /// The whole `base:allocation` map, asked piece by piece as a server answers prefixes; runs
+    /// merged by whether they read as zeroes.
+    static func allocationMap(_ client: NBDClient) async throws -> [[UInt64]] {
+        var runs: [[UInt64]] = []
+        var at: UInt64 = 0
+        while at < client.size {
+            let extents = try await client.blockStatus(offset: at, length: client.size - at)
+            for e in extents {
+                let zero: UInt64 = e.isZero ? 1 : 0
+                if let last = runs.last, last[2] == zero { runs[runs.count - 1][1] += e.length } else { runs.append([at, e.length, zero]) }
+                at += e.length
+            }
+        }
+        return runs
+    }
+
+    @Test("block status: the client reads nbdkit's and Ferry's allocation maps, structured reads and hole chunks come back right; a server without structured replies still serves, without block status")
+    func blockStatus() async throws {
+        // nbdkit memory: a sparse array; what is written is data, a zeroed range a hole again.
+        let server = try await NBDKit(plugin: ["memory", "64M"])
+        let client = try await NBDClient.connect(unixSocket: server.socket, export: "", allocation: true)
+        #expect(client.canBlockStatus)
+        let data = Self.pattern(4, count: 2 << 20)
+        try await client.write(offset: 8 << 20, data: data)
+        try await client.writeZeroes(offset: 9 << 20, length: 1 << 20)
+        #expect(try await Self.allocationMap(client) == [[0, 8 << 20, 1], [8 << 20, 1 << 20, 0], [9 << 20, 55 << 20, 1]])
+        #expect(try await client.read(offset: 8 << 20, length: 1 << 20) == data.getSlice(at: 0, length: 1 << 20))
+        #expect(Self.isZero(try await client.read(offset: 9 << 20, length: 1 << 20)))
+        // A read split in pieces, each its own structured reply.
+        let big = try await client.read(offset: 0, length: 40 << 20)
+        #expect(big.getSlice(at: 8 << 20, length: 1 << 20) == data.getSlice(at: 0, length: 1 << 20))
+        #expect(Self.isZero(big.getSlice(at: 0, length: 8 << 20)!) && Self.isZero(big.getSlice(at: 9 << 20, length: 31 << 20)!))
+        let one = try await client.blockStatus(offset: (8 << 20) + 4096, length: 4096)
+        #expect(one == [NBDExtent(length: 4096, flags: 0)])
+        await #expect(throws: VolumeIOError.self) { try await client.blockStatus(offset: 64 << 20, length: 1) }
+        await client.close()
+
+        // Without structured replies (nbdkit --no-sr): no block status, reads as before.
+        let plain = try await NBDKit(["--no-sr"], plugin: ["memory", "16M"])
+        let old = try await NBDClient.connect(unixSocket: plain.socket, export: "", allocation: true)
+        #expect(!old.canBlockStatus)
+        let refused = await #expect(throws: VolumeIOError.self) { try await old.blockStatus(offset: 0, length: 4096) }
+        #expect(refused?.errno == EOPNOTSUPP)
+        try await old.write(offset: 4096, data: Self.pattern(5, count: 4096))
+        #expect(try await old.read(offset: 4096, length: 4096) == Self.pattern(5, count: 4096))
+        await old.close()
+
+        // Ferry's own export of a sparse file.
+        let ferry = try await NBDExportTests.Export(size: 32 << 20)
+        let writer = try await NBDClient.connect(unixSocket: ferry.socket, export: "vol", allocation: true)
+        #expect(writer.canBlockStatus)
+        try await writer.write(offset: 3 << 20, data: Self.pattern(6, count: 1 << 20))
+        try await writer.flush()
+        #expect(try await Self.allocationMap(writer) == [[0, 3 << 20, 1], [3 << 20, 1 << 20, 0], [4 << 20, 28 << 20, 1]])
+        #expect(try await writer.read(offset: 3 << 20, length: 1 << 20) == Self.pattern(6, count: 1 << 20))
+        await writer.close()
+    }
+
     @Test("what the server offers is honoured: a 1 MiB maximum splits requests; no WRITE_ZEROES means zero writes; errors carry the errno")
     func serverConstraints() async throws {
         let dir = try TestDirectory("ferry-nbdc")
