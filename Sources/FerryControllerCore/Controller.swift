@@ -39,21 +39,23 @@ public struct Controller: Sendable {
         let replicas = ReplicaManager(root: config.dataDir + "/replicas", pool: replicaPool,
                                       retention: config.replicaRetention, journalLimit: Int64(config.replicaJournalMax))
         let exportConnections = ExportConnections()
+        let exports = PointExports(socketPath: config.dataDir + "/exports.sock", overlayRoot: config.dataDir + "/overlays",
+                                   connections: exportConnections, logger: logger)
+        let hydrations = Hydrations(store: store, exports: exports, metrics: metrics, logger: logger)
         let agents = AgentServer(config: config, pki: pki, store: store, registry: registry, metrics: metrics, logger: logger, group: group,
-                                 replicas: replicas, exportConnections: exportConnections) { address in
+                                 replicas: replicas, exportConnections: exportConnections, hydrations: hydrations) { address in
             // Tests and scripts read the bound port from here (the configured port may be 0).
             try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/agent-listen.addr")
         }
         let coordinator = CutCoordinator(store: store, registry: registry, replicas: replicas, metrics: metrics, logger: logger)
         let catalogue = PointCatalogue(store: store, replicas: replicas)
-        let exports = PointExports(socketPath: config.dataDir + "/exports.sock", overlayRoot: config.dataDir + "/overlays",
-                                   connections: exportConnections, logger: logger)
         let exportPort = BoundPort()
         let reverse = ReverseStreams(exports: exports, registry: registry, store: store, logger: logger)
         let jobs = JobRunner(store: store, registry: registry, replicas: replicas, catalogue: catalogue, exports: exports, agents: agents,
                              reverse: reverse, logger: logger, exportPort: { exportPort.value })
         let routes = APIRoutes(store: store, registry: registry, metrics: metrics, pki: pki, agents: agents, replicas: replicas,
-                               coordinator: coordinator, catalogue: catalogue, exports: exports, jobs: jobs, dataDir: config.dataDir)
+                               coordinator: coordinator, catalogue: catalogue, exports: exports, jobs: jobs, hydrations: hydrations,
+                               dataDir: config.dataDir)
         let (apiHost, apiPort) = try ConfigText.hostPort(config.apiListen)
         let caPath = pki.caPath
         let logger = self.logger

@@ -39,6 +39,9 @@ public struct AgentConfig: Sendable {
     /// What the controller may have this agent protect (open, create, write); nil: the default,
     /// `DATA-DIR/volumes/` and block devices not in use.
     public var protectAllowEntries: [String]?
+    /// Most bytes per second a recovered volume's hydration fetches from the controller (0: no
+    /// limit), so a hydration leaves room on a shared link between sites.
+    public var hydrationRateLimit: UInt64 = 0
     /// The config file these settings came from, named in refusals so the operator knows where to look.
     public var configPath: String?
 
@@ -67,13 +70,14 @@ public struct AgentConfig: Sendable {
         var protectAllow: [String]?
         var nbdTCPInsecure: Bool?
         var nbdSocketUsers: [String]?
+        var hydrationRateLimit: String?
 
         enum CodingKeys: String, CodingKey, CaseIterable {
             case dataDir = "data-dir", controller, name, reconnectInitialDelay = "reconnect-initial-delay"
             case reconnectMaxDelay = "reconnect-max-delay", inventoryInterval = "inventory-interval", logLevel = "log-level"
             case socketDir = "socket-dir", ioThreads = "io-threads", changeLogMemory = "change-log-memory", changeLogSpill = "change-log-spill"
             case nbdTCP = "nbd-tcp", hooks, protectAllow = "protect-allow", nbdTCPInsecure = "nbd-tcp-insecure"
-            case nbdSocketUsers = "nbd-socket-users"
+            case nbdSocketUsers = "nbd-socket-users", hydrationRateLimit = "hydration-rate-limit"
         }
     }
 
@@ -96,6 +100,7 @@ public struct AgentConfig: Sendable {
         if let v = f.protectAllow { protectAllowEntries = v }
         if let v = f.nbdTCPInsecure { nbdTCPInsecure = v }
         if let v = f.nbdSocketUsers { nbdSocketUsers = v }
+        if let v = f.hydrationRateLimit { hydrationRateLimit = try ConfigText.byteSize(v) }
     }
 
     /// `nbd-socket-users` as user ids (names looked up in the user database).

@@ -128,3 +128,47 @@ final class RecoveredVolume: NBDExport {
         return fresh
     }
 }
+
+/// What a recovery host serves for one recovered volume: the controller's point through a
+/// proxy (`RecoveredVolume`), or a local copy being filled from it (`HydratingVolume`).
+protocol RecoveryServedVolume: NBDExport {
+    var source: String { get }
+    var writes: UInt64 { get }
+    func stop() async
+    func status(socket: String) -> Ferry_V1_RecoveredVolumeStatus
+}
+
+extension RecoveredVolume: RecoveryServedVolume {
+    func status(socket: String) -> Ferry_V1_RecoveredVolumeStatus {
+        var s = Ferry_V1_RecoveredVolumeStatus()
+        s.name = name
+        s.source = source
+        s.socketPath = socket
+        s.sizeBytes = size
+        s.writes = writes
+        return s
+    }
+}
+
+extension HydratingVolume: RecoveryServedVolume {
+    func stop() async {
+        if let remote = remote as? RecoveredVolume { await remote.stop() }
+    }
+
+    func status(socket: String) -> Ferry_V1_RecoveredVolumeStatus {
+        let p = progress
+        var s = Ferry_V1_RecoveredVolumeStatus()
+        s.name = name
+        s.source = source
+        s.socketPath = socket
+        s.sizeBytes = size
+        s.writes = writes
+        s.targetPath = target
+        s.localBytes = p.localBytes
+        s.fetchedBytes = p.fetchedBytes
+        s.bytesPerSecond = rate
+        s.hydrated = p.complete
+        s.hydrating = true
+        return s
+    }
+}

@@ -2,6 +2,7 @@ import FerryNBD
 import FerryWire
 import Foundation
 import Logging
+import NIOPosix
 import NIOSSL
 
 /// The recovery host's side of a failover or drill: serves a protected host's volumes from
@@ -10,10 +11,12 @@ import NIOSSL
 public actor RecoveryManager {
     struct Running {
         var command: Ferry_V1_RecoverVolumes
-        var volumes: [RecoveredVolume]
+        var volumes: [any RecoveryServedVolume]
         var sockets: [String]
         var servers: [Task<Void, any Error>]
         var hook: Ferry_V1_HookResult
+        /// The background copies of hydrating volumes (cancelled on stop).
+        var hydrators: [Task<Void, Never>] = []
     }
 
     let socketDirectory: String
@@ -28,10 +31,19 @@ public actor RecoveryManager {
 
     /// Users besides root and the agent's that may use the recovered volumes' sockets.
     let socketUsers: Set<UInt32>
+    /// Where hydration targets may be (the host's protect-allow).
+    let allow: ProtectAllow
+    /// Most bytes per second a hydration fetches (0: no limit).
+    let hydrationRateLimit: UInt64
+    /// What the last recovery reports said, so unchanged ones are not sent again.
+    private var reported: [String: [Ferry_V1_RecoveredVolumeStatus]] = [:]
 
-    public init(socketDirectory: String, dataDir: String, hooks: HookRunner, logger: Logger, socketUsers: Set<UInt32> = []) {
+    public init(socketDirectory: String, dataDir: String, hooks: HookRunner, logger: Logger, socketUsers: Set<UInt32> = [],
+                allow: ProtectAllow? = nil, hydrationRateLimit: UInt64 = 0) {
         self.socketDirectory = socketDirectory
         self.socketUsers = socketUsers
+        self.allow = allow ?? .defaults(dataDir: dataDir)
+        self.hydrationRateLimit = hydrationRateLimit
         self.dataDir = dataDir
         self.hooks = hooks
         self.logger = logger
@@ -83,17 +95,27 @@ public actor RecoveryManager {
         var out = Ferry_V1_RecoveryStarted()
         out.recoveryID = id
         out.hook = r.hook
-        out.volumes = zip(r.volumes, r.sockets).map { v, socket in
-            var s = Ferry_V1_RecoveredVolumeStatus()
-            s.name = v.name
-            s.source = v.source
-            s.socketPath = socket
-            s.sizeBytes = v.size
-            s.writes = v.writes
-            return s
+        out.volumes = zip(r.volumes, r.sockets).map { v, socket in v.status(socket: socket) }
+        return out
+    }
+
+    /// Reports of hydrating recoveries that changed since the last call (all of them after
+    /// `resendReports`, as when a session opens).
+    public func changedReports() -> [Ferry_V1_RecoveryReport] {
+        var out: [Ferry_V1_RecoveryReport] = []
+        for (id, r) in running.sorted(by: { $0.key < $1.key }) where r.volumes.contains(where: { $0 is HydratingVolume }) {
+            let volumes = zip(r.volumes, r.sockets).map { v, socket in v.status(socket: socket) }
+            guard reported[id] != volumes else { continue }
+            reported[id] = volumes
+            var report = Ferry_V1_RecoveryReport()
+            report.recoveryID = id
+            report.volumes = volumes
+            out.append(report)
         }
         return out
     }
+
+    public func resendReports() { reported = [:] }
 
     private func start(_ command: Ferry_V1_RecoverVolumes, controllerHost: String, tls: @escaping @Sendable () throws -> NBDClientTLS,
                        runHook: Bool) async throws -> Ferry_V1_RecoveryStarted {
@@ -102,9 +124,10 @@ public actor RecoveryManager {
             try WireLimits.checkPort(spec.exportPort, "the export port of \(spec.name)")
             try WireLimits.checkVolumeSize(spec.sizeBytes, "the recovered volume \(spec.name)")
         }
-        var volumes: [RecoveredVolume] = []
+        var volumes: [any RecoveryServedVolume] = []
         var sockets: [String] = []
         var servers: [Task<Void, any Error>] = []
+        var hydrators: [Task<Void, Never>] = []
         do {
             try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             for spec in command.volumes {
@@ -113,6 +136,18 @@ public actor RecoveryManager {
                 // TLS from the host's current certificate at every connection: it is renewed.
                 let connect: @Sendable () async throws -> NBDClient = {
                     try await NBDClient.connect(host: host, port: port, export: export, tls: try tls())
+                }
+                if spec.hydrate {
+                    let withStatus: @Sendable () async throws -> NBDClient = {
+                        try await NBDClient.connect(host: host, port: port, export: export, tls: try tls(), allocation: true)
+                    }
+                    let (volume, hydrator) = try await hydrating(spec, recovery: command.recoveryID, connect: connect, withStatus: withStatus)
+                    volumes.append(volume)
+                    if let hydrator { hydrators.append(hydrator) }
+                    let socket = socketDirectory + "/recovered-" + spec.name + ".sock"
+                    try await NBDServer(volumes: [volume], logger: logger, socketUsers: socketUsers).start(unixSocket: socket, into: &servers)
+                    sockets.append(socket)
+                    continue
                 }
                 var client: NBDClient?
                 do {
@@ -135,6 +170,7 @@ public actor RecoveryManager {
             }
         } catch {
             for s in servers { s.cancel() }
+            for h in hydrators { h.cancel() }
             for v in volumes { await v.stop() }
             throw error
         }
@@ -144,11 +180,12 @@ public actor RecoveryManager {
             try PEMFiles.writePublic(try command.jsonString(), to: dataDir + "/recoveries/" + command.recoveryID + ".recovery")
         } catch {
             for s in servers { s.cancel() }
+            for h in hydrators { h.cancel() }
             for v in volumes { await v.stop() }
             throw FerryError(.io, "cannot record recovery \(command.recoveryID): \(error)")
         }
         let hook = runHook ? await runStartHook(command, volumes: volumes, sockets: sockets) : Ferry_V1_HookResult()
-        let r = Running(command: command, volumes: volumes, sockets: sockets, servers: servers, hook: hook)
+        let r = Running(command: command, volumes: volumes, sockets: sockets, servers: servers, hook: hook, hydrators: hydrators)
         running[command.recoveryID] = r
         logger.info("recovered volumes served", metadata: ["recovery": "\(command.recoveryID)", "volumes": "\(volumes.count)", "network": "\(command.network)",
                                                          "hook-error": "\(hook.error)"])
@@ -156,7 +193,7 @@ public actor RecoveryManager {
     }
 
     /// What the start hook gets: the volumes' sockets and the source host's description.
-    private func writeDescription(_ command: Ferry_V1_RecoverVolumes, volumes: [RecoveredVolume], sockets: [String]) throws {
+    private func writeDescription(_ command: Ferry_V1_RecoverVolumes, volumes: [any RecoveryServedVolume], sockets: [String]) throws {
         let file = dataDir + "/recoveries/" + command.recoveryID + ".json"
         var description: [String: Any] = [:]
         if let data = command.descriptionJson.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] {
@@ -169,7 +206,7 @@ public actor RecoveryManager {
         try PEMFiles.writePublic(String(decoding: try JSONSerialization.data(withJSONObject: description, options: [.prettyPrinted, .sortedKeys]), as: UTF8.self) + "\n", to: file)
     }
 
-    private func runStartHook(_ command: Ferry_V1_RecoverVolumes, volumes: [RecoveredVolume], sockets: [String]) async -> Ferry_V1_HookResult {
+    private func runStartHook(_ command: Ferry_V1_RecoverVolumes, volumes: [any RecoveryServedVolume], sockets: [String]) async -> Ferry_V1_HookResult {
         var hook = Ferry_V1_HookResult()
         guard !command.startHook.isEmpty else { return hook }
         let begun = ContinuousClock.now
@@ -224,11 +261,20 @@ public actor RecoveryManager {
             guard out.hook.error.isEmpty else { return out }
         }
         running[command.recoveryID] = nil
+        reported[command.recoveryID] = nil
         unlink(dataDir + "/recoveries/" + command.recoveryID + ".recovery")
+        for h in r.hydrators { h.cancel() }
+        for h in r.hydrators { await h.value }
         for s in r.servers { s.cancel() }
         for s in r.servers { _ = try? await s.value }
         for v in r.volumes { await v.stop() }
         for socket in r.sockets { unlink(socket) }
+        // A drill's copy is disposable: a target the agent made goes with its map. A failover's
+        // stays: it is the workload's disk.
+        for case let v as HydratingVolume in r.volumes {
+            if r.command.network == "test", v.targetZeroed { unlink(v.target) }
+            if r.command.network == "test" { unlink(v.mapPath) }
+        }
         logger.info("recovered volumes withdrawn", metadata: ["recovery": "\(command.recoveryID)"])
         return out
     }
@@ -243,6 +289,37 @@ public actor RecoveryManager {
             "FERRY_RECOVERY_FILE": file,
             "FERRY_VOLUMES": sockets.map { "\($0.0)=\($0.1)" }.joined(separator: " "),
         ]
+    }
+
+    /// A hydrating volume: its target checked against protect-allow, opened (resumed from its
+    /// saved map, or started), and its background copy started unless it is complete.
+    private func hydrating(_ spec: Ferry_V1_RecoveredVolumeSpec, recovery: String,
+                           connect: @escaping @Sendable () async throws -> NBDClient,
+                           withStatus: @escaping @Sendable () async throws -> NBDClient) async throws -> (HydratingVolume, Task<Void, Never>?) {
+        let target = spec.targetPath.isEmpty ? dataDir + "/volumes/recovered/" + recovery + "/" + spec.name + ".img" : spec.targetPath
+        let allow = self.allow
+        let (resolved, refusal) = try await NIOThreadPool.singleton.runIfActive { allow.check(target) }
+        if let refusal {
+            throw FerryError(.permissionDenied, "the hydration target \(target)\(resolved == target ? "" : " (\(resolved))") is not allowed on this host: \(refusal); add it to protect-allow")
+        }
+        let mapPath = dataDir + "/recoveries/" + recovery + "/" + spec.name + ".hydration"
+        try FileManager.default.createDirectory(atPath: dataDir + "/recoveries/" + recovery, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        // Reads of blocks not local yet go to the point (reconnecting as a recovered volume does).
+        let remote = RecoveredVolume(name: spec.name, source: spec.source, size: spec.sizeBytes, first: nil, logger: logger, connect: connect)
+        let logger = self.logger, name = spec.name
+        let volume = try await NIOThreadPool.singleton.runIfActive {
+            try HydratingVolume.open(name: spec.name, source: spec.source, size: spec.sizeBytes, target: target, mapPath: mapPath,
+                                     point: spec.exportName, remote: remote, logger: logger,
+                                     onComplete: { Task { await remote.stop() } })
+        }
+        guard !volume.isComplete else {
+            await remote.stop()
+            return (volume, nil)
+        }
+        logger.info("hydrating a recovered volume", metadata: ["volume": "\(name)", "target": "\(target)", "local": "\(volume.progress.localBytes)"])
+        let hydrator = Hydrator(volume: volume, connect: withStatus, pool: NIOThreadPool.singleton, logger: logger,
+                                rateLimit: hydrationRateLimit, report: { _, _ in })
+        return (volume, Task { await hydrator.run() })
     }
 
     static func timeout(_ ms: UInt32) -> Duration { .milliseconds(Int64(max(1000, min(ms, 3_600_000)))) }

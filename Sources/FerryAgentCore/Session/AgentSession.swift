@@ -49,7 +49,9 @@ public final class AgentSession: Service, Sendable {
         self.volumes = volumes
         self.recovery = RecoveryManager(socketDirectory: config.socketDirectory, dataDir: config.dataDir,
                                         hooks: HookRunner(hooks: config.hooks), logger: logger,
-                                        socketUsers: (try? config.socketUserIDs) ?? [])
+                                        socketUsers: (try? config.socketUserIDs) ?? [],
+                                        allow: (try? config.protectAllow) ?? .defaults(dataDir: config.dataDir),
+                                        hydrationRateLimit: config.hydrationRateLimit)
         self.dataDir = config.dataDir
         self.config = config
         self.logger = logger
@@ -179,6 +181,14 @@ public final class AgentSession: Service, Sendable {
                     }
                 }
                 tasks.addTask { try await self.renewWhenDue(session: session) }
+                tasks.addTask { [recovery] in
+                    // Hydration progress, about once a second while something changes.
+                    await recovery.resendReports()
+                    while true {
+                        for report in await recovery.changedReports() { try await session.send(.recoveryReport(report)) }
+                        try await Task.sleep(for: .seconds(1))
+                    }
+                }
                 if let volumes {
                     tasks.addTask { try await Self.reportVolumes(volumes, session: session) }
                 }

@@ -83,6 +83,18 @@ struct PlanCommand: AsyncParsableCommand {
                     }
                     for step in g.post { print("   after: \(PlanFormat.step(step))") }
                 }
+                if let hydration = p.hydration, !hydration.isEmpty {
+                    print("\nhydration")
+                    var table = TextTable(["VOLUME", "ON", "TARGET", "LOCAL", "FETCHED", "RATE", "ETA", "STATE"])
+                    for h in hydration {
+                        let eta = h.etaSeconds.map { String(format: "%.0fs", $0) } ?? "-"
+                        let state = h.released ? "complete, export released" : h.complete ? "complete" : "hydrating"
+                        table.add([h.volume, h.recoveryHost, h.target,
+                                   "\(Format.bytes(h.localBytes)) / \(Format.bytes(h.sizeBytes))", Format.bytes(h.fetchedBytes),
+                                   "\(Format.bytes(UInt64(max(0, h.bytesPerSecond))))/s", eta, state])
+                    }
+                    print(table.render())
+                }
             }
         }
     }
@@ -143,12 +155,15 @@ struct DrillCommand: AsyncParsableCommand {
         var point: String?
         @Option(help: ArgumentHelp("The newest point at or before this time (ISO 8601 or YYYY-MM-DD HH:MM:SS).", valueName: "TIME"))
         var asOf: String?
+        @Flag(help: "Land each volume on the recovery host's own storage (the plan's targets, or a file in its data dir), copied in the background while it is served; the controller's export goes once a volume is complete.")
+        var hydrate = false
         @OptionGroup var job: PlanJobOptions
 
         func run() async throws {
             try await CLI.guarded {
                 if point != nil, asOf != nil { throw FerryError(.badRequest, "give --point or --as-of, not both") }
-                try await job.run(API.JobCreateRequest(operation: .drill, point: point, asOf: try asOf.map(PointFormat.parse(asOf:))))
+                try await job.run(API.JobCreateRequest(operation: .drill, point: point, asOf: try asOf.map(PointFormat.parse(asOf:)),
+                                                       hydrate: hydrate ? true : nil))
             }
         }
     }

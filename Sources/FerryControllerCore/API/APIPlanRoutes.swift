@@ -31,7 +31,10 @@ extension APIRoutes {
         v1.get("plans/:name") { _, context in
             _ = try context.require(.viewer)
             let name = try context.parameters.require("name")
-            return JSONBody(value: try await wrap { try await store.plan(named: name) })
+            var view = try await wrap { try await store.plan(named: name) }
+            let hydration = await hydrations.list(plan: name)
+            view.hydration = hydration.isEmpty ? nil : hydration
+            return JSONBody(value: view)
         }
         v1.delete("plans/:name") { _, context in
             let who = try context.require(.operator)

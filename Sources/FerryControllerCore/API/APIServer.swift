@@ -128,6 +128,7 @@ struct APIRoutes {
     let catalogue: PointCatalogue
     let exports: PointExports
     let jobs: JobRunner
+    let hydrations: Hydrations
     /// Where the bootstrap admin token's secret lives (rewritten when it is rotated).
     let dataDir: String
     /// Failed token attempts per address: 20 a minute.

@@ -288,12 +288,21 @@ extension JobRunner {
             return existing
         }
         var volumes: [RecoveryRecord.Volume] = []
+        // Hydration lands a drill on the recovery host's storage. (A failover's recovered writes
+        // must reach the controller for reprotect, which hydration does not do yet.)
+        let asked = (try? await view(id: job))?.request.hydrate == true
+        let hydrate = purpose == "drill" && asked
         for v in try await sourceVolumes(item) {
             guard let p = positions[v.key] else { throw FerryError(.internalError, "no point chosen for \(v.key)") }
             let exportID = PointExports.newID(prefix: "r-")
-            volumes.append(RecoveryRecord.Volume(source: v.key, sourceHostID: v.hostID, volume: v.volume, exportID: exportID,
-                                                 epoch: p.epoch, sequence: p.sequence, point: p.point, size: v.size,
-                                                 localName: item.host + "-" + v.volume))
+            var volume = RecoveryRecord.Volume(source: v.key, sourceHostID: v.hostID, volume: v.volume, exportID: exportID,
+                                               epoch: p.epoch, sequence: p.sequence, point: p.point, size: v.size,
+                                               localName: item.host + "-" + v.volume)
+            if hydrate {
+                volume.hydrate = true
+                volume.target = item.targets?[v.volume]
+            }
+            volumes.append(volume)
         }
         let record = RecoveryRecord(id: rid, plan: plan.name, sourceHost: item.host, recoveryHost: item.recoveryHost, purpose: purpose,
                                     network: purpose == "drill" ? "test" : "production", volumes: volumes, startedAt: Date(), job: job)
@@ -308,11 +317,13 @@ extension JobRunner {
         if let host = try await store.host(named: record.recoveryHost) {
             principals[host.id] = host.name
         }
-        for v in record.volumes where await exports.image(id: v.exportID) == nil {
+        for v in record.volumes where v.released != true {
+            guard await exports.image(id: v.exportID) == nil else { continue }
             let replica = try await replicas.replica(hostID: v.sourceHostID, volume: v.volume, size: v.size)
+            // A hydrating volume's writes stay on its recovery host: its export is the point only.
             _ = try await exports.create(id: v.exportID, volume: v.source, replica: replica,
                                          position: ReplicaPosition(epoch: v.epoch, sequence: v.sequence), point: v.point,
-                                         writable: true, managed: true, principals: principals)
+                                         writable: v.hydrate != true, managed: true, principals: principals)
         }
     }
 
@@ -351,6 +362,8 @@ extension JobRunner {
                 s.exportPort = UInt32(port)
                 s.exportName = v.exportID
                 s.sizeBytes = v.size
+                s.hydrate = v.hydrate == true
+                s.targetPath = v.target ?? ""
                 return s
             }
         }

@@ -42,6 +42,11 @@ public actor JobRunner {
     // MARK: API
 
     public func start(plan name: String, request: API.JobCreateRequest, actor: String) async throws -> API.Job {
+        if request.hydrate == true, request.operation != .drill {
+            // A failover's recovered writes feed reprotect through the controller's overlay;
+            // on local storage they would not reach it.
+            throw FerryError(.unsupported, "hydration is offered for drills; a \(request.operation.rawValue) is served from the controller's point")
+        }
         let view = try await store.plan(named: name)
         let steps = try JobPlanner.steps(for: request, plan: view.plan, state: view.state)
         for g in view.plan.groups where [.failover, .migrate].contains(request.operation) {

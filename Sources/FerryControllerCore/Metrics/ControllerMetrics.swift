@@ -64,6 +64,16 @@ public final class ControllerMetrics: Sendable {
         CoreMetrics.Gauge(label: "ferry_volume_sync_sent_bytes", dimensions: labels, factory: factory).record(Double(report.sync.sentBytes))
     }
 
+    /// Hydration of a recovered volume: bytes local, its size, the copy rate, 1 once complete.
+    func noteHydration(_ h: API.Hydration) {
+        let labels = [("plan", h.plan), ("volume", h.volume), ("recovery_host", h.recoveryHost)]
+        CoreMetrics.Gauge(label: "ferry_hydration_local_bytes", dimensions: labels, factory: factory).record(Double(h.localBytes))
+        CoreMetrics.Gauge(label: "ferry_hydration_size_bytes", dimensions: labels, factory: factory).record(Double(h.sizeBytes))
+        CoreMetrics.Gauge(label: "ferry_hydration_fetched_bytes", dimensions: labels, factory: factory).record(Double(h.fetchedBytes))
+        CoreMetrics.Gauge(label: "ferry_hydration_bytes_per_second", dimensions: labels, factory: factory).record(h.bytesPerSecond)
+        CoreMetrics.Gauge(label: "ferry_hydration_complete", dimensions: labels, factory: factory).record(h.complete ? 1 : 0)
+    }
+
     /// 1 while a volume's replication waits for the controller's disk to have space, else 0
     /// (the alert: `ferry_volume_replication_paused{reason="disk-full"} == 1`).
     func replicationPaused(host: String, volume: String, paused: Bool) {

@@ -22,6 +22,9 @@
 //           start-hook: start-db # optional hook names in the recovery host's agent config
 //           stop-hook: stop-db
 //           timeout: 300s        # optional start/stop hook timeout, default 600s
+//           targets:             # optional: where each volume lands on the recovery host when
+//             data: /dev/vdb     #   it is hydrated (an absolute path: a file or block device in
+//                                #   that host's protect-allow); default a file in its data dir
 //           networks:            # optional network mapping handed to the start hook
 //             - source: prod     # required, once per item
 //               recovery: dr     # required
@@ -375,7 +378,7 @@ private struct PlanChecker {
     }
 
     mutating func item(_ node: Node) -> RecoveryPlanItem? {
-        let keys = ["host", "recovery-host", "volumes", "start-hook", "stop-hook", "timeout", "networks"]
+        let keys = ["host", "recovery-host", "volumes", "start-hook", "stop-hook", "timeout", "networks", "targets"]
         guard let f = fields(node, what: "an item", keys: keys) else { return nil }
         var host: String?
         var hostKnown = false
@@ -474,8 +477,34 @@ private struct PlanChecker {
                 }
             }
         }
+        var targets: [String: String] = [:]
+        if let entry = f["targets"] {
+            if case .mapping(let mapping) = entry.node {
+                var paths: [String: Int] = [:]
+                for (key, value) in mapping {
+                    let line = Self.line(key)
+                    guard let volume = key.string, volumes.contains(where: { $0.name == volume }) else {
+                        fail(line, "'targets' names '\(key.string ?? "?")', which is not a volume this item recovers (\(volumes.map(\.name).joined(separator: ", ")))")
+                        continue
+                    }
+                    guard let path = string((line, value), key: "targets.\(volume)") else { continue }
+                    guard path.hasPrefix("/"), path.utf8.count <= 4096, !path.contains("\0"), !path.split(separator: "/").contains("..") else {
+                        fail(line, "target '\(path)' of \(volume) must be an absolute path without '..', at most 4096 bytes")
+                        continue
+                    }
+                    if let first = paths[path] {
+                        fail(line, "target '\(path)' is given twice in this item (first at line \(first))")
+                        continue
+                    }
+                    paths[path] = line
+                    targets[volume] = path
+                }
+            } else {
+                fail(entry.line, "'targets' must be a mapping of volume names to paths, not \(Self.kind(entry.node))")
+            }
+        }
         guard let host, let recoveryHost else { return nil }
         return RecoveryPlanItem(host: host, recoveryHost: recoveryHost, volumes: volumes.map(\.name), startHook: startHook,
-                                stopHook: stopHook, timeoutSeconds: timeout, networks: networks)
+                                stopHook: stopHook, timeoutSeconds: timeout, networks: networks, targets: targets.isEmpty ? nil : targets)
     }
 }

@@ -32,14 +32,17 @@ public final class AgentServer: Service, Sendable {
 
     /// The hosts' NBD+TLS connections: revoking a host's certificates ends them too.
     let exportConnections: ExportConnections
+    /// Told of recovery hosts' hydration reports.
+    let hydrations: Hydrations?
     /// Volumes (host id, name, path) an agent serves outside its protect-allow list that this
     /// controller run has audited already: once per run, not at every reconnection.
     let auditedOutsideAllowlist = Mutex<Set<String>>([])
 
     init(config: ControllerConfig, pki: ControllerPKI, store: StateStore, registry: SessionRegistry, metrics: ControllerMetrics,
          logger: Logger, group: any EventLoopGroup, replicas: ReplicaManager, exportConnections: ExportConnections = ExportConnections(),
-         onBound: @escaping @Sendable (SocketAddress) -> Void) {
+         hydrations: Hydrations? = nil, onBound: @escaping @Sendable (SocketAddress) -> Void) {
         self.replicas = replicas
+        self.hydrations = hydrations
         self.exportConnections = exportConnections
         caps = ConnectionCaps(total: config.maxConnections, perAddress: config.maxConnectionsPerAddress)
         enrollmentFailures = FailureLimiter(limit: config.enrollmentFailuresPerMinute, window: .seconds(60))
@@ -501,6 +504,16 @@ public final class AgentServer: Service, Sendable {
                 try await session.send(.resyncDiff(diff), inReplyTo: envelope.id)
             } catch let error as FerryError {
                 try await session.send(.error(error.wire), inReplyTo: envelope.id)
+            }
+        case .recoveryReport(let report):
+            do {
+                try await hydrations?.record(report, from: hostName)
+            } catch let error as FerryError {
+                log.warning("recovery report refused", metadata: ["recovery": "\(report.recoveryID.prefix(200))", "reason": "\(error.message)"])
+                if error.code == .permissionDenied {
+                    try? await store.audit(actor: "host:\(hostName)", action: "recovery.report-refused", target: String(report.recoveryID.prefix(200)),
+                                           detail: error.message)
+                }
             }
         case .volumeReport(let report):
             guard let replica = try? await protectedReplica(hostID: hostID, volume: report.volume) else {

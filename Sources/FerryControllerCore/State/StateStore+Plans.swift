@@ -44,6 +44,11 @@ public struct RecoveryRecord: Codable, Sendable, Equatable {
         public var size: UInt64
         /// Local name on the recovery host.
         public var localName: String
+        /// Hydrated onto the recovery host's storage (at `target`, or its default): the export
+        /// is a read-only point, released once `released` (every block local there).
+        public var hydrate: Bool?
+        public var target: String?
+        public var released: Bool?
     }
     public var id: String
     public var plan: String

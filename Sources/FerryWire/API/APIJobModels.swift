@@ -24,6 +24,8 @@ extension API {
         public var lastJob: String?
         /// The YAML as applied.
         public var source: String
+        /// Recovered volumes of this plan being copied onto their recovery hosts' storage.
+        public var hydration: [Hydration]?
         public init(plan: RecoveryPlan, state: String, updatedAt: Date, lastJob: String?, source: String) {
             self.plan = plan
             self.state = state
@@ -56,11 +58,15 @@ extension API {
         public var asOf: Date?
         /// Failover: planned (sources reachable, drained: zero data loss) or unplanned.
         public var planned: Bool?
-        public init(operation: JobOperation, point: String? = nil, asOf: Date? = nil, planned: Bool? = nil) {
+        /// Drills: each recovered volume lands on the recovery host's own storage (hydration),
+        /// as the plan's `targets` say; the controller's point export goes once it is complete.
+        public var hydrate: Bool?
+        public init(operation: JobOperation, point: String? = nil, asOf: Date? = nil, planned: Bool? = nil, hydrate: Bool? = nil) {
             self.operation = operation
             self.point = point
             self.asOf = asOf
             self.planned = planned
+            self.hydrate = hydrate
         }
     }
 
@@ -121,5 +127,44 @@ extension API {
         }
 
         public var isFinished: Bool { ["succeeded", "failed", "cancelled"].contains(state) }
+    }
+}
+
+extension API {
+    /// A recovered volume being copied onto its recovery host's own storage.
+    public struct Hydration: Codable, Sendable, Equatable {
+        public var plan: String
+        /// The protected volume it recovers, `HOST/VOLUME`.
+        public var volume: String
+        public var recoveryHost: String
+        /// Its name (and socket) on the recovery host.
+        public var localName: String
+        /// The file or block device it lands on.
+        public var target: String
+        public var sizeBytes: UInt64
+        /// Bytes on the target so far (holes and zero ranges count without being moved).
+        public var localBytes: UInt64
+        /// Bytes fetched over the network so far.
+        public var fetchedBytes: UInt64
+        public var bytesPerSecond: Double
+        /// Every block is local.
+        public var complete: Bool
+        /// The controller's point export for it is gone: it is off the controller's data path.
+        public var released: Bool
+        public var updatedAt: Date
+
+        public init(plan: String, volume: String, recoveryHost: String, localName: String, target: String, sizeBytes: UInt64,
+                    localBytes: UInt64, fetchedBytes: UInt64, bytesPerSecond: Double, complete: Bool, released: Bool, updatedAt: Date) {
+            self.plan = plan; self.volume = volume; self.recoveryHost = recoveryHost; self.localName = localName
+            self.target = target; self.sizeBytes = sizeBytes; self.localBytes = localBytes; self.fetchedBytes = fetchedBytes
+            self.bytesPerSecond = bytesPerSecond; self.complete = complete; self.released = released; self.updatedAt = updatedAt
+        }
+
+        /// Seconds until complete at the current rate; nil when unknown (no rate yet).
+        public var etaSeconds: Double? {
+            guard !complete else { return 0 }
+            guard bytesPerSecond > 0 else { return nil }
+            return Double(sizeBytes - min(localBytes, sizeBytes)) / bytesPerSecond
+        }
     }
 }

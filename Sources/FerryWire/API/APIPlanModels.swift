@@ -53,11 +53,14 @@ public struct RecoveryPlanItem: Codable, Sendable, Equatable {
     public var timeoutSeconds: Int
     /// Network mapping handed to the start hook.
     public var networks: [NetworkMapping]
+    /// Where a volume lands on the recovery host when it is hydrated (volume name → path);
+    /// volumes not named go to a file in the recovery host's data dir.
+    public var targets: [String: String]?
 
     public init(host: String, recoveryHost: String, volumes: [String], startHook: String?, stopHook: String?,
-                timeoutSeconds: Int, networks: [NetworkMapping]) {
+                timeoutSeconds: Int, networks: [NetworkMapping], targets: [String: String]? = nil) {
         self.host = host; self.recoveryHost = recoveryHost; self.volumes = volumes; self.startHook = startHook
-        self.stopHook = stopHook; self.timeoutSeconds = timeoutSeconds; self.networks = networks
+        self.stopHook = stopHook; self.timeoutSeconds = timeoutSeconds; self.networks = networks; self.targets = targets
     }
 }
 

@@ -40,6 +40,7 @@ extension Ferry_V1_Envelope {
         case .resyncHashes: return "resync-hashes"
         case .resyncDiff: return "resync-diff"
         case .volumeReport: return "volume-report"
+        case .recoveryReport: return "recovery-report"
         }
     }
 

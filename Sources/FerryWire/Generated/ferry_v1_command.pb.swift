@@ -654,6 +654,13 @@ public nonisolated struct Ferry_V1_RecoveredVolumeSpec: Sendable {
 
   public var sizeBytes: UInt64 = 0
 
+  /// Hydrate: the volume lives on this host's own storage, filled from the export (a read-only
+  /// point) in the background while it is served. target_path: a file or block device that
+  /// passes the host's protect-allow; empty: a file under the agent's data dir.
+  public var hydrate: Bool = false
+
+  public var targetPath: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -710,6 +717,37 @@ public nonisolated struct Ferry_V1_RecoveredVolumeStatus: Sendable {
 
   /// Writes the recovered workload made through this export so far.
   public var writes: UInt64 = 0
+
+  /// Hydration (hydrate was asked): the target, bytes local so far, bytes fetched over the
+  /// network (holes and zero ranges are not), the copy rate, and whether every block is local
+  /// (the export is then not needed any more).
+  public var targetPath: String = String()
+
+  public var localBytes: UInt64 = 0
+
+  public var fetchedBytes: UInt64 = 0
+
+  public var bytesPerSecond: Double = 0
+
+  public var hydrated: Bool = false
+
+  public var hydrating: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Sent by a recovery host on its own, about once a second while a recovery hydrates, and
+/// when a volume's last block becomes local.
+public nonisolated struct Ferry_V1_RecoveryReport: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var recoveryID: String = String()
+
+  public var volumes: [Ferry_V1_RecoveredVolumeStatus] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -2039,7 +2077,7 @@ nonisolated extension Ferry_V1_CutFinished: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Ferry_V1_RecoveredVolumeSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RecoveredVolumeSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}source\0\u{3}export_host\0\u{3}export_port\0\u{3}export_name\0\u{3}size_bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}source\0\u{3}export_host\0\u{3}export_port\0\u{3}export_name\0\u{3}size_bytes\0\u{1}hydrate\0\u{3}target_path\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2053,6 +2091,8 @@ nonisolated extension Ferry_V1_RecoveredVolumeSpec: SwiftProtobuf.Message, Swift
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.exportPort) }()
       case 5: try { try decoder.decodeSingularStringField(value: &self.exportName) }()
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.sizeBytes) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.hydrate) }()
+      case 8: try { try decoder.decodeSingularStringField(value: &self.targetPath) }()
       default: break
       }
     }
@@ -2077,6 +2117,12 @@ nonisolated extension Ferry_V1_RecoveredVolumeSpec: SwiftProtobuf.Message, Swift
     if self.sizeBytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.sizeBytes, fieldNumber: 6)
     }
+    if self.hydrate != false {
+      try visitor.visitSingularBoolField(value: self.hydrate, fieldNumber: 7)
+    }
+    if !self.targetPath.isEmpty {
+      try visitor.visitSingularStringField(value: self.targetPath, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2087,6 +2133,8 @@ nonisolated extension Ferry_V1_RecoveredVolumeSpec: SwiftProtobuf.Message, Swift
     if lhs.exportPort != rhs.exportPort {return false}
     if lhs.exportName != rhs.exportName {return false}
     if lhs.sizeBytes != rhs.sizeBytes {return false}
+    if lhs.hydrate != rhs.hydrate {return false}
+    if lhs.targetPath != rhs.targetPath {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2159,7 +2207,7 @@ nonisolated extension Ferry_V1_RecoverVolumes: SwiftProtobuf.Message, SwiftProto
 
 nonisolated extension Ferry_V1_RecoveredVolumeStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RecoveredVolumeStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}source\0\u{3}socket_path\0\u{3}size_bytes\0\u{1}writes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}source\0\u{3}socket_path\0\u{3}size_bytes\0\u{1}writes\0\u{3}target_path\0\u{3}local_bytes\0\u{3}fetched_bytes\0\u{3}bytes_per_second\0\u{1}hydrated\0\u{1}hydrating\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2172,6 +2220,12 @@ nonisolated extension Ferry_V1_RecoveredVolumeStatus: SwiftProtobuf.Message, Swi
       case 3: try { try decoder.decodeSingularStringField(value: &self.socketPath) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.sizeBytes) }()
       case 5: try { try decoder.decodeSingularUInt64Field(value: &self.writes) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.targetPath) }()
+      case 7: try { try decoder.decodeSingularUInt64Field(value: &self.localBytes) }()
+      case 8: try { try decoder.decodeSingularUInt64Field(value: &self.fetchedBytes) }()
+      case 9: try { try decoder.decodeSingularDoubleField(value: &self.bytesPerSecond) }()
+      case 10: try { try decoder.decodeSingularBoolField(value: &self.hydrated) }()
+      case 11: try { try decoder.decodeSingularBoolField(value: &self.hydrating) }()
       default: break
       }
     }
@@ -2193,6 +2247,24 @@ nonisolated extension Ferry_V1_RecoveredVolumeStatus: SwiftProtobuf.Message, Swi
     if self.writes != 0 {
       try visitor.visitSingularUInt64Field(value: self.writes, fieldNumber: 5)
     }
+    if !self.targetPath.isEmpty {
+      try visitor.visitSingularStringField(value: self.targetPath, fieldNumber: 6)
+    }
+    if self.localBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.localBytes, fieldNumber: 7)
+    }
+    if self.fetchedBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.fetchedBytes, fieldNumber: 8)
+    }
+    if self.bytesPerSecond.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.bytesPerSecond, fieldNumber: 9)
+    }
+    if self.hydrated != false {
+      try visitor.visitSingularBoolField(value: self.hydrated, fieldNumber: 10)
+    }
+    if self.hydrating != false {
+      try visitor.visitSingularBoolField(value: self.hydrating, fieldNumber: 11)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2202,6 +2274,47 @@ nonisolated extension Ferry_V1_RecoveredVolumeStatus: SwiftProtobuf.Message, Swi
     if lhs.socketPath != rhs.socketPath {return false}
     if lhs.sizeBytes != rhs.sizeBytes {return false}
     if lhs.writes != rhs.writes {return false}
+    if lhs.targetPath != rhs.targetPath {return false}
+    if lhs.localBytes != rhs.localBytes {return false}
+    if lhs.fetchedBytes != rhs.fetchedBytes {return false}
+    if lhs.bytesPerSecond != rhs.bytesPerSecond {return false}
+    if lhs.hydrated != rhs.hydrated {return false}
+    if lhs.hydrating != rhs.hydrating {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_RecoveryReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".RecoveryReport"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}recovery_id\0\u{1}volumes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.recoveryID) }()
+      case 2: try { try decoder.decodeRepeatedMessageField(value: &self.volumes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.recoveryID.isEmpty {
+      try visitor.visitSingularStringField(value: self.recoveryID, fieldNumber: 1)
+    }
+    if !self.volumes.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.volumes, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_RecoveryReport, rhs: Ferry_V1_RecoveryReport) -> Bool {
+    if lhs.recoveryID != rhs.recoveryID {return false}
+    if lhs.volumes != rhs.volumes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -152,6 +152,14 @@ public nonisolated struct Ferry_V1_Envelope: Sendable {
     set {body = .renewResponse(newValue)}
   }
 
+  public var recoveryReport: Ferry_V1_RecoveryReport {
+    get {
+      if case .recoveryReport(let v)? = body {return v}
+      return Ferry_V1_RecoveryReport()
+    }
+    set {body = .recoveryReport(newValue)}
+  }
+
   public var replicationBatch: Ferry_V1_ReplicationBatch {
     get {
       if case .replicationBatch(let v)? = body {return v}
@@ -207,6 +215,7 @@ public nonisolated struct Ferry_V1_Envelope: Sendable {
     case enrollResponse(Ferry_V1_EnrollResponse)
     case renewRequest(Ferry_V1_RenewRequest)
     case renewResponse(Ferry_V1_RenewResponse)
+    case recoveryReport(Ferry_V1_RecoveryReport)
     case replicationBatch(Ferry_V1_ReplicationBatch)
     case replicationAck(Ferry_V1_ReplicationAck)
     case resyncHashes(Ferry_V1_ResyncHashes)
@@ -224,7 +233,7 @@ fileprivate nonisolated let _protobuf_package = "ferry.v1"
 
 nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Envelope"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}in_reply_to\0\u{1}attachments\0\u{2}\u{7}hello\0\u{1}welcome\0\u{1}heartbeat\0\u{1}goodbye\0\u{1}error\0\u{3}inventory_update\0\u{1}command\0\u{3}command_result\0\u{3}enroll_request\0\u{3}enroll_response\0\u{3}renew_request\0\u{3}renew_response\0\u{4}O\u{1}replication_batch\0\u{3}replication_ack\0\u{3}resync_hashes\0\u{3}resync_diff\0\u{3}volume_report\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}in_reply_to\0\u{1}attachments\0\u{2}\u{7}hello\0\u{1}welcome\0\u{1}heartbeat\0\u{1}goodbye\0\u{1}error\0\u{3}inventory_update\0\u{1}command\0\u{3}command_result\0\u{3}enroll_request\0\u{3}enroll_response\0\u{3}renew_request\0\u{3}renew_response\0\u{3}recovery_report\0\u{4}N\u{1}replication_batch\0\u{3}replication_ack\0\u{3}resync_hashes\0\u{3}resync_diff\0\u{3}volume_report\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -391,6 +400,19 @@ nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._M
           self.body = .renewResponse(v)
         }
       }()
+      case 22: try {
+        var v: Ferry_V1_RecoveryReport?
+        var hadOneofValue = false
+        if let current = self.body {
+          hadOneofValue = true
+          if case .recoveryReport(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.body = .recoveryReport(v)
+        }
+      }()
       case 100: try {
         var v: Ferry_V1_ReplicationBatch?
         var hadOneofValue = false
@@ -523,6 +545,10 @@ nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._M
     case .renewResponse?: try {
       guard case .renewResponse(let v)? = self.body else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+    }()
+    case .recoveryReport?: try {
+      guard case .recoveryReport(let v)? = self.body else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
     }()
     case .replicationBatch?: try {
       guard case .replicationBatch(let v)? = self.body else { preconditionFailure() }

@@ -129,6 +129,10 @@ final class HydratingVolume: NBDExport {
     }
 
     var isComplete: Bool { completed.load(ordering: .relaxed) }
+    private let copyRate = Mutex<Double>(0)
+    /// The copier's bytes per second over its run so far.
+    var rate: Double { copyRate.withLock { $0 } }
+    func noteRate(_ bytesPerSecond: Double) { copyRate.withLock { $0 = bytesPerSecond } }
     /// Bytes the copier moved over the network (read-through fetches count themselves).
     func noteFetched(_ bytes: UInt64) { fetchedBytes.add(bytes, ordering: .relaxed) }
     var writes: UInt64 { writeCount.load(ordering: .relaxed) }

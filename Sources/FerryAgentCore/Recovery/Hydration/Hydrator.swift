@@ -49,7 +49,9 @@ struct Hydrator: Sendable {
                     let volume = self.volume
                     try await pool.runIfActive { try volume.saveMap() }
                     lastSave = .now
-                    report(volume.progress, rate(since: begun, from: startBytes))
+                    let r = rate(since: begun, from: startBytes)
+                    volume.noteRate(r)
+                    report(volume.progress, r)
                 }
             } catch is CancellationError {
                 break
@@ -65,7 +67,9 @@ struct Hydrator: Sendable {
         // Saved even when cancelled (a stop, not a crash): a restart then fetches nothing twice.
         let volume = self.volume, pool = self.pool
         await Task { try? await pool.runIfActive { try volume.saveMap() } }.value
-        report(volume.progress, rate(since: begun, from: startBytes))
+        let r = rate(since: begun, from: startBytes)
+        volume.noteRate(r)
+        report(volume.progress, r)
     }
 
     /// Spaces fetches so they average at most `rate` bytes per second.
