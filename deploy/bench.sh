@@ -10,6 +10,7 @@
 #   FERRY_BENCH_SIZE=2G FERRY_BENCH_RUNTIME=30 ./deploy/bench.sh
 #   FERRY_BENCH_PARTS=rto ./deploy/bench.sh # only some parts: replication, points, rto (comma-separated)
 #   FERRY_BENCH_RTO_SIZES="1G 10G" FERRY_BENCH_RTO_DRILLS=3 FERRY_BENCH_RTO_FAILOVER=1  # the RTO part's defaults
+#   FERRY_BENCH_PARTS=hydration FERRY_BENCH_HYDRATE_SIZE=10G ./deploy/bench.sh   # hydration (on disk, in /var/tmp)
 #
 # Needs root (tmpfs mount). A benchmark, not a test: figures vary from machine to machine.
 set -euo pipefail
@@ -17,7 +18,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 size="${FERRY_BENCH_SIZE:-1G}"
 runtime="${FERRY_BENCH_RUNTIME:-15}"
-parts="${FERRY_BENCH_PARTS:-replication,points,rto}"
+parts="${FERRY_BENCH_PARTS:-replication,points,rto,hydration}"
+hydrate_size="${FERRY_BENCH_HYDRATE_SIZE:-10G}"
 rto_sizes="${FERRY_BENCH_RTO_SIZES:-1G 10G}"
 rto_drills="${FERRY_BENCH_RTO_DRILLS:-3}"
 rto_failover="${FERRY_BENCH_RTO_FAILOVER:-1}"
@@ -27,7 +29,7 @@ die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (the volumes go on a tmpfs mounted here)"
 want() { [[ ",$parts," == *",$1,"* ]]; }
 for p in ${parts//,/ }; do
-  case "$p" in replication | points | rto) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, points, rto)" ;; esac
+  case "$p" in replication | points | rto | hydration) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, points, rto, hydration)" ;; esac
 done
 [[ "$rto_drills" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_RTO_DRILLS: a positive number"
 
@@ -362,6 +364,113 @@ PY
     rm -rf "$d"
   done
   log "recovery time: done in $((SECONDS - rto_start)) s"
+fi
+
+if want hydration; then
+  # Hydration of a half-full point (data in every other 512 MiB) onto a recovery host's file, vs
+  # nbdcopy of the same point export over NBD+TLS into a file on the same file system (libnbd,
+  # block status, multi-conn), both with the recovery host's certificate. Then fio through the
+  # recovered socket once hydrated, against the source agent's export, with the figures of a
+  # plain (served from the controller) drill beside them. On disk: 3 copies of the data do not
+  # fit in memory.
+  log "hydration: a $hydrate_size half-full point"
+  hyd_start=$SECONDS
+  stop_daemons
+  h="$(mktemp -d /var/tmp/ferry-bench-hydrate.XXXXXX)"
+  trap 'cleanup; rm -rf "$h"' EXIT
+  printf 'protect-allow: ["%s/"]\n' "$h" >"$h/agent.yaml"
+  "$bin/ferry-controller" --data-dir "$h/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 \
+    --nbd-tls-listen 127.0.0.1:0 >"$h/controller.log" 2>&1 &
+  pids+=($!)
+  wait_for 30 test -s "$h/controller/ferryctl.env" -a -s "$h/controller/nbd-tls-listen.addr" || die "controller (hydration) did not start"
+  # shellcheck disable=SC1091
+  . "$h/controller/ferryctl.env"
+  for host in db rec1; do
+    token="$("$bin/ferryctl" token create --host "$host" 2>/dev/null)"
+    FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$h/controller/agent-listen.addr")" \
+      --data-dir "$h/agent-$host" >/dev/null || die "enroll $host (hydration) failed"
+    "$bin/ferry-agent" run --data-dir "$h/agent-$host" --config "$h/agent.yaml" >"$h/agent-$host.log" 2>&1 &
+    pids+=($!)
+  done
+  for host in db rec1; do
+    wait_for 30 sh -c "'$bin/ferryctl' hosts | grep -q '$host .*online'" || die "agent $host (hydration) did not come online"
+  done
+  python3 - "$h/source.img" "$hydrate_size" <<'PY' || die "cannot write the source image"
+import os, sys
+path, size = sys.argv[1], sys.argv[2]
+units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+total = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+block = os.urandom(1 << 20)
+with open(path, "wb") as f:
+    f.truncate(total)
+    for start in range(0, total, 1 << 30):          # 512 MiB of data in every GiB
+        f.seek(start)
+        for _ in range(min(512, (total - start) >> 20)):
+            f.write(block)
+PY
+  "$bin/ferryctl" protect db --volume data --path "$h/source.img" >/dev/null || die "protect (hydration) failed"
+  start=$SECONDS
+  wait_for 1800 sh -c "'$bin/ferryctl' volume show db/data --json | python3 -c 'import json,sys; v=json.load(sys.stdin); sys.exit(0 if v.get(\"replicaState\")==\"protected\" and (v.get(\"sync\") or {\"done\": True})[\"done\"] else 1)'" \
+    || die "db/data did not become protected"
+  log "hydration: source protected (initial sync) in $((SECONDS - start)) s"
+  "$bin/ferryctl" group create bench --volume db/data --crash-interval 0 --app-interval 0 >/dev/null
+  point="$("$bin/ferryctl" point create bench)"
+  printf 'name: bench\ngroups:\n  - name: db\n    items:\n      - host: db\n        recovery-host: rec1\n        targets:\n          data: %s\n' \
+    "$h/target.img" >"$h/plan.yaml"
+  "$bin/ferryctl" plan apply -f "$h/plan.yaml" >/dev/null || die "plan apply (hydration) failed"
+  # The baseline: nbdcopy of the point, over TLS with rec1's certificate, into a file.
+  export_id="$("$bin/ferryctl" volume export db/data --point "$point" --for rec1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
+  mkdir -p "$h/tls"
+  cp "$h/agent-rec1/ca.pem" "$h/tls/ca-cert.pem"; cp "$h/agent-rec1/agent.pem" "$h/tls/client-cert.pem"; cp "$h/agent-rec1/agent.key" "$h/tls/client-key.pem"
+  sync; echo 1 >/proc/sys/vm/drop_caches || true
+  t0=$(date +%s.%N)
+  nbdcopy "nbds://$(cat "$h/controller/nbd-tls-listen.addr")/$export_id?tls-certificates=$h/tls" "$h/nbdcopy.img" >&2 || die "nbdcopy failed"
+  sync
+  t1=$(date +%s.%N)
+  "$bin/ferryctl" export remove "$export_id" >/dev/null 2>&1 || true
+  rm -f "$h/nbdcopy.img"
+  sync; echo 1 >/proc/sys/vm/drop_caches || true
+  # Hydration: from the drill command until every block is on the target (synced).
+  t2=$(date +%s.%N)
+  "$bin/ferryctl" drill bench --point "$point" --hydrate --json >"$work/results/hydrate-drill.json" || die "drill --hydrate failed"
+  wait_for 3600 sh -c "'$bin/ferryctl' plan show bench --json | python3 -c 'import json,sys; h=(json.load(sys.stdin).get(\"hydration\") or [{}])[0]; sys.exit(0 if h.get(\"complete\") else 1)'" \
+    || die "hydration did not complete"
+  t3=$(date +%s.%N)
+  "$bin/ferryctl" plan show bench --json >"$work/results/hydrate-plan.json"
+  cmp "$h/target.img" "$h/source.img" >&2 || die "the hydrated target differs from the point"
+  uri_rec="nbd+unix:///db-data?socket=$h/agent-rec1/sockets/recovered-db-data.sock"
+  uri_src="nbd+unix:///data?socket=$h/agent-db/sockets/data.sock"
+  hyd_fio() { # hyd_fio URI RW BS OUT
+    fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --size=1G --iodepth=16 --time_based \
+      --runtime="${FERRY_BENCH_HYDRATE_RUNTIME:-10}s" --output-format=json --output="$work/results/$4" >&2 || die "fio $2 $3 ($4) failed"
+  }
+  for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
+    set -- $w
+    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3.json"
+    hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3.json"
+  done
+  "$bin/ferryctl" drill cleanup bench --json >/dev/null || die "drill cleanup (hydration) failed"
+  "$bin/ferryctl" drill bench --point "$point" --json >"$work/results/hydrate-served-drill.json" || die "drill (served) failed"
+  for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
+    set -- $w
+    hyd_fio "$uri_rec" "$1" "$2" "hydrate-served-$3.json"
+  done
+  "$bin/ferryctl" drill cleanup bench --json >/dev/null || true
+  python3 - "$t0" "$t1" "$t2" "$t3" "$hydrate_size" "$work/results" >"$work/results/hydration.txt" <<'PY'
+import json, sys
+t0, t1, t2, t3 = map(float, sys.argv[1:5])
+plan = json.load(open(sys.argv[6] + "/hydrate-plan.json"))
+h = plan["hydration"][0]
+drill = json.load(open(sys.argv[6] + "/hydrate-drill.json"))
+print(f"nbdcopy_seconds {t1 - t0:.3f}")
+print(f"hydrate_seconds {t3 - t2:.3f}")
+print(f"size_bytes {h['sizeBytes']}")
+print(f"fetched_bytes {h['fetchedBytes']}")
+print(f"drill_rto_seconds {float(drill['report']['rto_seconds']):.3f}")
+PY
+  stop_daemons
+  rm -rf "$h"
+  log "hydration: done in $((SECONDS - hyd_start)) s"
 fi
 
 echo

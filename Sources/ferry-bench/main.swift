@@ -7,8 +7,10 @@
 // ({nbdkit,agent}-{seq,rand}.cpu: "TICKS TICKS-PER-SECOND"), metrics-{before,after}.txt and
 // floor.txt (single-core AES-GCM and tmpfs write rates measured in the same invocation);
 // cuts.txt and export.txt (recovery points); rto.txt (recovery time: "KIND SIZE SECONDS" lines,
-// KIND drill_rto, drill_wall, failover_rto or failover_wall). Each table is printed when its
-// files are there (bench.sh's FERRY_BENCH_PARTS runs only some parts).
+// KIND drill_rto, drill_wall, failover_rto or failover_wall); hydration.txt with
+// hydrate-{source,local,served}-{rr,rw,sw}.json (hydration against nbdcopy, and fio through a
+// hydrated recovered volume, the source agent's export and a volume served from the controller).
+// Each table is printed when its files are there (bench.sh's FERRY_BENCH_PARTS runs only some parts).
 import Foundation
 
 struct Failure: Error, CustomStringConvertible { let description: String }
@@ -192,6 +194,50 @@ func rtoTable(_ text: String) {
     printTable([header] + body)
 }
 
+/// IOPS and bytes per second of a fio run's read or write section.
+func fioRate(_ path: String, _ section: String) throws -> (bandwidthBytes: Double, iops: Double) {
+    func number(_ any: Any?) -> Double? { any as? Double ?? (any as? Int).map(Double.init) }
+    guard let data = FileManager.default.contents(atPath: path),
+          let json = try JSONSerialization.jsonObject(with: data) as? [String: Any],
+          let job = (json["jobs"] as? [[String: Any]])?.first, let part = job[section] as? [String: Any],
+          let bw = number(part["bw_bytes"]), let iops = number(part["iops"])
+    else { throw Failure(description: "\(path): not a fio JSON result with a \(section) section") }
+    return (bw, iops)
+}
+
+func hydrationTable(_ dir: String) throws {
+    let kv = try keyValues(dir + "/hydration.txt")
+    guard let hydrate = kv["hydrate_seconds"], let nbdcopy = kv["nbdcopy_seconds"], let size = kv["size_bytes"],
+          let fetched = kv["fetched_bytes"] else { throw Failure(description: "hydration.txt is incomplete") }
+    let gib = size / 1_073_741_824
+    print(String(format: "Hydration: a %.0f GiB point, half of it data, onto a file of the recovery host (on disk)", gib))
+    var rows = [["", "Ferry", "baseline", "ratio", "target"]]
+    rows.append(["hydration vs nbdcopy over TLS (seconds)", String(format: "%.1f s", hydrate), String(format: "%.1f s", nbdcopy),
+                 String(format: "%.2fx", nbdcopy / hydrate), ">= 1.0x"])
+    rows.append(["bytes fetched / volume size", String(format: "%.0f MiB", fetched / 1_048_576), String(format: "%.0f MiB", size / 1_048_576),
+                 String(format: "%.2f", fetched / size), "holes not moved"])
+    if let rto = kv["drill_rto_seconds"] {
+        rows.append(["drill --hydrate RTO (command to start hooks done)", String(format: "%.2f s", rto), "-", "-", "< 10 s"])
+    }
+    printTable(rows)
+    print()
+    print("fio through the recovered socket after hydration vs the source agent's export (iodepth 16)")
+    var fio = [["workload", "hydrated", "source", "ratio", "served from controller", "ratio", "target"]]
+    for (tag, name, section, unit) in [("rr", "4 KiB random read", "read", "iops"), ("rw", "4 KiB random write", "write", "iops"),
+                                       ("sw", "1 MiB sequential write", "write", "bw")] {
+        let local = try fioRate(dir + "/hydrate-local-\(tag).json", section)
+        let source = try fioRate(dir + "/hydrate-source-\(tag).json", section)
+        let served = try? fioRate(dir + "/hydrate-served-\(tag).json", section)
+        func show(_ r: (bandwidthBytes: Double, iops: Double)) -> String {
+            unit == "iops" ? String(format: "%.0f IOPS", r.iops) : mib(r.bandwidthBytes)
+        }
+        func value(_ r: (bandwidthBytes: Double, iops: Double)) -> Double { unit == "iops" ? r.iops : r.bandwidthBytes }
+        fio.append([name, show(local), show(source), String(format: "%.2fx", value(local) / value(source)),
+                    served.map(show) ?? "-", served.map { String(format: "%.2fx", value($0) / value(source)) } ?? "-", ">= 0.9x"])
+    }
+    printTable(fio)
+}
+
 func main() throws {
     let args = CommandLine.arguments
     guard let i = args.firstIndex(of: "--results"), i + 1 < args.count else {
@@ -217,6 +263,10 @@ func main() throws {
     if let rto = try? String(contentsOfFile: dir + "/rto.txt", encoding: .utf8) {
         section()
         rtoTable(rto)
+    }
+    if has("hydration.txt") {
+        section()
+        try hydrationTable(dir)
     }
     if !printed { throw Failure(description: "\(dir) holds no results") }
 }
