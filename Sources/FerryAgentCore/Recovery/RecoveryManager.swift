@@ -303,6 +303,9 @@ public actor RecoveryManager {
             throw FerryError(.permissionDenied, "the hydration target \(target)\(resolved == target ? "" : " (\(resolved))") is not allowed on this host: \(refusal); add it to protect-allow")
         }
         let mapPath = dataDir + "/recoveries/" + recovery + "/" + spec.name + ".hydration"
+        if !FileManager.default.fileExists(atPath: mapPath) {
+            try await checkSpace(target: target, size: spec.sizeBytes, connect: withStatus)
+        }
         try FileManager.default.createDirectory(atPath: dataDir + "/recoveries/" + recovery, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         // Reads of blocks not local yet go to the point (reconnecting as a recovered volume does).
         let remote = RecoveredVolume(name: spec.name, source: spec.source, size: spec.sizeBytes, first: nil, logger: logger, connect: connect)
@@ -320,6 +323,40 @@ public actor RecoveryManager {
         let hydrator = Hydrator(volume: volume, connect: withStatus, pool: NIOThreadPool.singleton, logger: logger,
                                 rateLimit: hydrationRateLimit, report: { _, _ in })
         return (volume, Task { await hydrator.run() })
+    }
+
+    /// Before a hydration starts: a block device must be there; a file's file system must have
+    /// room for the point's data (its block status: holes and zero ranges take no room), less
+    /// what the file holds already. Refused before anything is served or created.
+    private func checkSpace(target: String, size: UInt64, connect: @escaping @Sendable () async throws -> NBDClient) async throws {
+        var st = stat()
+        if stat(target, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK { return } // sized when opened
+        var needed: UInt64 = 0
+        let client = try await connect()
+        do {
+            var at: UInt64 = 0
+            while at < size, client.canBlockStatus {
+                for e in try await client.blockStatus(offset: at, length: min(size - at, 1 << 30)) {
+                    if !e.isZero { needed += e.length }
+                    at += e.length
+                }
+            }
+            if !client.canBlockStatus { needed = size }
+        } catch {
+            await client.close()
+            throw error
+        }
+        await client.close()
+        let existing = stat(target, &st) == 0 ? UInt64(max(0, st.st_blocks)) * 512 : 0
+        var directory = (target as NSString).deletingLastPathComponent
+        while !FileManager.default.fileExists(atPath: directory), directory.count > 1 { directory = (directory as NSString).deletingLastPathComponent }
+        var fs = statvfs()
+        guard statvfs(directory, &fs) == 0 else { throw FerryError.system(errno, "statvfs \(directory)") }
+        let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+        let wanted = needed > existing ? needed - existing : 0
+        guard free >= wanted else {
+            throw FerryError(.noSpace, "the file system of the hydration target \(target) has \(free >> 20) MiB free; the point holds \(needed >> 20) MiB of data (\(wanted >> 20) MiB more than the file has): free space or choose another target")
+        }
     }
 
     static func timeout(_ ms: UInt32) -> Duration { .milliseconds(Int64(max(1000, min(ms, 3_600_000)))) }

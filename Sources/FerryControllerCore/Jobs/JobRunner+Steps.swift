@@ -347,7 +347,9 @@ extension JobRunner {
             description["source_inventory"] = object
         }
         let descriptionJSON = String(decoding: try JSONSerialization.data(withJSONObject: description, options: [.sortedKeys]), as: UTF8.self)
-        let result = try await session.command("recover", timeout: .seconds(Int64(item.timeoutSeconds) + 60)) { c in
+        let result: Ferry_V1_CommandResult
+        do {
+            result = try await session.command("recover", timeout: .seconds(Int64(item.timeoutSeconds) + 60)) { c in
             c.recoverVolumes.recoveryID = record.id
             c.recoverVolumes.plan = plan.name
             c.recoverVolumes.sourceHost = item.host
@@ -366,6 +368,15 @@ extension JobRunner {
                 s.targetPath = v.target ?? ""
                 return s
             }
+            }
+        } catch let error as FerryError where ![.timeout, .unavailable].contains(error.code) {
+            // The recovery host refused (a target not allowed, no room, ...): it serves nothing,
+            // so nothing of this recovery stays here either, and the plan is as it was.
+            for v in record.volumes where await exports.image(id: v.exportID) != nil {
+                try? await exports.remove(id: v.exportID, managed: true)
+            }
+            try? await store.deleteRecovery(id: record.id)
+            throw error
         }
         guard case .recoveryStarted(let started)? = result.outcome else {
             throw FerryError(.protocolViolation, "\(item.recoveryHost) answered recover without its volumes")

@@ -390,6 +390,8 @@ public final class AgentServer: Service, Sendable {
     final class SessionState: Sendable {
         let certificate: Certificate
         let lastInventoryUpdate = Mutex<ContinuousClock.Instant?>(nil)
+        /// Recovery reports in the current second (an agent sends one per recovery a second).
+        let recoveryReports = Mutex<(second: ContinuousClock.Instant, count: Int)>((.now, 0))
         /// Volumes whose records past their fence were refused in this session (told once).
         let refusedPastFence = Mutex<Set<String>>([])
         /// Volumes whose replication waits for the controller's disk (logged once a pause).
@@ -506,6 +508,13 @@ public final class AgentServer: Service, Sendable {
                 try await session.send(.error(error.wire), inReplyTo: envelope.id)
             }
         case .recoveryReport(let report):
+            let now = ContinuousClock.now
+            let allowed = state.recoveryReports.withLock { window in
+                if now - window.second >= .seconds(1) { window = (now, 0) }
+                window.count += 1
+                return window.count <= 64
+            }
+            guard allowed else { return } // past 64 a second: dropped (the next one says the same, newer)
             do {
                 try await hydrations?.record(report, from: hostName)
             } catch let error as FerryError {

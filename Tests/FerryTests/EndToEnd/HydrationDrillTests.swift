@@ -1,5 +1,6 @@
 import FerryWire
 import Foundation
+import Glibc
 import Testing
 
 /// A drill that lands on the recovery host's own storage, through real processes: the
@@ -19,7 +20,7 @@ struct HydrationDrillTests {
         """
 
     func fio(_ uri: String, _ extra: [String]) async throws -> CommandResult {
-        try await run("/usr/bin/fio", ["--name=workload", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--size=24M",
+        try await run("/usr/bin/fio", ["--name=workload", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--size=8M",
                                        "--offset=200M", "--iodepth=8", "--verify=crc32c", "--verify_state_save=0",
                                        "--randseed=7"] + extra, timeout: .seconds(240))
     }
@@ -35,9 +36,9 @@ struct HydrationDrillTests {
         let failover = FailoverTests()
         let dir = try TestDirectory()
         var controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--nbd-tls-listen", "127.0.0.1:0"])
-        // Slowed so the kill lands midway: 96 MiB of data take about 6 s.
+        // Slowed so the kill lands midway: 96 MiB of data take about 24 s.
         let recConfig = dir.file("agent-rec1.yaml")
-        try "hydration-rate-limit: 16M\n".write(toFile: recConfig, atomically: true, encoding: .utf8)
+        try "hydration-rate-limit: 4M\n".write(toFile: recConfig, atomically: true, encoding: .utf8)
         let db = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
         var rec1 = try await AgentProcess.enrollAndStart("rec1", controller: controller, in: dir, arguments: ["--config", recConfig])
         #expect(try await controller.waitFor("db", state: "online"))
@@ -67,6 +68,27 @@ struct HydrationDrillTests {
                                             api + "/v1/plans/shop/jobs"])
         #expect(r.stdout.contains("unsupported") && r.stdout.contains("drills"), "\(r)")
         #expect(try await plan(controller).state == "protected")
+
+        // Targets are checked before anything is served: outside the host's protect-allow, and on
+        // a file system without room for the point's data (96 MiB on a 16 MiB tmpfs).
+        let small = dir.sub("small")
+        #expect(try await run("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=16M", "ferry-test-small", small]).status == 0)
+        defer { _ = umount2(small, Int32(MNT_DETACH)) }
+        for (bad, reason) in [("/etc/ferry-hydration-test.img", "not allowed"), (small + "/t.img", "MiB free")] {
+            try Self.plan.replacingOccurrences(of: "TARGET", with: bad).write(toFile: planFile, atomically: true, encoding: .utf8)
+            r = try await controller.ctl("plan", "apply", "-f", planFile)
+            #expect(r.status == 0, "\(r)")
+            let refused = try await failover.job(site, "drill", "shop", "--point", point, "--hydrate")
+            #expect(refused.state == "failed" && (refused.error ?? "").contains(reason), "\(refused)")
+            #expect(!FileManager.default.fileExists(atPath: bad))
+            // Nothing was recovered: the plan is as before, and no export was left behind.
+            #expect(try await plan(controller).state == "protected")
+            let exports = try await controller.ctl("exports", "--json")
+            #expect(exports.status == 0 && !exports.stdout.contains("r-"), "\(exports)")
+        }
+        try Self.plan.replacingOccurrences(of: "TARGET", with: target).write(toFile: planFile, atomically: true, encoding: .utf8)
+        r = try await controller.ctl("plan", "apply", "-f", planFile)
+        #expect(r.status == 0, "\(r)")
 
         let drill = try await failover.job(site, "drill", "shop", "--point", point, "--hydrate")
         #expect(drill.state == "succeeded", "\(drill)")
@@ -101,7 +123,7 @@ struct HydrationDrillTests {
         #expect(local.map { $0 > 0 && $0 < 256 << 20 } == true, "\(resumed ?? "no resume line")")
 
         // It completes; the controller's export for it is released.
-        #expect(try await eventually(timeout: .seconds(90), every: .milliseconds(500)) {
+        #expect(try await eventually(timeout: .seconds(180), every: .milliseconds(500)) {
             try await plan(controller).hydration?.first?.released == true
         }, "\(rec1.log.suffix(3000))")
         let done = try #require(try await plan(controller).hydration?.first)
@@ -121,7 +143,7 @@ struct HydrationDrillTests {
         #expect(r.status == 0, "\(r)")
         r = try await run("/usr/bin/cmp", ["-n", "\(200 << 20)", pointFile, target])
         #expect(r.status == 0, "\(r)")
-        r = try await run("/usr/bin/cmp", ["-i", "\(224 << 20)", pointFile, target])
+        r = try await run("/usr/bin/cmp", ["-i", "\(208 << 20)", pointFile, target])
         #expect(r.status == 0, "\(r)")
 
         // The controller gone for good: the recovered workload goes on, writing and verifying.
