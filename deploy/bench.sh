@@ -80,6 +80,26 @@ stop_daemons() { # stops the daemons this script started (newest first) and wait
   pids=()
 }
 
+start_site() { # start_site DIR CONFIG HOST...: a controller (with nbd-tls-listen) in DIR and enrolled, online agents
+  local d="$1" config="$2" host token; shift 2
+  "$bin/ferry-controller" --data-dir "$d/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 \
+    --nbd-tls-listen 127.0.0.1:0 >"$d-controller.log" 2>&1 &
+  pids+=($!)
+  wait_for 30 test -s "$d/controller/ferryctl.env" -a -s "$d/controller/nbd-tls-listen.addr" || die "controller ($d) did not start"
+  # shellcheck disable=SC1091
+  . "$d/controller/ferryctl.env"
+  for host in "$@"; do
+    token="$("$bin/ferryctl" token create --host "$host" 2>/dev/null)"
+    FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$d/controller/agent-listen.addr")" \
+      --data-dir "$d/agent-$host" >/dev/null || die "enroll $host ($d) failed"
+    "$bin/ferry-agent" run --data-dir "$d/agent-$host" --config "$config" >"$d-agent-$host.log" 2>&1 &
+    pids+=($!)
+  done
+  for host in "$@"; do
+    wait_for 30 sh -c "'$bin/ferryctl' hosts | grep -q '$host .*online'" || die "agent $host ($d) did not come online"
+  done
+}
+
 protected_all() {
   "$bin/ferryctl" volumes --json | python3 -c '
 import json, sys
@@ -284,22 +304,7 @@ sys.exit(0 if len(v) == 16 and all(x.get("replicaState") == "protected" and (x.g
   for rsize in $rto_sizes; do
     d="$work/rto-$rsize"
     mkdir -p "$d"
-    "$bin/ferry-controller" --data-dir "$d/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 \
-      --nbd-tls-listen 127.0.0.1:0 >"$d-controller.log" 2>&1 &
-    pids+=($!)
-    wait_for 30 test -s "$d/controller/ferryctl.env" -a -s "$d/controller/nbd-tls-listen.addr" || die "controller ($rsize) did not start"
-    # shellcheck disable=SC1091
-    . "$d/controller/ferryctl.env"
-    for host in db1 db2 app1 web1 rec1 rec2; do
-      token="$("$bin/ferryctl" token create --host "$host" 2>/dev/null)"
-      FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$d/controller/agent-listen.addr")" \
-        --data-dir "$d/agent-$host" >/dev/null || die "enroll $host ($rsize) failed"
-      "$bin/ferry-agent" run --data-dir "$d/agent-$host" --config "$work/rto-hooks.yaml" >"$d-agent-$host.log" 2>&1 &
-      pids+=($!)
-    done
-    for host in db1 db2 app1 web1 rec1 rec2; do
-      wait_for 30 sh -c "'$bin/ferryctl' hosts | grep -q '$host .*online'" || die "agent $host ($rsize) did not come online"
-    done
+    start_site "$d" "$work/rto-hooks.yaml" db1 db2 app1 web1 rec1 rec2
     for host in db1 db2 app1 web1; do
       mkdir -p "$d/volumes-$host"
       for v in 1 2 3 4; do
@@ -376,25 +381,12 @@ if want hydration; then
   log "hydration: a $hydrate_size half-full point"
   hyd_start=$SECONDS
   stop_daemons
-  h="$(mktemp -d /var/tmp/ferry-bench-hydrate.XXXXXX)"
-  trap 'cleanup; rm -rf "$h"' EXIT
-  printf 'protect-allow: ["%s/"]\n' "$h" >"$h/agent.yaml"
-  "$bin/ferry-controller" --data-dir "$h/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 \
-    --nbd-tls-listen 127.0.0.1:0 >"$h/controller.log" 2>&1 &
-  pids+=($!)
-  wait_for 30 test -s "$h/controller/ferryctl.env" -a -s "$h/controller/nbd-tls-listen.addr" || die "controller (hydration) did not start"
-  # shellcheck disable=SC1091
-  . "$h/controller/ferryctl.env"
-  for host in db rec1; do
-    token="$("$bin/ferryctl" token create --host "$host" 2>/dev/null)"
-    FERRY_ENROLL_TOKEN="$token" "$bin/ferry-agent" enroll --controller "$(cat "$h/controller/agent-listen.addr")" \
-      --data-dir "$h/agent-$host" >/dev/null || die "enroll $host (hydration) failed"
-    "$bin/ferry-agent" run --data-dir "$h/agent-$host" --config "$h/agent.yaml" >"$h/agent-$host.log" 2>&1 &
-    pids+=($!)
-  done
-  for host in db rec1; do
-    wait_for 30 sh -c "'$bin/ferryctl' hosts | grep -q '$host .*online'" || die "agent $host (hydration) did not come online"
-  done
+  hyd_dir="$(mktemp -d /var/tmp/ferry-bench-hydrate.XXXXXX)"
+  trap 'cleanup; rm -rf "$hyd_dir"' EXIT
+  printf 'protect-allow: ["%s/"]\n' "$hyd_dir" >"$hyd_dir/agent.yaml"
+  h="$hyd_dir/site"
+  mkdir -p "$h"
+  start_site "$h" "$hyd_dir/agent.yaml" db rec1
   python3 - "$h/source.img" "$hydrate_size" <<'PY' || die "cannot write the source image"
 import os, sys
 path, size = sys.argv[1], sys.argv[2]
@@ -469,7 +461,7 @@ print(f"fetched_bytes {h['fetchedBytes']}")
 print(f"drill_rto_seconds {float(drill['report']['rto_seconds']):.3f}")
 PY
   stop_daemons
-  rm -rf "$h"
+  rm -rf "$hyd_dir"
   log "hydration: done in $((SECONDS - hyd_start)) s"
 fi
 

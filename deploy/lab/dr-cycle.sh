@@ -6,7 +6,8 @@
 #             start/stop hooks; 4 volumes of 64 MiB protected, group `shop` (a crash point a
 #             second), plan `shop`: db -> rec1, then (manual gate) app -> rec2, web -> rec2
 #   cycle A   workload on the primaries; drill at latest-group (checker: the recovered images
-#             are one consistent group point; production went on); drill cleanup; planned
+#             are one consistent group point; production went on); drill cleanup; the same
+#             drill hydrated onto the recovery hosts' files (checker again; time, bytes); planned
 #             failover (stop hooks stop the workload; checker: every recovered volume holds every
 #             logged write, and equals its source); a pattern written on the recovered site;
 #             reprotect (only changed blocks); failback (the sources hold the recovered site's
@@ -416,8 +417,9 @@ for h in "${AGENTS[@]}"; do
 hooks:
   start: "$work/hooks/hook.sh start $h"
   stop: "$work/hooks/hook.sh stop $h"
-# The volumes live in the lab's work dir, not under the agent's data dir.
-protect-allow: ["$work/volumes/$h/"]
+# The volumes live in the lab's work dir, not under the agent's data dir; a hydrating drill lands
+# in the data dir's volumes/ (the default target).
+protect-allow: ["$work/volumes/$h/", "$work/agents/$h/volumes/"]
 YAML
 done
 
@@ -562,6 +564,25 @@ for v in "${VOLS[@]}"; do
 done
 wl_running || fail "the drill cleanup stopped the production workload"
 verified "yes: overlays gone (no recovered sockets), production still writing ($(wl_writes) writes)"
+
+begin "A: drill --hydrate (onto the recovery hosts' own files)"
+run_job hydrate drill shop --point latest-group --hydrate
+cur_rto="$(report hydrate rto_seconds)s"
+hydrated() {  # every recovered volume of the plan is local on its recovery host, exports released
+  fctl plan show shop --json | tool get "len(j.get('hydration') or []) == 4 and all(h['complete'] and h['released'] for h in j['hydration'])" - | grep -qx True
+}
+h_t0="$(now_us)"
+wait_for "the 4 recovered volumes to hydrate" hydrated
+h_secs="$(( ($(now_us) - h_t0) / 1000 ))"
+fctl plan show shop --json >"$work/jobs/hydrate-plan.json"
+h_bytes="$(tool get "sum(h['fetchedBytes'] for h in j['hydration'])" "$work/jobs/hydrate-plan.json")"
+h_size="$(tool get "sum(h['sizeBytes'] for h in j['hydration'])" "$work/jobs/hydrate-plan.json")"
+info "hydrated after the job in ${h_secs} ms: $h_bytes bytes fetched of $h_size (holes and zero ranges are not moved)"
+mapfile -t imgs < <(rec_images)
+check_images hydrate "$WL_LOG" "${imgs[@]}" || fail "the hydrated drill's images are not one consistent group point (check/hydrate.report.json)"
+run_job hydrate-cleanup drill cleanup shop
+wl_running || fail "the hydrating drill stopped the production workload"
+verified "yes: checker on the hydrated images: one group point ($(prefix_list hydrate)); hydration ${h_secs} ms, $h_bytes of $h_size bytes fetched"
 
 begin "A: planned failover"
 run_job planned failover shop --planned

@@ -138,8 +138,9 @@ protocol RecoveryServedVolume: NBDExport {
     func status(socket: String) -> Ferry_V1_RecoveredVolumeStatus
 }
 
-extension RecoveredVolume: RecoveryServedVolume {
-    func status(socket: String) -> Ferry_V1_RecoveredVolumeStatus {
+extension RecoveryServedVolume {
+    /// Name, source, socket, size and writes: what every recovered volume reports.
+    func baseStatus(socket: String) -> Ferry_V1_RecoveredVolumeStatus {
         var s = Ferry_V1_RecoveredVolumeStatus()
         s.name = name
         s.source = source
@@ -150,6 +151,10 @@ extension RecoveredVolume: RecoveryServedVolume {
     }
 }
 
+extension RecoveredVolume: RecoveryServedVolume {
+    func status(socket: String) -> Ferry_V1_RecoveredVolumeStatus { baseStatus(socket: socket) }
+}
+
 extension HydratingVolume: RecoveryServedVolume {
     func stop() async {
         if let remote = remote as? RecoveredVolume { await remote.stop() }
@@ -157,12 +162,7 @@ extension HydratingVolume: RecoveryServedVolume {
 
     func status(socket: String) -> Ferry_V1_RecoveredVolumeStatus {
         let p = progress
-        var s = Ferry_V1_RecoveredVolumeStatus()
-        s.name = name
-        s.source = source
-        s.socketPath = socket
-        s.sizeBytes = size
-        s.writes = writes
+        var s = baseStatus(socket: socket)
         s.targetPath = target
         s.localBytes = p.localBytes
         s.fetchedBytes = p.fetchedBytes

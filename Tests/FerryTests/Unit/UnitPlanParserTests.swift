@@ -274,7 +274,25 @@ struct UnitPlanParserTests {
         Case(name: "network mapped twice",
              yaml: minimal + "\n        networks:\n          - {source: prod, recovery: dr}\n          - {source: prod, recovery: dr2}",
              expected: [("plan.yaml:9:", "network 'prod' is mapped twice in this item (first at line 8)")]),
+        Case(name: "target of a volume the item does not recover", yaml: minimal + "\n        volumes: [data]\n        targets:\n          log: /srv/log.img",
+             expected: [("plan.yaml:9:", "'targets' names 'log', which is not a volume this item recovers (data)")]),
+        Case(name: "relative target", yaml: minimal + "\n        targets:\n          data: data.img",
+             expected: [("plan.yaml:8:", "target 'data.img' of data must be an absolute path")]),
+        Case(name: "target with ..", yaml: minimal + "\n        targets:\n          data: /srv/../etc/shadow",
+             expected: [("plan.yaml:8:", "must be an absolute path without '..'")]),
+        Case(name: "one target for two volumes", yaml: minimal + "\n        targets:\n          data: /srv/x.img\n          log: /srv/x.img",
+             expected: [("plan.yaml:9:", "target '/srv/x.img' is given twice in this item (first at line 8)")]),
+        Case(name: "targets not a mapping", yaml: minimal + "\n        targets: [/srv/x.img]",
+             expected: [("plan.yaml:7:", "'targets' must be a mapping of volume names to paths")]),
     ]
+
+    @Test("targets: each volume's path, kept in the plan")
+    func targets() throws {
+        let plan = try PlanParser.parse(Self.minimal + "\n        targets:\n          data: /dev/vdb\n          log: /srv/ferry/db-log.img",
+                                        file: "plan.yaml", known: Self.known)
+        #expect(plan.groups[0].items[0].targets == ["data": "/dev/vdb", "log": "/srv/ferry/db-log.img"])
+        #expect(try PlanParser.parse(Self.minimal, file: "plan.yaml", known: Self.known).groups[0].items[0].targets == nil)
+    }
 
     @Test("each problem is reported with its line", arguments: cases)
     func problem(_ c: Case) {
