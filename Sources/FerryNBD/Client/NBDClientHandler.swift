@@ -553,6 +553,11 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
             guard at + UInt64(count) <= UInt64(request.length) else {
                 return violation(context, "the NBD server at \(peer) sent read data past the request's end")
             }
+            if type == NBD.ChunkType.offsetData, request.collected == nil, at == 0, count == Int(request.length) {
+                // The usual answer: one chunk with all the data. Kept as it came, not copied.
+                request.collected = payload
+                break
+            }
             var data = request.collected ?? context.channel.allocator.buffer(repeating: 0, count: Int(request.length))
             if type == NBD.ChunkType.offsetData {
                 data.setBuffer(payload, at: data.readerIndex + Int(at))

@@ -25,26 +25,27 @@ struct Hydrator: Sendable {
     /// Bytes asked of block status at a time, and fetched per read.
     static let statusWindow: UInt64 = 1 << 30
     static let fetchBytes = 4 << 20
-    static let readsInFlight = 4
+    /// Connections to the point's export (its server gives each a thread, as nbdcopy's four
+    /// connections get), and reads in flight over all of them.
+    static let connections = 4
+    static let readsInFlight = 8
 
     func run() async {
         let begun = ContinuousClock.now
         let startBytes = volume.progress.localBytes
         var lastSave = ContinuousClock.now
         var delay = Duration.milliseconds(200)
-        var client: NBDClient?
-        defer { if let client { Task { await client.close() } } }
+        var clients: [NBDClient] = []
         while !Task.isCancelled, !volume.isComplete {
             do {
-                if client == nil || client?.isConnected != true {
-                    if let old = client { await old.close() }
-                    client = nil
-                    client = try await connect()
+                if clients.isEmpty || clients.contains(where: { !$0.isConnected }) {
+                    for old in clients { await old.close() }
+                    clients = []
+                    for _ in 0..<Self.connections { clients.append(try await connect()) }
                     delay = .milliseconds(200)
                 }
-                guard let c = client else { continue }
                 guard let first = volume.firstMissing(from: 0) else { break }
-                try await copyWindow(from: first, client: c)
+                try await copyWindow(from: first, clients: clients)
                 if ContinuousClock.now - lastSave >= .seconds(1) {
                     let volume = self.volume
                     try await pool.runIfActive { try volume.saveMap() }
@@ -58,15 +59,18 @@ struct Hydrator: Sendable {
             } catch {
                 // The controller restarting, the link down: keep what is local and retry.
                 logger.warning("hydration paused; retrying", metadata: ["volume": "\(volume.name)", "error": "\(error)", "retry-in": "\(delay)"])
-                if let old = client { await old.close() }
-                client = nil
+                for old in clients { await old.close() }
+                clients = []
                 try? await Task.sleep(for: delay)
                 delay = min(delay * 2, .seconds(5))
             }
         }
         // Saved even when cancelled (a stop, not a crash): a restart then fetches nothing twice.
-        let volume = self.volume, pool = self.pool
-        await Task { try? await pool.runIfActive { try volume.saveMap() } }.value
+        let volume = self.volume, pool = self.pool, open = clients
+        await Task {
+            try? await pool.runIfActive { try volume.saveMap() }
+            for c in open { await c.close() }
+        }.value
         let r = rate(since: begun, from: startBytes)
         volume.noteRate(r)
         report(volume.progress, r)
@@ -93,7 +97,8 @@ struct Hydrator: Sendable {
     }
 
     /// One block status window from block `first`: zero blocks marked, data blocks fetched.
-    private func copyWindow(from first: Int, client: NBDClient) async throws {
+    private func copyWindow(from first: Int, clients: [NBDClient]) async throws {
+        let client = clients[0]
         var pace = Pace(rate: rateLimit)
         let blockBytes = UInt64(volume.blockBytes)
         let start = UInt64(first) * blockBytes
@@ -132,7 +137,7 @@ struct Hydrator: Sendable {
             try await pool.runIfActive { for run in zeroes { try volume.installZero(run) } }
         }
         try await withThrowingTaskGroup(of: Void.self) { group in
-            var running = 0
+            var running = 0, sent = 0
             for run in dataRuns {
                 try Task.checkCancellation()
                 if running == Self.readsInFlight {
@@ -147,6 +152,8 @@ struct Hydrator: Sendable {
                 let length = Int(min(volume.size, UInt64(span.upperBound) * blockBytes) - offset)
                 try await pace.take(UInt64(length))
                 running += 1
+                let client = clients[sent % clients.count]
+                sent += 1
                 group.addTask {
                     let data = try await client.read(offset: offset, length: length)
                     try await pool.runIfActive { try volume.install(span, data: data) }
