@@ -167,6 +167,7 @@ extension HydratingVolume: RecoveryServedVolume {
         s.localBytes = p.localBytes
         s.fetchedBytes = p.fetchedBytes
         s.bytesPerSecond = rate
+        s.copySeconds = copySeconds
         s.hydrated = p.complete
         s.hydrating = true
         return s

@@ -40,6 +40,7 @@ public actor Hydrations {
                                   target: String(status.targetPath.prefix(4096)), sizeBytes: v.size, localBytes: local,
                                   fetchedBytes: status.fetchedBytes, bytesPerSecond: rate, complete: status.hydrated,
                                   released: v.released == true, updatedAt: Date())
+            h.copySeconds = status.copySeconds.isFinite && status.copySeconds >= 0 ? status.copySeconds : nil
             if status.hydrated, v.released != true {
                 if await exports.image(id: v.exportID) != nil {
                     try? await exports.remove(id: v.exportID, managed: true)

@@ -147,6 +147,8 @@ extension API {
         /// Bytes fetched over the network so far.
         public var fetchedBytes: UInt64
         public var bytesPerSecond: Double
+        /// Seconds the recovery host's background copy has run (to completion, once complete).
+        public var copySeconds: Double?
         /// Every block is local.
         public var complete: Bool
         /// The controller's point export for it is gone: it is off the controller's data path.

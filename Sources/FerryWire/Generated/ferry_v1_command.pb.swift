@@ -733,6 +733,9 @@ public nonisolated struct Ferry_V1_RecoveredVolumeStatus: Sendable {
 
   public var hydrating: Bool = false
 
+  /// Seconds the background copy has run in this agent process (to completion, once hydrated).
+  public var copySeconds: Double = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -2207,7 +2210,7 @@ nonisolated extension Ferry_V1_RecoverVolumes: SwiftProtobuf.Message, SwiftProto
 
 nonisolated extension Ferry_V1_RecoveredVolumeStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RecoveredVolumeStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}source\0\u{3}socket_path\0\u{3}size_bytes\0\u{1}writes\0\u{3}target_path\0\u{3}local_bytes\0\u{3}fetched_bytes\0\u{3}bytes_per_second\0\u{1}hydrated\0\u{1}hydrating\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}source\0\u{3}socket_path\0\u{3}size_bytes\0\u{1}writes\0\u{3}target_path\0\u{3}local_bytes\0\u{3}fetched_bytes\0\u{3}bytes_per_second\0\u{1}hydrated\0\u{1}hydrating\0\u{3}copy_seconds\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2226,6 +2229,7 @@ nonisolated extension Ferry_V1_RecoveredVolumeStatus: SwiftProtobuf.Message, Swi
       case 9: try { try decoder.decodeSingularDoubleField(value: &self.bytesPerSecond) }()
       case 10: try { try decoder.decodeSingularBoolField(value: &self.hydrated) }()
       case 11: try { try decoder.decodeSingularBoolField(value: &self.hydrating) }()
+      case 12: try { try decoder.decodeSingularDoubleField(value: &self.copySeconds) }()
       default: break
       }
     }
@@ -2265,6 +2269,9 @@ nonisolated extension Ferry_V1_RecoveredVolumeStatus: SwiftProtobuf.Message, Swi
     if self.hydrating != false {
       try visitor.visitSingularBoolField(value: self.hydrating, fieldNumber: 11)
     }
+    if self.copySeconds.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.copySeconds, fieldNumber: 12)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2280,6 +2287,7 @@ nonisolated extension Ferry_V1_RecoveredVolumeStatus: SwiftProtobuf.Message, Swi
     if lhs.bytesPerSecond != rhs.bytesPerSecond {return false}
     if lhs.hydrated != rhs.hydrated {return false}
     if lhs.hydrating != rhs.hydrating {return false}
+    if lhs.copySeconds != rhs.copySeconds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -129,10 +129,11 @@ final class HydratingVolume: NBDExport {
     }
 
     var isComplete: Bool { completed.load(ordering: .relaxed) }
-    private let copyRate = Mutex<Double>(0)
-    /// The copier's bytes per second over its run so far.
-    var rate: Double { copyRate.withLock { $0 } }
-    func noteRate(_ bytesPerSecond: Double) { copyRate.withLock { $0 = bytesPerSecond } }
+    private let copyRate = Mutex<(rate: Double, seconds: Double)>((0, 0))
+    /// The copier's bytes per second over its run so far, and how long it has run.
+    var rate: Double { copyRate.withLock { $0.rate } }
+    var copySeconds: Double { copyRate.withLock { $0.seconds } }
+    func noteRate(_ bytesPerSecond: Double, seconds: Double) { copyRate.withLock { $0 = (bytesPerSecond, seconds) } }
     /// Bytes the copier moved over the network (read-through fetches count themselves).
     func noteFetched(_ bytes: UInt64) { fetchedBytes.add(bytes, ordering: .relaxed) }
     var writes: UInt64 { writeCount.load(ordering: .relaxed) }

@@ -51,7 +51,7 @@ struct Hydrator: Sendable {
                     try await pool.runIfActive { try volume.saveMap() }
                     lastSave = .now
                     let r = rate(since: begun, from: startBytes)
-                    volume.noteRate(r)
+                    volume.noteRate(r, seconds: (ContinuousClock.now - begun).seconds)
                     report(volume.progress, r)
                 }
             } catch is CancellationError {
@@ -72,7 +72,7 @@ struct Hydrator: Sendable {
             for c in open { await c.close() }
         }.value
         let r = rate(since: begun, from: startBytes)
-        volume.noteRate(r)
+        volume.noteRate(r, seconds: (ContinuousClock.now - begun).seconds)
         report(volume.progress, r)
     }
 
