@@ -24,11 +24,11 @@ struct Hydrator: Sendable {
 
     /// Bytes asked of block status at a time, and fetched per read.
     static let statusWindow: UInt64 = 1 << 30
-    static let fetchBytes = 4 << 20
+    static let fetchBytes = 256 << 10
     /// Connections to the point's export (its server gives each a thread, as nbdcopy's four
     /// connections get), and reads in flight over all of them.
     static let connections = 4
-    static let readsInFlight = 8
+    static let readsInFlight = 64
 
     func run() async {
         let begun = ContinuousClock.now
