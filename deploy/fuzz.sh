@@ -9,6 +9,7 @@
 #   FUZZ_ARGS="-runs=10000000" ./deploy/fuzz.sh 86400 fuzz-token   # extra libFuzzer flags
 #   FUZZ_SCRATCH=.build ./deploy/fuzz.sh   # build in the normal build's directory (what CI does)
 #   FUZZ_CONFIG=release ./deploy/fuzz.sh 3600   # optimized: 3-10x the executions per second
+#   ASAN_OPTIONS=malloc_context_size=0 ...      # long runs: no allocation stacks, ~1.4x faster
 #
 # The build goes to .build-fuzz unless FUZZ_SCRATCH names another directory. In the normal
 # build's own directory every dependency is reused and only Ferry's modules are recompiled
