@@ -37,6 +37,9 @@ public actor RecoveryManager {
     let hydrationRateLimit: UInt64
     /// What the last recovery reports said, so unchanged ones are not sent again.
     private var reported: [String: [Ferry_V1_RecoveredVolumeStatus]] = [:]
+    /// The session's report loop, waiting for something to report; or a change it has not seen.
+    private var reportWaiter: CheckedContinuation<Void, Never>?
+    private var unseenChange = false
 
     public init(socketDirectory: String, dataDir: String, hooks: HookRunner, logger: Logger, socketUsers: Set<UInt32> = [],
                 allow: ProtectAllow? = nil, hydrationRateLimit: UInt64 = 0) {
@@ -117,6 +120,45 @@ public actor RecoveryManager {
 
     public func resendReports() { reported = [:] }
 
+    /// Returns when there is something to report: at once after a change (a hydration started,
+    /// completed or stopped), after a second while a copy runs (its progress), else only at the
+    /// next change. Returns when the task is cancelled, too.
+    public func waitForReportable() async {
+        if unseenChange {
+            unseenChange = false
+            return
+        }
+        if running.values.contains(where: { $0.volumes.contains { ($0 as? HydratingVolume)?.isComplete == false } }) {
+            try? await Task.sleep(for: .seconds(1))
+            return
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                // Both this and the cancellation below run on the actor: whichever is second sees the other.
+                if Task.isCancelled || unseenChange {
+                    unseenChange = false
+                    c.resume()
+                } else {
+                    reportWaiter?.resume()
+                    reportWaiter = c
+                }
+            }
+        } onCancel: {
+            Task { await self.wakeReporter() }
+        }
+    }
+
+    /// Something changed that a report should say.
+    func noteReportable() {
+        if reportWaiter == nil { unseenChange = true }
+        wakeReporter()
+    }
+
+    private func wakeReporter() {
+        reportWaiter?.resume()
+        reportWaiter = nil
+    }
+
     private func start(_ command: Ferry_V1_RecoverVolumes, controllerHost: String, tls: @escaping @Sendable () throws -> NBDClientTLS,
                        runHook: Bool) async throws -> Ferry_V1_RecoveryStarted {
         // Here, so a recovery restored from the data dir is checked like a command.
@@ -187,6 +229,7 @@ public actor RecoveryManager {
         let hook = runHook ? await runStartHook(command, volumes: volumes, sockets: sockets) : Ferry_V1_HookResult()
         let r = Running(command: command, volumes: volumes, sockets: sockets, servers: servers, hook: hook, hydrators: hydrators)
         running[command.recoveryID] = r
+        if !hydrators.isEmpty { noteReportable() }
         logger.info("recovered volumes served", metadata: ["recovery": "\(command.recoveryID)", "volumes": "\(volumes.count)", "network": "\(command.network)",
                                                          "hook-error": "\(hook.error)"])
         return started(command.recoveryID, r)
@@ -313,7 +356,12 @@ public actor RecoveryManager {
         let volume = try await NIOThreadPool.singleton.runIfActive {
             try HydratingVolume.open(name: spec.name, source: spec.source, size: spec.sizeBytes, target: target, mapPath: mapPath,
                                      point: spec.exportName, remote: remote, logger: logger,
-                                     onComplete: { Task { await remote.stop() } })
+                                     onComplete: {
+                                         Task {
+                                             await remote.stop()
+                                             await self.noteReportable()
+                                         }
+                                     })
         }
         guard !volume.isComplete else {
             await remote.stop()
@@ -321,7 +369,10 @@ public actor RecoveryManager {
         }
         logger.info("hydrating a recovered volume", metadata: ["volume": "\(name)", "target": "\(target)", "local": "\(volume.progress.localBytes)"])
         let hydrator = Hydrator(volume: volume, connect: withStatus, pool: NIOThreadPool.singleton, logger: logger,
-                                rateLimit: hydrationRateLimit, report: { _, _ in })
+                                rateLimit: hydrationRateLimit, report: { progress, _ in
+                                    // The copy's last word (with its final duration) is reported at once.
+                                    if progress.complete { Task { await self.noteReportable() } }
+                                })
         return (volume, Task { await hydrator.run() })
     }
 

@@ -182,11 +182,12 @@ public final class AgentSession: Service, Sendable {
                 }
                 tasks.addTask { try await self.renewWhenDue(session: session) }
                 tasks.addTask { [recovery] in
-                    // Hydration progress, about once a second while something changes.
+                    // Hydration: at once when one starts or completes, about once a second while it copies.
                     await recovery.resendReports()
                     while true {
                         for report in await recovery.changedReports() { try await session.send(.recoveryReport(report)) }
-                        try await Task.sleep(for: .seconds(1))
+                        await recovery.waitForReportable()
+                        try Task.checkCancellation()
                     }
                 }
                 if let volumes {
