@@ -248,6 +248,17 @@ struct VolumeCommand: AsyncParsableCommand {
                 fields.add("syncs completed", v.syncsCompleted.map(String.init) ?? "-")
                 if let e = v.lastError { fields.add("error", e) }
                 fields.add("replica image", v.replicaPath ?? "-")
+                for h in v.hydration ?? [] {
+                    var line = "\(h.plan) on \(h.recoveryHost) (\(h.target)): \(Format.bytes(h.localBytes)) of \(Format.bytes(h.sizeBytes)) local, "
+                        + "\(Format.bytes(h.fetchedBytes)) fetched"
+                    if h.complete {
+                        line += h.released ? ", complete, export released" : ", complete"
+                    } else {
+                        line += ", \(Format.bytes(UInt64(max(0, h.bytesPerSecond))))/s"
+                        if let eta = h.etaSeconds { line += ", ETA \(Format.span(eta))" }
+                    }
+                    fields.add("hydration", line)
+                }
                 print(fields.render())
             }
         }

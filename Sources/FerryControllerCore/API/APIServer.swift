@@ -251,9 +251,11 @@ struct APIRoutes {
         v1.get("volumes/:host/:name") { _, context in
             _ = try context.require(.viewer)
             let host = try context.parameters.require("host"), name = try context.parameters.require("name")
-            guard let view = try await wrap({ try await volumeViews() }).first(where: { $0.host == host && $0.name == name }) else {
+            guard var view = try await wrap({ try await volumeViews() }).first(where: { $0.host == host && $0.name == name }) else {
                 throw APIError(error: FerryError(.notFound, "no volume \(host)/\(name); 'ferryctl volumes' lists them"))
             }
+            let hydration = await hydrations.list().filter { $0.volume == "\(host)/\(name)" }
+            view.hydration = hydration.isEmpty ? nil : hydration
             return JSONBody(value: view)
         }
         v1.post("volumes/:host/:name/resync") { _, context in

@@ -181,6 +181,8 @@ public enum API {
         public var syncsCompleted: UInt64?
         /// The last error applying the stream.
         public var lastError: String?
+        /// Recoveries of this volume hydrating onto (or hydrated on) a recovery host.
+        public var hydration: [Hydration]?
         /// When the agent last reported on the volume.
         public var reportedAt: Date?
         /// The agent's loopback TCP export (`nbd://HOST:PORT/NAME`), if it has one.

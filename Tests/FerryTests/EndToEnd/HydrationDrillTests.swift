@@ -127,6 +127,9 @@ struct HydrationDrillTests {
             try await plan(controller).hydration?.first?.released == true
         }, "\(rec1.log.suffix(3000))")
         let done = try #require(try await plan(controller).hydration?.first)
+        // Also where the source volume is shown.
+        let shown = try await controller.ctl("volume", "show", "db/data")
+        #expect(shown.stdout.contains("hydration") && shown.stdout.contains("complete, export released") && shown.stdout.contains(target), "\(shown)")
         #expect(done.complete && done.localBytes == 256 << 20, "\(done)")
         // Holes were not moved: about the 96 MiB of data plus what fio read through before the copy.
         #expect(done.fetchedBytes < 140 << 20, "fetched \(done.fetchedBytes)")
