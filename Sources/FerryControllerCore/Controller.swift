@@ -53,6 +53,7 @@ public struct Controller: Sendable {
         let reverse = ReverseStreams(exports: exports, registry: registry, store: store, logger: logger)
         let jobs = JobRunner(store: store, registry: registry, replicas: replicas, catalogue: catalogue, exports: exports, agents: agents,
                              reverse: reverse, logger: logger, exportPort: { exportPort.value })
+        await hydrations.attach(jobs: jobs)
         let routes = APIRoutes(store: store, registry: registry, metrics: metrics, pki: pki, agents: agents, replicas: replicas,
                                coordinator: coordinator, catalogue: catalogue, exports: exports, jobs: jobs, hydrations: hydrations,
                                dataDir: config.dataDir)

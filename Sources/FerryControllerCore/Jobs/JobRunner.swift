@@ -203,6 +203,17 @@ public actor JobRunner {
 
     func context(_ id: String) -> JobContext { snapshots[id]?.context ?? JobContext() }
 
+    /// Adds a line to a job's report, also to a finished job's (a drill's hydration ends after it).
+    func addReport(_ id: String, key: String, value: String) async {
+        if snapshots[id] != nil {
+            await update(id) { $0.job.report[key] = value }
+            return
+        }
+        guard var s = try? await store.job(id: id) else { return }
+        s.job.report[key] = value
+        try? await store.saveJob(s)
+    }
+
     func current(_ id: String) -> JobSnapshot? { snapshots[id] }
 
     private func run(_ id: String, launch: Int) async {

@@ -13,6 +13,10 @@ public actor Hydrations {
     let logger: Logger
     /// "RECOVERY/LOCALNAME" → the latest status.
     private var latest: [String: API.Hydration] = [:]
+    /// Told when a volume completes, for the report of the job that recovered it.
+    private var jobs: JobRunner?
+
+    func attach(jobs: JobRunner) { self.jobs = jobs }
 
     init(store: StateStore, exports: PointExports, metrics: ControllerMetrics, logger: Logger) {
         self.store = store
@@ -52,6 +56,11 @@ public actor Hydrations {
                     "volume": "\(v.source)", "recovery-host": "\(record.recoveryHost)", "fetched": "\(status.fetchedBytes)"])
                 try? await store.audit(actor: "host:\(hostName)", action: "recovery.hydrated", target: v.source,
                                        detail: "recovery=\(record.id) target=\(h.target) size=\(v.size) fetched=\(status.fetchedBytes)")
+                if let job = record.job {
+                    let copy = h.copySeconds.map { String(format: ", copied in %.1f s", $0) } ?? ""
+                    await jobs?.addReport(job, key: "hydration_\(v.localName)",
+                                          value: "complete on \(record.recoveryHost) (\(h.target)): \(status.fetchedBytes) of \(v.size) bytes fetched\(copy)")
+                }
             }
             latest[record.id + "/" + v.localName] = h
             metrics.noteHydration(h)

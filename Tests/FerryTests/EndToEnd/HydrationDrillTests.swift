@@ -127,6 +127,10 @@ struct HydrationDrillTests {
             try await plan(controller).hydration?.first?.released == true
         }, "\(rec1.log.suffix(3000))")
         let done = try #require(try await plan(controller).hydration?.first)
+        // In the drill job's report (the job ended before the copy did, and the controller restarted since).
+        let job = try await controller.ctl("job", "show", drill.id, "--json")
+        let report = try API.decoder().decode(API.Job.self, from: Data(job.stdout.utf8)).report["hydration_db-data"] ?? ""
+        #expect(report.contains("complete on rec1") && report.contains("of \(256 << 20) bytes fetched"), "\(job)")
         // Also where the source volume is shown.
         let shown = try await controller.ctl("volume", "show", "db/data")
         #expect(shown.stdout.contains("hydration") && shown.stdout.contains("complete, export released") && shown.stdout.contains(target), "\(shown)")
