@@ -437,10 +437,14 @@ PY
     fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --size=1G --iodepth=16 --time_based \
       --runtime="${FERRY_BENCH_HYDRATE_RUNTIME:-10}s" --output-format=json --output="$work/results/$4" >&2 || die "fio $2 $3 ($4) failed"
   }
+  # Each pair twice, in both orders (source, hydrated, hydrated, source), keeping each one's
+  # better run: the first run after the copy meets a cold cache and the copy's writeback.
   for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
     set -- $w
-    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3.json"
-    hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3.json"
+    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-a.json"
+    hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3-a.json"
+    hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3-b.json"
+    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-b.json"
   done
   "$bin/ferryctl" drill cleanup bench --json >/dev/null || die "drill cleanup (hydration) failed"
   "$bin/ferryctl" drill bench --point "$point" --json >"$work/results/hydrate-served-drill.json" || die "drill (served) failed"
