@@ -123,14 +123,16 @@ public struct AgentCommand: AsyncParsableCommand {
                                             changeLogBytes: Int(settings.changeLogMemory), spillBytes: Int64(settings.changeLogSpill),
                                             tcpListen: try settings.nbdTCP.map { try ConfigText.hostPort($0) },
                                             allow: allow, hostName: identity.info.hostName, configPath: settings.configPath,
-                                            socketUsers: try settings.socketUserIDs)
+                                            socketUsers: try settings.socketUserIDs, hydrationRateLimit: settings.hydrationRateLimit)
                 // The default place for images the controller asks to create.
                 try? FileManager.default.createDirectory(atPath: settings.dataDir + "/volumes", withIntermediateDirectories: true,
                                                          attributes: [.posixPermissions: 0o700])
                 logger.info("protect-allow", metadata: ["list": "\(allow.description)"])
+                let session = AgentSession(identity: identity, config: settings, logger: logger, volumes: volumes)
+                // Recovered volumes that hydrate fetch from the controller's point exports.
+                await volumes.setPointConnector(session.pointConnector)
                 // Serve the remembered volumes before the controller is even dialled.
                 await volumes.start()
-                let session = AgentSession(identity: identity, config: settings, logger: logger, volumes: volumes)
                 var groupConfig = ServiceGroupConfiguration(
                     services: [.init(service: session)],
                     gracefulShutdownSignals: [.sigterm, .sigint],

@@ -41,8 +41,12 @@ public actor RecoveryManager {
     private var reportWaiter: CheckedContinuation<Void, Never>?
     private var unseenChange = false
 
+    /// This host's protected volumes: a failover that lands here serves its volumes as these.
+    let volumes: VolumeManager?
+
     public init(socketDirectory: String, dataDir: String, hooks: HookRunner, logger: Logger, socketUsers: Set<UInt32> = [],
-                allow: ProtectAllow? = nil, hydrationRateLimit: UInt64 = 0) {
+                allow: ProtectAllow? = nil, hydrationRateLimit: UInt64 = 0, volumes: VolumeManager? = nil) {
+        self.volumes = volumes
         self.socketDirectory = socketDirectory
         self.socketUsers = socketUsers
         self.allow = allow ?? .defaults(dataDir: dataDir)
@@ -69,6 +73,12 @@ public actor RecoveryManager {
               Set(command.volumes.map(\.name)).count == command.volumes.count,
               command.descriptionJson.utf8.count <= 1 << 20 else {
             throw FerryError(.badRequest, "a recovery names 1 to \(Self.maxVolumes) volumes, each once, with valid names and exports")
+        }
+        if command.preflight {
+            try await preflight(command, controllerHost: controllerHost, tls: tls)
+            var out = Ferry_V1_RecoveryStarted()
+            out.recoveryID = command.recoveryID
+            return out
         }
         if var existing = running[command.recoveryID] {
             guard existing.command.volumes.map(\.exportName) == command.volumes.map(\.exportName) else {
@@ -173,6 +183,15 @@ public actor RecoveryManager {
         do {
             try FileManager.default.createDirectory(atPath: socketDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             for spec in command.volumes {
+                if spec.protected {
+                    // Served, captured and hydrated as a protected volume of this host.
+                    guard let (volume, socket) = await self.volumes?.served(spec.name) else {
+                        throw FerryError(.notFound, "\(spec.name) is not served here as a protected volume; the controller sends it in the volume list first")
+                    }
+                    volumes.append(ProtectedRecoveredVolume(source: spec.source, volume: volume))
+                    sockets.append(socket)
+                    continue
+                }
                 let host = spec.exportHost.isEmpty ? controllerHost : spec.exportHost
                 let port = Int(spec.exportPort), export = spec.exportName
                 // TLS from the host's current certificate at every connection: it is renewed.
@@ -311,7 +330,8 @@ public actor RecoveryManager {
         for s in r.servers { s.cancel() }
         for s in r.servers { _ = try? await s.value }
         for v in r.volumes { await v.stop() }
-        for socket in r.sockets { unlink(socket) }
+        // A protected volume's socket is its volume manager's, and stays.
+        for (v, socket) in zip(r.volumes, r.sockets) where !(v is ProtectedRecoveredVolume) { unlink(socket) }
         // A drill's copy is disposable: a target the agent made goes with its map. A failover's
         // stays: it is the workload's disk.
         for case let v as HydratingVolume in r.volumes {
@@ -374,6 +394,48 @@ public actor RecoveryManager {
                                     if progress.complete { Task { await self.noteReportable() } }
                                 })
         return (volume, Task { await hydrator.run() })
+    }
+
+    /// The checks a failover runs on its recovery host before it fences anything: every
+    /// hydrating volume's target is allowed here, fits the volume, and its file system has room
+    /// for the point's data. A target with a map already (a resumed hydration) passes.
+    private func preflight(_ command: Ferry_V1_RecoverVolumes, controllerHost: String,
+                           tls: @escaping @Sendable () throws -> NBDClientTLS) async throws {
+        for spec in command.volumes where spec.hydrate {
+            try WireLimits.checkPort(spec.exportPort, "the export port of \(spec.name)")
+            try WireLimits.checkVolumeSize(spec.sizeBytes, "the recovered volume \(spec.name)")
+            let target = spec.targetPath.isEmpty
+                ? (volumes?.defaultRecoveredPath(spec.name) ?? dataDir + "/volumes/recovered/" + spec.name + ".img") : spec.targetPath
+            let allow = self.allow
+            let (resolved, refusal) = try await NIOThreadPool.singleton.runIfActive { allow.check(target) }
+            if let refusal {
+                throw FerryError(.permissionDenied, "the hydration target \(target)\(resolved == target ? "" : " (\(resolved))") is not allowed on this host: \(refusal); add it to protect-allow")
+            }
+            var st = stat()
+            if stat(target, &st) == 0 {
+                let type = st.st_mode & S_IFMT
+                guard type == S_IFREG || type == S_IFBLK else {
+                    throw FerryError(.badRequest, "the hydration target \(target) is neither a file nor a block device")
+                }
+                let capacity: UInt64
+                if type == S_IFBLK {
+                    let fd = open(target, O_RDONLY | O_CLOEXEC)
+                    capacity = fd >= 0 ? UInt64(max(0, lseek(fd, 0, SEEK_END))) : 0
+                    if fd >= 0 { close(fd) }
+                } else {
+                    capacity = UInt64(max(0, st.st_size))
+                }
+                guard capacity >= spec.sizeBytes else {
+                    throw FerryError(.badRequest, "the hydration target \(target) holds \(capacity) bytes; the volume needs \(spec.sizeBytes)")
+                }
+            }
+            if let volumes, FileManager.default.fileExists(atPath: volumes.hydrationMapPath(spec.name)) { continue }
+            let host = spec.exportHost.isEmpty ? controllerHost : spec.exportHost
+            let port = Int(spec.exportPort), export = spec.exportName
+            try await checkSpace(target: target, size: spec.sizeBytes, connect: {
+                try await NBDClient.connect(host: host, port: port, export: export, tls: try tls(), allocation: true)
+            })
+        }
     }
 
     /// Before a hydration starts: a block device must be there; a file's file system must have

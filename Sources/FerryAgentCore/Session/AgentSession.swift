@@ -51,7 +51,7 @@ public final class AgentSession: Service, Sendable {
                                         hooks: HookRunner(hooks: config.hooks), logger: logger,
                                         socketUsers: (try? config.socketUserIDs) ?? [],
                                         allow: (try? config.protectAllow) ?? .defaults(dataDir: config.dataDir),
-                                        hydrationRateLimit: config.hydrationRateLimit)
+                                        hydrationRateLimit: config.hydrationRateLimit, volumes: volumes)
         self.dataDir = config.dataDir
         self.config = config
         self.logger = logger
@@ -341,6 +341,15 @@ public final class AgentSession: Service, Sendable {
             trustRoots: [try TLSSettings.nio(identity.ca)], certificateChain: [try TLSSettings.nio(identity.certificate)],
             privateKey: try TLSSettings.nio(identity.privateKey))
         return NBDClientTLS(context: context, serverHostname: ControllerIdentity.serverName)
+    }
+
+    /// Connects to one of the controller's point exports with this host's current certificate
+    /// (a hydrating volume's reads and copier).
+    public var pointConnector: VolumeManager.PointConnector {
+        { port, export, allocation in
+            try await NBDClient.connect(host: try self.controllerHost(), port: port, export: export, tls: try self.exportTLS(),
+                                        allocation: allocation)
+        }
     }
 
     func startStreaming(_ volumes: VolumeManager, session: PeerSession) async {

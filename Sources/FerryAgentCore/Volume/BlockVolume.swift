@@ -33,10 +33,15 @@ public final class BlockVolume: NBDExport {
         set { generationValue.store(newValue, ordering: .relaxed) }
     }
     public var holdsWrites: Bool { gate.isHeld }
+    /// A recovered volume still filling from its failover point (nil for any other): a read
+    /// fetches the blocks not local yet first, a write marks its blocks local, a flush saves
+    /// the map so a restart never fetches a block over a write it acknowledged.
+    let hydration: HydratingVolume?
 
     /// Opens `path` read-write (read-only for a volume only scanned). The file must exist; its
     /// size is the export size.
-    public init(name: String, path: String, recorder: any ChangeRecorder, pool: NIOThreadPool, readOnly: Bool = false) throws {
+    init(name: String, path: String, recorder: any ChangeRecorder, pool: NIOThreadPool, readOnly: Bool = false,
+         hydration: HydratingVolume?) throws {
         let fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
         guard fd >= 0 else {
             throw FerryError(.notFound, "cannot open volume \(name) at \(path): \(String(cString: strerror(errno)))")
@@ -57,6 +62,11 @@ public final class BlockVolume: NBDExport {
         self.fd = fd
         self.pool = pool
         self.recorder = recorder
+        self.hydration = hydration
+    }
+
+    public convenience init(name: String, path: String, recorder: any ChangeRecorder, pool: NIOThreadPool, readOnly: Bool = false) throws {
+        try self.init(name: name, path: path, recorder: recorder, pool: pool, readOnly: readOnly, hydration: nil)
     }
 
     deinit { close(fd) }
@@ -85,7 +95,9 @@ public final class BlockVolume: NBDExport {
             case .read(let offset, let length): return .success(try readNow(offset: offset, length: length, allocator: allocator))
             case .write(let offset, let data, let fua): _ = try writeNow(offset: offset, data: data, fua: fua)
             case .zero(let offset, let length, let fua): _ = try zeroNow(offset: offset, length: length, fua: fua)
-            case .flush: try Self.sync(fd)
+            case .flush:
+                try hydration?.saveMap(force: true)
+                try Self.sync(fd)
             }
             return .success(nil)
         } catch let error as VolumeIOError {
@@ -97,6 +109,8 @@ public final class BlockVolume: NBDExport {
 
     /// Holes of the backing file are unallocated zeroes; a block device is data throughout.
     public func allocation(offset: UInt64, length: UInt64, limit: Int) -> Result<[NBDExtent], VolumeIOError> {
+        // Not local yet: the target's holes say nothing about the point's.
+        if let hydration, !hydration.isComplete { return .success([NBDExtent(length: length, flags: 0)]) }
         var list = NBDExtentList(limit: limit)
         FileAllocation.append(fd: fd, from: offset, to: offset + length, into: &list)
         return .success(list.extents)
@@ -105,6 +119,7 @@ public final class BlockVolume: NBDExport {
     // MARK: Blocking: on the I/O threads or an NBD connection's thread
 
     func readNow(offset: UInt64, length: Int, allocator: ByteBufferAllocator) throws -> ByteBuffer {
+        try hydration?.ensureLocal(offset: offset, length: UInt64(length))
         var buffer = allocator.buffer(capacity: length)
         // Past the end of a file that shrank under us, the rest reads as zeroes.
         let failed = FileIO.read(fd, count: length, at: offset, into: &buffer, zeroFillPastEnd: true)
@@ -118,13 +133,15 @@ public final class BlockVolume: NBDExport {
         let fd = self.fd
         gate.enter()
         defer { gate.leave() }
-        let sequence = try mutation.withLock { _ in
-            if fencedFlag.load(ordering: .acquiring) { throw Self.ioError("write (volume fenced)", EPERM) }
-            let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: offset) }
-            if failed != 0 { throw Self.ioError("write", failed) }
-            return recorder.append(offset: offset, kind: .write(data))
+        let sequence = try hydrating(offset: offset, length: UInt64(data.readableBytes)) {
+            try mutation.withLock { _ in
+                if fencedFlag.load(ordering: .acquiring) { throw Self.ioError("write (volume fenced)", EPERM) }
+                let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: offset) }
+                if failed != 0 { throw Self.ioError("write", failed) }
+                return recorder.append(offset: offset, kind: .write(data))
+            }
         }
-        if fua { try Self.sync(fd) }
+        if fua { try durable() }
         return sequence
     }
 
@@ -134,24 +151,38 @@ public final class BlockVolume: NBDExport {
         let fd = self.fd
         gate.enter()
         defer { gate.leave() }
-        let sequence = try mutation.withLock { _ in
-            if fencedFlag.load(ordering: .acquiring) { throw Self.ioError("zero (volume fenced)", EPERM) }
-            if ferry_punch_hole(fd, off_t(offset), off_t(length)) != 0 {
-                guard errno == EOPNOTSUPP || errno == EINVAL else { throw Self.ioError("zero", errno) }
-                try Self.writeZeroes(fd, offset: offset, length: length)
+        let sequence = try hydrating(offset: offset, length: length) {
+            try mutation.withLock { _ in
+                if fencedFlag.load(ordering: .acquiring) { throw Self.ioError("zero (volume fenced)", EPERM) }
+                if ferry_punch_hole(fd, off_t(offset), off_t(length)) != 0 {
+                    guard errno == EOPNOTSUPP || errno == EINVAL else { throw Self.ioError("zero", errno) }
+                    try Self.writeZeroes(fd, offset: offset, length: length)
+                }
+                return recorder.append(offset: offset, kind: .zero(length: length))
             }
-            return recorder.append(offset: offset, kind: .zero(length: length))
         }
-        if fua { try Self.sync(fd) }
+        if fua { try durable() }
         return sequence
+    }
+
+    /// A change of a hydrating volume goes through its map (see `HydratingVolume.change`).
+    private func hydrating<T>(offset: UInt64, length: UInt64, _ body: () throws -> T) throws -> T {
+        guard let hydration else { return try body() }
+        return try hydration.change(offset: offset, length: length, body)
+    }
+
+    /// FUA: the write is on disk, and so is the map that says its blocks are local.
+    private func durable() throws {
+        if let hydration { try hydration.saveMap(force: true) } else { try Self.sync(fd) }
     }
 
     /// Block hashes of `count` blocks from `offset` (see `BlockHashing`), read without the
     /// mutation lock: a write racing with the read is captured anyway and follows in the stream.
     public func hashes(offset: UInt64, blockBytes: Int, count: Int) async throws -> BlockHashing.Result {
-        let fd = self.fd, size = self.size
+        let fd = self.fd, size = self.size, hydration = self.hydration
         return try await pool.runIfActive {
-            try BlockHashing.hashes(fd: fd, size: size, offset: offset, blockBytes: blockBytes, count: count)
+            try hydration?.ensureLocal(offset: offset, length: UInt64(blockBytes) * UInt64(count))
+            return try BlockHashing.hashes(fd: fd, size: size, offset: offset, blockBytes: blockBytes, count: count)
         }
     }
 
@@ -162,6 +193,7 @@ public final class BlockVolume: NBDExport {
         let fd = self.fd
         let length = Int(min(UInt64(length), size - min(size, offset)))
         return try await pool.runIfActive {
+            try self.hydration?.ensureLocal(offset: offset, length: UInt64(length))
             self.gate.enter()
             defer { self.gate.leave() }
             return try self.mutation.withLock { _ in

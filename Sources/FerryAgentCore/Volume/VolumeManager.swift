@@ -26,7 +26,30 @@ public actor VolumeManager {
         /// Why its path is outside `protect-allow`, for a volume served only because it was
         /// protected before the list existed (reported to the controller, which audits it).
         var outsideAllowlist: String?
+        /// A recovered volume filling its target from the failover point, and its copier.
+        var hydration: Hydration?
     }
+
+    /// The parts of a volume that hydrates (see `VolumeHydration` in the protocol).
+    struct Hydration {
+        let volume: HydratingVolume
+        let remote: RecoveredVolume
+        let copier: Task<Void, Never>?
+        let mapPath: String
+
+        func stop() async {
+            copier?.cancel()
+            await copier?.value
+            await remote.stop()
+        }
+    }
+
+    /// Connects to one of the controller's point exports (port, export name, with block
+    /// status or not) with this host's current certificate.
+    public typealias PointConnector = @Sendable (_ port: Int, _ export: String, _ allocation: Bool) async throws -> NBDClient
+    private var pointConnector: PointConnector?
+    /// Most bytes per second a hydration fetches (0: no limit).
+    let hydrationRateLimit: UInt64
 
     let listPath: String
     let socketDirectory: String
@@ -55,7 +78,8 @@ public actor VolumeManager {
 
     public init(dataDir: String, socketDirectory: String, pool: NIOThreadPool, logger: Logger,
                 changeLogBytes: Int = 64 << 20, spillBytes: Int64 = 1 << 30, tcpListen: (host: String, port: Int)? = nil,
-                allow: ProtectAllow, hostName: String, configPath: String?, socketUsers: Set<UInt32> = []) {
+                allow: ProtectAllow, hostName: String, configPath: String?, socketUsers: Set<UInt32> = [], hydrationRateLimit: UInt64 = 0) {
+        self.hydrationRateLimit = hydrationRateLimit
         self.socketUsers = socketUsers
         self.allow = allow
         self.hostName = hostName
@@ -87,6 +111,11 @@ public actor VolumeManager {
         }
     }
 
+    /// How hydrating volumes reach the controller's point exports; set before `start`.
+    public func setPointConnector(_ connector: @escaping PointConnector) {
+        pointConnector = connector
+    }
+
     /// Serves the volumes remembered from the last run. A volume that cannot be opened is logged
     /// and skipped; the others are served.
     public func start() async {
@@ -102,6 +131,11 @@ public actor VolumeManager {
 
     /// Starts protecting one volume, or confirms it if it is already served as asked.
     public func protect(_ spec: Ferry_V1_VolumeSpec) async throws -> Ferry_V1_VolumeStatus {
+        var spec = spec
+        if spec.hasHydration, spec.path.isEmpty {
+            // A recovered volume without a target named in the plan lives under the data dir.
+            spec.path = defaultRecoveredPath(spec.name)
+        }
         if let existing = served[spec.name] {
             guard existing.spec.path == spec.path else {
                 throw FerryError(.conflict, "volume \(spec.name) is already protected at \(existing.spec.path)")
@@ -109,6 +143,8 @@ public actor VolumeManager {
             guard existing.spec.captureMode == spec.captureMode else {
                 throw FerryError(.conflict, "volume \(spec.name) is already protected in capture mode \(existing.spec.captureMode == .scan ? "scan" : "export"); remove it to change the mode")
             }
+            // The controller says when a recovered volume's replica is ready to be streamed to.
+            served[spec.name]?.spec.replicaSeeding = spec.replicaSeeding
             try await applyFencing(spec)
             try await startSyncIfNeeded(spec)
             return status(served[spec.name] ?? existing)
@@ -131,6 +167,10 @@ public actor VolumeManager {
             entry.server.cancel()
             unlink(entry.socket)
             unlink(entry.activity.path)
+            if let hydration = entry.hydration {
+                await hydration.stop()
+                unlink(hydration.mapPath)
+            }
             served[name] = nil
             remembered[name] = nil
             logger.info("volume no longer protected", metadata: ["volume": "\(name)"])
@@ -308,7 +348,9 @@ public actor VolumeManager {
     }
 
     func streams() -> [Stream] {
-        served.keys.sorted().compactMap { name in
+        // A recovered volume whose replica the controller is still building waits (its change
+        // log keeps the writes meanwhile).
+        served.keys.sorted().filter { served[$0]?.spec.replicaSeeding != true }.compactMap { name in
             served[name].map {
                 Stream(name: name, volume: $0.volume, log: $0.log, activity: $0.activity, tracker: $0.tracker, after: resumeAfter[name] ?? 0,
                        scanInterval: $0.spec.captureMode == .scan ? max(5, $0.spec.scanIntervalSeconds) : nil)
@@ -374,9 +416,33 @@ public actor VolumeManager {
             report.markedExtents = UInt64(entry.activity.markedCount)
             if let tcpAddress { report.tcpAddress = tcpAddress }
             report.sync = entry.tracker.progress(pendingExtents: pendingExtents, extentBytes: entry.activity.extentBytes)
+            if let hydrating = entry.hydration?.volume {
+                let progress = hydrating.progress
+                report.hydration.targetPath = entry.spec.path
+                report.hydration.localBytes = progress.localBytes
+                report.hydration.fetchedBytes = progress.fetchedBytes
+                report.hydration.bytesPerSecond = hydrating.rate
+                report.hydration.copySeconds = hydrating.copySeconds
+                report.hydration.hydrated = progress.complete
+            }
             reports.append(report)
         }
         return reports
+    }
+
+    /// A served volume and its socket (a failover that lands here hands it to the start hook).
+    func served(_ name: String) -> (volume: BlockVolume, socket: String)? {
+        served[name].map { ($0.volume, $0.socket) }
+    }
+
+    /// Where a recovered volume lives when the plan names no target.
+    nonisolated func defaultRecoveredPath(_ name: String) -> String {
+        (listPath as NSString).deletingLastPathComponent + "/volumes/recovered/" + name + ".img"
+    }
+
+    /// Where a hydrating volume keeps its map.
+    nonisolated func hydrationMapPath(_ name: String) -> String {
+        (listPath as NSString).deletingLastPathComponent + "/hydration/" + name + ".map"
     }
 
     public func statuses() -> [Ferry_V1_VolumeStatus] {
@@ -387,6 +453,7 @@ public actor VolumeManager {
     public func stop() {
         tcpTask?.cancel()
         for entry in served.values {
+            entry.hydration?.copier?.cancel()
             entry.server.cancel()
             unlink(entry.socket)
         }
@@ -411,7 +478,13 @@ public actor VolumeManager {
             logger.warning("volume served although its path is outside protect-allow (it was protected before the list existed); add it to protect-allow",
                            metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "reason": "\(refusal)"])
         }
-        let created = try Self.prepare(path: spec.path, createSize: spec.createSizeBytes)
+        var hydration: Hydration?
+        var created: Bool
+        if spec.hasHydration {
+            (hydration, created) = try await openHydration(spec)
+        } else {
+            created = try Self.prepare(path: spec.path, createSize: spec.createSizeBytes)
+        }
         let spillDirectory = (listPath as NSString).deletingLastPathComponent + "/spill"
         try FileManager.default.createDirectory(atPath: spillDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let dataDir = (listPath as NSString).deletingLastPathComponent
@@ -423,7 +496,12 @@ public actor VolumeManager {
         unlink(spillPath)
         let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillPath, spillBytes: spillBytes, activity: activity)
         let scanned = spec.captureMode == .scan
-        let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: log, pool: pool, readOnly: scanned)
+        var opened = false
+        defer {
+            // Whatever fails from here on: the copier of a volume not served must not run on.
+            if !opened, let hydration { Task { await hydration.stop() } }
+        }
+        let volume = try BlockVolume(name: spec.name, path: spec.path, recorder: log, pool: pool, readOnly: scanned, hydration: hydration?.volume)
         volume.generation = spec.generation
         // Fenced before it is served: the workload never gets a moment of writes here.
         if spec.fenced {
@@ -464,8 +542,53 @@ public actor VolumeManager {
         for await _ in ready.stream {}
         await exportOverTCP(volume)
         logger.info("volume exported", metadata: ["volume": "\(spec.name)", "path": "\(spec.path)", "bytes": "\(volume.size)", "socket": "\(socket)"])
+        opened = true
         return Served(spec: recorded, volume: volume, log: log, activity: activity, tracker: tracker, socket: socket, server: task,
-                      historyKnown: activity.existed, createdEmpty: created, outsideAllowlist: outside)
+                      historyKnown: activity.existed, createdEmpty: created, outsideAllowlist: outside, hydration: hydration)
+    }
+
+    /// Opens the hydration of a recovered volume's target (creating the target if it is
+    /// missing) and starts its copier unless every block is local already. Returns whether the
+    /// volume is new here: its replica is built from the same point, so it is in sync.
+    private func openHydration(_ spec: Ferry_V1_VolumeSpec) async throws -> (Hydration, Bool) {
+        guard let connector = pointConnector else {
+            throw FerryError(.unavailable, "volume \(spec.name) hydrates from the controller, and this agent has no controller connection yet")
+        }
+        guard spec.captureMode == .export else {
+            throw FerryError(.badRequest, "volume \(spec.name) hydrates: it is captured through its export, not by scanning")
+        }
+        guard spec.sizeBytes > 0, spec.hydration.exportPort > 0, spec.hydration.exportPort <= 65535,
+              !spec.hydration.exportName.isEmpty, spec.hydration.exportName.utf8.count <= 256 else {
+            throw FerryError(.badRequest, "volume \(spec.name) hydrates, but its size or point export is missing or out of range")
+        }
+        let mapPath = hydrationMapPath(spec.name)
+        try FileManager.default.createDirectory(atPath: (mapPath as NSString).deletingLastPathComponent, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o700])
+        let fresh = !FileManager.default.fileExists(atPath: mapPath)
+        let port = Int(spec.hydration.exportPort), export = spec.hydration.exportName
+        // Reads of blocks not local yet go to the point, reconnecting as a recovered volume does.
+        let remote = RecoveredVolume(name: spec.name, source: spec.hydration.source, size: spec.sizeBytes, first: nil, logger: logger,
+                                     connect: { try await connector(port, export, false) })
+        let logger = self.logger
+        let volume: HydratingVolume
+        do {
+            volume = try await pool.runIfActive {
+                try HydratingVolume.open(name: spec.name, source: spec.hydration.source, size: spec.sizeBytes, target: spec.path,
+                                         mapPath: mapPath, point: spec.hydration.point, remote: remote, logger: logger,
+                                         onComplete: { Task { await remote.stop() } })
+            }
+        } catch {
+            await remote.stop()
+            throw error
+        }
+        guard !volume.isComplete else {
+            await remote.stop()
+            return (Hydration(volume: volume, remote: remote, copier: nil, mapPath: mapPath), fresh)
+        }
+        logger.info("hydrating a recovered volume", metadata: ["volume": "\(spec.name)", "target": "\(spec.path)", "local": "\(volume.progress.localBytes)"])
+        let copier = Hydrator(volume: volume, connect: { try await connector(port, export, true) }, pool: pool, logger: logger,
+                              rateLimit: hydrationRateLimit, report: { _, _ in })
+        return (Hydration(volume: volume, remote: remote, copier: Task { await copier.run() }, mapPath: mapPath), fresh)
     }
 
     /// Adds the volume to the loopback TCP export, starting it with the first volume. A port
@@ -540,6 +663,11 @@ public actor VolumeManager {
         var scanIntervalSeconds: UInt32?
         var generation: UInt64?
         var fenced: Bool?
+        /// A recovered volume's hydration: its point export (port, name), point and source.
+        var hydrationPort: UInt32?
+        var hydrationExport: String?
+        var hydrationPoint: String?
+        var hydrationSource: String?
 
         var spec: Ferry_V1_VolumeSpec {
             var s = Ferry_V1_VolumeSpec()
@@ -552,6 +680,12 @@ public actor VolumeManager {
             }
             s.generation = generation ?? 0
             s.fenced = fenced ?? false
+            if let hydrationPort, let hydrationExport {
+                s.hydration.exportPort = hydrationPort
+                s.hydration.exportName = hydrationExport
+                s.hydration.point = hydrationPoint ?? ""
+                s.hydration.source = hydrationSource ?? ""
+            }
             return s
         }
     }
@@ -560,7 +694,11 @@ public actor VolumeManager {
         let list = served.values.map {
             Remembered(name: $0.spec.name, path: $0.spec.path, sizeBytes: $0.spec.sizeBytes,
                        scanIntervalSeconds: $0.spec.captureMode == .scan ? $0.spec.scanIntervalSeconds : nil,
-                       generation: $0.spec.generation == 0 ? nil : $0.spec.generation, fenced: $0.spec.fenced ? true : nil)
+                       generation: $0.spec.generation == 0 ? nil : $0.spec.generation, fenced: $0.spec.fenced ? true : nil,
+                       hydrationPort: $0.spec.hasHydration ? $0.spec.hydration.exportPort : nil,
+                       hydrationExport: $0.spec.hasHydration ? $0.spec.hydration.exportName : nil,
+                       hydrationPoint: $0.spec.hasHydration ? $0.spec.hydration.point : nil,
+                       hydrationSource: $0.spec.hasHydration ? $0.spec.hydration.source : nil)
         }
             .sorted { $0.name < $1.name }
         let encoder = JSONEncoder()

@@ -189,13 +189,16 @@ struct FailoverCommand: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Unplanned: a point id or latest, latest-crash, latest-app, latest-group.", valueName: "POINT"))
     var point: String?
     @Option(help: ArgumentHelp("Unplanned: the newest point at or before this time.", valueName: "TIME")) var asOf: String?
+    @Flag(help: "Land on the recovery hosts' own storage (the plan's targets, or files in their data dirs): each volume is copied in the background while it is served, protected there from its first write (its replica starts from the point), and the source groups get twins over the recovered volumes. Targets are checked before anything is fenced.")
+    var hydrate = false
     @OptionGroup var job: PlanJobOptions
 
     func run() async throws {
         try await CLI.guarded {
             if planned, point != nil || asOf != nil { throw FerryError(.badRequest, "a planned failover recovers at the drained state: no --point or --as-of") }
             if point != nil, asOf != nil { throw FerryError(.badRequest, "give --point or --as-of, not both") }
-            try await job.run(API.JobCreateRequest(operation: .failover, point: point, asOf: try asOf.map(PointFormat.parse(asOf:)), planned: planned))
+            try await job.run(API.JobCreateRequest(operation: .failover, point: point, asOf: try asOf.map(PointFormat.parse(asOf:)), planned: planned,
+                                                   hydrate: hydrate ? true : nil))
         }
     }
 }
@@ -232,9 +235,11 @@ struct RollbackCommand: AsyncParsableCommand {
 
 struct MigrateCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "migrate", abstract: "Move a plan to the recovery site for good: planned failover, commit, unprotect the sources.")
+        commandName: "migrate", abstract: "Move a plan to the recovery site for good: planned failover, commit, unprotect the sources.",
+        discussion: "With --hydrate the workload ends on the recovery hosts' own storage, protected as their volumes: once each volume is copied, nothing of it is on the controller's data path.")
+    @Flag(help: "Land on the recovery hosts' own storage, protected there (see 'ferryctl failover --hydrate').") var hydrate = false
     @OptionGroup var job: PlanJobOptions
-    func run() async throws { try await job.run(API.JobCreateRequest(operation: .migrate)) }
+    func run() async throws { try await job.run(API.JobCreateRequest(operation: .migrate, hydrate: hydrate ? true : nil)) }
 }
 
 struct JobsCommand: AsyncParsableCommand {

@@ -7,6 +7,9 @@ struct JobStepSpec: Codable, Sendable, Equatable {
     enum Kind: String, Codable, Sendable {
         /// Chooses the point of every volume (drill, unplanned failover).
         case resolvePoint
+        /// A failover that lands on the recovery hosts (hydrate): each checks its targets (allowed,
+        /// big enough, room for the point's data) before anything is fenced.
+        case preflight
         /// Runs an item's stop hook on its source host (planned failover).
         case stopSource
         /// New generation for every volume of the plan; sources refuse writes from now on.
@@ -34,6 +37,9 @@ struct JobStepSpec: Codable, Sendable, Equatable {
         case unprotectSources
         /// Sets the plan's state and writes the report.
         case settle
+        /// A failover that landed: each source consistency group gets a twin over the recovered
+        /// volumes, with the same policy.
+        case mirrorGroups
     }
     var kind: Kind
     var group: String?
@@ -119,7 +125,20 @@ enum JobPlanner {
                 for (i, step) in g.post.enumerated() { add(.post, describe(step, "after \(g.name)"), group: g.name, index: i, timeout: step.timeoutSeconds) }
             }
         }
+        func preflight() {
+            guard request.hydrate == true else { return }
+            for g in plan.groups {
+                for item in g.items {
+                    add(.preflight, "pre-flight on \(item.recoveryHost): targets for \(item.host)", group: g.name, host: item.host, timeout: 300)
+                }
+            }
+        }
+        func mirrorGroups() {
+            guard request.hydrate == true else { return }
+            add(.mirrorGroups, "groups over the recovered volumes, as over the sources", timeout: 60)
+        }
         func plannedFailover() {
+            preflight()
             for g in plan.groups.reversed() {
                 for item in g.items { add(.stopSource, "stop \(item.host)", group: g.name, host: item.host, timeout: item.timeoutSeconds) }
             }
@@ -144,9 +163,11 @@ enum JobPlanner {
                 plannedFailover()
             } else {
                 add(.resolvePoint, "choose point \(request.point ?? (request.asOf == nil ? "latest-group" : "as of"))", timeout: 60)
+                preflight()
                 add(.fenceSources, "fence sources (new generation)", timeout: 120)
                 recoverGroups()
             }
+            mirrorGroups()
             add(.settle, "failed over", state: "failed-over", timeout: 60)
         case .commit:
             try need(["failed-over"], "commit")
@@ -178,6 +199,7 @@ enum JobPlanner {
         case .migrate:
             try need(["protected"], "a migration")
             plannedFailover()
+            mirrorGroups()
             add(.commit, "commit", timeout: 60)
             add(.unprotectSources, "unprotect sources", timeout: 120)
             add(.settle, "migrated", state: "migrated", timeout: 60)

@@ -101,6 +101,8 @@ extension JobRunner {
             }
             return "\(volumes.count) volumes no longer protected"
         case .settle: return try await settle(id, plan: plan, state: spec.state ?? "protected")
+        case .preflight: return try await preflight(id, plan: plan, item: try item(plan, host: spec.host))
+        case .mirrorGroups: return try await mirrorGroups(id, plan: plan)
         }
     }
 
@@ -288,10 +290,9 @@ extension JobRunner {
             return existing
         }
         var volumes: [RecoveryRecord.Volume] = []
-        // Hydration lands a drill on the recovery host's storage. (A failover's recovered writes
-        // must reach the controller for reprotect, which hydration does not do yet.)
-        let asked = (try? await view(id: job))?.request.hydrate == true
-        let hydrate = purpose == "drill" && asked
+        // Hydration lands the volumes on the recovery host's storage; a failover's are then
+        // protected there, a drill's are disposable.
+        let hydrate = (try? await view(id: job))?.request.hydrate == true
         for v in try await sourceVolumes(item) {
             guard let p = positions[v.key] else { throw FerryError(.internalError, "no point chosen for \(v.key)") }
             let exportID = PointExports.newID(prefix: "r-")
@@ -334,6 +335,8 @@ extension JobRunner {
         let purpose = operation == .drill ? "drill" : "failover"
         let record = try await recoveryRecord(id, plan: plan, item: item, purpose: purpose, positions: context(id).positions)
         try await ensureExports(record)
+        let protected = purpose == "failover" && record.volumes.contains { $0.hydrate == true }
+        if protected { try await protectRecovered(record, port: port) }
         let session = try await session(item.recoveryHost)
         var description: [String: Any] = [
             "plan": plan.name, "source_host": item.host, "recovery_host": item.recoveryHost, "network": record.network,
@@ -366,6 +369,7 @@ extension JobRunner {
                 s.sizeBytes = v.size
                 s.hydrate = v.hydrate == true
                 s.targetPath = v.target ?? ""
+                s.protected = protected
                 return s
             }
             }
@@ -376,6 +380,12 @@ extension JobRunner {
                 try? await exports.remove(id: v.exportID, managed: true)
             }
             try? await store.deleteRecovery(id: record.id)
+            if protected, let rid = try? await hostID(item.recoveryHost) {
+                try? await store.unprotect(record.volumes.map { (rid, $0.localName) }, plan: plan.name, actor: "job \(id)")
+                if let session = try? await self.session(item.recoveryHost, wait: .zero) {
+                    await agents.syncVolumes(hostID: rid, session: session, log: logger)
+                }
+            }
             throw error
         }
         guard case .recoveryStarted(let started)? = result.outcome else {

@@ -42,12 +42,16 @@ public actor JobRunner {
     // MARK: API
 
     public func start(plan name: String, request: API.JobCreateRequest, actor: String) async throws -> API.Job {
-        if request.hydrate == true, request.operation != .drill {
-            // A failover's recovered writes feed reprotect through the controller's overlay;
-            // on local storage they would not reach it.
-            throw FerryError(.unsupported, "hydration is offered for drills; a \(request.operation.rawValue) is served from the controller's point")
+        if request.hydrate == true, ![.drill, .failover, .migrate].contains(request.operation) {
+            throw FerryError(.badRequest, "hydrate applies to a drill, a failover or a migration, not a \(request.operation.rawValue)")
         }
         let view = try await store.plan(named: name)
+        if [.reprotect, .failback, .rollback].contains(request.operation),
+           try await store.recoveries(plan: name).contains(where: { r in r.purpose == "failover" && r.volumes.contains { $0.hydrate == true } }) {
+            // Its recovered volumes are protected volumes of their recovery hosts, with replicas
+            // of their own; the reverse direction from those is not built yet.
+            throw FerryError(.unsupported, "plan \(name) failed over onto its recovery hosts' storage (hydrate): its recovered volumes are protected there; \(request.operation.rawValue) from them is not available yet — commit the failover instead")
+        }
         let steps = try JobPlanner.steps(for: request, plan: view.plan, state: view.state)
         for g in view.plan.groups where [.failover, .migrate].contains(request.operation) {
             for item in g.items {

@@ -68,6 +68,27 @@ public actor Hydrations {
         if changed { try await store.saveRecovery(record) }
     }
 
+    /// A recovered volume protected on its recovery host reports its hydration with the
+    /// volume's own report: it counts as its recovery's.
+    func record(volume: String, progress: Ferry_V1_HydrationProgress, from hostName: String) async throws {
+        guard let record = try await store.recoveries().first(where: { r in
+            r.recoveryHost == hostName && r.volumes.contains { $0.localName == volume && $0.hydrate == true }
+        }) else { return }
+        var status = Ferry_V1_RecoveredVolumeStatus()
+        status.name = volume
+        status.targetPath = progress.targetPath
+        status.localBytes = progress.localBytes
+        status.fetchedBytes = progress.fetchedBytes
+        status.bytesPerSecond = progress.bytesPerSecond
+        status.copySeconds = progress.copySeconds
+        status.hydrated = progress.hydrated
+        status.hydrating = true
+        var report = Ferry_V1_RecoveryReport()
+        report.recoveryID = record.id
+        report.volumes = [status]
+        try await self.record(report, from: hostName)
+    }
+
     /// The hydrations of a plan's recovered volumes (all plans: nil), as last reported, of
     /// recoveries that are still there (a drill cleaned up takes its entries with it).
     func list(plan: String? = nil) async -> [API.Hydration] {

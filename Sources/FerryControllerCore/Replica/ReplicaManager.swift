@@ -44,10 +44,12 @@ public actor ReplicaManager {
     let pool: NIOThreadPool
     let retention: Duration
     let journalLimit: Int64
-    private var open: [String: ReplicaStore] = [:]
+    var open: [String: ReplicaStore] = [:]
     /// The oldest position a retained point needs, per replica; nil until the catalogue has
     /// pinned once (no fold runs before that, or it could fold away a point's history).
     private var pins: [String: ReplicaPosition]?
+    /// Replicas being built from a failover point (see `seed`), by key.
+    var seeding: [String: Task<Void, Never>] = [:]
 
     public init(root: String, pool: NIOThreadPool, retention: Duration = .seconds(3600), journalLimit: Int64 = 8 << 30) {
         self.root = root
@@ -91,6 +93,9 @@ public actor ReplicaManager {
     public func replica(hostID: String, volume: String, size: UInt64) throws -> ReplicaStore {
         let key = hostID + "/" + volume
         if let store = open[key] { return store }
+        guard seeding[key] == nil else {
+            throw FerryError(.unavailable, "the replica of \(volume) is still being built from its failover point; replication starts when it is")
+        }
         // Pinned from the start: a fold may run as soon as the store is in `open`.
         let store = try ReplicaStore(directory: root + "/" + key, size: size, pool: pool, retention: retention, journalLimit: journalLimit,
                                      pinned: pins?[key])

@@ -955,6 +955,14 @@ public actor ReplicaStore {
         try Self.save(state, in: directory)
     }
 
+    /// The state of a replica built from a failover point: synced (the recovered volume starts
+    /// as that point), nothing journalled yet.
+    static func writeSeededState(in directory: String) throws {
+        var state = State()
+        state.initialSynced = true
+        try save(state, in: directory)
+    }
+
     private static func save(_ state: State, in directory: String) throws {
         let data = try JSONEncoder().encode(state)
         try PEMFiles.writePublic(String(decoding: data, as: UTF8.self), to: directory + "/state.json")

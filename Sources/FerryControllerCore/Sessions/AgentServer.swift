@@ -343,6 +343,12 @@ public final class AgentServer: Service, Sendable {
             gates.load(hostID: hostID, records)
             for record in records {
                 var spec = record.spec
+                if let h = record.hydration, try await !replicaReady(hostID: hostID, record: record, hydration: h, log: log) {
+                    // Served and captured at once; streamed once its replica is built.
+                    spec.replicaSeeding = true
+                    sync.volumes.append(spec)
+                    continue
+                }
                 // Where the replica stands, so the agent resumes right after it.
                 let replica = try await replicas.replica(hostID: hostID, volume: record.name, size: UInt64(record.sizeBytes))
                 let state = await replica.state
@@ -371,6 +377,19 @@ public final class AgentServer: Service, Sendable {
             try await store.recordVolumeSockets(hostID: hostID, statuses.volumes)
         } catch {
             log.warning("volume list not delivered", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Whether a recovered volume's replica is built from its failover point; if not, starts
+    /// building it, and sends the host its volume list again once it is.
+    func replicaReady(hostID: String, record: VolumeRecord, hydration h: VolumeHydration, log: Logger) async throws -> Bool {
+        let size = UInt64(record.sizeBytes)
+        if await replicas.opened(hostID: hostID, volume: record.name) != nil { return true }
+        let source = try await replicas.replica(hostID: h.sourceHostID, volume: h.sourceVolume, size: size)
+        return await replicas.ensureSeeded(hostID: hostID, volume: record.name, size: size, from: source,
+                                           at: ReplicaPosition(epoch: h.epoch, sequence: h.sequence), logger: log) { error in
+            guard error == nil, let entry = await self.registry.entry(hostID: hostID) else { return }
+            await self.syncVolumes(hostID: hostID, session: entry.session, log: log)
         }
     }
 
@@ -525,7 +544,16 @@ public final class AgentServer: Service, Sendable {
                 }
             }
         case .volumeReport(let report):
+            if report.hasHydration {
+                do {
+                    try await hydrations?.record(volume: report.volume, progress: report.hydration, from: hostName)
+                } catch let error as FerryError {
+                    log.warning("hydration report refused", metadata: ["volume": "\(report.volume.prefix(200))", "reason": "\(error.message)"])
+                }
+            }
             guard let replica = try? await protectedReplica(hostID: hostID, volume: report.volume) else {
+                // A recovered volume whose replica is still being built reports before it exists.
+                if await replicas.isSeeding(hostID: hostID, volume: report.volume) { return }
                 log.warning("report about a volume this host does not protect", metadata: ["volume": "\(report.volume)"])
                 return
             }

@@ -131,6 +131,9 @@ public final class StateStore: Sendable {
         m.registerMigration("v7-api-token-expiry") { db in
             try db.alter(table: "apiToken") { t in t.add(column: "expiresAt", .datetime) }
         }
+        m.registerMigration("v8-volume-hydration") { db in
+            try db.alter(table: "volume") { t in t.add(column: "hydration", .text) }
+        }
         return m
     }
 
@@ -579,6 +582,9 @@ public struct VolumeRecord: Codable, FetchableRecord, PersistableRecord, Sendabl
     /// what the old primary took after the fence, and are refused.
     public var fenceEpoch: Int64?
     public var fenceSequence: Int64?
+    /// A recovered volume a failover landed on this host: filled from the failover point and
+    /// protected from its first write, its replica built from that point (no copy over the network).
+    public var hydration: VolumeHydration?
 
     var spec: Ferry_V1_VolumeSpec {
         var s = Ferry_V1_VolumeSpec()
@@ -589,8 +595,30 @@ public struct VolumeRecord: Codable, FetchableRecord, PersistableRecord, Sendabl
         s.scanIntervalSeconds = UInt32(clamping: scanIntervalSeconds)
         s.generation = UInt64(max(0, generation))
         s.fenced = fenced
+        if let hydration {
+            s.hydration.exportPort = UInt32(clamping: hydration.exportPort)
+            s.hydration.exportName = hydration.exportID
+            s.hydration.point = hydration.point
+            s.hydration.source = hydration.source
+        }
         return s
     }
+}
+
+/// Where a recovered, protected volume comes from: the source replica's point it was recovered
+/// at (its replica here starts as a copy of that point) and the export its host fills it from.
+public struct VolumeHydration: Codable, Sendable, Equatable {
+    /// "HOST/VOLUME" of the source, its host and volume, and the point.
+    public var source: String
+    public var sourceHostID: String
+    public var sourceVolume: String
+    public var epoch: UInt64
+    public var sequence: UInt64
+    public var point: String
+    public var exportID: String
+    public var exportPort: Int
+    /// The recovery (plan.host) that made it.
+    public var recovery: String
 }
 
 extension StateStore {
@@ -633,6 +661,8 @@ extension StateStore {
         try await pool.write { db in
             for s in statuses where s.error.isEmpty {
                 try db.execute(sql: "UPDATE volume SET socketPath = ? WHERE hostID = ? AND name = ?", arguments: [s.socketPath, hostID, s.name])
+                // A recovered volume placed by its agent (no target in the plan): where it is.
+                try db.execute(sql: "UPDATE volume SET path = ? WHERE hostID = ? AND name = ? AND path = ''", arguments: [s.path, hostID, s.name])
             }
         }
     }

@@ -68,119 +68,125 @@ public nonisolated enum Ferry_V1_CaptureMode: SwiftProtobuf.Enum, Swift.CaseIter
 ///   20-59    protection and replication (protect, unprotect, resync, scan)
 ///   60-99    recovery points (quiesce/thaw hooks by name, cut rounds)
 ///   100-149  recovery and failover (start/stop hooks by name, exports, fencing)
-public nonisolated struct Ferry_V1_Command: Sendable {
+public nonisolated struct Ferry_V1_Command: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// How long the controller waits for the result; the agent should give up
   /// and answer ERROR_CODE_TIMEOUT before then.
-  public var timeoutMs: UInt32 = 0
+  public var timeoutMs: UInt32 {
+    get {_storage._timeoutMs}
+    set {_uniqueStorage()._timeoutMs = newValue}
+  }
 
-  public var kind: Ferry_V1_Command.OneOf_Kind? = nil
+  public var kind: OneOf_Kind? {
+    get {return _storage._kind}
+    set {_uniqueStorage()._kind = newValue}
+  }
 
   public var refreshInventory: Ferry_V1_RefreshInventory {
     get {
-      if case .refreshInventory(let v)? = kind {return v}
+      if case .refreshInventory(let v)? = _storage._kind {return v}
       return Ferry_V1_RefreshInventory()
     }
-    set {kind = .refreshInventory(newValue)}
+    set {_uniqueStorage()._kind = .refreshInventory(newValue)}
   }
 
   public var echo: Ferry_V1_Echo {
     get {
-      if case .echo(let v)? = kind {return v}
+      if case .echo(let v)? = _storage._kind {return v}
       return Ferry_V1_Echo()
     }
-    set {kind = .echo(newValue)}
+    set {_uniqueStorage()._kind = .echo(newValue)}
   }
 
   public var protectVolume: Ferry_V1_ProtectVolume {
     get {
-      if case .protectVolume(let v)? = kind {return v}
+      if case .protectVolume(let v)? = _storage._kind {return v}
       return Ferry_V1_ProtectVolume()
     }
-    set {kind = .protectVolume(newValue)}
+    set {_uniqueStorage()._kind = .protectVolume(newValue)}
   }
 
   public var syncVolumes: Ferry_V1_SyncVolumes {
     get {
-      if case .syncVolumes(let v)? = kind {return v}
+      if case .syncVolumes(let v)? = _storage._kind {return v}
       return Ferry_V1_SyncVolumes()
     }
-    set {kind = .syncVolumes(newValue)}
+    set {_uniqueStorage()._kind = .syncVolumes(newValue)}
   }
 
   public var resyncVolume: Ferry_V1_ResyncVolume {
     get {
-      if case .resyncVolume(let v)? = kind {return v}
+      if case .resyncVolume(let v)? = _storage._kind {return v}
       return Ferry_V1_ResyncVolume()
     }
-    set {kind = .resyncVolume(newValue)}
+    set {_uniqueStorage()._kind = .resyncVolume(newValue)}
   }
 
   public var runHook: Ferry_V1_RunHook {
     get {
-      if case .runHook(let v)? = kind {return v}
+      if case .runHook(let v)? = _storage._kind {return v}
       return Ferry_V1_RunHook()
     }
-    set {kind = .runHook(newValue)}
+    set {_uniqueStorage()._kind = .runHook(newValue)}
   }
 
   public var prepareCut: Ferry_V1_PrepareCut {
     get {
-      if case .prepareCut(let v)? = kind {return v}
+      if case .prepareCut(let v)? = _storage._kind {return v}
       return Ferry_V1_PrepareCut()
     }
-    set {kind = .prepareCut(newValue)}
+    set {_uniqueStorage()._kind = .prepareCut(newValue)}
   }
 
   public var finishCut: Ferry_V1_FinishCut {
     get {
-      if case .finishCut(let v)? = kind {return v}
+      if case .finishCut(let v)? = _storage._kind {return v}
       return Ferry_V1_FinishCut()
     }
-    set {kind = .finishCut(newValue)}
+    set {_uniqueStorage()._kind = .finishCut(newValue)}
   }
 
   public var recoverVolumes: Ferry_V1_RecoverVolumes {
     get {
-      if case .recoverVolumes(let v)? = kind {return v}
+      if case .recoverVolumes(let v)? = _storage._kind {return v}
       return Ferry_V1_RecoverVolumes()
     }
-    set {kind = .recoverVolumes(newValue)}
+    set {_uniqueStorage()._kind = .recoverVolumes(newValue)}
   }
 
   public var stopRecovery: Ferry_V1_StopRecovery {
     get {
-      if case .stopRecovery(let v)? = kind {return v}
+      if case .stopRecovery(let v)? = _storage._kind {return v}
       return Ferry_V1_StopRecovery()
     }
-    set {kind = .stopRecovery(newValue)}
+    set {_uniqueStorage()._kind = .stopRecovery(newValue)}
   }
 
   public var fenceVolumes: Ferry_V1_FenceVolumes {
     get {
-      if case .fenceVolumes(let v)? = kind {return v}
+      if case .fenceVolumes(let v)? = _storage._kind {return v}
       return Ferry_V1_FenceVolumes()
     }
-    set {kind = .fenceVolumes(newValue)}
+    set {_uniqueStorage()._kind = .fenceVolumes(newValue)}
   }
 
   public var hashBlocks: Ferry_V1_HashBlocks {
     get {
-      if case .hashBlocks(let v)? = kind {return v}
+      if case .hashBlocks(let v)? = _storage._kind {return v}
       return Ferry_V1_HashBlocks()
     }
-    set {kind = .hashBlocks(newValue)}
+    set {_uniqueStorage()._kind = .hashBlocks(newValue)}
   }
 
   public var applyBlocks: Ferry_V1_ApplyBlocks {
     get {
-      if case .applyBlocks(let v)? = kind {return v}
+      if case .applyBlocks(let v)? = _storage._kind {return v}
       return Ferry_V1_ApplyBlocks()
     }
-    set {kind = .applyBlocks(newValue)}
+    set {_uniqueStorage()._kind = .applyBlocks(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -203,6 +209,8 @@ public nonisolated struct Ferry_V1_Command: Sendable {
   }
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Ferry_V1_CommandResult: Sendable {
@@ -403,6 +411,46 @@ public nonisolated struct Ferry_V1_VolumeSpec: Sendable {
   public var generation: UInt64 = 0
 
   public var fenced: Bool = false
+
+  /// A recovered volume that lives on this host's own storage (`path`, created if missing) and
+  /// is filled from a point of the controller while it is served: see VolumeHydration.
+  public var hydration: Ferry_V1_VolumeHydration {
+    get {_hydration ?? Ferry_V1_VolumeHydration()}
+    set {_hydration = newValue}
+  }
+  /// Returns true if `hydration` has been explicitly set.
+  public var hasHydration: Bool {self._hydration != nil}
+  /// Clears the value of `hydration`. Subsequent reads from it will return its default value.
+  public mutating func clearHydration() {self._hydration = nil}
+
+  /// The controller is still building this volume's replica from the failover point: capture
+  /// writes but do not stream them yet (a later volume list clears it).
+  public var replicaSeeding: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _hydration: Ferry_V1_VolumeHydration? = nil
+}
+
+/// Where a recovered, protected volume fetches the blocks it does not hold yet: the controller's
+/// read-only point export (on its NBD TLS listener). Once every block is local it is not used.
+public nonisolated struct Ferry_V1_VolumeHydration: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var exportPort: UInt32 = 0
+
+  public var exportName: String = String()
+
+  /// The point it is filled from ("HOST/VOLUME@POINT"): a saved hydration map for another point
+  /// is refused.
+  public var point: String = String()
+
+  /// The protected volume it recovers, as "HOST/VOLUME".
+  public var source: String = String()
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -661,6 +709,10 @@ public nonisolated struct Ferry_V1_RecoveredVolumeSpec: Sendable {
 
   public var targetPath: String = String()
 
+  /// The volume is protected on this host (a failover that lands here): the agent serves it as
+  /// the protected volume `name` from its volume list, and only hands its socket to the hook.
+  public var protected: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -695,6 +747,10 @@ public nonisolated struct Ferry_V1_RecoverVolumes: Sendable {
   /// JSON: source host inventory (CPUs, memory, interfaces, addresses, disks), the network
   /// mapping and the volumes; written to a file the hook gets as FERRY_RECOVERY_FILE.
   public var descriptionJson: String = String()
+
+  /// Check only (before a failover fences anything): every hydration target is allowed, big
+  /// enough, and its file system has room for the point's data. Nothing is served or created.
+  public var preflight: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -971,256 +1027,294 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
   public static let protoMessageName: String = _protobuf_package + ".Command"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}timeout_ms\0\u{4}\u{9}refresh_inventory\0\u{1}echo\0\u{4}\u{9}protect_volume\0\u{3}sync_volumes\0\u{3}resync_volume\0\u{4}&run_hook\0\u{3}prepare_cut\0\u{3}finish_cut\0\u{4}&recover_volumes\0\u{3}stop_recovery\0\u{3}fence_volumes\0\u{3}hash_blocks\0\u{3}apply_blocks\0")
 
+  fileprivate class _StorageClass {
+    var _timeoutMs: UInt32 = 0
+    var _kind: Ferry_V1_Command.OneOf_Kind?
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _timeoutMs = source._timeoutMs
+      _kind = source._kind
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.timeoutMs) }()
-      case 10: try {
-        var v: Ferry_V1_RefreshInventory?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .refreshInventory(let m) = current {v = m}
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt32Field(value: &_storage._timeoutMs) }()
+        case 10: try {
+          var v: Ferry_V1_RefreshInventory?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .refreshInventory(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .refreshInventory(v)
+          }
+        }()
+        case 11: try {
+          var v: Ferry_V1_Echo?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .echo(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .echo(v)
+          }
+        }()
+        case 20: try {
+          var v: Ferry_V1_ProtectVolume?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .protectVolume(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .protectVolume(v)
+          }
+        }()
+        case 21: try {
+          var v: Ferry_V1_SyncVolumes?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .syncVolumes(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .syncVolumes(v)
+          }
+        }()
+        case 22: try {
+          var v: Ferry_V1_ResyncVolume?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .resyncVolume(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .resyncVolume(v)
+          }
+        }()
+        case 60: try {
+          var v: Ferry_V1_RunHook?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .runHook(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .runHook(v)
+          }
+        }()
+        case 61: try {
+          var v: Ferry_V1_PrepareCut?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .prepareCut(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .prepareCut(v)
+          }
+        }()
+        case 62: try {
+          var v: Ferry_V1_FinishCut?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .finishCut(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .finishCut(v)
+          }
+        }()
+        case 100: try {
+          var v: Ferry_V1_RecoverVolumes?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .recoverVolumes(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .recoverVolumes(v)
+          }
+        }()
+        case 101: try {
+          var v: Ferry_V1_StopRecovery?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .stopRecovery(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .stopRecovery(v)
+          }
+        }()
+        case 102: try {
+          var v: Ferry_V1_FenceVolumes?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .fenceVolumes(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .fenceVolumes(v)
+          }
+        }()
+        case 103: try {
+          var v: Ferry_V1_HashBlocks?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .hashBlocks(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .hashBlocks(v)
+          }
+        }()
+        case 104: try {
+          var v: Ferry_V1_ApplyBlocks?
+          var hadOneofValue = false
+          if let current = _storage._kind {
+            hadOneofValue = true
+            if case .applyBlocks(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._kind = .applyBlocks(v)
+          }
+        }()
+        default: break
         }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .refreshInventory(v)
-        }
-      }()
-      case 11: try {
-        var v: Ferry_V1_Echo?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .echo(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .echo(v)
-        }
-      }()
-      case 20: try {
-        var v: Ferry_V1_ProtectVolume?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .protectVolume(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .protectVolume(v)
-        }
-      }()
-      case 21: try {
-        var v: Ferry_V1_SyncVolumes?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .syncVolumes(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .syncVolumes(v)
-        }
-      }()
-      case 22: try {
-        var v: Ferry_V1_ResyncVolume?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .resyncVolume(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .resyncVolume(v)
-        }
-      }()
-      case 60: try {
-        var v: Ferry_V1_RunHook?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .runHook(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .runHook(v)
-        }
-      }()
-      case 61: try {
-        var v: Ferry_V1_PrepareCut?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .prepareCut(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .prepareCut(v)
-        }
-      }()
-      case 62: try {
-        var v: Ferry_V1_FinishCut?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .finishCut(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .finishCut(v)
-        }
-      }()
-      case 100: try {
-        var v: Ferry_V1_RecoverVolumes?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .recoverVolumes(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .recoverVolumes(v)
-        }
-      }()
-      case 101: try {
-        var v: Ferry_V1_StopRecovery?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .stopRecovery(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .stopRecovery(v)
-        }
-      }()
-      case 102: try {
-        var v: Ferry_V1_FenceVolumes?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .fenceVolumes(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .fenceVolumes(v)
-        }
-      }()
-      case 103: try {
-        var v: Ferry_V1_HashBlocks?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .hashBlocks(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .hashBlocks(v)
-        }
-      }()
-      case 104: try {
-        var v: Ferry_V1_ApplyBlocks?
-        var hadOneofValue = false
-        if let current = self.kind {
-          hadOneofValue = true
-          if case .applyBlocks(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.kind = .applyBlocks(v)
-        }
-      }()
-      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if self.timeoutMs != 0 {
-      try visitor.visitSingularUInt32Field(value: self.timeoutMs, fieldNumber: 1)
-    }
-    switch self.kind {
-    case .refreshInventory?: try {
-      guard case .refreshInventory(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-    }()
-    case .echo?: try {
-      guard case .echo(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-    }()
-    case .protectVolume?: try {
-      guard case .protectVolume(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
-    }()
-    case .syncVolumes?: try {
-      guard case .syncVolumes(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
-    }()
-    case .resyncVolume?: try {
-      guard case .resyncVolume(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
-    }()
-    case .runHook?: try {
-      guard case .runHook(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
-    }()
-    case .prepareCut?: try {
-      guard case .prepareCut(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
-    }()
-    case .finishCut?: try {
-      guard case .finishCut(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
-    }()
-    case .recoverVolumes?: try {
-      guard case .recoverVolumes(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 100)
-    }()
-    case .stopRecovery?: try {
-      guard case .stopRecovery(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 101)
-    }()
-    case .fenceVolumes?: try {
-      guard case .fenceVolumes(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 102)
-    }()
-    case .hashBlocks?: try {
-      guard case .hashBlocks(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 103)
-    }()
-    case .applyBlocks?: try {
-      guard case .applyBlocks(let v)? = self.kind else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 104)
-    }()
-    case nil: break
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._timeoutMs != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._timeoutMs, fieldNumber: 1)
+      }
+      switch _storage._kind {
+      case .refreshInventory?: try {
+        guard case .refreshInventory(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      }()
+      case .echo?: try {
+        guard case .echo(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+      }()
+      case .protectVolume?: try {
+        guard case .protectVolume(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+      }()
+      case .syncVolumes?: try {
+        guard case .syncVolumes(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+      }()
+      case .resyncVolume?: try {
+        guard case .resyncVolume(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+      }()
+      case .runHook?: try {
+        guard case .runHook(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
+      }()
+      case .prepareCut?: try {
+        guard case .prepareCut(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
+      }()
+      case .finishCut?: try {
+        guard case .finishCut(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
+      }()
+      case .recoverVolumes?: try {
+        guard case .recoverVolumes(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 100)
+      }()
+      case .stopRecovery?: try {
+        guard case .stopRecovery(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 101)
+      }()
+      case .fenceVolumes?: try {
+        guard case .fenceVolumes(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 102)
+      }()
+      case .hashBlocks?: try {
+        guard case .hashBlocks(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 103)
+      }()
+      case .applyBlocks?: try {
+        guard case .applyBlocks(let v)? = _storage._kind else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 104)
+      }()
+      case nil: break
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Ferry_V1_Command, rhs: Ferry_V1_Command) -> Bool {
-    if lhs.timeoutMs != rhs.timeoutMs {return false}
-    if lhs.kind != rhs.kind {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._timeoutMs != rhs_storage._timeoutMs {return false}
+        if _storage._kind != rhs_storage._kind {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1531,7 +1625,7 @@ nonisolated extension Ferry_V1_Echo: SwiftProtobuf.Message, SwiftProtobuf._Messa
 
 nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0\u{3}capture_mode\0\u{3}scan_interval_seconds\0\u{1}generation\0\u{1}fenced\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0\u{3}capture_mode\0\u{3}scan_interval_seconds\0\u{1}generation\0\u{1}fenced\0\u{1}hydration\0\u{3}replica_seeding\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1550,12 +1644,18 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
       case 9: try { try decoder.decodeSingularUInt32Field(value: &self.scanIntervalSeconds) }()
       case 10: try { try decoder.decodeSingularUInt64Field(value: &self.generation) }()
       case 11: try { try decoder.decodeSingularBoolField(value: &self.fenced) }()
+      case 12: try { try decoder.decodeSingularMessageField(value: &self._hydration) }()
+      case 13: try { try decoder.decodeSingularBoolField(value: &self.replicaSeeding) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.name.isEmpty {
       try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
     }
@@ -1589,6 +1689,12 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     if self.fenced != false {
       try visitor.visitSingularBoolField(value: self.fenced, fieldNumber: 11)
     }
+    try { if let v = self._hydration {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+    } }()
+    if self.replicaSeeding != false {
+      try visitor.visitSingularBoolField(value: self.replicaSeeding, fieldNumber: 13)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1604,6 +1710,53 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     if lhs.scanIntervalSeconds != rhs.scanIntervalSeconds {return false}
     if lhs.generation != rhs.generation {return false}
     if lhs.fenced != rhs.fenced {return false}
+    if lhs._hydration != rhs._hydration {return false}
+    if lhs.replicaSeeding != rhs.replicaSeeding {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_VolumeHydration: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VolumeHydration"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}export_port\0\u{3}export_name\0\u{1}point\0\u{1}source\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.exportPort) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.exportName) }()
+      case 3: try { try decoder.decodeSingularStringField(value: &self.point) }()
+      case 4: try { try decoder.decodeSingularStringField(value: &self.source) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if self.exportPort != 0 {
+      try visitor.visitSingularUInt32Field(value: self.exportPort, fieldNumber: 1)
+    }
+    if !self.exportName.isEmpty {
+      try visitor.visitSingularStringField(value: self.exportName, fieldNumber: 2)
+    }
+    if !self.point.isEmpty {
+      try visitor.visitSingularStringField(value: self.point, fieldNumber: 3)
+    }
+    if !self.source.isEmpty {
+      try visitor.visitSingularStringField(value: self.source, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_VolumeHydration, rhs: Ferry_V1_VolumeHydration) -> Bool {
+    if lhs.exportPort != rhs.exportPort {return false}
+    if lhs.exportName != rhs.exportName {return false}
+    if lhs.point != rhs.point {return false}
+    if lhs.source != rhs.source {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2080,7 +2233,7 @@ nonisolated extension Ferry_V1_CutFinished: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Ferry_V1_RecoveredVolumeSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RecoveredVolumeSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}source\0\u{3}export_host\0\u{3}export_port\0\u{3}export_name\0\u{3}size_bytes\0\u{1}hydrate\0\u{3}target_path\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}source\0\u{3}export_host\0\u{3}export_port\0\u{3}export_name\0\u{3}size_bytes\0\u{1}hydrate\0\u{3}target_path\0\u{1}protected\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2096,6 +2249,7 @@ nonisolated extension Ferry_V1_RecoveredVolumeSpec: SwiftProtobuf.Message, Swift
       case 6: try { try decoder.decodeSingularUInt64Field(value: &self.sizeBytes) }()
       case 7: try { try decoder.decodeSingularBoolField(value: &self.hydrate) }()
       case 8: try { try decoder.decodeSingularStringField(value: &self.targetPath) }()
+      case 9: try { try decoder.decodeSingularBoolField(value: &self.protected) }()
       default: break
       }
     }
@@ -2126,6 +2280,9 @@ nonisolated extension Ferry_V1_RecoveredVolumeSpec: SwiftProtobuf.Message, Swift
     if !self.targetPath.isEmpty {
       try visitor.visitSingularStringField(value: self.targetPath, fieldNumber: 8)
     }
+    if self.protected != false {
+      try visitor.visitSingularBoolField(value: self.protected, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2138,6 +2295,7 @@ nonisolated extension Ferry_V1_RecoveredVolumeSpec: SwiftProtobuf.Message, Swift
     if lhs.sizeBytes != rhs.sizeBytes {return false}
     if lhs.hydrate != rhs.hydrate {return false}
     if lhs.targetPath != rhs.targetPath {return false}
+    if lhs.protected != rhs.protected {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2145,7 +2303,7 @@ nonisolated extension Ferry_V1_RecoveredVolumeSpec: SwiftProtobuf.Message, Swift
 
 nonisolated extension Ferry_V1_RecoverVolumes: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".RecoverVolumes"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}recovery_id\0\u{1}plan\0\u{3}source_host\0\u{1}volumes\0\u{3}start_hook\0\u{3}hook_timeout_ms\0\u{1}network\0\u{3}description_json\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}recovery_id\0\u{1}plan\0\u{3}source_host\0\u{1}volumes\0\u{3}start_hook\0\u{3}hook_timeout_ms\0\u{1}network\0\u{3}description_json\0\u{1}preflight\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2161,6 +2319,7 @@ nonisolated extension Ferry_V1_RecoverVolumes: SwiftProtobuf.Message, SwiftProto
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.hookTimeoutMs) }()
       case 7: try { try decoder.decodeSingularStringField(value: &self.network) }()
       case 8: try { try decoder.decodeSingularStringField(value: &self.descriptionJson) }()
+      case 9: try { try decoder.decodeSingularBoolField(value: &self.preflight) }()
       default: break
       }
     }
@@ -2191,6 +2350,9 @@ nonisolated extension Ferry_V1_RecoverVolumes: SwiftProtobuf.Message, SwiftProto
     if !self.descriptionJson.isEmpty {
       try visitor.visitSingularStringField(value: self.descriptionJson, fieldNumber: 8)
     }
+    if self.preflight != false {
+      try visitor.visitSingularBoolField(value: self.preflight, fieldNumber: 9)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2203,6 +2365,7 @@ nonisolated extension Ferry_V1_RecoverVolumes: SwiftProtobuf.Message, SwiftProto
     if lhs.hookTimeoutMs != rhs.hookTimeoutMs {return false}
     if lhs.network != rhs.network {return false}
     if lhs.descriptionJson != rhs.descriptionJson {return false}
+    if lhs.preflight != rhs.preflight {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

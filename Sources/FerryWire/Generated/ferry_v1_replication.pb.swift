@@ -287,11 +287,46 @@ public nonisolated struct Ferry_V1_VolumeReport: @unchecked Sendable {
     set {_uniqueStorage()._tcpAddress = newValue}
   }
 
+  /// A recovered volume filling its own storage from the failover point (see VolumeHydration).
+  public var hydration: Ferry_V1_HydrationProgress {
+    get {_storage._hydration ?? Ferry_V1_HydrationProgress()}
+    set {_uniqueStorage()._hydration = newValue}
+  }
+  /// Returns true if `hydration` has been explicitly set.
+  public var hasHydration: Bool {_storage._hydration != nil}
+  /// Clears the value of `hydration`. Subsequent reads from it will return its default value.
+  public mutating func clearHydration() {_uniqueStorage()._hydration = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+public nonisolated struct Ferry_V1_HydrationProgress: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var targetPath: String = String()
+
+  /// Bytes local so far, bytes fetched over the network (holes and zero ranges are not), the
+  /// copy's rate and how long it has run in this agent process.
+  public var localBytes: UInt64 = 0
+
+  public var fetchedBytes: UInt64 = 0
+
+  public var bytesPerSecond: Double = 0
+
+  public var copySeconds: Double = 0
+
+  /// Every block is local: the point export is not needed any more.
+  public var hydrated: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
 }
 
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
@@ -589,7 +624,7 @@ nonisolated extension Ferry_V1_SyncProgress: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeReport"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{3}last_sequence\0\u{3}acked_sequence\0\u{3}pending_bytes\0\u{3}oldest_pending_unix_nanos\0\u{1}overflowed\0\u{1}sync\0\u{3}marked_extents\0\u{3}tcp_address\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{3}last_sequence\0\u{3}acked_sequence\0\u{3}pending_bytes\0\u{3}oldest_pending_unix_nanos\0\u{1}overflowed\0\u{1}sync\0\u{3}marked_extents\0\u{3}tcp_address\0\u{1}hydration\0")
 
   fileprivate class _StorageClass {
     var _volume: String = String()
@@ -602,6 +637,7 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
     var _sync: Ferry_V1_SyncProgress? = nil
     var _markedExtents: UInt64 = 0
     var _tcpAddress: String = String()
+    var _hydration: Ferry_V1_HydrationProgress? = nil
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -622,6 +658,7 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
       _sync = source._sync
       _markedExtents = source._markedExtents
       _tcpAddress = source._tcpAddress
+      _hydration = source._hydration
     }
   }
 
@@ -650,6 +687,7 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
         case 8: try { try decoder.decodeSingularMessageField(value: &_storage._sync) }()
         case 9: try { try decoder.decodeSingularUInt64Field(value: &_storage._markedExtents) }()
         case 10: try { try decoder.decodeSingularStringField(value: &_storage._tcpAddress) }()
+        case 11: try { try decoder.decodeSingularMessageField(value: &_storage._hydration) }()
         default: break
         }
       }
@@ -692,6 +730,9 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
       if !_storage._tcpAddress.isEmpty {
         try visitor.visitSingularStringField(value: _storage._tcpAddress, fieldNumber: 10)
       }
+      try { if let v = _storage._hydration {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+      } }()
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -711,10 +752,66 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
         if _storage._sync != rhs_storage._sync {return false}
         if _storage._markedExtents != rhs_storage._markedExtents {return false}
         if _storage._tcpAddress != rhs_storage._tcpAddress {return false}
+        if _storage._hydration != rhs_storage._hydration {return false}
         return true
       }
       if !storagesAreEqual {return false}
     }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_HydrationProgress: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".HydrationProgress"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}target_path\0\u{3}local_bytes\0\u{3}fetched_bytes\0\u{3}bytes_per_second\0\u{3}copy_seconds\0\u{1}hydrated\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.targetPath) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.localBytes) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.fetchedBytes) }()
+      case 4: try { try decoder.decodeSingularDoubleField(value: &self.bytesPerSecond) }()
+      case 5: try { try decoder.decodeSingularDoubleField(value: &self.copySeconds) }()
+      case 6: try { try decoder.decodeSingularBoolField(value: &self.hydrated) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.targetPath.isEmpty {
+      try visitor.visitSingularStringField(value: self.targetPath, fieldNumber: 1)
+    }
+    if self.localBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.localBytes, fieldNumber: 2)
+    }
+    if self.fetchedBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.fetchedBytes, fieldNumber: 3)
+    }
+    if self.bytesPerSecond.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.bytesPerSecond, fieldNumber: 4)
+    }
+    if self.copySeconds.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.copySeconds, fieldNumber: 5)
+    }
+    if self.hydrated != false {
+      try visitor.visitSingularBoolField(value: self.hydrated, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_HydrationProgress, rhs: Ferry_V1_HydrationProgress) -> Bool {
+    if lhs.targetPath != rhs.targetPath {return false}
+    if lhs.localBytes != rhs.localBytes {return false}
+    if lhs.fetchedBytes != rhs.fetchedBytes {return false}
+    if lhs.bytesPerSecond != rhs.bytesPerSecond {return false}
+    if lhs.copySeconds != rhs.copySeconds {return false}
+    if lhs.hydrated != rhs.hydrated {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -61,12 +61,13 @@ struct HydrationDrillTests {
         try Self.plan.replacingOccurrences(of: "TARGET", with: target).write(toFile: planFile, atomically: true, encoding: .utf8)
         r = try await controller.ctl("plan", "apply", "-f", planFile)
         #expect(r.status == 0, "\(r)")
-        // Hydration is for drills: a failover asking for it (through the API) is refused, nothing started.
+        // Hydration lands a drill, a failover or a migration: asked of another operation (through the
+        // API) it is refused, nothing started.
         let api = try #require(controller.apiEnvironment["FERRY_API"]), token = try #require(controller.apiEnvironment["FERRY_TOKEN"])
         r = try await run("/usr/bin/curl", ["-sS", "--cacert", controller.caPath, "-H", "Authorization: Bearer \(token)",
-                                            "-H", "Content-Type: application/json", "-d", #"{"operation":"failover","planned":true,"hydrate":true}"#,
+                                            "-H", "Content-Type: application/json", "-d", #"{"operation":"commit","hydrate":true}"#,
                                             api + "/v1/plans/shop/jobs"])
-        #expect(r.stdout.contains("unsupported") && r.stdout.contains("drills"), "\(r)")
+        #expect(r.stdout.contains("bad-request") && r.stdout.contains("hydrate applies to a drill, a failover or a migration"), "\(r)")
         #expect(try await plan(controller).state == "protected")
 
         // Targets are checked before anything is served: outside the host's protect-allow, and on

@@ -242,8 +242,8 @@ final class HydratingVolume: NBDExport {
     /// A workload write or zero of the range: blocks it covers only in part are made local
     /// first; blocks not local yet are written under their stripe locks (so the copier cannot
     /// install the point's copy over it) and marked local after.
-    private func change(offset: UInt64, length: UInt64, _ body: () throws -> Void) throws {
-        guard length > 0 else { return }
+    func change<T>(offset: UInt64, length: UInt64, _ body: () throws -> T) throws -> T {
+        guard length > 0 else { return try body() }
         guard !isComplete else { return try body() }
         let range = blocks(offset: offset, length: length)
         let bb = UInt64(blockBytes)
@@ -260,10 +260,11 @@ final class HydratingVolume: NBDExport {
         let locks = Array(Set(missing.map { $0 % Self.stripeCount })).sorted()
         for i in locks { stripes[i].lock() }
         defer { for i in locks.reversed() { stripes[i].unlock() } }
-        try body()
+        let result = try body()
         map.withLock { m in for block in missing { m.setLocal(block) } }
         mapChanged.store(true, ordering: .relaxed)
         noteIfComplete()
+        return result
     }
 
     private func withStripe<T>(_ block: Int, _ body: () throws -> T) rethrows -> T {

@@ -53,10 +53,11 @@ struct HydrationMap: Sendable, Equatable {
 
     /// The blocks `[offset, offset + length)` touches.
     func blocks(offset: UInt64, length: UInt64) -> Range<Int> {
-        guard length > 0 else { return 0..<0 }
+        // Clamped to the volume: a range running past its end covers its last block at most.
+        guard length > 0, offset < size else { return 0..<0 }
         let first = Int(offset / UInt64(blockBytes))
-        let last = Int((offset + length - 1) / UInt64(blockBytes))
-        return first..<(last + 1)
+        let last = Int((min(size, offset &+ length) - 1) / UInt64(blockBytes))
+        return first..<min(blockCount, last + 1)
     }
 
     /// Byte range of a block (the last one may be short).
