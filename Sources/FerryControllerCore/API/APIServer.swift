@@ -361,6 +361,16 @@ struct APIRoutes {
 
     func volumeView(_ v: VolumeRecord, hostName: String) async throws -> API.Volume {
         let online = await registry.entry(hostID: v.hostID) != nil
+        if await replicas.isSeeding(hostID: v.hostID, volume: v.name) {
+            // A failover just landed it: its replica is being built here from the failover point;
+            // its host captures its writes meanwhile and streams them once that is done.
+            var view = API.Volume(host: hostName, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),
+                                  state: online ? "exported" : "host-offline", socketPath: v.socketPath, lastSequence: nil,
+                                  protectedAt: v.protectedAt)
+            view.captureMode = v.captureMode
+            view.replicaState = "seeding"
+            return view
+        }
         let replica = try await replicas.replica(hostID: v.hostID, volume: v.name, size: UInt64(v.sizeBytes))
         let state = await replica.state
         var view = API.Volume(host: hostName, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),

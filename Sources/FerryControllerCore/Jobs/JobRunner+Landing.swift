@@ -18,10 +18,17 @@ extension JobRunner {
         let positions = context(id).positions
         let session = try await session(item.recoveryHost)
         var temporary: [String] = []
-        defer {
-            let exports = self.exports, ids = temporary
-            Task { for e in ids { try? await exports.remove(id: e, managed: true) } }
+        do {
+            return try await preflight(plan: plan, item: item, rid: rid, port: port, recoveryHostID: recoveryHostID, taken: taken,
+                                       positions: positions, session: session, temporary: &temporary)
+        } catch {
+            for e in temporary { try? await exports.remove(id: e, managed: true) }
+            throw error
         }
+    }
+
+    private func preflight(plan: RecoveryPlan, item: RecoveryPlanItem, rid: String, port: Int, recoveryHostID: String, taken: [VolumeRecord],
+                           positions: [String: JobContext.Position], session: PeerSession, temporary: inout [String]) async throws -> String {
         var specs: [Ferry_V1_RecoveredVolumeSpec] = []
         var needed: UInt64 = 0
         for v in try await sourceVolumes(item) {
@@ -62,6 +69,8 @@ extension JobRunner {
         guard case .recoveryStarted? = result.outcome else {
             throw FerryError(.protocolViolation, "\(item.recoveryHost) answered the pre-flight without its result")
         }
+        for e in temporary { try? await exports.remove(id: e, managed: true) }
+        temporary = []
         return "\(specs.count) targets on \(item.recoveryHost) allowed, big enough and with room (\(needed) bytes of volumes)"
     }
 

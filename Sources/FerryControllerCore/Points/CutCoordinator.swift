@@ -23,6 +23,8 @@ public actor CutCoordinator {
     let logger: Logger
     /// Groups with a round running: rounds of one group never overlap.
     private var running: Set<String> = []
+    /// Manual points waiting for a group's round in progress to end.
+    private var roundWaiters: [String: [CheckedContinuation<Void, Never>]] = [:]
     /// Why each group's last round failed (cleared by the next success).
     public private(set) var lastError: [String: String] = [:]
 
@@ -41,10 +43,18 @@ public actor CutCoordinator {
             throw FerryError(.notFound, "no consistency group named '\(name)'; 'ferryctl groups' lists them")
         }
         guard !members.isEmpty else { throw FerryError(.badRequest, "group '\(name)' has no volumes") }
+        // The operator's point waits for a round in progress (its own point follows); a
+        // scheduled round finding one running skips its turn.
+        while manual, running.contains(name) {
+            await withCheckedContinuation { roundWaiters[name, default: []].append($0) }
+        }
         guard running.insert(name).inserted else {
             throw FerryError(.conflict, "group '\(name)' is already taking a point; try again in a moment")
         }
-        defer { running.remove(name) }
+        defer {
+            running.remove(name)
+            for waiter in roundWaiters.removeValue(forKey: name) ?? [] { waiter.resume() }
+        }
         do {
             let point = try await round(group: group, members: members, app: app, manual: manual, label: label, actor: actor)
             lastError[name] = nil

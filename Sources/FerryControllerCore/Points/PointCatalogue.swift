@@ -101,7 +101,10 @@ public struct PointCatalogue: Sendable {
                 // Every member's replica is opened (and so pinned below), not only those of
                 // connected hosts: an unpinned replica would fold a retained point's history.
                 for m in members {
-                    if let size = sizes[m.hostID + "/" + m.volume] { _ = try await replicas.replica(hostID: m.hostID, volume: m.volume, size: size) }
+                    // (A recovered volume's replica still being built is skipped: it holds no history yet.)
+                    if let size = sizes[m.hostID + "/" + m.volume], await !replicas.isSeeding(hostID: m.hostID, volume: m.volume) {
+                        _ = try await replicas.replica(hostID: m.hostID, volume: m.volume, size: size)
+                    }
                 }
                 let points = try await store.points(group: group.name)
                 let expired = Set(Retention.expired(points, policy: group.decodedPolicy))

@@ -93,7 +93,9 @@ public actor ReplicaManager {
     public func replica(hostID: String, volume: String, size: UInt64) throws -> ReplicaStore {
         let key = hostID + "/" + volume
         if let store = open[key] { return store }
-        guard seeding[key] == nil else {
+        // Being built from a failover point (or its build was cut short by a restart: the next
+        // volume list for its host builds it again): never opened, or created empty, meanwhile.
+        guard seeding[key] == nil, !FileManager.default.fileExists(atPath: root + "/" + key + ".seeding") else {
             throw FerryError(.unavailable, "the replica of \(volume) is still being built from its failover point; replication starts when it is")
         }
         // Pinned from the start: a fold may run as soon as the store is in `open`.

@@ -18,6 +18,14 @@ extension ReplicaManager {
         let directory = root + "/" + key
         if open[key] != nil || FileManager.default.fileExists(atPath: directory + "/state.json") { return true }
         guard seeding[key] == nil else { return false }
+        // The marker first: from here on the replica is not opened (or made empty) until built.
+        do {
+            try FileManager.default.createDirectory(atPath: directory + ".seeding/journal", withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+        } catch {
+            logger.error("cannot start building a recovered volume's replica", metadata: ["replica": "\(key)", "error": "\(error)"])
+            return false
+        }
         let pool = self.pool
         seeding[key] = Task {
             let began = ContinuousClock.now
@@ -39,7 +47,9 @@ extension ReplicaManager {
     private func seeded(_ key: String) { seeding[key] = nil }
 
     /// Whether the replica of `volume` is being built from a failover point now.
-    func isSeeding(hostID: String, volume: String) -> Bool { seeding[hostID + "/" + volume] != nil }
+    func isSeeding(hostID: String, volume: String) -> Bool {
+        seeding[hostID + "/" + volume] != nil || FileManager.default.fileExists(atPath: root + "/" + hostID + "/" + volume + ".seeding")
+    }
 
     /// Copies the point's data (not its holes and zero ranges) into a new replica's image and
     /// base, records it as synced, and moves it into place. Returns the data bytes copied.
@@ -52,7 +62,7 @@ extension ReplicaManager {
         }
         return try await pool.runIfActive {
             let fm = FileManager.default
-            try? fm.removeItem(atPath: building)
+            // Whatever an interrupted build left is overwritten (the files are truncated).
             try fm.createDirectory(atPath: building + "/journal", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             var fds: [Int32] = []
             defer { for fd in fds { close(fd) } }

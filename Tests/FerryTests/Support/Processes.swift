@@ -33,7 +33,10 @@ final class TestDirectory: Sendable {
 
     func file(_ name: String) -> String { path + "/" + name }
 
-    deinit { try? FileManager.default.removeItem(atPath: path) }
+    /// FERRY_KEEP_TEST_DIRS=1 keeps it (logs, images) to look into a failure.
+    deinit {
+        if ProcessInfo.processInfo.environment["FERRY_KEEP_TEST_DIRS"] == nil { try? FileManager.default.removeItem(atPath: path) }
+    }
 }
 
 /// A process started by a test: output goes to a log file, it can be signalled, and its exit is
