@@ -372,12 +372,13 @@ PY
 fi
 
 if want hydration; then
-  # Hydration of a half-full point (data in every other 512 MiB) onto a recovery host's file, vs
-  # nbdcopy of the same point export over NBD+TLS into a file on the same file system (libnbd,
-  # block status, multi-conn), both with the recovery host's certificate. Then fio through the
-  # recovered socket once hydrated, against the source agent's export, with the figures of a
-  # plain (served from the controller) drill beside them. On disk: 3 copies of the data do not
-  # fit in memory.
+  # Hydration of a half-full point (data in every other 512 MiB) onto a recovery host's file by
+  # a failover that lands there (--hydrate), vs nbdcopy of the same point export over NBD+TLS
+  # into a file on the same file system (libnbd, block status, multi-conn), both with the
+  # recovery host's certificate. Then fio through the landed volume (rec1's protected volume:
+  # captured and replicated like the source) against the source agent's export (run before the
+  # failover fences it), with the figures of a plain drill (served from the controller) beside
+  # them. On disk: the copies of the data do not fit in memory.
   log "hydration: a $hydrate_size half-full point"
   hyd_start=$SECONDS
   stop_daemons
@@ -420,51 +421,56 @@ PY
   sync
   t1=$(date +%s.%N)
   "$bin/ferryctl" export remove "$export_id" >/dev/null 2>&1 || true
+  # The point's bytes, to check the landed target against (the source changes below).
+  point_sum="$(md5sum <"$h/nbdcopy.img")"
   rm -f "$h/nbdcopy.img"
-  sync; echo 1 >/proc/sys/vm/drop_caches || true
-  # Hydration: from the drill command until every block is on the target (synced).
-  t2=$(date +%s.%N)
-  "$bin/ferryctl" drill bench --point "$point" --hydrate --json >"$work/results/hydrate-drill.json" || die "drill --hydrate failed"
-  wait_for 3600 sh -c "'$bin/ferryctl' plan show bench --json | python3 -c 'import json,sys; h=(json.load(sys.stdin).get(\"hydration\") or [{}])[0]; sys.exit(0 if h.get(\"complete\") else 1)'" \
-    || die "hydration did not complete"
-  t3=$(date +%s.%N)
-  sleep 1.5 # the recovery host's last report, with the copy's final duration
-  "$bin/ferryctl" plan show bench --json >"$work/results/hydrate-plan.json"
-  cmp "$h/target.img" "$h/source.img" >&2 || die "the hydrated target differs from the point"
-  uri_rec="nbd+unix:///db-data?socket=$h/agent-rec1/sockets/recovered-db-data.sock"
   uri_src="nbd+unix:///data?socket=$h/agent-db/sockets/data.sock"
   hyd_fio() { # hyd_fio URI RW BS OUT
     fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --size=1G --iodepth=16 --time_based \
       --runtime="${FERRY_BENCH_HYDRATE_RUNTIME:-10}s" --output-format=json --output="$work/results/$4" >&2 || die "fio $2 $3 ($4) failed"
   }
-  # Each pair twice, in both orders (source, hydrated, hydrated, source), keeping each one's
-  # better run: the first run after the copy meets a cold cache and the copy's writeback.
-  for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
-    set -- $w
-    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-a.json"
-    hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3-a.json"
-    hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3-b.json"
-    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-b.json"
-  done
-  "$bin/ferryctl" drill cleanup bench --json >/dev/null || die "drill cleanup (hydration) failed"
+  # Served from the controller (a plain drill): the figures hydration is to beat.
+  uri_drill="nbd+unix:///db-data?socket=$h/agent-rec1/sockets/recovered-db-data.sock"
   "$bin/ferryctl" drill bench --point "$point" --json >"$work/results/hydrate-served-drill.json" || die "drill (served) failed"
   for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
     set -- $w
-    hyd_fio "$uri_rec" "$1" "$2" "hydrate-served-$3.json"
+    hyd_fio "$uri_drill" "$1" "$2" "hydrate-served-$3.json"
   done
-  "$bin/ferryctl" drill cleanup bench --json >/dev/null || true
+  "$bin/ferryctl" drill cleanup bench --json >/dev/null || die "drill cleanup (hydration) failed"
+  # The source export, twice each (the better kept, as for the landed volume below).
+  for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
+    set -- $w
+    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-a.json"
+    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-b.json"
+  done
+  sync; echo 1 >/proc/sys/vm/drop_caches || true
+  # Hydration: from the failover command until every block is on the target (synced).
+  t2=$(date +%s.%N)
+  "$bin/ferryctl" failover bench --point "$point" --hydrate --json >"$work/results/hydrate-failover.json" || die "failover --hydrate failed"
+  wait_for 3600 sh -c "'$bin/ferryctl' plan show bench --json | python3 -c 'import json,sys; h=(json.load(sys.stdin).get(\"hydration\") or [{}])[0]; sys.exit(0 if h.get(\"complete\") else 1)'" \
+    || die "hydration did not complete"
+  t3=$(date +%s.%N)
+  sleep 1.5 # the recovery host's last report, with the copy's final duration
+  "$bin/ferryctl" plan show bench --json >"$work/results/hydrate-plan.json"
+  [ "$(md5sum <"$h/target.img")" = "$point_sum" ] || die "the hydrated target differs from the point"
+  uri_rec="nbd+unix:///db-data?socket=$h/agent-rec1/sockets/db-data.sock"
+  for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
+    set -- $w
+    hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3-a.json"
+    hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3-b.json"
+  done
   python3 - "$t0" "$t1" "$t2" "$t3" "$hydrate_size" "$work/results" >"$work/results/hydration.txt" <<'PY'
 import json, sys
 t0, t1, t2, t3 = map(float, sys.argv[1:5])
 plan = json.load(open(sys.argv[6] + "/hydrate-plan.json"))
 h = plan["hydration"][0]
-drill = json.load(open(sys.argv[6] + "/hydrate-drill.json"))
+failover = json.load(open(sys.argv[6] + "/hydrate-failover.json"))
 print(f"nbdcopy_seconds {t1 - t0:.3f}")
 print(f"hydrate_total_seconds {t3 - t2:.3f}")
 print(f"hydrate_seconds {h.get('copySeconds') or (t3 - t2):.3f}")
 print(f"size_bytes {h['sizeBytes']}")
 print(f"fetched_bytes {h['fetchedBytes']}")
-print(f"drill_rto_seconds {float(drill['report']['rto_seconds']):.3f}")
+print(f"failover_rto_seconds {float(failover['report']['rto_seconds']):.3f}")
 PY
   stop_daemons
   rm -rf "$hyd_dir"

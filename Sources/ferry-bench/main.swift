@@ -215,17 +215,17 @@ func hydrationTable(_ dir: String) throws {
     rows.append(["hydration copy vs nbdcopy over TLS (seconds)", String(format: "%.1f s", hydrate), String(format: "%.1f s", nbdcopy),
                  String(format: "%.2fx", nbdcopy / hydrate), ">= 1.0x"])
     if let total = kv["hydrate_total_seconds"] {
-        rows.append(["drill command to hydrated (RTO, copy, report)", String(format: "%.1f s", total), String(format: "%.1f s", nbdcopy),
+        rows.append(["failover command to hydrated (RTO, copy, report)", String(format: "%.1f s", total), String(format: "%.1f s", nbdcopy),
                      String(format: "%.2fx", nbdcopy / total), "-"])
     }
     rows.append(["bytes fetched / volume size", String(format: "%.0f MiB", fetched / 1_048_576), String(format: "%.0f MiB", size / 1_048_576),
                  String(format: "%.2f", fetched / size), "holes not moved"])
-    if let rto = kv["drill_rto_seconds"] {
-        rows.append(["drill --hydrate RTO (command to start hooks done)", String(format: "%.2f s", rto), "-", "-", "< 10 s"])
+    if let rto = kv["failover_rto_seconds"] {
+        rows.append(["failover --hydrate RTO (command to start hooks done)", String(format: "%.2f s", rto), "-", "-", "< 10 s"])
     }
     printTable(rows)
     print()
-    print("fio through the recovered socket after hydration vs the source agent's export (iodepth 16)")
+    print("fio through the landed volume after hydration (captured, replicated) vs the source agent's export (iodepth 16)")
     var fio = [["workload", "hydrated", "source", "ratio", "served from controller", "ratio", "target"]]
     for (tag, name, section, unit) in [("rr", "4 KiB random read", "read", "iops"), ("rw", "4 KiB random write", "write", "iops"),
                                        ("sw", "1 MiB sequential write", "write", "bw")] {

@@ -17,6 +17,10 @@
 #             restarted, the job resumed (checker: a consistent group point); heal: the old
 #             primaries come back fenced (a write to db's source fails); reprotect moves only
 #             changed blocks
+#   cycle C   failback; workload again; migrate --hydrate (stop hooks; checker --full on the
+#             landed volumes: zero loss; hydration time and bytes; the sources unprotected, the
+#             landed volumes protected on rec1 and rec2, group shop-recovered cutting points); the
+#             controller killed -9 for good: the landed volumes still take writes
 #
 # Prints a timeline (step, duration, RPO, RTO, data verified) and exits 0 only if every check
 # passed. A trap tears everything down (processes, the lab) on any exit, also on failure or
@@ -710,5 +714,61 @@ verified "yes: qemu-io write to db/data refused; the workload's writes refused t
 begin "B: reprotect (delta after the split)"
 run_job reprotect-b reprotect shop
 reprotect_checks reprotect-b
+
+# =============================================================================================
+# Cycle C
+begin "C: failback (after the split)"
+run_job failback-c failback shop
+wait_for "every volume protected and caught up" all_caught_up
+plan_state="$(fctl plans --json | tool get "[p['state'] for p in j if p['plan']['name'] == 'shop'][0]")"
+[ "$plan_state" = protected ] || fail "plan shop is $plan_state after failback, not protected"
+verified "yes: plan protected again, the 4 replicas caught up"
+
+begin "C: migrate --hydrate (lands on the recovery hosts' own files)"
+for v in "${VOLS[@]}"; do
+  qio "${SRC_URI[$v]}" "write -z 0 $((4 * 1024 * 1024 + 4096))" >"$work/check/zero.out" 2>&1 ||
+    fail "zeroing $v failed: $(cat "$work/check/zero.out")"
+done
+wl_start c 3003
+wait_for "2 group points cut under the workload" points_since "$WL_T0" 2
+run_job migrate migrate shop --hydrate
+cur_rpo="$(report migrate rpo_seconds)s" cur_rto="$(report migrate rto_seconds)s"
+[ "$(report migrate rpo_seconds)" = 0 ] || fail "migrate RPO is $(report migrate rpo_seconds), not 0"
+[ -e "$work/wl/rc" ] || fail "the stop hooks did not stop the workload"
+[ "$(cat "$work/wl/rc")" = 0 ] || fail "the workload failed before the stop hooks stopped it: $(cat "$WL_LOG.err")"
+wl_reap
+h_t0="$(now_us)"
+wait_for "the 4 landed volumes to hydrate" hydrated
+h_secs="$(( ($(now_us) - h_t0) / 1000 ))"
+fctl plan show shop --json >"$work/jobs/migrate-plan.json"
+h_bytes="$(tool get "sum(h['fetchedBytes'] for h in j['hydration'])" "$work/jobs/migrate-plan.json")"
+h_size="$(tool get "sum(h['sizeBytes'] for h in j['hydration'])" "$work/jobs/migrate-plan.json")"
+info "hydrated after the job in ${h_secs} ms: $h_bytes bytes fetched of $h_size (holes and zero ranges are not moved)"
+# The landed volumes are the recovery hosts' own protected volumes, on their ordinary sockets.
+declare -A LAND_URI=()
+for v in "${VOLS[@]}"; do
+  h="${v%/*}" n="${v#*/}"
+  LAND_URI[$v]="nbd+unix:///$h-$n?socket=$work/agents/${REC_HOST[$h]}/sockets/$h-$n.sock"
+done
+land_images() { local v; for v in "${VOLS[@]}"; do printf '%s=%s\n' "$v" "${LAND_URI[$v]}"; done; }
+mapfile -t imgs < <(land_images)
+check_images migrate "$WL_LOG" --full "${imgs[@]}" || fail "after migrate --hydrate a landed volume does not hold every logged write (check/migrate.report.json)"
+fctl volumes --json >"$work/jobs/migrate-volumes.json"
+landed="$(tool get "' '.join(sorted('%s/%s' % (v['host'], v['name']) for v in j))" "$work/jobs/migrate-volumes.json")"
+[ "$landed" = "rec1/db-data rec1/db-log rec2/app-data rec2/web-data" ] ||
+  fail "after migrate the protected volumes are '$landed', not the 4 landed ones on rec1 and rec2 (the sources unprotected)"
+landed_caught_up() { local v; for v in rec1/db-data rec1/db-log rec2/app-data rec2/web-data; do caught_up "$v" || return 1; done; }
+wait_for "the landed volumes' replicas to catch up" landed_caught_up
+recovered_points() { fctl points shop-recovered --json >"$work/points.json" && [ "$(tool points "$work/points.json" 0)" -ge 1 ]; }
+wait_for "a point of shop-recovered (the group's twin over the landed volumes)" recovered_points
+verified "yes: zero data loss (checker --full: $(prefix_list migrate)); hydration ${h_secs} ms, $h_bytes of $h_size bytes fetched; protected: $landed; group shop-recovered cuts points"
+
+begin "C: the controller stopped for good; the landed workload goes on"
+kill -KILL "${pids[controller]}"
+wait "${pids[controller]}" 2>/dev/null || true
+for v in "${VOLS[@]}"; do
+  qio "${LAND_URI[$v]}" "write -P 0xc3 16M 256k" "flush" "read -P 0xc3 16M 256k" >"$work/check/landed.out" 2>&1 ||
+    fail "with the controller gone, writing through the landed $v failed: $(cat "$work/check/landed.out")"
+done
+verified "yes: controller killed -9; 0xc3 x 256 KiB written, flushed and read back through each of the 4 landed volumes"
 end_step
-fctl volumes | indent

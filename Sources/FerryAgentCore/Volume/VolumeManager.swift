@@ -132,8 +132,12 @@ public actor VolumeManager {
     /// Starts protecting one volume, or confirms it if it is already served as asked.
     public func protect(_ spec: Ferry_V1_VolumeSpec) async throws -> Ferry_V1_VolumeStatus {
         var spec = spec
-        if spec.hasHydration, spec.path.isEmpty {
-            // A recovered volume without a target named in the plan lives under the data dir.
+        if spec.hasHydration, !spec.path.hasPrefix("/") {
+            // A recovered volume without a target named in the plan lives under the data dir
+            // (the controller names that place relative to it); no other relative path is taken.
+            guard spec.path.isEmpty || spec.path == "volumes/recovered/" + spec.name + ".img" else {
+                throw FerryError(.badRequest, "volume \(spec.name): '\(spec.path)' is not an absolute path")
+            }
             spec.path = defaultRecoveredPath(spec.name)
         }
         if let existing = served[spec.name] {

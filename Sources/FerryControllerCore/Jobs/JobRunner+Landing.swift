@@ -90,7 +90,10 @@ extension JobRunner {
             let hydration = VolumeHydration(source: v.source, sourceHostID: v.sourceHostID, sourceVolume: v.volume, epoch: v.epoch,
                                             sequence: v.sequence, point: v.point + "@" + v.exportID, exportID: v.exportID,
                                             exportPort: port, recovery: record.id)
-            let volume = VolumeRecord(hostID: recoveryHostID, name: v.localName, path: v.target ?? "", sizeBytes: Int64(v.size),
+            // Without a target in the plan: the agent's default, relative to its data dir until
+            // the agent reports where that is.
+            let volume = VolumeRecord(hostID: recoveryHostID, name: v.localName, path: v.target ?? VolumeHydration.defaultPath(v.localName),
+                                      sizeBytes: Int64(v.size),
                                       protectedAt: Date(), hydration: hydration)
             try await store.addVolume(volume, hostName: record.recoveryHost, actor: "job \(record.job ?? "?")")
         }

@@ -619,6 +619,10 @@ public struct VolumeHydration: Codable, Sendable, Equatable {
     public var exportPort: Int
     /// The recovery (plan.host) that made it.
     public var recovery: String
+
+    /// Where a recovered volume lives when its plan names no target: relative to its agent's
+    /// data dir (the agent resolves it, and reports the absolute path).
+    public static func defaultPath(_ name: String) -> String { "volumes/recovered/" + name + ".img" }
 }
 
 extension StateStore {
@@ -662,7 +666,9 @@ extension StateStore {
             for s in statuses where s.error.isEmpty {
                 try db.execute(sql: "UPDATE volume SET socketPath = ? WHERE hostID = ? AND name = ?", arguments: [s.socketPath, hostID, s.name])
                 // A recovered volume placed by its agent (no target in the plan): where it is.
-                try db.execute(sql: "UPDATE volume SET path = ? WHERE hostID = ? AND name = ? AND path = ''", arguments: [s.path, hostID, s.name])
+                if s.path.hasPrefix("/") {
+                    try db.execute(sql: "UPDATE volume SET path = ? WHERE hostID = ? AND name = ? AND path NOT LIKE '/%'", arguments: [s.path, hostID, s.name])
+                }
             }
         }
     }
