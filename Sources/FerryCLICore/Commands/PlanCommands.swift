@@ -14,7 +14,7 @@ struct PlansCommand: AsyncParsableCommand {
             if output.json { try Console.json(plans); return }
             var table = TextTable("plan", "state", "groups", "volumes", "last job", "updated")
             for p in plans {
-                table.add(p.plan.name, p.state, p.plan.groups.map(\.name).joined(separator: " → "), "\(p.plan.volumeKeys.count)",
+                table.add(p.plan.name, p.state.rawValue, p.plan.groups.map(\.name).joined(separator: " → "), "\(p.plan.volumeKeys.count)",
                           p.lastJob ?? "", Format.relative(p.updatedAt))
             }
             print(table.render())
@@ -71,7 +71,7 @@ struct PlanCommand: AsyncParsableCommand {
                 var kv = KeyValueList()
                 kv.add("plan", p.plan.name)
                 kv.add("description", p.plan.description)
-                kv.add("state", p.state)
+                kv.add("state", p.state.rawValue)
                 kv.add("last job", p.lastJob ?? "")
                 print(kv.render())
                 for (i, g) in p.plan.groups.enumerated() {
@@ -253,8 +253,8 @@ struct JobsCommand: AsyncParsableCommand {
             if output.json { try Console.json(jobs); return }
             var table = TextTable("job", "plan", "operation", "state", "steps", "started", "took")
             for j in jobs {
-                let done = j.steps.filter { $0.state == "done" }.count
-                table.add(j.id, j.plan, j.operation.rawValue, j.state, "\(done)/\(j.steps.count)", Format.relative(j.createdAt),
+                let done = j.steps.filter { $0.state == .done }.count
+                table.add(j.id, j.plan, j.operation.rawValue, j.state.rawValue, "\(done)/\(j.steps.count)", Format.relative(j.createdAt),
                           String(format: "%.1f s", (j.endedAt ?? Date()).timeIntervalSince(j.createdAt)))
             }
             print(table.render())
@@ -322,9 +322,9 @@ enum JobFormat {
     }
 
     static func line(_ i: Int, _ step: API.JobStep) -> String {
-        let progress = step.state == "done" ? 1 : (step.progress ?? 0)
+        let progress: Double = step.state == .done ? 1 : (step.progress ?? 0)
         let took = step.seconds.map { String(format: "%7.2f s", $0) } ?? "         "
-        var line = String(format: "%2d ", i + 1) + bar(progress) + " " + step.state.padding(toLength: 8, withPad: " ", startingAt: 0) + took + "  " + Text.printable(step.name)
+        var line = String(format: "%2d ", i + 1) + bar(progress) + " " + step.state.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0) + took + "  " + Text.printable(step.name)
         if let detail = step.detail { line += " — " + Text.printable(detail) }
         if let error = step.error { line += " — error: " + Text.printable(error) }
         return line
@@ -350,7 +350,7 @@ struct JobWatcher {
         let tty = isatty(STDOUT_FILENO) == 1 && !json
         // One connection for the whole watch, polled.
         let job = try await connection.withClient { client in
-            var shown: [String] = []
+            var shown: [API.StepState] = []
             var drawn = 0
             var job = try await client.job(id: id)
             while true {
@@ -361,7 +361,7 @@ struct JobWatcher {
                     drawn = lines.count
                 } else if !json {
                     // A line per step each time its state changes (not at every progress tick).
-                    for (i, step) in job.steps.enumerated() where step.state != "pending" && (i >= shown.count || shown[i] != step.state) {
+                    for (i, step) in job.steps.enumerated() where step.state != .pending && (i >= shown.count || shown[i] != step.state) {
                         print(JobFormat.line(i, step))
                     }
                     shown = job.steps.map(\.state)
@@ -378,6 +378,6 @@ struct JobWatcher {
             if let error = job.error { print("error: " + Text.printable(error)) }
             for key in job.report.keys.sorted() { print("\(key): \(Text.printable(job.report[key] ?? ""))") }
         }
-        if job.state != "succeeded" { throw ExitCode(1) }
+        if job.state != .succeeded { throw ExitCode(1) }
     }
 }

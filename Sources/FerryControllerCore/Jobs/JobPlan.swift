@@ -46,7 +46,7 @@ struct JobStepSpec: Codable, Sendable, Equatable {
     var host: String?
     var index: Int?
     /// For settle: the plan's state afterwards.
-    var state: String?
+    var state: API.PlanState?
 
     /// Steps of the same kind in the same group run in parallel (items of a group start together).
     func runsWith(_ other: JobStepSpec) -> Bool {
@@ -88,16 +88,16 @@ struct JobContext: Codable, Sendable {
 
 enum JobPlanner {
     /// The steps of an operation on a plan in a given state; refuses what the state does not allow.
-    static func steps(for request: API.JobCreateRequest, plan: RecoveryPlan, state: String) throws -> [(JobStepSpec, API.JobStep)] {
+    static func steps(for request: API.JobCreateRequest, plan: RecoveryPlan, state: API.PlanState) throws -> [(JobStepSpec, API.JobStep)] {
         var out: [(JobStepSpec, API.JobStep)] = []
         func add(_ kind: JobStepSpec.Kind, _ name: String, group: String? = nil, host: String? = nil, index: Int? = nil,
-                 state: String? = nil, timeout: Int = 600) {
+                 state: API.PlanState? = nil, timeout: Int = 600) {
             out.append((JobStepSpec(kind: kind, group: group, host: host, index: index, state: state),
-                        API.JobStep(state: "pending", name: name, group: group, timeoutSeconds: timeout)))
+                        API.JobStep(state: .pending, name: name, group: group, timeoutSeconds: timeout)))
         }
-        func need(_ allowed: [String], _ what: String) throws {
+        func need(_ allowed: [API.PlanState], _ what: String) throws {
             guard allowed.contains(state) else {
-                throw FerryError(.conflict, "plan '\(plan.name)' is \(state); \(what) needs it \(allowed.joined(separator: " or "))")
+                throw FerryError(.conflict, "plan '\(plan.name)' is \(state.rawValue); \(what) needs it \(allowed.map(\.rawValue).joined(separator: " or "))")
             }
         }
         func recoverGroups() {
@@ -148,17 +148,17 @@ enum JobPlanner {
         }
         switch request.operation {
         case .drill:
-            try need(["protected"], "a drill")
+            try need([.protected], "a drill")
             add(.resolvePoint, "choose point \(request.point ?? (request.asOf == nil ? "latest" : "as of"))", timeout: 60)
             recoverGroups()
-            add(.settle, "drill up", state: "drill", timeout: 60)
+            add(.settle, "drill up", state: .drill, timeout: 60)
         case .drillCleanup:
-            try need(["drill"], "drill cleanup")
+            try need([.drill], "drill cleanup")
             stopRecovered()
             add(.releaseRecovered, "drop overlays", timeout: 120)
-            add(.settle, "drill report", state: "protected", timeout: 60)
+            add(.settle, "drill report", state: .protected, timeout: 60)
         case .failover:
-            try need(["protected"], "a failover")
+            try need([.protected], "a failover")
             if request.planned == true {
                 plannedFailover()
             } else {
@@ -168,41 +168,41 @@ enum JobPlanner {
                 recoverGroups()
             }
             mirrorGroups()
-            add(.settle, "failed over", state: "failed-over", timeout: 60)
+            add(.settle, "failed over", state: .failedOver, timeout: 60)
         case .commit:
-            try need(["failed-over"], "commit")
+            try need([.failedOver], "commit")
             add(.commit, "commit", timeout: 60)
-            add(.settle, "committed", state: "committed", timeout: 60)
+            add(.settle, "committed", state: .committed, timeout: 60)
         case .reprotect:
-            try need(["failed-over", "committed"], "reprotect")
+            try need([.failedOver, .committed], "reprotect")
             for g in plan.groups {
                 for item in g.items {
                     add(.reverse, "reverse \(item.recoveryHost) → \(item.host) (delta by block hashes)", group: g.name, host: item.host, timeout: 3600)
                 }
             }
-            add(.settle, "reprotected", state: "reversed", timeout: 60)
+            add(.settle, "reprotected", state: .reversed, timeout: 60)
         case .failback:
-            try need(["reversed"], "failback")
+            try need([.reversed], "failback")
             stopRecovered()
             add(.finalReverse, "last reverse pass: every block equal", timeout: 3600)
             add(.unfenceSources, "sources own their volumes (new generation), replicas resync", timeout: 3600)
             startSources()
             add(.releaseRecovered, "drop overlays", timeout: 120)
-            add(.settle, "failed back", state: "protected", timeout: 60)
+            add(.settle, "failed back", state: .protected, timeout: 60)
         case .rollback:
-            try need(["failed-over"], "a rollback")
+            try need([.failedOver], "a rollback")
             stopRecovered()
             add(.releaseRecovered, "drop overlays (the recovered hosts' writes)", timeout: 120)
             add(.unfenceSources, "sources own their volumes (new generation), replicas resync", timeout: 3600)
             startSources()
-            add(.settle, "rolled back", state: "protected", timeout: 60)
+            add(.settle, "rolled back", state: .protected, timeout: 60)
         case .migrate:
-            try need(["protected"], "a migration")
+            try need([.protected], "a migration")
             plannedFailover()
             mirrorGroups()
             add(.commit, "commit", timeout: 60)
             add(.unprotectSources, "unprotect sources", timeout: 120)
-            add(.settle, "migrated", state: "migrated", timeout: 60)
+            add(.settle, "migrated", state: .migrated, timeout: 60)
         }
         return out
     }

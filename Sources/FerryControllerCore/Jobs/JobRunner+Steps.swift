@@ -100,7 +100,7 @@ extension JobRunner {
                 if let session = try? await session(host) { await agents.syncVolumes(hostID: try await hostID(host), session: session, log: logger) }
             }
             return "\(volumes.count) volumes no longer protected"
-        case .settle: return try await settle(id, plan: plan, state: spec.state ?? "protected")
+        case .settle: return try await settle(id, plan: plan, state: spec.state ?? .protected)
         case .preflight: return try await preflight(id, plan: plan, item: try item(plan, host: spec.host))
         case .mirrorGroups: return try await mirrorGroups(id, plan: plan)
         }
@@ -124,16 +124,16 @@ extension JobRunner {
 
     func gate(_ id: String, index: Int, message: String) async throws -> String {
         await update(id) { s in
-            s.job.steps[index].state = "waiting"
+            s.job.steps[index].state = .waiting
             s.job.steps[index].detail = "waiting: \(message); 'ferryctl job resume \(id)' goes on"
-            s.job.state = "waiting"
+            s.job.state = .waiting
         }
         while !context(id).resumedGates.contains(index) {
             try await Task.sleep(for: .milliseconds(250))
         }
         await update(id) { s in
-            s.job.steps[index].state = "running"
-            s.job.state = "running"
+            s.job.steps[index].state = .running
+            s.job.state = .running
         }
         return "resumed by the operator"
     }
@@ -517,7 +517,7 @@ extension JobRunner {
 
     // MARK: Settle
 
-    func settle(_ id: String, plan: RecoveryPlan, state: String) async throws -> String {
+    func settle(_ id: String, plan: RecoveryPlan, state: API.PlanState) async throws -> String {
         guard let s = current(id) else { return "" }
         var report: [String: String] = [:]
         let ctx = s.context
@@ -544,7 +544,7 @@ extension JobRunner {
             }
         }
         try await store.setPlanState(plan.name, state, job: id)
-        if state == "reversed" { await reverse.start(plan: plan, fullPassFirst: false) }
+        if state == .reversed { await reverse.start(plan: plan, fullPassFirst: false) }
         await update(id) { $0.job.report = report }
         return "plan \(plan.name) is \(state)" + (report["rto_seconds"].map { "; RTO \($0) s" } ?? "") + (report["rpo_seconds"].map { "; RPO \($0) s" } ?? "")
     }

@@ -69,7 +69,7 @@ public actor JobRunner {
         }
         var id = UInt64.random(in: 0...UInt64.max)
         id >>= 16
-        let job = API.Job(id: "j-" + String(id, radix: 16), plan: name, operation: request.operation, state: "running", createdAt: Date(),
+        let job = API.Job(id: "j-" + String(id, radix: 16), plan: name, operation: request.operation, state: .running, createdAt: Date(),
                           steps: steps.map(\.1), request: request)
         let snapshot = JobSnapshot(job: job, specs: steps.map(\.0), context: JobContext())
         try await store.insertJob(snapshot, actor: actor)
@@ -99,26 +99,26 @@ public actor JobRunner {
         guard var s = snapshots[id] ?? (running[id] == nil ? loaded : nil) else {
             throw FerryError(.conflict, "job \(id) is running")
         }
-        if let waiting = s.job.steps.firstIndex(where: { $0.state == "waiting" }) {
+        if let waiting = s.job.steps.firstIndex(where: { $0.state == .waiting }) {
             s.context.resumedGates.insert(waiting)
             snapshots[id] = s
             try await store.saveJob(s)
             try await store.audit(actor: actor, action: "job.resume", target: s.job.plan, detail: "\(id) gate \(waiting + 1)")
             return s.job
         }
-        guard (s.job.state == "failed" || s.job.state == "cancelled"), running[id] == nil else {
+        guard (s.job.state == .failed || s.job.state == .cancelled), running[id] == nil else {
             throw FerryError(.conflict, "job \(id) is \(s.job.state): only a job waiting at a gate, or a failed or cancelled job, can be resumed")
         }
         if let newer = plan.lastJob, newer != id {
             throw FerryError(.conflict, "job \(id) is not plan '\(s.job.plan)''s newest job (\(newer)); start a new job instead")
         }
-        s.job.state = "running"
+        s.job.state = .running
         s.job.error = nil
         s.job.endedAt = nil
-        for i in s.job.steps.indices where s.job.steps[i].state == "failed" || s.job.steps[i].state == "running"
-            || (s.specs[i].kind == .reverse && s.job.steps[i].state == "done") {
+        for i in s.job.steps.indices where s.job.steps[i].state == .failed || s.job.steps[i].state == .running
+            || (s.specs[i].kind == .reverse && s.job.steps[i].state == .done) {
             // (Reverse passes run again: the blocks written since were tracked in memory only.)
-            s.job.steps[i].state = "pending"
+            s.job.steps[i].state = .pending
             s.job.steps[i].error = nil
         }
         snapshots[id] = s
@@ -133,7 +133,7 @@ public actor JobRunner {
         guard !s.job.isFinished else { throw FerryError(.conflict, "job \(id) already \(s.job.state)") }
         running[id]?.cancel()
         if running[id] == nil {
-            s.job.state = "cancelled"
+            s.job.state = .cancelled
             s.job.endedAt = Date()
             snapshots[id] = s
             try await store.saveJob(s)
@@ -153,19 +153,19 @@ public actor JobRunner {
                     logger.error("cannot serve a recovered host's volumes again", metadata: ["recovery": "\(record.id)", "error": "\(error)"])
                 }
             }
-            for plan in try await store.plans() where plan.state == "reversed" {
+            for plan in try await store.plans() where plan.state == .reversed {
                 await reverse.start(plan: plan.plan)
             }
             for s in try await store.jobs(unfinishedOnly: true) {
                 var s = s
-                for i in s.job.steps.indices where s.job.steps[i].state == "running" {
-                    s.job.steps[i].state = "pending"
+                for i in s.job.steps.indices where s.job.steps[i].state == .running {
+                    s.job.steps[i].state = .pending
                     s.job.steps[i].detail = "interrupted by a controller restart; runs again"
                 }
                 // The blocks written since a reverse pass were tracked in memory only: every
                 // pass runs again (only what differs moves), and each volume streams after its own.
-                for i in s.job.steps.indices where s.specs[i].kind == .reverse && s.job.steps[i].state == "done" {
-                    s.job.steps[i].state = "pending"
+                for i in s.job.steps.indices where s.specs[i].kind == .reverse && s.job.steps[i].state == .done {
+                    s.job.steps[i].state = .pending
                     s.job.steps[i].detail = "runs again after a controller restart"
                 }
                 snapshots[s.job.id] = s
@@ -227,21 +227,21 @@ public actor JobRunner {
         do {
             plan = try await store.plan(named: first.job.plan).plan
         } catch {
-            await finish(id, state: "failed", error: "plan '\(first.job.plan)' is gone: \(error)")
+            await finish(id, state: .failed, error: "plan '\(first.job.plan)' is gone: \(error)")
             return
         }
         var i = 0
         while i < first.specs.count {
             if Task.isCancelled {
-                await finish(id, state: "cancelled", error: "cancelled by the operator before step \(i + 1)")
+                await finish(id, state: .cancelled, error: "cancelled by the operator before step \(i + 1)")
                 return
             }
             guard let s = snapshots[id] else { return }
-            if s.job.steps[i].state == "done" || s.job.steps[i].state == "skipped" { i += 1; continue }
+            if s.job.steps[i].state == .done || s.job.steps[i].state == .skipped { i += 1; continue }
             // A batch: consecutive steps of the same kind and group run in parallel.
             var batch = [i]
             while let last = batch.last, last + 1 < s.specs.count, s.specs[last + 1].runsWith(s.specs[i]),
-                  s.job.steps[last + 1].state != "done" {
+                  s.job.steps[last + 1].state != .done {
                 batch.append(last + 1)
             }
             let failures = await withTaskGroup(of: String?.self) { group in
@@ -254,19 +254,19 @@ public actor JobRunner {
             }
             if !failures.isEmpty {
                 if Task.isCancelled {
-                    await finish(id, state: "cancelled", error: "cancelled by the operator: " + failures.joined(separator: "; "))
+                    await finish(id, state: .cancelled, error: "cancelled by the operator: " + failures.joined(separator: "; "))
                 } else {
-                    await finish(id, state: "failed", error: failures.joined(separator: "; "))
+                    await finish(id, state: .failed, error: failures.joined(separator: "; "))
                 }
                 return
             }
             i = (batch.last ?? i) + 1
         }
-        await finish(id, state: "succeeded", error: nil)
+        await finish(id, state: .succeeded, error: nil)
     }
 
-    private func finish(_ id: String, state: String, error: String?) async {
-        if shuttingDown, state != "succeeded" {
+    private func finish(_ id: String, state: API.JobState, error: String?) async {
+        if shuttingDown, state != .succeeded {
             logger.info("job interrupted by the controller stopping; it resumes at the next start", metadata: ["job": "\(id)"])
             return
         }
@@ -275,7 +275,7 @@ public actor JobRunner {
             s.job.error = error
             s.job.endedAt = Date()
         }
-        if state != "succeeded", let s = snapshots[id], let partial = Self.stateAfterPartialRun(s) {
+        if state != .succeeded, let s = snapshots[id], let partial = Self.stateAfterPartialRun(s) {
             // What was done stays done, and the plan's state says so: a drill that recovered
             // some hosts is cleaned up by `drill cleanup`; fenced sources mean failed over.
             // A task of its own: this one may be cancelled, and the database refuses work then.
@@ -289,7 +289,7 @@ public actor JobRunner {
     private func runStep(_ id: String, index: Int, spec: JobStepSpec, plan: RecoveryPlan) async -> String? {
         let timeout = snapshots[id]?.job.steps[index].timeoutSeconds ?? 600
         await update(id) { s in
-            s.job.steps[index].state = "running"
+            s.job.steps[index].state = .running
             s.job.steps[index].startedAt = s.job.steps[index].startedAt ?? Date()
             s.job.steps[index].error = nil
         }
@@ -304,7 +304,7 @@ public actor JobRunner {
                 return try await group.next() ?? nil
             }
             await update(id) { s in
-                s.job.steps[index].state = "done"
+                s.job.steps[index].state = .done
                 s.job.steps[index].endedAt = Date()
                 s.job.steps[index].progress = 1
                 if let detail { s.job.steps[index].detail = detail }
@@ -313,7 +313,7 @@ public actor JobRunner {
         } catch {
             let message = (error as? FerryError)?.message ?? (error is CancellationError ? "cancelled" : "\(error)")
             await update(id) { s in
-                s.job.steps[index].state = "failed"
+                s.job.steps[index].state = .failed
                 s.job.steps[index].endedAt = Date()
                 s.job.steps[index].error = message
             }
@@ -322,19 +322,19 @@ public actor JobRunner {
     }
 
     /// The plan's state after a job that failed or was cancelled part way, if it changed anything.
-    static func stateAfterPartialRun(_ s: JobSnapshot) -> String? {
+    static func stateAfterPartialRun(_ s: JobSnapshot) -> API.PlanState? {
         func done(_ kind: JobStepSpec.Kind) -> Bool {
-            zip(s.specs, s.job.steps).contains { $0.kind == kind && $1.state == "done" }
+            zip(s.specs, s.job.steps).contains { $0.kind == kind && $1.state == .done }
         }
         func started(_ kind: JobStepSpec.Kind) -> Bool {
-            zip(s.specs, s.job.steps).contains { $0.kind == kind && $1.state != "pending" }
+            zip(s.specs, s.job.steps).contains { $0.kind == kind && $1.state != .pending }
         }
         switch s.job.operation {
-        case .drill: return done(.recover) ? "drill" : nil
+        case .drill: return done(.recover) ? .drill : nil
         // A fence step that failed part way may have fenced some sources: `rollback` undoes it.
-        case .failover, .migrate: return started(.fenceSources) ? "failed-over" : nil
+        case .failover, .migrate: return started(.fenceSources) ? .failedOver : nil
         // Some sinks hold recovered blocks already: only failback (its last passes) may follow.
-        case .reprotect: return done(.reverse) ? "reversed" : nil
+        case .reprotect: return done(.reverse) ? .reversed : nil
         default: return nil
         }
     }

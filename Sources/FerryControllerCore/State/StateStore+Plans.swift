@@ -4,12 +4,16 @@ import GRDB
 
 // MARK: - Recovery plans, jobs, recoveries and fencing
 
+// Stored as their raw values (the text the API shows).
+extension API.PlanState: DatabaseValueConvertible {}
+extension API.JobState: DatabaseValueConvertible {}
+
 struct PlanRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
     static let databaseTableName = "recoveryPlan"
     var name: String
     var plan: Data          // RecoveryPlan, JSON
     var source: String      // the YAML as applied
-    var state: String
+    var state: API.PlanState
     var updatedAt: Date
     var lastJob: String?
 
@@ -23,7 +27,7 @@ struct JobRecord: Codable, FetchableRecord, PersistableRecord, Sendable {
     var id: String
     var plan: String
     var operation: String
-    var state: String
+    var state: API.JobState
     var snapshot: Data      // JobSnapshot, JSON
     var createdAt: Date
     var updatedAt: Date
@@ -136,10 +140,10 @@ extension StateStore {
     /// Adds a plan, or replaces one that is not in the middle of anything.
     public func applyPlan(_ plan: RecoveryPlan, source: String, actor: String) async throws -> API.Plan {
         try await pool.write { db in
-            var record = PlanRecord(name: plan.name, plan: try JSONEncoder().encode(plan), source: source, state: "protected",
+            var record = PlanRecord(name: plan.name, plan: try JSONEncoder().encode(plan), source: source, state: .protected,
                                     updatedAt: Date(), lastJob: nil)
             if let old = try PlanRecord.fetchOne(db, key: plan.name) {
-                guard old.state == "protected" else {
+                guard old.state == .protected else {
                     throw FerryError(.conflict, "plan '\(plan.name)' is \(old.state); it can change only while protected")
                 }
                 try Self.requireNoRunningJob(db, plan: plan.name)
@@ -153,7 +157,7 @@ extension StateStore {
     }
 
     static func requireNoRunningJob(_ db: Database, plan: String) throws {
-        if let job = try JobRecord.filter(Column("plan") == plan && !["succeeded", "failed", "cancelled"].contains(Column("state"))).fetchOne(db) {
+        if let job = try JobRecord.filter(Column("plan") == plan && !API.JobState.allCases.filter(\.isFinished).contains(Column("state"))).fetchOne(db) {
             throw FerryError(.conflict, "plan '\(plan)' has job \(job.id) (\(job.operation)) \(job.state); wait for it, or 'ferryctl job cancel \(job.id)'")
         }
     }
@@ -176,7 +180,7 @@ extension StateStore {
             guard let record = try PlanRecord.fetchOne(db, key: name) else {
                 throw FerryError(.notFound, "no recovery plan named '\(name)'; 'ferryctl plans' lists them")
             }
-            guard record.state == "protected" || record.state == "migrated" else {
+            guard record.state == .protected || record.state == .migrated else {
                 throw FerryError(.conflict, "plan '\(name)' is \(record.state); bring it back to protected (drill cleanup, failback) before deleting it")
             }
             try Self.requireNoRunningJob(db, plan: name)
@@ -185,7 +189,7 @@ extension StateStore {
         }
     }
 
-    func setPlanState(_ name: String, _ state: String, job: String? = nil) async throws {
+    func setPlanState(_ name: String, _ state: API.PlanState, job: String? = nil) async throws {
         try await pool.write { db in
             try db.execute(sql: "UPDATE recoveryPlan SET state = ?, updatedAt = ?, lastJob = COALESCE(?, lastJob) WHERE name = ?",
                            arguments: [state, Date(), job, name])
@@ -224,7 +228,7 @@ extension StateStore {
         try await pool.read { db in
             var q = JobRecord.order(Column("createdAt").desc).limit(limit)
             if let plan { q = q.filter(Column("plan") == plan) }
-            if unfinishedOnly { q = q.filter(!["succeeded", "failed", "cancelled"].contains(Column("state"))) }
+            if unfinishedOnly { q = q.filter(!API.JobState.allCases.filter(\.isFinished).contains(Column("state"))) }
             return try q.fetchAll(db).map { try JSONDecoder().decode(JobSnapshot.self, from: $0.snapshot) }
         }
     }

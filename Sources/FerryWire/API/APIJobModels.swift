@@ -15,10 +15,7 @@ extension API {
     /// A recovery plan and where it stands.
     public struct Plan: Codable, Sendable {
         public var plan: RecoveryPlan
-        /// `protected` (sources replicate to this site), `drill` (a drill is up), `failed-over`,
-        /// `committed`, `reversed` (reprotected: the recovered hosts are the sources),
-        /// `migrated` (sources unprotected, the plan runs in this site).
-        public var state: String
+        public var state: PlanState
         public var updatedAt: Date
         /// The newest job of this plan.
         public var lastJob: String?
@@ -26,13 +23,51 @@ extension API {
         public var source: String
         /// Recovered volumes of this plan being copied onto their recovery hosts' storage.
         public var hydration: [Hydration]?
-        public init(plan: RecoveryPlan, state: String, updatedAt: Date, lastJob: String?, source: String) {
+        public init(plan: RecoveryPlan, state: PlanState, updatedAt: Date, lastJob: String?, source: String) {
             self.plan = plan
             self.state = state
             self.updatedAt = updatedAt
             self.lastJob = lastJob
             self.source = source
         }
+    }
+
+    /// Where a recovery plan stands (its JSON value is the raw value).
+    public enum PlanState: String, Codable, Sendable, CaseIterable, CustomStringConvertible {
+        /// The sources replicate to this site.
+        case protected
+        /// A drill is up.
+        case drill
+        case failedOver = "failed-over"
+        case committed
+        /// Reprotected: the recovered hosts are the sources, the original hosts sinks.
+        case reversed
+        /// The sources are unprotected; the plan runs in this site.
+        case migrated
+
+        public var description: String { rawValue }
+    }
+
+    /// Where a job stands.
+    public enum JobState: String, Codable, Sendable, CaseIterable, CustomStringConvertible {
+        case running
+        /// At a manual gate: `ferryctl job resume` goes on.
+        case waiting
+        case succeeded, failed, cancelled
+
+        /// It ended (and may be resumed only if it failed or was cancelled).
+        public var isFinished: Bool { self == .succeeded || self == .failed || self == .cancelled }
+        public var description: String { rawValue }
+    }
+
+    /// Where one step of a job stands.
+    public enum StepState: String, Codable, Sendable, CaseIterable, CustomStringConvertible {
+        case pending, running
+        /// A manual gate waiting for `ferryctl job resume`.
+        case waiting
+        case done, failed, skipped
+
+        public var description: String { rawValue }
     }
 
     /// Operations on a plan, each run as a job.
@@ -72,8 +107,7 @@ extension API {
 
     /// One step of a job.
     public struct JobStep: Codable, Sendable, Equatable {
-        /// `pending`, `running`, `waiting` (a manual gate), `done`, `failed`, `skipped`.
-        public var state: String
+        public var state: StepState
         public var name: String
         /// The plan group it belongs to, if any.
         public var group: String?
@@ -86,7 +120,7 @@ extension API {
         public var error: String?
         /// Longest the step may take.
         public var timeoutSeconds: Int
-        public init(state: String, name: String, group: String?, timeoutSeconds: Int) {
+        public init(state: StepState, name: String, group: String?, timeoutSeconds: Int) {
             self.state = state
             self.name = name
             self.group = group
@@ -104,8 +138,7 @@ extension API {
         public var id: String
         public var plan: String
         public var operation: JobOperation
-        /// `running`, `waiting` (a gate), `succeeded`, `failed`, `cancelled`.
-        public var state: String
+        public var state: JobState
         public var createdAt: Date
         public var endedAt: Date?
         public var error: String?
@@ -114,7 +147,7 @@ extension API {
         public var report: [String: String]
         /// The options it was started with.
         public var request: JobCreateRequest
-        public init(id: String, plan: String, operation: JobOperation, state: String, createdAt: Date, steps: [JobStep],
+        public init(id: String, plan: String, operation: JobOperation, state: JobState, createdAt: Date, steps: [JobStep],
                     request: JobCreateRequest) {
             self.id = id
             self.plan = plan
@@ -126,7 +159,7 @@ extension API {
             self.request = request
         }
 
-        public var isFinished: Bool { ["succeeded", "failed", "cancelled"].contains(state) }
+        public var isFinished: Bool { state.isFinished }
     }
 }
 

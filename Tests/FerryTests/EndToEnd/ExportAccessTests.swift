@@ -42,7 +42,7 @@ struct ExportAccessTests {
         #expect(try await failover.qemuIO(site.uris["db/data"]!, "write -P 0x11 0 1M").ok)
         #expect(try await failover.caughtUp(site, "db/data"))
         let drill = try await failover.jobThroughGate(site, "drill", "shop", "--point", "latest")
-        #expect(drill.state == "succeeded", "\(drill)")
+        #expect(drill.state == .succeeded, "\(drill)")
         let address = try String(contentsOfFile: site.controller.dataDir + "/nbd-tls-listen.addr", encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines)
 

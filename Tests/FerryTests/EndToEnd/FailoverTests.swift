@@ -115,7 +115,7 @@ struct FailoverTests {
     func resumeGate(_ site: Site, _ id: String) async throws -> Bool {
         let waiting = try await eventually(timeout: .seconds(90), every: .milliseconds(200)) {
             let r = try await site.controller.ctl("job", "show", id, "--json")
-            return (try? API.decoder().decode(API.Job.self, from: Data(r.stdout.utf8)))?.state == "waiting"
+            return (try? API.decoder().decode(API.Job.self, from: Data(r.stdout.utf8)))?.state == .waiting
         }
         guard waiting else { return false }
         return try await site.controller.ctl("job", "resume", id).status == 0
@@ -148,7 +148,7 @@ struct FailoverTests {
 
         // Drill: recovered in the test network from the latest state; production goes on.
         let drill = try await jobThroughGate(site, "drill", "shop", "--point", "latest")
-        #expect(drill.state == "succeeded", "\(drill)")
+        #expect(drill.state == .succeeded, "\(drill)")
         let drillEnv = try String(contentsOfFile: site.hooks + "/rec1-start.env", encoding: .utf8)
         #expect(drillEnv.contains("FERRY_NETWORK=test") && drillEnv.contains("FERRY_SOURCE_HOST=db") && drillEnv.contains("FERRY_PLAN=shop"), "\(drillEnv)")
         let description = try #require(drillEnv.split(separator: "\n").first { $0.hasPrefix("FERRY_RECOVERY_FILE=") }).dropFirst("FERRY_RECOVERY_FILE=".count)
@@ -166,7 +166,7 @@ struct FailoverTests {
         #expect(lines.count <= 2, "one line as it starts, one as it ends: \(lines)")
         let jobs = try await site.controller.ctl("jobs", "--json")
         let cleanup = try #require(try API.decoder().decode([API.Job].self, from: Data(jobs.stdout.utf8)).first)
-        #expect(cleanup.operation == .drillCleanup && cleanup.state == "succeeded", "\(cleanup)")
+        #expect(cleanup.operation == .drillCleanup && cleanup.state == .succeeded, "\(cleanup)")
         #expect(cleanup.report["drill_rto_seconds"] != nil && cleanup.report["drill_rpo_seconds"] != nil, "\(cleanup.report)")
         #expect(!FileManager.default.fileExists(atPath: site.dir.path + "/agent-rec1/sockets/recovered-db-data.sock"))
 
@@ -174,7 +174,7 @@ struct FailoverTests {
         #expect(try await qemuIO(site.uris["db/data"]!, "write -P 0x22 1M 1M").ok)
         #expect(try await qemuIO(site.uris["app/data"]!, "write -P 0x23 1M 1M").ok)
         let failover = try await jobThroughGate(site, "failover", "shop", "--planned")
-        #expect(failover.state == "succeeded", "\(failover)")
+        #expect(failover.state == .succeeded, "\(failover)")
         #expect(failover.report["rpo_seconds"] == "0" && failover.report["rto_seconds"] != nil, "\(failover.report)")
         #expect(try String(contentsOfFile: site.hooks + "/db.log", encoding: .utf8).contains("stop"), "the source's stop hook ran")
         r = try await qemuIO(site.recoveredURI("rec1", "db/data"), "read -P 0x11 0 1M", "read -P 0x22 1M 1M", "read -P 0x13 8M 64k", "read -P 0 4M 64k")
@@ -197,7 +197,7 @@ struct FailoverTests {
             try await qemuIO(site.recoveredURI("rec1", "db/data"), "read -P 0x33 2M 128k", "read -P 0x22 1M 1M").ok
         }, "recovered volume served again after an agent restart")
         let reprotect = try await job(site, "reprotect", "shop")
-        #expect(reprotect.state == "succeeded", "\(reprotect)")
+        #expect(reprotect.state == .succeeded, "\(reprotect)")
         let sent = UInt64(reprotect.report["bytes_sent"] ?? "") ?? .max
         #expect(sent >= 128 << 10 && sent <= 2 << 20, "only changed blocks move: \(reprotect.report)")
         // Writes after reprotect stream on to the sink.
@@ -211,7 +211,7 @@ struct FailoverTests {
 
         // Failback: home again, protected again, the recovered hosts' writes kept.
         let failback = try await jobThroughGate(site, "failback", "shop")
-        #expect(failback.state == "succeeded", "\(failback)")
+        #expect(failback.state == .succeeded, "\(failback)")
         r = try await qemuIO(site.uris["db/data"]!, "read -P 0x11 0 1M", "read -P 0x22 1M 1M", "read -P 0x33 2M 128k", "read -P 0x44 3M 64k",
                              "write -P 0x55 5M 64k")
         #expect(r.ok, "failed back with every write, and writable: \(r.output)")
@@ -251,7 +251,7 @@ struct FailoverTests {
         let job = try API.decoder().decode(API.Job.self, from: Data(started.stdout.utf8))
         let waiting = try await eventually(timeout: .seconds(90), every: .milliseconds(200)) {
             let r = try await site.controller.ctl("job", "show", job.id, "--json")
-            return (try? API.decoder().decode(API.Job.self, from: Data(r.stdout.utf8)))?.state == "waiting"
+            return (try? API.decoder().decode(API.Job.self, from: Data(r.stdout.utf8)))?.state == .waiting
         }
         #expect(waiting, "the job reached its gate")
         // The controller dies in the middle of the failover, and comes back.
@@ -266,7 +266,7 @@ struct FailoverTests {
         #expect(try await resumeGate(site, job.id))
         let watched = try await site.controller.ctl("job", "watch", job.id, "--json")
         let done = try API.decoder().decode(API.Job.self, from: Data(watched.stdout.utf8))
-        #expect(done.state == "succeeded", "\(done)\n\(site.controller.process.log.suffix(3000))")
+        #expect(done.state == .succeeded, "\(done)\n\(site.controller.process.log.suffix(3000))")
         #expect(done.report["point"] != nil, "\(done.report)")
         r = try await qemuIO(site.recoveredURI("rec2", "app/data"), "write -P 0x31 0 64k", "read -P 0x31 0 64k")
         #expect(r.ok, "\(r.output)")
@@ -279,7 +279,7 @@ struct FailoverTests {
         #expect(try await qemuIO(site.uris["db/data"]!, readOnly: true, "read -P 0x21 0 4k").ok)
         // Reprotect moves only what changed (the recovered app's 64 KiB, nothing of db).
         let reprotect = try await self.job(site, "reprotect", "shop")
-        #expect(reprotect.state == "succeeded", "\(reprotect)")
+        #expect(reprotect.state == .succeeded, "\(reprotect)")
         let sent = UInt64(reprotect.report["bytes_sent"] ?? "") ?? .max
         #expect(sent <= 1 << 20, "\(reprotect.report)")
         for (_, agent) in site.agents { await agent.kill9() }
@@ -295,13 +295,13 @@ struct FailoverTests {
         let drill = try API.decoder().decode(API.Job.self, from: Data(started.stdout.utf8))
         #expect(try await eventually(timeout: .seconds(90), every: .milliseconds(200)) {
             let r = try await site.controller.ctl("job", "show", drill.id, "--json")
-            return (try? API.decoder().decode(API.Job.self, from: Data(r.stdout.utf8)))?.state == "waiting"
+            return (try? API.decoder().decode(API.Job.self, from: Data(r.stdout.utf8)))?.state == .waiting
         })
         #expect(try await site.controller.ctl("job", "cancel", drill.id).status == 0)
         let cancelled = try await site.controller.ctl("job", "watch", drill.id, "--json")
         #expect(cancelled.status != 0, "watching a cancelled job exits 1")
         let job = try API.decoder().decode(API.Job.self, from: Data(cancelled.stdout.utf8))
-        #expect(job.state == "cancelled", "\(job)")
+        #expect(job.state == .cancelled, "\(job)")
         let socket = site.dir.path + "/agent-rec1/sockets/recovered-db-data.sock"
         #expect(FileManager.default.fileExists(atPath: socket), "db was recovered before the gate")
         var plans = try await site.controller.ctl("plans")
@@ -310,24 +310,24 @@ struct FailoverTests {
         let refused = try await site.controller.ctl("plan", "apply", "-f", planFile)
         #expect(refused.status != 0 && refused.stderr.contains("drill"), "a plan in a drill cannot change: \(refused)")
         let cleanup = try await self.job(site, "drill", "cleanup", "shop")
-        #expect(cleanup.state == "succeeded", "\(cleanup)")
+        #expect(cleanup.state == .succeeded, "\(cleanup)")
         #expect(!FileManager.default.fileExists(atPath: socket))
 
         // A planned failover, then rolled back: the sources take writes again, the recovered
         // host's writes are gone with its overlay.
         let failover = try await jobThroughGate(site, "failover", "shop", "--planned")
-        #expect(failover.state == "succeeded", "\(failover)")
+        #expect(failover.state == .succeeded, "\(failover)")
         #expect(try await qemuIO(site.recoveredURI("rec1", "db/data"), "write -P 0x77 2M 64k").ok)
         #expect(!(try await qemuIO(site.uris["db/data"]!, "write -P 0x78 3M 64k").ok), "fenced")
         let rollback = try await jobThroughGate(site, "rollback", "shop")
-        #expect(rollback.state == "succeeded", "\(rollback)")
+        #expect(rollback.state == .succeeded, "\(rollback)")
         let back = try await qemuIO(site.uris["db/data"]!, "read -P 0x41 0 1M", "read -P 0 2M 64k", "write -P 0x78 3M 64k")
         #expect(back.ok, "the source owns its volume again, without the recovered host's writes: \(back.output)")
         #expect(!FileManager.default.fileExists(atPath: socket))
         for target in site.uris.keys { #expect(try await caughtUp(site, target)) }
 
         let migrate = try await jobThroughGate(site, "migrate", "shop")
-        #expect(migrate.state == "succeeded", "\(migrate)")
+        #expect(migrate.state == .succeeded, "\(migrate)")
         #expect(migrate.report["rpo_seconds"] == "0", "\(migrate.report)")
         plans = try await site.controller.ctl("plans")
         #expect(plans.stdout.contains("migrated"), "\(plans)")

@@ -79,7 +79,7 @@ struct FenceDataPathTests {
         // Unplanned failover meanwhile: db cannot answer its fence.
         r = try await controller.ctl("failover", "solo", "--point", point, "--json")
         let job = try API.decoder().decode(API.Job.self, from: Data(r.stdout.utf8))
-        #expect(job.state == "succeeded", "\(r)")
+        #expect(job.state == .succeeded, "\(r)")
 
         // The link heals: what db captured after the fence reaches the controller and is refused.
         link.signal(SIGCONT)

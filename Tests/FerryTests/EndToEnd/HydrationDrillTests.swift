@@ -68,7 +68,7 @@ struct HydrationDrillTests {
                                             "-H", "Content-Type: application/json", "-d", #"{"operation":"commit","hydrate":true}"#,
                                             api + "/v1/plans/shop/jobs"])
         #expect(r.stdout.contains("bad-request") && r.stdout.contains("hydrate applies to a drill, a failover or a migration"), "\(r)")
-        #expect(try await plan(controller).state == "protected")
+        #expect(try await plan(controller).state == .protected)
 
         // Targets are checked before anything is served: outside the host's protect-allow, and on
         // a file system without room for the point's data (96 MiB on a 16 MiB tmpfs).
@@ -80,10 +80,10 @@ struct HydrationDrillTests {
             r = try await controller.ctl("plan", "apply", "-f", planFile)
             #expect(r.status == 0, "\(r)")
             let refused = try await failover.job(site, "drill", "shop", "--point", point, "--hydrate")
-            #expect(refused.state == "failed" && (refused.error ?? "").contains(reason), "\(refused)")
+            #expect(refused.state == .failed && (refused.error ?? "").contains(reason), "\(refused)")
             #expect(!FileManager.default.fileExists(atPath: bad))
             // Nothing was recovered: the plan is as before, and no export was left behind.
-            #expect(try await plan(controller).state == "protected")
+            #expect(try await plan(controller).state == .protected)
             let exports = try await controller.ctl("exports", "--json")
             #expect(exports.status == 0 && !exports.stdout.contains("r-"), "\(exports)")
         }
@@ -92,7 +92,7 @@ struct HydrationDrillTests {
         #expect(r.status == 0, "\(r)")
 
         let drill = try await failover.job(site, "drill", "shop", "--point", point, "--hydrate")
-        #expect(drill.state == "succeeded", "\(drill)")
+        #expect(drill.state == .succeeded, "\(drill)")
         let uri = "nbd+unix:///db-data?socket=\(dir.path)/agent-rec1/sockets/recovered-db-data.sock"
         // Served at once: the point's data reads back through the recovered socket.
         var q = try await failover.qemuIO(uri, "read -P 0x11 0 1M", "read -P 0x22 150M 1M", "read -P 0 100M 1M")

@@ -86,9 +86,9 @@ struct LandingFailoverTests {
         var r = try await controller.ctl("plan", "apply", "-f", lab.planFile)
         #expect(r.status == 0, "\(r)")
         let refused = try await failover.job(lab.site, "failover", "shop", "--point", lab.point, "--hydrate")
-        #expect(refused.state == "failed" && (refused.error ?? "").contains("not allowed"), "\(refused)")
-        #expect(refused.steps.first { $0.name.hasPrefix("fence") }?.state == "pending", "\(refused.steps)")
-        #expect(try await planView(controller).state == "protected")
+        #expect(refused.state == .failed && (refused.error ?? "").contains("not allowed"), "\(refused)")
+        #expect(refused.steps.first { $0.name.hasPrefix("fence") }?.state == .pending, "\(refused.steps)")
+        #expect(try await planView(controller).state == .protected)
         let source = "nbd+unix:///data?socket=\(lab.dir.path)/agent-db/sockets/data.sock"
         #expect(try await failover.qemuIO(source, "write -P 0x44 100M 1M", "flush").ok, "the source still takes writes")
         #expect(!FileManager.default.fileExists(atPath: "/etc/ferry-landing-test.img"))
@@ -97,8 +97,8 @@ struct LandingFailoverTests {
         #expect(r.status == 0, "\(r)")
 
         let job = try await failover.job(lab.site, "failover", "shop", "--point", lab.point, "--hydrate")
-        #expect(job.state == "succeeded", "\(job)\n\(controller.process.log.suffix(3000))")
-        #expect(try await planView(controller).state == "failed-over")
+        #expect(job.state == .succeeded, "\(job)\n\(controller.process.log.suffix(3000))")
+        #expect(try await planView(controller).state == .failedOver)
         // Served at once on rec1's own volume socket, the point's data there.
         let uri = "nbd+unix:///db-data?socket=\(lab.dir.path)/agent-rec1/sockets/db-data.sock"
         var q = try await failover.qemuIO(uri, "read -P 0x11 0 1M", "read -P 0x22 70M 1M", "read -P 0 100M 1M")
@@ -183,8 +183,8 @@ struct LandingFailoverTests {
         // Written after the point: a planned move loses nothing.
         #expect(try await failover.qemuIO(source, "write -P 0x66 90M 2M", "flush").ok)
         let job = try await failover.job(lab.site, "migrate", "shop", "--hydrate")
-        #expect(job.state == "succeeded", "\(job)\n\(controller.process.log.suffix(3000))")
-        #expect(try await planView(controller).state == "migrated")
+        #expect(job.state == .succeeded, "\(job)\n\(controller.process.log.suffix(3000))")
+        #expect(try await planView(controller).state == .migrated)
         #expect(job.report["rpo_seconds"] == "0", "\(job.report)")
         let all = try await volumes(controller)
         #expect(!all.contains { $0.host == "db" }, "the source is unprotected: \(all.map { "\($0.host)/\($0.name)" })")

@@ -405,3 +405,28 @@ struct UnitStateStoreTests {
         }
     }
 }
+
+@Suite("Unit typed job, step and plan states")
+struct UnitTypedStateTests {
+    @Test("plan and job states are stored and shown as their raw text (a database and API clients from before the enums read them alike)")
+    func rawText() async throws {
+        let dir = try TestDirectory()
+        let path = dir.file("state.db")
+        let store = try StateStore(path: path)
+        _ = try await store.applyPlan(RecoveryPlan(name: "shop", description: "", groups: []), source: "name: shop\n", actor: "unit")
+        try await store.setPlanState("shop", .failedOver)
+        let text = try await store.pool.read { db in try String.fetchOne(db, sql: "SELECT state FROM recoveryPlan WHERE name = 'shop'") }
+        #expect(text == "failed-over")
+        #expect(try await store.plan(named: "shop").state == .failedOver)
+        // A row written as text by an earlier build reads back as the enum.
+        try await store.pool.write { db in try db.execute(sql: "UPDATE recoveryPlan SET state = 'reversed' WHERE name = 'shop'") }
+        #expect(try await store.plan(named: "shop").state == .reversed)
+        let json = String(decoding: try JSONEncoder().encode(try await store.plan(named: "shop")), as: UTF8.self)
+        #expect(json.contains(#""state":"reversed""#), "\(json)")
+        // A job step persisted before the enums (settle's state as text) decodes.
+        let spec = try JSONDecoder().decode(JobStepSpec.self, from: Data(#"{"kind":"settle","state":"failed-over"}"#.utf8))
+        #expect(spec.state == .failedOver)
+        #expect(API.JobState.allCases.filter(\.isFinished) == [.succeeded, .failed, .cancelled])
+        #expect("\(API.PlanState.failedOver)" == "failed-over")
+    }
+}
