@@ -453,15 +453,22 @@ PY
   sleep 1.5 # the recovery host's last report, with the copy's final duration
   "$bin/ferryctl" plan show bench --json >"$work/results/hydrate-plan.json"
   [ "$(md5sum <"$h/target.img")" = "$point_sum" ] || die "the hydrated target differs from the point"
+  # The landed volume's own replica (built on the controller from the point, then streamed to)
+  # caught up: the steady state the fio runs below measure.
+  wait_for 1800 sh -c "'$bin/ferryctl' volume show rec1/db-data --json | python3 -c 'import json,sys; v=json.load(sys.stdin); sys.exit(0 if v.get(\"replicaState\")==\"protected\" and v.get(\"durableSequence\")==v.get(\"lastSequence\") else 1)'" \
+    || die "rec1/db-data's replica did not catch up"
+  t4=$(date +%s.%N)
+  seeded="$(grep "replica built from its failover point" "$h-controller.log" | sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' | head -n 1)"
   uri_rec="nbd+unix:///db-data?socket=$h/agent-rec1/sockets/db-data.sock"
   for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
     set -- $w
     hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3-a.json"
     hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3-b.json"
   done
-  python3 - "$t0" "$t1" "$t2" "$t3" "$hydrate_size" "$work/results" >"$work/results/hydration.txt" <<'PY'
+  python3 - "$t0" "$t1" "$t2" "$t3" "$hydrate_size" "$work/results" "$t4" "${seeded:-}" >"$work/results/hydration.txt" <<'PY'
 import json, sys
 t0, t1, t2, t3 = map(float, sys.argv[1:5])
+t4, seeded = float(sys.argv[7]), sys.argv[8]
 plan = json.load(open(sys.argv[6] + "/hydrate-plan.json"))
 h = plan["hydration"][0]
 failover = json.load(open(sys.argv[6] + "/hydrate-failover.json"))
@@ -471,6 +478,9 @@ print(f"hydrate_seconds {h.get('copySeconds') or (t3 - t2):.3f}")
 print(f"size_bytes {h['sizeBytes']}")
 print(f"fetched_bytes {h['fetchedBytes']}")
 print(f"failover_rto_seconds {float(failover['report']['rto_seconds']):.3f}")
+print(f"landed_replica_caught_up_seconds {t4 - t2:.3f}")
+if seeded:
+    print(f"seed_seconds {float(seeded):.3f}")
 PY
   stop_daemons
   rm -rf "$hyd_dir"

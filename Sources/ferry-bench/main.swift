@@ -223,6 +223,12 @@ func hydrationTable(_ dir: String) throws {
     if let rto = kv["failover_rto_seconds"] {
         rows.append(["failover --hydrate RTO (command to start hooks done)", String(format: "%.2f s", rto), "-", "-", "< 10 s"])
     }
+    if let seed = kv["seed_seconds"] {
+        rows.append(["landed volume's replica built from the point (controller, local copy)", String(format: "%.1f s", seed), "-", "-", "-"])
+    }
+    if let caughtUp = kv["landed_replica_caught_up_seconds"] {
+        rows.append(["failover command to landed replica caught up", String(format: "%.1f s", caughtUp), "-", "-", "-"])
+    }
     printTable(rows)
     print()
     print("fio through the landed volume after hydration (captured, replicated) vs the source agent's export (iodepth 16)")
