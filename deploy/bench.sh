@@ -407,10 +407,39 @@ PY
     || die "db/data did not become protected"
   log "hydration: source protected (initial sync) in $((SECONDS - start)) s"
   "$bin/ferryctl" group create bench --volume db/data --crash-interval 0 --app-interval 0 >/dev/null
-  point="$("$bin/ferryctl" point create bench)"
   printf 'name: bench\ngroups:\n  - name: db\n    items:\n      - host: db\n        recovery-host: rec1\n        targets:\n          data: %s\n' \
     "$h/target.img" >"$h/plan.yaml"
   "$bin/ferryctl" plan apply -f "$h/plan.yaml" >/dev/null || die "plan apply (hydration) failed"
+  uri_src="nbd+unix:///data?socket=$h/agent-db/sockets/data.sock"
+  replica_caught_up() { # replica_caught_up HOST/VOLUME: protected, every captured write durable
+    wait_for 600 sh -c "'$bin/ferryctl' volume show $1 --json | python3 -c 'import json,sys; v=json.load(sys.stdin); sys.exit(0 if v.get(\"replicaState\")==\"protected\" and (v.get(\"sync\") or {\"done\": True})[\"done\"] and v.get(\"durableSequence\")==v.get(\"lastSequence\") else 1)'" \
+      || die "$1's replica did not catch up"
+  }
+  hyd_fio() { # hyd_fio URI RW BS OUT
+    fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --size=1G --iodepth=16 --time_based \
+      --runtime="${FERRY_BENCH_HYDRATE_RUNTIME:-10}s" --output-format=json --output="$work/results/$4" >&2 || die "fio $2 $3 ($4) failed"
+  }
+  # Served from the controller (a plain drill): the figures hydration is to beat.
+  uri_drill="nbd+unix:///db-data?socket=$h/agent-rec1/sockets/recovered-db-data.sock"
+  "$bin/ferryctl" drill bench --point latest --json >"$work/results/hydrate-served-drill.json" || die "drill (served) failed"
+  for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
+    set -- $w
+    hyd_fio "$uri_drill" "$1" "$2" "hydrate-served-$3.json"
+  done
+  "$bin/ferryctl" drill cleanup bench --json >/dev/null || die "drill cleanup (hydration) failed"
+  # The source export, twice each (the better kept, as for the landed volume below), each run
+  # from a caught-up replica: a run that starts with the change log full of the last one's
+  # writes (or overflowed, replicating marks instead of writes) measures something else.
+  for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
+    set -- $w
+    replica_caught_up db/data
+    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-a.json"
+    replica_caught_up db/data
+    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-b.json"
+  done
+  # The point the failover lands, cut now (the source's fio runs above would push an older
+  # one out of a small journal), and the baseline copy of it.
+  point="$("$bin/ferryctl" point create bench)"
   # The baseline: nbdcopy of the point, over TLS with rec1's certificate, into a file.
   export_id="$("$bin/ferryctl" volume export db/data --point "$point" --for rec1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
   mkdir -p "$h/tls"
@@ -424,29 +453,11 @@ PY
   # The point's bytes, to check the landed target against (the source changes below).
   point_sum="$(md5sum <"$h/nbdcopy.img")"
   rm -f "$h/nbdcopy.img"
-  uri_src="nbd+unix:///data?socket=$h/agent-db/sockets/data.sock"
-  hyd_fio() { # hyd_fio URI RW BS OUT
-    fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --size=1G --iodepth=16 --time_based \
-      --runtime="${FERRY_BENCH_HYDRATE_RUNTIME:-10}s" --output-format=json --output="$work/results/$4" >&2 || die "fio $2 $3 ($4) failed"
-  }
-  # Served from the controller (a plain drill): the figures hydration is to beat.
-  uri_drill="nbd+unix:///db-data?socket=$h/agent-rec1/sockets/recovered-db-data.sock"
-  "$bin/ferryctl" drill bench --point "$point" --json >"$work/results/hydrate-served-drill.json" || die "drill (served) failed"
-  for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
-    set -- $w
-    hyd_fio "$uri_drill" "$1" "$2" "hydrate-served-$3.json"
-  done
-  "$bin/ferryctl" drill cleanup bench --json >/dev/null || die "drill cleanup (hydration) failed"
-  # The source export, twice each (the better kept, as for the landed volume below).
-  for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
-    set -- $w
-    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-a.json"
-    hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-b.json"
-  done
   sync; echo 1 >/proc/sys/vm/drop_caches || true
   # Hydration: from the failover command until every block is on the target (synced).
   t2=$(date +%s.%N)
-  "$bin/ferryctl" failover bench --point "$point" --hydrate --json >"$work/results/hydrate-failover.json" || die "failover --hydrate failed"
+  "$bin/ferryctl" failover bench --point "$point" --hydrate --json >"$work/results/hydrate-failover.json" ||
+    die "failover --hydrate failed: $(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j.get("error"))' "$work/results/hydrate-failover.json" 2>&1)"
   wait_for 3600 sh -c "'$bin/ferryctl' plan show bench --json | python3 -c 'import json,sys; h=(json.load(sys.stdin).get(\"hydration\") or [{}])[0]; sys.exit(0 if h.get(\"complete\") else 1)'" \
     || die "hydration did not complete"
   t3=$(date +%s.%N)
@@ -462,8 +473,14 @@ PY
   uri_rec="nbd+unix:///db-data?socket=$h/agent-rec1/sockets/db-data.sock"
   for w in "randread 4k rr" "randwrite 4k rw" "write 1M sw"; do
     set -- $w
+    replica_caught_up rec1/db-data
     hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3-a.json"
+    replica_caught_up rec1/db-data
     hyd_fio "$uri_rec" "$1" "$2" "hydrate-local-$3-b.json"
+  done
+  # Each run's figures, not only the better one's (the table keeps the better).
+  for f in "$work"/results/hydrate-{source,local}-*.json; do
+    python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(sys.argv[1].rsplit("/",1)[1], "read %.0f IOPS" % j["read"]["iops"], "write %.0f IOPS %.0f MiB/s" % (j["write"]["iops"], j["write"]["bw_bytes"] / 1048576))' "$f" >&2
   done
   python3 - "$t0" "$t1" "$t2" "$t3" "$hydrate_size" "$work/results" "$t4" "${seeded:-}" >"$work/results/hydration.txt" <<'PY'
 import json, sys
