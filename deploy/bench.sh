@@ -438,8 +438,16 @@ PY
     hyd_fio "$uri_src" "$1" "$2" "hydrate-source-$3-b.json"
   done
   # The point the failover lands, cut now (the source's fio runs above would push an older
-  # one out of a small journal), and the baseline copy of it.
-  point="$("$bin/ferryctl" point create bench)"
+  # one out of a small journal), and the baseline copy of it. (A busy agent can miss a cut's
+  # hold budget: the cut aborts, and is tried again.)
+  replica_caught_up db/data
+  point=""
+  for _ in 1 2 3 4 5; do
+    point="$("$bin/ferryctl" point create bench)" && break
+    sleep 1
+  done
+  [ -n "$point" ] || die "no point of group bench could be cut"
+  replica_caught_up db/data # the point complete: every write it holds durable here
   # The baseline: nbdcopy of the point, over TLS with rec1's certificate, into a file.
   export_id="$("$bin/ferryctl" volume export db/data --point "$point" --for rec1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
   mkdir -p "$h/tls"

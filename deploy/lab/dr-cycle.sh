@@ -315,6 +315,22 @@ reprotect_checks() {
   verified "yes: only changed blocks: $sent B sent of $TOTAL_BYTES B ($(awk -v a="$sent" -v b="$TOTAL_BYTES" 'BEGIN { printf "%.2f", 100 * a / b }') %); sinks = recovered (qemu-img compare)"
 }
 
+# wait_hydrated NAME: waits until every recovered volume of plan shop is local on its recovery
+# host (exports released); sets h_secs (ms after the job), h_bytes (fetched) and h_size.
+hydrated() {
+  fctl plan show shop --json | tool get "len(j.get('hydration') or []) == 4 and all(h['complete'] and h['released'] for h in j['hydration'])" - | grep -qx True
+}
+wait_hydrated() {
+  local t0 f="$work/jobs/$1-plan.json"
+  t0="$(now_us)"
+  wait_for "the 4 recovered volumes to hydrate" hydrated
+  h_secs="$(( ($(now_us) - t0) / 1000 ))"
+  fctl plan show shop --json >"$f"
+  h_bytes="$(tool get "sum(h['fetchedBytes'] for h in j['hydration'])" "$f")"
+  h_size="$(tool get "sum(h['sizeBytes'] for h in j['hydration'])" "$f")"
+  info "hydrated after the job in ${h_secs} ms: $h_bytes bytes fetched of $h_size (holes and zero ranges are not moved)"
+}
+
 # --- the workload: one process over all four volumes (so its dependency vectors span hosts) ----
 WL_LOG=""
 wl_start() {  # wl_start NAME SEED
@@ -572,16 +588,7 @@ verified "yes: overlays gone (no recovered sockets), production still writing ($
 begin "A: drill --hydrate (onto the recovery hosts' own files)"
 run_job hydrate drill shop --point latest-group --hydrate
 cur_rto="$(report hydrate rto_seconds)s"
-hydrated() {  # every recovered volume of the plan is local on its recovery host, exports released
-  fctl plan show shop --json | tool get "len(j.get('hydration') or []) == 4 and all(h['complete'] and h['released'] for h in j['hydration'])" - | grep -qx True
-}
-h_t0="$(now_us)"
-wait_for "the 4 recovered volumes to hydrate" hydrated
-h_secs="$(( ($(now_us) - h_t0) / 1000 ))"
-fctl plan show shop --json >"$work/jobs/hydrate-plan.json"
-h_bytes="$(tool get "sum(h['fetchedBytes'] for h in j['hydration'])" "$work/jobs/hydrate-plan.json")"
-h_size="$(tool get "sum(h['sizeBytes'] for h in j['hydration'])" "$work/jobs/hydrate-plan.json")"
-info "hydrated after the job in ${h_secs} ms: $h_bytes bytes fetched of $h_size (holes and zero ranges are not moved)"
+wait_hydrated hydrate
 mapfile -t imgs < <(rec_images)
 check_images hydrate "$WL_LOG" "${imgs[@]}" || fail "the hydrated drill's images are not one consistent group point (check/hydrate.report.json)"
 run_job hydrate-cleanup drill cleanup shop
@@ -737,13 +744,7 @@ cur_rpo="$(report migrate rpo_seconds)s" cur_rto="$(report migrate rto_seconds)s
 [ -e "$work/wl/rc" ] || fail "the stop hooks did not stop the workload"
 [ "$(cat "$work/wl/rc")" = 0 ] || fail "the workload failed before the stop hooks stopped it: $(cat "$WL_LOG.err")"
 wl_reap
-h_t0="$(now_us)"
-wait_for "the 4 landed volumes to hydrate" hydrated
-h_secs="$(( ($(now_us) - h_t0) / 1000 ))"
-fctl plan show shop --json >"$work/jobs/migrate-plan.json"
-h_bytes="$(tool get "sum(h['fetchedBytes'] for h in j['hydration'])" "$work/jobs/migrate-plan.json")"
-h_size="$(tool get "sum(h['sizeBytes'] for h in j['hydration'])" "$work/jobs/migrate-plan.json")"
-info "hydrated after the job in ${h_secs} ms: $h_bytes bytes fetched of $h_size (holes and zero ranges are not moved)"
+wait_hydrated migrate
 # The landed volumes are the recovery hosts' own protected volumes, on their ordinary sockets.
 declare -A LAND_URI=()
 for v in "${VOLS[@]}"; do

@@ -28,17 +28,10 @@ final class ProtectedRecoveredVolume: RecoveryServedVolume {
     func stop() async {}
 
     func status(socket: String) -> Ferry_V1_RecoveredVolumeStatus {
-        var s = baseStatus(socket: socket)
-        if let hydrating = volume.hydration {
-            let p = hydrating.progress
-            s.targetPath = volume.path
-            s.localBytes = p.localBytes
-            s.fetchedBytes = p.fetchedBytes
-            s.bytesPerSecond = hydrating.rate
-            s.copySeconds = hydrating.copySeconds
-            s.hydrated = p.complete
-            s.hydrating = true
-        }
+        guard let hydrating = volume.hydration else { return baseStatus(socket: socket) }
+        var s = hydrating.status(socket: socket)
+        s.source = source
+        s.writes = writes
         return s
     }
 }

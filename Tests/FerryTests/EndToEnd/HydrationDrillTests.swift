@@ -8,17 +8,6 @@ import Testing
 /// recovered socket while the volume hydrates, both daemons killed -9 midway.
 @Suite("hydrating drill", .serialized)
 struct HydrationDrillTests {
-    static let plan = """
-        name: shop
-        groups:
-          - name: db
-            items:
-              - host: db
-                recovery-host: rec1
-                targets:
-                  data: TARGET
-        """
-
     func fio(_ uri: String, _ extra: [String]) async throws -> CommandResult {
         try await run("/usr/bin/fio", ["--name=workload", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--size=8M",
                                        "--offset=200M", "--iodepth=8", "--verify=crc32c", "--verify_state_save=0",
@@ -34,33 +23,10 @@ struct HydrationDrillTests {
     @Test("drill --hydrate: served at once, copied in the background (holes skipped, progress in plan show and /metrics), fio's writes survive kill -9 of both daemons midway, the copy resumes, the export is released when complete, and the workload goes on with the controller gone")
     func hydratingDrill() async throws {
         let failover = FailoverTests()
-        let dir = try TestDirectory()
-        var controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--nbd-tls-listen", "127.0.0.1:0"])
-        // Slowed so the kill lands midway: 96 MiB of data take about 24 s.
-        let recConfig = dir.file("agent-rec1.yaml")
-        try "hydration-rate-limit: 4M\n".write(toFile: recConfig, atomically: true, encoding: .utf8)
-        let db = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
-        var rec1 = try await AgentProcess.enrollAndStart("rec1", controller: controller, in: dir, arguments: ["--config", recConfig])
-        #expect(try await controller.waitFor("db", state: "online"))
-        #expect(try await controller.waitFor("rec1", state: "online"))
-        let image = dir.sub("volumes-db") + "/data.img"
-        var r = try await controller.ctl("protect", "db", "--volume", "data", "--path", image, "--create-size", "256M")
-        #expect(r.status == 0, "\(r)")
-        let source = "nbd+unix:///data?socket=\(dir.path)/agent-db/sockets/data.sock"
-        let w = try await failover.qemuIO(source, "write -P 0x11 0 64M", "write -P 0x22 128M 32M", "flush")
-        #expect(w.ok, "\(w.output)")
-        let site = FailoverTests.Site(dir: dir, controller: controller, agents: [:], hooks: "", images: [:], uris: [:])
-        #expect(try await failover.caughtUp(site, "db/data"))
-        r = try await controller.ctl("group", "create", "shop", "--volume", "db/data", "--crash-interval", "0", "--app-interval", "0")
-        #expect(r.status == 0, "\(r)")
-        r = try await controller.ctl("point", "create", "shop")
-        #expect(r.status == 0, "\(r)")
-        let point = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        let target = dir.path + "/rec1-target/db-data.img"
-        let planFile = dir.file("plan.yaml")
-        try Self.plan.replacingOccurrences(of: "TARGET", with: target).write(toFile: planFile, atomically: true, encoding: .utf8)
-        r = try await controller.ctl("plan", "apply", "-f", planFile)
-        #expect(r.status == 0, "\(r)")
+        let lab = try await HydrationLab.start(size: "256M", writes: ["write -P 0x11 0 64M", "write -P 0x22 128M 32M"])
+        let dir = lab.dir, recConfig = lab.recConfig, site = lab.site, point = lab.point, target = lab.target, db = lab.db
+        var controller = lab.controller, rec1 = lab.rec1
+        var r: CommandResult
         // Hydration lands a drill, a failover or a migration: asked of another operation (through the
         // API) it is refused, nothing started.
         let api = try #require(controller.apiEnvironment["FERRY_API"]), token = try #require(controller.apiEnvironment["FERRY_TOKEN"])
@@ -76,9 +42,7 @@ struct HydrationDrillTests {
         #expect(try await run("/usr/bin/mount", ["-t", "tmpfs", "-o", "size=16M", "ferry-test-small", small]).status == 0)
         defer { _ = umount2(small, Int32(MNT_DETACH)) }
         for (bad, reason) in [("/etc/ferry-hydration-test.img", "not allowed"), (small + "/t.img", "MiB free")] {
-            try Self.plan.replacingOccurrences(of: "TARGET", with: bad).write(toFile: planFile, atomically: true, encoding: .utf8)
-            r = try await controller.ctl("plan", "apply", "-f", planFile)
-            #expect(r.status == 0, "\(r)")
+            try await lab.applyPlan(target: bad)
             let refused = try await failover.job(site, "drill", "shop", "--point", point, "--hydrate")
             #expect(refused.state == .failed && (refused.error ?? "").contains(reason), "\(refused)")
             #expect(!FileManager.default.fileExists(atPath: bad))
@@ -87,9 +51,7 @@ struct HydrationDrillTests {
             let exports = try await controller.ctl("exports", "--json")
             #expect(exports.status == 0 && !exports.stdout.contains("r-"), "\(exports)")
         }
-        try Self.plan.replacingOccurrences(of: "TARGET", with: target).write(toFile: planFile, atomically: true, encoding: .utf8)
-        r = try await controller.ctl("plan", "apply", "-f", planFile)
-        #expect(r.status == 0, "\(r)")
+        try await lab.applyPlan()
 
         let drill = try await failover.job(site, "drill", "shop", "--point", point, "--hydrate")
         #expect(drill.state == .succeeded, "\(drill)")

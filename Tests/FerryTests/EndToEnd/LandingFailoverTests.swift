@@ -8,60 +8,11 @@ import Testing
 /// write, its replica built on the controller from the failover point, its group mirrored.
 @Suite("failover that lands", .serialized)
 struct LandingFailoverTests {
-    static let plan = """
-        name: shop
-        groups:
-          - name: db
-            items:
-              - host: db
-                recovery-host: rec1
-                targets:
-                  data: TARGET
-        """
-
-    struct Lab {
-        let dir: TestDirectory
-        var controller: ControllerProcess
-        let db: ChildProcess
-        var rec1: ChildProcess
-        let recConfig: String
-        let site: FailoverTests.Site
-        let point: String
-        let target: String
-        let planFile: String
-    }
-
     let failover = FailoverTests()
 
-    /// db protects 128 MiB with 48 MiB of data in a group; a point is cut; rec1's hydration is
-    /// slowed (so it is midway when the test acts) and the plan lands db/data on rec1 at `target`.
-    func lab() async throws -> Lab {
-        let dir = try TestDirectory()
-        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--nbd-tls-listen", "127.0.0.1:0"])
-        let recConfig = dir.file("agent-rec1.yaml")
-        try "hydration-rate-limit: 4M\n".write(toFile: recConfig, atomically: true, encoding: .utf8)
-        let db = try await AgentProcess.enrollAndStart("db", controller: controller, in: dir)
-        let rec1 = try await AgentProcess.enrollAndStart("rec1", controller: controller, in: dir, arguments: ["--config", recConfig])
-        #expect(try await controller.waitFor("db", state: "online"))
-        #expect(try await controller.waitFor("rec1", state: "online"))
-        var r = try await controller.ctl("protect", "db", "--volume", "data", "--path", dir.sub("volumes-db") + "/data.img", "--create-size", "128M")
-        #expect(r.status == 0, "\(r)")
-        let source = "nbd+unix:///data?socket=\(dir.path)/agent-db/sockets/data.sock"
-        let w = try await failover.qemuIO(source, "write -P 0x11 0 32M", "write -P 0x22 64M 16M", "flush")
-        #expect(w.ok, "\(w.output)")
-        let site = FailoverTests.Site(dir: dir, controller: controller, agents: [:], hooks: "", images: [:], uris: [:])
-        #expect(try await failover.caughtUp(site, "db/data"))
-        r = try await controller.ctl("group", "create", "shop", "--volume", "db/data", "--crash-interval", "0", "--app-interval", "0")
-        #expect(r.status == 0, "\(r)")
-        r = try await controller.ctl("point", "create", "shop")
-        #expect(r.status == 0, "\(r)")
-        let point = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        let target = dir.path + "/rec1-target/db-data.img"
-        let planFile = dir.file("plan.yaml")
-        try Self.plan.replacingOccurrences(of: "TARGET", with: target).write(toFile: planFile, atomically: true, encoding: .utf8)
-        r = try await controller.ctl("plan", "apply", "-f", planFile)
-        #expect(r.status == 0, "\(r)")
-        return Lab(dir: dir, controller: controller, db: db, rec1: rec1, recConfig: recConfig, site: site, point: point, target: target, planFile: planFile)
+    /// db protects 128 MiB with 48 MiB of data; see `HydrationLab`.
+    func lab() async throws -> HydrationLab {
+        try await HydrationLab.start(size: "128M", writes: ["write -P 0x11 0 32M", "write -P 0x22 64M 16M"])
     }
 
     func planView(_ controller: ControllerProcess) async throws -> API.Plan {
@@ -82,19 +33,16 @@ struct LandingFailoverTests {
         var controller = lab.controller
 
         // Pre-flight: a target outside rec1's protect-allow fails the job before anything is fenced.
-        try Self.plan.replacingOccurrences(of: "TARGET", with: "/etc/ferry-landing-test.img").write(toFile: lab.planFile, atomically: true, encoding: .utf8)
-        var r = try await controller.ctl("plan", "apply", "-f", lab.planFile)
-        #expect(r.status == 0, "\(r)")
+        try await lab.applyPlan(target: "/etc/ferry-landing-test.img")
         let refused = try await failover.job(lab.site, "failover", "shop", "--point", lab.point, "--hydrate")
+        var r: CommandResult
         #expect(refused.state == .failed && (refused.error ?? "").contains("not allowed"), "\(refused)")
         #expect(refused.steps.first { $0.name.hasPrefix("fence") }?.state == .pending, "\(refused.steps)")
         #expect(try await planView(controller).state == .protected)
         let source = "nbd+unix:///data?socket=\(lab.dir.path)/agent-db/sockets/data.sock"
         #expect(try await failover.qemuIO(source, "write -P 0x44 100M 1M", "flush").ok, "the source still takes writes")
         #expect(!FileManager.default.fileExists(atPath: "/etc/ferry-landing-test.img"))
-        try Self.plan.replacingOccurrences(of: "TARGET", with: lab.target).write(toFile: lab.planFile, atomically: true, encoding: .utf8)
-        r = try await controller.ctl("plan", "apply", "-f", lab.planFile)
-        #expect(r.status == 0, "\(r)")
+        try await lab.applyPlan()
 
         let job = try await failover.job(lab.site, "failover", "shop", "--point", lab.point, "--hydrate")
         #expect(job.state == .succeeded, "\(job)\n\(controller.process.log.suffix(3000))")
