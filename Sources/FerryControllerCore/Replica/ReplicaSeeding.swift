@@ -11,9 +11,11 @@ import NIOPosix
 extension ReplicaManager {
     /// Whether the replica of `volume` exists (complete). If not, starts building it from the
     /// source replica's image at `position` (unless that runs already) and calls `done` when
-    /// it is there (or with the error that stopped it).
+    /// it is there. A build that fails (the point is gone, the disk is full) is not retried
+    /// forever with the volume unprotected meanwhile: the replica starts empty instead, and the
+    /// agent's full initial sync fills it (`done` gets the error that caused that).
     func ensureSeeded(hostID: String, volume: String, size: UInt64, from source: ReplicaStore, at position: ReplicaPosition,
-                      logger: Logger, done: @escaping @Sendable ((any Error)?) async -> Void) -> Bool {
+                      logger: Logger, done: @escaping @Sendable (_ inPlace: Bool, _ error: (any Error)?) async -> Void) -> Bool {
         let key = hostID + "/" + volume
         let directory = root + "/" + key
         if open[key] != nil || FileManager.default.fileExists(atPath: directory + "/state.json") { return true }
@@ -30,16 +32,25 @@ extension ReplicaManager {
         seeding[key] = Task {
             let began = ContinuousClock.now
             var failure: (any Error)?
+            var inPlace = true
             do {
                 let bytes = try await Self.seed(directory: directory, size: size, source: source, position: position, pool: pool)
                 logger.info("recovered volume's replica built from its failover point", metadata: [
                     "replica": "\(key)", "data-bytes": "\(bytes)", "seconds": "\(began.duration(to: .now))"])
             } catch {
                 failure = error
-                logger.error("cannot build a recovered volume's replica from its failover point", metadata: ["replica": "\(key)", "error": "\(error)"])
+                do {
+                    try Self.startEmpty(directory: directory)
+                    logger.error("cannot build a recovered volume's replica from its failover point; it starts empty and the agent's full initial sync fills it",
+                                 metadata: ["replica": "\(key)", "error": "\(error)"])
+                } catch let fallback {
+                    inPlace = false
+                    logger.error("cannot build a recovered volume's replica, nor start it empty; retried at the host's next volume list",
+                                 metadata: ["replica": "\(key)", "error": "\(error)", "fallback-error": "\(fallback)"])
+                }
             }
             self.seeded(key)
-            await done(failure)
+            await done(inPlace, failure)
         }
         return false
     }
@@ -49,6 +60,15 @@ extension ReplicaManager {
     /// Whether the replica of `volume` is being built from a failover point now.
     func isSeeding(hostID: String, volume: String) -> Bool {
         seeding[hostID + "/" + volume] != nil || FileManager.default.fileExists(atPath: root + "/" + hostID + "/" + volume + ".seeding")
+    }
+
+    /// An empty replica (never synced) in place of one that could not be built.
+    static func startEmpty(directory: String) throws {
+        let fm = FileManager.default
+        try? fm.removeItem(atPath: directory)
+        try fm.createDirectory(atPath: directory + "/journal", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        try ReplicaStore.writeState(ReplicaStore.State(), in: directory)
+        try fm.removeItem(atPath: directory + ".seeding")
     }
 
     /// Copies the point's data (not its holes and zero ranges) into a new replica's image and

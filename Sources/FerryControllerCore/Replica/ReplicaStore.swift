@@ -963,6 +963,9 @@ public actor ReplicaStore {
         try save(state, in: directory)
     }
 
+    /// Writes a replica's state file (a replica being made outside a store).
+    static func writeState(_ state: State, in directory: String) throws { try save(state, in: directory) }
+
     private static func save(_ state: State, in directory: String) throws {
         let data = try JSONEncoder().encode(state)
         try PEMFiles.writePublic(String(decoding: data, as: UTF8.self), to: directory + "/state.json")

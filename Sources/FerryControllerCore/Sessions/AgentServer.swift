@@ -387,8 +387,9 @@ public final class AgentServer: Service, Sendable {
         if await replicas.opened(hostID: hostID, volume: record.name) != nil { return true }
         let source = try await replicas.replica(hostID: h.sourceHostID, volume: h.sourceVolume, size: size)
         return await replicas.ensureSeeded(hostID: hostID, volume: record.name, size: size, from: source,
-                                           at: ReplicaPosition(epoch: h.epoch, sequence: h.sequence), logger: log) { error in
-            guard error == nil, let entry = await self.registry.entry(hostID: hostID) else { return }
+                                           at: ReplicaPosition(epoch: h.epoch, sequence: h.sequence), logger: log) { inPlace, _ in
+            // Built, or started empty for a full initial sync: the agent streams to it now.
+            guard inPlace, let entry = await self.registry.entry(hostID: hostID) else { return }
             await self.syncVolumes(hostID: hostID, session: entry.session, log: log)
         }
     }
