@@ -151,4 +151,47 @@ struct LandingFailoverTests {
         lab.db.signal(SIGTERM)
         lab.rec1.signal(SIGTERM)
     }
+
+    @Test("the landed site is a protected site like any other: after migrate --hydrate onto rec1, rec1 is lost and its plan fails over again, at a point of the landed replica, onto rec2")
+    func secondFailover() async throws {
+        let lab = try await lab()
+        let controller = lab.controller
+        let rec2 = try await AgentProcess.enrollAndStart("rec2", controller: controller, in: lab.dir)
+        #expect(try await controller.waitFor("rec2", state: "online"))
+        let job = try await failover.job(lab.site, "migrate", "shop", "--hydrate")
+        #expect(job.state == .succeeded, "\(job)")
+        #expect(try await eventually(timeout: .seconds(120), every: .milliseconds(500)) {
+            try await planView(controller).hydration?.first?.released == true
+        })
+        // The workload writes on rec1; a point of the landed volume's group holds it.
+        let landed = "nbd+unix:///db-data?socket=\(lab.dir.path)/agent-rec1/sockets/db-data.sock"
+        #expect(try await failover.qemuIO(landed, "write -P 0x88 20M 1M", "flush").ok)
+        #expect(try await failover.caughtUp(lab.site, "rec1/db-data"))
+        var r = try await controller.ctl("point", "create", "shop-recovered")
+        #expect(r.status == 0, "\(r)")
+        let point = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        // A plan for the landed site, then rec1 is lost for good.
+        let planFile = lab.dir.file("plan2.yaml")
+        try """
+            name: shop2
+            groups:
+              - name: db
+                items:
+                  - host: rec1
+                    recovery-host: rec2
+            """.write(toFile: planFile, atomically: true, encoding: .utf8)
+        r = try await controller.ctl("plan", "apply", "-f", planFile)
+        #expect(r.status == 0, "\(r)")
+        await lab.rec1.kill9()
+        let again = try await failover.job(lab.site, "failover", "shop2", "--point", point, "--hydrate")
+        #expect(again.state == .succeeded, "\(again)\n\(controller.process.log.suffix(3000))")
+        let second = "nbd+unix:///rec1-db-data?socket=\(lab.dir.path)/agent-rec2/sockets/rec1-db-data.sock"
+        let q = try await failover.qemuIO(second, "read -P 0x88 20M 1M", "read -P 0x11 0 20M", "read -P 0x22 64M 16M", "read -P 0 100M 1M")
+        #expect(q.ok, "\(q.output)")
+        let all = try await volumes(controller)
+        #expect(all.contains { $0.host == "rec2" && $0.name == "rec1-db-data" }, "\(all.map { "\($0.host)/\($0.name)" })")
+        #expect(try await failover.caughtUp(lab.site, "rec2/rec1-db-data"))
+        lab.db.signal(SIGTERM)
+        rec2.signal(SIGTERM)
+    }
 }
