@@ -405,8 +405,10 @@ public final class AgentSession: Service, Sendable {
                 unackedBytes -= first.bytes
                 unacked.removeFirst()
             }
-            if unackedBytes >= Self.windowBytes {
-                try? await Task.sleep(for: .milliseconds(1))
+            if unackedBytes >= Self.windowBytes, let oldest = unacked.first {
+                // The window is full: woken by the ack that frees it (or a new epoch, or the
+                // session's end), not by polling.
+                await log.waitForAck(through: oldest.sequence, epoch: epoch)
                 continue
             }
             let records: [VolumeChange]

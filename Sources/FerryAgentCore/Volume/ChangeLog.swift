@@ -66,6 +66,8 @@ public final class ChangeLog: ChangeRecorder {
         /// The highest sequence the controller has acked as durable.
         var acked: UInt64 = 0
         var waiter: CheckedContinuation<Void, Never>?
+        /// The streamer, waiting with its window full for an ack through this sequence.
+        var ackWaiter: (through: UInt64, continuation: CheckedContinuation<Void, Never>)?
     }
 
     public let memoryBytes: Int
@@ -261,29 +263,56 @@ public final class ChangeLog: ChangeRecorder {
 
     /// Drops records up to `sequence` of `epoch` once the controller holds them durably.
     public func trim(through sequence: UInt64, epoch: UInt64? = nil) {
-        state.withLock { s in
-            if let epoch, epoch != s.epoch { return }
+        let woken = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            if let epoch, epoch != s.epoch { return nil }
             s.acked = max(s.acked, sequence)
-            while s.head < s.entries.count, s.entries[s.head].sequence <= sequence {
-                switch s.entries[s.head] {
-                case .memory(let change): s.memoryUsed -= Self.cost(change)
-                case .spilled(_, _, let length, _, _): s.spillUsed -= Int64(length)
+            defer { trimEntries(&s, through: sequence) }
+            guard let waiting = s.ackWaiter, waiting.through <= s.acked else { return nil }
+            s.ackWaiter = nil
+            return waiting.continuation
+        }
+        woken?.resume()
+    }
+
+    private func trimEntries(_ s: inout State, through sequence: UInt64) {
+        while s.head < s.entries.count, s.entries[s.head].sequence <= sequence {
+            switch s.entries[s.head] {
+            case .memory(let change): s.memoryUsed -= Self.cost(change)
+            case .spilled(_, _, let length, _, _): s.spillUsed -= Int64(length)
+            }
+            s.head += 1
+        }
+        if s.head == s.entries.count {
+            s.entries.removeAll(keepingCapacity: true)
+            s.head = 0
+            s.firstSpilled = 0
+            // Nothing spilled is needed any more: reuse the file from its start. It keeps
+            // its size, so writing it again overwrites blocks it has instead of allocating
+            // new ones (several times dearer on tmpfs, and on most file systems).
+            s.spillEnd = 0
+        } else if s.head > 4096, s.head * 2 > s.entries.count {
+            s.entries.removeFirst(s.head)
+            s.firstSpilled = max(0, s.firstSpilled - s.head)
+            s.head = 0
+        }
+    }
+
+    /// Waits until the controller has acked everything through `sequence` (the streamer's
+    /// window is full until then), a new epoch starts, or the task is cancelled. Woken by the
+    /// ack itself (`trim`), not by polling. One waiter at a time (the volume's streamer).
+    public func waitForAck(through sequence: UInt64, epoch: UInt64) async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let ready = state.withLock { s -> Bool in
+                    if s.acked >= sequence || s.epoch != epoch || s.overflowed || Task.isCancelled { return true }
+                    s.ackWaiter?.continuation.resume()
+                    s.ackWaiter = (sequence, c)
+                    return false
                 }
-                s.head += 1
+                if ready { c.resume() }
             }
-            if s.head == s.entries.count {
-                s.entries.removeAll(keepingCapacity: true)
-                s.head = 0
-                s.firstSpilled = 0
-                // Nothing spilled is needed any more: reuse the file from its start. It keeps
-                // its size, so writing it again overwrites blocks it has instead of allocating
-                // new ones (several times dearer on tmpfs, and on most file systems).
-                s.spillEnd = 0
-            } else if s.head > 4096, s.head * 2 > s.entries.count {
-                s.entries.removeFirst(s.head)
-                s.firstSpilled = max(0, s.firstSpilled - s.head)
-                s.head = 0
-            }
+        } onCancel: {
+            state.withLock { s in defer { s.ackWaiter = nil }; return s.ackWaiter?.continuation }?.resume()
         }
     }
 
