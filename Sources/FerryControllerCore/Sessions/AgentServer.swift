@@ -548,8 +548,10 @@ public final class AgentServer: Service, Sendable {
             if report.hasHydration {
                 do {
                     try await hydrations?.record(volume: report.volume, progress: report.hydration, from: hostName)
-                } catch let error as FerryError {
-                    log.warning("hydration report refused", metadata: ["volume": "\(report.volume.prefix(200))", "reason": "\(error.message)"])
+                } catch {
+                    // Whatever failed (the state database too), the session and its replication go on.
+                    log.warning("hydration report not recorded", metadata: ["volume": "\(report.volume.prefix(200))",
+                                                                           "reason": "\((error as? FerryError)?.message ?? "\(error)")"])
                 }
             }
             guard let replica = try? await protectedReplica(hostID: hostID, volume: report.volume) else {
