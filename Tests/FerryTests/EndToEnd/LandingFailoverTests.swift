@@ -21,6 +21,18 @@ struct LandingFailoverTests {
         return try API.decoder().decode(API.Plan.self, from: Data(r.stdout.utf8))
     }
 
+    /// A new point of the mirrored group, exported, is rec1's landed disk byte for byte.
+    func expectRecoveredPointEqualsTarget(_ controller: ControllerProcess, _ lab: HydrationLab) async throws {
+        var r = try await controller.ctl("point", "create", "shop-recovered")
+        #expect(r.status == 0, "\(r)")
+        let pointFile = lab.dir.file("recovered-point.img")
+        r = try await controller.ctl("volume", "export", "rec1/db-data", "--point", r.stdout.trimmingCharacters(in: .whitespacesAndNewlines),
+                                     "--out", pointFile, "--force")
+        #expect(r.status == 0, "\(r)")
+        r = try await run("/usr/bin/cmp", [pointFile, lab.target])
+        #expect(r.status == 0, "\(r)")
+    }
+
     func volumes(_ controller: ControllerProcess) async throws -> [API.Volume] {
         let r = try await controller.ctl("volumes", "--json")
         guard r.status == 0 else { throw FerryError(.internalError, "volumes: \(r)") }
@@ -35,7 +47,6 @@ struct LandingFailoverTests {
         // Pre-flight: a target outside rec1's protect-allow fails the job before anything is fenced.
         try await lab.applyPlan(target: "/etc/ferry-landing-test.img")
         let refused = try await failover.job(lab.site, "failover", "shop", "--point", lab.point, "--hydrate")
-        var r: CommandResult
         #expect(refused.state == .failed && (refused.error ?? "").contains("not allowed"), "\(refused)")
         #expect(refused.steps.first { $0.name.hasPrefix("fence") }?.state == .pending, "\(refused.steps)")
         #expect(try await planView(controller).state == .protected)
@@ -89,14 +100,7 @@ struct LandingFailoverTests {
 
         // A point of the mirrored group equals rec1's disk byte for byte.
         #expect(try await failover.caughtUp(lab.site, "rec1/db-data"))
-        r = try await controller.ctl("point", "create", "shop-recovered")
-        #expect(r.status == 0, "\(r)")
-        let recoveredPoint = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        let pointFile = lab.dir.file("recovered-point.img")
-        r = try await controller.ctl("volume", "export", "rec1/db-data", "--point", recoveredPoint, "--out", pointFile)
-        #expect(r.status == 0, "\(r)")
-        r = try await run("/usr/bin/cmp", [pointFile, lab.target])
-        #expect(r.status == 0, "\(r)")
+        try await expectRecoveredPointEqualsTarget(controller, lab)
 
         // Reprotect from a landed failover is not built: refused, clearly, nothing changed.
         let reprotect = try await controller.ctl("reprotect", "shop", "--json")
@@ -112,13 +116,7 @@ struct LandingFailoverTests {
                                                        arguments: ["--nbd-tls-listen", exportAddress], logName: "controller-2.log")
         let site = FailoverTests.Site(dir: lab.dir, controller: controller, agents: [:], hooks: "", images: [:], uris: [:])
         #expect(try await failover.caughtUp(site, "rec1/db-data"), "\(controller.process.log.suffix(3000))")
-        r = try await controller.ctl("point", "create", "shop-recovered")
-        #expect(r.status == 0, "\(r)")
-        r = try await controller.ctl("volume", "export", "rec1/db-data", "--point", r.stdout.trimmingCharacters(in: .whitespacesAndNewlines),
-                                     "--out", pointFile, "--force")
-        #expect(r.status == 0, "\(r)")
-        r = try await run("/usr/bin/cmp", [pointFile, lab.target])
-        #expect(r.status == 0, "\(r)")
+        try await expectRecoveredPointEqualsTarget(controller, lab)
         lab.db.signal(SIGTERM)
         lab.rec1.signal(SIGTERM)
     }
