@@ -469,15 +469,20 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     private func readReply(_ context: ChannelHandlerContext) -> Bool {
         if var partial = partialRead {
+            // Out of the property first: a second reference to its storage would make every
+            // append copy the whole read so far (quadratic in the read's length).
+            partialRead = nil
             let take = min(buffer.readableBytes, Int(partial.request.length) - partial.data.readableBytes)
-            guard take > 0 else { return false }
+            guard take > 0 else {
+                partialRead = partial
+                return false
+            }
             var slice = buffer.readSlice(length: take)!
             partial.data.writeBuffer(&slice)
             guard partial.data.readableBytes == Int(partial.request.length) else {
                 partialRead = partial
                 return false
             }
-            partialRead = nil
             partial.request.promise.succeed(partial.data)
             replied(context)
             return true

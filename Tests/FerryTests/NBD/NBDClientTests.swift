@@ -75,7 +75,20 @@ struct NBDClientTests {
         return buffer
     }
 
-    static func isZero(_ buffer: ByteBuffer) -> Bool { buffer.readableBytesView.allSatisfy { $0 == 0 } }
+    /// Compared 64 KiB at a time with memcmp: byte by byte, a debug build spent tens of seconds
+    /// of a cooperative-pool thread on 40 MiB, starving the timers of tests running beside it.
+    static func isZero(_ buffer: ByteBuffer) -> Bool {
+        let zeros = [UInt8](repeating: 0, count: 64 << 10)
+        return buffer.withUnsafeReadableBytes { bytes in
+            var at = 0
+            while at < bytes.count {
+                let n = min(zeros.count, bytes.count - at)
+                if memcmp(bytes.baseAddress! + at, zeros, n) != 0 { return false }
+                at += n
+            }
+            return true
+        }
+    }
 
     /// The results of requests started as tasks, so a test can wait for them with a bound and
     /// never hang on one that does not finish.
