@@ -50,7 +50,7 @@ public struct Controller: Sendable {
         let coordinator = CutCoordinator(store: store, registry: registry, replicas: replicas, metrics: metrics, logger: logger)
         let catalogue = PointCatalogue(store: store, replicas: replicas)
         let exportPort = BoundPort()
-        let reverse = ReverseStreams(exports: exports, registry: registry, store: store, logger: logger)
+        let reverse = ReverseStreams(exports: exports, registry: registry, store: store, replicas: replicas, logger: logger)
         let jobs = JobRunner(store: store, registry: registry, replicas: replicas, catalogue: catalogue, exports: exports, agents: agents,
                              reverse: reverse, logger: logger, exportPort: { exportPort.value })
         await hydrations.attach(jobs: jobs)

@@ -254,6 +254,13 @@ public actor VolumeManager {
             try await pool.runIfActive { volume.fence() }
             logger.warning("volume fenced: another site owns it since a failover; its export is read-only", metadata: ["volume": "\(spec.name)", "generation": "\(spec.generation)"])
         } else if !spec.fenced && entry.volume.isFenced {
+            // Its own workload writes it from now on: it follows no source any more. (A failback
+            // finished any journaled batch before it let the volume go.)
+            let journal = try sinkJournal(spec.name)
+            try await pool.runIfActive {
+                try journal.recover(volume: entry.volume)
+                try journal.record(nil)
+            }
             entry.volume.unfence()
             logger.info("volume unfenced: this host owns it again", metadata: ["volume": "\(spec.name)", "generation": "\(spec.generation)"])
         }
@@ -312,10 +319,41 @@ public actor VolumeManager {
             (offset: b.offset, data: b.data.isEmpty ? nil : ByteBuffer(bytes: b.data), zeroLength: b.zeroLength)
         }
         let volume = entry.volume
-        try await pool.runIfActive { try volume.applyAsSink(blocks, flush: request.flush) }
         var out = Ferry_V1_BlocksApplied()
-        out.bytes = blocks.reduce(0) { $0 + ($1.data.map { UInt64($0.readableBytes) } ?? $1.zeroLength) }
+        guard request.ordered else {
+            try await pool.runIfActive { try volume.applyAsSink(blocks, flush: request.flush) }
+            out.bytes = blocks.reduce(0) { $0 + ($1.data.map { UInt64($0.readableBytes) } ?? $1.zeroLength) }
+            return out
+        }
+        let bytes = blocks.reduce(UInt64(0)) { $0 + ($1.data.map { UInt64($0.readableBytes) } ?? 0) }
+        guard bytes <= UInt64(SinkJournal.maxBatchBytes) else {
+            throw FerryError(.badRequest, "an ordered batch holds at most \(SinkJournal.maxBatchBytes) bytes")
+        }
+        let journal = try sinkJournal(request.volume)
+        let position = try await pool.runIfActive { () throws -> SinkJournal.Position? in
+            try journal.recover(volume: volume)
+            let through = request.hasThrough ? SinkJournal.Position(request.through) : nil
+            if request.reset {
+                guard let through, blocks.isEmpty else { throw FerryError(.badRequest, "a reset names the position and carries no blocks") }
+                try journal.record(through)
+                return through
+            }
+            let current = try journal.position()
+            guard let through, current != nil, current == SinkJournal.Position(request.after) else { return current }
+            guard through.source == current?.source else { throw FerryError(.badRequest, "an ordered batch cannot change the source it follows") }
+            try journal.apply(blocks, through: through, to: volume)
+            return through
+        }
+        if let position { out.position = position.wire }
+        out.bytes = position.map { $0 == SinkJournal.Position(request.through) ? bytes : 0 } ?? 0
         return out
+    }
+
+    /// The sink journal of a volume, in the agent's data dir.
+    private func sinkJournal(_ name: String) throws -> SinkJournal {
+        let directory = (listPath as NSString).deletingLastPathComponent + "/sinks"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        return SinkJournal(directory: directory, volume: name)
     }
 
     /// Starts the next scan of a volume in capture mode scan, unless one is still running.

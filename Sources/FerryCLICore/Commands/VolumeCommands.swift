@@ -69,17 +69,25 @@ struct VolumesCommand: AsyncParsableCommand {
             } else if volumes.isEmpty {
                 print("no protected volumes; 'ferryctl protect HOST --volume NAME --path PATH' adds one")
             } else {
-                var table = TextTable("host", "volume", "state", "size", "synced", "lag", "lag bytes", "throughput")
+                var table = TextTable("host", "volume", "state", "size", "synced", "lag", "lag bytes", "throughput", "sink lag")
                 for v in volumes {
                     table.add(v.host, v.name, v.replicaState ?? v.state, Format.bytes(v.sizeBytes),
                               v.syncedPercent.map { String(format: "%.1f%%", $0) } ?? "-",
                               v.lagSeconds.map { String(format: "%.1fs", $0) } ?? "-",
                               v.lagBytes.map(Format.bytes) ?? "-",
-                              v.throughputBytesPerSecond.map { Format.bytes(UInt64($0)) + "/s" } ?? "-")
+                              v.throughputBytesPerSecond.map { Format.bytes(UInt64($0)) + "/s" } ?? "-",
+                              v.sink.map(Self.sinkLag) ?? "-")
                 }
                 print(table.render())
             }
         }
+    }
+}
+
+extension VolumesCommand {
+    /// A sink's lag: seconds since it held everything, and the records it has still to apply.
+    static func sinkLag(_ s: API.SinkProgress) -> String {
+        String(format: "%.1fs", s.lagSeconds) + ", " + (s.behindRecords.map { "\($0) records" } ?? "earlier epoch")
     }
 }
 
@@ -247,6 +255,9 @@ struct VolumeCommand: AsyncParsableCommand {
                 }
                 fields.add("syncs completed", v.syncsCompleted.map(String.init) ?? "-")
                 if let e = v.lastError { fields.add("error", e) }
+                if let sink = v.sink {
+                    fields.add("sink of", "\(sink.follows), at sequence \(sink.sequence) (\(VolumesCommand.sinkLag(sink)) behind; \(Format.bytes(sink.appliedBytes)) applied)")
+                }
                 fields.add("replica image", v.replicaPath ?? "-")
                 for h in v.hydration ?? [] {
                     var line = "\(h.plan) on \(h.recoveryHost) (\(h.target)): \(Format.bytes(h.localBytes)) of \(Format.bytes(h.sizeBytes)) local, "

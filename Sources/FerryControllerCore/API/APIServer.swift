@@ -378,6 +378,7 @@ struct APIRoutes {
                               protectedAt: v.protectedAt)
         view.captureMode = v.captureMode
         view.scanIntervalSeconds = v.captureMode == "scan" ? Int(v.scanIntervalSeconds) : nil
+        view.sink = await jobs.reverse.sinkProgress(hostID: v.hostID, volume: v.name)
         view.durableSequence = await replica.durable
         view.replicaPath = await replica.imagePath
         let report = await replica.report

@@ -40,6 +40,12 @@ struct JobStepSpec: Codable, Sendable, Equatable {
         /// A failover that landed: each source consistency group gets a twin over the recovered
         /// volumes, with the same policy.
         case mirrorGroups
+        /// Failback of a failover that landed: the recovered volumes are fenced (new generation)
+        /// and drained into their replicas here, as the sources are for a planned failover.
+        case fenceRecovered, drainRecovered
+        /// Failback of a failover that landed: the recovered volumes are no longer protected on
+        /// their recovery hosts (their disks stay there), their mirrored groups go.
+        case releaseLanded
     }
     var kind: Kind
     var group: String?
@@ -88,7 +94,9 @@ struct JobContext: Codable, Sendable {
 
 enum JobPlanner {
     /// The steps of an operation on a plan in a given state; refuses what the state does not allow.
-    static func steps(for request: API.JobCreateRequest, plan: RecoveryPlan, state: API.PlanState) throws -> [(JobStepSpec, API.JobStep)] {
+    /// `landed`: the plan's failover landed on its recovery hosts (hydrate).
+    static func steps(for request: API.JobCreateRequest, plan: RecoveryPlan, state: API.PlanState, landed: Bool = false) throws
+        -> [(JobStepSpec, API.JobStep)] {
         var out: [(JobStepSpec, API.JobStep)] = []
         func add(_ kind: JobStepSpec.Kind, _ name: String, group: String? = nil, host: String? = nil, index: Int? = nil,
                  state: API.PlanState? = nil, timeout: Int = 600) {
@@ -177,10 +185,23 @@ enum JobPlanner {
             try need([.failedOver, .committed], "reprotect")
             for g in plan.groups {
                 for item in g.items {
-                    add(.reverse, "reverse \(item.recoveryHost) → \(item.host) (delta by block hashes)", group: g.name, host: item.host, timeout: 3600)
+                    add(.reverse, "reverse \(item.recoveryHost) → \(item.host) (delta by block hashes" + (landed ? ", then its journal in write order)" : ")"),
+                        group: g.name, host: item.host, timeout: 3600)
                 }
             }
             add(.settle, "reprotected", state: .reversed, timeout: 60)
+        case .failback where landed:
+            // A planned failover in reverse: nothing the recovered site wrote is lost.
+            try need([.reversed], "failback")
+            stopRecovered()
+            add(.fenceRecovered, "fence the recovered volumes (new generation)", timeout: 120)
+            add(.drainRecovered, "drain: every write of the recovered volumes durable here", timeout: 300)
+            add(.finalReverse, "sinks hold the last record; every block equal", timeout: 3600)
+            add(.unfenceSources, "sources own their volumes (new generation), replicas resync", timeout: 3600)
+            startSources()
+            add(.releaseLanded, "recovered volumes no longer protected on the recovery hosts", timeout: 120)
+            add(.releaseRecovered, "drop exports", timeout: 120)
+            add(.settle, "failed back", state: .protected, timeout: 60)
         case .failback:
             try need([.reversed], "failback")
             stopRecovered()

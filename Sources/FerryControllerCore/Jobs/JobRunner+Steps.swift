@@ -103,6 +103,9 @@ extension JobRunner {
         case .settle: return try await settle(id, plan: plan, state: spec.state ?? .protected)
         case .preflight: return try await preflight(id, plan: plan, item: try item(plan, host: spec.host))
         case .mirrorGroups: return try await mirrorGroups(id, plan: plan)
+        case .fenceRecovered: return try await fenceSources(id, plan: plan, planned: true, volumes: try await landedVolumes(plan))
+        case .drainRecovered: return try await drain(id, index: index, plan: plan, volumes: try await landedVolumes(plan))
+        case .releaseLanded: return try await releaseLanded(id, plan: plan)
         }
     }
 
@@ -164,8 +167,11 @@ extension JobRunner {
         return "\(positions.count) volumes at \(points.sorted().joined(separator: ", "))"
     }
 
-    func fenceSources(_ id: String, plan: RecoveryPlan, planned: Bool) async throws -> String {
-        let volumes = try await allSourceVolumes(plan)
+    /// Fences the plan's source volumes, or the given ones (the recovered volumes, for the
+    /// failback of a failover that landed).
+    func fenceSources(_ id: String, plan: RecoveryPlan, planned: Bool, volumes given: [SourceVolume]? = nil) async throws -> String {
+        let volumes: [SourceVolume]
+        if let given { volumes = given } else { volumes = try await allSourceVolumes(plan) }
         // Until a source answers, its replication stops at what the replica holds now.
         var held: [String: ReplicaPosition] = [:]
         for v in volumes {
@@ -229,8 +235,9 @@ extension JobRunner {
     /// Planned failover: every write a fenced source captured is durable here. The proof per
     /// volume: after the fence, the agent reports nothing pending and its last sequence, and
     /// the replica's durable sequence of that epoch has reached it.
-    func drain(_ id: String, index: Int, plan: RecoveryPlan) async throws -> String {
-        let volumes = try await allSourceVolumes(plan)
+    func drain(_ id: String, index: Int, plan: RecoveryPlan, volumes given: [SourceVolume]? = nil) async throws -> String {
+        let volumes: [SourceVolume]
+        if let given { volumes = given } else { volumes = try await allSourceVolumes(plan) }
         let fenced = context(id).fenced
         var positions: [String: JobContext.Position] = [:]
         var proofs: [String] = []
@@ -446,6 +453,23 @@ extension JobRunner {
         let sink = try await session(item.host)
         var compared: UInt64 = 0, sent: UInt64 = 0
         let volumes = try await recoveryVolumes(plan: plan, item: item)
+        if volumes.contains(where: { $0.hydrate == true }) {
+            // Landed: each sink is made equal to its recovered volume's replica here, then
+            // follows that replica's journal in write order.
+            let rid = RecoveryRecord.id(plan: plan.name, host: item.host)
+            let records = try await store.recoveries(plan: plan.name).filter { $0.id == rid }
+            for s in await reverse.landedSinks(records) {
+                let result = try await reverse.pass(s)
+                compared += result.compared
+                sent += result.sent
+            }
+            await reverse.start(plan: plan, fullPassFirst: false)
+            await update(id) { s in
+                s.context.bytesCompared += compared
+                s.context.bytesSent += sent
+            }
+            return "\(item.host) is a sink now, following \(item.recoveryHost)'s journal in write order: compared \(compared) bytes, sent \(sent) bytes"
+        }
         for v in volumes {
             guard let image = await exports.image(id: v.exportID) else { continue }
             // Writes from now on are streamed by the reverse stream; the pass below covers the rest.
@@ -464,6 +488,8 @@ extension JobRunner {
     }
 
     func finalReverse(_ id: String, plan: RecoveryPlan) async throws -> String {
+        let landed = await reverse.landedSinks(try await store.recoveries(plan: plan.name))
+        if !landed.isEmpty { return try await finalLandedReverse(id, plan: plan, sinks: landed) }
         await reverse.stop(plan: plan.name)
         var compared: UInt64 = 0, sent: UInt64 = 0, verified = 0
         for g in plan.groups {

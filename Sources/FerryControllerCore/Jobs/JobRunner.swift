@@ -46,13 +46,13 @@ public actor JobRunner {
             throw FerryError(.badRequest, "hydrate applies to a drill, a failover or a migration, not a \(request.operation.rawValue)")
         }
         let view = try await store.plan(named: name)
-        if [.reprotect, .failback, .rollback].contains(request.operation),
-           try await store.recoveries(plan: name).contains(where: { r in r.purpose == "failover" && r.volumes.contains { $0.hydrate == true } }) {
-            // Its recovered volumes are protected volumes of their recovery hosts, with replicas
-            // of their own; the reverse direction from those is not built yet.
-            throw FerryError(.unsupported, "plan \(name) failed over onto its recovery hosts' storage (hydrate): its recovered volumes are protected there; \(request.operation.rawValue) from them is not available yet — commit the failover instead")
+        let landed = try await store.recoveries(plan: name).contains { r in r.purpose == "failover" && r.volumes.contains { $0.hydrate == true } }
+        if landed, request.operation == .rollback {
+            // The recovered volumes are their hosts' own disks now, protected there: dropping what
+            // they wrote is not a rollback's to do.
+            throw FerryError(.unsupported, "plan \(name) failed over onto its recovery hosts' storage (hydrate): a rollback would throw away what they wrote since; reprotect and fail back instead")
         }
-        let steps = try JobPlanner.steps(for: request, plan: view.plan, state: view.state)
+        let steps = try JobPlanner.steps(for: request, plan: view.plan, state: view.state, landed: landed)
         for g in view.plan.groups where [.failover, .migrate].contains(request.operation) {
             for item in g.items {
                 guard let host = try await store.host(named: item.host) else { continue }

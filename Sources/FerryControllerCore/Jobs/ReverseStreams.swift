@@ -99,32 +99,48 @@ enum SinkSync {
     }
 }
 
-/// After reprotect, the recovered volumes' writes stream on to the original hosts (sinks):
-/// every half second, the blocks written since the last round are read from the image and
-/// applied there. A sink that is away keeps its blocks due until it is back.
+/// After reprotect, the recovered volumes' writes stream on to the original hosts (sinks).
+///
+/// A failover served from here (not landed): every half second, the blocks written since the
+/// last round are read from the image and applied there, unordered. A failover that landed:
+/// each sink follows its recovered volume's replica journal here record by record, in write
+/// order (`followLanded`), so it is crash-consistent at every instant. A sink that is away
+/// keeps what is due until it is back.
 public actor ReverseStreams {
     let exports: PointExports
     let registry: SessionRegistry
     let store: StateStore
+    let replicas: ReplicaManager
     let logger: Logger
     private var tasks: [String: Task<Void, Never>] = [:]
     /// Per plan, the exports whose sink has had its full pass: only these stream (another
     /// item's blocks wait for its own reverse step, which counts what it sends).
     private var enabled: [String: Set<String>] = [:]
+    /// Sinks following a landed volume's journal, by "SOURCEHOSTID/VOLUME": where each stands.
+    var sinks: [String: API.SinkProgress] = [:]
+    /// The replica each of those sinks follows.
+    var replicaOf: [String: ReplicaStore] = [:]
 
-    init(exports: PointExports, registry: SessionRegistry, store: StateStore, logger: Logger) {
+    init(exports: PointExports, registry: SessionRegistry, store: StateStore, replicas: ReplicaManager, logger: Logger) {
         self.exports = exports
         self.registry = registry
         self.store = store
+        self.replicas = replicas
         self.logger = logger
     }
 
     /// Starts streaming a plan's recovered volumes to their original hosts (no-op if running).
-    /// After a controller restart the blocks written meanwhile are unknown: a full hash pass first.
+    /// After a controller restart the blocks written meanwhile are unknown: a full hash pass first
+    /// (a landed plan's sinks know their journal position instead).
     func start(plan: RecoveryPlan, fullPassFirst: Bool = true) {
         guard tasks[plan.name] == nil else { return }
         let exports = self.exports, registry = self.registry, store = self.store, logger = self.logger
         tasks[plan.name] = Task {
+            let records = (try? await store.recoveries(plan: plan.name)) ?? []
+            if records.contains(where: { $0.volumes.contains { $0.hydrate == true } }) {
+                await self.followLanded(records)
+                return
+            }
             var needsFullPass = Set<String>()
             if fullPassFirst {
                 for record in (try? await store.recoveries(plan: plan.name)) ?? [] { for v in record.volumes { needsFullPass.insert(v.exportID) } }
@@ -175,5 +191,11 @@ public actor ReverseStreams {
         guard let task = tasks.removeValue(forKey: plan) else { return }
         task.cancel()
         await task.value
+        for record in (try? await store.recoveries(plan: plan)) ?? [] {
+            for v in record.volumes {
+                sinks[v.sourceHostID + "/" + v.volume] = nil
+                replicaOf[v.sourceHostID + "/" + v.volume] = nil
+            }
+        }
     }
 }

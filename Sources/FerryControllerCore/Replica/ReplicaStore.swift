@@ -529,6 +529,7 @@ public actor ReplicaStore {
         if oldestCapture[activeID] == nil { oldestCapture[activeID] = fresh.first!.captured }
         appendedSinceCheckpoint += Int64(length)
         durable = fresh.last!.sequence
+        wakeAppendWaiters()
         let dataBytes = fresh.reduce(UInt64(0)) { $0 + UInt64($1.data?.readableBytes ?? 0) }
         bytesApplied += dataBytes
         throughput.add(dataBytes)
@@ -596,10 +597,10 @@ public actor ReplicaStore {
         while let oldest = segments.first, leases.open == 0 {
             // A damaged segment never folds (nor anything after it) until a resync repairs the replica.
             if let damage = state.corruption, oldest.id >= damage.segment { break }
-            let needed = pinned.map { pin in
+            let needed = ([pinned] + sinkPins.values.map(Optional.some)).contains { pin in
                 // Unknown order (cannot happen for a pin taken from this replica): keep it.
-                compare(ReplicaPosition(epoch: oldest.epoch, sequence: oldest.last), pin).map { $0 == .orderedDescending } ?? true
-            } ?? false
+                pin.map { compare(ReplicaPosition(epoch: oldest.epoch, sequence: oldest.last), $0).map { $0 == .orderedDescending } ?? true } ?? false
+            }
             let expired = oldest.newest <= horizon && !needed && !capOnly
             let overCap = journalBytes > journalLimit
             let interrupted = state.folding == oldest.id
@@ -758,6 +759,65 @@ public actor ReplicaStore {
     /// lets the replica fold.
     public func pin(_ oldest: ReplicaPosition?) {
         pinned = oldest
+    }
+
+    /// Where each sink following this replica stands (reprotect of a failover that landed):
+    /// folding keeps the records after it, as for a point's pin (and as that, it gives way when
+    /// the journal is over its cap; the sink then gets a pass by block hashes again).
+    private var sinkPins: [String: ReplicaPosition] = [:]
+    /// Sink streams waiting for a record past what they read.
+    private var appendWaiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+    private var nextWaiter: UInt64 = 0
+
+    public func pinForSink(_ sink: String, at position: ReplicaPosition?) {
+        sinkPins[sink] = position
+    }
+
+    /// The records after `position`, in journal order, up to about `maxBytes` of data or
+    /// `maxCount` records; empty when the replica holds nothing newer. Throws when the replica
+    /// has no point at `position` (never had it, or folded past it: the sink needs a pass by
+    /// block hashes).
+    public func records(after position: ReplicaPosition, maxBytes: Int, maxCount: Int) async throws -> [JournalEntry] {
+        leases.acquire()
+        defer { leases.release() }
+        while folding { await withCheckedContinuation { foldWaiters.append($0) } }
+        let from = try check(position)
+        var sources: [JournalReader.Source] = []
+        for segment in segments where segment.bytes > 0 {
+            guard let at = ordinal(ReplicaPosition(epoch: segment.epoch, sequence: segment.last)) else { continue }
+            // Wholly at or before the position: applied already.
+            if at.0 < from.0 || (at.0 == from.0 && segment.last <= position.sequence) { continue }
+            sources.append(JournalReader.Source(path: segment.path(in: journalDirectory), epoch: segment.epoch, bytes: Int(segment.bytes),
+                                                skipThrough: at.0 == from.0 ? position.sequence : nil))
+        }
+        guard !sources.isEmpty else { return [] }
+        let size = self.size, reading = sources
+        return try await pool.runIfActive { try JournalReader.read(reading, size: size, maxBytes: maxBytes, maxCount: maxCount) }
+    }
+
+    /// Returns once the replica holds a record past `position` (at once if it does), or the
+    /// calling task is cancelled.
+    public func waitForAppend(beyond position: ReplicaPosition) async {
+        guard latestPosition == position else { return }
+        let id = nextWaiter
+        nextWaiter += 1
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { c in
+                if Task.isCancelled { c.resume() } else { appendWaiters[id] = c }
+            }
+        } onCancel: {
+            Task { await self.wake(id) }
+        }
+    }
+
+    private func wake(_ id: UInt64) {
+        appendWaiters.removeValue(forKey: id)?.resume()
+    }
+
+    private func wakeAppendWaiters() {
+        let waiters = appendWaiters
+        appendWaiters = [:]
+        for w in waiters.values { w.resume() }
     }
 
     /// Opens the volume as it was at `position`, read in place from the base image and the
@@ -934,6 +994,7 @@ public actor ReplicaStore {
         // A completion reported in the old epoch names sequences that mean nothing now.
         completion = nil
         try saveState()
+        wakeAppendWaiters()
     }
 
     /// Makes the image durable and records how far it goes: a restart replays only what

@@ -191,11 +191,35 @@ public enum API {
         public var captureMode: String?
         /// For `scan`: seconds between comparisons (the recovery point objective).
         public var scanIntervalSeconds: Int?
+        /// Reprotected after a failover that landed: this (fenced) volume follows its recovered
+        /// volume's journal in write order.
+        public var sink: SinkProgress?
 
         public init(host: String, name: String, path: String, sizeBytes: UInt64, state: String, socketPath: String?,
                     lastSequence: UInt64?, protectedAt: Date) {
             self.host = host; self.name = name; self.path = path; self.sizeBytes = sizeBytes; self.state = state
             self.socketPath = socketPath; self.lastSequence = lastSequence; self.protectedAt = protectedAt
+        }
+    }
+
+    /// A fenced original volume following its landed recovered volume (reprotect): where it
+    /// stands in that volume's replica journal.
+    public struct SinkProgress: Codable, Sendable, Equatable {
+        /// The recovered volume it follows: "HOST/VOLUME".
+        public var follows: String
+        public var epoch: UInt64
+        public var sequence: UInt64
+        /// Records of the followed replica not applied yet (nil while the sink is in an earlier epoch).
+        public var behindRecords: UInt64?
+        /// Seconds since the sink last held every record the replica had (0: caught up).
+        public var lagSeconds: Double
+        /// Bytes applied since the controller started following.
+        public var appliedBytes: UInt64
+        public var caughtUpAt: Date?
+
+        public init(follows: String, epoch: UInt64, sequence: UInt64, behindRecords: UInt64?, lagSeconds: Double, appliedBytes: UInt64, caughtUpAt: Date?) {
+            self.follows = follows; self.epoch = epoch; self.sequence = sequence; self.behindRecords = behindRecords
+            self.lagSeconds = lagSeconds; self.appliedBytes = appliedBytes; self.caughtUpAt = caughtUpAt
         }
     }
 

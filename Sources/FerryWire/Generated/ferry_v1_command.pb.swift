@@ -981,6 +981,56 @@ public nonisolated struct Ferry_V1_ApplyBlocks: Sendable {
   /// fdatasync before answering.
   public var flush: Bool = false
 
+  /// Ordered (reprotect of a failover that landed): `blocks` are a replica's journal records
+  /// after `after`, in journal order, bringing the sink to `through`. The sink journals them
+  /// before they touch the volume and records `through` once the volume is durable, so it is at
+  /// one of its source's journal positions after any crash. It applies nothing unless it holds
+  /// the source through `after`, and always answers with where it is. No blocks and no `through`:
+  /// only that answer (and a journaled batch a crash interrupted is finished first).
+  public var ordered: Bool = false
+
+  public var after: Ferry_V1_SinkPosition {
+    get {_after ?? Ferry_V1_SinkPosition()}
+    set {_after = newValue}
+  }
+  /// Returns true if `after` has been explicitly set.
+  public var hasAfter: Bool {self._after != nil}
+  /// Clears the value of `after`. Subsequent reads from it will return its default value.
+  public mutating func clearAfter() {self._after = nil}
+
+  public var through: Ferry_V1_SinkPosition {
+    get {_through ?? Ferry_V1_SinkPosition()}
+    set {_through = newValue}
+  }
+  /// Returns true if `through` has been explicitly set.
+  public var hasThrough: Bool {self._through != nil}
+  /// Clears the value of `through`. Subsequent reads from it will return its default value.
+  public mutating func clearThrough() {self._through = nil}
+
+  /// With `ordered`: the sink was just made equal to `through` (a delta pass by block hashes):
+  /// record it as its position, whatever it held before.
+  public var reset: Bool = false
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+
+  fileprivate var _after: Ferry_V1_SinkPosition? = nil
+  fileprivate var _through: Ferry_V1_SinkPosition? = nil
+}
+
+/// Where a sink stands in its source's journal: `source` names the replica it follows.
+public nonisolated struct Ferry_V1_SinkPosition: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var source: String = String()
+
+  public var epoch: UInt64 = 0
+
+  public var sequence: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1010,9 +1060,21 @@ public nonisolated struct Ferry_V1_BlocksApplied: Sendable {
 
   public var bytes: UInt64 = 0
 
+  /// For an ordered apply: the sink's position afterwards (unset: it follows no source yet).
+  public var position: Ferry_V1_SinkPosition {
+    get {_position ?? Ferry_V1_SinkPosition()}
+    set {_position = newValue}
+  }
+  /// Returns true if `position` has been explicitly set.
+  public var hasPosition: Bool {self._position != nil}
+  /// Clears the value of `position`. Subsequent reads from it will return its default value.
+  public mutating func clearPosition() {self._position = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
+
+  fileprivate var _position: Ferry_V1_SinkPosition? = nil
 }
 
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
@@ -2811,7 +2873,7 @@ nonisolated extension Ferry_V1_BlockHashes: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Ferry_V1_ApplyBlocks: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ApplyBlocks"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}blocks\0\u{1}flush\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}blocks\0\u{1}flush\0\u{1}ordered\0\u{1}after\0\u{1}through\0\u{1}reset\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2822,12 +2884,20 @@ nonisolated extension Ferry_V1_ApplyBlocks: SwiftProtobuf.Message, SwiftProtobuf
       case 1: try { try decoder.decodeSingularStringField(value: &self.volume) }()
       case 2: try { try decoder.decodeRepeatedMessageField(value: &self.blocks) }()
       case 3: try { try decoder.decodeSingularBoolField(value: &self.flush) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.ordered) }()
+      case 5: try { try decoder.decodeSingularMessageField(value: &self._after) }()
+      case 6: try { try decoder.decodeSingularMessageField(value: &self._through) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.reset) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if !self.volume.isEmpty {
       try visitor.visitSingularStringField(value: self.volume, fieldNumber: 1)
     }
@@ -2837,6 +2907,18 @@ nonisolated extension Ferry_V1_ApplyBlocks: SwiftProtobuf.Message, SwiftProtobuf
     if self.flush != false {
       try visitor.visitSingularBoolField(value: self.flush, fieldNumber: 3)
     }
+    if self.ordered != false {
+      try visitor.visitSingularBoolField(value: self.ordered, fieldNumber: 4)
+    }
+    try { if let v = self._after {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 5)
+    } }()
+    try { if let v = self._through {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 6)
+    } }()
+    if self.reset != false {
+      try visitor.visitSingularBoolField(value: self.reset, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -2844,6 +2926,50 @@ nonisolated extension Ferry_V1_ApplyBlocks: SwiftProtobuf.Message, SwiftProtobuf
     if lhs.volume != rhs.volume {return false}
     if lhs.blocks != rhs.blocks {return false}
     if lhs.flush != rhs.flush {return false}
+    if lhs.ordered != rhs.ordered {return false}
+    if lhs._after != rhs._after {return false}
+    if lhs._through != rhs._through {return false}
+    if lhs.reset != rhs.reset {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_SinkPosition: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".SinkPosition"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}source\0\u{1}epoch\0\u{1}sequence\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.source) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.sequence) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.source.isEmpty {
+      try visitor.visitSingularStringField(value: self.source, fieldNumber: 1)
+    }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 2)
+    }
+    if self.sequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sequence, fieldNumber: 3)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_SinkPosition, rhs: Ferry_V1_SinkPosition) -> Bool {
+    if lhs.source != rhs.source {return false}
+    if lhs.epoch != rhs.epoch {return false}
+    if lhs.sequence != rhs.sequence {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -2891,7 +3017,7 @@ nonisolated extension Ferry_V1_AppliedBlock: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Ferry_V1_BlocksApplied: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".BlocksApplied"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}bytes\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}bytes\0\u{1}position\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -2900,20 +3026,29 @@ nonisolated extension Ferry_V1_BlocksApplied: SwiftProtobuf.Message, SwiftProtob
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.bytes) }()
+      case 2: try { try decoder.decodeSingularMessageField(value: &self._position) }()
       default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
     if self.bytes != 0 {
       try visitor.visitSingularUInt64Field(value: self.bytes, fieldNumber: 1)
     }
+    try { if let v = self._position {
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 2)
+    } }()
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Ferry_V1_BlocksApplied, rhs: Ferry_V1_BlocksApplied) -> Bool {
     if lhs.bytes != rhs.bytes {return false}
+    if lhs._position != rhs._position {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

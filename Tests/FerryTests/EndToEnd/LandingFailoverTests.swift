@@ -102,9 +102,10 @@ struct LandingFailoverTests {
         #expect(try await failover.caughtUp(lab.site, "rec1/db-data"))
         try await expectRecoveredPointEqualsTarget(controller, lab)
 
-        // Reprotect from a landed failover is not built: refused, clearly, nothing changed.
-        let reprotect = try await controller.ctl("reprotect", "shop", "--json")
-        #expect(reprotect.status != 0 && reprotect.stderr.contains("not available yet"), "\(reprotect)")
+        // A rollback would throw away what rec1 wrote since: refused, clearly, nothing changed.
+        let rollback = try await controller.ctl("rollback", "shop", "--json")
+        #expect(rollback.status != 0 && rollback.stderr.contains("reprotect and fail back instead"), "\(rollback)")
+        #expect(try await planView(controller).state == .failedOver)
 
         // The controller gone: the workload goes on on rec1's own storage.
         let exportAddress = try String(contentsOfFile: controller.dataDir + "/nbd-tls-listen.addr", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
@@ -118,6 +119,81 @@ struct LandingFailoverTests {
         #expect(try await failover.caughtUp(site, "rec1/db-data"), "\(controller.process.log.suffix(3000))")
         try await expectRecoveredPointEqualsTarget(controller, lab)
         lab.db.signal(SIGTERM)
+        lab.rec1.signal(SIGTERM)
+    }
+
+    @Test("reprotect of a landed failover: db/data is made equal by block hashes, then follows rec1/db-data's journal in write order (sink lag in ferryctl volumes), through kill -9 of db; failback is a planned failover in reverse: zero data loss, db/data owns its volume again, rec1's landed volume and mirrored group go")
+    func landedReprotectAndFailback() async throws {
+        let lab = try await lab()
+        let controller = lab.controller
+        let job = try await failover.job(lab.site, "failover", "shop", "--point", lab.point, "--hydrate")
+        #expect(job.state == .succeeded, "\(job)\n\(controller.process.log.suffix(3000))")
+        let uri = "nbd+unix:///db-data?socket=\(lab.dir.path)/agent-rec1/sockets/db-data.sock"
+        #expect(try await failover.qemuIO(uri, "write -P 0x33 8M 4M", "flush").ok)
+        #expect(try await failover.caughtUp(lab.site, "rec1/db-data"), "\(controller.process.log.suffix(3000))")
+
+        // Reprotect: only what rec1 changed travels (4 MiB), not the 48 MiB of data.
+        let reprotect = try await failover.job(lab.site, "reprotect", "shop")
+        #expect(reprotect.state == .succeeded, "\(reprotect)\n\(controller.process.log.suffix(3000))")
+        #expect(try await planView(controller).state == .reversed)
+        let sent = UInt64(reprotect.report["bytes_sent"] ?? "") ?? 0
+        #expect(sent >= 4 << 20 && sent < 16 << 20, "\(reprotect.report)")
+        #expect(reprotect.steps.contains { $0.detail?.contains("following rec1's journal in write order") == true }, "\(reprotect.steps)")
+
+        // rec1's writes from now on reach db's disk in write order: the same range overwritten
+        // three times ends as the last write; a new range arrives too.
+        #expect(try await failover.qemuIO(uri, "write -P 0x61 20M 1M", "write -P 0x62 20M 1M", "write -P 0x63 20M 1M",
+                                          "write -P 0x64 100M 2M", "flush").ok)
+        let sinkFile = lab.dir.sub("volumes-db") + "/data.img"
+        func sinkCaughtUp() async throws -> Bool {
+            try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
+                guard let sink = try await volumes(controller).first(where: { $0.host == "db" && $0.name == "data" })?.sink else { return false }
+                return sink.behindRecords == 0 && sink.sequence > 0 && sink.follows == "rec1/db-data" && sink.lagSeconds == 0
+            }
+        }
+        #expect(try await failover.caughtUp(lab.site, "rec1/db-data"))
+        #expect(try await sinkCaughtUp(), "\(controller.process.log.suffix(3000))")
+        func sinkHolds(_ pattern: UInt8, at offset: Int, count: Int) throws -> Bool {
+            let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: sinkFile))
+            defer { try? handle.close() }
+            try handle.seek(toOffset: UInt64(offset))
+            let bytes = try handle.read(upToCount: count) ?? Data()
+            return bytes.count == count && bytes.allSatisfy { $0 == pattern }
+        }
+        #expect(try sinkHolds(0x63, at: 20 << 20, count: 1 << 20))
+        #expect(try sinkHolds(0x64, at: 100 << 20, count: 2 << 20))
+        #expect(try sinkHolds(0x33, at: 8 << 20, count: 4 << 20))
+        // The source itself stays fenced: its own workload cannot write it meanwhile.
+        let source = "nbd+unix:///data?socket=\(lab.dir.path)/agent-db/sockets/data.sock"
+        #expect(try await !failover.qemuIO(source, "write -P 0x99 0 4k").ok, "a sink is read-only to its own workload")
+
+        // db dies while rec1 writes; back, it goes on from the position it recorded.
+        await lab.db.kill9()
+        #expect(try await failover.qemuIO(uri, "write -P 0x71 30M 3M", "write -P 0x72 31M 1M", "flush").ok)
+        let db = try AgentProcess.start(dataDir: lab.dir.path + "/agent-db", logPath: lab.dir.path + "/agent-db-2.log")
+        #expect(try await controller.waitFor("db", state: "online"))
+        #expect(try await sinkCaughtUp(), "\(controller.process.log.suffix(3000))")
+        #expect(try sinkHolds(0x71, at: 30 << 20, count: 1 << 20) && sinkHolds(0x72, at: 31 << 20, count: 1 << 20) && sinkHolds(0x71, at: 32 << 20, count: 1 << 20))
+
+        // The last write before failback: zero data loss means it is on db afterwards.
+        #expect(try await failover.qemuIO(uri, "write -P 0x7f 50M 1M", "flush").ok)
+        let failback = try await failover.job(lab.site, "failback", "shop")
+        #expect(failback.state == .succeeded, "\(failback)\n\(controller.process.log.suffix(3000))")
+        #expect(failback.steps.contains { $0.detail?.contains("zero data loss") == true }, "\(failback.steps)")
+        #expect(try await planView(controller).state == .protected)
+        var q = try await failover.qemuIO(source, "read -P 0x7f 50M 1M", "read -P 0x63 20M 1M", "read -P 0x72 31M 1M", "read -P 0x33 8M 4M",
+                                          "read -P 0x11 0 8M", "read -P 0x22 64M 16M", "read -P 0x64 100M 2M")
+        #expect(q.ok, "after failback: \(q.output)")
+        // db owns its volume again, protected; rec1's landed volume and the mirrored group are gone.
+        q = try await failover.qemuIO(source, "write -P 0x81 60M 1M", "flush")
+        #expect(q.ok, "\(q.output)")
+        #expect(try await failover.caughtUp(lab.site, "db/data"), "\(controller.process.log.suffix(3000))")
+        let all = try await volumes(controller)
+        #expect(!all.contains { $0.host == "rec1" }, "\(all.map { "\($0.host)/\($0.name)" })")
+        #expect(all.first { $0.host == "db" }?.sink == nil)
+        let groups = try await controller.ctl("groups")
+        #expect(groups.status == 0 && !groups.stdout.contains("shop-recovered"), "\(groups)")
+        db.signal(SIGTERM)
         lab.rec1.signal(SIGTERM)
     }
 

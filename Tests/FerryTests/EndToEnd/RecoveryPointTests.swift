@@ -121,7 +121,9 @@ struct RecoveryPointTests {
                                caPath: controller.caPath)
         }
         for phase in 0..<3 {
-            let until = ContinuousClock.now + .seconds(phase < 2 ? 10 : 75)
+            // The last phase runs until there are enough points to check: how fast cuts go
+            // depends on the machine's load, and the test is about the points, not the rate.
+            let until = ContinuousClock.now + .seconds(phase < 2 ? 10 : 150)
             try await APIClient.withClient(settings(c.controller)) { client in
                 var total = 0
                 while ContinuousClock.now < until, phase < 2 || total < 240 {
