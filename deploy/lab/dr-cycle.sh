@@ -17,7 +17,14 @@
 #             restarted, the job resumed (checker: a consistent group point); heal: the old
 #             primaries come back fenced (a write to db's source fails); reprotect moves only
 #             changed blocks
-#   cycle C   failback; workload again; migrate --hydrate (stop hooks; checker --full on the
+#   cycle C   failback; workload again; planned failover --hydrate (checker --full on the landed
+#             volumes); the workload on the landed volumes; reprotect of that landed failover
+#             (only changed blocks; the sinks follow the landed journals in write order: db's
+#             agent killed -9 mid-stream, each of its sink files as the crash left it is a prefix
+#             of its volume's writes per the checker; it follows on after the restart); failback
+#             of the landed failover (the recovery hosts' stop hooks stop the workload; checker
+#             --full on the sources: zero loss; the landed volumes released); workload again;
+#             migrate --hydrate (stop hooks; checker --full on the
 #             landed volumes: zero loss; hydration time and bytes; the sources unprotected, the
 #             landed volumes protected on rec1 and rec2, group shop-recovered cutting points); the
 #             controller killed -9 for good: the landed volumes still take writes
@@ -333,12 +340,13 @@ wait_hydrated() {
 
 # --- the workload: one process over all four volumes (so its dependency vectors span hosts) ----
 WL_LOG=""
-wl_start() {  # wl_start NAME SEED
+wl_start() {  # wl_start NAME SEED [URI-MAP (default SRC_URI)]
   WL_LOG="$work/wl/$1.log"
   rm -f "$work/wl/stop" "$work/wl/ready" "$work/wl/rc"
   touch "$work/wl/active"
   local vols=() v
-  for v in "${VOLS[@]}"; do vols+=(--volume "$v=${SRC_URI[$v]}"); done
+  local -n wl_uris="${3:-SRC_URI}"
+  for v in "${VOLS[@]}"; do vols+=(--volume "$v=${wl_uris[$v]}"); done
   # In db's namespace; `active` is removed once it has exited (the stop hooks wait for that).
   "$LAB" --prefix "$PREFIX" exec db -- "${CLEAN_ENV[@]}" sh -c '"$@" >"$0.out" 2>"$0.err"; echo $? >"$(dirname "$0")/rc"; rm -f "$(dirname "$0")/active"' \
     "$WL_LOG" "$PY" "$WL" run "${vols[@]}" --log "$WL_LOG" --rate "$RATE" --seed "$2" \
@@ -413,9 +421,10 @@ start)
   echo "\$ts   volumes served; the application would start here" >>"\$dir/\$host.log"
   ;;
 stop)
-  case "\$host" in db|app|web) ;; *)
-    echo "\$ts   no workload writes to \$host's volumes: nothing to stop" >>"\$dir/\$host.log"; exit 0 ;;
-  esac
+  # The workload writes the primaries' volumes, or (marker \$wl/landed) the volumes landed on
+  # the recovery hosts.
+  case "\$host" in db|app|web) [ ! -e "\$wl/landed" ] ;; *) [ -e "\$wl/landed" ] ;; esac || {
+    echo "\$ts   no workload writes to \$host's volumes: nothing to stop" >>"\$dir/\$host.log"; exit 0; }
   # One workload process writes all the primaries' volumes: stop it and wait until it exited.
   touch "\$wl/stop"
   i=0
@@ -731,11 +740,86 @@ plan_state="$(fctl plans --json | tool get "[p['state'] for p in j if p['plan'][
 [ "$plan_state" = protected ] || fail "plan shop is $plan_state after failback, not protected"
 verified "yes: plan protected again, the 4 replicas caught up"
 
-begin "C: migrate --hydrate (lands on the recovery hosts' own files)"
+# zero_heads URI-MAP: zeroes the range the workload writes, so a new run starts from zeroes.
+zero_heads() {
+  local -n zero_uris="$1"
+  local v
+  for v in "${VOLS[@]}"; do
+    qio "${zero_uris[$v]}" "write -z 0 $((4 * 1024 * 1024 + 4096))" >"$work/check/zero.out" 2>&1 ||
+      fail "zeroing $v failed: $(cat "$work/check/zero.out")"
+  done
+}
+# The volumes a failover --hydrate lands: the recovery hosts' own protected volumes, on their
+# ordinary sockets.
+declare -A LAND_URI=()
 for v in "${VOLS[@]}"; do
-  qio "${SRC_URI[$v]}" "write -z 0 $((4 * 1024 * 1024 + 4096))" >"$work/check/zero.out" 2>&1 ||
-    fail "zeroing $v failed: $(cat "$work/check/zero.out")"
+  h="${v%/*}" n="${v#*/}"
+  LAND_URI[$v]="nbd+unix:///$h-$n?socket=$work/agents/${REC_HOST[$h]}/sockets/$h-$n.sock"
 done
+land_images() { local v; for v in "${VOLS[@]}"; do printf '%s=%s\n' "$v" "${LAND_URI[$v]}"; done; }
+recovered_points_since() { fctl points shop-recovered --json >"$work/points.json" && [ "$(tool points "$work/points.json" "$1")" -ge "$2" ]; }
+
+begin "C: planned failover --hydrate; the workload goes on on the landed volumes"
+zero_heads SRC_URI
+wl_start c1 3002
+wait_for "2 group points cut under the workload" points_since "$WL_T0" 2
+run_job landfail failover shop --planned --hydrate
+cur_rpo="$(report landfail rpo_seconds)s" cur_rto="$(report landfail rto_seconds)s"
+[ "$(report landfail rpo_seconds)" = 0 ] || fail "planned failover --hydrate RPO is $(report landfail rpo_seconds), not 0"
+[ -e "$work/wl/rc" ] && [ "$(cat "$work/wl/rc")" = 0 ] || fail "the stop hooks did not stop the workload cleanly: $(cat "$WL_LOG.err")"
+wl_reap
+mapfile -t imgs < <(land_images)
+check_images landfail "$WL_LOG" --full "${imgs[@]}" || fail "after failover --planned --hydrate a landed volume does not hold every logged write (check/landfail.report.json)"
+landfail_held="$(prefix_list landfail)"   # against workload c1's log, before d starts its own
+zero_heads LAND_URI
+touch "$work/wl/landed"
+wl_start d 3004 LAND_URI
+wait_for "a point of shop-recovered cut under the workload on the landed volumes" recovered_points_since "$WL_T0" 1
+verified "yes: zero data loss onto the landed volumes (checker --full: $landfail_held); workload d writes them, group shop-recovered cuts points"
+
+begin "C: reprotect of the landed failover: the original volumes follow the landed journals in write order"
+run_job reprotect-land reprotect shop
+sent="$(report reprotect-land bytes_sent)"
+info "bytes compared $(report reprotect-land bytes_compared), sent $sent of $TOTAL_BYTES"
+[ -n "$sent" ] && [ "$sent" -le $((TOTAL_BYTES / 8)) ] || fail "reprotect sent ${sent:-?} bytes: expected only changed blocks, at most 1/8 of $TOTAL_BYTES"
+sink_seq() { fctl volume show "$1" --json | tool get "(j.get('sink') or {}).get('sequence', 0)"; }
+s0="$(sink_seq db/data)"
+sink_moved() { [ "$(sink_seq db/data)" -gt "$s0" ]; }
+wait_for "db/data's sink to apply records of the running workload" sink_moved
+# An arbitrary instant: db's agent killed -9 mid-stream. Its two volume files as the crash left
+# them must each hold a prefix of their volume's writes (applied in write order).
+pkill -KILL -f "ferry-agent run --data-dir $work/agents/db " || fail "no agent of db to kill"
+wait "${pids[agent-db]}" 2>/dev/null || true
+for v in db/data db/log; do
+  cp --sparse=always "$work/volumes/$v.img" "$work/check/sink-${v/\//-}.img"
+  check_images "sink-${v/\//-}" "$WL_LOG" "$v=$work/check/sink-${v/\//-}.img" ||
+    fail "db's sink $v, as kill -9 left it, is not a prefix of its volume's writes (check/sink-${v/\//-}.report.json)"
+done
+start_daemon agent-db db "${CLEAN_ENV[@]}" "$BIN/ferry-agent" run --data-dir "$work/agents/db" --config "$work/agent-db.yaml" --log-level debug
+wait_for "db to reconnect" hosts_online db
+s0="$(sink_seq db/data)"
+wait_for "db/data's sink to follow on after the restart" sink_moved
+fctl volumes >"$work/jobs/reprotect-land-volumes.txt"
+indent <"$work/jobs/reprotect-land-volumes.txt"
+verified "yes: only changed blocks ($sent B of $TOTAL_BYTES B); db's sinks after kill -9: each a prefix of its volume's writes ($(prefix_list sink-db-data), $(prefix_list sink-db-log)); they follow on after the restart"
+
+begin "C: failback of the landed failover (a planned failover in reverse)"
+run_job failback-land failback shop
+[ -e "$work/wl/rc" ] && [ "$(cat "$work/wl/rc")" = 0 ] || fail "the recovery hosts' stop hooks did not stop the workload cleanly: $(cat "$WL_LOG.err")"
+wl_reap
+rm -f "$work/wl/landed"
+mapfile -t imgs < <(src_images)
+check_images failback-land "$WL_LOG" --full "${imgs[@]}" || fail "after failback a source does not hold every write of the landed workload (check/failback-land.report.json)"
+wait_for "every volume protected and caught up" all_caught_up
+plan_state="$(fctl plans --json | tool get "[p['state'] for p in j if p['plan']['name'] == 'shop'][0]")"
+[ "$plan_state" = protected ] || fail "plan shop is $plan_state after failback, not protected"
+fctl volumes --json >"$work/jobs/failback-land-volumes.json"
+protected="$(tool get "' '.join(sorted('%s/%s' % (v['host'], v['name']) for v in j))" "$work/jobs/failback-land-volumes.json")"
+[ "$protected" = "app/data db/data db/log web/data" ] || fail "after failback the protected volumes are '$protected', not the 4 sources"
+verified "yes: zero data loss (checker --full on the sources: $(prefix_list failback-land)); plan protected, the landed volumes released"
+
+begin "C: migrate --hydrate (lands on the recovery hosts' own files)"
+zero_heads SRC_URI
 wl_start c 3003
 wait_for "2 group points cut under the workload" points_since "$WL_T0" 2
 run_job migrate migrate shop --hydrate
@@ -745,13 +829,6 @@ cur_rpo="$(report migrate rpo_seconds)s" cur_rto="$(report migrate rto_seconds)s
 [ "$(cat "$work/wl/rc")" = 0 ] || fail "the workload failed before the stop hooks stopped it: $(cat "$WL_LOG.err")"
 wl_reap
 wait_hydrated migrate
-# The landed volumes are the recovery hosts' own protected volumes, on their ordinary sockets.
-declare -A LAND_URI=()
-for v in "${VOLS[@]}"; do
-  h="${v%/*}" n="${v#*/}"
-  LAND_URI[$v]="nbd+unix:///$h-$n?socket=$work/agents/${REC_HOST[$h]}/sockets/$h-$n.sock"
-done
-land_images() { local v; for v in "${VOLS[@]}"; do printf '%s=%s\n' "$v" "${LAND_URI[$v]}"; done; }
 mapfile -t imgs < <(land_images)
 check_images migrate "$WL_LOG" --full "${imgs[@]}" || fail "after migrate --hydrate a landed volume does not hold every logged write (check/migrate.report.json)"
 fctl volumes --json >"$work/jobs/migrate-volumes.json"

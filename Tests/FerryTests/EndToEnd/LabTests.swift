@@ -15,7 +15,7 @@ struct LabTests {
         #expect(r.stdout.contains("checks passed"), "\(r.stdout)")
     }
 
-    @Test("the DR cycle in the lab: drill, cleanup, planned failover (zero data loss), reprotect, failback; unplanned failover with the link cut under load and the controller killed -9 mid-job; the old primary fenced; failback, then migrate --hydrate onto the recovery hosts' storage (zero loss, protected there) and the controller killed for good; every image checked")
+    @Test("the DR cycle in the lab: drill, cleanup, planned failover (zero data loss), reprotect, failback; unplanned failover with the link cut under load and the controller killed -9 mid-job; the old primary fenced; failback; a planned failover --hydrate, its reprotect in write order (a sink killed -9 mid-stream is a prefix of its writes) and failback with zero loss; then migrate --hydrate onto the recovery hosts' storage (zero loss, protected there) and the controller killed for good; every image checked")
     func drCycle() async throws {
         let r = try await run("/bin/bash", [Self.lab + "/dr-cycle.sh"],
                               environment: ["FERRY_BIN": Binaries.directory], timeout: .seconds(600))
