@@ -694,6 +694,7 @@ public actor VolumeManager {
         s.lastSequence = entry.log.last
         s.epoch = entry.log.epoch
         if let outside = entry.outsideAllowlist { s.outsideAllowlist = outside }
+        s.createdEmpty = entry.createdEmpty
         return s
     }
 

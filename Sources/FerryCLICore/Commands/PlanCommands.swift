@@ -220,9 +220,22 @@ struct ReprotectCommand: AsyncParsableCommand {
 struct FailbackCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "failback",
-        abstract: "Planned failover home after reprotect: stop the recovered hosts, prove the originals equal, protect them again, start them.")
+        abstract: "Planned failover home after reprotect: stop the recovered hosts, prove the originals equal, protect them again, start them.",
+        discussion: "With --to HOST=NEWHOST (after a failover that landed) an item goes home to another enrolled host: its volumes there are made equal to the recovered ones (a delta when NEWHOST holds an older copy, a full copy otherwise) and NEWHOST takes HOST's place in the plan and its groups.")
+    @Option(name: .customLong("to"), help: ArgumentHelp("Fail an item back to another host (repeatable).", valueName: "HOST=NEWHOST"))
+    var to: [String] = []
     @OptionGroup var job: PlanJobOptions
-    func run() async throws { try await job.run(API.JobCreateRequest(operation: .failback)) }
+    func run() async throws {
+        var targets: [String: String] = [:]
+        for pair in to {
+            let parts = pair.split(separator: "=", omittingEmptySubsequences: false)
+            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty, targets[String(parts[0])] == nil else {
+                throw ValidationError("--to takes HOST=NEWHOST, once per host, not '\(pair)'")
+            }
+            targets[String(parts[0])] = String(parts[1])
+        }
+        try await job.run(API.JobCreateRequest(operation: .failback, failbackTo: targets.isEmpty ? nil : targets))
+    }
 }
 
 struct RollbackCommand: AsyncParsableCommand {

@@ -308,29 +308,9 @@ struct APIRoutes {
         spec.initialSyncRequired = true
         spec.captureMode = mode == "scan" ? .scan : .export
         spec.scanIntervalSeconds = UInt32(interval)
-        let result: Ferry_V1_CommandResult
-        do {
-            result = try await entry.session.command("protect", timeout: .seconds(30)) { $0.protectVolume.volume = spec }
-        } catch let error as FerryError where error.code == .permissionDenied {
-            // The host's protect-allow list refused the path: who tried which path is recorded.
-            try await store.audit(actor: actor, action: "volume.protect-refused", target: "\(host.name)/\(body.volume)",
-                                  detail: "path=\(body.path): \(error.message)")
-            throw error
-        }
-        switch result.outcome {
-        case .volumeStatus(let status):
-            try AgentInputChecks.check(status)
-            let record = VolumeRecord(hostID: host.id, name: status.name, path: status.path, sizeBytes: Int64(status.sizeBytes),
-                                      socketPath: status.socketPath, protectedAt: Date(), captureMode: mode, scanIntervalSeconds: Int64(interval))
-            // The replica exists (sparse) from the start, so the first batch finds it.
-            _ = try await replicas.replica(hostID: host.id, volume: record.name, size: status.sizeBytes)
-            try await store.addVolume(record, hostName: host.name, actor: actor)
-            return try await volumeView(record, hostName: host.name)
-        case .error(let e):
-            throw FerryError(wire: e)
-        default:
-            throw FerryError(.protocolViolation, "agent answered protect without a volume status")
-        }
+        let (record, _) = try await agents.protectVolume(spec, host: host, session: entry.session, captureMode: mode, scanIntervalSeconds: interval,
+                                                         actor: actor)
+        return try await volumeView(record, hostName: host.name)
     }
 
     /// Asks the agent to compare the whole volume with the replica, block hash by block hash.

@@ -46,6 +46,10 @@ struct JobStepSpec: Codable, Sendable, Equatable {
         /// Failback of a failover that landed: the recovered volumes are no longer protected on
         /// their recovery hosts (their disks stay there), their mirrored groups go.
         case releaseLanded
+        /// Failback to another host (`--to HOST=NEWHOST`): NEWHOST's volumes are protected (or
+        /// found), fenced and made equal to the recovered ones; then NEWHOST takes HOST's place
+        /// in the plan and its groups (`rehome`).
+        case prepareAlternate, rehome
     }
     var kind: Kind
     var group: String?
@@ -196,7 +200,18 @@ enum JobPlanner {
             stopRecovered()
             add(.fenceRecovered, "fence the recovered volumes (new generation)", timeout: 120)
             add(.drainRecovered, "drain: every write of the recovered volumes durable here", timeout: 300)
+            let alternates = request.failbackTo ?? [:]
+            for g in plan.groups {
+                for item in g.items {
+                    guard let to = alternates[item.host] else { continue }
+                    add(.prepareAlternate, "make \(to)'s volumes equal to \(item.recoveryHost)'s (delta if it holds an older copy, full copy otherwise)",
+                        group: g.name, host: item.host, timeout: 3600)
+                }
+            }
             add(.finalReverse, "sinks hold the last record; every block equal", timeout: 3600)
+            if !alternates.isEmpty {
+                add(.rehome, "plan and groups: " + alternates.sorted { $0.key < $1.key }.map { "\($0.key) → \($0.value)" }.joined(separator: ", "), timeout: 120)
+            }
             add(.unfenceSources, "sources own their volumes (new generation), replicas resync", timeout: 3600)
             startSources()
             add(.releaseLanded, "recovered volumes no longer protected on the recovery hosts", timeout: 120)

@@ -33,14 +33,16 @@ extension JobRunner {
         throw FerryError(.unavailable, "host '\(name)' is not connected")
     }
 
-    func sourceVolumes(_ item: RecoveryPlanItem) async throws -> [SourceVolume] {
-        let id = try await hostID(item.host)
+    /// An item's volumes on its host (or on `host`: where it goes home to after `failback --to`).
+    func sourceVolumes(_ item: RecoveryPlanItem, on host: String? = nil) async throws -> [SourceVolume] {
+        let name = host ?? item.host
+        let id = try await hostID(name)
         let records = try await store.volumes(hostID: id)
-        return try item.volumes.map { name in
-            guard let r = records.first(where: { $0.name == name }) else {
-                throw FerryError(.notFound, "\(item.host)/\(name) is no longer protected")
+        return try item.volumes.map { volume in
+            guard let r = records.first(where: { $0.name == volume }) else {
+                throw FerryError(.notFound, "\(name)/\(volume) is no longer protected")
             }
-            return SourceVolume(hostID: id, host: item.host, volume: name, size: UInt64(r.sizeBytes))
+            return SourceVolume(hostID: id, host: name, volume: volume, size: UInt64(r.sizeBytes))
         }
     }
 
@@ -50,8 +52,11 @@ extension JobRunner {
         return out
     }
 
-    func item(_ plan: RecoveryPlan, host: String?) throws -> RecoveryPlanItem {
-        guard let host, let item = plan.groups.flatMap(\.items).first(where: { $0.host == host }) else {
+    /// The plan's item for `host`; after a failback to another host (`alternates`, old → new)
+    /// rewrote the plan, the item now under the new host's name.
+    func item(_ plan: RecoveryPlan, host: String?, alternates: [String: String] = [:]) throws -> RecoveryPlanItem {
+        let items = plan.groups.flatMap(\.items)
+        guard let host, let item = items.first(where: { $0.host == host }) ?? alternates[host].flatMap({ to in items.first { $0.host == to } }) else {
             throw FerryError(.internalError, "the plan has no item for host \(host ?? "?")")
         }
         return item
@@ -59,10 +64,11 @@ extension JobRunner {
 
     func execute(_ id: String, index: Int, spec: JobStepSpec, plan: RecoveryPlan) async throws -> String? {
         guard let job = current(id) else { return nil }
+        let alternates = job.job.request.failbackTo ?? [:]
         switch spec.kind {
         case .resolvePoint: return try await resolvePoints(id, plan: plan, request: job.job.request)
         case .stopSource:
-            let item = try item(plan, host: spec.host)
+            let item = try item(plan, host: spec.host, alternates: alternates)
             guard let hook = item.stopHook else { return "no stop hook" }
             return try await runHook(on: item.host, hook, timeout: item.timeoutSeconds, env: ["FERRY_PLAN": plan.name, "FERRY_MODE": "stop"])
         case .fenceSources: return try await fenceSources(id, plan: plan, planned: job.job.request.planned == true || job.job.operation == .migrate)
@@ -77,18 +83,19 @@ extension JobRunner {
             case .gate(let message, _):
                 return try await gate(id, index: index, message: message)
             }
-        case .recover: return try await recover(id, plan: plan, item: try item(plan, host: spec.host), operation: job.job.operation)
-        case .stopRecovery: return try await stopRecovery(plan: plan, item: try item(plan, host: spec.host))
+        case .recover: return try await recover(id, plan: plan, item: try item(plan, host: spec.host, alternates: alternates), operation: job.job.operation)
+        case .stopRecovery: return try await stopRecovery(plan: plan, item: try item(plan, host: spec.host, alternates: alternates))
         case .releaseRecovered: return try await releaseRecovered(plan: plan)
-        case .reverse: return try await reverseItem(id, plan: plan, item: try item(plan, host: spec.host))
+        case .reverse: return try await reverseItem(id, plan: plan, item: try item(plan, host: spec.host, alternates: alternates))
         case .finalReverse: return try await finalReverse(id, plan: plan)
         case .unfenceSources: return try await unfenceSources(id, index: index, plan: plan)
         case .startSource:
-            let item = try item(plan, host: spec.host)
+            let item = try item(plan, host: spec.host, alternates: alternates)
             guard let hook = item.startHook else { return "no start hook" }
-            let volumes = try await store.volumes(hostID: try await hostID(item.host)).filter { item.volumes.contains($0.name) }
+            let home = homeHost(id, item)
+            let volumes = try await store.volumes(hostID: try await hostID(home)).filter { item.volumes.contains($0.name) }
             let sockets = volumes.map { "\($0.name)=\($0.socketPath ?? "")" }.joined(separator: " ")
-            return try await runHook(on: item.host, hook, timeout: item.timeoutSeconds,
+            return try await runHook(on: home, hook, timeout: item.timeoutSeconds,
                                      env: ["FERRY_PLAN": plan.name, "FERRY_MODE": "failback", "FERRY_NETWORK": "production", "FERRY_VOLUMES": sockets])
         case .commit:
             try await store.audit(actor: "job \(id)", action: "plan.commit", target: plan.name)
@@ -101,11 +108,13 @@ extension JobRunner {
             }
             return "\(volumes.count) volumes no longer protected"
         case .settle: return try await settle(id, plan: plan, state: spec.state ?? .protected)
-        case .preflight: return try await preflight(id, plan: plan, item: try item(plan, host: spec.host))
+        case .preflight: return try await preflight(id, plan: plan, item: try item(plan, host: spec.host, alternates: alternates))
         case .mirrorGroups: return try await mirrorGroups(id, plan: plan)
         case .fenceRecovered: return try await fenceSources(id, plan: plan, planned: true, volumes: try await landedVolumes(plan))
         case .drainRecovered: return try await drain(id, index: index, plan: plan, volumes: try await landedVolumes(plan))
         case .releaseLanded: return try await releaseLanded(id, plan: plan)
+        case .prepareAlternate: return try await prepareAlternate(id, plan: plan, item: try item(plan, host: spec.host, alternates: alternates))
+        case .rehome: return try await rehome(id, plan: plan)
         }
     }
 
@@ -517,7 +526,11 @@ extension JobRunner {
     }
 
     func unfenceSources(_ id: String, index: Int, plan: RecoveryPlan) async throws -> String {
-        let volumes = try await allSourceVolumes(plan)
+        // Each item's volumes on the host it goes home to (another one after `failback --to`).
+        var volumes: [SourceVolume] = []
+        for g in plan.groups {
+            for item in g.items { volumes += try await sourceVolumes(item, on: homeHost(id, item)) }
+        }
         try await store.unfence(volumes.map { ($0.hostID, $0.volume) }, plan: plan.name, actor: "job \(id)")
         for hid in Set(volumes.map(\.hostID)) { agents.gates.load(hostID: hid, try await store.volumes(hostID: hid)) }
         var started: [String: Date] = [:]

@@ -52,6 +52,12 @@ public actor JobRunner {
             // they wrote is not a rollback's to do.
             throw FerryError(.unsupported, "plan \(name) failed over onto its recovery hosts' storage (hydrate): a rollback would throw away what they wrote since; reprotect and fail back instead")
         }
+        if let alternates = request.failbackTo {
+            guard request.operation == .failback else {
+                throw FerryError(.badRequest, "--to applies to a failback, not a \(request.operation.rawValue)")
+            }
+            try await checkAlternates(alternates, plan: view.plan, landed: landed)
+        }
         let steps = try JobPlanner.steps(for: request, plan: view.plan, state: view.state, landed: landed)
         for g in view.plan.groups where [.failover, .migrate].contains(request.operation) {
             for item in g.items {

@@ -308,6 +308,64 @@ extension StateStore {
         }
     }
 
+    /// Failback to other hosts: `hosts` (old → new) take the items' places in the plan, its
+    /// groups' hook steps, and the plan's text (each `host: OLD` line), so that what `plan show`
+    /// prints is what runs.
+    func rehomePlan(_ name: String, hosts: [String: String], actor: String) async throws {
+        try await pool.write { db in
+            guard var record = try PlanRecord.fetchOne(db, key: name) else {
+                throw FerryError(.notFound, "no recovery plan named '\(name)'; 'ferryctl plans' lists them")
+            }
+            var plan = record.decoded
+            func moved(_ step: RecoveryPlanStep) -> RecoveryPlanStep {
+                guard case .hook(let host, let hook, let timeout) = step, let to = hosts[host] else { return step }
+                return .hook(host: to, name: hook, timeoutSeconds: timeout)
+            }
+            for g in plan.groups.indices {
+                for i in plan.groups[g].items.indices {
+                    if let to = hosts[plan.groups[g].items[i].host] { plan.groups[g].items[i].host = to }
+                }
+                plan.groups[g].pre = plan.groups[g].pre.map(moved)
+                plan.groups[g].post = plan.groups[g].post.map(moved)
+            }
+            record.plan = try JSONEncoder().encode(plan)
+            record.source = Self.rehomed(record.source, hosts: hosts)
+            record.updatedAt = Date()
+            try record.update(db)
+            try Self.audit(db, actor: actor, action: "plan.rehome", target: name,
+                           detail: hosts.sorted { $0.key < $1.key }.map { "\($0.key)->\($0.value)" }.joined(separator: " "))
+        }
+    }
+
+    /// A plan's text with each `host: OLD` (an item's or a hook step's, never `recovery-host:`)
+    /// naming the new host.
+    static func rehomed(_ source: String, hosts: [String: String]) -> String {
+        source.split(separator: "\n", omittingEmptySubsequences: false).map { line -> String in
+            let text = String(line)
+            let trimmed = text.drop { $0 == " " || $0 == "-" }
+            guard trimmed.hasPrefix("host:") else { return text }
+            let value = trimmed.dropFirst(5).trimmingCharacters(in: .whitespaces)
+            let bare = value.split(separator: "#").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? value
+            let unquoted = bare.trimmingCharacters(in: CharacterSet(charactersIn: "\"'"))
+            guard let to = hosts[unquoted] else { return text }
+            return String(text.dropLast(trimmed.count)) + "host: " + to
+        }.joined(separator: "\n")
+    }
+
+    /// The group memberships of `volumes` of one host pass to another host's volumes of the same names.
+    func moveGroupMembers(from: String, to: String, volumes: [String], actor: String) async throws {
+        try await pool.write { db in
+            for v in volumes {
+                let members = try GroupMemberRecord.filter(Column("hostID") == from && Column("volume") == v).fetchAll(db)
+                for m in members {
+                    try db.execute(sql: "DELETE FROM groupMember WHERE groupName = ? AND hostID = ? AND volume = ?", arguments: [m.groupName, from, v])
+                    try GroupMemberRecord(groupName: m.groupName, hostID: to, volume: v).insert(db, onConflict: .ignore)
+                    try Self.audit(db, actor: actor, action: "group.member-moved", target: m.groupName, detail: "\(v): host \(from) -> \(to)")
+                }
+            }
+        }
+    }
+
     /// Ends protection of volumes (migration): they leave their groups; replicas stay on disk.
     func unprotect(_ volumes: [(hostID: String, name: String)], plan: String, actor: String) async throws {
         try await pool.write { db in

@@ -96,12 +96,19 @@ extension API {
         /// Drills: each recovered volume lands on the recovery host's own storage (hydration),
         /// as the plan's `targets` say; the controller's point export goes once it is complete.
         public var hydrate: Bool?
-        public init(operation: JobOperation, point: String? = nil, asOf: Date? = nil, planned: Bool? = nil, hydrate: Bool? = nil) {
+        /// Failback of a failover that landed: items that go home to another enrolled host than
+        /// their original one (item host → new host). The new host's volumes of the same names
+        /// are made equal (a delta when it holds an older copy, a full copy otherwise) and take
+        /// the item's place in the plan and its groups.
+        public var failbackTo: [String: String]?
+        public init(operation: JobOperation, point: String? = nil, asOf: Date? = nil, planned: Bool? = nil, hydrate: Bool? = nil,
+                    failbackTo: [String: String]? = nil) {
             self.operation = operation
             self.point = point
             self.asOf = asOf
             self.planned = planned
             self.hydrate = hydrate
+            self.failbackTo = failbackTo
         }
     }
 

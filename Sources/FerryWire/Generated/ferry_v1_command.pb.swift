@@ -522,6 +522,9 @@ public nonisolated struct Ferry_V1_VolumeStatus: Sendable {
   /// (it was protected before the list existed): says why, and the controller audits it.
   public var outsideAllowlist: String = String()
 
+  /// The agent created the file (empty) when it began serving it, rather than finding it.
+  public var createdEmpty: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1890,7 +1893,7 @@ nonisolated extension Ferry_V1_SyncVolumes: SwiftProtobuf.Message, SwiftProtobuf
 
 nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeStatus"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}size_bytes\0\u{3}socket_path\0\u{3}tcp_address\0\u{3}last_sequence\0\u{1}error\0\u{1}epoch\0\u{3}outside_allowlist\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}size_bytes\0\u{3}socket_path\0\u{3}tcp_address\0\u{3}last_sequence\0\u{1}error\0\u{1}epoch\0\u{3}outside_allowlist\0\u{3}created_empty\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1907,6 +1910,7 @@ nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobu
       case 7: try { try decoder.decodeSingularStringField(value: &self.error) }()
       case 8: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       case 9: try { try decoder.decodeSingularStringField(value: &self.outsideAllowlist) }()
+      case 10: try { try decoder.decodeSingularBoolField(value: &self.createdEmpty) }()
       default: break
       }
     }
@@ -1940,6 +1944,9 @@ nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobu
     if !self.outsideAllowlist.isEmpty {
       try visitor.visitSingularStringField(value: self.outsideAllowlist, fieldNumber: 9)
     }
+    if self.createdEmpty != false {
+      try visitor.visitSingularBoolField(value: self.createdEmpty, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -1953,6 +1960,7 @@ nonisolated extension Ferry_V1_VolumeStatus: SwiftProtobuf.Message, SwiftProtobu
     if lhs.error != rhs.error {return false}
     if lhs.epoch != rhs.epoch {return false}
     if lhs.outsideAllowlist != rhs.outsideAllowlist {return false}
+    if lhs.createdEmpty != rhs.createdEmpty {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

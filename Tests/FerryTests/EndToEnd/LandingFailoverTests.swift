@@ -197,6 +197,54 @@ struct LandingFailoverTests {
         lab.rec1.signal(SIGTERM)
     }
 
+    @Test("failback --to db=db2 after a landed failover with db lost for good: refused for the recovery host or a host not in the plan; db2's volume is created and made equal by a full copy (bytes reported), takes db's place in the plan (its text too) and group shop, serves every write with zero loss and is protected; db's volume is released")
+    func landedFailbackToAnotherHost() async throws {
+        let lab = try await lab()
+        let controller = lab.controller
+        let db2 = try await AgentProcess.enrollAndStart("db2", controller: controller, in: lab.dir)
+        #expect(try await controller.waitFor("db2", state: "online"))
+        let job = try await failover.job(lab.site, "failover", "shop", "--point", lab.point, "--hydrate")
+        #expect(job.state == .succeeded, "\(job)\n\(controller.process.log.suffix(3000))")
+        let uri = "nbd+unix:///db-data?socket=\(lab.dir.path)/agent-rec1/sockets/db-data.sock"
+        #expect(try await failover.qemuIO(uri, "write -P 0x33 8M 4M", "flush").ok)
+        #expect(try await failover.caughtUp(lab.site, "rec1/db-data"))
+        let reprotect = try await failover.job(lab.site, "reprotect", "shop")
+        #expect(reprotect.state == .succeeded, "\(reprotect)")
+        #expect(try await failover.qemuIO(uri, "write -P 0x7f 50M 1M", "flush").ok)
+
+        for (to, why) in [("db=rec1", "neither its recovery host"), ("web=db2", "has no item for host web"), ("db", "HOST=NEWHOST")] {
+            let r = try await controller.ctl("failback", "shop", "--to", to)
+            #expect(r.status != 0 && r.stderr.contains(why), "--to \(to): \(r)")
+        }
+        #expect(try await planView(controller).state == .reversed)
+
+        // db is lost for good (its agent and its disk): db2 takes its place, at the same path.
+        await lab.db.kill9()
+        try FileManager.default.removeItem(atPath: lab.dir.sub("volumes-db") + "/data.img")
+        let failback = try await failover.job(lab.site, "failback", "shop", "--to", "db=db2")
+        #expect(failback.state == .succeeded, "\(failback)\n\(controller.process.log.suffix(3000))")
+        let prepared = failback.steps.first { $0.name.hasPrefix("make db2's volumes equal") }?.detail ?? ""
+        #expect(prepared.contains("created data empty (full copy)"), "\(failback.steps)")
+        let moved = UInt64(prepared.split(separator: " ").first { $0.allSatisfy(\.isNumber) }.map(String.init) ?? "") ?? 0
+        // The point's 48 MiB of data and rec1's writes since (zero blocks do not travel).
+        #expect(moved >= 48 << 20 && moved <= 53 << 20, "\(prepared)")
+        let plan = try await planView(controller)
+        #expect(plan.state == .protected && plan.plan.groups.first?.items.first?.host == "db2", "\(plan)")
+        #expect(plan.source.contains("- host: db2") && !plan.source.contains("host: db\n"), "\(plan.source)")
+        let db2URI = "nbd+unix:///data?socket=\(lab.dir.path)/agent-db2/sockets/data.sock"
+        var q = try await failover.qemuIO(db2URI, "read -P 0x7f 50M 1M", "read -P 0x33 8M 4M", "read -P 0x11 0 8M", "read -P 0x22 64M 16M", "read -P 0 100M 1M")
+        #expect(q.ok, "db2 after failback: \(q.output)")
+        q = try await failover.qemuIO(db2URI, "write -P 0x81 60M 1M", "flush")
+        #expect(q.ok, "\(q.output)")
+        #expect(try await failover.caughtUp(lab.site, "db2/data"), "\(controller.process.log.suffix(3000))")
+        let all = try await volumes(controller).map { "\($0.host)/\($0.name)" }
+        #expect(all == ["db2/data"], "\(all)")
+        let groups = try await controller.ctl("group", "show", "shop", "--json")
+        #expect(groups.status == 0 && groups.stdout.contains("db2/data") && !groups.stdout.contains("\"db/data\""), "\(groups)")
+        db2.signal(SIGTERM)
+        lab.rec1.signal(SIGTERM)
+    }
+
     @Test("migrate --hydrate: zero data loss, the workload ends on rec1's storage as rec1's protected volume, the source unprotected, and nothing of it on the controller's data path")
     func landingMigration() async throws {
         let lab = try await lab()

@@ -112,3 +112,31 @@ struct UnitSinkJournalTests {
         Data(SinkJournal.encode(blocks, through: through))
     }
 }
+
+@Suite("failback to another host: the plan's text")
+struct UnitPlanRehomeTests {
+    @Test("each item's and hook step's host: OLD line names the new host; recovery-host, other hosts, comments' hosts and quoting are handled")
+    func rehomedText() {
+        let source = """
+            name: shop
+            groups:
+              - name: db
+                pre:
+                  - hook: quiesce
+                    host: db
+                items:
+                  - host: db   # the database
+                    recovery-host: rec1
+                  - host: "db"
+                    recovery-host: db
+                  - host: dbx
+                    recovery-host: rec2
+            """
+        let out = StateStore.rehomed(source, hosts: ["db": "db2"])
+        let lines = out.split(separator: "\n").map(String.init)
+        #expect(lines.filter { $0.contains("host: db2") }.count == 3, "\(out)")
+        #expect(lines.contains("      - host: db2") && lines.contains("        host: db2"), "\(out)")
+        #expect(lines.contains("        recovery-host: db") && lines.contains("      - host: dbx"), "recovery-host and other hosts stay: \(out)")
+        #expect(StateStore.rehomed(source, hosts: [:]) == source)
+    }
+}
