@@ -381,51 +381,43 @@ public final class AgentSession: Service, Sendable {
     /// Sends a volume's changes in order, in batches, keeping at most `windowBytes` unacked.
     func stream(_ volume: String, volume blockVolume: BlockVolume, log: ChangeLog, after start: UInt64, volumes: VolumeManager,
                 session: PeerSession) async {
-        var sent = start
-        var epoch = log.epoch
-        var unacked: [(sequence: UInt64, bytes: Int)] = []
-        var unackedBytes = 0
+        var window = StreamWindow(epoch: log.epoch, after: start, windowBytes: Self.windowBytes)
         var lastSent = ContinuousClock.now - .seconds(1)
         while !Task.isCancelled {
-            if log.overflowed || log.firstHeld.map({ $0 > sent + 1 }) == true {
+            if log.overflowed || log.firstHeld.map({ $0 > window.sent + 1 }) == true {
                 // Records the controller lacks are gone: a new epoch starts, and the sync worker
                 // resyncs the extents whose writes were dropped (the activity log kept them).
                 guard let next = await volumes.recoverFromOverflow(name: volume) else { return }
-                epoch = next
-                sent = 0
-                unacked = []
-                unackedBytes = 0
+                window.restart(epoch: next)
                 continue
             }
-            // Acks may have overtaken the resume point (batches of an earlier streamer): what
-            // the controller holds need not be sent again.
             let (ackedEpoch, acked) = log.ackedState
-            if ackedEpoch == epoch { sent = max(sent, acked) }
-            while let first = unacked.first, first.sequence <= acked {
-                unackedBytes -= first.bytes
-                unacked.removeFirst()
-            }
-            if unackedBytes >= Self.windowBytes, let oldest = unacked.first {
-                // The window is full: woken by the ack that frees it (or a new epoch, or the
-                // session's end), not by polling.
-                await log.waitForAck(through: oldest.sequence, epoch: epoch)
+            window.acked(through: acked, epoch: ackedEpoch)
+            let after: UInt64
+            switch window.next {
+            case .waitForAck(let sequence):
+                // Woken by the ack that frees the window (or a new epoch, or the session's end),
+                // not by polling.
+                await log.waitForAck(through: sequence, epoch: window.epoch)
                 continue
+            case .send(let from):
+                after = from
             }
             let records: [VolumeChange]
             do {
-                records = try log.records(after: sent, maxBytes: Self.batchBytes, maxCount: Attachments.maxCount, epoch: epoch)
+                records = try log.records(after: after, maxBytes: Self.batchBytes, maxCount: Attachments.maxCount, epoch: window.epoch)
             } catch {
                 logger.error("replication stopped", metadata: ["volume": "\(volume)", "error": "\(error)"])
                 return
             }
             guard let last = records.last else {
-                if log.overflowed || log.epoch != epoch { continue }
+                if log.overflowed || log.epoch != window.epoch { continue }
                 if ContinuousClock.now - lastSent < .milliseconds(2) {
                     // Busy: let writes gather for a moment instead of being woken by each one
                     // (a thread wake-up per write costs more than the write at 100k IOPS).
                     try? await Task.sleep(for: Self.gatherDelay)
                 } else {
-                    await log.waitForChanges(after: sent)
+                    await log.waitForChanges(after: after)
                 }
                 continue
             }
@@ -434,7 +426,7 @@ public final class AgentSession: Service, Sendable {
             // large write as the buffer the export captured, small ones gathered into one frame.
             var batch = Ferry_V1_ReplicationBatch()
             batch.volume = volume
-            batch.epoch = epoch
+            batch.epoch = window.epoch
             batch.generation = blockVolume.generation
             var attachments: [ByteBuffer] = []
             var gathered = ByteBuffer()
@@ -465,10 +457,7 @@ public final class AgentSession: Service, Sendable {
             } catch {
                 return
             }
-            let bytes = records.reduce(0) { $0 + ChangeLog.cost($1) }
-            unacked.append((last.sequence, bytes))
-            unackedBytes += bytes
-            sent = last.sequence
+            window.sent(through: last.sequence, bytes: records.reduce(0) { $0 + ChangeLog.cost($1) })
         }
     }
 
