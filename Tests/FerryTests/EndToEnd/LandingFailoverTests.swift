@@ -39,6 +39,17 @@ struct LandingFailoverTests {
         return try API.decoder().decode([API.Volume].self, from: Data(r.stdout.utf8))
     }
 
+    /// A failover --hydrate of plan shop at the lab's point, then 4 MiB of 0x33 at 8 MiB written
+    /// on rec1's landed volume and replicated. Returns that volume's NBD URI.
+    func landedFailover(_ lab: HydrationLab) async throws -> String {
+        let job = try await failover.job(lab.site, "failover", "shop", "--point", lab.point, "--hydrate")
+        #expect(job.state == .succeeded, "\(job)\n\(lab.controller.process.log.suffix(3000))")
+        let uri = "nbd+unix:///db-data?socket=\(lab.dir.path)/agent-rec1/sockets/db-data.sock"
+        #expect(try await failover.qemuIO(uri, "write -P 0x33 8M 4M", "flush").ok)
+        #expect(try await failover.caughtUp(lab.site, "rec1/db-data"), "\(lab.controller.process.log.suffix(3000))")
+        return uri
+    }
+
     @Test("failover --hydrate: pre-flight refuses before fencing; then the recovered volume is rec1's protected volume from its first write (replica built from the point, writes replicated, mirrored group's point equals rec1's disk), hydration survives kill -9 of rec1, the export goes when complete, the workload goes on with the controller gone, and its writes meanwhile replicate once it is back")
     func landingFailover() async throws {
         var lab = try await lab()
@@ -126,11 +137,7 @@ struct LandingFailoverTests {
     func landedReprotectAndFailback() async throws {
         let lab = try await lab()
         let controller = lab.controller
-        let job = try await failover.job(lab.site, "failover", "shop", "--point", lab.point, "--hydrate")
-        #expect(job.state == .succeeded, "\(job)\n\(controller.process.log.suffix(3000))")
-        let uri = "nbd+unix:///db-data?socket=\(lab.dir.path)/agent-rec1/sockets/db-data.sock"
-        #expect(try await failover.qemuIO(uri, "write -P 0x33 8M 4M", "flush").ok)
-        #expect(try await failover.caughtUp(lab.site, "rec1/db-data"), "\(controller.process.log.suffix(3000))")
+        let uri = try await landedFailover(lab)
 
         // Reprotect: only what rec1 changed travels (4 MiB), not the 48 MiB of data.
         let reprotect = try await failover.job(lab.site, "reprotect", "shop")
@@ -203,11 +210,7 @@ struct LandingFailoverTests {
         let controller = lab.controller
         let db2 = try await AgentProcess.enrollAndStart("db2", controller: controller, in: lab.dir)
         #expect(try await controller.waitFor("db2", state: "online"))
-        let job = try await failover.job(lab.site, "failover", "shop", "--point", lab.point, "--hydrate")
-        #expect(job.state == .succeeded, "\(job)\n\(controller.process.log.suffix(3000))")
-        let uri = "nbd+unix:///db-data?socket=\(lab.dir.path)/agent-rec1/sockets/db-data.sock"
-        #expect(try await failover.qemuIO(uri, "write -P 0x33 8M 4M", "flush").ok)
-        #expect(try await failover.caughtUp(lab.site, "rec1/db-data"))
+        let uri = try await landedFailover(lab)
         let reprotect = try await failover.job(lab.site, "reprotect", "shop")
         #expect(reprotect.state == .succeeded, "\(reprotect)")
         #expect(try await failover.qemuIO(uri, "write -P 0x7f 50M 1M", "flush").ok)
