@@ -125,32 +125,34 @@ extension ReverseStreams {
         return result
     }
 
-    /// Follows every landed volume of a plan until cancelled (failback, release).
-    func followLanded(_ records: [RecoveryRecord]) async {
-        let sinks = await landedSinks(records)
-        await withTaskGroup(of: Void.self) { group in
-            for s in sinks { group.addTask { await self.follow(s) } }
+    /// Starts a follower for each landed volume of a plan that has none running (they run until
+    /// the plan's streams stop: failback, release), and forgets the plan's start task.
+    func followLanded(plan: String, _ records: [RecoveryRecord]) async {
+        for s in await landedSinks(records) where followers[s.key] == nil {
+            nextFollower += 1
+            let id = nextFollower
+            followers[s.key] = (plan, id, Task { await self.follow(s, id: id) })
         }
+        tasks[plan] = nil
     }
 
     /// Applies the replica's records to the sink in journal order, batch by batch, woken by
-    /// each append. If the journal folded past the sink (over its cap), a pass by block hashes
-    /// brings the sink to the latest position and it follows on from there.
-    private func follow(_ s: LandedSink) async {
+    /// each append (and by the sink's host coming back). If the journal folded past the sink
+    /// (over its cap), a pass by block hashes brings the sink to the latest position and it
+    /// follows on from there. A sink that follows no source yet ends its follower: the
+    /// reprotect step's pass makes it equal first, then starts it again.
+    private func follow(_ s: LandedSink, id: UInt64) async {
+        defer { if followers[s.key]?.id == id { followers[s.key] = nil } }
         var position: ReplicaPosition?
         while !Task.isCancelled {
             do {
-                guard let sink = await registry.entry(hostID: s.sinkHostID)?.session else {
-                    position = nil
-                    try await Task.sleep(for: .seconds(1)) // until the sink's host is back
-                    continue
-                }
+                guard let sink = await registry.waitForEntry(hostID: s.sinkHostID)?.session else { return }
                 let replica = try await replicas.replica(hostID: s.replicaHostID, volume: s.replicaVolume, size: s.size)
                 if position == nil {
                     guard let p = try await OrderedSink.position(sink: sink, volume: s.sinkVolume), p.source == s.source else {
-                        // Not made equal yet: the reprotect job's pass does that first.
-                        try await Task.sleep(for: .seconds(1))
-                        continue
+                        logger.info("the sink follows no source yet; the reprotect step makes it equal, then it follows",
+                                    metadata: ["sink": "\(s.sinkHost)/\(s.sinkVolume)"])
+                        return
                     }
                     position = ReplicaPosition(epoch: p.epoch, sequence: p.sequence)
                 }
@@ -184,6 +186,7 @@ extension ReverseStreams {
             } catch {
                 position = nil
                 logger.warning("ordered reverse stream failed; retrying", metadata: ["sink": "\(s.sinkHost)/\(s.sinkVolume)", "error": "\(error)"])
+                // A back-off before the retry (the sink's session may be closing), not a poll.
                 try? await Task.sleep(for: .seconds(1))
             }
         }

@@ -112,7 +112,7 @@ public actor ReverseStreams {
     let store: StateStore
     let replicas: ReplicaManager
     let logger: Logger
-    private var tasks: [String: Task<Void, Never>] = [:]
+    var tasks: [String: Task<Void, Never>] = [:]
     /// Per plan, the exports whose sink has had its full pass: only these stream (another
     /// item's blocks wait for its own reverse step, which counts what it sends).
     private var enabled: [String: Set<String>] = [:]
@@ -120,6 +120,9 @@ public actor ReverseStreams {
     var sinks: [String: API.SinkProgress] = [:]
     /// The replica each of those sinks follows.
     var replicaOf: [String: ReplicaStore] = [:]
+    /// The follower of each such sink, by the same key, with its plan.
+    var followers: [String: (plan: String, id: UInt64, task: Task<Void, Never>)] = [:]
+    var nextFollower: UInt64 = 0
 
     init(exports: PointExports, registry: SessionRegistry, store: StateStore, replicas: ReplicaManager, logger: Logger) {
         self.exports = exports
@@ -138,7 +141,9 @@ public actor ReverseStreams {
         tasks[plan.name] = Task {
             let records = (try? await store.recoveries(plan: plan.name)) ?? []
             if records.contains(where: { $0.volumes.contains { $0.hydrate == true } }) {
-                await self.followLanded(records)
+                // One follower per sink, each a task of its own; the next start (another item's
+                // reverse step) starts those not running.
+                await self.followLanded(plan: plan.name, records)
                 return
             }
             var needsFullPass = Set<String>()
@@ -188,6 +193,12 @@ public actor ReverseStreams {
     /// Stops a plan's reverse streams (failback, release); waits for the round in progress.
     func stop(plan: String) async {
         enabled[plan] = nil
+        let mine = followers.filter { $0.value.plan == plan }
+        for (key, follower) in mine {
+            followers[key] = nil
+            follower.task.cancel()
+        }
+        for follower in mine.values { await follower.task.value }
         guard let task = tasks.removeValue(forKey: plan) else { return }
         task.cancel()
         await task.value

@@ -10,6 +10,9 @@ public actor SessionRegistry {
     }
 
     private var sessions: [String: Entry] = [:]
+    /// Tasks waiting for a host to connect, by host id and waiter.
+    private var waiters: [String: [UInt64: CheckedContinuation<Entry?, Never>]] = [:]
+    private var nextWaiter: UInt64 = 0
 
     public init() {}
 
@@ -18,7 +21,27 @@ public actor SessionRegistry {
     func register(_ entry: Entry) -> Entry? {
         let old = sessions[entry.hostID]
         sessions[entry.hostID] = entry
+        for waiter in (waiters.removeValue(forKey: entry.hostID) ?? [:]).values { waiter.resume(returning: entry) }
         return old
+    }
+
+    /// The host's session once it has one (at once if it is online); nil if the calling task is
+    /// cancelled first. Woken by the registration itself.
+    func waitForEntry(hostID: String) async -> Entry? {
+        if let entry = sessions[hostID] { return entry }
+        let id = nextWaiter
+        nextWaiter += 1
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Entry?, Never>) in
+                if Task.isCancelled { c.resume(returning: nil) } else { waiters[hostID, default: [:]][id] = c }
+            }
+        } onCancel: {
+            Task { await self.cancelWaiter(hostID: hostID, id: id) }
+        }
+    }
+
+    private func cancelWaiter(hostID: String, id: UInt64) {
+        waiters[hostID]?.removeValue(forKey: id)?.resume(returning: nil)
     }
 
     /// Removes the session if it is still the registered one.

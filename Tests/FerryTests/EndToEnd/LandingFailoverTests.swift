@@ -133,10 +133,10 @@ struct LandingFailoverTests {
         lab.rec1.signal(SIGTERM)
     }
 
-    @Test("reprotect of a landed failover: db/data is made equal by block hashes, then follows rec1/db-data's journal in write order (sink lag in ferryctl volumes), through kill -9 of db; failback is a planned failover in reverse: zero data loss, db/data owns its volume again, rec1's landed volume and mirrored group go")
+    @Test("reprotect of a landed failover: db/data is made equal by block hashes, then follows rec1/db-data's journal in write order (sink lag in ferryctl volumes), through kill -9 of db and of the controller; failback is a planned failover in reverse: zero data loss, db/data owns its volume again, rec1's landed volume and mirrored group go")
     func landedReprotectAndFailback() async throws {
-        let lab = try await lab()
-        let controller = lab.controller
+        var lab = try await lab()
+        var controller = lab.controller
         let uri = try await landedFailover(lab)
 
         // Reprotect: only what rec1 changed travels (4 MiB), not the 48 MiB of data.
@@ -182,9 +182,20 @@ struct LandingFailoverTests {
         #expect(try await sinkCaughtUp(), "\(controller.process.log.suffix(3000))")
         #expect(try sinkHolds(0x71, at: 30 << 20, count: 1 << 20) && sinkHolds(0x72, at: 31 << 20, count: 1 << 20) && sinkHolds(0x71, at: 32 << 20, count: 1 << 20))
 
+        // The controller killed -9 and back: the sinks follow on from the positions they recorded.
+        let exportAddress = try String(contentsOfFile: controller.dataDir + "/nbd-tls-listen.addr", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        await controller.process.kill9()
+        #expect(try await failover.qemuIO(uri, "write -P 0x73 34M 1M", "flush").ok)
+        controller = try await ControllerProcess.start(dataDir: controller.dataDir, listen: controller.agentAddress,
+                                                       arguments: ["--nbd-tls-listen", exportAddress], logName: "controller-2.log")
+        lab.controller = controller
+        #expect(try await sinkCaughtUp(), "\(controller.process.log.suffix(3000))")
+        #expect(try sinkHolds(0x73, at: 34 << 20, count: 1 << 20))
+
         // The last write before failback: zero data loss means it is on db afterwards.
         #expect(try await failover.qemuIO(uri, "write -P 0x7f 50M 1M", "flush").ok)
-        let failback = try await failover.job(lab.site, "failback", "shop")
+        let site = FailoverTests.Site(dir: lab.dir, controller: controller, agents: [:], hooks: "", images: [:], uris: [:])
+        let failback = try await failover.job(site, "failback", "shop")
         #expect(failback.state == .succeeded, "\(failback)\n\(controller.process.log.suffix(3000))")
         #expect(failback.steps.contains { $0.detail?.contains("zero data loss") == true }, "\(failback.steps)")
         #expect(try await planView(controller).state == .protected)
@@ -194,7 +205,7 @@ struct LandingFailoverTests {
         // db owns its volume again, protected; rec1's landed volume and the mirrored group are gone.
         q = try await failover.qemuIO(source, "write -P 0x81 60M 1M", "flush")
         #expect(q.ok, "\(q.output)")
-        #expect(try await failover.caughtUp(lab.site, "db/data"), "\(controller.process.log.suffix(3000))")
+        #expect(try await failover.caughtUp(site, "db/data"), "\(controller.process.log.suffix(3000))")
         let all = try await volumes(controller)
         #expect(!all.contains { $0.host == "rec1" }, "\(all.map { "\($0.host)/\($0.name)" })")
         #expect(all.first { $0.host == "db" }?.sink == nil)
