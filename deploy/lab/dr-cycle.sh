@@ -21,7 +21,8 @@
 #             volumes); the workload on the landed volumes; reprotect of that landed failover
 #             (only changed blocks; the sinks follow the landed journals in write order: db's
 #             agent killed -9 mid-stream, each of its sink files as the crash left it is a prefix
-#             of its volume's writes per the checker; it follows on after the restart); failback
+#             of its volume's writes per the checker; it follows on after the restart; a point
+#             of shop-recovered, exported, passes the checker as one group point); failback
 #             of the landed failover (the recovery hosts' stop hooks stop the workload; checker
 #             --full on the sources: zero loss; the landed volumes released); workload again;
 #             migrate --hydrate (stop hooks; checker --full on the
@@ -801,7 +802,18 @@ s0="$(sink_seq db/data)"
 wait_for "db/data's sink to follow on after the restart" sink_moved
 fctl volumes >"$work/jobs/reprotect-land-volumes.txt"
 indent <"$work/jobs/reprotect-land-volumes.txt"
-verified "yes: only changed blocks ($sent B of $TOTAL_BYTES B); db's sinks after kill -9: each a prefix of its volume's writes ($(prefix_list sink-db-data), $(prefix_list sink-db-log)); they follow on after the restart"
+# A point of the landed volumes' group, cut now (reversed, under the workload), exported to files:
+# one consistent group point per the checker, as the primary's points are.
+rpoint="$(fctl point create shop-recovered)" || fail "ferryctl point create shop-recovered failed"
+rimgs=()
+for v in "${VOLS[@]}"; do
+  h="${v%/*}" n="${v#*/}"
+  fctl volume export "${REC_HOST[$h]}/$h-$n" --point "$rpoint" --out "$work/check/rpoint-$h-$n.img" --force >/dev/null ||
+    fail "ferryctl volume export ${REC_HOST[$h]}/$h-$n --point $rpoint failed"
+  rimgs+=("$v=$work/check/rpoint-$h-$n.img")
+done
+check_images rpoint "$WL_LOG" "${rimgs[@]}" || fail "point $rpoint of shop-recovered is not one consistent group point (check/rpoint.report.json)"
+verified "yes: only changed blocks ($sent B of $TOTAL_BYTES B); db's sinks after kill -9: each a prefix of its volume's writes ($(prefix_list sink-db-data), $(prefix_list sink-db-log)); they follow on after the restart; shop-recovered point $rpoint = one group point ($(prefix_list rpoint))"
 
 begin "C: failback of the landed failover (a planned failover in reverse)"
 run_job failback-land failback shop
