@@ -555,7 +555,8 @@ final class NBDClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
             }
             let count = type == NBD.ChunkType.offsetData ? payload.readableBytes : Int(payload.readInteger(as: UInt32.self) ?? 0)
             let at = offset - request.offset
-            guard at + UInt64(count) <= UInt64(request.length) else {
+            // Checked without adding: a chunk's offset is the server's to choose, up to 2^64 - 1.
+            guard at <= UInt64(request.length), UInt64(count) <= UInt64(request.length) - at else {
                 return violation(context, "the NBD server at \(peer) sent read data past the request's end")
             }
             if type == NBD.ChunkType.offsetData, request.collected == nil, at == 0, count == Int(request.length) {
