@@ -132,7 +132,7 @@ let package = Package(
         .executableTarget(name: "ferry-controller", dependencies: ["FerryControllerCore"], swiftSettings: swiftSettings),
         .executableTarget(name: "ferryctl", dependencies: ["FerryCLICore"], swiftSettings: swiftSettings),
         // Prints deploy/bench.sh's comparison table (not part of the product).
-        .executableTarget(name: "ferry-bench", swiftSettings: swiftSettings),
+        .executableTarget(name: "ferry-bench", dependencies: ["FerryWire"], swiftSettings: swiftSettings),
         .testTarget(
             name: "FerryTests",
             dependencies: [

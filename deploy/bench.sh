@@ -8,6 +8,7 @@
 #
 #   ./deploy/bench.sh                       # 1 GiB volume, 15 s per fio run
 #   FERRY_BENCH_SIZE=2G FERRY_BENCH_RUNTIME=30 ./deploy/bench.sh
+#   FERRY_BENCH_LAG_RUNTIME=60              # the 500 MB/s lag run's length (seconds)
 #   FERRY_BENCH_PARTS=rto ./deploy/bench.sh # only some parts: replication, points, rto (comma-separated)
 #   FERRY_BENCH_RTO_SIZES="1G 10G" FERRY_BENCH_RTO_DRILLS=3 FERRY_BENCH_RTO_FAILOVER=1  # the RTO part's defaults
 #   FERRY_BENCH_PARTS=hydration FERRY_BENCH_HYDRATE_SIZE=10G ./deploy/bench.sh   # hydration (on disk, in /var/tmp)
@@ -18,6 +19,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 size="${FERRY_BENCH_SIZE:-1G}"
 runtime="${FERRY_BENCH_RUNTIME:-15}"
+lag_runtime="${FERRY_BENCH_LAG_RUNTIME:-60}"
 parts="${FERRY_BENCH_PARTS:-replication,points,rto,hydration}"
 hydrate_size="${FERRY_BENCH_HYDRATE_SIZE:-10G}"
 rto_sizes="${FERRY_BENCH_RTO_SIZES:-1G 10G}"
@@ -128,11 +130,13 @@ if want replication; then
     "$aes" "$fresh" "$over" "$(nproc)" >"$work/results/floor.txt"
 
   log "ferry: controller and agent on this machine, replicating"
-  # The controller runs with its defaults (journal kept 1 h, up to 8 GiB): the runs are shorter
-  # than it takes to fill that, so no journal is folded into the base image during them.
-  printf 'replica-journal-max: 8G\n' >"$work/controller.yaml"
+  # The journal cap is sized for the tmpfs: the 500 MB/s run writes ~30 GB, which the controller
+  # folds into the replica's base image as the journal passes 2 GiB (the steady state of a
+  # long-running replica, and what its CPU figure includes).
+  printf 'replica-journal-max: 2G\n' >"$work/controller.yaml"
   "$bin/ferry-controller" --config "$work/controller.yaml" --data-dir "$work/controller" --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 >"$work/controller.log" 2>&1 &
   pids+=($!)
+  controller_pid=$!
   wait_for 30 test -f "$work/controller/ferryctl.env" || die "controller did not start"
   # shellcheck disable=SC1091
   . "$work/controller/ferryctl.env"
@@ -141,15 +145,12 @@ if want replication; then
     --data-dir "$work/agent" >/dev/null || die "enroll failed"
   "$bin/ferry-agent" run --data-dir "$work/agent" --config "$work/agent.yaml" >"$work/agent.log" 2>&1 &
   pids+=($!)
+  agent_pid=$!
   wait_for 20 sh -c "'$bin/ferryctl' hosts | grep -q 'bench .*online'" || die "agent did not come online"
   "$bin/ferryctl" protect bench --volume bench --path "$work/vol.img" --create-size "$size" >&2 || die "protect failed"
   uri="nbd+unix:///bench?socket=$work/agent/sockets/bench.sock"
-  "$bin/ferryctl" metrics >"$work/results/metrics-before.txt"
-  run_fio "$uri" write 1M agent-seq.json "${pids[1]}" "${pids[2]}"
-  run_fio "$uri" randwrite 4k agent-rand.json "${pids[1]}" "${pids[2]}"
-  "$bin/ferryctl" metrics >"$work/results/metrics-after.txt"
-  # The change log absorbs what replication has not caught up with yet: wait until it is all
-  # durable on the controller (and any resync after a change-log overflow done) before comparing.
+  # The change log absorbs what replication has not caught up with yet: a run's CPU is counted
+  # until it is all durable on the controller (and any resync after a change-log overflow done).
   caught_up() {
     "$bin/ferryctl" volumes --json | python3 -c '
 import json, sys
@@ -157,11 +158,32 @@ v = json.load(sys.stdin)[0]
 sync = v.get("sync") or {"done": True}
 sys.exit(0 if v.get("lagBytes") == 0 and v.get("replicaState") == "protected" and sync["done"] else 1)'
   }
-  start=$SECONDS
   # Twice, two reports apart: a report can lag behind an overflow the agent has just noticed.
   settled() { caught_up && sleep 2.5 && caught_up; }
-  wait_for 300 settled || log "WARNING: replication had not caught up 300 s after the runs"
-  log "replication caught up $((SECONDS - start)) s after fio stopped"
+  agent_run() { # agent_run NAME RW BS [FIO ARGS...]: fio through the agent, then CPU per process until replicated
+    local name="$1" rw="$2" bs="$3"; shift 3
+    wait_for 300 settled || die "replication had not caught up before the $name run"
+    "$bin/ferryctl" metrics >"$work/results/metrics-$name-before.txt"
+    local a0 c0 t0 t1; a0=$(ticks "$agent_pid"); c0=$(ticks "$controller_pid"); t0=$SECONDS
+    fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --size="$size" --iodepth=16 \
+        --time_based --output-format=json --output="$work/results/agent-$name.json" "$@" >&2 || die "fio $name failed"
+    t1=$SECONDS
+    wait_for 300 settled || log "WARNING: replication had not caught up 300 s after the $name run"
+    "$bin/ferryctl" metrics >"$work/results/metrics-$name-after.txt"
+    printf 'agent_ticks %s\ncontroller_ticks %s\nticks_per_second %s\ncatch_up_seconds %s\n' \
+      "$(( $(ticks "$agent_pid") - a0 ))" "$(( $(ticks "$controller_pid") - c0 ))" "$(getconf CLK_TCK)" "$((SECONDS - t1))" \
+      >"$work/results/agent-$name.proc"
+    log "$name: fio $((t1 - t0)) s, replication caught up $((SECONDS - t1)) s after it"
+  }
+  agent_run seq write 1M --runtime="${runtime}s"
+  agent_run rand randwrite 4k --runtime="${runtime}s"
+  # Lag at a fixed 500 MB/s (or what this machine reaches under it), for longer: the exact
+  # per-record lag histogram the agents report (ferry_volume_write_lag_seconds).
+  agent_run lag write 1M --rate=500m --runtime="$lag_runtime"s
+  # Peak memory of each daemon over all three runs, and the change log's memory cap it has.
+  printf 'agent_hwm_kib %s\ncontroller_hwm_kib %s\nchange_log_memory_bytes %s\n' \
+    "$(awk '/^VmHWM/ {print $2}' "/proc/$agent_pid/status")" "$(awk '/^VmHWM/ {print $2}' "/proc/$controller_pid/status")" \
+    "$((64 << 20))" >"$work/results/rss.txt"
   if qemu-img compare -q -f raw -F raw "$work/vol.img" "$("$bin/ferryctl" volume show bench/bench --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["replicaPath"])')"; then
     log "replica identical to the source after the runs"
   else

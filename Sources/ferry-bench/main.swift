@@ -3,35 +3,28 @@
 //
 //   ferry-bench --results DIR
 //
-// DIR holds {nbdkit,agent}-{seq,rand}.json, the CPU each run's servers used
-// ({nbdkit,agent}-{seq,rand}.cpu: "TICKS TICKS-PER-SECOND"), metrics-{before,after}.txt and
-// floor.txt (single-core AES-GCM and tmpfs write rates measured in the same invocation);
+// DIR holds nbdkit-{seq,rand}.json with nbdkit's CPU (nbdkit-{seq,rand}.cpu: "TICKS
+// TICKS-PER-SECOND"), agent-{seq,rand,lag}.json with each daemon's CPU until replicated
+// (agent-RUN.proc), the controller's /metrics around each run (metrics-RUN-{before,after}.txt),
+// rss.txt (peak RSS) and floor.txt (single-core AES-GCM and tmpfs write rates measured in the same invocation);
 // cuts.txt and export.txt (recovery points); rto.txt (recovery time: "KIND SIZE SECONDS" lines,
 // KIND drill_rto, drill_wall, failover_rto or failover_wall); hydration.txt with
 // hydrate-{source,local,served}-{rr,rw,sw}.json (hydration against nbdcopy, and fio through a
 // hydrated recovered volume, the source agent's export and a volume served from the controller).
 // Each table is printed when its files are there (bench.sh's FERRY_BENCH_PARTS runs only some parts).
+import FerryWire
 import Foundation
 
 struct Failure: Error, CustomStringConvertible { let description: String }
 
-func fioWrite(_ path: String) throws -> (bandwidthBytes: Double, iops: Double, fioCores: Double) {
+func fioWrite(_ path: String) throws -> (bandwidthBytes: Double, iops: Double) {
     func number(_ any: Any?) -> Double? { any as? Double ?? (any as? Int).map(Double.init) }
     guard let data = FileManager.default.contents(atPath: path),
           let json = try JSONSerialization.jsonObject(with: data) as? [String: Any],
           let job = (json["jobs"] as? [[String: Any]])?.first, let write = job["write"] as? [String: Any],
-          let bw = number(write["bw_bytes"]), let iops = number(write["iops"]),
-          let usr = number(job["usr_cpu"]), let sys = number(job["sys_cpu"])
+          let bw = number(write["bw_bytes"]), let iops = number(write["iops"])
     else { throw Failure(description: "\(path): not a fio JSON result with a write section") }
-    return (bw, iops, (usr + sys) / 100)
-}
-
-/// Cores the servers of a run used on average: "TICKS TICKS-PER-SECOND" over the run's seconds.
-func serverCores(_ path: String, seconds: Double) throws -> Double {
-    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw Failure(description: "cannot read \(path)") }
-    let parts = text.split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { Double($0) }
-    guard parts.count == 2, parts[1] > 0 else { throw Failure(description: "\(path): expected TICKS TICKS-PER-SECOND") }
-    return parts[0] / parts[1] / seconds
+    return (bw, iops)
 }
 
 func keyValues(_ path: String) throws -> [String: Double] {
@@ -51,42 +44,57 @@ func printTable(_ rows: [[String]]) {
     }
 }
 
-/// Cumulative bucket counts of `ferry_replication_lag_seconds` by upper bound.
-func lagBuckets(_ path: String) throws -> [(le: Double, count: Double)] {
+/// The per-record write-lag histogram in a `/metrics` scrape, summed over every volume.
+func writeLag(_ path: String) throws -> LagHistogram {
     guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw Failure(description: "cannot read \(path)") }
-    var buckets: [(Double, Double)] = []
-    for line in text.split(separator: "\n") where line.hasPrefix("ferry_replication_lag_seconds_bucket") {
-        guard let leStart = line.range(of: "le=\""), let leEnd = line[leStart.upperBound...].firstIndex(of: "\""),
-              let count = Double(line.split(separator: " ").last ?? "") else { continue }
+    var cumulative = Array(repeating: UInt64(0), count: LagHistogram.bounds.count + 1)
+    var sum = 0.0
+    for line in text.split(separator: "\n") {
+        let value = line.split(separator: " ").last.map(String.init) ?? ""
+        if line.hasPrefix("ferry_volume_write_lag_seconds_sum{") { sum += Double(value) ?? 0 }
+        guard line.hasPrefix("ferry_volume_write_lag_seconds_bucket{"), let leStart = line.range(of: "le=\""),
+              let leEnd = line[leStart.upperBound...].firstIndex(of: "\""), let count = UInt64(value) else { continue }
         let le = String(line[leStart.upperBound..<leEnd])
-        buckets.append((le == "+Inf" ? .infinity : Double(le) ?? .infinity, count))
+        let index = le == "+Inf" ? LagHistogram.bounds.count : LagHistogram.bounds.firstIndex(of: Double(le) ?? -1)
+        if let index { cumulative[index] += count }
     }
-    return buckets.sorted { $0.0 < $1.0 }
+    // Cumulative per bound → per bucket.
+    let counts = cumulative.indices.map { i in i == 0 ? cumulative[0] : cumulative[i] &- cumulative[i - 1] }
+    guard let histogram = LagHistogram(counts: counts, sumSeconds: sum) else { throw Failure(description: "\(path): malformed lag histogram") }
+    return histogram
 }
 
-/// The bucket bound under which `q` of the samples taken between the two scrapes fall.
-func quantile(_ q: Double, before: [(le: Double, count: Double)], after: [(le: Double, count: Double)]) -> Double? {
-    let delta = after.map { b in (b.le, b.count - (before.first { $0.le == b.le }?.count ?? 0)) }
-    guard let total = delta.last?.1, total > 0 else { return nil }
-    return delta.first { $0.1 >= q * total }?.0
+/// A run's per-record lag: the records acked between its two scrapes.
+func runLag(_ dir: String, _ run: String) throws -> LagHistogram {
+    try writeLag("\(dir)/metrics-\(run)-after.txt").since(try writeLag("\(dir)/metrics-\(run)-before.txt"))
 }
 
 func mib(_ b: Double) -> String { String(format: "%.0f MiB/s", b / 1_048_576) }
 
-/// Replication throughput against the baseline, and the replication lag.
+func ms(_ s: Double?) -> String {
+    guard let s else { return "no samples" }
+    return s >= LagHistogram.bounds.last! ? "> 60 s" : s < 1 ? String(format: "%.0f ms", s * 1000) : String(format: "%.2f s", s)
+}
+
+/// Replication throughput against the baseline, and the replication lag of every record.
 func replicationTable(_ dir: String) throws {
     let baseSeq = try fioWrite(dir + "/nbdkit-seq.json"), agentSeq = try fioWrite(dir + "/agent-seq.json")
     let baseRand = try fioWrite(dir + "/nbdkit-rand.json"), agentRand = try fioWrite(dir + "/agent-rand.json")
-    let before = try lagBuckets(dir + "/metrics-before.txt"), after = try lagBuckets(dir + "/metrics-after.txt")
     func ratio(_ a: Double, _ b: Double) -> String { String(format: "%.2fx", a / b) }
-    func ms(_ s: Double?) -> String { s.map { $0.isInfinite ? "> 30 s" : String(format: "<= %.0f ms", $0 * 1000) } ?? "no samples" }
-    let rows: [(String, String, String, String, String)] = [
-        ("1 MiB sequential write", mib(baseSeq.bandwidthBytes), mib(agentSeq.bandwidthBytes), ratio(agentSeq.bandwidthBytes, baseSeq.bandwidthBytes), ">= 0.90x"),
-        ("4 KiB random write (qd16)", String(format: "%.0f IOPS", baseRand.iops), String(format: "%.0f IOPS", agentRand.iops), ratio(agentRand.iops, baseRand.iops), ">= 0.80x"),
-        ("replication lag p50", "-", ms(quantile(0.5, before: before, after: after)), "-", "-"),
-        ("replication lag p99", "-", ms(quantile(0.99, before: before, after: after)), "-", "< 1 s"),
+    var rows: [[String]] = [
+        ["1 MiB sequential write", mib(baseSeq.bandwidthBytes), mib(agentSeq.bandwidthBytes), ratio(agentSeq.bandwidthBytes, baseSeq.bandwidthBytes), "report beside the floor"],
+        ["4 KiB random write (qd16)", String(format: "%.0f IOPS", baseRand.iops), String(format: "%.0f IOPS", agentRand.iops), ratio(agentRand.iops, baseRand.iops), "report beside the floor"],
     ]
-    printTable([["measure", "nbdkit file", "ferry agent", "ratio", "target"]] + rows.map { [$0.0, $0.1, $0.2, $0.3, $0.4] })
+    for (run, label, target) in [("seq", "1 MiB sequential, saturating", "-"), ("rand", "4 KiB random, saturating", "-"),
+                                 ("lag", "1 MiB sequential at 500 MB/s", "< 1 s")] {
+        guard let lag = try? runLag(dir, run) else { continue }
+        var what = label
+        if run == "lag", let fio = try? fioWrite(dir + "/agent-lag.json") { what += " (reached \(mib(fio.bandwidthBytes)))" }
+        rows.append(["lag p50 / p99 / max: \(what)", "-",
+                     "\(ms(lag.quantile(0.5))) / \(ms(lag.quantile(0.99))) / \(ms(lag.quantile(1)))", "\(lag.count) records", "p99 \(target)"])
+    }
+    print("Replication: fio through the agent while it replicates vs through nbdkit (lag: each record, from its write's completion to the controller's durable ack, on the agent's clock)")
+    printTable([["measure", "nbdkit file", "ferry agent", "ratio", "target"]] + rows)
 }
 
 /// Recovery points: group-cut pauses and a point-in-time export's first read.
@@ -109,33 +117,68 @@ func pointsTable(_ cuts: String, _ dir: String) {
                 ["10 GiB point export: image open (controller)", export["open_ms"].map { String(format: "%.1f ms", $0) } ?? "-", "-"]])
 }
 
-/// The floor: the least CPU the sequential target needs here, from rates measured in this
-/// invocation. Only work that cannot be avoided counts (the workload's own side as the
-/// baseline spent it, TLS both ways, one journal append and one replica write per byte);
-/// socket copies, checksums and the agent's bookkeeping come on top.
-func floorTable(_ dir: String) throws {
-    let baseSeq = try fioWrite(dir + "/nbdkit-seq.json"), agentSeq = try fioWrite(dir + "/agent-seq.json")
-    let seconds = Double(ProcessInfo.processInfo.environment["FERRY_BENCH_RUNTIME"] ?? "") ?? 15
+/// A run's CPU per process: "KEY VALUE" lines (agent_ticks, controller_ticks, ticks_per_second).
+func processCPU(_ path: String) throws -> (agent: Double, controller: Double) {
+    let kv = try keyValues(path)
+    guard let a = kv["agent_ticks"], let c = kv["controller_ticks"], let hz = kv["ticks_per_second"], hz > 0 else {
+        throw Failure(description: "\(path): expected agent_ticks, controller_ticks and ticks_per_second")
+    }
+    return (a / hz, c / hz)
+}
+
+/// Bytes fio wrote in a run.
+func fioBytes(_ path: String) throws -> Double {
+    guard let data = FileManager.default.contents(atPath: path),
+          let json = try JSONSerialization.jsonObject(with: data) as? [String: Any],
+          let job = (json["jobs"] as? [[String: Any]])?.first, let write = job["write"] as? [String: Any],
+          let bytes = (write["io_bytes"] as? Int).map(Double.init) ?? (write["io_bytes"] as? Double)
+    else { throw Failure(description: "\(path): no write io_bytes") }
+    return bytes
+}
+
+/// CPU per GiB written, per process, against the floor measured in the same invocation: the
+/// work each side cannot avoid. The agent: serving the writes as nbdkit did in the baseline run
+/// (its CPU per GiB there) plus encrypting them (one core's AES-128-GCM rate). The controller:
+/// decrypting, one journal append (new tmpfs pages) and one replica write (tmpfs overwrite).
+/// Each run's CPU is counted from fio's start until the controller holds every write durably.
+func efficiencyTable(_ dir: String) throws {
     let floor = try keyValues(dir + "/floor.txt")
     guard let aes = floor["aes_bytes_per_second"], let fresh = floor["tmpfs_new_bytes_per_second"],
-          let over = floor["tmpfs_overwrite_bytes_per_second"], let cores = floor["cores"], aes > 0, fresh > 0, over > 0
+          let over = floor["tmpfs_overwrite_bytes_per_second"], aes > 0, fresh > 0, over > 0
     else { throw Failure(description: "\(dir)/floor.txt lacks a rate") }
-    let target = 0.9 * baseSeq.bandwidthBytes
-    let baselineCores = try serverCores(dir + "/nbdkit-seq.cpu", seconds: seconds) + baseSeq.fioCores
-    let parts: [(String, String, Double)] = [
-        ("fio and its NBD server (as in the baseline run)", String(format: "%.2f cores at %@", baselineCores, mib(baseSeq.bandwidthBytes)),
-         baselineCores * 0.9),
-        ("TLS encrypt (agent) and decrypt (controller)", String(format: "AES-128-GCM %.1f GB/s per core", aes / 1e9), 2 * target / aes),
-        ("controller journal append (new tmpfs pages)", String(format: "%.1f GB/s", fresh / 1e9), target / fresh),
-        ("controller replica write (tmpfs overwrite)", String(format: "%.1f GB/s", over / 1e9), target / over),
-    ]
-    let needed = parts.reduce(0) { $0 + $1.2 }
-    let used = try serverCores(dir + "/agent-seq.cpu", seconds: seconds) + agentSeq.fioCores
-    print("Cost floor of the sequential target on this machine: 0.90x the baseline is \(mib(target))")
-    printTable([["work per byte", "measured here", "cores needed"]]
-        + parts.map { [$0.0, $0.1, String(format: "%.2f", $0.2)] }
-        + [["total, a lower bound", "", String(format: "%.2f of %.0f", needed, cores)],
-           ["agent, controller and fio in the agent run", mib(agentSeq.bandwidthBytes), String(format: "%.2f used", used)]])
+    let gib = 1_073_741_824.0
+    func nbdkitPerGiB(_ run: String) throws -> Double {
+        let text = try String(contentsOfFile: "\(dir)/nbdkit-\(run).cpu", encoding: .utf8)
+        let parts = text.split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { Double($0) }
+        guard parts.count == 2, parts[1] > 0 else { throw Failure(description: "nbdkit-\(run).cpu: expected TICKS TICKS-PER-SECOND") }
+        return parts[0] / parts[1] / (try fioBytes("\(dir)/nbdkit-\(run).json") / gib)
+    }
+    let encrypt = gib / aes
+    let controllerFloor = gib / aes + gib / fresh + gib / over
+    let seqFloor = try nbdkitPerGiB("seq") + encrypt, randFloor = try nbdkitPerGiB("rand") + encrypt
+    var rows: [[String]] = [["figure", "measured", "floor", "ratio", "goal"]]
+    func cell(_ x: Double) -> String { String(format: "%.2f core·s/GiB", x) }
+    for (run, label, agentFloor, agentGoal) in [("seq", "1 MiB sequential", seqFloor, 1.3), ("rand", "4 KiB random", randFloor, 1.5),
+                                                ("lag", "1 MiB sequential at 500 MB/s", seqFloor, 1.3)] {
+        guard let cpu = try? processCPU("\(dir)/agent-\(run).proc"), let bytes = try? fioBytes("\(dir)/agent-\(run).json"), bytes > 0 else { continue }
+        let agent = cpu.agent / (bytes / gib), controller = cpu.controller / (bytes / gib)
+        rows.append(["agent CPU per GiB, \(label)", cell(agent), cell(agentFloor), String(format: "%.2fx", agent / agentFloor),
+                     String(format: "<= %.1fx", agentGoal)])
+        rows.append(["controller CPU per GiB, \(label)", cell(controller), cell(controllerFloor),
+                     String(format: "%.2fx", controller / controllerFloor), "<= 1.3x"])
+    }
+    if let rss = try? keyValues(dir + "/rss.txt"), let agent = rss["agent_hwm_kib"], let log = rss["change_log_memory_bytes"] {
+        let cap = log / 1_048_576 + 48
+        rows.append(["agent peak RSS (VmHWM) over the runs", String(format: "%.0f MiB", agent / 1024),
+                     String(format: "%.0f MiB change log", log / 1_048_576), String(format: "%.2fx of the goal", agent / 1024 / cap),
+                     String(format: "< %.0f MiB", cap)])
+        if let controller = rss["controller_hwm_kib"] {
+            rows.append(["controller peak RSS (VmHWM) over the runs", String(format: "%.0f MiB", controller / 1024), "-", "-", "-"])
+        }
+    }
+    print(String(format: "Efficiency per process (agent floor: nbdkit's own CPU per GiB in this run + AES-128-GCM at %.1f GB/s per core; controller floor: decrypt + tmpfs append at %.1f GB/s + overwrite at %.1f GB/s)",
+                 aes / 1e9, fresh / 1e9, over / 1e9))
+    printTable(rows)
 }
 
 /// "1G" → "1 GiB", "512M" → "512 MiB": a size as bench.sh's FERRY_BENCH_RTO_SIZES gives it.
@@ -279,7 +322,7 @@ func main() throws {
     }
     if replication {
         section()
-        try floorTable(dir)
+        try efficiencyTable(dir)
     }
     if let rto = try? String(contentsOfFile: dir + "/rto.txt", encoding: .utf8) {
         section()

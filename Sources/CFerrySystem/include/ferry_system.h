@@ -22,7 +22,7 @@ int ferry_reserve(int fd, off_t length);
 off_t ferry_seek_data(int fd, off_t offset);
 off_t ferry_seek_hole(int fd, off_t offset);
 
-/// Keeps buffers up to 32 MiB in the heap and up to 256 MiB of freed heap mapped (mallopt).
+/// Keeps buffers up to 32 MiB in the heap, gives freed heap past 4 MiB back, two arenas (mallopt).
 void ferry_malloc_for_bulk_io(void);
 
 /// Names the calling thread (at most 15 characters), as `top -H` and profilers show it.

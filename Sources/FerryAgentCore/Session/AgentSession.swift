@@ -30,9 +30,8 @@ public final class AgentSession: Service, Sendable {
     private let connectedCount = Atomic<Int>(0)
     /// This connection's replication streamers, one per volume; cancelled when it ends.
     private let streamers = Mutex<[Task<Void, Never>]>([])
-    /// Largest batch sent at once, and most bytes sent but not yet acked, per volume.
+    /// Largest batch sent at once (the window is the change log's: see `ChangeLog.windowBytes`).
     static let batchBytes = 1 << 20
-    static let windowBytes = 32 << 20
     /// While a volume is busy the streamer polls this often rather than being woken per write;
     /// it adds at most this much to replication lag.
     static let gatherDelay = Duration.microseconds(500)
@@ -381,7 +380,7 @@ public final class AgentSession: Service, Sendable {
     /// Sends a volume's changes in order, in batches, keeping at most `windowBytes` unacked.
     func stream(_ volume: String, volume blockVolume: BlockVolume, log: ChangeLog, after start: UInt64, volumes: VolumeManager,
                 session: PeerSession) async {
-        var window = StreamWindow(epoch: log.epoch, after: start, windowBytes: Self.windowBytes)
+        var window = StreamWindow(epoch: log.epoch, after: start, windowBytes: log.windowBytes)
         var lastSent = ContinuousClock.now - .seconds(1)
         while !Task.isCancelled {
             if log.overflowed || log.firstHeld.map({ $0 > window.sent + 1 }) == true {

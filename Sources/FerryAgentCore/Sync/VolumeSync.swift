@@ -103,7 +103,7 @@ struct VolumeSyncWorker {
             }
             idle = false
             // What is captured streams through the change log: leave room for the workload.
-            while log.memoryUsed > log.memoryBytes / 2, !Task.isCancelled {
+            while log.memoryUsed > log.heldBytes / 2, !Task.isCancelled {
                 try? await Task.sleep(for: .milliseconds(5))
             }
             if Task.isCancelled { return }

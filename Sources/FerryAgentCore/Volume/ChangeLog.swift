@@ -5,7 +5,7 @@ import Synchronization
 
 /// A volume's captured changes waiting for the controller's durable ack.
 ///
-/// Held in memory up to `memoryBytes`; past that, written data spills to a local file up to
+/// Held in memory up to `heldBytes`; past that, written data spills to a local file up to
 /// `spillBytes`. Appends never block on the controller and never fail: past both caps the log
 /// drops its records and marks itself overflowed, and the volume needs a resync (a workload is
 /// never held up by a slow or absent controller). Acked records are trimmed.
@@ -26,23 +26,25 @@ public final class ChangeLog: ChangeRecorder {
     struct State {
         var epoch: UInt64
         var next: UInt64 = 1
-        var entries: [Entry] = []
-        /// Index of the first entry not yet trimmed (trimmed lazily to keep appends O(1)).
-        var head = 0
+        /// Held entries, oldest first. A trimmed entry leaves at once: an acked write's
+        /// buffer must not outlive its ack (a lazily compacted array kept thousands of acked
+        /// megabyte writes alive, most of the agent's resident memory).
+        var entries = CircularBuffer<Entry>()
         var memoryUsed = 0
         var spillUsed: Int64 = 0
         /// Where the next spilled write goes. The spill file is a ring of `spillBytes`: live
         /// spilled data runs from the oldest held spilled entry's offset to here, wrapping at
         /// the cap, so the file never grows past it however long the log goes undrained.
         var spillEnd: Int64 = 0
-        /// Index into `entries` at or before the oldest held spilled entry (it only moves on).
+        /// Position (from the oldest held entry) at or before the oldest held spilled entry.
         var firstSpilled = 0
 
-        /// Index of the oldest held spilled entry, if any.
+        func entry(at position: Int) -> Entry { entries[entries.index(entries.startIndex, offsetBy: position)] }
+
+        /// Position of the oldest held spilled entry, if any.
         mutating func oldestSpilled() -> Int? {
-            firstSpilled = max(firstSpilled, head)
             while firstSpilled < entries.count {
-                if case .spilled = entries[firstSpilled] { return firstSpilled }
+                if case .spilled = entry(at: firstSpilled) { return firstSpilled }
                 firstSpilled += 1
             }
             return nil
@@ -50,7 +52,7 @@ public final class ChangeLog: ChangeRecorder {
 
         /// Where `length` bytes can be spilled without touching live spilled data, if anywhere.
         mutating func spillPosition(_ length: Int64, cap: Int64) -> Int64? {
-            guard let oldest = oldestSpilled(), case .spilled(_, _, _, let tail, _) = entries[oldest] else {
+            guard let oldest = oldestSpilled(), case .spilled(_, _, _, let tail, _) = entry(at: oldest) else {
                 return length <= cap ? 0 : nil // nothing live: start over at the beginning
             }
             if spillEnd > tail {
@@ -68,9 +70,18 @@ public final class ChangeLog: ChangeRecorder {
         var waiter: CheckedContinuation<Void, Never>?
         /// The streamer, waiting with its window full for an ack through this sequence.
         var ackWaiter: (through: UInt64, continuation: CheckedContinuation<Void, Never>)?
+        /// Each acked record's lag, from its capture here to its ack arriving (one clock).
+        var writeLag = LagHistogram()
     }
 
+    /// The volume's whole memory budget for written data: held entries plus the streamer's
+    /// window, whose copies (encrypted, and read back from the spill file) are made outside the
+    /// held entries. So this is the only large buffer of a volume, and it is bounded.
     public let memoryBytes: Int
+    /// Most bytes the streamer keeps sent and not yet acked.
+    public let windowBytes: Int
+    /// What held entries may use: `memoryBytes` less room for two copies of the window.
+    public let heldBytes: Int
     public let spillBytes: Int64
     /// Which extents may hold writes the controller lacks (nil: not tracked, as in tests).
     public let activity: ActivityLog?
@@ -81,6 +92,9 @@ public final class ChangeLog: ChangeRecorder {
     public init(memoryBytes: Int = 64 << 20, spillPath: String? = nil, spillBytes: Int64 = 1 << 30,
                 epoch: UInt64 = UInt64.random(in: 1...UInt64.max), activity: ActivityLog? = nil) throws {
         self.memoryBytes = memoryBytes
+        // 8 MiB in flight keeps a link of 1 GB/s busy at 8 ms of commit latency, or 100 Mbit/s at 600 ms.
+        windowBytes = min(8 << 20, max(memoryBytes / 8, min(64 << 10, memoryBytes / 4)))
+        heldBytes = memoryBytes - 2 * windowBytes
         self.activity = activity
         state = Mutex(State(epoch: epoch))
         activity?.startEpoch(epoch)
@@ -125,7 +139,7 @@ public final class ChangeLog: ChangeRecorder {
             guard !s.overflowed else { return (sequence, s.waiter) }
             let change = VolumeChange(sequence: sequence, offset: offset, kind: kind, captured: captured)
             let size = Self.cost(change)
-            if s.memoryUsed + size <= memoryBytes {
+            if s.memoryUsed + size <= heldBytes {
                 s.entries.append(.memory(change))
                 s.memoryUsed += size
             } else if case .write(let data) = kind, spill >= 0,
@@ -133,7 +147,7 @@ public final class ChangeLog: ChangeRecorder {
                 s.entries.append(.spilled(sequence: sequence, offset: offset, length: data.readableBytes, at: at, captured: captured))
                 s.spillEnd = at + Int64(data.readableBytes)
                 s.spillUsed += Int64(data.readableBytes)
-            } else if case .zero = kind, s.memoryUsed + size <= memoryBytes + (1 << 20) {
+            } else if case .zero = kind, s.memoryUsed + size <= heldBytes + (1 << 20) {
                 // Zeroed ranges carry no data: a little headroom keeps them in memory.
                 s.entries.append(.memory(change))
                 s.memoryUsed += size
@@ -143,7 +157,6 @@ public final class ChangeLog: ChangeRecorder {
                 s.overflowed = true
                 activity?.markedBecomePending()
                 s.entries.removeAll()
-                s.head = 0
                 s.firstSpilled = 0
                 s.memoryUsed = 0
                 s.spillUsed = 0
@@ -166,7 +179,6 @@ public final class ChangeLog: ChangeRecorder {
             s.acked = 0
             s.overflowed = false
             s.entries.removeAll()
-            s.head = 0
             s.firstSpilled = 0
             s.memoryUsed = 0
             s.spillUsed = 0
@@ -192,15 +204,17 @@ public final class ChangeLog: ChangeRecorder {
             var out: [Entry] = []
             if let epoch, epoch != s.epoch { return out }
             var size = 0
-            var i = s.head
             // Entries are dense and ordered: jump to the first one after `sequence`.
-            if i < s.entries.count, sequence >= s.entries[i].sequence { i += Int(sequence - s.entries[i].sequence + 1) }
-            while i < s.entries.count, out.count < maxCount {
+            guard let first = s.entries.first else { return out }
+            let skip = sequence >= first.sequence ? sequence - first.sequence + 1 : 0
+            guard skip < UInt64(s.entries.count) else { return out }
+            var i = s.entries.index(s.entries.startIndex, offsetBy: Int(skip))
+            while i != s.entries.endIndex, out.count < maxCount {
                 let cost = Self.cost(s.entries[i])
                 guard out.isEmpty || size + cost <= maxBytes else { break }
                 out.append(s.entries[i])
                 size += cost
-                i += 1
+                i = s.entries.index(after: i)
             }
             return out
         }
@@ -222,7 +236,7 @@ public final class ChangeLog: ChangeRecorder {
 
     /// The first sequence still held, or nil if none is (all acked, or overflowed).
     public var firstHeld: UInt64? {
-        state.withLock { $0.head < $0.entries.count ? $0.entries[$0.head].sequence : nil }
+        state.withLock { $0.entries.first?.sequence }
     }
 
     /// The epoch and the highest sequence of it the controller holds durably, read together.
@@ -236,18 +250,20 @@ public final class ChangeLog: ChangeRecorder {
         public var overflowed: Bool
         public var pendingBytes: Int
         public var oldestPending: Int64?
+        /// Every acked record's lag so far in this process (cumulative across epochs).
+        public var writeLag: LagHistogram
     }
 
     public var snapshot: Snapshot {
         state.withLock { s in
-            let oldest: Int64? = s.head < s.entries.count ? {
-                switch s.entries[s.head] {
+            let oldest: Int64? = s.entries.first.map {
+                switch $0 {
                 case .memory(let c): c.captured
                 case .spilled(_, _, _, _, let captured): captured
                 }
-            }() : nil
+            }
             return Snapshot(epoch: s.epoch, last: s.next - 1, acked: s.acked, overflowed: s.overflowed,
-                            pendingBytes: s.memoryUsed + Int(s.spillUsed), oldestPending: oldest)
+                            pendingBytes: s.memoryUsed + Int(s.spillUsed), oldestPending: oldest, writeLag: s.writeLag)
         }
     }
 
@@ -275,25 +291,27 @@ public final class ChangeLog: ChangeRecorder {
     }
 
     private func trimEntries(_ s: inout State, through sequence: UInt64) {
-        while s.head < s.entries.count, s.entries[s.head].sequence <= sequence {
-            switch s.entries[s.head] {
-            case .memory(let change): s.memoryUsed -= Self.cost(change)
-            case .spilled(_, _, let length, _, _): s.spillUsed -= Int64(length)
+        guard let first = s.entries.first, first.sequence <= sequence else { return }
+        let now = Self.now()
+        while let entry = s.entries.first, entry.sequence <= sequence {
+            let captured: Int64
+            switch s.entries.removeFirst() {
+            case .memory(let change):
+                s.memoryUsed -= Self.cost(change)
+                captured = change.captured
+            case .spilled(_, _, let length, _, let time):
+                s.spillUsed -= Int64(length)
+                captured = time
             }
-            s.head += 1
+            s.writeLag.record(seconds: Double(now &- captured) / 1e9)
+            s.firstSpilled = max(0, s.firstSpilled - 1)
         }
-        if s.head == s.entries.count {
-            s.entries.removeAll(keepingCapacity: true)
-            s.head = 0
+        if s.entries.isEmpty {
             s.firstSpilled = 0
             // Nothing spilled is needed any more: reuse the file from its start. It keeps
             // its size, so writing it again overwrites blocks it has instead of allocating
             // new ones (several times dearer on tmpfs, and on most file systems).
             s.spillEnd = 0
-        } else if s.head > 4096, s.head * 2 > s.entries.count {
-            s.entries.removeFirst(s.head)
-            s.firstSpilled = max(0, s.firstSpilled - s.head)
-            s.head = 0
         }
     }
 

@@ -455,6 +455,8 @@ public actor VolumeManager {
             report.pendingBytes = UInt64(log.pendingBytes)
             report.oldestPendingUnixNanos = log.oldestPending ?? 0
             report.overflowed = log.overflowed
+            report.writeLag.counts = log.writeLag.counts
+            report.writeLag.sumSeconds = log.writeLag.sumSeconds
             report.markedExtents = UInt64(entry.activity.markedCount)
             if let tcpAddress { report.tcpAddress = tcpAddress }
             report.sync = entry.tracker.progress(pendingExtents: pendingExtents, extentBytes: entry.activity.extentBytes)

@@ -3,6 +3,7 @@ import FerryWire
 import Foundation
 import Metrics
 import Prometheus
+import Synchronization
 
 /// The controller's metrics, exported in Prometheus format on the API's `/metrics`.
 public final class ControllerMetrics: Sendable {
@@ -19,6 +20,14 @@ public final class ControllerMetrics: Sendable {
     /// From capture on the agent to durable on the controller, for the newest record of each batch.
     let replicationLag: CoreMetrics.Timer
     private let factory: PrometheusMetricsFactory
+    /// Each volume's per-record lag as its agent last reported it, by host and volume.
+    private let writeLags = Mutex<[VolumeKey: LagHistogram]>([:])
+
+    struct VolumeKey: Hashable, Comparable {
+        var host: String
+        var volume: String
+        static func < (a: Self, b: Self) -> Bool { (a.host, a.volume) < (b.host, b.volume) }
+    }
 
     public init(registry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) {
         self.registry = registry
@@ -62,6 +71,40 @@ public final class ControllerMetrics: Sendable {
         CoreMetrics.Gauge(label: "ferry_volume_marked_extents", dimensions: labels, factory: factory).record(Double(report.markedExtents))
         CoreMetrics.Gauge(label: "ferry_volume_sync_pending_extents", dimensions: labels, factory: factory).record(Double(report.sync.pendingExtents))
         CoreMetrics.Gauge(label: "ferry_volume_sync_sent_bytes", dimensions: labels, factory: factory).record(Double(report.sync.sentBytes))
+        if report.hasWriteLag, let lag = LagHistogram(counts: report.writeLag.counts, sumSeconds: report.writeLag.sumSeconds) {
+            writeLags.withLock { $0[VolumeKey(host: host, volume: report.volume)] = lag }
+        }
+    }
+
+    /// The per-record lag histogram as its agent last reported it.
+    func writeLag(host: String, volume: String) -> LagHistogram? {
+        writeLags.withLock { $0[VolumeKey(host: host, volume: volume)] }
+    }
+
+    /// `ferry_volume_write_lag_seconds`: each record's lag from its write's completion at the
+    /// agent to the controller's durable ack of it, in the agent's buckets (the agent counts,
+    /// so one clock measures both ends). Rendered here because the counts arrive already bucketed.
+    func renderWriteLags() -> String {
+        let lags = writeLags.withLock { $0 }
+        guard !lags.isEmpty else { return "" }
+        var out = "# TYPE ferry_volume_write_lag_seconds histogram\n"
+        func escape(_ s: String) -> String {
+            s.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+                .replacingOccurrences(of: "\n", with: "\\n")
+        }
+        for (key, lag) in lags.sorted(by: { $0.key < $1.key }) {
+            let labels = "host=\"\(escape(key.host))\",volume=\"\(escape(key.volume))\""
+            var cumulative: UInt64 = 0
+            for (i, bound) in LagHistogram.bounds.enumerated() {
+                cumulative &+= lag.counts[i]
+                out += "ferry_volume_write_lag_seconds_bucket{\(labels),le=\"\(bound)\"} \(cumulative)\n"
+            }
+            cumulative &+= lag.counts[LagHistogram.bounds.count]
+            out += "ferry_volume_write_lag_seconds_bucket{\(labels),le=\"+Inf\"} \(cumulative)\n"
+            out += "ferry_volume_write_lag_seconds_sum{\(labels)} \(lag.sumSeconds)\n"
+            out += "ferry_volume_write_lag_seconds_count{\(labels)} \(cumulative)\n"
+        }
+        return out
     }
 
     /// Hydration of a recovered volume: bytes local, its size, the copy rate, 1 once complete.
@@ -103,5 +146,5 @@ public final class ControllerMetrics: Sendable {
         CoreMetrics.Gauge(label: "ferry_group_rpo_alert", dimensions: [("group", group)], factory: factory).record(alert ? 1 : 0)
     }
 
-    public func render() -> String { registry.emitToString() }
+    public func render() -> String { registry.emitToString() + renderWriteLags() }
 }

@@ -297,11 +297,39 @@ public nonisolated struct Ferry_V1_VolumeReport: @unchecked Sendable {
   /// Clears the value of `hydration`. Subsequent reads from it will return its default value.
   public mutating func clearHydration() {_uniqueStorage()._hydration = nil}
 
+  /// Each record's lag, from its write's completion at the agent to the controller's durable ack
+  /// of it arriving back, measured on the agent's clock alone. Cumulative since this agent process
+  /// began capturing the volume (a restart starts it again, as Prometheus counters do).
+  public var writeLag: Ferry_V1_LagHistogram {
+    get {_storage._writeLag ?? Ferry_V1_LagHistogram()}
+    set {_uniqueStorage()._writeLag = newValue}
+  }
+  /// Returns true if `writeLag` has been explicitly set.
+  public var hasWriteLag: Bool {_storage._writeLag != nil}
+  /// Clears the value of `writeLag`. Subsequent reads from it will return its default value.
+  public mutating func clearWriteLag() {_uniqueStorage()._writeLag = nil}
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
   fileprivate var _storage = _StorageClass.defaultInstance
+}
+
+/// A histogram over the fixed bounds both sides know (FerryWire's LagHistogram.bounds): one count
+/// per bound (records at or under it and over the bound before it) and one past the last bound.
+public nonisolated struct Ferry_V1_LagHistogram: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var counts: [UInt64] = []
+
+  public var sumSeconds: Double = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
 }
 
 public nonisolated struct Ferry_V1_HydrationProgress: Sendable {
@@ -624,7 +652,7 @@ nonisolated extension Ferry_V1_SyncProgress: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeReport"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{3}last_sequence\0\u{3}acked_sequence\0\u{3}pending_bytes\0\u{3}oldest_pending_unix_nanos\0\u{1}overflowed\0\u{1}sync\0\u{3}marked_extents\0\u{3}tcp_address\0\u{1}hydration\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{3}last_sequence\0\u{3}acked_sequence\0\u{3}pending_bytes\0\u{3}oldest_pending_unix_nanos\0\u{1}overflowed\0\u{1}sync\0\u{3}marked_extents\0\u{3}tcp_address\0\u{1}hydration\0\u{3}write_lag\0")
 
   fileprivate class _StorageClass {
     var _volume: String = String()
@@ -638,6 +666,7 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
     var _markedExtents: UInt64 = 0
     var _tcpAddress: String = String()
     var _hydration: Ferry_V1_HydrationProgress? = nil
+    var _writeLag: Ferry_V1_LagHistogram? = nil
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -659,6 +688,7 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
       _markedExtents = source._markedExtents
       _tcpAddress = source._tcpAddress
       _hydration = source._hydration
+      _writeLag = source._writeLag
     }
   }
 
@@ -688,6 +718,7 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
         case 9: try { try decoder.decodeSingularUInt64Field(value: &_storage._markedExtents) }()
         case 10: try { try decoder.decodeSingularStringField(value: &_storage._tcpAddress) }()
         case 11: try { try decoder.decodeSingularMessageField(value: &_storage._hydration) }()
+        case 12: try { try decoder.decodeSingularMessageField(value: &_storage._writeLag) }()
         default: break
         }
       }
@@ -733,6 +764,9 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
       try { if let v = _storage._hydration {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
       } }()
+      try { if let v = _storage._writeLag {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+      } }()
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -753,10 +787,46 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
         if _storage._markedExtents != rhs_storage._markedExtents {return false}
         if _storage._tcpAddress != rhs_storage._tcpAddress {return false}
         if _storage._hydration != rhs_storage._hydration {return false}
+        if _storage._writeLag != rhs_storage._writeLag {return false}
         return true
       }
       if !storagesAreEqual {return false}
     }
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_LagHistogram: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".LagHistogram"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}counts\0\u{3}sum_seconds\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedUInt64Field(value: &self.counts) }()
+      case 2: try { try decoder.decodeSingularDoubleField(value: &self.sumSeconds) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.counts.isEmpty {
+      try visitor.visitPackedUInt64Field(value: self.counts, fieldNumber: 1)
+    }
+    if self.sumSeconds.bitPattern != 0 {
+      try visitor.visitSingularDoubleField(value: self.sumSeconds, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_LagHistogram, rhs: Ferry_V1_LagHistogram) -> Bool {
+    if lhs.counts != rhs.counts {return false}
+    if lhs.sumSeconds != rhs.sumSeconds {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -67,6 +67,15 @@ struct ReplicationTests {
         let count = metrics.stdout.split(separator: "\n").first { $0.hasPrefix("ferry_replication_lag_seconds_count") }
         #expect(count.flatMap { Double($0.split(separator: " ").last ?? "") }.map { $0 > 0 } == true, "\(metrics.stdout)")
         #expect(metrics.stdout.contains("ferry_volume_lag_seconds{"), "\(metrics.stdout)")
+        // And exactly, per record, on the agent's clock alone: every acked record is counted.
+        var counted: Double = 0
+        let lagReported = try await eventually(timeout: .seconds(10), every: .milliseconds(300)) {
+            let text = try await controller.ctl("metrics").stdout
+            counted = text.split(separator: "\n").first { $0.hasPrefix("ferry_volume_write_lag_seconds_count{host=\"db\",volume=\"data\"}") }
+                .flatMap { Double($0.split(separator: " ").last ?? "") } ?? 0
+            return counted >= Double(info.durableSequence ?? .max)
+        }
+        #expect(lagReported, "write-lag records counted: \(counted), durable: \(String(describing: info.durableSequence))")
 
         // The controller dies twice in the middle of a run; the agent resumes after the last
         // durable record each time, and nothing acked is lost.

@@ -126,7 +126,7 @@ struct UnitActivityLogTests {
             let log = try ChangeLog(memoryBytes: 3000, spillPath: dir + "/v.spill", spillBytes: cap, epoch: 1)
             var sizes: [Int] = []
             var acked: UInt64 = 0
-            // Past 4096 records, so the log compacts its entries too.
+            // Thousands of records, so the ring of entries wraps and grows many times.
             for i in 0..<6000 {
                 // Uneven sizes, so wrapping happens at every position.
                 let size = i % 5 == 0 ? 512 : 4096 * (1 + (i * 7) % 23)
