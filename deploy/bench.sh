@@ -243,6 +243,29 @@ for p in json.load(sys.stdin):
     if p.get("pauseMicros") is not None: print("pause_micros", p["pauseMicros"])' >>"$work/results/cuts.txt"
   echo "aborted $aborted" >>"$work/results/cuts.txt"
 
+  # The same cuts while fio writes as fast as it can, one volume per agent: the data path is
+  # saturated, and cut control must not queue behind replication data.
+  log "recovery points: the same group under saturating fio"
+  seen="$("$bin/ferryctl" points bench16 --json | python3 -c 'import json, sys; print(" ".join(p["id"] for p in json.load(sys.stdin)))')"
+  fio --ioengine=nbd --rw=randwrite --bs=4k --size=256M --iodepth=16 --time_based --runtime="${runtime}s" \
+      "${cut_uris[@]}" --output="$work/results/cut-fio-saturated.txt" >&2 &
+  fio_pid=$!
+  sleep 2
+  aborted=0
+  : >"$work/results/cut-errors-saturated.txt"
+  while kill -0 "$fio_pid" 2>/dev/null; do
+    "$bin/ferryctl" point create bench16 >/dev/null 2>>"$work/results/cut-errors-saturated.txt" || aborted=$((aborted + 1))
+    sleep 0.2
+  done
+  grep -h 'aborted' "$work/results/cut-errors-saturated.txt" | sed 's/^/bench.sh: saturated: /' | sort | uniq -c | sort -rn | head -5 >&2 || true
+  wait "$fio_pid" || die "saturating fio under cuts failed"
+  "$bin/ferryctl" points bench16 --json | SEEN="$seen" python3 -c '
+import json, os, sys
+seen = set(os.environ["SEEN"].split())
+for p in json.load(sys.stdin):
+    if p["id"] not in seen and p.get("pauseMicros") is not None: print("pause_micros", p["pauseMicros"])' >"$work/results/cuts-saturated.txt"
+  echo "aborted $aborted" >>"$work/results/cuts-saturated.txt"
+
   # A point-in-time export of a 10 GiB volume: from the command to the first read answered.
   log "recovery points: export of a 10 GiB volume at a point"
   "$bin/ferryctl" protect cut1 --volume big --path "$work/big.img" --create-size 10G >/dev/null || die "protect big failed"

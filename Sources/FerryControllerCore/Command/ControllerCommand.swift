@@ -34,7 +34,7 @@ public struct ControllerCommand: AsyncParsableCommand {
     public init() {}
 
     public func run() async throws {
-        MemoryTuning.forBulkIO()
+        MemoryTuning.forBulkIO(keepFreedBytes: 256 << 20)
         var settings = ControllerConfig(dataDir: "/var/lib/ferry-controller")
         do {
             if let config { try settings.apply(file: config) }

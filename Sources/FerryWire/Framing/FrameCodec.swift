@@ -43,15 +43,30 @@ public struct FrameDecoder: NIOSingleStepByteToMessageDecoder {
         guard length <= max else {
             throw FerryError(.frameTooLarge, "frame of \(length) bytes exceeds the limit of \(max) bytes")
         }
-        guard buffer.readableBytes >= FrameSize.headerBytes + Int(length) else {
-            // Room for the whole frame at once: the cumulation buffer would otherwise double
-            // (and copy everything so far) several times while a large frame arrives.
-            buffer.reserveCapacity(minimumWritableBytes: FrameSize.headerBytes + Int(length) - buffer.readableBytes)
+        let whole = FrameSize.headerBytes + Int(length)
+        guard buffer.readableBytes >= whole else {
+            if buffer.readerIndex > 0 {
+                // Frames already taken from this buffer are slices of it, still held (a batch's
+                // attachments wait in the replica's queue): move this frame's first bytes to
+                // storage of its own, sized for the whole frame, so the rest lands in place.
+                var own = ByteBufferAllocator().buffer(capacity: whole)
+                own.writeBuffer(&buffer)
+                buffer = own
+            } else if buffer.writableBytes < whole - buffer.readableBytes {
+                // Room for the whole frame at once: the buffer would otherwise double (and
+                // copy everything so far) several times while a large frame arrives.
+                buffer.reserveCapacity(minimumWritableBytes: whole - buffer.readableBytes)
+            }
             return nil
         }
         buffer.moveReaderIndex(forwardBy: FrameSize.headerBytes)
         return buffer.readSlice(length: Int(length))
     }
+
+    /// Never: `decode` moves a partial frame to storage of its own instead. Reclaiming would
+    /// copy the partial frame within storage the slices already handed out still share, which
+    /// allocates and copies it again (a quarter of the controller's time at 500 MB/s).
+    public func shouldReclaimBytes(buffer: ByteBuffer) -> Bool { false }
 
     public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> ByteBuffer? {
         // A partial frame at EOF is simply dropped: the peer went away mid-frame.

@@ -5,10 +5,13 @@ import CFerrySystem
 public enum MemoryTuning {
     /// By default glibc serves such buffers with fresh mmaps and gives freed heap back to the
     /// kernel at once, so every buffer is page-faulted and zeroed again: profiles showed a
-    /// tenth of the agent's time in clear_page. Keeping them in the heap reuses warm pages.
-    /// Freed heap past a small threshold still goes back, so resident memory follows what is
-    /// live: the change log's budget, not the largest burst so far.
-    public static func forBulkIO() {
-        ferry_malloc_for_bulk_io()
+    /// tenth of the agent's time in clear_page. Keeping them in the heap reuses warm pages;
+    /// `keepFreedBytes` bounds what freed heap stays resident after a burst.
+    ///
+    /// The agent runs beside the workload with a memory budget (its change log's): it keeps
+    /// 4 MiB and two arenas, so resident memory follows what is live. The controller, on its
+    /// own machine, keeps 256 MiB warm: every replication frame is a fresh megabyte buffer.
+    public static func forBulkIO(keepFreedBytes: Int32, arenas: Int32 = 0) {
+        ferry_malloc_for_bulk_io(keepFreedBytes, arenas)
     }
 }
