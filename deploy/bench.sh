@@ -122,9 +122,11 @@ if want replication; then
   # core's AES-128-GCM rate (TLS 1.3 here), and tmpfs write rates into new pages (a journal
   # append) and over existing ones (the replica image).
   log "measuring the cost floor: AES-GCM and tmpfs write rates"
-  aes="$(openssl speed -evp aes-128-gcm -bytes 16384 -seconds 2 2>/dev/null | awk '/^AES-128-GCM/ {sub(/k$/, "", $2); print $2 * 1000}')"
-  fresh="$(dd if=/dev/zero of="$work/dd.img" bs=1M count=1024 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')"
-  over="$(dd if=/dev/zero of="$work/dd.img" bs=1M count=1024 conv=notrunc 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')"
+  # Each rate is the best of three: a floor is what the machine can do, not what it did once.
+  best() { sort -g | tail -n 1; }
+  aes="$(for _ in 1 2 3; do openssl speed -evp aes-128-gcm -bytes 16384 -seconds 1 2>/dev/null | awk '/^AES-128-GCM/ {sub(/k$/, "", $2); print $2 * 1000}'; done | best)"
+  fresh="$(for _ in 1 2 3; do rm -f "$work/dd.img"; dd if=/dev/zero of="$work/dd.img" bs=1M count=1024 2>&1 | awk '/copied/ {print $1 / $(NF-3)}'; done | best)"
+  over="$(for _ in 1 2 3; do dd if=/dev/zero of="$work/dd.img" bs=1M count=1024 conv=notrunc 2>&1 | awk '/copied/ {print $1 / $(NF-3)}'; done | best)"
   rm -f "$work/dd.img"
   printf 'aes_bytes_per_second %s\ntmpfs_new_bytes_per_second %s\ntmpfs_overwrite_bytes_per_second %s\ncores %s\n' \
     "$aes" "$fresh" "$over" "$(nproc)" >"$work/results/floor.txt"

@@ -283,7 +283,14 @@ public final class AgentSession: Service, Sendable {
             case .none:
                 result.error = FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)").wire
             }
-            try await session.send(.commandResult(result), inReplyTo: envelope.id)
+            switch command.kind {
+            case .prepareCut, .finishCut:
+                // The workload's writes are held until the cut ends: its answers go ahead of the
+                // replication data queued on this session.
+                try await session.sendAhead(.commandResult(result), inReplyTo: envelope.id)
+            default:
+                try await session.send(.commandResult(result), inReplyTo: envelope.id)
+            }
         case .replicationAck(let ack):
             do {
                 try await volumes?.acked(volume: ack.volume, epoch: ack.epoch, durable: ack.durableSequence)

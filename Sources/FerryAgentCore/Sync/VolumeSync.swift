@@ -102,10 +102,9 @@ struct VolumeSyncWorker {
                 continue
             }
             idle = false
-            // What is captured streams through the change log: leave room for the workload.
-            while log.memoryUsed > log.heldBytes / 2, !Task.isCancelled {
-                try? await Task.sleep(for: .milliseconds(5))
-            }
+            // What is captured streams through the change log: leave room for the workload
+            // (woken by the acks that make it).
+            await log.waitForRoom(atMost: log.heldBytes / 2)
             if Task.isCancelled { return }
             do {
                 let (done, sent) = try await sync(extent: extent)

@@ -70,6 +70,15 @@ public final class ChangeLog: ChangeRecorder {
         var waiter: CheckedContinuation<Void, Never>?
         /// The streamer, waiting with its window full for an ack through this sequence.
         var ackWaiter: (through: UInt64, continuation: CheckedContinuation<Void, Never>)?
+        /// The sync worker, waiting for held memory to drop to this many bytes.
+        var roomWaiter: (atMost: Int, continuation: CheckedContinuation<Void, Never>)?
+
+        /// Takes the room waiter if there is room for it now.
+        mutating func takeRoomWaiter() -> CheckedContinuation<Void, Never>? {
+            guard let waiting = roomWaiter, memoryUsed <= waiting.atMost else { return nil }
+            roomWaiter = nil
+            return waiting.continuation
+        }
         /// Each acked record's lag, from its capture here to its ack arriving (one clock).
         var writeLag = LagHistogram()
     }
@@ -129,14 +138,14 @@ public final class ChangeLog: ChangeRecorder {
         case .write(let data): length = UInt64(data.readableBytes)
         case .zero(let n): length = n
         }
-        let (sequence, waiter) = state.withLock { s -> (UInt64, CheckedContinuation<Void, Never>?) in
+        let (sequence, waiter, room) = state.withLock { s -> (UInt64, CheckedContinuation<Void, Never>?, CheckedContinuation<Void, Never>?) in
             let sequence = s.next
             s.next += 1
             defer {
                 s.waiter = nil
                 activity?.noteWrite(offset: offset, length: length, sequence: sequence, lost: s.overflowed)
             }
-            guard !s.overflowed else { return (sequence, s.waiter) }
+            guard !s.overflowed else { return (sequence, s.waiter, nil) }
             let change = VolumeChange(sequence: sequence, offset: offset, kind: kind, captured: captured)
             let size = Self.cost(change)
             if s.memoryUsed + size <= heldBytes {
@@ -161,10 +170,12 @@ public final class ChangeLog: ChangeRecorder {
                 s.memoryUsed = 0
                 s.spillUsed = 0
                 s.spillEnd = 0
+                return (sequence, s.waiter, s.takeRoomWaiter())
             }
-            return (sequence, s.waiter)
+            return (sequence, s.waiter, nil)
         }
         waiter?.resume()
+        room?.resume()
         return sequence
     }
 
@@ -173,7 +184,7 @@ public final class ChangeLog: ChangeRecorder {
     /// the activity log, so a resync brings over whatever was dropped. Returns the new epoch.
     @discardableResult
     public func restartAfterOverflow() -> UInt64 {
-        state.withLock { s in
+        let (epoch, room) = state.withLock { s in
             s.epoch = UInt64.random(in: 1...UInt64.max)
             s.next = 1
             s.acked = 0
@@ -185,8 +196,10 @@ public final class ChangeLog: ChangeRecorder {
             s.spillEnd = 0
             activity?.markedBecomePending()
             activity?.startEpoch(s.epoch)
-            return s.epoch
+            return (s.epoch, s.takeRoomWaiter())
         }
+        room?.resume()
+        return epoch
     }
 
     /// Bytes held in memory (the resync waits for room here before adding more).
@@ -279,15 +292,36 @@ public final class ChangeLog: ChangeRecorder {
 
     /// Drops records up to `sequence` of `epoch` once the controller holds them durably.
     public func trim(through sequence: UInt64, epoch: UInt64? = nil) {
-        let woken = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            if let epoch, epoch != s.epoch { return nil }
+        let (ack, room) = state.withLock { s -> (CheckedContinuation<Void, Never>?, CheckedContinuation<Void, Never>?) in
+            if let epoch, epoch != s.epoch { return (nil, nil) }
             s.acked = max(s.acked, sequence)
-            defer { trimEntries(&s, through: sequence) }
-            guard let waiting = s.ackWaiter, waiting.through <= s.acked else { return nil }
+            trimEntries(&s, through: sequence)
+            let room = s.takeRoomWaiter()
+            guard let waiting = s.ackWaiter, waiting.through <= s.acked else { return (nil, room) }
             s.ackWaiter = nil
-            return waiting.continuation
+            return (waiting.continuation, room)
         }
-        woken?.resume()
+        ack?.resume()
+        room?.resume()
+    }
+
+    /// Waits until the held entries use at most `atMost` bytes (acks trim them, an overflow
+    /// drops them), or the task is cancelled. Woken by the trim itself, not by polling. One
+    /// waiter at a time (the volume's sync worker, leaving room for the workload's writes).
+    public func waitForRoom(atMost: Int) async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let ready = state.withLock { s -> Bool in
+                    if s.memoryUsed <= atMost || Task.isCancelled { return true }
+                    s.roomWaiter?.continuation.resume()
+                    s.roomWaiter = (atMost, c)
+                    return false
+                }
+                if ready { c.resume() }
+            }
+        } onCancel: {
+            state.withLock { s in defer { s.roomWaiter = nil }; return s.roomWaiter?.continuation }?.resume()
+        }
     }
 
     private func trimEntries(_ s: inout State, through sequence: UInt64) {

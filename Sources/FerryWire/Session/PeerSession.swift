@@ -67,6 +67,16 @@ public final class PeerSession: Sendable {
         try await write(.with(inReplyTo: inReplyTo, body))
     }
 
+    /// Sends a reply ahead of whatever this session's other senders have queued: straight into
+    /// the channel, not behind the replication batches waiting in the outbound writer. For
+    /// control answers whose order relative to those batches does not matter (a cut's answer
+    /// names the sequences it cut at; the records themselves may still be on their way). A
+    /// batch's frames are written to the channel together, so this never lands inside one.
+    public func sendAhead(_ body: Ferry_V1_Envelope.OneOf_Body, inReplyTo: UInt64) async throws {
+        let frame = try Ferry_V1_Envelope.with(inReplyTo: inReplyTo, body).frame(allocator: channel.allocator)
+        try await channel.writeAndFlush(frame)
+    }
+
     /// Whether the peer said it reads attached frames (a controller's Welcome does); until it
     /// has, bulk data must travel inside the messages.
     public var peerAcceptsAttachments: Bool {
