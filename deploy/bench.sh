@@ -227,46 +227,34 @@ if want points; then
   for host in cut1 cut2 cut3 cut4; do
     cut_uris+=("--name=$host" "--uri=nbd+unix:///g1?socket=$work/agent-$host/sockets/g1.sock")
   done
-  fio --ioengine=nbd --rw=randwrite --bs=4k --size=256M --iodepth=16 --rate_iops=4000 --time_based --runtime="${runtime}s" \
-      "${cut_uris[@]}" --output="$work/results/cut-fio.txt" >&2 &
-  fio_pid=$!
-  sleep 2
-  aborted=0
-  : >"$work/results/cuts.txt"
-  while kill -0 "$fio_pid" 2>/dev/null; do
-    "$bin/ferryctl" point create bench16 >/dev/null 2>>"$work/results/cut-errors.txt" || aborted=$((aborted + 1))
-    sleep 0.2
-  done
-  grep -h 'aborted' "$work/results/cut-errors.txt" | sed 's/^/bench.sh: /' | sort | uniq -c | sort -rn | head -5 >&2 || true
-  wait "$fio_pid" || die "fio under cuts failed"
-  "$bin/ferryctl" points bench16 --json | python3 -c '
-import json, sys
-for p in json.load(sys.stdin):
-    if p.get("pauseMicros") is not None: print("pause_micros", p["pauseMicros"])' >>"$work/results/cuts.txt"
-  echo "aborted $aborted" >>"$work/results/cuts.txt"
-
-  # The same cuts while fio writes as fast as it can, one volume per agent: the data path is
-  # saturated, and cut control must not queue behind replication data.
-  log "recovery points: the same group under saturating fio"
-  seen="$("$bin/ferryctl" points bench16 --json | python3 -c 'import json, sys; print(" ".join(p["id"] for p in json.load(sys.stdin)))')"
-  fio --ioengine=nbd --rw=randwrite --bs=4k --size=256M --iodepth=16 --time_based --runtime="${runtime}s" \
-      "${cut_uris[@]}" --output="$work/results/cut-fio-saturated.txt" >&2 &
-  fio_pid=$!
-  sleep 2
-  aborted=0
-  : >"$work/results/cut-errors-saturated.txt"
-  while kill -0 "$fio_pid" 2>/dev/null; do
-    "$bin/ferryctl" point create bench16 >/dev/null 2>>"$work/results/cut-errors-saturated.txt" || aborted=$((aborted + 1))
-    sleep 0.2
-  done
-  grep -h 'aborted' "$work/results/cut-errors-saturated.txt" | sed 's/^/bench.sh: saturated: /' | sort | uniq -c | sort -rn | head -5 >&2 || true
-  wait "$fio_pid" || die "saturating fio under cuts failed"
-  "$bin/ferryctl" points bench16 --json | SEEN="$seen" python3 -c '
+  cut_run() { # cut_run NAME [FIO ARGS...]: a point every ~0.2 s while fio writes to g1 of each agent;
+    # writes results/cuts-NAME.txt (each new point's longest pause, and the rounds aborted)
+    local name="$1"; shift
+    local seen aborted=0 fio_pid
+    seen="$("$bin/ferryctl" points bench16 --json | python3 -c 'import json, sys; print(" ".join(p["id"] for p in json.load(sys.stdin)))')"
+    fio --ioengine=nbd --rw=randwrite --bs=4k --size=256M --iodepth=16 --time_based --runtime="${runtime}s" "$@" \
+        "${cut_uris[@]}" --output="$work/results/cut-fio-$name.txt" >&2 &
+    fio_pid=$!
+    sleep 2
+    : >"$work/results/cut-errors-$name.txt"
+    while kill -0 "$fio_pid" 2>/dev/null; do
+      "$bin/ferryctl" point create bench16 >/dev/null 2>>"$work/results/cut-errors-$name.txt" || aborted=$((aborted + 1))
+      sleep 0.2
+    done
+    grep -h 'aborted' "$work/results/cut-errors-$name.txt" | sed "s/^/bench.sh: $name: /" | sort | uniq -c | sort -rn | head -5 >&2 || true
+    wait "$fio_pid" || die "fio under cuts ($name) failed"
+    "$bin/ferryctl" points bench16 --json | SEEN="$seen" python3 -c '
 import json, os, sys
 seen = set(os.environ["SEEN"].split())
 for p in json.load(sys.stdin):
-    if p["id"] not in seen and p.get("pauseMicros") is not None: print("pause_micros", p["pauseMicros"])' >"$work/results/cuts-saturated.txt"
-  echo "aborted $aborted" >>"$work/results/cuts-saturated.txt"
+    if p["id"] not in seen and p.get("pauseMicros") is not None: print("pause_micros", p["pauseMicros"])' >"$work/results/cuts-$name.txt"
+    echo "aborted $aborted" >>"$work/results/cuts-$name.txt"
+  }
+  cut_run paced --rate_iops=4000
+  # The same cuts while fio writes as fast as it can: the data path is saturated, and cut
+  # control must not queue behind replication data.
+  log "recovery points: the same group under saturating fio"
+  cut_run saturated
 
   # A point-in-time export of a 10 GiB volume: from the command to the first read answered.
   log "recovery points: export of a 10 GiB volume at a point"

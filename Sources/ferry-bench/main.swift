@@ -7,7 +7,7 @@
 // TICKS-PER-SECOND"), agent-{seq,rand,lag}.json with each daemon's CPU until replicated
 // (agent-RUN.proc), the controller's /metrics around each run (metrics-RUN-{before,after}.txt),
 // rss.txt (peak RSS) and floor.txt (single-core AES-GCM and tmpfs write rates measured in the same invocation);
-// cuts.txt and export.txt (recovery points); rto.txt (recovery time: "KIND SIZE SECONDS" lines,
+// cuts-{paced,saturated}.txt and export.txt (recovery points); rto.txt (recovery time: "KIND SIZE SECONDS" lines,
 // KIND drill_rto, drill_wall, failover_rto or failover_wall); hydration.txt with
 // hydrate-{source,local,served}-{rr,rw,sw}.json (hydration against nbdcopy, and fio through a
 // hydrated recovered volume, the source agent's export and a volume served from the controller).
@@ -330,7 +330,7 @@ func main() throws {
         section()
         try replicationTable(dir)
     }
-    if let cuts = try? String(contentsOfFile: dir + "/cuts.txt", encoding: .utf8) {
+    if let cuts = try? String(contentsOfFile: dir + "/cuts-paced.txt", encoding: .utf8) {
         section()
         pointsTable(cuts, dir)
     }
