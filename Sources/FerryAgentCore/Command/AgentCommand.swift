@@ -114,7 +114,7 @@ public struct AgentCommand: AsyncParsableCommand {
                 try settings.validate()
                 let logger = Logging.make(label: "ferry.agent", level: settings.logLevel)
                 let identity = try AgentIdentity.load(from: settings.dataDir)
-                MemoryTuning.forBulkIO(keepFreedBytes: 4 << 20, arenas: 2)
+                MemoryTuning.forBulkIO(keepFreedBytes: 4 << 20)
                 // Volume I/O has threads of its own, never the event loops'.
                 let pool = NIOThreadPool(numberOfThreads: settings.ioThreads)
                 pool.start()

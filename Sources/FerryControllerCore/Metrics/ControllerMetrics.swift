@@ -76,11 +76,6 @@ public final class ControllerMetrics: Sendable {
         }
     }
 
-    /// The per-record lag histogram as its agent last reported it.
-    func writeLag(host: String, volume: String) -> LagHistogram? {
-        writeLags.withLock { $0[VolumeKey(host: host, volume: volume)] }
-    }
-
     /// `ferry_volume_write_lag_seconds`: each record's lag from its write's completion at the
     /// agent to the controller's durable ack of it, in the agent's buckets (the agent counts,
     /// so one clock measures both ends). Rendered here because the counts arrive already bucketed.
