@@ -61,11 +61,10 @@ uint32_t ferry_crc32c(uint32_t crc, const void *data, size_t length) {
     return ~crc32c_software(crc, p, length);
 }
 
-void ferry_malloc_for_bulk_io(int keep_freed_bytes, int arenas) {
+void ferry_malloc_for_bulk_io(int keep_freed_bytes) {
     // 32 MiB is glibc's ceiling for the mmap threshold on 64-bit (HEAP_MAX_SIZE / 2).
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
     mallopt(M_TRIM_THRESHOLD, keep_freed_bytes);
-    if (arenas > 0) mallopt(M_ARENA_MAX, arenas);
 }
 
 void ferry_name_thread(const char *name) { pthread_setname_np(pthread_self(), name); }

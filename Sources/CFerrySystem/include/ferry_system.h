@@ -22,9 +22,9 @@ int ferry_reserve(int fd, off_t length);
 off_t ferry_seek_data(int fd, off_t offset);
 off_t ferry_seek_hole(int fd, off_t offset);
 
-/// Keeps buffers up to 32 MiB in the heap, gives freed heap past `keep_freed_bytes` back to the
-/// kernel, and uses at most `arenas` arenas (0: glibc's default) (mallopt).
-void ferry_malloc_for_bulk_io(int keep_freed_bytes, int arenas);
+/// Keeps buffers up to 32 MiB in the heap and gives freed heap past `keep_freed_bytes` back to
+/// the kernel (mallopt).
+void ferry_malloc_for_bulk_io(int keep_freed_bytes);
 
 /// Names the calling thread (at most 15 characters), as `top -H` and profilers show it.
 void ferry_name_thread(const char *name);

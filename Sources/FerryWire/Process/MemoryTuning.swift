@@ -14,7 +14,7 @@ public enum MemoryTuning {
     /// agent's arenas at two was tried and is not done: in two of three runs of the recovery
     /// point test the agent then crashed inside libdispatch's event loop after reconnecting,
     /// a crash known upstream on Linux, which the arena cap made frequent.)
-    public static func forBulkIO(keepFreedBytes: Int32, arenas: Int32 = 0) {
-        ferry_malloc_for_bulk_io(keepFreedBytes, arenas)
+    public static func forBulkIO(keepFreedBytes: Int32) {
+        ferry_malloc_for_bulk_io(keepFreedBytes)
     }
 }
