@@ -179,8 +179,12 @@ struct LandingFailoverTests {
         #expect(try await failover.qemuIO(uri, "write -P 0x71 30M 3M", "write -P 0x72 31M 1M", "flush").ok)
         let db = try AgentProcess.start(dataDir: lab.dir.path + "/agent-db", logPath: lab.dir.path + "/agent-db-2.log")
         #expect(try await controller.waitFor("db", state: "online"))
+        // "Caught up" is relative to what the controller has journaled, and rec1 may still be
+        // sending these writes: wait for the data itself.
+        #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
+            try sinkHolds(0x71, at: 30 << 20, count: 1 << 20) && sinkHolds(0x72, at: 31 << 20, count: 1 << 20) && sinkHolds(0x71, at: 32 << 20, count: 1 << 20)
+        }, "\(controller.process.log.suffix(3000))")
         #expect(try await sinkCaughtUp(), "\(controller.process.log.suffix(3000))")
-        #expect(try sinkHolds(0x71, at: 30 << 20, count: 1 << 20) && sinkHolds(0x72, at: 31 << 20, count: 1 << 20) && sinkHolds(0x71, at: 32 << 20, count: 1 << 20))
 
         // The controller killed -9 and back: the sinks follow on from the positions they recorded.
         let exportAddress = try String(contentsOfFile: controller.dataDir + "/nbd-tls-listen.addr", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
@@ -189,8 +193,11 @@ struct LandingFailoverTests {
         controller = try await ControllerProcess.start(dataDir: controller.dataDir, listen: controller.agentAddress,
                                                        arguments: ["--nbd-tls-listen", exportAddress], logName: "controller-2.log")
         lab.controller = controller
+        // rec1 resends what the killed controller had not acked once it reconnects: wait for the data.
+        #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
+            try sinkHolds(0x73, at: 34 << 20, count: 1 << 20)
+        }, "\(controller.process.log.suffix(3000))")
         #expect(try await sinkCaughtUp(), "\(controller.process.log.suffix(3000))")
-        #expect(try sinkHolds(0x73, at: 34 << 20, count: 1 << 20))
 
         // The last write before failback: zero data loss means it is on db afterwards.
         #expect(try await failover.qemuIO(uri, "write -P 0x7f 50M 1M", "flush").ok)
