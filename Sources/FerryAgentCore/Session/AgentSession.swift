@@ -191,6 +191,9 @@ public final class AgentSession: Service, Sendable {
                 }
                 if let volumes {
                     tasks.addTask { try await Self.reportVolumes(volumes, session: session) }
+                    if welcome.acceptsControlLane {
+                        tasks.addTask { await self.keepControlLane(address: address, identity: id, heartbeat: heartbeat) }
+                    }
                 }
                 defer { tasks.cancelAll() }
                 try await session.run(inbound: &messages, heartbeatInterval: heartbeat, logger: logger) { envelope, _ in
@@ -198,6 +201,28 @@ public final class AgentSession: Service, Sendable {
                 }
             }
         }
+    }
+
+    /// A consistency cut's PREPARE or FINISH, from the session or the control lane.
+    func answerCut(_ command: Ferry_V1_Command) async -> Ferry_V1_CommandResult {
+        var result = Ferry_V1_CommandResult()
+        do {
+            guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
+            switch command.kind {
+            case .prepareCut(let prepare):
+                let targets = try await volumes.cutTargets(prepare.volumes)
+                result.cutPrepared = try await volumes.cuts.prepare(prepare, targets: targets)
+            case .finishCut(let finish):
+                result.cutFinished = await volumes.cuts.finish(finish)
+            default:
+                throw FerryError(.unsupported, "the control lane carries only consistency cuts")
+            }
+        } catch let error as FerryError {
+            result.error = error.wire
+        } catch {
+            result.error = FerryError(.internalError, "cut failed: \(error)").wire
+        }
+        return result
     }
 
     /// Commands from the controller, answered in arrival order.
@@ -236,20 +261,8 @@ public final class AgentSession: Service, Sendable {
                 } catch let error as FerryError {
                     result.error = error.wire
                 }
-            case .prepareCut(let prepare):
-                do {
-                    guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
-                    let targets = try await volumes.cutTargets(prepare.volumes)
-                    result.cutPrepared = try await volumes.cuts.prepare(prepare, targets: targets)
-                } catch let error as FerryError {
-                    result.error = error.wire
-                }
-            case .finishCut(let finish):
-                if let volumes {
-                    result.cutFinished = await volumes.cuts.finish(finish)
-                } else {
-                    result.error = FerryError(.unsupported, "this agent does not protect volumes").wire
-                }
+            case .prepareCut, .finishCut:
+                result = await answerCut(command)
             case .runHook(let hook):
                 // A hook may run for a while: acks and cuts go on meanwhile.
                 let hooks = HookRunner(hooks: config.hooks), id = envelope.id

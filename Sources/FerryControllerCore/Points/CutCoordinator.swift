@@ -71,6 +71,9 @@ public actor CutCoordinator {
         var hostID: String
         var hostName: String
         var session: PeerSession
+        /// Where the cut's messages go: the host's control lane, or its session when it has
+        /// none (an older agent, or the lane is reconnecting).
+        var cuts: PeerSession
         var volumes: [String]
     }
 
@@ -93,7 +96,9 @@ public actor CutCoordinator {
             } else {
                 throw FerryError(.unavailable, "\(hostName)/\(m.volume) has no replica yet")
             }
-            byHost[m.hostID, default: Member(hostID: m.hostID, hostName: hostName, session: entry.session, volumes: [])].volumes.append(m.volume)
+            let lane = await registry.lane(hostID: m.hostID)
+            byHost[m.hostID, default: Member(hostID: m.hostID, hostName: hostName, session: entry.session,
+                                           cuts: lane ?? entry.session, volumes: [])].volumes.append(m.volume)
         }
         let hostList = byHost.values.sorted { $0.hostName < $1.hostName }
 
@@ -161,7 +166,7 @@ public actor CutCoordinator {
             for member in members {
                 tasks.addTask {
                     do {
-                        let result = try await member.session.command("a cut", timeout: budget) {
+                        let result = try await member.cuts.command("a cut", timeout: budget) {
                             $0.prepareCut.cutID = cutID
                             $0.prepareCut.volumes = member.volumes
                             $0.prepareCut.holdMs = UInt32(clamping: policy.holdBudgetMilliseconds)
@@ -222,7 +227,7 @@ public actor CutCoordinator {
             await withTaskGroup(of: UInt64.self) { tasks in
                 for member in members {
                     tasks.addTask {
-                        guard let result = try? await member.session.command("the end of a cut", timeout: .seconds(5), {
+                        guard let result = try? await member.cuts.command("the end of a cut", timeout: .seconds(5), {
                             $0.finishCut.cutID = cutID
                             $0.finishCut.committed = committed
                         }), case .cutFinished(let f)? = result.outcome else { return 0 }

@@ -259,6 +259,9 @@ public final class AgentServer: Service, Sendable {
             return
         }
         let log = { var l = log; l[metadataKey: "host"] = "\(host.name)"; return l }()
+        if hello.controlLane {
+            return try await runControlLane(first, hostID: hostID, hostName: host.name, serial: serial, session: session, messages: &messages, log: log)
+        }
         do {
             try InventoryLimits.check(hello.inventory)
             guard hello.agentVersion.utf8.count <= InventoryLimits.maxString else {
@@ -283,6 +286,7 @@ public final class AgentServer: Service, Sendable {
         welcome.heartbeatIntervalMs = UInt32(config.heartbeatInterval.seconds * 1000)
         welcome.maxFrameBytes = UInt32(config.maxFrameBytes)
         welcome.acceptsAttachments = true
+        welcome.acceptsControlLane = true
         try await session.send(.welcome(welcome), inReplyTo: first.id)
 
         let entry = SessionRegistry.Entry(hostID: hostID, hostName: host.name, session: session)
@@ -627,6 +631,9 @@ public final class AgentServer: Service, Sendable {
         exportConnections.close(hostID: hostID)
         if let entry = await registry.entry(hostID: hostID) {
             await entry.session.close(reason: reason)
+        }
+        if let lane = await registry.lane(hostID: hostID) {
+            await lane.close(reason: reason)
         }
     }
 }

@@ -10,6 +10,9 @@ public actor SessionRegistry {
     }
 
     private var sessions: [String: Entry] = [:]
+    /// Each host's control lane: a second connection that carries only consistency cuts, so
+    /// they never queue behind the session's replication data.
+    private var lanes: [String: PeerSession] = [:]
     /// Tasks waiting for a host to connect, by host id and waiter.
     private var waiters: [String: [UInt64: CheckedContinuation<Entry?, Never>]] = [:]
     private var nextWaiter: UInt64 = 0
@@ -50,6 +53,20 @@ public actor SessionRegistry {
     }
 
     public func entry(hostID: String) -> Entry? { sessions[hostID] }
+
+    /// Registers a host's control lane, returning the one it replaces (to be closed).
+    func registerLane(hostID: String, session: PeerSession) -> PeerSession? {
+        defer { lanes[hostID] = session }
+        return lanes[hostID]
+    }
+
+    /// Removes the lane if it is still the registered one.
+    func unregisterLane(hostID: String, session: PeerSession) {
+        if lanes[hostID] === session { lanes[hostID] = nil }
+    }
+
+    /// The host's control lane, if it has one open.
+    func lane(hostID: String) -> PeerSession? { lanes[hostID] }
 
     public var count: Int { sessions.count }
 

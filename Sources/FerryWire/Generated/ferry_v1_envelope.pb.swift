@@ -36,168 +36,180 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
 ///   100-199  replication stream (change-log batches, acks, sync, resync)
 ///   200-299  consistency-point rounds (prepare, prepared, commit, abort)
 ///   300-399  recovery and failover (exports, sink role, fencing)
-public nonisolated struct Ferry_V1_Envelope: Sendable {
+public nonisolated struct Ferry_V1_Envelope: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// Sender-assigned request id, unique per direction within one session.
   /// Zero for messages that expect no reply.
-  public var id: UInt64 = 0
+  public var id: UInt64 {
+    get {_storage._id}
+    set {_uniqueStorage()._id = newValue}
+  }
 
   /// For a reply: the id of the request it answers. Zero otherwise.
-  public var inReplyTo: UInt64 = 0
+  public var inReplyTo: UInt64 {
+    get {_storage._inReplyTo}
+    set {_uniqueStorage()._inReplyTo = newValue}
+  }
 
   /// The next `attachments` frames carry raw bytes that belong to this message
   /// (a replication batch's written data), so bulk data is neither copied into
   /// nor parsed out of the protobuf encoding. The receiver bounds their number
   /// and total size before it reads them.
-  public var attachments: UInt32 = 0
+  public var attachments: UInt32 {
+    get {_storage._attachments}
+    set {_uniqueStorage()._attachments = newValue}
+  }
 
-  public var body: Ferry_V1_Envelope.OneOf_Body? = nil
+  public var body: OneOf_Body? {
+    get {return _storage._body}
+    set {_uniqueStorage()._body = newValue}
+  }
 
   public var hello: Ferry_V1_Hello {
     get {
-      if case .hello(let v)? = body {return v}
+      if case .hello(let v)? = _storage._body {return v}
       return Ferry_V1_Hello()
     }
-    set {body = .hello(newValue)}
+    set {_uniqueStorage()._body = .hello(newValue)}
   }
 
   public var welcome: Ferry_V1_Welcome {
     get {
-      if case .welcome(let v)? = body {return v}
+      if case .welcome(let v)? = _storage._body {return v}
       return Ferry_V1_Welcome()
     }
-    set {body = .welcome(newValue)}
+    set {_uniqueStorage()._body = .welcome(newValue)}
   }
 
   public var heartbeat: Ferry_V1_Heartbeat {
     get {
-      if case .heartbeat(let v)? = body {return v}
+      if case .heartbeat(let v)? = _storage._body {return v}
       return Ferry_V1_Heartbeat()
     }
-    set {body = .heartbeat(newValue)}
+    set {_uniqueStorage()._body = .heartbeat(newValue)}
   }
 
   public var goodbye: Ferry_V1_Goodbye {
     get {
-      if case .goodbye(let v)? = body {return v}
+      if case .goodbye(let v)? = _storage._body {return v}
       return Ferry_V1_Goodbye()
     }
-    set {body = .goodbye(newValue)}
+    set {_uniqueStorage()._body = .goodbye(newValue)}
   }
 
   public var error: Ferry_V1_Error {
     get {
-      if case .error(let v)? = body {return v}
+      if case .error(let v)? = _storage._body {return v}
       return Ferry_V1_Error()
     }
-    set {body = .error(newValue)}
+    set {_uniqueStorage()._body = .error(newValue)}
   }
 
   public var inventoryUpdate: Ferry_V1_InventoryUpdate {
     get {
-      if case .inventoryUpdate(let v)? = body {return v}
+      if case .inventoryUpdate(let v)? = _storage._body {return v}
       return Ferry_V1_InventoryUpdate()
     }
-    set {body = .inventoryUpdate(newValue)}
+    set {_uniqueStorage()._body = .inventoryUpdate(newValue)}
   }
 
   public var command: Ferry_V1_Command {
     get {
-      if case .command(let v)? = body {return v}
+      if case .command(let v)? = _storage._body {return v}
       return Ferry_V1_Command()
     }
-    set {body = .command(newValue)}
+    set {_uniqueStorage()._body = .command(newValue)}
   }
 
   public var commandResult: Ferry_V1_CommandResult {
     get {
-      if case .commandResult(let v)? = body {return v}
+      if case .commandResult(let v)? = _storage._body {return v}
       return Ferry_V1_CommandResult()
     }
-    set {body = .commandResult(newValue)}
+    set {_uniqueStorage()._body = .commandResult(newValue)}
   }
 
   public var enrollRequest: Ferry_V1_EnrollRequest {
     get {
-      if case .enrollRequest(let v)? = body {return v}
+      if case .enrollRequest(let v)? = _storage._body {return v}
       return Ferry_V1_EnrollRequest()
     }
-    set {body = .enrollRequest(newValue)}
+    set {_uniqueStorage()._body = .enrollRequest(newValue)}
   }
 
   public var enrollResponse: Ferry_V1_EnrollResponse {
     get {
-      if case .enrollResponse(let v)? = body {return v}
+      if case .enrollResponse(let v)? = _storage._body {return v}
       return Ferry_V1_EnrollResponse()
     }
-    set {body = .enrollResponse(newValue)}
+    set {_uniqueStorage()._body = .enrollResponse(newValue)}
   }
 
   public var renewRequest: Ferry_V1_RenewRequest {
     get {
-      if case .renewRequest(let v)? = body {return v}
+      if case .renewRequest(let v)? = _storage._body {return v}
       return Ferry_V1_RenewRequest()
     }
-    set {body = .renewRequest(newValue)}
+    set {_uniqueStorage()._body = .renewRequest(newValue)}
   }
 
   public var renewResponse: Ferry_V1_RenewResponse {
     get {
-      if case .renewResponse(let v)? = body {return v}
+      if case .renewResponse(let v)? = _storage._body {return v}
       return Ferry_V1_RenewResponse()
     }
-    set {body = .renewResponse(newValue)}
+    set {_uniqueStorage()._body = .renewResponse(newValue)}
   }
 
   public var recoveryReport: Ferry_V1_RecoveryReport {
     get {
-      if case .recoveryReport(let v)? = body {return v}
+      if case .recoveryReport(let v)? = _storage._body {return v}
       return Ferry_V1_RecoveryReport()
     }
-    set {body = .recoveryReport(newValue)}
+    set {_uniqueStorage()._body = .recoveryReport(newValue)}
   }
 
   public var replicationBatch: Ferry_V1_ReplicationBatch {
     get {
-      if case .replicationBatch(let v)? = body {return v}
+      if case .replicationBatch(let v)? = _storage._body {return v}
       return Ferry_V1_ReplicationBatch()
     }
-    set {body = .replicationBatch(newValue)}
+    set {_uniqueStorage()._body = .replicationBatch(newValue)}
   }
 
   public var replicationAck: Ferry_V1_ReplicationAck {
     get {
-      if case .replicationAck(let v)? = body {return v}
+      if case .replicationAck(let v)? = _storage._body {return v}
       return Ferry_V1_ReplicationAck()
     }
-    set {body = .replicationAck(newValue)}
+    set {_uniqueStorage()._body = .replicationAck(newValue)}
   }
 
   public var resyncHashes: Ferry_V1_ResyncHashes {
     get {
-      if case .resyncHashes(let v)? = body {return v}
+      if case .resyncHashes(let v)? = _storage._body {return v}
       return Ferry_V1_ResyncHashes()
     }
-    set {body = .resyncHashes(newValue)}
+    set {_uniqueStorage()._body = .resyncHashes(newValue)}
   }
 
   public var resyncDiff: Ferry_V1_ResyncDiff {
     get {
-      if case .resyncDiff(let v)? = body {return v}
+      if case .resyncDiff(let v)? = _storage._body {return v}
       return Ferry_V1_ResyncDiff()
     }
-    set {body = .resyncDiff(newValue)}
+    set {_uniqueStorage()._body = .resyncDiff(newValue)}
   }
 
   public var volumeReport: Ferry_V1_VolumeReport {
     get {
-      if case .volumeReport(let v)? = body {return v}
+      if case .volumeReport(let v)? = _storage._body {return v}
       return Ferry_V1_VolumeReport()
     }
-    set {body = .volumeReport(newValue)}
+    set {_uniqueStorage()._body = .volumeReport(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -225,6 +237,8 @@ public nonisolated struct Ferry_V1_Envelope: Sendable {
   }
 
   public init() {}
+
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
@@ -235,351 +249,393 @@ nonisolated extension Ferry_V1_Envelope: SwiftProtobuf.Message, SwiftProtobuf._M
   public static let protoMessageName: String = _protobuf_package + ".Envelope"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{3}in_reply_to\0\u{1}attachments\0\u{2}\u{7}hello\0\u{1}welcome\0\u{1}heartbeat\0\u{1}goodbye\0\u{1}error\0\u{3}inventory_update\0\u{1}command\0\u{3}command_result\0\u{3}enroll_request\0\u{3}enroll_response\0\u{3}renew_request\0\u{3}renew_response\0\u{3}recovery_report\0\u{4}N\u{1}replication_batch\0\u{3}replication_ack\0\u{3}resync_hashes\0\u{3}resync_diff\0\u{3}volume_report\0")
 
+  fileprivate class _StorageClass {
+    var _id: UInt64 = 0
+    var _inReplyTo: UInt64 = 0
+    var _attachments: UInt32 = 0
+    var _body: Ferry_V1_Envelope.OneOf_Body?
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _id = source._id
+      _inReplyTo = source._inReplyTo
+      _attachments = source._attachments
+      _body = source._body
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
+
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularUInt64Field(value: &self.id) }()
-      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.inReplyTo) }()
-      case 3: try { try decoder.decodeSingularUInt32Field(value: &self.attachments) }()
-      case 10: try {
-        var v: Ferry_V1_Hello?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .hello(let m) = current {v = m}
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularUInt64Field(value: &_storage._id) }()
+        case 2: try { try decoder.decodeSingularUInt64Field(value: &_storage._inReplyTo) }()
+        case 3: try { try decoder.decodeSingularUInt32Field(value: &_storage._attachments) }()
+        case 10: try {
+          var v: Ferry_V1_Hello?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .hello(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .hello(v)
+          }
+        }()
+        case 11: try {
+          var v: Ferry_V1_Welcome?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .welcome(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .welcome(v)
+          }
+        }()
+        case 12: try {
+          var v: Ferry_V1_Heartbeat?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .heartbeat(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .heartbeat(v)
+          }
+        }()
+        case 13: try {
+          var v: Ferry_V1_Goodbye?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .goodbye(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .goodbye(v)
+          }
+        }()
+        case 14: try {
+          var v: Ferry_V1_Error?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .error(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .error(v)
+          }
+        }()
+        case 15: try {
+          var v: Ferry_V1_InventoryUpdate?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .inventoryUpdate(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .inventoryUpdate(v)
+          }
+        }()
+        case 16: try {
+          var v: Ferry_V1_Command?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .command(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .command(v)
+          }
+        }()
+        case 17: try {
+          var v: Ferry_V1_CommandResult?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .commandResult(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .commandResult(v)
+          }
+        }()
+        case 18: try {
+          var v: Ferry_V1_EnrollRequest?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .enrollRequest(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .enrollRequest(v)
+          }
+        }()
+        case 19: try {
+          var v: Ferry_V1_EnrollResponse?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .enrollResponse(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .enrollResponse(v)
+          }
+        }()
+        case 20: try {
+          var v: Ferry_V1_RenewRequest?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .renewRequest(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .renewRequest(v)
+          }
+        }()
+        case 21: try {
+          var v: Ferry_V1_RenewResponse?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .renewResponse(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .renewResponse(v)
+          }
+        }()
+        case 22: try {
+          var v: Ferry_V1_RecoveryReport?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .recoveryReport(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .recoveryReport(v)
+          }
+        }()
+        case 100: try {
+          var v: Ferry_V1_ReplicationBatch?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .replicationBatch(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .replicationBatch(v)
+          }
+        }()
+        case 101: try {
+          var v: Ferry_V1_ReplicationAck?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .replicationAck(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .replicationAck(v)
+          }
+        }()
+        case 102: try {
+          var v: Ferry_V1_ResyncHashes?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .resyncHashes(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .resyncHashes(v)
+          }
+        }()
+        case 103: try {
+          var v: Ferry_V1_ResyncDiff?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .resyncDiff(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .resyncDiff(v)
+          }
+        }()
+        case 104: try {
+          var v: Ferry_V1_VolumeReport?
+          var hadOneofValue = false
+          if let current = _storage._body {
+            hadOneofValue = true
+            if case .volumeReport(let m) = current {v = m}
+          }
+          try decoder.decodeSingularMessageField(value: &v)
+          if let v = v {
+            if hadOneofValue {try decoder.handleConflictingOneOf()}
+            _storage._body = .volumeReport(v)
+          }
+        }()
+        default: break
         }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .hello(v)
-        }
-      }()
-      case 11: try {
-        var v: Ferry_V1_Welcome?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .welcome(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .welcome(v)
-        }
-      }()
-      case 12: try {
-        var v: Ferry_V1_Heartbeat?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .heartbeat(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .heartbeat(v)
-        }
-      }()
-      case 13: try {
-        var v: Ferry_V1_Goodbye?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .goodbye(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .goodbye(v)
-        }
-      }()
-      case 14: try {
-        var v: Ferry_V1_Error?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .error(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .error(v)
-        }
-      }()
-      case 15: try {
-        var v: Ferry_V1_InventoryUpdate?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .inventoryUpdate(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .inventoryUpdate(v)
-        }
-      }()
-      case 16: try {
-        var v: Ferry_V1_Command?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .command(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .command(v)
-        }
-      }()
-      case 17: try {
-        var v: Ferry_V1_CommandResult?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .commandResult(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .commandResult(v)
-        }
-      }()
-      case 18: try {
-        var v: Ferry_V1_EnrollRequest?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .enrollRequest(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .enrollRequest(v)
-        }
-      }()
-      case 19: try {
-        var v: Ferry_V1_EnrollResponse?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .enrollResponse(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .enrollResponse(v)
-        }
-      }()
-      case 20: try {
-        var v: Ferry_V1_RenewRequest?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .renewRequest(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .renewRequest(v)
-        }
-      }()
-      case 21: try {
-        var v: Ferry_V1_RenewResponse?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .renewResponse(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .renewResponse(v)
-        }
-      }()
-      case 22: try {
-        var v: Ferry_V1_RecoveryReport?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .recoveryReport(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .recoveryReport(v)
-        }
-      }()
-      case 100: try {
-        var v: Ferry_V1_ReplicationBatch?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .replicationBatch(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .replicationBatch(v)
-        }
-      }()
-      case 101: try {
-        var v: Ferry_V1_ReplicationAck?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .replicationAck(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .replicationAck(v)
-        }
-      }()
-      case 102: try {
-        var v: Ferry_V1_ResyncHashes?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .resyncHashes(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .resyncHashes(v)
-        }
-      }()
-      case 103: try {
-        var v: Ferry_V1_ResyncDiff?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .resyncDiff(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .resyncDiff(v)
-        }
-      }()
-      case 104: try {
-        var v: Ferry_V1_VolumeReport?
-        var hadOneofValue = false
-        if let current = self.body {
-          hadOneofValue = true
-          if case .volumeReport(let m) = current {v = m}
-        }
-        try decoder.decodeSingularMessageField(value: &v)
-        if let v = v {
-          if hadOneofValue {try decoder.handleConflictingOneOf()}
-          self.body = .volumeReport(v)
-        }
-      }()
-      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if self.id != 0 {
-      try visitor.visitSingularUInt64Field(value: self.id, fieldNumber: 1)
-    }
-    if self.inReplyTo != 0 {
-      try visitor.visitSingularUInt64Field(value: self.inReplyTo, fieldNumber: 2)
-    }
-    if self.attachments != 0 {
-      try visitor.visitSingularUInt32Field(value: self.attachments, fieldNumber: 3)
-    }
-    switch self.body {
-    case .hello?: try {
-      guard case .hello(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-    }()
-    case .welcome?: try {
-      guard case .welcome(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-    }()
-    case .heartbeat?: try {
-      guard case .heartbeat(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
-    }()
-    case .goodbye?: try {
-      guard case .goodbye(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
-    }()
-    case .error?: try {
-      guard case .error(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
-    }()
-    case .inventoryUpdate?: try {
-      guard case .inventoryUpdate(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
-    }()
-    case .command?: try {
-      guard case .command(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
-    }()
-    case .commandResult?: try {
-      guard case .commandResult(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
-    }()
-    case .enrollRequest?: try {
-      guard case .enrollRequest(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 18)
-    }()
-    case .enrollResponse?: try {
-      guard case .enrollResponse(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
-    }()
-    case .renewRequest?: try {
-      guard case .renewRequest(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
-    }()
-    case .renewResponse?: try {
-      guard case .renewResponse(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
-    }()
-    case .recoveryReport?: try {
-      guard case .recoveryReport(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
-    }()
-    case .replicationBatch?: try {
-      guard case .replicationBatch(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 100)
-    }()
-    case .replicationAck?: try {
-      guard case .replicationAck(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 101)
-    }()
-    case .resyncHashes?: try {
-      guard case .resyncHashes(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 102)
-    }()
-    case .resyncDiff?: try {
-      guard case .resyncDiff(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 103)
-    }()
-    case .volumeReport?: try {
-      guard case .volumeReport(let v)? = self.body else { preconditionFailure() }
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 104)
-    }()
-    case nil: break
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if _storage._id != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._id, fieldNumber: 1)
+      }
+      if _storage._inReplyTo != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._inReplyTo, fieldNumber: 2)
+      }
+      if _storage._attachments != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._attachments, fieldNumber: 3)
+      }
+      switch _storage._body {
+      case .hello?: try {
+        guard case .hello(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+      }()
+      case .welcome?: try {
+        guard case .welcome(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+      }()
+      case .heartbeat?: try {
+        guard case .heartbeat(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+      }()
+      case .goodbye?: try {
+        guard case .goodbye(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 13)
+      }()
+      case .error?: try {
+        guard case .error(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 14)
+      }()
+      case .inventoryUpdate?: try {
+        guard case .inventoryUpdate(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 15)
+      }()
+      case .command?: try {
+        guard case .command(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 16)
+      }()
+      case .commandResult?: try {
+        guard case .commandResult(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 17)
+      }()
+      case .enrollRequest?: try {
+        guard case .enrollRequest(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 18)
+      }()
+      case .enrollResponse?: try {
+        guard case .enrollResponse(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 19)
+      }()
+      case .renewRequest?: try {
+        guard case .renewRequest(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+      }()
+      case .renewResponse?: try {
+        guard case .renewResponse(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+      }()
+      case .recoveryReport?: try {
+        guard case .recoveryReport(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+      }()
+      case .replicationBatch?: try {
+        guard case .replicationBatch(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 100)
+      }()
+      case .replicationAck?: try {
+        guard case .replicationAck(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 101)
+      }()
+      case .resyncHashes?: try {
+        guard case .resyncHashes(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 102)
+      }()
+      case .resyncDiff?: try {
+        guard case .resyncDiff(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 103)
+      }()
+      case .volumeReport?: try {
+        guard case .volumeReport(let v)? = _storage._body else { preconditionFailure() }
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 104)
+      }()
+      case nil: break
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Ferry_V1_Envelope, rhs: Ferry_V1_Envelope) -> Bool {
-    if lhs.id != rhs.id {return false}
-    if lhs.inReplyTo != rhs.inReplyTo {return false}
-    if lhs.attachments != rhs.attachments {return false}
-    if lhs.body != rhs.body {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._id != rhs_storage._id {return false}
+        if _storage._inReplyTo != rhs_storage._inReplyTo {return false}
+        if _storage._attachments != rhs_storage._attachments {return false}
+        if _storage._body != rhs_storage._body {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -169,6 +169,12 @@ public nonisolated struct Ferry_V1_Hello: Sendable {
   /// Unix time (seconds) at which the agent's certificate expires, for display.
   public var certificateNotAfter: Int64 = 0
 
+  /// This connection is the host's control lane, not its session: a second connection, opened
+  /// once the session is welcomed, that carries only consistency cuts (PrepareCut, FinishCut)
+  /// and their answers, so they never queue behind replication data. No inventory is recorded
+  /// for it; it ends with the session.
+  public var controlLane: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -197,6 +203,10 @@ public nonisolated struct Ferry_V1_Welcome: Sendable {
   /// The controller reads frames attached to an envelope (Envelope.attachments). An older one
   /// does not: an agent then sends every write's bytes inside its record.
   public var acceptsAttachments: Bool = false
+
+  /// The controller takes a control lane (Hello.control_lane) from this host; an older one
+  /// sends cuts on the session.
+  public var acceptsControlLane: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -261,7 +271,7 @@ nonisolated extension Ferry_V1_ErrorCode: SwiftProtobuf._ProtoNameProviding {
 
 nonisolated extension Ferry_V1_Hello: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Hello"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}host_id\0\u{3}agent_version\0\u{1}inventory\0\u{3}certificate_not_after\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}protocol_version\0\u{3}host_id\0\u{3}agent_version\0\u{1}inventory\0\u{3}certificate_not_after\0\u{3}control_lane\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -274,6 +284,7 @@ nonisolated extension Ferry_V1_Hello: SwiftProtobuf.Message, SwiftProtobuf._Mess
       case 3: try { try decoder.decodeSingularStringField(value: &self.agentVersion) }()
       case 4: try { try decoder.decodeSingularMessageField(value: &self._inventory) }()
       case 5: try { try decoder.decodeSingularInt64Field(value: &self.certificateNotAfter) }()
+      case 6: try { try decoder.decodeSingularBoolField(value: &self.controlLane) }()
       default: break
       }
     }
@@ -299,6 +310,9 @@ nonisolated extension Ferry_V1_Hello: SwiftProtobuf.Message, SwiftProtobuf._Mess
     if self.certificateNotAfter != 0 {
       try visitor.visitSingularInt64Field(value: self.certificateNotAfter, fieldNumber: 5)
     }
+    if self.controlLane != false {
+      try visitor.visitSingularBoolField(value: self.controlLane, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -308,6 +322,7 @@ nonisolated extension Ferry_V1_Hello: SwiftProtobuf.Message, SwiftProtobuf._Mess
     if lhs.agentVersion != rhs.agentVersion {return false}
     if lhs._inventory != rhs._inventory {return false}
     if lhs.certificateNotAfter != rhs.certificateNotAfter {return false}
+    if lhs.controlLane != rhs.controlLane {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -315,7 +330,7 @@ nonisolated extension Ferry_V1_Hello: SwiftProtobuf.Message, SwiftProtobuf._Mess
 
 nonisolated extension Ferry_V1_Welcome: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Welcome"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}controller_version\0\u{3}host_id\0\u{3}host_name\0\u{3}heartbeat_interval_ms\0\u{3}max_frame_bytes\0\u{3}accepts_attachments\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}controller_version\0\u{3}host_id\0\u{3}host_name\0\u{3}heartbeat_interval_ms\0\u{3}max_frame_bytes\0\u{3}accepts_attachments\0\u{3}accepts_control_lane\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -329,6 +344,7 @@ nonisolated extension Ferry_V1_Welcome: SwiftProtobuf.Message, SwiftProtobuf._Me
       case 4: try { try decoder.decodeSingularUInt32Field(value: &self.heartbeatIntervalMs) }()
       case 5: try { try decoder.decodeSingularUInt32Field(value: &self.maxFrameBytes) }()
       case 6: try { try decoder.decodeSingularBoolField(value: &self.acceptsAttachments) }()
+      case 7: try { try decoder.decodeSingularBoolField(value: &self.acceptsControlLane) }()
       default: break
       }
     }
@@ -353,6 +369,9 @@ nonisolated extension Ferry_V1_Welcome: SwiftProtobuf.Message, SwiftProtobuf._Me
     if self.acceptsAttachments != false {
       try visitor.visitSingularBoolField(value: self.acceptsAttachments, fieldNumber: 6)
     }
+    if self.acceptsControlLane != false {
+      try visitor.visitSingularBoolField(value: self.acceptsControlLane, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -363,6 +382,7 @@ nonisolated extension Ferry_V1_Welcome: SwiftProtobuf.Message, SwiftProtobuf._Me
     if lhs.heartbeatIntervalMs != rhs.heartbeatIntervalMs {return false}
     if lhs.maxFrameBytes != rhs.maxFrameBytes {return false}
     if lhs.acceptsAttachments != rhs.acceptsAttachments {return false}
+    if lhs.acceptsControlLane != rhs.acceptsControlLane {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
