@@ -41,6 +41,7 @@ let package = Package(
             name: "FerryWire",
             dependencies: [
                 "CFerrySystem",
+                "CLZ4",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
@@ -71,6 +72,8 @@ let package = Package(
         ),
         // Linux system calls Swift's Glibc module does not expose (fallocate, SEEK_DATA/SEEK_HOLE).
         .target(name: "CFerrySystem"),
+        // liblz4, for compressing replication streams over a WAN (Debian liblz4-dev).
+        .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         .target(
             name: "FerryAgentCore",
             dependencies: [

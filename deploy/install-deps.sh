@@ -13,6 +13,7 @@ die() { printf 'install-deps.sh: error: %s\n' "$*" >&2; exit 1; }
 # nbdfuse: Debian 12 has no package of that name; the nbdfuse binary ships in libnbd-bin.
 packages=(
   libsqlite3-dev     # SQLite headers for the controller's state store
+  liblz4-dev         # LZ4, compression of replication streams (WAN mode)
   openssl            # PKI tests and deploy/pki/make-operator-ca.sh
   qemu-utils         # qemu-img, qemu-nbd
   libnbd-bin         # nbdinfo, nbdcopy, nbdfuse

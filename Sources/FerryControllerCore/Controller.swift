@@ -47,6 +47,7 @@ public struct Controller: Sendable {
             // Tests and scripts read the bound port from here (the configured port may be 0).
             try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/agent-listen.addr")
         }
+        try await agents.loadWAN()
         let coordinator = CutCoordinator(store: store, registry: registry, replicas: replicas, metrics: metrics, logger: logger)
         let catalogue = PointCatalogue(store: store, replicas: replicas)
         let exportPort = BoundPort()

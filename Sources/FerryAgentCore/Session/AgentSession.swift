@@ -378,7 +378,8 @@ public final class AgentSession: Service, Sendable {
         var tasks: [Task<Void, Never>] = []
         for stream in await volumes.streams() {
             tasks.append(Task {
-                await self.stream(stream.name, volume: stream.volume, log: stream.log, after: stream.after, volumes: volumes, session: session)
+                await self.stream(stream.name, volume: stream.volume, log: stream.log, after: stream.after, volumes: volumes, session: session,
+                                  compression: stream.compression)
             })
             let worker = VolumeSyncWorker(name: stream.name, volume: stream.volume, log: stream.log, activity: stream.activity,
                                           tracker: stream.tracker, session: session, logger: logger)
@@ -399,7 +400,9 @@ public final class AgentSession: Service, Sendable {
 
     /// Sends a volume's changes in order, in batches, keeping at most `windowBytes` unacked.
     func stream(_ volume: String, volume blockVolume: BlockVolume, log: ChangeLog, after start: UInt64, volumes: VolumeManager,
-                session: PeerSession) async {
+                session: PeerSession, compression: Ferry_V1_StreamCompression = .none) async {
+        // Compression needs the bytes as attachments (every controller that takes them takes this).
+        let compress = compression == .lz4 && session.peerAcceptsAttachments
         var window = StreamWindow(epoch: log.epoch, after: start, windowBytes: log.windowBytes)
         var lastSent = ContinuousClock.now - .seconds(1)
         while !Task.isCancelled {
@@ -471,6 +474,15 @@ public final class AgentSession: Service, Sendable {
                 return r
             }
             if gathered.readableBytes > 0 { attachments.append(gathered) }
+            if compress, !attachments.isEmpty {
+                let started = ContinuousClock.now
+                let outcome = AttachedFrameCompression.compress(attachments, allocator: session.channel.allocator)
+                let took = started.duration(to: .now)
+                log.compression.add(in: outcome.inBytes, out: outcome.outBytes,
+                                    nanoseconds: UInt64(took.components.seconds) * 1_000_000_000 + UInt64(took.components.attoseconds / 1_000_000_000))
+                attachments = outcome.frames
+                batch.attachedSizes = outcome.sizes
+            }
             do {
                 try await session.send(.replicationBatch(batch), attachments: attachments)
             } catch {

@@ -92,6 +92,8 @@ public final class ChangeLog: ChangeRecorder {
     /// What held entries may use: `memoryBytes` less room for two copies of the window.
     public let heldBytes: Int
     public let spillBytes: Int64
+    /// The streamer's compression of this volume's written bytes.
+    public let compression = CompressionCounters()
     /// Which extents may hold writes the controller lacks (nil: not tracked, as in tests).
     public let activity: ActivityLog?
     private let spill: Int32

@@ -149,6 +149,7 @@ public actor VolumeManager {
             }
             // The controller says when a recovered volume's replica is ready to be streamed to.
             served[spec.name]?.spec.replicaSeeding = spec.replicaSeeding
+            served[spec.name]?.spec.compression = spec.compression
             try await applyFencing(spec)
             try await startSyncIfNeeded(spec)
             return status(served[spec.name] ?? existing)
@@ -387,6 +388,8 @@ public actor VolumeManager {
         let after: UInt64
         /// Seconds between scans for a volume in capture mode scan; nil for an exported one.
         let scanInterval: UInt32?
+        /// How the streamer compresses the written bytes it sends.
+        let compression: Ferry_V1_StreamCompression
     }
 
     func streams() -> [Stream] {
@@ -395,7 +398,8 @@ public actor VolumeManager {
         served.keys.sorted().filter { served[$0]?.spec.replicaSeeding != true }.compactMap { name in
             served[name].map {
                 Stream(name: name, volume: $0.volume, log: $0.log, activity: $0.activity, tracker: $0.tracker, after: resumeAfter[name] ?? 0,
-                       scanInterval: $0.spec.captureMode == .scan ? max(5, $0.spec.scanIntervalSeconds) : nil)
+                       scanInterval: $0.spec.captureMode == .scan ? max(5, $0.spec.scanIntervalSeconds) : nil,
+                       compression: $0.spec.compression)
             }
         }
     }
@@ -457,6 +461,10 @@ public actor VolumeManager {
             report.overflowed = log.overflowed
             report.writeLag.counts = log.writeLag.counts
             report.writeLag.sumSeconds = log.writeLag.sumSeconds
+            let compressed = entry.log.compression.snapshot
+            report.compressInBytes = compressed.inBytes
+            report.compressOutBytes = compressed.outBytes
+            report.compressNanos = compressed.nanoseconds
             report.markedExtents = UInt64(entry.activity.markedCount)
             if let tcpAddress { report.tcpAddress = tcpAddress }
             report.sync = entry.tracker.progress(pendingExtents: pendingExtents, extentBytes: entry.activity.extentBytes)

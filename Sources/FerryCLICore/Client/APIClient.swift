@@ -135,6 +135,17 @@ public struct APIClient: Sendable {
         try await decode(API.Inventory.self, from: send(.post, "\(API.prefix)/hosts/\(Self.escape(name))/inventory/refresh"))
     }
 
+    /// `GET /v1/wan`: bandwidth limits and compression in force.
+    public func wanSettings() async throws -> API.WANSettings {
+        try await decode(API.WANSettings.self, from: send(.get, "\(API.prefix)/wan"))
+    }
+
+    /// `PUT /v1/wan`: changes one scope's WAN settings; answers with all of them.
+    public func updateWAN(_ update: API.WANUpdate) async throws -> API.WANSettings {
+        let body = try API.encoder().encode(update)
+        return try await decode(API.WANSettings.self, from: send(.put, "\(API.prefix)/wan", body: body))
+    }
+
     /// `POST /v1/tokens`: a new enrollment token; its secret is in `token`.
     public func createToken(_ request: API.TokenCreateRequest) async throws -> API.Token {
         let body = try API.encoder().encode(request)
@@ -372,7 +383,7 @@ public struct APIClient: Sendable {
     // MARK: - Transport
 
     /// HTTP methods the API uses.
-    enum Method: String, Sendable { case get = "GET", post = "POST", delete = "DELETE" }
+    enum Method: String, Sendable { case get = "GET", post = "POST", put = "PUT", delete = "DELETE" }
 
     /// Sends one request and returns the body of a 2xx answer; any other status becomes the
     /// server's `FerryError`.
@@ -401,6 +412,7 @@ public struct APIClient: Sendable {
         switch method {
         case .get: request.method = .GET
         case .post: request.method = .POST
+        case .put: request.method = .PUT
         case .delete: request.method = .DELETE
         }
         request.headers.add(name: "Accept", value: "application/json")

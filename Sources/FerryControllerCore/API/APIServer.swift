@@ -265,6 +265,7 @@ struct APIRoutes {
         }
         addPointRoutes(v1)
         addPlanRoutes(v1)
+        addWANRoutes(v1)
         v1.get("audit") { request, context in
             _ = try context.require(.viewer)
             let limit = request.uri.queryParameters.get("limit", as: Int.self) ?? 100

@@ -71,6 +71,7 @@ public final class ControllerMetrics: Sendable {
         CoreMetrics.Gauge(label: "ferry_volume_marked_extents", dimensions: labels, factory: factory).record(Double(report.markedExtents))
         CoreMetrics.Gauge(label: "ferry_volume_sync_pending_extents", dimensions: labels, factory: factory).record(Double(report.sync.pendingExtents))
         CoreMetrics.Gauge(label: "ferry_volume_sync_sent_bytes", dimensions: labels, factory: factory).record(Double(report.sync.sentBytes))
+        noteCompression(host: host, report: report)
         if report.hasWriteLag, let lag = LagHistogram(counts: report.writeLag.counts, sumSeconds: report.writeLag.sumSeconds) {
             writeLags.withLock { $0[VolumeKey(host: host, volume: report.volume)] = lag }
         }
@@ -100,6 +101,38 @@ public final class ControllerMetrics: Sendable {
             out += "ferry_volume_write_lag_seconds_count{\(labels)} \(cumulative)\n"
         }
         return out
+    }
+
+    /// A replication batch's written bytes as they came over the wire and once decompressed,
+    /// and the CPU time decompressing took (the compression ratio is data / wire).
+    func replicationBytes(host: String, wire: Int, data: Int, decompressSeconds: Double?) {
+        let labels = [("host", host)]
+        CoreMetrics.Counter(label: "ferry_replication_wire_bytes_total", dimensions: labels, factory: factory).increment(by: wire)
+        CoreMetrics.Counter(label: "ferry_replication_data_bytes_total", dimensions: labels, factory: factory).increment(by: data)
+        if let decompressSeconds {
+            CoreMetrics.FloatingPointCounter(label: "ferry_replication_decompress_seconds_total", dimensions: labels, factory: factory)
+                .increment(by: decompressSeconds)
+        }
+    }
+
+    /// A WAN bandwidth limit in force (0: none), per scope: a host's name or "*" for all hosts.
+    func wanLimit(scope: String, bytesPerSecond: UInt64) {
+        CoreMetrics.Gauge(label: "ferry_wan_limit_bytes_per_second", dimensions: [("scope", scope)], factory: factory).record(Double(bytesPerSecond))
+    }
+
+    /// Time a host's stream waited for a WAN limit, by direction (in: replication; out: reverse).
+    func wanThrottled(host: String, direction: String, wait: Duration) {
+        CoreMetrics.FloatingPointCounter(label: "ferry_wan_throttled_seconds_total", dimensions: [("host", host), ("direction", direction)], factory: factory)
+            .increment(by: Double(wait.components.seconds) + Double(wait.components.attoseconds) / 1e18)
+    }
+
+    /// The agent's compression of a volume's stream, cumulative for its process as it reported.
+    func noteCompression(host: String, report: Ferry_V1_VolumeReport) {
+        guard report.compressInBytes > 0 else { return }
+        let labels = [("host", host), ("volume", report.volume)]
+        CoreMetrics.Gauge(label: "ferry_volume_compress_input_bytes", dimensions: labels, factory: factory).record(Double(report.compressInBytes))
+        CoreMetrics.Gauge(label: "ferry_volume_compress_output_bytes", dimensions: labels, factory: factory).record(Double(report.compressOutBytes))
+        CoreMetrics.Gauge(label: "ferry_volume_compress_cpu_seconds", dimensions: labels, factory: factory).record(Double(report.compressNanos) / 1e9)
     }
 
     /// Hydration of a recovered volume: bytes local, its size, the copy rate, 1 once complete.

@@ -37,12 +37,15 @@ public final class AgentServer: Service, Sendable {
     /// Volumes (host id, name, path) an agent serves outside its protect-allow list that this
     /// controller run has audited already: once per run, not at every reconnection.
     let auditedOutsideAllowlist = Mutex<Set<String>>([])
+    /// Bandwidth limits and compression for the hosts' streams (`ferryctl wan`).
+    let wan: WANLimiter
 
     init(config: ControllerConfig, pki: ControllerPKI, store: StateStore, registry: SessionRegistry, metrics: ControllerMetrics,
          logger: Logger, group: any EventLoopGroup, replicas: ReplicaManager, exportConnections: ExportConnections = ExportConnections(),
          hydrations: Hydrations? = nil, onBound: @escaping @Sendable (SocketAddress) -> Void) {
         self.replicas = replicas
         self.hydrations = hydrations
+        wan = WANLimiter(metrics: metrics)
         self.exportConnections = exportConnections
         caps = ConnectionCaps(total: config.maxConnections, perAddress: config.maxConnectionsPerAddress)
         enrollmentFailures = FailureLimiter(limit: config.enrollmentFailuresPerMinute, window: .seconds(60))
@@ -289,6 +292,9 @@ public final class AgentServer: Service, Sendable {
         welcome.acceptsControlLane = true
         try await session.send(.welcome(welcome), inReplyTo: first.id)
 
+        // Replication in and reverse streams out pass the host's and all hosts' WAN limits.
+        session.throttle(inbound: wan.throttle(hostID: hostID, hostName: host.name, .inbound),
+                         outbound: wan.throttle(hostID: hostID, hostName: host.name, .outbound))
         let entry = SessionRegistry.Entry(hostID: hostID, hostName: host.name, session: session)
         if let old = await registry.register(entry) {
             await old.session.close(reason: "replaced by a newer session of the same host")
@@ -359,6 +365,7 @@ public final class AgentServer: Service, Sendable {
                 spec.epoch = state.epoch
                 spec.durableSequence = await replica.durable
                 spec.initialSyncRequired = !state.initialSynced
+                spec.compression = wan.compression(hostID: hostID)
                 sync.volumes.append(spec)
             }
             var command = Ferry_V1_Command()
@@ -475,7 +482,24 @@ public final class AgentServer: Service, Sendable {
                 await session.close(reason: "replication batch refused: \(error.message)")
                 return
             }
+            let wire = attachments.reduce(0) { $0 + $1.readableBytes }
             var attachments = attachments
+            var decompressSeconds: Double?
+            if !batch.attachedSizes.isEmpty {
+                do {
+                    let started = ContinuousClock.now
+                    attachments = try AttachedFrameCompression.decompress(attachments, sizes: batch.attachedSizes, maxFrameBytes: config.maxFrameBytes,
+                                                                          allocator: session.channel.allocator)
+                    let took = started.duration(to: .now)
+                    decompressSeconds = Double(took.components.seconds) + Double(took.components.attoseconds) / 1e18
+                } catch let error as FerryError {
+                    log.warning("replication batch refused; closing the session", metadata: ["volume": "\(batch.volume)", "error": "\(error.message)"])
+                    await session.close(reason: "replication batch refused: \(error.message)")
+                    return
+                }
+            }
+            metrics.replicationBytes(host: hostName, wire: wire, data: attachments.reduce(0) { $0 + $1.readableBytes },
+                                     decompressSeconds: decompressSeconds)
             switch try await ingestGate(hostID: hostID, volume: batch.volume).decide(
                 generation: batch.generation, epoch: batch.epoch, sequences: batch.records.map(\.sequence)) {
             case .all:

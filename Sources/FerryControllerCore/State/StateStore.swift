@@ -134,6 +134,7 @@ public final class StateStore: Sendable {
         m.registerMigration("v8-volume-hydration") { db in
             try db.alter(table: "volume") { t in t.add(column: "hydration", .text) }
         }
+        registerWANMigration(&m)
         return m
     }
 

@@ -25,6 +25,43 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+/// How an agent compresses the written bytes it streams (the controller's choice per host).
+public nonisolated enum Ferry_V1_StreamCompression: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+  case none // = 0
+
+  /// Each attached frame as one LZ4 block (liblz4's default level), kept only where smaller.
+  case lz4 // = 1
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .none
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .none
+    case 1: self = .lz4
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .none: return 0
+    case .lz4: return 1
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Ferry_V1_StreamCompression] = [
+    .none,
+    .lz4,
+  ]
+
+}
+
 public nonisolated enum Ferry_V1_CaptureMode: SwiftProtobuf.Enum, Swift.CaseIterable {
   public typealias RawValue = Int
   case export // = 0
@@ -68,125 +105,119 @@ public nonisolated enum Ferry_V1_CaptureMode: SwiftProtobuf.Enum, Swift.CaseIter
 ///   20-59    protection and replication (protect, unprotect, resync, scan)
 ///   60-99    recovery points (quiesce/thaw hooks by name, cut rounds)
 ///   100-149  recovery and failover (start/stop hooks by name, exports, fencing)
-public nonisolated struct Ferry_V1_Command: @unchecked Sendable {
+public nonisolated struct Ferry_V1_Command: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
   /// How long the controller waits for the result; the agent should give up
   /// and answer ERROR_CODE_TIMEOUT before then.
-  public var timeoutMs: UInt32 {
-    get {_storage._timeoutMs}
-    set {_uniqueStorage()._timeoutMs = newValue}
-  }
+  public var timeoutMs: UInt32 = 0
 
-  public var kind: OneOf_Kind? {
-    get {return _storage._kind}
-    set {_uniqueStorage()._kind = newValue}
-  }
+  public var kind: Ferry_V1_Command.OneOf_Kind? = nil
 
   public var refreshInventory: Ferry_V1_RefreshInventory {
     get {
-      if case .refreshInventory(let v)? = _storage._kind {return v}
+      if case .refreshInventory(let v)? = kind {return v}
       return Ferry_V1_RefreshInventory()
     }
-    set {_uniqueStorage()._kind = .refreshInventory(newValue)}
+    set {kind = .refreshInventory(newValue)}
   }
 
   public var echo: Ferry_V1_Echo {
     get {
-      if case .echo(let v)? = _storage._kind {return v}
+      if case .echo(let v)? = kind {return v}
       return Ferry_V1_Echo()
     }
-    set {_uniqueStorage()._kind = .echo(newValue)}
+    set {kind = .echo(newValue)}
   }
 
   public var protectVolume: Ferry_V1_ProtectVolume {
     get {
-      if case .protectVolume(let v)? = _storage._kind {return v}
+      if case .protectVolume(let v)? = kind {return v}
       return Ferry_V1_ProtectVolume()
     }
-    set {_uniqueStorage()._kind = .protectVolume(newValue)}
+    set {kind = .protectVolume(newValue)}
   }
 
   public var syncVolumes: Ferry_V1_SyncVolumes {
     get {
-      if case .syncVolumes(let v)? = _storage._kind {return v}
+      if case .syncVolumes(let v)? = kind {return v}
       return Ferry_V1_SyncVolumes()
     }
-    set {_uniqueStorage()._kind = .syncVolumes(newValue)}
+    set {kind = .syncVolumes(newValue)}
   }
 
   public var resyncVolume: Ferry_V1_ResyncVolume {
     get {
-      if case .resyncVolume(let v)? = _storage._kind {return v}
+      if case .resyncVolume(let v)? = kind {return v}
       return Ferry_V1_ResyncVolume()
     }
-    set {_uniqueStorage()._kind = .resyncVolume(newValue)}
+    set {kind = .resyncVolume(newValue)}
   }
 
   public var runHook: Ferry_V1_RunHook {
     get {
-      if case .runHook(let v)? = _storage._kind {return v}
+      if case .runHook(let v)? = kind {return v}
       return Ferry_V1_RunHook()
     }
-    set {_uniqueStorage()._kind = .runHook(newValue)}
+    set {kind = .runHook(newValue)}
   }
 
   public var prepareCut: Ferry_V1_PrepareCut {
     get {
-      if case .prepareCut(let v)? = _storage._kind {return v}
+      if case .prepareCut(let v)? = kind {return v}
       return Ferry_V1_PrepareCut()
     }
-    set {_uniqueStorage()._kind = .prepareCut(newValue)}
+    set {kind = .prepareCut(newValue)}
   }
 
   public var finishCut: Ferry_V1_FinishCut {
     get {
-      if case .finishCut(let v)? = _storage._kind {return v}
+      if case .finishCut(let v)? = kind {return v}
       return Ferry_V1_FinishCut()
     }
-    set {_uniqueStorage()._kind = .finishCut(newValue)}
+    set {kind = .finishCut(newValue)}
   }
 
   public var recoverVolumes: Ferry_V1_RecoverVolumes {
     get {
-      if case .recoverVolumes(let v)? = _storage._kind {return v}
+      if case .recoverVolumes(let v)? = kind {return v}
       return Ferry_V1_RecoverVolumes()
     }
-    set {_uniqueStorage()._kind = .recoverVolumes(newValue)}
+    set {kind = .recoverVolumes(newValue)}
   }
 
   public var stopRecovery: Ferry_V1_StopRecovery {
     get {
-      if case .stopRecovery(let v)? = _storage._kind {return v}
+      if case .stopRecovery(let v)? = kind {return v}
       return Ferry_V1_StopRecovery()
     }
-    set {_uniqueStorage()._kind = .stopRecovery(newValue)}
+    set {kind = .stopRecovery(newValue)}
   }
 
   public var fenceVolumes: Ferry_V1_FenceVolumes {
     get {
-      if case .fenceVolumes(let v)? = _storage._kind {return v}
+      if case .fenceVolumes(let v)? = kind {return v}
       return Ferry_V1_FenceVolumes()
     }
-    set {_uniqueStorage()._kind = .fenceVolumes(newValue)}
+    set {kind = .fenceVolumes(newValue)}
   }
 
   public var hashBlocks: Ferry_V1_HashBlocks {
     get {
-      if case .hashBlocks(let v)? = _storage._kind {return v}
+      if case .hashBlocks(let v)? = kind {return v}
       return Ferry_V1_HashBlocks()
     }
-    set {_uniqueStorage()._kind = .hashBlocks(newValue)}
+    set {kind = .hashBlocks(newValue)}
   }
 
   public var applyBlocks: Ferry_V1_ApplyBlocks {
     get {
-      if case .applyBlocks(let v)? = _storage._kind {return v}
+      if case .applyBlocks(let v)? = kind {return v}
       return Ferry_V1_ApplyBlocks()
     }
-    set {_uniqueStorage()._kind = .applyBlocks(newValue)}
+    set {kind = .applyBlocks(newValue)}
   }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
@@ -209,8 +240,6 @@ public nonisolated struct Ferry_V1_Command: @unchecked Sendable {
   }
 
   public init() {}
-
-  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 public nonisolated struct Ferry_V1_CommandResult: Sendable {
@@ -373,65 +402,108 @@ public nonisolated struct Ferry_V1_Echo: Sendable {
 /// A volume the agent protects: served to the workload through its NBD export, every write
 /// captured. The controller owns the list; the agent keeps a copy so it serves its volumes
 /// even while the controller is away.
-public nonisolated struct Ferry_V1_VolumeSpec: Sendable {
+public nonisolated struct Ferry_V1_VolumeSpec: @unchecked Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  public var name: String = String()
+  public var name: String {
+    get {_storage._name}
+    set {_uniqueStorage()._name = newValue}
+  }
 
   /// Image file or block device on the protected host.
-  public var path: String = String()
+  public var path: String {
+    get {_storage._path}
+    set {_uniqueStorage()._path = newValue}
+  }
 
   /// Make a new sparse image of this size if `path` does not exist (0: it must exist).
-  public var createSizeBytes: UInt64 = 0
+  public var createSizeBytes: UInt64 {
+    get {_storage._createSizeBytes}
+    set {_uniqueStorage()._createSizeBytes = newValue}
+  }
 
   /// The size the controller recorded; the agent refuses a volume whose size changed.
-  public var sizeBytes: UInt64 = 0
+  public var sizeBytes: UInt64 {
+    get {_storage._sizeBytes}
+    set {_uniqueStorage()._sizeBytes = newValue}
+  }
 
   /// What the controller's replica holds: the capture epoch and the last durable sequence in
   /// it. The agent resumes streaming after it (same epoch) or from its own start (new epoch).
-  public var epoch: UInt64 = 0
+  public var epoch: UInt64 {
+    get {_storage._epoch}
+    set {_uniqueStorage()._epoch = newValue}
+  }
 
-  public var durableSequence: UInt64 = 0
+  public var durableSequence: UInt64 {
+    get {_storage._durableSequence}
+    set {_uniqueStorage()._durableSequence = newValue}
+  }
 
   /// The replica has never been completely synced: compare (and copy) the whole volume.
-  public var initialSyncRequired: Bool = false
+  public var initialSyncRequired: Bool {
+    get {_storage._initialSyncRequired}
+    set {_uniqueStorage()._initialSyncRequired = newValue}
+  }
 
   /// How writes are captured: CAPTURE_MODE_EXPORT (the default: through the agent's NBD export,
   /// every write in order) or CAPTURE_MODE_SCAN (the device is used directly; the agent compares
   /// it with the replica every scan_interval_seconds and sends what changed).
-  public var captureMode: Ferry_V1_CaptureMode = .export
+  public var captureMode: Ferry_V1_CaptureMode {
+    get {_storage._captureMode}
+    set {_uniqueStorage()._captureMode = newValue}
+  }
 
-  public var scanIntervalSeconds: UInt32 = 0
+  public var scanIntervalSeconds: UInt32 {
+    get {_storage._scanIntervalSeconds}
+    set {_uniqueStorage()._scanIntervalSeconds = newValue}
+  }
 
   /// Bumped by every failover of the volume (never by a drill). With `fenced` set the other
   /// site owns the volume: the agent's export refuses writes (EPERM) and turns read-only, and
   /// nothing it captures is replicated, until a reprotect or failback hands it back.
-  public var generation: UInt64 = 0
+  public var generation: UInt64 {
+    get {_storage._generation}
+    set {_uniqueStorage()._generation = newValue}
+  }
 
-  public var fenced: Bool = false
+  public var fenced: Bool {
+    get {_storage._fenced}
+    set {_uniqueStorage()._fenced = newValue}
+  }
 
   /// A recovered volume that lives on this host's own storage (`path`, created if missing) and
   /// is filled from a point of the controller while it is served: see VolumeHydration.
   public var hydration: Ferry_V1_VolumeHydration {
-    get {_hydration ?? Ferry_V1_VolumeHydration()}
-    set {_hydration = newValue}
+    get {_storage._hydration ?? Ferry_V1_VolumeHydration()}
+    set {_uniqueStorage()._hydration = newValue}
   }
   /// Returns true if `hydration` has been explicitly set.
-  public var hasHydration: Bool {self._hydration != nil}
+  public var hasHydration: Bool {_storage._hydration != nil}
   /// Clears the value of `hydration`. Subsequent reads from it will return its default value.
-  public mutating func clearHydration() {self._hydration = nil}
+  public mutating func clearHydration() {_uniqueStorage()._hydration = nil}
 
   /// The controller is still building this volume's replica from the failover point: capture
   /// writes but do not stream them yet (a later volume list clears it).
-  public var replicaSeeding: Bool = false
+  public var replicaSeeding: Bool {
+    get {_storage._replicaSeeding}
+    set {_uniqueStorage()._replicaSeeding = newValue}
+  }
+
+  /// Compress the written bytes streamed for this volume (a WAN link): set by the operator per
+  /// host or for all (`ferryctl wan compression`); a later volume list changes it.
+  public var compression: Ferry_V1_StreamCompression {
+    get {_storage._compression}
+    set {_uniqueStorage()._compression = newValue}
+  }
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
 
-  fileprivate var _hydration: Ferry_V1_VolumeHydration? = nil
+  fileprivate var _storage = _StorageClass.defaultInstance
 }
 
 /// Where a recovered, protected volume fetches the blocks it does not hold yet: the controller's
@@ -1084,6 +1156,10 @@ public nonisolated struct Ferry_V1_BlocksApplied: Sendable {
 
 fileprivate nonisolated let _protobuf_package = "ferry.v1"
 
+nonisolated extension Ferry_V1_StreamCompression: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0STREAM_COMPRESSION_NONE\0\u{1}STREAM_COMPRESSION_LZ4\0")
+}
+
 nonisolated extension Ferry_V1_CaptureMode: SwiftProtobuf._ProtoNameProviding {
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0CAPTURE_MODE_EXPORT\0\u{1}CAPTURE_MODE_SCAN\0")
 }
@@ -1092,294 +1168,256 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
   public static let protoMessageName: String = _protobuf_package + ".Command"
   public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}timeout_ms\0\u{4}\u{9}refresh_inventory\0\u{1}echo\0\u{4}\u{9}protect_volume\0\u{3}sync_volumes\0\u{3}resync_volume\0\u{4}&run_hook\0\u{3}prepare_cut\0\u{3}finish_cut\0\u{4}&recover_volumes\0\u{3}stop_recovery\0\u{3}fence_volumes\0\u{3}hash_blocks\0\u{3}apply_blocks\0")
 
-  fileprivate class _StorageClass {
-    var _timeoutMs: UInt32 = 0
-    var _kind: Ferry_V1_Command.OneOf_Kind?
-
-      // This property is used as the initial default value for new instances of the type.
-      // The type itself is protecting the reference to its storage via CoW semantics.
-      // This will force a copy to be made of this reference when the first mutation occurs;
-      // hence, it is safe to mark this as `nonisolated(unsafe)`.
-      static nonisolated(unsafe) let defaultInstance = _StorageClass()
-
-    private init() {}
-
-    init(copying source: _StorageClass) {
-      _timeoutMs = source._timeoutMs
-      _kind = source._kind
-    }
-  }
-
-  fileprivate mutating func _uniqueStorage() -> _StorageClass {
-    if !isKnownUniquelyReferenced(&_storage) {
-      _storage = _StorageClass(copying: _storage)
-    }
-    return _storage
-  }
-
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    _ = _uniqueStorage()
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      while let fieldNumber = try decoder.nextFieldNumber() {
-        // The use of inline closures is to circumvent an issue where the compiler
-        // allocates stack space for every case branch when no optimizations are
-        // enabled. https://github.com/apple/swift-protobuf/issues/1034
-        switch fieldNumber {
-        case 1: try { try decoder.decodeSingularUInt32Field(value: &_storage._timeoutMs) }()
-        case 10: try {
-          var v: Ferry_V1_RefreshInventory?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .refreshInventory(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .refreshInventory(v)
-          }
-        }()
-        case 11: try {
-          var v: Ferry_V1_Echo?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .echo(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .echo(v)
-          }
-        }()
-        case 20: try {
-          var v: Ferry_V1_ProtectVolume?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .protectVolume(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .protectVolume(v)
-          }
-        }()
-        case 21: try {
-          var v: Ferry_V1_SyncVolumes?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .syncVolumes(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .syncVolumes(v)
-          }
-        }()
-        case 22: try {
-          var v: Ferry_V1_ResyncVolume?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .resyncVolume(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .resyncVolume(v)
-          }
-        }()
-        case 60: try {
-          var v: Ferry_V1_RunHook?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .runHook(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .runHook(v)
-          }
-        }()
-        case 61: try {
-          var v: Ferry_V1_PrepareCut?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .prepareCut(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .prepareCut(v)
-          }
-        }()
-        case 62: try {
-          var v: Ferry_V1_FinishCut?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .finishCut(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .finishCut(v)
-          }
-        }()
-        case 100: try {
-          var v: Ferry_V1_RecoverVolumes?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .recoverVolumes(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .recoverVolumes(v)
-          }
-        }()
-        case 101: try {
-          var v: Ferry_V1_StopRecovery?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .stopRecovery(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .stopRecovery(v)
-          }
-        }()
-        case 102: try {
-          var v: Ferry_V1_FenceVolumes?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .fenceVolumes(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .fenceVolumes(v)
-          }
-        }()
-        case 103: try {
-          var v: Ferry_V1_HashBlocks?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .hashBlocks(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .hashBlocks(v)
-          }
-        }()
-        case 104: try {
-          var v: Ferry_V1_ApplyBlocks?
-          var hadOneofValue = false
-          if let current = _storage._kind {
-            hadOneofValue = true
-            if case .applyBlocks(let m) = current {v = m}
-          }
-          try decoder.decodeSingularMessageField(value: &v)
-          if let v = v {
-            if hadOneofValue {try decoder.handleConflictingOneOf()}
-            _storage._kind = .applyBlocks(v)
-          }
-        }()
-        default: break
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularUInt32Field(value: &self.timeoutMs) }()
+      case 10: try {
+        var v: Ferry_V1_RefreshInventory?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .refreshInventory(let m) = current {v = m}
         }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .refreshInventory(v)
+        }
+      }()
+      case 11: try {
+        var v: Ferry_V1_Echo?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .echo(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .echo(v)
+        }
+      }()
+      case 20: try {
+        var v: Ferry_V1_ProtectVolume?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .protectVolume(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .protectVolume(v)
+        }
+      }()
+      case 21: try {
+        var v: Ferry_V1_SyncVolumes?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .syncVolumes(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .syncVolumes(v)
+        }
+      }()
+      case 22: try {
+        var v: Ferry_V1_ResyncVolume?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .resyncVolume(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .resyncVolume(v)
+        }
+      }()
+      case 60: try {
+        var v: Ferry_V1_RunHook?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .runHook(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .runHook(v)
+        }
+      }()
+      case 61: try {
+        var v: Ferry_V1_PrepareCut?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .prepareCut(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .prepareCut(v)
+        }
+      }()
+      case 62: try {
+        var v: Ferry_V1_FinishCut?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .finishCut(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .finishCut(v)
+        }
+      }()
+      case 100: try {
+        var v: Ferry_V1_RecoverVolumes?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .recoverVolumes(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .recoverVolumes(v)
+        }
+      }()
+      case 101: try {
+        var v: Ferry_V1_StopRecovery?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .stopRecovery(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .stopRecovery(v)
+        }
+      }()
+      case 102: try {
+        var v: Ferry_V1_FenceVolumes?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .fenceVolumes(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .fenceVolumes(v)
+        }
+      }()
+      case 103: try {
+        var v: Ferry_V1_HashBlocks?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .hashBlocks(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .hashBlocks(v)
+        }
+      }()
+      case 104: try {
+        var v: Ferry_V1_ApplyBlocks?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .applyBlocks(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .applyBlocks(v)
+        }
+      }()
+      default: break
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every if/case branch local when no optimizations
-      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-      // https://github.com/apple/swift-protobuf/issues/1182
-      if _storage._timeoutMs != 0 {
-        try visitor.visitSingularUInt32Field(value: _storage._timeoutMs, fieldNumber: 1)
-      }
-      switch _storage._kind {
-      case .refreshInventory?: try {
-        guard case .refreshInventory(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
-      }()
-      case .echo?: try {
-        guard case .echo(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
-      }()
-      case .protectVolume?: try {
-        guard case .protectVolume(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
-      }()
-      case .syncVolumes?: try {
-        guard case .syncVolumes(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
-      }()
-      case .resyncVolume?: try {
-        guard case .resyncVolume(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
-      }()
-      case .runHook?: try {
-        guard case .runHook(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
-      }()
-      case .prepareCut?: try {
-        guard case .prepareCut(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
-      }()
-      case .finishCut?: try {
-        guard case .finishCut(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
-      }()
-      case .recoverVolumes?: try {
-        guard case .recoverVolumes(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 100)
-      }()
-      case .stopRecovery?: try {
-        guard case .stopRecovery(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 101)
-      }()
-      case .fenceVolumes?: try {
-        guard case .fenceVolumes(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 102)
-      }()
-      case .hashBlocks?: try {
-        guard case .hashBlocks(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 103)
-      }()
-      case .applyBlocks?: try {
-        guard case .applyBlocks(let v)? = _storage._kind else { preconditionFailure() }
-        try visitor.visitSingularMessageField(value: v, fieldNumber: 104)
-      }()
-      case nil: break
-      }
+    // The use of inline closures is to circumvent an issue where the compiler
+    // allocates stack space for every if/case branch local when no optimizations
+    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+    // https://github.com/apple/swift-protobuf/issues/1182
+    if self.timeoutMs != 0 {
+      try visitor.visitSingularUInt32Field(value: self.timeoutMs, fieldNumber: 1)
+    }
+    switch self.kind {
+    case .refreshInventory?: try {
+      guard case .refreshInventory(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 10)
+    }()
+    case .echo?: try {
+      guard case .echo(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 11)
+    }()
+    case .protectVolume?: try {
+      guard case .protectVolume(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 20)
+    }()
+    case .syncVolumes?: try {
+      guard case .syncVolumes(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+    }()
+    case .resyncVolume?: try {
+      guard case .resyncVolume(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
+    }()
+    case .runHook?: try {
+      guard case .runHook(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
+    }()
+    case .prepareCut?: try {
+      guard case .prepareCut(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 61)
+    }()
+    case .finishCut?: try {
+      guard case .finishCut(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 62)
+    }()
+    case .recoverVolumes?: try {
+      guard case .recoverVolumes(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 100)
+    }()
+    case .stopRecovery?: try {
+      guard case .stopRecovery(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 101)
+    }()
+    case .fenceVolumes?: try {
+      guard case .fenceVolumes(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 102)
+    }()
+    case .hashBlocks?: try {
+      guard case .hashBlocks(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 103)
+    }()
+    case .applyBlocks?: try {
+      guard case .applyBlocks(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 104)
+    }()
+    case nil: break
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Ferry_V1_Command, rhs: Ferry_V1_Command) -> Bool {
-    if lhs._storage !== rhs._storage {
-      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
-        let _storage = _args.0
-        let rhs_storage = _args.1
-        if _storage._timeoutMs != rhs_storage._timeoutMs {return false}
-        if _storage._kind != rhs_storage._kind {return false}
-        return true
-      }
-      if !storagesAreEqual {return false}
-    }
+    if lhs.timeoutMs != rhs.timeoutMs {return false}
+    if lhs.kind != rhs.kind {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -1690,93 +1728,160 @@ nonisolated extension Ferry_V1_Echo: SwiftProtobuf.Message, SwiftProtobuf._Messa
 
 nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0\u{3}capture_mode\0\u{3}scan_interval_seconds\0\u{1}generation\0\u{1}fenced\0\u{1}hydration\0\u{3}replica_seeding\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0\u{3}capture_mode\0\u{3}scan_interval_seconds\0\u{1}generation\0\u{1}fenced\0\u{1}hydration\0\u{3}replica_seeding\0\u{1}compression\0")
+
+  fileprivate class _StorageClass {
+    var _name: String = String()
+    var _path: String = String()
+    var _createSizeBytes: UInt64 = 0
+    var _sizeBytes: UInt64 = 0
+    var _epoch: UInt64 = 0
+    var _durableSequence: UInt64 = 0
+    var _initialSyncRequired: Bool = false
+    var _captureMode: Ferry_V1_CaptureMode = .export
+    var _scanIntervalSeconds: UInt32 = 0
+    var _generation: UInt64 = 0
+    var _fenced: Bool = false
+    var _hydration: Ferry_V1_VolumeHydration? = nil
+    var _replicaSeeding: Bool = false
+    var _compression: Ferry_V1_StreamCompression = .none
+
+      // This property is used as the initial default value for new instances of the type.
+      // The type itself is protecting the reference to its storage via CoW semantics.
+      // This will force a copy to be made of this reference when the first mutation occurs;
+      // hence, it is safe to mark this as `nonisolated(unsafe)`.
+      static nonisolated(unsafe) let defaultInstance = _StorageClass()
+
+    private init() {}
+
+    init(copying source: _StorageClass) {
+      _name = source._name
+      _path = source._path
+      _createSizeBytes = source._createSizeBytes
+      _sizeBytes = source._sizeBytes
+      _epoch = source._epoch
+      _durableSequence = source._durableSequence
+      _initialSyncRequired = source._initialSyncRequired
+      _captureMode = source._captureMode
+      _scanIntervalSeconds = source._scanIntervalSeconds
+      _generation = source._generation
+      _fenced = source._fenced
+      _hydration = source._hydration
+      _replicaSeeding = source._replicaSeeding
+      _compression = source._compression
+    }
+  }
+
+  fileprivate mutating func _uniqueStorage() -> _StorageClass {
+    if !isKnownUniquelyReferenced(&_storage) {
+      _storage = _StorageClass(copying: _storage)
+    }
+    return _storage
+  }
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
-    while let fieldNumber = try decoder.nextFieldNumber() {
-      // The use of inline closures is to circumvent an issue where the compiler
-      // allocates stack space for every case branch when no optimizations are
-      // enabled. https://github.com/apple/swift-protobuf/issues/1034
-      switch fieldNumber {
-      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
-      case 2: try { try decoder.decodeSingularStringField(value: &self.path) }()
-      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.createSizeBytes) }()
-      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.sizeBytes) }()
-      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
-      case 6: try { try decoder.decodeSingularUInt64Field(value: &self.durableSequence) }()
-      case 7: try { try decoder.decodeSingularBoolField(value: &self.initialSyncRequired) }()
-      case 8: try { try decoder.decodeSingularEnumField(value: &self.captureMode) }()
-      case 9: try { try decoder.decodeSingularUInt32Field(value: &self.scanIntervalSeconds) }()
-      case 10: try { try decoder.decodeSingularUInt64Field(value: &self.generation) }()
-      case 11: try { try decoder.decodeSingularBoolField(value: &self.fenced) }()
-      case 12: try { try decoder.decodeSingularMessageField(value: &self._hydration) }()
-      case 13: try { try decoder.decodeSingularBoolField(value: &self.replicaSeeding) }()
-      default: break
+    _ = _uniqueStorage()
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      while let fieldNumber = try decoder.nextFieldNumber() {
+        // The use of inline closures is to circumvent an issue where the compiler
+        // allocates stack space for every case branch when no optimizations are
+        // enabled. https://github.com/apple/swift-protobuf/issues/1034
+        switch fieldNumber {
+        case 1: try { try decoder.decodeSingularStringField(value: &_storage._name) }()
+        case 2: try { try decoder.decodeSingularStringField(value: &_storage._path) }()
+        case 3: try { try decoder.decodeSingularUInt64Field(value: &_storage._createSizeBytes) }()
+        case 4: try { try decoder.decodeSingularUInt64Field(value: &_storage._sizeBytes) }()
+        case 5: try { try decoder.decodeSingularUInt64Field(value: &_storage._epoch) }()
+        case 6: try { try decoder.decodeSingularUInt64Field(value: &_storage._durableSequence) }()
+        case 7: try { try decoder.decodeSingularBoolField(value: &_storage._initialSyncRequired) }()
+        case 8: try { try decoder.decodeSingularEnumField(value: &_storage._captureMode) }()
+        case 9: try { try decoder.decodeSingularUInt32Field(value: &_storage._scanIntervalSeconds) }()
+        case 10: try { try decoder.decodeSingularUInt64Field(value: &_storage._generation) }()
+        case 11: try { try decoder.decodeSingularBoolField(value: &_storage._fenced) }()
+        case 12: try { try decoder.decodeSingularMessageField(value: &_storage._hydration) }()
+        case 13: try { try decoder.decodeSingularBoolField(value: &_storage._replicaSeeding) }()
+        case 14: try { try decoder.decodeSingularEnumField(value: &_storage._compression) }()
+        default: break
+        }
       }
     }
   }
 
   public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
-    // The use of inline closures is to circumvent an issue where the compiler
-    // allocates stack space for every if/case branch local when no optimizations
-    // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
-    // https://github.com/apple/swift-protobuf/issues/1182
-    if !self.name.isEmpty {
-      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
-    }
-    if !self.path.isEmpty {
-      try visitor.visitSingularStringField(value: self.path, fieldNumber: 2)
-    }
-    if self.createSizeBytes != 0 {
-      try visitor.visitSingularUInt64Field(value: self.createSizeBytes, fieldNumber: 3)
-    }
-    if self.sizeBytes != 0 {
-      try visitor.visitSingularUInt64Field(value: self.sizeBytes, fieldNumber: 4)
-    }
-    if self.epoch != 0 {
-      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 5)
-    }
-    if self.durableSequence != 0 {
-      try visitor.visitSingularUInt64Field(value: self.durableSequence, fieldNumber: 6)
-    }
-    if self.initialSyncRequired != false {
-      try visitor.visitSingularBoolField(value: self.initialSyncRequired, fieldNumber: 7)
-    }
-    if self.captureMode != .export {
-      try visitor.visitSingularEnumField(value: self.captureMode, fieldNumber: 8)
-    }
-    if self.scanIntervalSeconds != 0 {
-      try visitor.visitSingularUInt32Field(value: self.scanIntervalSeconds, fieldNumber: 9)
-    }
-    if self.generation != 0 {
-      try visitor.visitSingularUInt64Field(value: self.generation, fieldNumber: 10)
-    }
-    if self.fenced != false {
-      try visitor.visitSingularBoolField(value: self.fenced, fieldNumber: 11)
-    }
-    try { if let v = self._hydration {
-      try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
-    } }()
-    if self.replicaSeeding != false {
-      try visitor.visitSingularBoolField(value: self.replicaSeeding, fieldNumber: 13)
+    try withExtendedLifetime(_storage) { (_storage: _StorageClass) in
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every if/case branch local when no optimizations
+      // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
+      // https://github.com/apple/swift-protobuf/issues/1182
+      if !_storage._name.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._name, fieldNumber: 1)
+      }
+      if !_storage._path.isEmpty {
+        try visitor.visitSingularStringField(value: _storage._path, fieldNumber: 2)
+      }
+      if _storage._createSizeBytes != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._createSizeBytes, fieldNumber: 3)
+      }
+      if _storage._sizeBytes != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._sizeBytes, fieldNumber: 4)
+      }
+      if _storage._epoch != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._epoch, fieldNumber: 5)
+      }
+      if _storage._durableSequence != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._durableSequence, fieldNumber: 6)
+      }
+      if _storage._initialSyncRequired != false {
+        try visitor.visitSingularBoolField(value: _storage._initialSyncRequired, fieldNumber: 7)
+      }
+      if _storage._captureMode != .export {
+        try visitor.visitSingularEnumField(value: _storage._captureMode, fieldNumber: 8)
+      }
+      if _storage._scanIntervalSeconds != 0 {
+        try visitor.visitSingularUInt32Field(value: _storage._scanIntervalSeconds, fieldNumber: 9)
+      }
+      if _storage._generation != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._generation, fieldNumber: 10)
+      }
+      if _storage._fenced != false {
+        try visitor.visitSingularBoolField(value: _storage._fenced, fieldNumber: 11)
+      }
+      try { if let v = _storage._hydration {
+        try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
+      } }()
+      if _storage._replicaSeeding != false {
+        try visitor.visitSingularBoolField(value: _storage._replicaSeeding, fieldNumber: 13)
+      }
+      if _storage._compression != .none {
+        try visitor.visitSingularEnumField(value: _storage._compression, fieldNumber: 14)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Ferry_V1_VolumeSpec, rhs: Ferry_V1_VolumeSpec) -> Bool {
-    if lhs.name != rhs.name {return false}
-    if lhs.path != rhs.path {return false}
-    if lhs.createSizeBytes != rhs.createSizeBytes {return false}
-    if lhs.sizeBytes != rhs.sizeBytes {return false}
-    if lhs.epoch != rhs.epoch {return false}
-    if lhs.durableSequence != rhs.durableSequence {return false}
-    if lhs.initialSyncRequired != rhs.initialSyncRequired {return false}
-    if lhs.captureMode != rhs.captureMode {return false}
-    if lhs.scanIntervalSeconds != rhs.scanIntervalSeconds {return false}
-    if lhs.generation != rhs.generation {return false}
-    if lhs.fenced != rhs.fenced {return false}
-    if lhs._hydration != rhs._hydration {return false}
-    if lhs.replicaSeeding != rhs.replicaSeeding {return false}
+    if lhs._storage !== rhs._storage {
+      let storagesAreEqual: Bool = withExtendedLifetime((lhs._storage, rhs._storage)) { (_args: (_StorageClass, _StorageClass)) in
+        let _storage = _args.0
+        let rhs_storage = _args.1
+        if _storage._name != rhs_storage._name {return false}
+        if _storage._path != rhs_storage._path {return false}
+        if _storage._createSizeBytes != rhs_storage._createSizeBytes {return false}
+        if _storage._sizeBytes != rhs_storage._sizeBytes {return false}
+        if _storage._epoch != rhs_storage._epoch {return false}
+        if _storage._durableSequence != rhs_storage._durableSequence {return false}
+        if _storage._initialSyncRequired != rhs_storage._initialSyncRequired {return false}
+        if _storage._captureMode != rhs_storage._captureMode {return false}
+        if _storage._scanIntervalSeconds != rhs_storage._scanIntervalSeconds {return false}
+        if _storage._generation != rhs_storage._generation {return false}
+        if _storage._fenced != rhs_storage._fenced {return false}
+        if _storage._hydration != rhs_storage._hydration {return false}
+        if _storage._replicaSeeding != rhs_storage._replicaSeeding {return false}
+        if _storage._compression != rhs_storage._compression {return false}
+        return true
+      }
+      if !storagesAreEqual {return false}
+    }
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

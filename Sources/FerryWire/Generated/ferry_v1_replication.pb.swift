@@ -125,6 +125,12 @@ public nonisolated struct Ferry_V1_ReplicationBatch: Sendable {
   /// failover every record past the sequence its fence reported.
   public var generation: UInt64 = 0
 
+  /// Set when the attached frames may be compressed (VolumeSpec.compression): one entry per
+  /// attached frame, its length once decompressed. A frame shorter on the wire than its entry is
+  /// one LZ4 block; a frame as long as its entry travels as is (it did not compress). The
+  /// receiver checks every entry against its frame limit before decompressing anything.
+  public var attachedSizes: [UInt32] = []
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -309,6 +315,23 @@ public nonisolated struct Ferry_V1_VolumeReport: @unchecked Sendable {
   /// Clears the value of `writeLag`. Subsequent reads from it will return its default value.
   public mutating func clearWriteLag() {_uniqueStorage()._writeLag = nil}
 
+  /// Compression of the streamed bytes, cumulative like write_lag: bytes before and after
+  /// (frames kept as is count on both sides), and the CPU time spent compressing.
+  public var compressInBytes: UInt64 {
+    get {_storage._compressInBytes}
+    set {_uniqueStorage()._compressInBytes = newValue}
+  }
+
+  public var compressOutBytes: UInt64 {
+    get {_storage._compressOutBytes}
+    set {_uniqueStorage()._compressOutBytes = newValue}
+  }
+
+  public var compressNanos: UInt64 {
+    get {_storage._compressNanos}
+    set {_uniqueStorage()._compressNanos = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -422,7 +445,7 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
 
 nonisolated extension Ferry_V1_ReplicationBatch: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReplicationBatch"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{1}records\0\u{1}generation\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{1}records\0\u{1}generation\0\u{3}attached_sizes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -434,6 +457,7 @@ nonisolated extension Ferry_V1_ReplicationBatch: SwiftProtobuf.Message, SwiftPro
       case 2: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
       case 3: try { try decoder.decodeRepeatedMessageField(value: &self.records) }()
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.generation) }()
+      case 5: try { try decoder.decodeRepeatedUInt32Field(value: &self.attachedSizes) }()
       default: break
       }
     }
@@ -452,6 +476,9 @@ nonisolated extension Ferry_V1_ReplicationBatch: SwiftProtobuf.Message, SwiftPro
     if self.generation != 0 {
       try visitor.visitSingularUInt64Field(value: self.generation, fieldNumber: 4)
     }
+    if !self.attachedSizes.isEmpty {
+      try visitor.visitPackedUInt32Field(value: self.attachedSizes, fieldNumber: 5)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -460,6 +487,7 @@ nonisolated extension Ferry_V1_ReplicationBatch: SwiftProtobuf.Message, SwiftPro
     if lhs.epoch != rhs.epoch {return false}
     if lhs.records != rhs.records {return false}
     if lhs.generation != rhs.generation {return false}
+    if lhs.attachedSizes != rhs.attachedSizes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -652,7 +680,7 @@ nonisolated extension Ferry_V1_SyncProgress: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeReport"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{3}last_sequence\0\u{3}acked_sequence\0\u{3}pending_bytes\0\u{3}oldest_pending_unix_nanos\0\u{1}overflowed\0\u{1}sync\0\u{3}marked_extents\0\u{3}tcp_address\0\u{1}hydration\0\u{3}write_lag\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}volume\0\u{1}epoch\0\u{3}last_sequence\0\u{3}acked_sequence\0\u{3}pending_bytes\0\u{3}oldest_pending_unix_nanos\0\u{1}overflowed\0\u{1}sync\0\u{3}marked_extents\0\u{3}tcp_address\0\u{1}hydration\0\u{3}write_lag\0\u{3}compress_in_bytes\0\u{3}compress_out_bytes\0\u{3}compress_nanos\0")
 
   fileprivate class _StorageClass {
     var _volume: String = String()
@@ -667,6 +695,9 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
     var _tcpAddress: String = String()
     var _hydration: Ferry_V1_HydrationProgress? = nil
     var _writeLag: Ferry_V1_LagHistogram? = nil
+    var _compressInBytes: UInt64 = 0
+    var _compressOutBytes: UInt64 = 0
+    var _compressNanos: UInt64 = 0
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -689,6 +720,9 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
       _tcpAddress = source._tcpAddress
       _hydration = source._hydration
       _writeLag = source._writeLag
+      _compressInBytes = source._compressInBytes
+      _compressOutBytes = source._compressOutBytes
+      _compressNanos = source._compressNanos
     }
   }
 
@@ -719,6 +753,9 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
         case 10: try { try decoder.decodeSingularStringField(value: &_storage._tcpAddress) }()
         case 11: try { try decoder.decodeSingularMessageField(value: &_storage._hydration) }()
         case 12: try { try decoder.decodeSingularMessageField(value: &_storage._writeLag) }()
+        case 13: try { try decoder.decodeSingularUInt64Field(value: &_storage._compressInBytes) }()
+        case 14: try { try decoder.decodeSingularUInt64Field(value: &_storage._compressOutBytes) }()
+        case 15: try { try decoder.decodeSingularUInt64Field(value: &_storage._compressNanos) }()
         default: break
         }
       }
@@ -767,6 +804,15 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
       try { if let v = _storage._writeLag {
         try visitor.visitSingularMessageField(value: v, fieldNumber: 12)
       } }()
+      if _storage._compressInBytes != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._compressInBytes, fieldNumber: 13)
+      }
+      if _storage._compressOutBytes != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._compressOutBytes, fieldNumber: 14)
+      }
+      if _storage._compressNanos != 0 {
+        try visitor.visitSingularUInt64Field(value: _storage._compressNanos, fieldNumber: 15)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -788,6 +834,9 @@ nonisolated extension Ferry_V1_VolumeReport: SwiftProtobuf.Message, SwiftProtobu
         if _storage._tcpAddress != rhs_storage._tcpAddress {return false}
         if _storage._hydration != rhs_storage._hydration {return false}
         if _storage._writeLag != rhs_storage._writeLag {return false}
+        if _storage._compressInBytes != rhs_storage._compressInBytes {return false}
+        if _storage._compressOutBytes != rhs_storage._compressOutBytes {return false}
+        if _storage._compressNanos != rhs_storage._compressNanos {return false}
         return true
       }
       if !storagesAreEqual {return false}

@@ -36,6 +36,13 @@ public final class PeerSession: Sendable {
     private let lastReceived = Atomic<UInt64>(0)
     private let closed = Atomic<Bool>(false)
     private let attachmentsAccepted = Atomic<Bool>(false)
+    /// Bandwidth limits on what this session reads and on the bulk messages it sends.
+    private let throttles = Mutex<(inbound: (any ByteThrottle)?, outbound: (any ByteThrottle)?)>((nil, nil))
+    /// Set while the read loop waits for its inbound limit: the peer is not silent then, this
+    /// side is not reading.
+    private let throttling = Atomic<Bool>(false)
+    /// Messages at least this large go through the outbound limit (bulk data, not control).
+    public static let throttledMessageBytes = 16 << 10
 
     public init(channel: any Channel, outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>) {
         self.channel = channel
@@ -77,6 +84,19 @@ public final class PeerSession: Sendable {
         try await channel.writeAndFlush(frame)
     }
 
+    /// Puts this session's traffic under bandwidth limits: every message read (with its
+    /// attached frames) waits for `inbound` before it is handled, so a limited peer's stream
+    /// is slowed by TCP's own flow control; messages of at least `throttledMessageBytes` wait
+    /// for `outbound` before they are written.
+    public func throttle(inbound: (any ByteThrottle)?, outbound: (any ByteThrottle)?) {
+        throttles.withLock { $0 = (inbound, outbound) }
+    }
+
+    private func admitOutbound(_ bytes: Int) async {
+        guard bytes >= Self.throttledMessageBytes, let outbound = throttles.withLock({ $0.outbound }) else { return }
+        await outbound.admit(bytes)
+    }
+
     /// Whether the peer said it reads attached frames (a controller's Welcome does); until it
     /// has, bulk data must travel inside the messages.
     public var peerAcceptsAttachments: Bool {
@@ -94,11 +114,14 @@ public final class PeerSession: Sendable {
         envelope.attachments = UInt32(attachments.count)
         var frames = [try envelope.frame(allocator: channel.allocator)]
         frames.append(contentsOf: attachments)
+        await admitOutbound(frames.reduce(0) { $0 + $1.readableBytes })
         try await outbound.write(contentsOf: frames)
     }
 
     private func write(_ envelope: Ferry_V1_Envelope) async throws {
-        try await outbound.write(try envelope.frame(allocator: channel.allocator))
+        let frame = try envelope.frame(allocator: channel.allocator)
+        await admitOutbound(frame.readableBytes)
+        try await outbound.write(frame)
     }
 
     /// Sends a request and waits for the envelope whose `in_reply_to` names it. An `Error` reply
@@ -153,7 +176,7 @@ public final class PeerSession: Sendable {
                 while true {
                     // Checks twice per interval so a dead peer is noticed soon after its third miss.
                     try await Task.sleep(for: heartbeatInterval / 2)
-                    if self.silence > deadline {
+                    if self.silence > deadline, !self.throttling.load(ordering: .relaxed) {
                         dead.withLock {
                             $0 = FerryError(.timeout, "no message from \(self.remoteDescription) for \(self.silence); peer presumed dead after 3 missed heartbeats")
                         }
@@ -179,6 +202,12 @@ public final class PeerSession: Sendable {
                     markReceived()
                     let envelope = try Ferry_V1_Envelope(frame: frame)
                     let attachments = try await Attachments.read(envelope.attachments, from: &inbound)
+                    if let limit = throttles.withLock({ $0.inbound }) {
+                        throttling.store(true, ordering: .relaxed)
+                        await limit.admit(frame.readableBytes + attachments.reduce(0) { $0 + $1.readableBytes })
+                        throttling.store(false, ordering: .relaxed)
+                        markReceived()
+                    }
                     if envelope.inReplyTo != 0 {
                         if let waiter = pending.withLock({ $0.removeValue(forKey: envelope.inReplyTo) }) {
                             waiter.succeed(envelope)

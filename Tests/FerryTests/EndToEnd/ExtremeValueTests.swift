@@ -135,6 +135,42 @@ struct ExtremeValueTests {
             try await up()
         }
 
+        // Compressed batches (WAN mode): every decompressed size is checked before any work; a
+        // lie closes the sender's session only, with the reason; an honest one is acked.
+        let plain = ByteBuffer(repeating: 7, count: 64 << 10)
+        let block = try #require(AttachedFrameCompression.compress(plain, allocator: ByteBufferAllocator()))
+        var compressed: [(String, [UInt32], [ByteBuffer], String?)] = [
+            ("sizes missing for a frame", [UInt32(plain.readableBytes)], [block, block], "decompressed sizes"),
+            ("size UInt32.max", [UInt32.max], [block], "frame limit"),
+            ("size 0 for a block", [0], [block], "claims only"),
+            ("size under the block", [UInt32(block.readableBytes - 1)], [block], "claims only"),
+            ("size one short of the data", [UInt32(plain.readableBytes - 1)], [block], "corrupt"),
+            ("a corrupt block", [UInt32(plain.readableBytes)], [ByteBuffer(repeating: 0xFF, count: 300)], "corrupt"),
+            ("an honest block", [UInt32(plain.readableBytes)], [block], nil),
+        ]
+        compressed.append(("sizes past a batch's total", Array(repeating: UInt32(FrameSize.defaultAuthenticated), count: 2),
+                           [block, block], "decompressed"))
+        for (name, sizes, frames, reason) in compressed {
+            // (Sequence 1: the batches above left the replica in another epoch.)
+            var batch = FakeAgent.batch(epoch: FakeAnswers.epoch, sequence: 1)
+            batch.records[0].data = Data()
+            batch.records[0].attachedLength = UInt32(plain.readableBytes)
+            batch.attachedSizes = sizes
+            let outcome = try await fake.session(answer: answers.answer) { [batch] session, log in
+                try await session.send(.replicationBatch(batch), attachments: frames)
+                let answered = await log.wait { events in
+                    events.contains { if case .replicationAck = $0.body { true } else { false } } || log.ended != nil
+                }
+                return answered ? (log.ended ?? "acked") : "no answer"
+            }
+            if let reason {
+                #expect(outcome.contains(reason), "\(name): \(outcome)")
+            } else {
+                #expect(outcome == "acked", "\(name): \(outcome)")
+            }
+            try await up()
+        }
+
         // Reports at every extreme: stored, shown and turned into metrics.
         try await fake.session(answer: answers.answer) { session, _ in
             for value in [UInt64.max, 0] {
@@ -154,6 +190,9 @@ struct ExtremeValueTests {
                     r.sync.rateBytesPerSecond = value
                     r.sync.pendingExtents = value
                     r.sync.startedUnixNanos = nanos
+                    r.compressInBytes = value
+                    r.compressOutBytes = value
+                    r.compressNanos = value
                     try await session.send(.volumeReport(r))
                     let show = try await f.controller.ctl("volume", "show", "fake/v", "--json")
                     #expect(show.status == 0, "\(show)")
