@@ -12,6 +12,7 @@
 #   FERRY_BENCH_PARTS=rto ./deploy/bench.sh # only some parts: replication, points, rto (comma-separated)
 #   FERRY_BENCH_RTO_SIZES="1G 10G" FERRY_BENCH_RTO_DRILLS=3 FERRY_BENCH_RTO_FAILOVER=1  # the RTO part's defaults
 #   FERRY_BENCH_PARTS=hydration FERRY_BENCH_HYDRATE_SIZE=10G ./deploy/bench.sh   # hydration (on disk, in /var/tmp)
+#   FERRY_BENCH_PARTS=wan ./deploy/bench.sh  # WAN mode in the lab: a 100 Mbit/s inter-site link, lz4 on and off
 #
 # Needs root (tmpfs mount). A benchmark, not a test: figures vary from machine to machine.
 set -euo pipefail
@@ -20,7 +21,8 @@ cd "$root"
 size="${FERRY_BENCH_SIZE:-1G}"
 runtime="${FERRY_BENCH_RUNTIME:-15}"
 lag_runtime="${FERRY_BENCH_LAG_RUNTIME:-60}"
-parts="${FERRY_BENCH_PARTS:-replication,points,rto,hydration}"
+parts="${FERRY_BENCH_PARTS:-replication,points,rto,hydration,wan}"
+wan_runtime="${FERRY_BENCH_WAN_RUNTIME:-30}"
 hydrate_size="${FERRY_BENCH_HYDRATE_SIZE:-10G}"
 rto_sizes="${FERRY_BENCH_RTO_SIZES:-1G 10G}"
 rto_drills="${FERRY_BENCH_RTO_DRILLS:-3}"
@@ -31,7 +33,7 @@ die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (the volumes go on a tmpfs mounted here)"
 want() { [[ ",$parts," == *",$1,"* ]]; }
 for p in ${parts//,/ }; do
-  case "$p" in replication | points | rto | hydration) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, points, rto, hydration)" ;; esac
+  case "$p" in replication | points | rto | hydration | wan) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, points, rto, hydration, wan)" ;; esac
 done
 [[ "$rto_drills" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_RTO_DRILLS: a positive number"
 
@@ -545,6 +547,77 @@ PY
   stop_daemons
   rm -rf "$hyd_dir"
   log "hydration: done in $((SECONDS - hyd_start)) s"
+fi
+
+if want wan; then
+  # WAN mode, in the lab (deploy/lab): the controller in the secondary site, one agent in the
+  # primary, the inter-site link shaped to 100 Mbit/s each way (tbf). fio writes 64 KiB random
+  # blocks at 16 MB/s (128 Mbit/s, more than the link carries) for 30 s: database-like data
+  # (fio's buffers half compressible) and random data, each with compression off and lz4. Per run:
+  # the per-record lag (the agent's histogram), bytes on the wire and once decompressed (the
+  # controller's counters), the agent's compression CPU and how long the backlog took to drain.
+  log "WAN: lab with a 100 Mbit/s inter-site link"
+  stop_daemons
+  lab=(bash ./deploy/lab/lab.sh --prefix fbw)
+  "${lab[@]}" down >/dev/null 2>&1 || true
+  "${lab[@]}" up >&2 || die "lab up failed"
+  wan_down() { "${lab[@]}" down >/dev/null 2>&1 || true; }
+  trap 'wan_down; cleanup' EXIT
+  w="$work/wan"
+  mkdir -p "$w"
+  ctl_addr="$("${lab[@]}" addr ctl)"
+  "${lab[@]}" exec ctl -- "$bin/ferry-controller" --data-dir "$w/controller" --listen "$ctl_addr:7443" \
+    --api-listen 127.0.0.1:0 >"$w-controller.log" 2>&1 &
+  pids+=($!)
+  wait_for 30 test -s "$w/controller/ferryctl.env" || die "WAN: controller did not start"
+  # shellcheck disable=SC1091
+  . "$w/controller/ferryctl.env"
+  ctl() { "${lab[@]}" exec ctl -- "$bin/ferryctl" "$@"; }
+  token="$(ctl token create --host db 2>/dev/null)"
+  FERRY_ENROLL_TOKEN="$token" "${lab[@]}" exec db -- "$bin/ferry-agent" enroll --controller "$ctl_addr:7443" \
+    --data-dir "$w/agent-db" >/dev/null || die "WAN: enroll failed"
+  "${lab[@]}" exec db -- "$bin/ferry-agent" run --data-dir "$w/agent-db" --config "$work/agent.yaml" >"$w-agent.log" 2>&1 &
+  pids+=($!)
+  wan_agent=$!
+  db_online() { ctl hosts | grep -q 'db .*online'; }
+  wait_for 30 db_online || die "WAN: agent did not come online"
+  ctl protect db --volume data --path "$w/data.img" --create-size 2G >/dev/null || die "WAN: protect failed"
+  wan_settled() {
+    ctl volumes --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)[0]
+sync = v.get("sync") or {"done": True}
+sys.exit(0 if v.get("lagBytes") == 0 and v.get("replicaState") == "protected" and sync["done"] else 1)'
+  }
+  wait_for 120 wan_settled || die "WAN: the volume did not become protected"
+  "${lab[@]}" shape 100mbit >&2 || die "WAN: shaping the link failed"
+  wan_uri="nbd+unix:///data?socket=$w/agent-db/sockets/data.sock"
+  wan_run() { # wan_run NAME COMPRESSION [FIO ARGS...]
+    local name="$1" compression="$2"; shift 2
+    ctl wan set --compression "$compression" >/dev/null || die "WAN: wan set failed"
+    wait_for 300 wan_settled || die "WAN: not caught up before $name"
+    sleep 2.5
+    ctl metrics >"$work/results/metrics-wan-$name-before.txt"
+    local a0 t0 t1; a0=$(ticks "$wan_agent"); t0=$SECONDS
+    fio --name=wan --ioengine=nbd --uri="$wan_uri" --rw=randwrite --bs=64k --size=2G --iodepth=8 --rate=16m \
+        --time_based --runtime="${wan_runtime}s" --output-format=json --output="$work/results/wan-$name.json" "$@" >&2 \
+        || die "WAN: fio $name failed"
+    t1=$SECONDS
+    wait_for 600 wan_settled || log "WARNING: WAN $name had not caught up 600 s after fio"
+    sleep 2.5
+    ctl metrics >"$work/results/metrics-wan-$name-after.txt"
+    printf 'agent_ticks %s\nticks_per_second %s\ncatch_up_seconds %s\ncompression %s\n' \
+      "$(( $(ticks "$wan_agent") - a0 ))" "$(getconf CLK_TCK)" "$((SECONDS - t1))" "$([ "$compression" = lz4 ] && echo 1 || echo 0)" \
+      >"$work/results/wan-$name.proc"
+    log "WAN $name: fio $((t1 - t0)) s, caught up $((SECONDS - t1)) s after it"
+  }
+  wan_run db-none none --buffer_compress_percentage=50 --buffer_compress_chunk=4k --refill_buffers
+  wan_run db-lz4 lz4 --buffer_compress_percentage=50 --buffer_compress_chunk=4k --refill_buffers
+  wan_run random-none none --refill_buffers
+  wan_run random-lz4 lz4 --refill_buffers
+  stop_daemons
+  wan_down
+  trap cleanup EXIT
 fi
 
 echo

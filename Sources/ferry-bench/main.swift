@@ -316,6 +316,56 @@ func hydrationTable(_ dir: String) throws {
     printTable(fio)
 }
 
+/// One replication run with everything on a real disk, against the disk's own rate.
+func diskTable(_ dir: String) throws {
+    let floor = try fioWrite(dir + "/disk-floor.json").bandwidthBytes
+    let run = try fioWrite(dir + "/disk-run.json").bandwidthBytes
+    let bytes = try fioBytes(dir + "/disk-run.json")
+    let proc = try keyValues(dir + "/disk-run.proc")
+    let cpu = try processCPU(dir + "/disk-run.proc")
+    let gib = 1_073_741_824.0
+    let seconds = (proc["fio_seconds"] ?? 0) + (proc["catch_up_seconds"] ?? 0)
+    print("Real disk (volume, change log, journal and replica on one disk): 1 MiB sequential writes; floor: the disk's own sequential write rate with an fdatasync every 4 MiB (the controller's group commit), measured in this run")
+    printTable([
+        ["figure", "measured", "floor", "ratio"],
+        ["fio through the agent", mib(run), mib(floor), String(format: "%.2fx", run / floor)],
+        // Each byte is written three times on the one disk: the volume, the journal, the image.
+        ["replicated end to end (fio + catch-up)", mib(seconds > 0 ? bytes / seconds : 0), mib(floor / 3) + " (disk / 3 writes)",
+         String(format: "%.2fx", seconds > 0 ? bytes / seconds / (floor / 3) : 0)],
+        ["agent CPU per GiB", String(format: "%.2f core·s/GiB", cpu.agent / (bytes / gib)), "-", "-"],
+        ["controller CPU per GiB", String(format: "%.2f core·s/GiB", cpu.controller / (bytes / gib)), "-", "-"],
+    ])
+}
+
+/// WAN mode over the lab's 100 Mbit/s link: lag and bytes on the wire, compression off and lz4.
+func wanTable(_ dir: String) throws {
+    func counter(_ path: String, _ name: String) throws -> Double {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw Failure(description: "cannot read \(path)") }
+        return text.split(separator: "\n").filter { $0.hasPrefix(name + "{") }
+            .compactMap { Double($0.split(separator: " ").last ?? "") }.reduce(0, +)
+    }
+    func delta(_ run: String, _ name: String) throws -> Double {
+        try counter("\(dir)/metrics-\(run)-after.txt", name) - counter("\(dir)/metrics-\(run)-before.txt", name)
+    }
+    print("WAN mode: the lab's inter-site link shaped to 100 Mbit/s (tbf), fio 64 KiB random writes at 16 MB/s (128 Mbit/s) for the run")
+    var rows = [["workload", "compression", "written", "on the wire", "ratio", "lag p50", "lag p99", "backlog drained", "agent compress CPU"]]
+    for (workload, label) in [("db", "database-like (half compressible)"), ("random", "random (incompressible)")] {
+        for compression in ["none", "lz4"] {
+            let run = "wan-\(workload)-\(compression)"
+            guard FileManager.default.fileExists(atPath: "\(dir)/\(run).proc") else { continue }
+            let proc = try keyValues("\(dir)/\(run).proc")
+            let data = try delta(run, "ferry_replication_data_bytes_total"), wire = try delta(run, "ferry_replication_wire_bytes_total")
+            let lag = try runLag(dir, run)
+            let cpu = try delta(run, "ferry_volume_compress_cpu_seconds")
+            rows.append([label, compression, String(format: "%.0f MiB", data / 1_048_576), String(format: "%.0f MiB", wire / 1_048_576),
+                         String(format: "%.2fx", data / max(wire, 1)), ms(lag.quantile(0.5)), ms(lag.quantile(0.99)),
+                         String(format: "%.0f s", proc["catch_up_seconds"] ?? 0),
+                         compression == "lz4" ? String(format: "%.2f core·s/GiB", cpu / max(data / 1_073_741_824, 1e-9)) : "-"])
+        }
+    }
+    printTable(rows)
+}
+
 func main() throws {
     let args = CommandLine.arguments
     guard let i = args.firstIndex(of: "--results"), i + 1 < args.count else {
@@ -345,6 +395,14 @@ func main() throws {
     if has("hydration.txt") {
         section()
         try hydrationTable(dir)
+    }
+    if has("disk-run.proc") {
+        section()
+        try diskTable(dir)
+    }
+    if has("wan-db-none.proc") || has("wan-db-lz4.proc") {
+        section()
+        try wanTable(dir)
     }
     if !printed { throw Failure(description: "\(dir) holds no results") }
 }
