@@ -9,9 +9,11 @@
 #   ./deploy/bench.sh                       # 1 GiB volume, 15 s per fio run
 #   FERRY_BENCH_SIZE=2G FERRY_BENCH_RUNTIME=30 ./deploy/bench.sh
 #   FERRY_BENCH_LAG_RUNTIME=60              # the 500 MB/s lag run's length (seconds)
-#   FERRY_BENCH_PARTS=rto ./deploy/bench.sh # only some parts: replication, points, rto (comma-separated)
+#   FERRY_BENCH_PARTS=rto ./deploy/bench.sh # only some parts: replication, points, rto, hydration, scale (comma-separated)
 #   FERRY_BENCH_RTO_SIZES="1G 10G" FERRY_BENCH_RTO_DRILLS=3 FERRY_BENCH_RTO_FAILOVER=1  # the RTO part's defaults
 #   FERRY_BENCH_PARTS=hydration FERRY_BENCH_HYDRATE_SIZE=10G ./deploy/bench.sh   # hydration (on disk, in /var/tmp)
+#   FERRY_BENCH_PARTS=scale ./deploy/bench.sh   # idle agents on one controller, not a default part (it builds the
+#   FERRY_BENCH_SCALE_AGENTS=1000 FERRY_BENCH_SCALE_IDLE=30   # tests too, in debug); its defaults (agents, idle window s)
 #
 # Needs root (tmpfs mount). A benchmark, not a test: figures vary from machine to machine.
 set -euo pipefail
@@ -25,15 +27,19 @@ hydrate_size="${FERRY_BENCH_HYDRATE_SIZE:-10G}"
 rto_sizes="${FERRY_BENCH_RTO_SIZES:-1G 10G}"
 rto_drills="${FERRY_BENCH_RTO_DRILLS:-3}"
 rto_failover="${FERRY_BENCH_RTO_FAILOVER:-1}"
+scale_agents="${FERRY_BENCH_SCALE_AGENTS:-1000}"
+scale_idle="${FERRY_BENCH_SCALE_IDLE:-30}"
 
 log() { printf 'bench.sh: %s\n' "$*" >&2; }
 die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (the volumes go on a tmpfs mounted here)"
 want() { [[ ",$parts," == *",$1,"* ]]; }
 for p in ${parts//,/ }; do
-  case "$p" in replication | points | rto | hydration) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, points, rto, hydration)" ;; esac
+  case "$p" in replication | points | rto | hydration | scale) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, points, rto, hydration, scale)" ;; esac
 done
 [[ "$rto_drills" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_RTO_DRILLS: a positive number"
+[[ "$scale_agents" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_SCALE_AGENTS: a positive number"
+[[ "$scale_idle" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_SCALE_IDLE: a positive number of seconds"
 
 ./deploy/install-deps.sh >&2
 log "building (release)"
@@ -545,6 +551,23 @@ PY
   stop_daemons
   rm -rf "$hyd_dir"
   log "hydration: done in $((SECONDS - hyd_start)) s"
+fi
+
+if want scale; then
+  # Many idle agents on one controller: the scale test (Tests/FerryTests/EndToEnd/ScaleTests.swift),
+  # its agents in-process sessions of the test build (the same code as ferry-agent run), against
+  # this build's release controller and ferryctl (FERRY_BIN_DIR), with 5 s heartbeats. It writes
+  # the time from the sessions' start to all online, and the controller's CPU over an idle
+  # window once they are, and its RSS at the window's end.
+  log "scale: $scale_agents idle agents on one controller, ${scale_idle} s idle window"
+  scale_start=$SECONDS
+  stop_daemons
+  swift build --build-tests >&2 || die "swift build --build-tests (for the scale test) failed"
+  FERRY_BIN_DIR="$bin" FERRY_SCALE_AGENTS="$scale_agents" FERRY_SCALE_IDLE_SECONDS="$scale_idle" \
+    FERRY_SCALE_RESULTS="$work/results/scale.txt" swift test --skip-build --filter ScaleTests >"$work/scale-test.log" 2>&1 \
+    || { tail -n 40 "$work/scale-test.log" >&2; die "the scale test failed"; }
+  grep '^scale:' "$work/scale-test.log" | sed 's/^/bench.sh: /' >&2 || true
+  log "scale: done in $((SECONDS - scale_start)) s"
 fi
 
 echo
