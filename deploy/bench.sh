@@ -9,10 +9,13 @@
 #   ./deploy/bench.sh                       # 1 GiB volume, 15 s per fio run
 #   FERRY_BENCH_SIZE=2G FERRY_BENCH_RUNTIME=30 ./deploy/bench.sh
 #   FERRY_BENCH_LAG_RUNTIME=60              # the 500 MB/s lag run's length (seconds)
-#   FERRY_BENCH_PARTS=rto ./deploy/bench.sh # only some parts: replication, points, rto (comma-separated)
+#   FERRY_BENCH_PARTS=rto ./deploy/bench.sh # only some parts: replication, points, rto, hydration, scale (comma-separated)
 #   FERRY_BENCH_RTO_SIZES="1G 10G" FERRY_BENCH_RTO_DRILLS=3 FERRY_BENCH_RTO_FAILOVER=1  # the RTO part's defaults
 #   FERRY_BENCH_PARTS=hydration FERRY_BENCH_HYDRATE_SIZE=10G ./deploy/bench.sh   # hydration (on disk, in /var/tmp)
 #   FERRY_BENCH_PARTS=wan ./deploy/bench.sh  # WAN mode in the lab: a 100 Mbit/s inter-site link, lz4 on and off
+#   FERRY_BENCH_PARTS=disk FERRY_BENCH_DISK_DIR=/var/tmp ./deploy/bench.sh   # one replication run on a real disk
+#   FERRY_BENCH_PARTS=scale ./deploy/bench.sh   # idle agents on one controller, not a default part (it builds the
+#   FERRY_BENCH_SCALE_AGENTS=1000 FERRY_BENCH_SCALE_IDLE=30   # tests too, in debug); its defaults (agents, idle window s)
 #
 # Needs root (tmpfs mount). A benchmark, not a test: figures vary from machine to machine.
 set -euo pipefail
@@ -21,21 +24,26 @@ cd "$root"
 size="${FERRY_BENCH_SIZE:-1G}"
 runtime="${FERRY_BENCH_RUNTIME:-15}"
 lag_runtime="${FERRY_BENCH_LAG_RUNTIME:-60}"
-parts="${FERRY_BENCH_PARTS:-replication,points,rto,hydration,wan}"
+parts="${FERRY_BENCH_PARTS:-replication,disk,points,rto,hydration,wan}"
+disk_dir="${FERRY_BENCH_DISK_DIR:-/var/tmp}"
 wan_runtime="${FERRY_BENCH_WAN_RUNTIME:-30}"
 hydrate_size="${FERRY_BENCH_HYDRATE_SIZE:-10G}"
 rto_sizes="${FERRY_BENCH_RTO_SIZES:-1G 10G}"
 rto_drills="${FERRY_BENCH_RTO_DRILLS:-3}"
 rto_failover="${FERRY_BENCH_RTO_FAILOVER:-1}"
+scale_agents="${FERRY_BENCH_SCALE_AGENTS:-1000}"
+scale_idle="${FERRY_BENCH_SCALE_IDLE:-30}"
 
 log() { printf 'bench.sh: %s\n' "$*" >&2; }
 die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (the volumes go on a tmpfs mounted here)"
 want() { [[ ",$parts," == *",$1,"* ]]; }
 for p in ${parts//,/ }; do
-  case "$p" in replication | points | rto | hydration | wan) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, points, rto, hydration, wan)" ;; esac
+  case "$p" in replication | disk | points | rto | hydration | wan | scale) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, disk, points, rto, hydration, wan, scale)" ;; esac
 done
 [[ "$rto_drills" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_RTO_DRILLS: a positive number"
+[[ "$scale_agents" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_SCALE_AGENTS: a positive number"
+[[ "$scale_idle" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_SCALE_IDLE: a positive number of seconds"
 
 ./deploy/install-deps.sh >&2
 log "building (release)"
@@ -194,6 +202,46 @@ sys.exit(0 if v.get("lagBytes") == 0 and v.get("replicaState") == "protected" an
     log "WARNING: replica differs from the source after the runs"
     "$bin/ferryctl" volume show bench/bench >&2
   fi
+fi
+
+if want disk; then
+  # The same 1 MiB sequential run with everything on a real disk (FERRY_BENCH_DISK_DIR): the
+  # volume, the agent's change log, the controller's journal and replica. Its floor is the disk's
+  # own sequential write rate with an fdatasync every 4 MiB (the controller's group commit),
+  # measured first, in the same run.
+  stop_daemons
+  dd_dir="$(mktemp -d "$disk_dir/ferry-bench-disk.XXXXXX")"
+  trap 'rm -rf "$dd_dir"; cleanup' EXIT
+  log "real disk: floor (fio write + fdatasync every 4 MiB) in $dd_dir"
+  fio --name=floor --filename="$dd_dir/floor.img" --rw=write --bs=1M --size=1G --fdatasync=4 --end_fsync=1 \
+      --output-format=json --output="$work/results/disk-floor.json" >&2 || die "fio floor on disk failed"
+  rm -f "$dd_dir/floor.img"
+  printf 'protect-allow: ["%s/"]\n' "$dd_dir" >"$dd_dir/agent.yaml"
+  mkdir -p "$dd_dir/site"
+  start_site "$dd_dir/site" "$dd_dir/agent.yaml" disk
+  disk_controller="${pids[0]}" disk_agent="${pids[1]}"
+  "$bin/ferryctl" protect disk --volume data --path "$dd_dir/vol.img" --create-size "$size" >/dev/null || die "protect on disk failed"
+  wait_for 120 protected_all || die "the volume on disk did not become protected"
+  a0=$(ticks "$disk_agent"); c0=$(ticks "$disk_controller"); t0=$SECONDS
+  fio --name=disk --ioengine=nbd --uri="nbd+unix:///data?socket=$dd_dir/site/agent-disk/sockets/data.sock" --rw=write --bs=1M \
+      --size="$size" --iodepth=16 --time_based --runtime="${runtime}s" --output-format=json --output="$work/results/disk-run.json" >&2 \
+      || die "fio through the agent on disk failed"
+  t1=$SECONDS
+  disk_settled() {
+    "$bin/ferryctl" volumes --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)[0]
+sync = v.get("sync") or {"done": True}
+sys.exit(0 if v.get("lagBytes") == 0 and v.get("replicaState") == "protected" and sync["done"] else 1)'
+  }
+  wait_for 600 disk_settled || log "WARNING: replication on disk had not caught up 600 s after the run"
+  printf 'agent_ticks %s\ncontroller_ticks %s\nticks_per_second %s\nfio_seconds %s\ncatch_up_seconds %s\n' \
+    "$(( $(ticks "$disk_agent") - a0 ))" "$(( $(ticks "$disk_controller") - c0 ))" "$(getconf CLK_TCK)" "$((t1 - t0))" "$((SECONDS - t1))" \
+    >"$work/results/disk-run.proc"
+  log "real disk: fio $((t1 - t0)) s, replication caught up $((SECONDS - t1)) s after it"
+  stop_daemons
+  rm -rf "$dd_dir"
+  trap cleanup EXIT
 fi
 
 if want points; then
@@ -618,6 +666,23 @@ sys.exit(0 if v.get("lagBytes") == 0 and v.get("replicaState") == "protected" an
   stop_daemons
   wan_down
   trap cleanup EXIT
+fi
+
+if want scale; then
+  # Many idle agents on one controller: the scale test (Tests/FerryTests/EndToEnd/ScaleTests.swift),
+  # its agents in-process sessions of the test build (the same code as ferry-agent run), against
+  # this build's release controller and ferryctl (FERRY_BIN_DIR), with 5 s heartbeats. It writes
+  # the time from the sessions' start to all online, and the controller's CPU over an idle
+  # window once they are, and its RSS at the window's end.
+  log "scale: $scale_agents idle agents on one controller, ${scale_idle} s idle window"
+  scale_start=$SECONDS
+  stop_daemons
+  swift build --build-tests >&2 || die "swift build --build-tests (for the scale test) failed"
+  FERRY_BIN_DIR="$bin" FERRY_SCALE_AGENTS="$scale_agents" FERRY_SCALE_IDLE_SECONDS="$scale_idle" \
+    FERRY_SCALE_RESULTS="$work/results/scale.txt" swift test --skip-build --filter ScaleTests >"$work/scale-test.log" 2>&1 \
+    || { tail -n 40 "$work/scale-test.log" >&2; die "the scale test failed"; }
+  grep '^scale:' "$work/scale-test.log" | sed 's/^/bench.sh: /' >&2 || true
+  log "scale: done in $((SECONDS - scale_start)) s"
 fi
 
 echo

@@ -10,7 +10,9 @@
 // cuts-{paced,saturated}.txt and export.txt (recovery points); rto.txt (recovery time: "KIND SIZE SECONDS" lines,
 // KIND drill_rto, drill_wall, failover_rto or failover_wall); hydration.txt with
 // hydrate-{source,local,served}-{rr,rw,sw}.json (hydration against nbdcopy, and fio through a
-// hydrated recovered volume, the source agent's export and a volume served from the controller).
+// hydrated recovered volume, the source agent's export and a volume served from the controller);
+// scale.txt (the scale test's idle agents: agents, heartbeat_seconds, online_seconds, idle_seconds,
+// controller_cpu_fraction, controller_rss_bytes).
 // Each table is printed when its files are there (bench.sh's FERRY_BENCH_PARTS runs only some parts).
 import FerryWire
 import Foundation
@@ -366,6 +368,20 @@ func wanTable(_ dir: String) throws {
     printTable(rows)
 }
 
+/// Idle agents on one controller: its CPU over the idle window and RSS, against the goal for
+/// 1,000 agents with 5 s heartbeats.
+func scaleTable(_ dir: String) throws {
+    let kv = try keyValues(dir + "/scale.txt")
+    guard let agents = kv["agents"], let cpu = kv["controller_cpu_fraction"], let rss = kv["controller_rss_bytes"],
+          let online = kv["online_seconds"], let idle = kv["idle_seconds"], let heartbeat = kv["heartbeat_seconds"]
+    else { throw Failure(description: "scale.txt is incomplete") }
+    print(String(format: "Scale: %.0f idle agents (in-process sessions of the test build, one TLS session each) on one release controller, %.0f s heartbeats; CPU over a %.0f s idle window once all are online",
+                 agents, heartbeat, idle))
+    printTable([["agents", "controller CPU (one core)", "controller RSS", "sessions start to all online", "goal (1,000 agents, 5 s heartbeats)"],
+                [String(format: "%.0f", agents), String(format: "%.2f %%", cpu * 100), String(format: "%.0f MiB", rss / 1_048_576),
+                 String(format: "%.1f s", online), "< 5 % of a core, < 1 GiB"]])
+}
+
 func main() throws {
     let args = CommandLine.arguments
     guard let i = args.firstIndex(of: "--results"), i + 1 < args.count else {
@@ -403,6 +419,11 @@ func main() throws {
     if has("wan-db-none.proc") || has("wan-db-lz4.proc") {
         section()
         try wanTable(dir)
+}
+
+    if has("scale.txt") {
+        section()
+        try scaleTable(dir)
     }
     if !printed { throw Failure(description: "\(dir) holds no results") }
 }

@@ -28,6 +28,7 @@ public final class AgentSession: Service, Sendable {
     /// The connection being set up or held, so graceful shutdown can end it at any stage.
     private let current = Mutex<(channel: (any Channel)?, session: PeerSession?)>((nil, nil))
     private let connectedCount = Atomic<Int>(0)
+    private let heartbeatMilliseconds = Atomic<Int64>(0)
     /// This connection's replication streamers, one per volume; cancelled when it ends.
     private let streamers = Mutex<[Task<Void, Never>]>([])
     /// Largest batch sent at once (the window is the change log's: see `ChangeLog.windowBytes`).
@@ -61,6 +62,13 @@ public final class AgentSession: Service, Sendable {
 
     /// How many sessions have been welcomed so far (for tests and logs).
     public var sessionsOpened: Int { connectedCount.load(ordering: .relaxed) }
+
+    /// The heartbeat interval of the latest session, as the controller's welcome set it; nil
+    /// before the first (for tests and logs).
+    public var heartbeatInterval: Duration? {
+        let ms = heartbeatMilliseconds.load(ordering: .relaxed)
+        return ms > 0 ? .milliseconds(ms) : nil
+    }
 
     /// Connects and reconnects until graceful shutdown. Throws only when the controller refuses
     /// this host for good (removed, revoked or unknown): retrying cannot help then.
@@ -158,6 +166,7 @@ public final class AgentSession: Service, Sendable {
             connectedCount.add(1, ordering: .relaxed)
             onWelcome()
             let heartbeat = Duration.milliseconds(Int64(max(100, welcome.heartbeatIntervalMs)))
+            heartbeatMilliseconds.store(Int64(max(100, welcome.heartbeatIntervalMs)), ordering: .relaxed)
             logger.info("session open", metadata: ["controller": "\(address)", "host": "\(welcome.hostName)", "heartbeat": "\(heartbeat)"])
             if Task.isShuttingDownGracefully {
                 await session.close(reason: "agent shutting down")

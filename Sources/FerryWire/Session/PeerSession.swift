@@ -174,15 +174,23 @@ public final class PeerSession: Sendable {
         let watchdog = Task {
                 let deadline = heartbeatInterval * 3
                 while true {
-                    // Checks twice per interval so a dead peer is noticed soon after its third miss.
-                    try await Task.sleep(for: heartbeatInterval / 2)
-                    if self.silence > deadline, !self.throttling.load(ordering: .relaxed) {
+                    // Sleeps until the peer's silence would reach the deadline (a message since
+                    // pushes it back), not at a fixed pace: one wakeup per deadline or so rather
+                    // than two per heartbeat interval, which adds up with many sessions.
+                    let silence = self.silence
+                    if self.throttling.load(ordering: .relaxed) {
+                        // This side is waiting for a bandwidth limit, not reading: not the peer's silence.
+                        try await Task.sleep(for: heartbeatInterval)
+                        continue
+                    }
+                    if silence > deadline {
                         dead.withLock {
                             $0 = FerryError(.timeout, "no message from \(self.remoteDescription) for \(self.silence); peer presumed dead after 3 missed heartbeats")
                         }
                         try? await self.channel.close()
                         return
                     }
+                    try await Task.sleep(for: max(deadline - silence, .zero) + .milliseconds(1))
                 }
             }
             let heartbeats = Task {
