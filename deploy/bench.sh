@@ -14,6 +14,7 @@
 #   FERRY_BENCH_PARTS=hydration FERRY_BENCH_HYDRATE_SIZE=10G ./deploy/bench.sh   # hydration (on disk, in /var/tmp)
 #   FERRY_BENCH_PARTS=wan ./deploy/bench.sh  # WAN mode in the lab: a 100 Mbit/s inter-site link, lz4 on and off
 #   FERRY_BENCH_PARTS=disk FERRY_BENCH_DISK_DIR=/var/tmp ./deploy/bench.sh   # one replication run on a real disk
+#   FERRY_BENCH_PARTS=sync ./deploy/bench.sh  # initial sync of a 4 GiB half-full volume vs nbdcopy over TLS
 #   FERRY_BENCH_PARTS=scale ./deploy/bench.sh   # idle agents on one controller, not a default part (it builds the
 #   FERRY_BENCH_SCALE_AGENTS=1000 FERRY_BENCH_SCALE_IDLE=30   # tests too, in debug); its defaults (agents, idle window s)
 #
@@ -24,7 +25,7 @@ cd "$root"
 size="${FERRY_BENCH_SIZE:-1G}"
 runtime="${FERRY_BENCH_RUNTIME:-15}"
 lag_runtime="${FERRY_BENCH_LAG_RUNTIME:-60}"
-parts="${FERRY_BENCH_PARTS:-replication,disk,points,rto,hydration,wan}"
+parts="${FERRY_BENCH_PARTS:-replication,disk,sync,points,rto,hydration,wan}"
 disk_dir="${FERRY_BENCH_DISK_DIR:-/var/tmp}"
 wan_runtime="${FERRY_BENCH_WAN_RUNTIME:-30}"
 hydrate_size="${FERRY_BENCH_HYDRATE_SIZE:-10G}"
@@ -39,7 +40,7 @@ die() { printf 'bench.sh: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (the volumes go on a tmpfs mounted here)"
 want() { [[ ",$parts," == *",$1,"* ]]; }
 for p in ${parts//,/ }; do
-  case "$p" in replication | disk | points | rto | hydration | wan | scale) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, disk, points, rto, hydration, wan, scale)" ;; esac
+  case "$p" in replication | disk | sync | points | rto | hydration | wan | scale) ;; *) die "FERRY_BENCH_PARTS: unknown part '$p' (replication, disk, sync, points, rto, hydration, wan, scale)" ;; esac
 done
 [[ "$rto_drills" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_RTO_DRILLS: a positive number"
 [[ "$scale_agents" =~ ^[1-9][0-9]*$ ]] || die "FERRY_BENCH_SCALE_AGENTS: a positive number"
@@ -242,6 +243,50 @@ sys.exit(0 if v.get("lagBytes") == 0 and v.get("replicaState") == "protected" an
   stop_daemons
   rm -rf "$dd_dir"
   trap cleanup EXIT
+fi
+
+if want sync; then
+  # Initial sync of a volume that already holds data: 4 GiB, every other MiB random (2 GiB of
+  # data, 2 GiB of holes), protected from scratch; against nbdcopy of the same file over TLS
+  # into nbdkit's memory plugin (both skip the holes), in the same invocation.
+  stop_daemons
+  s_dir="$work/sync"
+  mkdir -p "$s_dir/tls"
+  truncate -s 4G "$s_dir/vol.img"
+  fio --name=fill --filename="$s_dir/vol.img" --rw=write:1M --bs=1M --size=4G --refill_buffers >/dev/null \
+    || die "filling the sync volume failed"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost -keyout "$s_dir/tls/server-key.pem" -out "$s_dir/tls/server-cert.pem" 2>/dev/null \
+    || die "openssl (sync baseline certificate) failed"
+  cp "$s_dir/tls/server-cert.pem" "$s_dir/tls/ca-cert.pem"
+  log "initial sync: baseline nbdcopy over TLS into nbdkit's memory plugin"
+  nbdkit --foreground --port 0 --print-uri --tls=require --tls-certificates="$s_dir/tls" memory 4G >"$s_dir/nbdkit.uri" 2>"$s_dir/nbdkit.log" &
+  pids+=($!)
+  wait_for 10 test -s "$s_dir/nbdkit.uri" || die "nbdkit (sync baseline) did not start"
+  port="$(sed -n 's/.*:\([0-9]*\)\/*$/\1/p' "$s_dir/nbdkit.uri" | head -n 1)"
+  t0=$(date +%s.%N)
+  nbdcopy "$s_dir/vol.img" "nbds://localhost:$port/?tls-certificates=$s_dir/tls" >&2 || die "nbdcopy (sync baseline) failed"
+  t1=$(date +%s.%N)
+  stop_daemons
+  log "initial sync: ferry"
+  start_site "$s_dir/site" "$work/agent.yaml" sync
+  t2=$(date +%s.%N)
+  "$bin/ferryctl" protect sync --volume data --path "$s_dir/vol.img" >/dev/null || die "protect (sync) failed"
+  sync_done() {
+    "$bin/ferryctl" volumes --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)[0]
+sync = v.get("sync") or {}
+sys.exit(0 if v.get("replicaState") == "protected" and sync.get("done") and v.get("lagBytes") == 0 else 1)'
+  }
+  wait_for 600 sync_done || die "the initial sync did not finish"
+  t3=$(date +%s.%N)
+  replica="$("$bin/ferryctl" volume show sync/data --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["replicaPath"])')"
+  cmp -s "$s_dir/vol.img" "$replica" || die "the replica differs from the volume after the initial sync"
+  python3 -c "print('nbdcopy_seconds %.3f' % ($t1 - $t0)); print('ferry_seconds %.3f' % ($t3 - $t2))" >"$work/results/sync.txt"
+  log "initial sync: $(tr '\n' ' ' <"$work/results/sync.txt")(replica identical)"
+  stop_daemons
+  rm -rf "$s_dir"
 fi
 
 if want points; then

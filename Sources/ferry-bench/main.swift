@@ -331,12 +331,23 @@ func diskTable(_ dir: String) throws {
     printTable([
         ["figure", "measured", "floor", "ratio"],
         ["fio through the agent", mib(run), mib(floor), String(format: "%.2fx", run / floor)],
-        // Each byte is written three times on the one disk: the volume, the journal, the image.
-        ["replicated end to end (fio + catch-up)", mib(seconds > 0 ? bytes / seconds : 0), mib(floor / 3) + " (disk / 3 writes)",
-         String(format: "%.2fx", seconds > 0 ? bytes / seconds / (floor / 3) : 0)],
+        // From fio's start until the controller holds every write durably; the disk takes each
+        // byte three times meanwhile (the volume, the journal, the image), only the journal synced.
+        ["replicated end to end (fio + catch-up)", mib(seconds > 0 ? bytes / seconds : 0), mib(floor),
+         String(format: "%.2fx", seconds > 0 ? bytes / seconds / floor : 0)],
         ["agent CPU per GiB", String(format: "%.2f core·s/GiB", cpu.agent / (bytes / gib)), "-", "-"],
         ["controller CPU per GiB", String(format: "%.2f core·s/GiB", cpu.controller / (bytes / gib)), "-", "-"],
     ])
+}
+
+/// Initial sync of a half-full volume against nbdcopy over TLS into nbdkit's memory plugin.
+func syncTable(_ dir: String) throws {
+    let kv = try keyValues(dir + "/sync.txt")
+    guard let nbdcopy = kv["nbdcopy_seconds"], let ferry = kv["ferry_seconds"], ferry > 0 else { throw Failure(description: "sync.txt is incomplete") }
+    print("Initial sync: a 4 GiB volume, every other MiB random (2 GiB of data), protected from scratch; baseline nbdcopy of the same file over TLS into nbdkit's memory plugin")
+    printTable([["measure", "ferry", "nbdcopy", "ratio (nbdcopy time / ferry time)", "target"],
+                ["initial sync of 4 GiB half full", String(format: "%.1f s", ferry), String(format: "%.1f s", nbdcopy),
+                 String(format: "%.2fx", nbdcopy / ferry), ">= 1.0x"]])
 }
 
 /// WAN mode over the lab's 100 Mbit/s link: lag and bytes on the wire, compression off and lz4.
@@ -415,6 +426,10 @@ func main() throws {
     if has("disk-run.proc") {
         section()
         try diskTable(dir)
+    }
+    if has("sync.txt") {
+        section()
+        try syncTable(dir)
     }
     if has("wan-db-none.proc") || has("wan-db-lz4.proc") {
         section()
