@@ -124,25 +124,16 @@ public final class AgentSession: Service, Sendable {
         guard id.certificate.notValidAfter > Date() else {
             throw FerryError(.revoked, "this host's certificate expired at \(id.certificate.notValidAfter); re-enroll it with a new token")
         }
-        let connection = try await ControllerConnection.open(
-            address: address,
-            tls: try TLSSettings.agentSession(certificate: id.certificate, key: id.privateKey, ca: id.ca),
-            group: group,
-            frameLimit: FrameLimit(FrameSize.defaultAuthenticated)
-        )
+        let connection = try await open(address, identity: id, frameLimit: FrameSize.defaultAuthenticated)
         try await connection.executeThenClose { inbound, outbound in
             current.withLock { $0 = (connection.channel, nil) }
             defer { current.withLock { $0 = (nil, nil) } }
             if Task.isShuttingDownGracefully { return }
             let session = PeerSession(channel: connection.channel, outbound: outbound)
             var messages = inbound.makeAsyncIterator()
-            var hello = Ferry_V1_Hello()
-            hello.protocolVersion = .protocolVersion1
-            hello.hostID = id.info.hostID
-            hello.agentVersion = FerryVersion.current
+            var hello = Self.hello(id)
             let helloInventory = inventory()
             hello.inventory = helloInventory
-            hello.certificateNotAfter = Int64(id.certificate.notValidAfter.timeIntervalSince1970)
             let welcome: Ferry_V1_Welcome
             do {
                 try await outbound.write(try Ferry_V1_Envelope.with(id: 1, .hello(hello)).frame(allocator: connection.channel.allocator))
@@ -210,6 +201,27 @@ public final class AgentSession: Service, Sendable {
                 }
             }
         }
+    }
+
+    /// A TLS connection to the controller with this host's certificate (the session's or the
+    /// control lane's).
+    func open(_ address: String, identity id: AgentIdentity, frameLimit: Int) async throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
+        try await ControllerConnection.open(
+            address: address,
+            tls: try TLSSettings.agentSession(certificate: id.certificate, key: id.privateKey, ca: id.ca),
+            group: group,
+            frameLimit: FrameLimit(frameLimit)
+        )
+    }
+
+    /// The first message of a connection: who this host is.
+    static func hello(_ id: AgentIdentity) -> Ferry_V1_Hello {
+        var hello = Ferry_V1_Hello()
+        hello.protocolVersion = .protocolVersion1
+        hello.hostID = id.info.hostID
+        hello.agentVersion = FerryVersion.current
+        hello.certificateNotAfter = Int64(id.certificate.notValidAfter.timeIntervalSince1970)
+        return hello
     }
 
     /// A consistency cut's PREPARE or FINISH, from the session or the control lane.

@@ -29,22 +29,13 @@ extension AgentSession {
 
     private func runControlLane(address: String, identity id: AgentIdentity, heartbeat: Duration, log: Logger,
                                 onWelcome: () -> Void) async throws {
-        let connection = try await ControllerConnection.open(
-            address: address,
-            tls: try TLSSettings.agentSession(certificate: id.certificate, key: id.privateKey, ca: id.ca),
-            group: group,
-            frameLimit: FrameLimit(FrameSize.unauthenticated)
-        )
+        let connection = try await open(address, identity: id, frameLimit: FrameSize.unauthenticated)
         try await connection.executeThenClose { inbound, outbound in
             let lane = PeerSession(channel: connection.channel, outbound: outbound)
             // The session ending cancels this task: close the connection so the read below ends.
             try await withTaskCancellationHandler {
                 var messages = inbound.makeAsyncIterator()
-                var hello = Ferry_V1_Hello()
-                hello.protocolVersion = .protocolVersion1
-                hello.hostID = id.info.hostID
-                hello.agentVersion = FerryVersion.current
-                hello.certificateNotAfter = Int64(id.certificate.notValidAfter.timeIntervalSince1970)
+                var hello = Self.hello(id)
                 hello.controlLane = true
                 try await outbound.write(try Ferry_V1_Envelope.with(id: 1, .hello(hello)).frame(allocator: connection.channel.allocator))
                 let frame = try await lane.withDeadline(.seconds(10)) { try await messages.next() }
