@@ -170,7 +170,7 @@ if fuzzing {
             linkerSettings: [.unsafeFlags(["-sanitize=fuzzer,address"])]
         )
     }
-    let libraries: Set = ["FerryWire", "FerryNBD", "CFerrySystem", "FerryAgentCore", "FerryControllerCore"]
+    let libraries: Set = ["FerryWire", "FerryNBD", "CFerrySystem", "CLZ4", "FerryAgentCore", "FerryControllerCore"]
     package.targets.removeAll { !libraries.contains($0.name) }
     package.products = []
     package.targets += [

@@ -10,7 +10,8 @@ public enum ControllerFuzzing {
 
     /// Plays `input` as what an agent sends on its session, as the controller reads it: the
     /// first byte picks how the rest arrives in reads; the rest is cut into frames, each decoded
-    /// as an envelope with its attached frames, and a replication batch is put through a fenced
+    /// as an envelope with its attached frames (decompressed when the batch says they are LZ4
+    /// blocks), and a replication batch is put through a fenced
     /// volume's gate (generation 1, epoch 1, through sequence 8) and checked record by record
     /// against a 1 MiB volume. Stops at the first error, as a session does.
     public static func frames(_ input: [UInt8]) {
@@ -40,6 +41,14 @@ public enum ControllerFuzzing {
                 guard gather.isComplete else { return } // the connection closed mid-message
                 var attachments = gather.frames
                 guard case .replicationBatch(var batch) = envelope.body else { continue }
+                if !batch.attachedSizes.isEmpty {
+                    // Compressed frames (WAN mode), checked and expanded as the session does.
+                    attachments = try AttachedFrameCompression.decompress(attachments, sizes: batch.attachedSizes,
+                                                                          maxFrameBytes: FrameSize.unauthenticated, allocator: ByteBufferAllocator())
+                    for (frame, size) in zip(attachments, batch.attachedSizes) {
+                        precondition(frame.readableBytes == Int(size), "a decompressed frame is not its stated size")
+                    }
+                }
                 switch gate.decide(generation: batch.generation, epoch: batch.epoch, sequences: batch.records.map(\.sequence)) {
                 case .all: break
                 case .prefix(let count, _): (batch, attachments) = batch.prefix(count, attachments: attachments)
