@@ -192,7 +192,7 @@ public final class AgentSession: Service, Sendable {
                 if let volumes {
                     tasks.addTask { try await Self.reportVolumes(volumes, session: session) }
                     if welcome.acceptsControlLane {
-                        tasks.addTask { await self.keepControlLane(address: address, identity: id, heartbeat: heartbeat) }
+                        tasks.addTask { await self.keepControlLane(address: address, heartbeat: heartbeat) }
                     }
                 }
                 defer { tasks.cancelAll() }

@@ -12,12 +12,14 @@ extension AgentSession {
     /// A lane that fails is reopened with backoff; meanwhile the controller sends cuts on the
     /// session, so losing the lane costs latency, never a cut. Returns when cancelled (the
     /// session ended).
-    func keepControlLane(address: String, identity: AgentIdentity, heartbeat: Duration) async {
+    func keepControlLane(address: String, heartbeat: Duration) async {
         var backoff = Backoff(initial: .milliseconds(200), maximum: config.reconnectMaxDelay)
         var log = logger
         log[metadataKey: "lane"] = "control"
         while !Task.isCancelled {
             do {
+                // The host's current certificate (a renewal during the session counts from now).
+                let identity = self.identity.withLock { $0 }
                 try await runControlLane(address: address, identity: identity, heartbeat: heartbeat, log: log) { backoff.reset() }
             } catch {
                 if Task.isCancelled { return }
