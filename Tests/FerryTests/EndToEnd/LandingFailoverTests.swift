@@ -139,9 +139,16 @@ struct LandingFailoverTests {
         var controller = lab.controller
         let uri = try await landedFailover(lab)
 
-        // Reprotect: only what rec1 changed travels (4 MiB), not the 48 MiB of data.
+        // Reprotect: only what rec1 changed travels (4 MiB), not the 48 MiB of data, and under
+        // db's WAN limit (16 Mbit/s): a reverse stream passes it too.
+        var limit = try await controller.ctl("wan", "set", "--host", "db", "--limit", "16mbit")
+        #expect(limit.status == 0, "\(limit)")
         let reprotect = try await failover.job(lab.site, "reprotect", "shop")
         #expect(reprotect.state == .succeeded, "\(reprotect)\n\(controller.process.log.suffix(3000))")
+        let throttledOut = try await WANTests().metric(controller, #"ferry_wan_throttled_seconds_total{host="db",direction="out"}"#)
+        #expect(throttledOut > 1, "4 MiB or more at 2 MB/s into db: waited \(throttledOut) s")
+        limit = try await controller.ctl("wan", "set", "--host", "db", "--limit", "none")
+        #expect(limit.status == 0, "\(limit)")
         #expect(try await planView(controller).state == .reversed)
         let sent = UInt64(reprotect.report["bytes_sent"] ?? "") ?? 0
         #expect(sent >= 4 << 20 && sent < 16 << 20, "\(reprotect.report)")
