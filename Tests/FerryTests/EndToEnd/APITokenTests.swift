@@ -43,6 +43,8 @@ struct APITokenTests {
         #expect(try await controller.ctl(["metrics"], environment: asViewer).status == 0)
         denied(try await controller.ctl(["host", "refresh", "db"], environment: asViewer), "has role viewer; this needs operator")
         denied(try await controller.ctl(["token", "create"], environment: asViewer), "this needs admin")
+        #expect(try await controller.ctl(["wan"], environment: asViewer).status == 0)
+        denied(try await controller.ctl(["wan", "set", "--limit", "10mbit"], environment: asViewer), "has role viewer; this needs operator")
 
         let asOperator = ["FERRY_TOKEN": operatorToken]
         #expect(try await controller.ctl(["host", "refresh", "db"], environment: asOperator).status == 0)
