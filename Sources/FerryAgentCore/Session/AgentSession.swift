@@ -403,7 +403,8 @@ public final class AgentSession: Service, Sendable {
                                   compression: stream.compression)
             })
             let worker = VolumeSyncWorker(name: stream.name, volume: stream.volume, log: stream.log, activity: stream.activity,
-                                          tracker: stream.tracker, session: session, logger: logger)
+                                          tracker: stream.tracker, session: session, logger: logger,
+                                          emptyReplicaEpoch: stream.emptyReplicaEpoch)
             tasks.append(Task { await worker.run() })
             if let interval = stream.scanInterval {
                 tasks.append(Task { await self.scan(stream.name, every: .seconds(Int64(interval)), volumes: volumes) })

@@ -87,13 +87,24 @@ struct VolumeSyncWorker {
     let tracker: SyncTracker
     let session: PeerSession
     let logger: Logger
+    /// The capture epoch in which the controller's replica was empty, if it said so.
+    var emptyReplicaEpoch: UInt64? = nil
 
     func run() async {
         var cursor = 0
         var idle = true
+        // Blocks are sent without comparing while the replica is known to be what an empty
+        // start plus this epoch's captured writes make it: until the first pass ends (a later
+        // resync is asked for because something may differ) or the epoch changes.
+        var replicaEmptyIn = emptyReplicaEpoch
+        if replicaEmptyIn != nil {
+            logger.info("the controller's replica is empty: its initial sync sends the blocks that hold data, without comparing hashes",
+                        metadata: ["volume": "\(name)"])
+        }
         while !Task.isCancelled {
             guard let (extent, generation) = activity.nextPending(from: cursor) else {
                 if !idle {
+                    replicaEmptyIn = nil
                     tracker.finish()
                     logger.info("volume sync compared everything pending", metadata: ["volume": "\(name)"])
                     idle = true
@@ -107,7 +118,7 @@ struct VolumeSyncWorker {
             await log.waitForRoom(atMost: log.heldBytes / 2)
             if Task.isCancelled { return }
             do {
-                let (done, sent) = try await sync(extent: extent)
+                let (done, sent) = try await sync(extent: extent, replicaEmpty: replicaEmptyIn.map { $0 == log.epoch } ?? false)
                 activity.finishPending(extent, generation: generation, through: log.last)
                 tracker.advance(done: done, sent: sent)
                 cursor = extent + 1
@@ -121,11 +132,16 @@ struct VolumeSyncWorker {
         }
     }
 
-    /// One extent: hash, ask, capture what differs. Returns the bytes compared and sent.
-    func sync(extent: Int) async throws -> (UInt64, UInt64) {
+    /// One extent: hash, ask, capture what differs; or, into a replica known to be empty,
+    /// capture what holds data. Returns the bytes compared and sent.
+    func sync(extent: Int, replicaEmpty: Bool = false) async throws -> (UInt64, UInt64) {
         let offset = UInt64(extent) * activity.extentBytes
         let length = min(activity.extentBytes, volume.size - offset)
         let count = Int((length + UInt64(Self.blockBytes) - 1) / UInt64(Self.blockBytes))
+        if replicaEmpty {
+            return (length, try await capture(Self.runs(try await volume.dataBlocks(offset: offset, blockBytes: Self.blockBytes, count: count),
+                                                        count: count), at: offset))
+        }
         let result = try await volume.hashes(offset: offset, blockBytes: Self.blockBytes, count: count)
         var request = Ferry_V1_ResyncHashes()
         request.volume = name
@@ -140,15 +156,20 @@ struct VolumeSyncWorker {
         case .error(let e): throw FerryError(wire: e)
         default: throw FerryError(.protocolViolation, "controller answered resync hashes with \(reply.bodyName)")
         }
+        return (length, try await capture(try Self.runs(diff.differing, count: count), at: offset))
+    }
+
+    /// Captures each run of blocks of the extent at `offset` as one record; returns the data
+    /// bytes. Consecutive blocks travel together (an initial sync differs almost everywhere):
+    /// per-record work on both sides is paid per run.
+    func capture(_ runs: [Range<Int>], at offset: UInt64) async throws -> UInt64 {
         var sent: UInt64 = 0
-        // Consecutive differing blocks travel as one record of up to `maxRunBlocks` (an initial
-        // sync differs almost everywhere): per-record work on both sides is paid per run.
-        for run in try Self.runs(diff.differing, count: count) {
+        for run in runs {
             let captured = try await volume.captureCurrent(offset: offset + UInt64(run.lowerBound) * UInt64(Self.blockBytes),
                                                            length: run.count * Self.blockBytes)
             sent += UInt64(captured.dataBytes)
         }
-        return (length, sent)
+        return sent
     }
 
     /// Most blocks captured as one record (1 MiB).

@@ -186,6 +186,17 @@ public final class BlockVolume: NBDExport {
         }
     }
 
+    /// The indices of the blocks that hold data (not zeroes, not holes), without hashing them.
+    public func dataBlocks(offset: UInt64, blockBytes: Int, count: Int) async throws -> [UInt32] {
+        let fd = self.fd, size = self.size, hydration = self.hydration
+        return try await pool.runIfActive {
+            try hydration?.ensureLocal(offset: offset, length: UInt64(blockBytes) * UInt64(count))
+            let marks = try BlockHashing.hashes(fd: fd, size: size, offset: offset, blockBytes: blockBytes, count: count,
+                                                digest: BlockHashing.dataMarker).hashes
+            return marks.indices.filter { !marks[$0].isEmpty }.map(UInt32.init)
+        }
+    }
+
     /// Captures the current content of a range as if it had just been written (a zeroed range
     /// if it reads as zeroes), under the mutation lock so it takes its place in the write order.
     /// Returns the sequence and the bytes of data captured.

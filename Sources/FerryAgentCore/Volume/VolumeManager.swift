@@ -58,6 +58,9 @@ public actor VolumeManager {
     private var served: [String: Served] = [:]
     /// Per volume, the last sequence of its current epoch the controller holds durably.
     private var resumeAfter: [String: UInt64] = [:]
+    /// Volumes whose replica the controller said is empty, with the capture epoch then: their
+    /// initial sync sends data blocks without comparing hashes while that epoch lasts.
+    private var emptyReplicaEpoch: [String: UInt64] = [:]
     let changeLogBytes: Int
     let spillBytes: Int64
     /// The loopback TCP export shared by all volumes, if configured.
@@ -150,6 +153,7 @@ public actor VolumeManager {
             // The controller says when a recovered volume's replica is ready to be streamed to.
             served[spec.name]?.spec.replicaSeeding = spec.replicaSeeding
             served[spec.name]?.spec.compression = spec.compression
+            noteEmptyReplica(spec)
             try await applyFencing(spec)
             try await startSyncIfNeeded(spec)
             return status(served[spec.name] ?? existing)
@@ -159,6 +163,7 @@ public actor VolumeManager {
         }
         let entry = try await openVolume(spec)
         served[spec.name] = entry
+        noteEmptyReplica(spec)
         try persist()
         try await startSyncIfNeeded(spec)
         return status(entry)
@@ -378,6 +383,14 @@ public actor VolumeManager {
         return status(entry)
     }
 
+    private func noteEmptyReplica(_ spec: Ferry_V1_VolumeSpec) {
+        if spec.replicaEmpty, spec.captureMode == .export, let log = served[spec.name]?.log {
+            emptyReplicaEpoch[spec.name] = log.epoch
+        } else {
+            emptyReplicaEpoch[spec.name] = nil
+        }
+    }
+
     /// What each volume's streamer and sync worker need, and the sequence to resume after.
     struct Stream {
         let name: String
@@ -390,6 +403,8 @@ public actor VolumeManager {
         let scanInterval: UInt32?
         /// How the streamer compresses the written bytes it sends.
         let compression: Ferry_V1_StreamCompression
+        /// The capture epoch in which the controller's replica was empty (see `emptyReplicaEpoch`).
+        let emptyReplicaEpoch: UInt64?
     }
 
     func streams() -> [Stream] {
@@ -399,7 +414,7 @@ public actor VolumeManager {
             served[name].map {
                 Stream(name: name, volume: $0.volume, log: $0.log, activity: $0.activity, tracker: $0.tracker, after: resumeAfter[name] ?? 0,
                        scanInterval: $0.spec.captureMode == .scan ? max(5, $0.spec.scanIntervalSeconds) : nil,
-                       compression: $0.spec.compression)
+                       compression: $0.spec.compression, emptyReplicaEpoch: emptyReplicaEpoch[name])
             }
         }
     }

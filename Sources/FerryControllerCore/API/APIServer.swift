@@ -309,6 +309,9 @@ struct APIRoutes {
         spec.initialSyncRequired = true
         spec.captureMode = mode == "scan" ? .scan : .export
         spec.scanIntervalSeconds = UInt32(interval)
+        // Nothing of this volume on the controller yet: its initial sync need not compare hashes.
+        let absent = await replicas.absent(hostID: host.id, volume: body.volume)
+        spec.replicaEmpty = mode == "export" && absent
         let (record, _) = try await agents.protectVolume(spec, host: host, session: entry.session, captureMode: mode, scanIntervalSeconds: interval,
                                                          actor: actor)
         return try await volumeView(record, hostName: host.name)

@@ -113,4 +113,12 @@ public actor ReplicaManager {
 
     /// An already opened replica, if any.
     public func opened(hostID: String, volume: String) -> ReplicaStore? { open[hostID + "/" + volume] }
+
+    /// No replica of this volume exists, opened or on disk (nor one being built): a new one
+    /// will start empty.
+    func absent(hostID: String, volume: String) -> Bool {
+        let key = hostID + "/" + volume
+        let fm = FileManager.default
+        return open[key] == nil && seeding[key] == nil && !fm.fileExists(atPath: root + "/" + key) && !fm.fileExists(atPath: root + "/" + key + ".seeding")
+    }
 }

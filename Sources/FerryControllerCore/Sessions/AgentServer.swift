@@ -366,6 +366,9 @@ public final class AgentServer: Service, Sendable {
                 spec.durableSequence = await replica.durable
                 spec.initialSyncRequired = !state.initialSynced
                 spec.compression = wan.compression(hostID: hostID)
+                // A replica that has never held a record of any epoch is still all zeroes.
+                spec.replicaEmpty = spec.captureMode == .export && !state.initialSynced && state.epoch == 0 && state.epochs.isEmpty
+                    && spec.durableSequence == 0
                 sync.volumes.append(spec)
             }
             var command = Ferry_V1_Command()

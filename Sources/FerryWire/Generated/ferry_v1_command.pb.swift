@@ -499,6 +499,15 @@ public nonisolated struct Ferry_V1_VolumeSpec: @unchecked Sendable {
     set {_uniqueStorage()._compression = newValue}
   }
 
+  /// The controller's replica has never held anything (a new replica of an exported volume): its
+  /// initial sync need not compare hashes. The agent sends every block that is not zeroes, until
+  /// its first sync pass ends or its capture epoch changes (an overflow drops writes, and the
+  /// replica is no longer a prefix of an empty start plus the captured writes).
+  public var replicaEmpty: Bool {
+    get {_storage._replicaEmpty}
+    set {_uniqueStorage()._replicaEmpty = newValue}
+  }
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1728,7 +1737,7 @@ nonisolated extension Ferry_V1_Echo: SwiftProtobuf.Message, SwiftProtobuf._Messa
 
 nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".VolumeSpec"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0\u{3}capture_mode\0\u{3}scan_interval_seconds\0\u{1}generation\0\u{1}fenced\0\u{1}hydration\0\u{3}replica_seeding\0\u{1}compression\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}path\0\u{3}create_size_bytes\0\u{3}size_bytes\0\u{1}epoch\0\u{3}durable_sequence\0\u{3}initial_sync_required\0\u{3}capture_mode\0\u{3}scan_interval_seconds\0\u{1}generation\0\u{1}fenced\0\u{1}hydration\0\u{3}replica_seeding\0\u{1}compression\0\u{3}replica_empty\0")
 
   fileprivate class _StorageClass {
     var _name: String = String()
@@ -1745,6 +1754,7 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
     var _hydration: Ferry_V1_VolumeHydration? = nil
     var _replicaSeeding: Bool = false
     var _compression: Ferry_V1_StreamCompression = .none
+    var _replicaEmpty: Bool = false
 
       // This property is used as the initial default value for new instances of the type.
       // The type itself is protecting the reference to its storage via CoW semantics.
@@ -1769,6 +1779,7 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
       _hydration = source._hydration
       _replicaSeeding = source._replicaSeeding
       _compression = source._compression
+      _replicaEmpty = source._replicaEmpty
     }
   }
 
@@ -1801,6 +1812,7 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
         case 12: try { try decoder.decodeSingularMessageField(value: &_storage._hydration) }()
         case 13: try { try decoder.decodeSingularBoolField(value: &_storage._replicaSeeding) }()
         case 14: try { try decoder.decodeSingularEnumField(value: &_storage._compression) }()
+        case 15: try { try decoder.decodeSingularBoolField(value: &_storage._replicaEmpty) }()
         default: break
         }
       }
@@ -1855,6 +1867,9 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
       if _storage._compression != .none {
         try visitor.visitSingularEnumField(value: _storage._compression, fieldNumber: 14)
       }
+      if _storage._replicaEmpty != false {
+        try visitor.visitSingularBoolField(value: _storage._replicaEmpty, fieldNumber: 15)
+      }
     }
     try unknownFields.traverse(visitor: &visitor)
   }
@@ -1878,6 +1893,7 @@ nonisolated extension Ferry_V1_VolumeSpec: SwiftProtobuf.Message, SwiftProtobuf.
         if _storage._hydration != rhs_storage._hydration {return false}
         if _storage._replicaSeeding != rhs_storage._replicaSeeding {return false}
         if _storage._compression != rhs_storage._compression {return false}
+        if _storage._replicaEmpty != rhs_storage._replicaEmpty {return false}
         return true
       }
       if !storagesAreEqual {return false}

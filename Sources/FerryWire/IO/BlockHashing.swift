@@ -23,7 +23,11 @@ public enum BlockHashing {
 
     /// Hashes `count` blocks of `blockBytes` from `offset` of the file `fd` whose logical size
     /// is `size` (the last block stops there). Blocking: call it from a thread pool.
-    public static func hashes(fd: Int32, size: UInt64, offset: UInt64, blockBytes: Int, count: Int) throws -> Result {
+    ///
+    /// `digest` makes each block's entry (by default its wire hash); `dataMarker` only tells data
+    /// from zeroes, for when the other side is known to hold zeroes.
+    public static func hashes(fd: Int32, size: UInt64, offset: UInt64, blockBytes: Int, count: Int,
+                              digest: (UnsafeRawBufferPointer) -> Data = hash) throws -> Result {
         var hashes: [Data] = []
         hashes.reserveCapacity(count)
         var buffer = [UInt8](repeating: 0, count: blockBytes)
@@ -64,7 +68,7 @@ public enum BlockHashing {
                 return done
             }
             read += n
-            hashes.append(buffer.withUnsafeBytes { hash(UnsafeRawBufferPointer(rebasing: $0[..<length])) })
+            hashes.append(buffer.withUnsafeBytes { digest(UnsafeRawBufferPointer(rebasing: $0[..<length])) })
         }
         return Result(hashes: hashes, bytesRead: read)
     }
@@ -73,6 +77,11 @@ public enum BlockHashing {
     public static func hash(_ bytes: UnsafeRawBufferPointer) -> Data {
         if isZero(bytes) { return Data() }
         return Data(SHA256.hash(data: bytes).prefix(hashBytes))
+    }
+
+    /// Empty for zeroes, one byte for data: no hash computed.
+    public static func dataMarker(_ bytes: UnsafeRawBufferPointer) -> Data {
+        isZero(bytes) ? Data() : Data([1])
     }
 
     public static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {

@@ -139,6 +139,8 @@ struct ReplicationTests {
         // as ordinary writes before the sync compares them).
         #expect(sync.sentBytes >= (1 << 30) - (8 << 20) && sync.sentBytes <= (1 << 30) + (8 << 20), "\(sync)")
         #expect(synced?.syncedPercent == 100)
+        // The replica was new: nothing was hashed to compare, the data blocks were sent.
+        #expect(agent.log.contains("the controller's replica is empty"), "\(agent.log.suffix(3000))")
         print("initial sync of a 2 GiB half-empty volume: sent \(sync.sentBytes) bytes (\(Double(sync.sentBytes) / Double(1 << 30)) GiB)")
         _ = await agent.terminate()
         _ = await controller.process.terminate()
@@ -184,6 +186,8 @@ struct ReplicationTests {
         #expect(try await converged(image, replica), "\(again.log)")
         let last = try #require(synced?.sync)
         #expect(last.totalBytes < 1 << 30, "the agent compared the whole volume again: \(last)")
+        // Resumed into a replica that holds the first run's records: compared by hashes again.
+        #expect(agent.log.contains("the controller's replica is empty") && !again.log.contains("the controller's replica is empty"))
         print("initial sync of 1 GiB interrupted twice: after the agent restart \(resumed?.totalBytes ?? 0) bytes were left to compare; that run compared \(last.totalBytes) bytes in all")
         _ = await again.terminate()
         _ = await controller.process.terminate()
