@@ -109,7 +109,8 @@ struct VolumeSyncWorker {
                     logger.info("volume sync compared everything pending", metadata: ["volume": "\(name)"])
                     idle = true
                 }
-                try? await Task.sleep(for: .milliseconds(100))
+                // Woken when an extent becomes pending (a lost write, an overflow, a resync).
+                await activity.waitForPending()
                 continue
             }
             idle = false

@@ -44,6 +44,15 @@ public final class ActivityLog: Sendable {
         /// generation known to be on disk.
         var changed: UInt64 = 0
         var persisted: UInt64 = 0
+        /// The sync worker, while it waits for an extent to become pending.
+        var pendingWaiter: CheckedContinuation<Void, Never>?
+
+        /// Wakes the waiting sync worker if anything is pending.
+        mutating func wakeIfPending() {
+            guard pendingCount > 0, let waiter = pendingWaiter else { return }
+            pendingWaiter = nil
+            waiter.resume()
+        }
     }
 
     public let path: String
@@ -178,6 +187,7 @@ public final class ActivityLog: Sendable {
                     }
                 }
             }
+            s.wakeIfPending()
         }
     }
 
@@ -190,6 +200,7 @@ public final class ActivityLog: Sendable {
                 s.extents[i].pending = true
                 s.extents[i].generation &+= 1
             }
+            s.wakeIfPending()
         }
     }
 
@@ -208,9 +219,28 @@ public final class ActivityLog: Sendable {
             if extentCount % 8 != 0, !s.bitmap.isEmpty { s.bitmap[s.bitmap.count - 1] = UInt8((1 << (extentCount % 8)) - 1) }
             s.changed += 1
             for i in s.extents.indices { s.extents[i].markedAt = s.changed }
+            s.wakeIfPending()
             return s.changed
         }
         try persist(through: generation)
+    }
+
+    /// Returns once an extent is pending (at once if one is), or the calling task is cancelled:
+    /// the sync worker sleeps here between comparisons, woken by whatever makes one pending.
+    func waitForPending() async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let ready = state.withLock { s -> Bool in
+                    if s.pendingCount > 0 || Task.isCancelled { return true }
+                    s.pendingWaiter?.resume()
+                    s.pendingWaiter = c
+                    return false
+                }
+                if ready { c.resume() }
+            }
+        } onCancel: {
+            state.withLock { s in defer { s.pendingWaiter = nil }; return s.pendingWaiter }?.resume()
+        }
     }
 
     /// The first pending extent at or after `from` (wrapping around), with its generation.

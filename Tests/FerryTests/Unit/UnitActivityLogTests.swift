@@ -26,6 +26,29 @@ struct UnitActivityLogTests {
         }
     }
 
+    @Test("the sync worker's wait for a pending extent: at once when one is, woken by the extent that becomes pending, or by cancellation")
+    func waitForPending() async throws {
+        try await withUnitTempDir { dir in
+            let activity = try ActivityLog(path: dir + "/v.fal", volumeBytes: 64 << 20)
+            #expect(activity.pendingCount == 0)
+            // Woken by a full comparison starting.
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { await activity.waitForPending() }
+                group.addTask { try await Task.sleep(for: .milliseconds(50)); try activity.markAllPending() }
+                try await group.waitForAll()
+            }
+            #expect(activity.pendingCount == 16)
+            // Pending already: at once.
+            await activity.waitForPending()
+            // Nothing pending: a cancelled wait returns.
+            for i in 0..<16 { activity.finishPending(i, generation: activity.nextPending(from: i)!.generation, through: 0) }
+            #expect(activity.pendingCount == 0)
+            let waiting = Task { await activity.waitForPending() }
+            waiting.cancel()
+            await waiting.value
+        }
+    }
+
     @Test("a mark clears once every write into the extent is acked, and stays while one is not")
     func marksClearOnAck() async throws {
         try await withUnitTempDir { dir in
