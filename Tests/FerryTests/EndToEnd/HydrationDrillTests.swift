@@ -75,9 +75,10 @@ struct HydrationDrillTests {
                                                        arguments: ["--nbd-tls-listen", exportAddress], logName: "controller-2.log")
         rec1 = try AgentProcess.start(dataDir: dir.path + "/agent-rec1", arguments: ["--config", recConfig], logPath: dir.path + "/agent-rec1-2.log")
         // fio's flushed writes are there after the restart (the map kept their blocks local).
-        #expect(await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
-            FileManager.default.fileExists(atPath: dir.path + "/agent-rec1/sockets/recovered-db-data.sock")
-        })
+        // (The socket file outlives the killed agent: wait until the new one answers.)
+        #expect(try await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
+            try await run("/usr/bin/nbdinfo", ["--size", uri]).status == 0
+        }, "\(rec1.log.suffix(2000))")
         r = try await fio(uri, ["--verify_only"])
         #expect(r.status == 0, "after kill -9: \(r)")
         // It had not finished: the restarted agent resumes from its saved map, not from nothing.
