@@ -1,6 +1,12 @@
 import FerryWire
 import Foundation
+import Subprocess
 import Synchronization
+#if canImport(System)
+import System
+#else
+import SystemPackage
+#endif
 
 /// Runs the hooks defined in the agent's own configuration, by name only: the controller can
 /// ask for `fsfreeze-data`, never send a command line.
@@ -11,76 +17,118 @@ public struct HookRunner: Sendable {
 
     public init(hooks: [String: String]) { self.hooks = hooks }
 
-    /// Runs hook `name` with `/bin/sh -c`, killing it (and its process group) after `timeout`.
-    /// Returns nil when it exited 0, otherwise why it failed, with the end of its output.
+    /// Runs hook `name` with `/bin/sh -c` in a process group of its own, killing the group
+    /// after `timeout`. Returns nil when it exited 0, otherwise why it failed, with the end of
+    /// its output.
+    ///
+    /// Spawned with swift-subprocess (posix_spawn, descriptors above stderr closed, exit seen
+    /// through a pidfd), not Foundation's `Process`: on this toolchain that reads past a
+    /// directory entry of /proc/self/fd and its pipe's readability handler races libdispatch,
+    /// and either crashed the agent mid-cut. Output goes to an unlinked file rather than a
+    /// pipe, so a child the hook leaves behind holding it never delays the result.
     public func run(_ name: String, timeout: Duration, environment: [String: String] = [:]) async -> String? {
         guard let command = hooks[name] else {
             return "no hook named '\(name)' is defined in this agent's configuration (hooks: \(hooks.keys.sorted().joined(separator: ", ")))"
         }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/bin/sh")
-        process.arguments = ["-c", command]
-        var env = ProcessInfo.processInfo.environment
-        for (key, value) in Self.allowed(environment) { env[key] = value }
-        env["FERRY_HOOK"] = name
-        process.environment = env
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        process.standardInput = FileHandle.nullDevice
-        let collected = OutputTail(limit: Self.outputTail)
-        output.fileHandleForReading.readabilityHandler = { handle in
-            let data = handle.availableData
-            if !data.isEmpty { collected.append(data) }
+        let output: Int32
+        do { output = try Self.anonymousFile() } catch {
+            return "hook '\(name)' could not start: \((error as? FerryError)?.message ?? "\(error)")"
         }
-        let exited: AsyncStream<Int32> = AsyncStream { continuation in
-            process.terminationHandler = { p in
-                continuation.yield(p.terminationStatus)
-                continuation.finish()
+        defer { close(output) }
+        var overrides: [Environment.Key: String?] = ["FERRY_HOOK": name]
+        for (key, value) in Self.allowed(environment) { overrides[Environment.Key(stringLiteral: key)] = value }
+        var options = PlatformOptions()
+        options.processGroupID = 0
+        let configuration = Configuration(executable: .path("/bin/sh"), arguments: ["-c", command], environment: .inherit.updating(overrides),
+                                          platformOptions: options)
+        let pid = SpawnedPID()
+        let outcome = await withTaskGroup(of: HookOutcome?.self) { group in
+            group.addTask {
+                do {
+                    let result = try await Subprocess.run(configuration, input: .none,
+                                                          output: .fileDescriptor(FileDescriptor(rawValue: output), closeAfterSpawningProcess: false),
+                                                          error: .fileDescriptor(FileDescriptor(rawValue: output), closeAfterSpawningProcess: false)) { execution in
+                        pid.set(execution.processIdentifier.value)
+                    }
+                    return .ended(result.terminationStatus)
+                } catch {
+                    return .failedToStart("\(error)")
+                }
             }
+            group.addTask {
+                do { try await Task.sleep(for: timeout) } catch { return nil }
+                // The whole group: a child left running would outlive the kill of its shell.
+                while !Task.isCancelled {
+                    if let p = pid.value {
+                        kill(-p, SIGKILL)
+                        kill(p, SIGKILL)
+                        return .timedOut
+                    }
+                    try? await Task.sleep(for: .milliseconds(10))
+                }
+                return nil
+            }
+            var timedOut = false
+            var ended: HookOutcome = .timedOut
+            for await next in group {
+                switch next {
+                case .timedOut: timedOut = true
+                case .ended, .failedToStart:
+                    ended = next!
+                    group.cancelAll()
+                case nil: break
+                }
+            }
+            return timedOut ? .timedOut : ended
         }
-        do {
-            try process.run()
-        } catch {
-            output.fileHandleForReading.readabilityHandler = nil
-            return "hook '\(name)' could not start: \(error)"
-        }
-        let pid = process.processIdentifier
-        let killed = Atomic<Bool>(false)
-        let timer = Task {
-            try await Task.sleep(for: timeout)
-            killed.store(true, ordering: .relaxed)
-            // Its process group too (Foundation starts it in one of its own): a child left
-            // holding the output pipe would keep the hook from ever being seen to end.
-            if getpgid(pid) == pid { kill(-pid, SIGKILL) }
-            kill(pid, SIGKILL)
-        }
-        var status: Int32 = -1
-        for await s in exited { status = s }
-        timer.cancel()
-        let timedOut = killed.load(ordering: .relaxed)
-        output.fileHandleForReading.readabilityHandler = nil
-        // What the hook wrote just before it exited may not have reached the handler yet: take
-        // it without blocking (a child it left behind may still hold the pipe open).
-        // (poll, so the descriptor's flags stay as Foundation set them; at most 64 KiB.)
-        var pending = pollfd(fd: output.fileHandleForReading.fileDescriptor, events: Int16(POLLIN), revents: 0)
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        var drained = 0
-        while drained < 64 << 10, poll(&pending, 1, 0) > 0, pending.revents & Int16(POLLIN) != 0 {
-            let n = read(pending.fd, &chunk, chunk.count)
-            guard n > 0 else { break }
-            collected.append(Data(chunk[0..<n]))
-            drained += n
-        }
-        let tail = collected.text
-        if timedOut {
+        let tail = Self.tail(of: output, limit: Self.outputTail)
+        switch outcome {
+        case .timedOut:
             return "hook '\(name)' timed out after \(timeout) and was killed" + (tail.isEmpty ? "" : ": \(tail)")
+        case .failedToStart(let why):
+            return "hook '\(name)' could not start: \(why)"
+        case .ended(.exited(0)):
+            return nil
+        case .ended(.exited(let status)):
+            return "hook '\(name)' exited with status \(status)" + (tail.isEmpty ? "" : ": \(tail)")
+        case .ended(.signaled(let signal)):
+            return "hook '\(name)' was killed by signal \(signal)" + (tail.isEmpty ? "" : ": \(tail)")
         }
-        guard status == 0, process.terminationReason == .exit else {
-            let how = process.terminationReason == .exit ? "exited with status \(status)" : "was killed by signal \(status)"
-            return "hook '\(name)' \(how)" + (tail.isEmpty ? "" : ": \(tail)")
-        }
-        return nil
+    }
+
+    /// The hook's process, once spawned, for the timer that may have to kill it.
+    private final class SpawnedPID: Sendable {
+        private let pid = Mutex<pid_t?>(nil)
+        var value: pid_t? { pid.withLock { $0 } }
+        func set(_ value: pid_t) { pid.withLock { $0 = value } }
+    }
+
+    private enum HookOutcome: Sendable {
+        case ended(TerminationStatus)
+        case failedToStart(String)
+        case timedOut
+    }
+
+    /// A temporary file already unlinked: it vanishes with its last descriptor.
+    static func anonymousFile() throws -> Int32 {
+        var template = Array((FileManager.default.temporaryDirectory.path + "/ferry-hook-XXXXXX").utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { throw FerryError(.io, "cannot create a file for the hook's output in \(FileManager.default.temporaryDirectory.path): \(String(cString: strerror(errno)))") }
+        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        // Not inherited by other children; the hook gets it as stdout and stderr only.
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return fd
+    }
+
+    /// The last `limit` bytes written to `fd`, as trimmed text.
+    static func tail(of fd: Int32, limit: Int) -> String {
+        var status = stat()
+        guard fstat(fd, &status) == 0, status.st_size > 0 else { return "" }
+        let count = Int(min(Int64(limit), Int64(status.st_size)))
+        var bytes = [UInt8](repeating: 0, count: count)
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(status.st_size) - off_t(count)) }
+        guard n > 0 else { return "" }
+        return String(decoding: bytes[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 }
 
@@ -99,25 +147,5 @@ extension HookRunner {
             out[key] = value
         }
         return out
-    }
-}
-
-/// The last bytes a hook wrote, for its error message: appended from the pipe's reader
-/// thread, read once the hook ended.
-final class OutputTail: Sendable {
-    private let data = Mutex(Data())
-    private let limit: Int
-
-    init(limit: Int) { self.limit = limit }
-
-    func append(_ more: Data) {
-        data.withLock { d in
-            d.append(more)
-            if d.count > limit { d = d.suffix(limit) }
-        }
-    }
-
-    var text: String {
-        String(decoding: data.withLock { $0 }, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     }
 }

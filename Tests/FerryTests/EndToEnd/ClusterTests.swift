@@ -140,7 +140,7 @@ struct ClusterTests {
             .contains { $0.action == "host.remove" && $0.target == "web" && $0.actor == "api:admin" })
 
         // A restart of the revoked agent is refused at once, with a reason.
-        let again = try AgentProcess.start(dataDir: dir.path + "/agent-web", logPath: dir.file("web-again.log"))
+        let again = try await AgentProcess.start(dataDir: dir.path + "/agent-web", logPath: dir.file("web-again.log"))
         #expect(await again.waitForExit(timeout: .seconds(15)) == AgentSession.exitCodeRevoked)
         #expect(again.log.contains("revoked"), "\(again.log)")
         let metrics = try await controller.ctl("metrics")
@@ -170,7 +170,7 @@ struct ClusterTests {
         try await Task.sleep(for: .seconds(8))
         _ = await agent.terminate()
         #expect(try await controller.waitFor("db", state: "offline", timeout: .seconds(5)))
-        let restarted = try AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
+        let restarted = try await AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
         #expect(try await controller.waitFor("db", state: "online", timeout: .seconds(10)), "\(restarted.log)")
         // (Later renewals supersede their predecessors too: the first serial is among them.)
         let superseded = try await controller.audit().filter { $0.action == "host.certificate-superseded" }

@@ -27,7 +27,7 @@ struct ControlLaneTests {
             ["enroll", "--controller", controller.agentAddress, "--token", token, "--data-dir", agentDir])
         let enrolled = try await run(enroll, arguments)
         #expect(enrolled.status == 0, "\(enrolled)")
-        let agent = try AgentProcess.start(dataDir: agentDir, namespace: host)
+        let agent = try await AgentProcess.start(dataDir: agentDir, namespace: host)
         defer { agent.signal(SIGTERM) }
         #expect(try await controller.waitFor("db", state: "online"))
         var r = try await controller.ctl("protect", "db", "--volume", "data", "--path", dir.sub("volumes") + "/data.img", "--create-size", "512M")
@@ -47,7 +47,7 @@ struct ControlLaneTests {
         // fio writes 20 MB/s, far more than the link carries, for 12 s: the change log (memory,
         // then its spill file) takes the difference, and the session's send window stays full.
         let uri = "nbd+unix:///data?socket=\(agentDir)/sockets/data.sock"
-        let fio = try ChildProcess("/usr/bin/fio", ["--name=fill", "--ioengine=nbd", "--uri=\(uri)", "--rw=write", "--bs=1M", "--size=512M",
+        let fio = try await ChildProcess("/usr/bin/fio", ["--name=fill", "--ioengine=nbd", "--uri=\(uri)", "--rw=write", "--bs=1M", "--size=512M",
                                                     "--rate=20m", "--time_based", "--runtime=12"], logPath: dir.file("fio.log"))
         defer { fio.signal(SIGTERM) }
         try await Task.sleep(for: .seconds(3))

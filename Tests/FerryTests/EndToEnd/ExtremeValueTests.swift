@@ -234,7 +234,7 @@ struct ExtremeValueTests {
         try await fake.serve { connections in
             // The identity names the listener's port, known only now.
             try fake.identity(hostID: UUID().uuidString.lowercased(), hostName: "real").save(to: agentDir)
-            let agent = try AgentProcess.start(dataDir: agentDir, arguments: ["--config", config])
+            let agent = try await AgentProcess.start(dataDir: agentDir, arguments: ["--config", config])
             defer { agent.signal(SIGKILL) }
             @Sendable func alive(_ what: String) {
                 #expect(agent.isRunning, "agent died after \(what):\n\(agent.log.suffix(3000))")

@@ -191,7 +191,7 @@ struct FailoverTests {
         #expect(try await qemuIO(site.recoveredURI("rec1", "db/data"), "write -P 0x33 2M 128k", "flush").ok)
         // The recovery host's agent dies and comes back: it serves its recovered volume again.
         await site.agents["rec1"]!.kill9()
-        site.agents["rec1"] = try AgentProcess.start(dataDir: site.dir.path + "/agent-rec1", arguments: ["--config", site.dir.file("agent-rec1.yaml")])
+        site.agents["rec1"] = try await AgentProcess.start(dataDir: site.dir.path + "/agent-rec1", arguments: ["--config", site.dir.file("agent-rec1.yaml")])
         #expect(try await site.controller.waitFor("rec1", state: "online"))
         #expect(try await eventually(timeout: .seconds(20)) {
             try await qemuIO(site.recoveredURI("rec1", "db/data"), "read -P 0x33 2M 128k", "read -P 0x22 1M 1M").ok
@@ -272,7 +272,7 @@ struct FailoverTests {
         #expect(r.ok, "\(r.output)")
 
         // The old primary comes back: fenced before it serves a write.
-        site.agents["db"] = try AgentProcess.start(dataDir: site.dir.path + "/agent-db", arguments: ["--config", site.dir.file("agent-db.yaml")])
+        site.agents["db"] = try await AgentProcess.start(dataDir: site.dir.path + "/agent-db", arguments: ["--config", site.dir.file("agent-db.yaml")])
         #expect(try await site.controller.waitFor("db", state: "online"))
         r = try await qemuIO(site.uris["db/data"]!, "write -P 0x66 0 4k")
         #expect(!r.ok, "the old primary's export refuses writes: \(r.output)")

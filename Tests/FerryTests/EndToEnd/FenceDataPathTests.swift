@@ -25,7 +25,7 @@ struct FenceDataPathTests {
     func writesAfterTheFenceNeverLand() async throws {
         let dir = try TestDirectory()
         let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--nbd-tls-listen", "127.0.0.1:0"])
-        let link = try ChildProcess("/usr/bin/python3", [Self.proxy, "127.0.0.1", controller.agentAddress], logPath: dir.file("link.log"))
+        let link = try await ChildProcess("/usr/bin/python3", [Self.proxy, "127.0.0.1", controller.agentAddress], logPath: dir.file("link.log"))
         defer { link.signal(SIGCONT); link.signal(SIGTERM) }
         #expect(await eventually(timeout: .seconds(10)) { (try? String(contentsOfFile: link.logPath, encoding: .utf8))?.contains("\n") == true })
         let port = try #require(Int(try String(contentsOfFile: link.logPath, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
@@ -34,7 +34,7 @@ struct FenceDataPathTests {
         let dbDir = dir.path + "/agent-db"
         let enrolled = try await AgentProcess.enroll(controller: controller, token: try await controller.token(host: "db"), dataDir: dbDir)
         #expect(enrolled.status == 0, "\(enrolled)")
-        let db = try AgentProcess.start(dataDir: dbDir, arguments: ["--controller", "127.0.0.1:\(port)"])
+        let db = try await AgentProcess.start(dataDir: dbDir, arguments: ["--controller", "127.0.0.1:\(port)"])
         let recConfig = dir.file("agent-rec1.yaml")
         try "hooks:\n  start: \"true\"\n".write(toFile: recConfig, atomically: true, encoding: .utf8)
         let rec1 = try await AgentProcess.enrollAndStart("rec1", controller: controller, in: dir, arguments: ["--config", recConfig])

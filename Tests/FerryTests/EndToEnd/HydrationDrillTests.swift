@@ -73,7 +73,7 @@ struct HydrationDrillTests {
         await controller.process.kill9()
         controller = try await ControllerProcess.start(dataDir: controller.dataDir, listen: controller.agentAddress,
                                                        arguments: ["--nbd-tls-listen", exportAddress], logName: "controller-2.log")
-        rec1 = try AgentProcess.start(dataDir: dir.path + "/agent-rec1", arguments: ["--config", recConfig], logPath: dir.path + "/agent-rec1-2.log")
+        rec1 = try await AgentProcess.start(dataDir: dir.path + "/agent-rec1", arguments: ["--config", recConfig], logPath: dir.path + "/agent-rec1-2.log")
         // fio's flushed writes are there after the restart (the map kept their blocks local).
         // (The socket file outlives the killed agent: wait until the new one answers.)
         #expect(try await eventually(timeout: .seconds(20), every: .milliseconds(200)) {

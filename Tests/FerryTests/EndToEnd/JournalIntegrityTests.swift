@@ -58,7 +58,7 @@ struct JournalIntegrityTests {
         }
 
         // The agent comes back: a full resync repairs the replica, which then equals the source.
-        c.agents["db"] = try AgentProcess.start(dataDir: c.dir.path + "/agent-db", logPath: c.dir.file("db-2.log"))
+        c.agents["db"] = try await AgentProcess.start(dataDir: c.dir.path + "/agent-db", logPath: c.dir.file("db-2.log"))
         #expect(try await c.controller.waitFor("db", state: "online", timeout: .seconds(30)), "\(c.agents["db"]?.log.suffix(3000) ?? "")")
         var repaired: API.Volume?
         #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(500)) {

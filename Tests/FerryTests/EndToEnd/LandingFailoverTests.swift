@@ -89,7 +89,7 @@ struct LandingFailoverTests {
 
         // rec1 dies midway through the hydration and comes back: the copy resumes, the write stays.
         await lab.rec1.kill9()
-        lab.rec1 = try AgentProcess.start(dataDir: lab.dir.path + "/agent-rec1", arguments: ["--config", lab.recConfig],
+        lab.rec1 = try await AgentProcess.start(dataDir: lab.dir.path + "/agent-rec1", arguments: ["--config", lab.recConfig],
                                           logPath: lab.dir.path + "/agent-rec1-2.log")
         // (The killed agent's socket file stays until the new one binds it again.)
         #expect(try await eventually(timeout: .seconds(20), every: .milliseconds(200)) {
@@ -184,7 +184,7 @@ struct LandingFailoverTests {
         // db dies while rec1 writes; back, it goes on from the position it recorded.
         await lab.db.kill9()
         #expect(try await failover.qemuIO(uri, "write -P 0x71 30M 3M", "write -P 0x72 31M 1M", "flush").ok)
-        let db = try AgentProcess.start(dataDir: lab.dir.path + "/agent-db", logPath: lab.dir.path + "/agent-db-2.log")
+        let db = try await AgentProcess.start(dataDir: lab.dir.path + "/agent-db", logPath: lab.dir.path + "/agent-db-2.log")
         #expect(try await controller.waitFor("db", state: "online"))
         // "Caught up" is relative to what the controller has journaled, and rec1 may still be
         // sending these writes: wait for the data itself.

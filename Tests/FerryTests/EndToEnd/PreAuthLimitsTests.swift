@@ -50,9 +50,9 @@ struct PreAuthLimitsTests {
         let nbdPort = String(nbdAddress.split(separator: ":").last ?? "")
         // 2,000 idle connections to the agent listener (50 from each of 40 addresses), 400 to the
         // NBD+TLS listener, and 30 bogus enrollments.
-        let flood = try ChildProcess(RecoveryPointTests.python, [Self.flood, controller.agentAddress, controller.caPath, frame, "2000", "40", "30", "20"],
+        let flood = try await ChildProcess(RecoveryPointTests.python, [Self.flood, controller.agentAddress, controller.caPath, frame, "2000", "40", "30", "20"],
                                      logPath: dir.file("flood.log"))
-        let nbdFlood = try ChildProcess(RecoveryPointTests.python, [Self.flood, nbdAddress, controller.caPath, frame, "400", "8", "0", "20"],
+        let nbdFlood = try await ChildProcess(RecoveryPointTests.python, [Self.flood, nbdAddress, controller.caPath, frame, "400", "8", "0", "20"],
                                         logPath: dir.file("nbd-flood.log"))
         defer {
             flood.signal(SIGTERM)
@@ -70,7 +70,7 @@ struct PreAuthLimitsTests {
         await agent.kill9()
         #expect(try await controller.waitFor("db", state: "offline", timeout: .seconds(20)))
         let started = ContinuousClock.now
-        agent = try AgentProcess.start(dataDir: agentDir, logPath: dir.file("db-2.log"))
+        agent = try await AgentProcess.start(dataDir: agentDir, logPath: dir.file("db-2.log"))
         #expect(try await controller.waitFor("db", state: "online", timeout: .seconds(5)), "\(agent.log.suffix(2000))")
         print("real agent back online \(ContinuousClock.now - started) after its start, under the flood")
         // (Its restart began a new capture epoch: cuts wait for the resync that follows.)

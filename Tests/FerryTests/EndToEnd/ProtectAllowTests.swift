@@ -95,7 +95,7 @@ struct ProtectAllowTests {
         let config = dir.file("agent.yaml")
         let extra = dir.sub("extra"), images = dir.sub("images")
         try "protect-allow:\n  - \(extra)/one.img\n  - \(images)/\n".write(toFile: config, atomically: true, encoding: .utf8)
-        let agent = try AgentProcess.start(dataDir: dataDir, arguments: ["--config", config], logPath: dir.file("db-2.log"), allowTestDirectory: false)
+        let agent = try await AgentProcess.start(dataDir: dataDir, arguments: ["--config", config], logPath: dir.file("db-2.log"), allowTestDirectory: false)
         #expect(try await controller.waitFor("db", state: "online"))
 
         // Still served, with a warning in the agent's log and an audit entry from the controller.

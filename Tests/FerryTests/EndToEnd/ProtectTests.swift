@@ -54,7 +54,7 @@ struct ProtectTests {
         // back at once, from the agent's own memory of its volumes.
         await agent.kill9()
         _ = await controller.process.terminate()
-        let again = try AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
+        let again = try await AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
         // (The killed agent left its socket file behind: wait for an answer, not for the file.)
         let served = try await eventually(timeout: .seconds(10), every: .milliseconds(200)) {
             try await run("/usr/bin/nbdinfo", ["--size", uri]).status == 0

@@ -106,7 +106,7 @@ struct RecoveryPointTests {
 
         let log = c.dir.file("workload.jsonl"), stop = c.dir.file("stop"), ready = c.dir.file("ready")
         let targets = shop + ["app/cache"]
-        let workload = try ChildProcess(Self.python, [Self.workload, "run", "--log", log, "--stop-file", stop, "--ready-file", ready,
+        let workload = try await ChildProcess(Self.python, [Self.workload, "run", "--log", log, "--stop-file", stop, "--ready-file", ready,
                                                       "--rate", "500", "--blocks", "1024"] + targets.flatMap { ["--volume", "\($0)=\(c.uris[$0]!)"] },
                                         logPath: c.dir.file("workload.out"))
         #expect(await eventually(timeout: .seconds(20)) { FileManager.default.fileExists(atPath: ready) || !workload.isRunning })

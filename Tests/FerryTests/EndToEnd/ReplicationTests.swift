@@ -98,7 +98,7 @@ struct ReplicationTests {
         try await Task.sleep(for: .seconds(2))
         await agent.kill9()
         _ = try? await load.value
-        let again = try AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
+        let again = try await AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
         #expect(try await current.waitFor("db", state: "online"))
         let resynced = try await settled(current, after: Date())
         #expect(try await converged(image, replica), "\(again.log)")
@@ -168,7 +168,7 @@ struct ReplicationTests {
         }
         #expect(try await progressed(past: 96 << 20), "\(agent.log)")
         await agent.kill9()
-        let again = try AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
+        let again = try await AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
         #expect(try await controller.waitFor("db", state: "online"))
         // The new run starts from the extents still pending on disk, not from the beginning.
         var resumed: API.SyncProgress?

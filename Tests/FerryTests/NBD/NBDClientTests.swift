@@ -26,7 +26,7 @@ struct NBDClientTests {
             self.dir = try dir ?? TestDirectory("ferry-nbdkit")
             socket = self.dir.file("nbdkit-\(UUID().uuidString.prefix(8)).sock")
             let pidFile = socket + ".pid"
-            process = try ChildProcess("/usr/bin/nbdkit",
+            process = try await ChildProcess("/usr/bin/nbdkit",
                 ["--foreground", "--exit-with-parent", "--threads", "16", "--unix", socket, "--pidfile", pidFile] + arguments + plugin,
                 logPath: socket + ".log")
             // nbdkit writes its pid file once it is listening.

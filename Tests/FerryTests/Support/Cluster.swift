@@ -35,7 +35,7 @@ final class ControllerProcess: Sendable {
         let logPath = (dataDir as NSString).deletingLastPathComponent + "/" + logName
         let (executable, args) = NetworkNamespace.wrap(namespace, Binaries.path("ferry-controller"),
             ["--data-dir", dataDir, "--listen", listen, "--api-listen", apiListen, "--log-level", "debug"] + arguments)
-        let process = try ChildProcess(executable, args, logPath: logPath)
+        let process = try await ChildProcess(executable, args, logPath: logPath)
         let ready = await eventually(timeout: .seconds(30)) {
             FileManager.default.fileExists(atPath: dataDir + "/ferryctl.env") && FileManager.default.fileExists(atPath: dataDir + "/agent-listen.addr")
                 || !process.isRunning
@@ -114,7 +114,7 @@ enum AgentProcess {
     ///   (tests keep their images there, outside the agent's data dir): a `--config` given gets a
     ///   `protect-allow` line unless it has one; without one, the agent gets a config of its own.
     static func start(dataDir: String, arguments: [String] = [], logPath: String? = nil, namespace: NetworkNamespace? = nil,
-                      allowTestDirectory: Bool = true) throws -> ChildProcess {
+                      allowTestDirectory: Bool = true) async throws -> ChildProcess {
         var arguments = arguments
         if allowTestDirectory {
             let line = "\nprotect-allow: [\"\((dataDir as NSString).deletingLastPathComponent)/\"]\n"
@@ -129,7 +129,7 @@ enum AgentProcess {
         }
         let (executable, args) = NetworkNamespace.wrap(namespace, Binaries.path("ferry-agent"),
                                                        ["run", "--data-dir", dataDir, "--log-level", "debug"] + arguments)
-        return try ChildProcess(executable, args, logPath: logPath ?? dataDir + ".log")
+        return try await ChildProcess(executable, args, logPath: logPath ?? dataDir + ".log")
     }
 
     /// Enrolls under `name` with a token bound to it and starts the agent (in the controller's
@@ -140,6 +140,6 @@ enum AgentProcess {
         let token = try await controller.token(host: name)
         let r = try await enroll(controller: controller, token: token, dataDir: dataDir)
         guard r.status == 0 else { throw FerryError(.internalError, "enroll \(name) failed: \(r)") }
-        return try start(dataDir: dataDir, arguments: arguments, namespace: controller.namespace, allowTestDirectory: allowTestDirectory)
+        return try await start(dataDir: dataDir, arguments: arguments, namespace: controller.namespace, allowTestDirectory: allowTestDirectory)
     }
 }

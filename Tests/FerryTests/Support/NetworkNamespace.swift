@@ -25,11 +25,11 @@ final class NetworkNamespace: Sendable {
         return (ip, ["netns", "exec", namespace.name, executable] + arguments)
     }
 
+    /// What `ip netns delete` does (a deinit cannot await a child process): detach the
+    /// namespace's bind mount, remove its file; the namespace goes with its last process.
     deinit {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.ip)
-        p.arguments = ["netns", "delete", name]
-        try? p.run()
-        p.waitUntilExit()
+        let path = "/run/netns/" + name
+        _ = umount2(path, Int32(MNT_DETACH))
+        _ = unlink(path)
     }
 }

@@ -1,6 +1,12 @@
 import FerryWire
 import Foundation
+import Subprocess
 import Synchronization
+#if canImport(System)
+import System
+#else
+import SystemPackage
+#endif
 
 /// Where the built executables are: next to the test bundle (SwiftPM puts every product of the
 /// package in one directory), or `FERRY_BIN_DIR`.
@@ -40,33 +46,70 @@ final class TestDirectory: Sendable {
 }
 
 /// A process started by a test: output goes to a log file, it can be signalled, and its exit is
-/// awaited by polling, so no thread of the cooperative pool is ever blocked.
+/// awaited (swift-subprocess watches it through a pidfd), so no thread is ever blocked.
+///
+/// Not Foundation's `Process`: on this toolchain it reads past an entry of /proc/self/fd and
+/// crashes once the test process holds some 1,300 descriptors.
 final class ChildProcess: Sendable {
     let name: String
     let logPath: String
-    private let process: Process
-    private let exitStatus = Mutex<Int32?>(nil)
+    let pid: Int32
+    private let exit: Task<Int32, Never>
+    private let exitStatus: ExitStatus
 
-    init(_ executable: String, _ arguments: [String], environment: [String: String] = [:], logPath: String) throws {
-        name = (executable as NSString).lastPathComponent
-        self.logPath = logPath
-        process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        var env = ProcessInfo.processInfo.environment
-        for (k, v) in environment { env[k] = v }
-        process.environment = env
-        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        log.seekToEndOfFile()
-        process.standardOutput = log
-        process.standardError = log
-        process.standardInput = FileHandle.nullDevice
-        process.terminationHandler = { [weak self] p in self?.exitStatus.withLock { $0 = p.terminationStatus } }
-        try process.run()
+    /// Set once, by the task that watched the process exit.
+    final class ExitStatus: Sendable {
+        private let code = Mutex<Int32?>(nil)
+        func withLock<T>(_ body: (inout Int32?) -> T) -> T { code.withLock { body(&$0) } }
     }
 
-    var pid: Int32 { process.processIdentifier }
+    /// Output and errors to `logPath` (appended), no input.
+    convenience init(_ executable: String, _ arguments: [String], environment: [String: String] = [:], logPath: String) async throws {
+        try await self.init(executable, arguments, environment: environment, stdin: "/dev/null", stdout: logPath, stderr: nil)
+    }
+
+    /// Input from file `stdin`, output appended to file `stdout`, errors to `stderr` (or `stdout`).
+    init(_ executable: String, _ arguments: [String], environment: [String: String], stdin: String, stdout: String, stderr: String?) async throws {
+        name = (executable as NSString).lastPathComponent
+        logPath = stdout
+        func open(_ path: String, _ flags: Int32) throws -> Int32 {
+            let fd = Glibc.open(path, flags | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { throw FerryError(.io, "cannot open \(path): \(String(cString: strerror(errno)))") }
+            return fd
+        }
+        let input = try open(stdin, O_RDONLY), output = try open(stdout, O_WRONLY | O_CREAT | O_APPEND)
+        let error = try stderr.map { try open($0, O_WRONLY | O_CREAT | O_APPEND) } ?? output
+        let (started, startedContinuation) = AsyncStream.makeStream(of: Result<Int32, FerryError>.self)
+        let configuration = Configuration(executable: .path(FilePath(executable)), arguments: Arguments(arguments),
+                                          environment: .inherit.updating(environment.reduce(into: [:]) { $0[Environment.Key(stringLiteral: $1.key)] = $1.value }))
+        let status = ExitStatus()
+        exitStatus = status
+        // The process's whole life is this task: it ends when the process has exited.
+        exit = Task {
+            defer { for fd in Set([input, output, error]) { close(fd) } }
+            let code: Int32
+            do {
+                let result = try await Subprocess.run(configuration, input: .fileDescriptor(FileDescriptor(rawValue: input), closeAfterSpawningProcess: false),
+                                                      output: .fileDescriptor(FileDescriptor(rawValue: output), closeAfterSpawningProcess: false),
+                                                      error: .fileDescriptor(FileDescriptor(rawValue: error), closeAfterSpawningProcess: false)) { execution in
+                    startedContinuation.yield(.success(execution.processIdentifier.value))
+                }
+                switch result.terminationStatus {
+                case .exited(let c): code = c
+                case .signaled(let signal): code = signal
+                }
+            } catch {
+                startedContinuation.yield(.failure(FerryError(.io, "cannot start \(executable): \(error)")))
+                code = -1
+            }
+            status.withLock { $0 = code }
+            return code
+        }
+        var first: Result<Int32, FerryError>?
+        for await r in started { first = r; break }
+        pid = try first!.get()
+    }
+
     var isRunning: Bool { exitStatus.withLock { $0 } == nil }
 
     func signal(_ sig: Int32) { if isRunning { kill(pid, sig) } }
@@ -87,15 +130,20 @@ final class ChildProcess: Sendable {
     /// The exit status (or signal number for a signalled process), or nil if it is still running
     /// after `timeout`.
     func waitForExit(timeout: Duration) async -> Int32? {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if let status = exitStatus.withLock({ $0 }) { return status }
-            try? await Task.sleep(for: .milliseconds(20))
+        let exit = self.exit
+        return await withTaskGroup(of: Int32?.self) { group in
+            group.addTask { await exit.value }
+            group.addTask {
+                try? await Task.sleep(for: timeout)
+                return nil
+            }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            return first
         }
-        return exitStatus.withLock { $0 }
     }
 
-/// SIGTERM, then the time it took to exit and its status.
+    /// SIGTERM, then the time it took to exit and its status.
     func terminate(timeout: Duration = .seconds(10)) async -> (status: Int32?, took: Duration) {
         let start = ContinuousClock.now
         signal(SIGTERM)
@@ -110,7 +158,7 @@ final class ChildProcess: Sendable {
 
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
-    deinit { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+    deinit { if isRunning { kill(pid, SIGKILL) } }
 }
 
 /// Runs a command to completion and returns its status and output.
@@ -128,37 +176,23 @@ func run(
 ) async throws -> CommandResult {
     let dir = try TestDirectory("ferry-cmd")
     let outPath = dir.file("out"), errPath = dir.file("err")
-    _ = FileManager.default.createFile(atPath: outPath, contents: nil)
-    _ = FileManager.default.createFile(atPath: errPath, contents: nil)
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    var env = ProcessInfo.processInfo.environment
-    for (k, v) in environment { env[k] = v }
-    process.environment = env
-    process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
-    process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+    var input = "/dev/null"
     if let stdin {
-        let inPath = dir.file("in")
-        _ = FileManager.default.createFile(atPath: inPath, contents: Data(stdin))
-        process.standardInput = FileHandle(forReadingAtPath: inPath)
-    } else {
-        process.standardInput = FileHandle.nullDevice
+        input = dir.file("in")
+        _ = FileManager.default.createFile(atPath: input, contents: Data(stdin))
     }
-    let killer = Task {
-        try await Task.sleep(for: timeout)
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    let child = try await ChildProcess(executable, arguments, environment: environment, stdin: input, stdout: outPath, stderr: errPath)
+    var status = await child.waitForExit(timeout: timeout)
+    if status == nil {
+        child.signal(SIGKILL)
+        status = await child.waitForExit(timeout: .seconds(10))
     }
-    defer { killer.cancel() }
-    let status: Int32 = try await withCheckedThrowingContinuation { c in
-        process.terminationHandler = { c.resume(returning: $0.terminationStatus) }
-        do { try process.run() } catch { c.resume(throwing: error) }
-    }
+    let out = FileManager.default.contents(atPath: outPath) ?? Data()
     return CommandResult(
-        status: status,
-        stdout: (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "",
+        status: status ?? -1,
+        stdout: String(decoding: out, as: UTF8.self),
         stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "",
-        stdoutBytes: FileManager.default.contents(atPath: outPath).map { Array($0) } ?? []
+        stdoutBytes: Array(out)
     )
 }
 

@@ -5,6 +5,7 @@ import Testing
 @Suite("agent hooks by name")
 struct UnitHookRunnerTests {
     let runner = HookRunner(hooks: ["ok": "echo fine", "fails": "echo disk not ready >&2; exit 3", "slow": "sleep 300", "slow-pipe": "sleep 300 | cat",
+                                    "leaves-child": "sleep 300 & echo started", "fds": "test $(ls /proc/self/fd | wc -l) -le 4",
                                     "env": "test \"$FERRY_PLAN\" = shop && test -z \"$LD_PRELOAD_X\" && test -z \"$FERRY_bad\""])
 
     @Test("a hook that exits 0 succeeds; a failing one reports its status and output; an unknown name is refused")
@@ -33,5 +34,25 @@ struct UnitHookRunnerTests {
         let env = ["FERRY_PLAN": "shop", "LD_PRELOAD_X": "/evil.so", "FERRY_bad": "x", "PATH": "/tmp"]
         let outcome = await runner.run("env", timeout: .seconds(10), environment: env)
         #expect(outcome == nil, "\(String(describing: outcome))")
+    }
+
+    @Test("a hook that leaves a child holding its output returns when the hook exits; a hook inherits no descriptor of the agent but its output, even with 1,500 open")
+    func descriptors() async throws {
+        let started = ContinuousClock.now
+        #expect(await runner.run("leaves-child", timeout: .seconds(60)) == nil)
+        #expect(started.duration(to: .now) < .seconds(30))
+        // Many open descriptors fill a whole readdir buffer of /proc/self/fd, where Foundation's
+        // Process on this toolchain read past the last entry and crashed the agent.
+        var opened: [Int32] = []
+        defer { for fd in opened { close(fd) } }
+        for _ in 0..<1500 {
+            let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+            try #require(fd >= 0)
+            opened.append(fd)
+        }
+        for _ in 0..<20 {
+            let outcome = await runner.run("fds", timeout: .seconds(30))
+            #expect(outcome == nil, "\(String(describing: outcome))")
+        }
     }
 }
