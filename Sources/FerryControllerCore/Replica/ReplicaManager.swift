@@ -44,7 +44,24 @@ public actor ReplicaManager {
     let pool: NIOThreadPool
     let retention: Duration
     let journalLimit: Int64
-    var open: [String: ReplicaStore] = [:]
+    /// Replicas by `HOST-ID/VOLUME`: opened, or being opened (its journal replayed) on the pool.
+    var slots: [String: Slot] = [:]
+
+    enum Slot {
+        /// Opening on the thread pool; lookups for it wait on the task, others go on.
+        case opening(Task<ReplicaStore, any Error>)
+        case open(ReplicaStore)
+    }
+
+    /// Whether the replica `HOST-ID/VOLUME` is being opened now.
+    func isOpening(_ key: String) -> Bool {
+        if case .opening = slots[key] { true } else { false }
+    }
+
+    /// The replicas open now.
+    var open: [String: ReplicaStore] {
+        slots.compactMapValues { if case .open(let store) = $0 { store } else { nil } }
+    }
     /// The oldest position a retained point needs, per replica; nil until the catalogue has
     /// pinned once (no fold runs before that, or it could fold away a point's history).
     private var pins: [String: ReplicaPosition]?
@@ -89,20 +106,39 @@ public actor ReplicaManager {
         return due
     }
 
-    /// The replica of `volume`, opened (and recovered) on first use.
-    public func replica(hostID: String, volume: String, size: UInt64) throws -> ReplicaStore {
+    /// The replica of `volume`, opened (and recovered) on first use. Opening replays the
+    /// journal after the checkpoint (up to 256 MiB): it runs on the thread pool, so lookups of
+    /// other replicas (every session's batches) never wait behind it.
+    public func replica(hostID: String, volume: String, size: UInt64) async throws -> ReplicaStore {
         let key = hostID + "/" + volume
-        if let store = open[key] { return store }
+        switch slots[key] {
+        case .open(let store): return store
+        case .opening(let task): return try await task.value
+        case nil: break
+        }
         // Being built from a failover point (or its build was cut short by a restart: the next
         // volume list for its host builds it again): never opened, or created empty, meanwhile.
         guard seeding[key] == nil, !FileManager.default.fileExists(atPath: root + "/" + key + ".seeding") else {
             throw FerryError(.unavailable, "the replica of \(volume) is still being built from its failover point; replication starts when it is")
         }
-        // Pinned from the start: a fold may run as soon as the store is in `open`.
-        let store = try ReplicaStore(directory: root + "/" + key, size: size, pool: pool, retention: retention, journalLimit: journalLimit,
-                                     pinned: pins?[key])
-        open[key] = store
-        return store
+        // Pinned from the start: a fold may run as soon as the store is open.
+        let directory = root + "/" + key, pool = self.pool, retention = self.retention, journalLimit = self.journalLimit, pin = pins?[key]
+        let task = Task {
+            try await pool.runIfActive {
+                try ReplicaStore(directory: directory, size: size, pool: pool, retention: retention, journalLimit: journalLimit, pinned: pin)
+            }
+        }
+        slots[key] = .opening(task)
+        do {
+            let store = try await task.value
+            // Pinned at open; a pin set while it opened is applied now.
+            if let pins, pins[key] != pin { await store.pin(pins[key]) }
+            slots[key] = .open(store)
+            return store
+        } catch {
+            slots[key] = nil
+            throw error
+        }
     }
 
     /// Pins each replica's journal at the oldest position a retained point needs.
@@ -112,13 +148,15 @@ public actor ReplicaManager {
     }
 
     /// An already opened replica, if any.
-    public func opened(hostID: String, volume: String) -> ReplicaStore? { open[hostID + "/" + volume] }
+    public func opened(hostID: String, volume: String) -> ReplicaStore? {
+        if case .open(let store) = slots[hostID + "/" + volume] { store } else { nil }
+    }
 
     /// No replica of this volume exists, opened or on disk (nor one being built): a new one
     /// will start empty.
     func absent(hostID: String, volume: String) -> Bool {
         let key = hostID + "/" + volume
         let fm = FileManager.default
-        return open[key] == nil && seeding[key] == nil && !fm.fileExists(atPath: root + "/" + key) && !fm.fileExists(atPath: root + "/" + key + ".seeding")
+        return slots[key] == nil && seeding[key] == nil && !fm.fileExists(atPath: root + "/" + key) && !fm.fileExists(atPath: root + "/" + key + ".seeding")
     }
 }

@@ -18,7 +18,7 @@ extension ReplicaManager {
                       logger: Logger, done: @escaping @Sendable (_ inPlace: Bool, _ error: (any Error)?) async -> Void) -> Bool {
         let key = hostID + "/" + volume
         let directory = root + "/" + key
-        if open[key] != nil || FileManager.default.fileExists(atPath: directory + "/state.json") { return true }
+        if slots[key] != nil || FileManager.default.fileExists(atPath: directory + "/state.json") { return true }
         guard seeding[key] == nil else { return false }
         // The marker first: from here on the replica is not opened (or made empty) until built.
         do {

@@ -102,34 +102,44 @@ public actor ReplicaStore {
     let segmentBytes: Int64
     private let image: Int32
     private let base: Int32
+    /// state.json, written on the pool; `stateVersion` orders the writes.
+    private let stateFile: ReplicaStateFile
+    private var stateVersion: UInt64 = 0
     private let pool: NIOThreadPool
     /// Segments not folded yet, oldest first; the last one may be the active one.
     private var segments: [JournalSegment] = []
     /// The segment being appended to (its fd), if any.
     private var active: (id: UInt64, fd: Int32)?
     private var appendedSinceCheckpoint: Int64 = 0
-    private var folding = false
-    /// Images being opened wait for a fold in progress to finish.
-    private var foldWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Who holds the journal's end, whether a fold runs, and who waits for either.
+    private var coordination = ReplicaStoreStateMachine<CheckedContinuation<Void, Never>>()
     /// Open point images: while any is open the base image does not change (no fold).
     private let leases = ImageLeases()
     /// The oldest position a retained recovery point needs (see `pin`).
     public private(set) var pinned: ReplicaPosition?
-    /// A batch is being written to the active segment (the actor is reentrant at its awaits):
-    /// the folder must not close that segment under it.
-    private var applying = false
-    /// Batches and reports change the epoch and the durable sequence across awaits: one at a
-    /// time, even when a reconnected agent's new session overlaps its old one.
-    private var busy = false
-    private var waiting: [CheckedContinuation<Void, Never>] = []
-
-    private func acquire() async {
-        guard busy else { busy = true; return }
-        await withCheckedContinuation { waiting.append($0) }
+    /// Batches, reports and a rebase change the epoch and the durable sequence across awaits:
+    /// one writer at a time, even when a reconnected agent's new session overlaps its old one.
+    private func acquire(_ writer: ReplicaStoreStateMachine<CheckedContinuation<Void, Never>>.Writer) async {
+        await withCheckedContinuation { c in
+            switch coordination.acquire(writer, waiter: c) {
+            case .proceed: c.resume()
+            case .wait: break
+            }
+        }
     }
 
     private func release() {
-        if waiting.isEmpty { busy = false } else { waiting.removeFirst().resume() }
+        coordination.release()?.resume()
+    }
+
+    /// Returns once no fold is changing the base image (at once when none runs).
+    private func waitForFold() async {
+        await withCheckedContinuation { c in
+            switch coordination.waitForFold(c) {
+            case .proceed: c.resume()
+            case .wait: break
+            }
+        }
     }
 
     /// Every this many journal bytes the image is synced and the checkpoint advanced, which
@@ -167,6 +177,7 @@ public actor ReplicaStore {
         }
         self.image = image
         self.base = base
+        stateFile = ReplicaStateFile(path: directory + "/state.json")
         for fd in [image, base] {
             var st = stat()
             fstat(fd, &st)
@@ -338,15 +349,9 @@ public actor ReplicaStore {
         var done: @Sendable (Result<UInt64, any Error>) async -> Void
     }
 
-    private var queue: [Queued] = []
-    private var queuedBytes = 0
-    /// Batches queued and committed (or refused) so far: a report waits for the batches the
-    /// agent sent before it, so it never changes the epoch under them.
-    private var submitted: UInt64 = 0
-    private var finished: UInt64 = 0
-    private var finishWaiters: [(through: UInt64, continuation: CheckedContinuation<Void, Never>)] = []
-    private var draining = false
-    private var spaceWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Batches received and not yet durable, and who waits on them (a report waits for the
+    /// batches the agent sent before it, so it never changes the epoch under them).
+    private var ingest = IngestQueue<Queued, CheckedContinuation<Void, Never>>(maxBytes: ReplicaStore.maxQueuedBytes)
     /// Bytes of batches received but not yet durable. Past it `submit` waits, so a peer that
     /// ignores its window cannot make the controller buffer without bound.
     static let maxQueuedBytes = 64 << 20
@@ -360,8 +365,8 @@ public actor ReplicaStore {
     /// the batch was refused (a gap or a malformed record; the batches after it fail too).
     public func submit(_ batch: Ferry_V1_ReplicationBatch, attachments: [ByteBuffer],
                        done: @escaping @Sendable (Result<UInt64, any Error>) async -> Void) async {
-        while queuedBytes >= Self.maxQueuedBytes {
-            await withCheckedContinuation { spaceWaiters.append($0) }
+        while ingest.queuedBytes >= Self.maxQueuedBytes {
+            await withCheckedContinuation { c in if !ingest.waitForRoom(c) { c.resume() } }
         }
         let records: [IncomingRecord]
         do {
@@ -373,11 +378,7 @@ public actor ReplicaStore {
         }
         // A record costs its bookkeeping too, so batches of zeroed ranges are bounded as well.
         let bytes = records.reduce(0) { $0 + 48 + ($1.data?.readableBytes ?? 0) }
-        queue.append(Queued(epoch: batch.epoch, records: records, bytes: bytes, done: done))
-        queuedBytes += bytes
-        submitted += 1
-        if !draining {
-            draining = true
+        if ingest.submit(Queued(epoch: batch.epoch, records: records, bytes: bytes, done: done), bytes: bytes) {
             Task { await self.drain() }
         }
     }
@@ -400,28 +401,18 @@ public actor ReplicaStore {
 
     /// Commits queued batches, a run of one epoch at a time, until none are left.
     private func drain() async {
-        while let epoch = queue.first?.epoch {
+        while true {
             // One epoch per commit, and a few MiB at most: the image is written from the same
             // buffers just after the journal, while they are still in the CPU's cache.
-            var taken = 0
-            let run = queue.prefix { item in
-                defer { taken += item.bytes }
-                return item.epoch == epoch && (taken == 0 || taken + item.bytes <= Self.commitBytes)
-            }
-            queue.removeFirst(run.count)
-            await acquire()
-            let results = await commit(Array(run), epoch: epoch)
+            let epoch = ingest.next?.epoch
+            let run = ingest.take(maxBytes: Self.commitBytes) { $0.epoch == epoch }
+            guard let epoch, !run.isEmpty else { return } // the queue is empty: the drainer stops
+            await acquire(.commit)
+            let results = await commit(run.map(\.item), epoch: epoch)
             release()
-            queuedBytes -= run.reduce(0) { $0 + $1.bytes }
-            for waiter in spaceWaiters { waiter.resume() }
-            spaceWaiters = []
-            finished += UInt64(run.count)
-            let ready = finishWaiters.filter { $0.through <= finished }
-            finishWaiters.removeAll { $0.through <= finished }
-            for waiter in ready { waiter.continuation.resume() }
-            for (item, result) in zip(run, results) { await item.done(result) }
+            for waiter in ingest.committed(count: run.count, bytes: run.reduce(0) { $0 + $1.bytes }) { waiter.resume() }
+            for (entry, result) in zip(run, results) { await entry.item.done(result) }
         }
-        draining = false
     }
 
     /// Appends the batches' new records to the journal with one write and one fdatasync, then
@@ -429,8 +420,6 @@ public actor ReplicaStore {
     private func commit(_ batches: [Queued], epoch: UInt64) async -> [Result<UInt64, any Error>] {
         // Paused for space: what was queued behind the batch that failed waits for the resend.
         if let pause = spacePause { return batches.map { _ in .failure(pause) } }
-        applying = true
-        defer { applying = false }
         do {
             if epoch != state.epoch { try await startEpoch(epoch) }
         } catch {
@@ -459,7 +448,7 @@ public actor ReplicaStore {
         var results: [Result<UInt64, any Error>] = []
         do {
             if !fresh.isEmpty { try await append(fresh, epoch: epoch) }
-            try completeSyncIfDurable()
+            try await completeSyncIfDurable()
             results = Array(repeating: .success(durable), count: accepted)
             streamError = nil
         } catch {
@@ -538,32 +527,40 @@ public actor ReplicaStore {
 
     /// Seals the active segment (if any) and starts the next one for the current epoch.
     private func rotate() async throws {
-        try seal()
+        try await seal()
         let id = (segments.last?.id ?? state.foldedThrough) + 1
         let segment = JournalSegment(id: id, epoch: state.epoch)
-        let fd = open(segment.path(in: journalDirectory), O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw FerryError.system(errno, "cannot create journal segment \(segment.path(in: journalDirectory))") }
-        // Allocating the segment's blocks in one call is cheaper than one append at a time;
-        // where the file system cannot, appends allocate as they go.
-        _ = ferry_reserve(fd, off_t(segmentBytes))
-        let dir = open(journalDirectory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dir >= 0 { fsync(dir); close(dir) }
+        let journalDirectory = self.journalDirectory, segmentBytes = self.segmentBytes
+        let fd = try await pool.runIfActive {
+            let fd = open(segment.path(in: journalDirectory), O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw FerryError.system(errno, "cannot create journal segment \(segment.path(in: journalDirectory))") }
+            // Allocating the segment's blocks in one call is cheaper than one append at a time;
+            // where the file system cannot, appends allocate as they go.
+            _ = ferry_reserve(fd, off_t(segmentBytes))
+            let dir = open(journalDirectory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            if dir >= 0 { fsync(dir); close(dir) }
+            return fd
+        }
         active = (id, fd)
         segments.append(segment)
     }
 
     /// Closes the active segment and records its range beside it.
-    private func seal() throws {
+    /// The segment's I/O (truncate, close, its meta file made durable) runs on the pool; it
+    /// stops being the active one at once, so a commit meanwhile rotates to a new one.
+    private func seal() async throws {
         guard let (id, fd) = active else { return }
         active = nil
-        // Give back what was reserved past the last record (a segment sealed early: a restart,
-        // a new epoch, an idle segment folded). Truncating to the current size frees blocks
-        // reserved past the end on ext4, XFS and tmpfs; punching a hole there does not on ext4.
-        if let segment = segments.last, segment.id == id, segment.bytes < segmentBytes {
-            _ = ftruncate(fd, off_t(segment.bytes))
+        let segment = segments.last.flatMap { $0.id == id ? $0 : nil }
+        let segmentBytes = self.segmentBytes, journalDirectory = self.journalDirectory
+        try await pool.runIfActive {
+            // Give back what was reserved past the last record (a segment sealed early: a restart,
+            // a new epoch, an idle segment folded). Truncating to the current size frees blocks
+            // reserved past the end on ext4, XFS and tmpfs; punching a hole there does not on ext4.
+            if let segment, segment.bytes < segmentBytes { _ = ftruncate(fd, off_t(segment.bytes)) }
+            close(fd)
+            if let segment { try Self.writeMeta(segment, in: journalDirectory) }
         }
-        close(fd)
-        if let segment = segments.last, segment.id == id { try Self.writeMeta(segment, in: journalDirectory) }
     }
 
     private static func writeMeta(_ segment: JournalSegment, in directory: String) throws {
@@ -581,14 +578,8 @@ public actor ReplicaStore {
     /// With `capOnly`, only what the size cap forces out is folded.
     @discardableResult
     public func fold(now: Date = Date(), capOnly: Bool = false) async throws -> Int {
-        guard !folding, leases.open == 0 else { return 0 }
-        folding = true
-        defer {
-            folding = false
-            let waiters = foldWaiters
-            foldWaiters = []
-            for waiter in waiters { waiter.resume() }
-        }
+        guard leases.open == 0, coordination.startFold() else { return 0 }
+        defer { for waiter in coordination.finishFold() { waiter.resume() } }
         let horizon = Int64(now.timeIntervalSince1970 * 1e9) - Int64(retention.components.seconds) * 1_000_000_000
             - retention.components.attoseconds / 1_000_000_000
         if state.corruption?.resynced == true || state.rebasing { return try await rebase() }
@@ -606,9 +597,10 @@ public actor ReplicaStore {
             let interrupted = state.folding == oldest.id
             guard expired || overCap || interrupted else { break }
             if active?.id == oldest.id {
-                // Only an idle active segment is sealed here; a busy one rotates on its own.
-                guard expired || segments.count == 1, !applying else { break }
-                try seal()
+                // Only an idle active segment is sealed here (no writer holds the journal's
+                // end); a busy one rotates on its own.
+                guard expired || segments.count == 1, coordination.writer == nil else { break }
+                try await seal()
             }
             if oldest.epoch == state.epoch, oldest.last > state.checkpointed {
                 // Its records must be durable in the latest image before the journal lets
@@ -620,7 +612,7 @@ public actor ReplicaStore {
             // Recorded first: a crash or an error part way leaves base.img ahead of
             // baseThrough, and images must not be served from it until the fold is finished.
             state.folding = oldest.id
-            try saveState()
+            try await saveState()
             let recorded = Int(oldest.bytes)
             // Every record's CRC is checked before the first is applied: a damaged segment
             // leaves the base image as it was (and is kept), never folded up to the damage.
@@ -639,7 +631,7 @@ public actor ReplicaStore {
                 state.folding = nil
                 state.corruption = damage
                 state.resyncNeeded = true
-                try saveState()
+                try await saveState()
                 throw FerryError(.io, damage.message)
             }
             // The fold is durable: record it, then the segment may go.
@@ -647,7 +639,7 @@ public actor ReplicaStore {
             state.baseAsOf = max(state.baseAsOf, oldest.newest)
             if oldest.last > 0 { state.baseThrough = ReplicaPosition(epoch: oldest.epoch, sequence: oldest.last) }
             state.folding = nil
-            try saveState()
+            try await saveState()
             unlink(path)
             unlink(oldest.metaPath(in: journalDirectory))
             segments.removeAll { $0.id == oldest.id }
@@ -663,15 +655,15 @@ public actor ReplicaStore {
     /// Batches wait meanwhile, so the copy is the image at one position. Returns the segments
     /// dropped.
     private func rebase() async throws -> Int {
-        await acquire()
+        await acquire(.rebase)
         defer { release() }
         // No batch is applying: batches commit under the same lock.
-        try seal()
+        try await seal()
         try await checkpoint()
         // Recorded first: a crash part way leaves base.img neither the old base nor the new
         // one, and no image may be served from it until a rebase is finished.
         state.rebasing = true
-        try saveState()
+        try await saveState()
         let image = self.image, base = self.base, size = self.size
         try await pool.runIfActive { try Self.copy(image, to: base, size: size) }
         let dropped = segments
@@ -681,7 +673,7 @@ public actor ReplicaStore {
         state.folding = nil
         state.corruption = nil
         state.rebasing = false
-        try saveState()
+        try await saveState()
         for segment in dropped {
             unlink(segment.path(in: journalDirectory))
             unlink(segment.metaPath(in: journalDirectory))
@@ -780,7 +772,8 @@ public actor ReplicaStore {
     public func records(after position: ReplicaPosition, maxBytes: Int, maxCount: Int) async throws -> [JournalEntry] {
         leases.acquire()
         defer { leases.release() }
-        while folding { await withCheckedContinuation { foldWaiters.append($0) } }
+        // The lease keeps a new fold from starting; one running stops after its segment.
+        await waitForFold()
         let from = try check(position)
         var sources: [JournalReader.Source] = []
         for segment in segments where segment.bytes > 0 {
@@ -830,7 +823,7 @@ public actor ReplicaStore {
         leases.acquire()
         var handedOver = false
         defer { if !handedOver { leases.release() } }
-        while folding { await withCheckedContinuation { foldWaiters.append($0) } }
+        await waitForFold()
         let sources = try pointSources(position)
         let size = self.size, basePath = self.basePath, leases = self.leases
         // A read finding a damaged record marks the replica (the image's reads run on threads
@@ -847,11 +840,11 @@ public actor ReplicaStore {
     }
 
     /// A damaged record found by a point image's read: the replica needs a resync.
-    private func noteDamage(segment: UInt64, offset: Int, path: String) {
+    private func noteDamage(segment: UInt64, offset: Int, path: String) async {
         guard state.corruption == nil, segments.contains(where: { $0.id == segment }) else { return }
         state.corruption = .of(segment: segment, offset: offset, path: path, found: "reading a point image")
         state.resyncNeeded = true
-        try? saveState()
+        try? await saveState()
     }
 
     /// Whether the replica holds everything up to `position` (received, not folded away).
@@ -908,11 +901,9 @@ public actor ReplicaStore {
     /// The agent's periodic report. A sync it reports finished (nothing pending in this epoch)
     /// completes once everything it captured up to then is durable here.
     public func note(_ report: Ferry_V1_VolumeReport) async throws {
-        let through = submitted
-        if finished < through {
-            await withCheckedContinuation { finishWaiters.append((through, $0)) }
-        }
-        await acquire()
+        let through = ingest.submitted
+        await withCheckedContinuation { c in if !ingest.waitForFinished(through: through, c) { c.resume() } }
+        await acquire(.report)
         defer { release() }
         self.report = report
         reportedAt = Date()
@@ -929,10 +920,10 @@ public actor ReplicaStore {
         } else {
             completion = nil
         }
-        try completeSyncIfDurable()
+        try await completeSyncIfDurable()
     }
 
-    private func completeSyncIfDurable() throws {
+    private func completeSyncIfDurable() async throws {
         guard let c = completion, durable >= c.through, state.epoch != 0 || c.through == 0 else { return }
         completion = nil
         let wasInitial = !state.initialSynced
@@ -945,7 +936,7 @@ public actor ReplicaStore {
         state.resyncNeeded = false
         if c.full { state.initialSynced = true }
         state.syncsCompleted += 1
-        try saveState()
+        try await saveState()
     }
 
     /// The agent's session ended: its last report no longer describes anything live.
@@ -993,7 +984,7 @@ public actor ReplicaStore {
         durable = 0
         // A completion reported in the old epoch names sequences that mean nothing now.
         completion = nil
-        try saveState()
+        try await saveState()
         wakeAppendWaiters()
     }
 
@@ -1009,11 +1000,15 @@ public actor ReplicaStore {
         guard state.epoch == epoch else { return }
         state.checkpointed = max(state.checkpointed, target)
         appendedSinceCheckpoint = 0
-        try saveState()
+        try await saveState()
     }
 
-    private func saveState() throws {
-        try Self.save(state, in: directory)
+    /// Encoded here, written and made durable on the pool (the file's versions keep a slower
+    /// earlier write from landing over a later one).
+    private func saveState() async throws {
+        stateVersion += 1
+        let data = try JSONEncoder().encode(state), version = stateVersion, file = stateFile
+        try await pool.runIfActive { try file.write(data, version: version) }
     }
 
     /// The state of a replica built from a failover point: synced (the recovered volume starts

@@ -1,4 +1,4 @@
-import FerryControllerCore
+@testable import FerryControllerCore
 import FerryWire
 import Foundation
 import NIOCore
@@ -252,6 +252,43 @@ struct UnitReplicaStoreTests {
                 #expect(outcomes.withLock { $0.count } == 10)
                 #expect(outcomes.withLock { $0.allSatisfy { if case .success = $0 { true } else { false } } })
                 #expect(await store.state.epoch == 3)
+            }
+        }
+    }
+
+    @Test("a replica replaying its journal on open (on the pool) holds up no lookup of another replica; lookups of the one opening wait for it and get the same store")
+    func openOffTheManager() async throws {
+        try await withUnitTempDir { dir in
+            try await withPool { pool in
+                let size: UInt64 = 64 << 20
+                // 96 MiB of records after the checkpoint: replayed onto the image when opened.
+                do {
+                    let store = try ReplicaStore(directory: dir + "/replicas/h1/slow", size: size, pool: pool)
+                    var sequence: UInt64 = 1
+                    for fill in UInt8(1)...12 {
+                        var b = batch(epoch: 7, from: sequence, count: 128, fill: fill, captured: 1)
+                        for i in b.records.indices { b.records[i].offset = UInt64(i) * 65536 * 4 % size }
+                        _ = try await store.apply(b)
+                        sequence += 128
+                    }
+                }
+                let manager = ReplicaManager(root: dir + "/replicas", pool: pool)
+                let quick = try await manager.replica(hostID: "h1", volume: "quick", size: 1 << 20)
+                async let slow = manager.replica(hostID: "h1", volume: "slow", size: size)
+                async let again = manager.replica(hostID: "h1", volume: "slow", size: size)
+                // While the slow one opens, the open one is found at once (the manager is not
+                // busy replaying), and the slow one is not listed as open yet.
+                var sawOpening = false
+                for _ in 0..<100_000 {
+                    let found = try await manager.replica(hostID: "h1", volume: "quick", size: 1 << 20)
+                    #expect(found === quick)
+                    if await manager.opened(hostID: "h1", volume: "slow") != nil { break }
+                    if await manager.isOpening("h1/slow") { sawOpening = true }
+                }
+                #expect(sawOpening, "the slow replica opened before a lookup could run beside it")
+                let (a, b) = try await (slow, again)
+                #expect(a === b)
+                #expect(await a.durable == 12 * 128)
             }
         }
     }
