@@ -73,6 +73,24 @@ public final class ChangeLog: ChangeRecorder {
         /// The sync worker, waiting for held memory to drop to this many bytes.
         var roomWaiter: (atMost: Int, continuation: CheckedContinuation<Void, Never>)?
 
+        mutating func takeWaiter() -> CheckedContinuation<Void, Never>? {
+            defer { waiter = nil }
+            return waiter
+        }
+
+        /// Keep counting, stop keeping: the replica must be resynchronised, and every extent
+        /// with a dropped write needs it. Returns the room waiter, now free to go.
+        mutating func overflow(_ activity: ActivityLog?) -> CheckedContinuation<Void, Never>? {
+            overflowed = true
+            activity?.markedBecomePending()
+            entries.removeAll()
+            firstSpilled = 0
+            memoryUsed = 0
+            spillUsed = 0
+            spillEnd = 0
+            return takeRoomWaiter()
+        }
+
         /// Takes the room waiter if there is room for it now.
         mutating func takeRoomWaiter() -> CheckedContinuation<Void, Never>? {
             guard let waiting = roomWaiter, memoryUsed <= waiting.atMost else { return nil }
@@ -98,6 +116,7 @@ public final class ChangeLog: ChangeRecorder {
     public let activity: ActivityLog?
     private let spill: Int32
     private let state: Mutex<State>
+    private let appending = Mutex(())
 
     /// - Parameter spillPath: the file to spill to (truncated now); nil keeps everything in memory.
     public init(memoryBytes: Int = 64 << 20, spillPath: String? = nil, spillBytes: Int64 = 1 << 30,
@@ -133,52 +152,72 @@ public final class ChangeLog: ChangeRecorder {
         activity?.completed(offset: offset, length: length)
     }
 
+    /// Appends a change; returns its sequence. A write past the memory budget goes to the
+    /// spill file: its place is reserved under the state lock, the bytes are written outside it
+    /// (so acks, reads and the streamer never wait on the disk), and the entry is added after.
     public func append(offset: UInt64, kind: VolumeChange.Kind) -> UInt64 {
+        // One append at a time (the volume's mutation lock already orders them): a reserved
+        // spill range is then always the newest, and its entry comes before the next append's.
+        appending.withLock { _ in appendInOrder(offset: offset, kind: kind) }
+    }
+
+    private enum Placement {
+        /// Held (or dropped by an overflow); who to wake.
+        case placed(UInt64, waiter: CheckedContinuation<Void, Never>?, room: CheckedContinuation<Void, Never>?)
+        /// To be written to the spill file at `at`, then added.
+        case spill(UInt64, at: Int64, epoch: UInt64)
+    }
+
+    private func appendInOrder(offset: UInt64, kind: VolumeChange.Kind) -> UInt64 {
         let captured = Self.now()
         let length: UInt64
         switch kind {
         case .write(let data): length = UInt64(data.readableBytes)
         case .zero(let n): length = n
         }
-        let (sequence, waiter, room) = state.withLock { s -> (UInt64, CheckedContinuation<Void, Never>?, CheckedContinuation<Void, Never>?) in
+        let placement = state.withLock { s -> Placement in
             let sequence = s.next
             s.next += 1
-            defer {
-                s.waiter = nil
-                activity?.noteWrite(offset: offset, length: length, sequence: sequence, lost: s.overflowed)
-            }
-            guard !s.overflowed else { return (sequence, s.waiter, nil) }
+            activity?.noteWrite(offset: offset, length: length, sequence: sequence, lost: s.overflowed)
+            guard !s.overflowed else { return .placed(sequence, waiter: s.takeWaiter(), room: nil) }
             let change = VolumeChange(sequence: sequence, offset: offset, kind: kind, captured: captured)
             let size = Self.cost(change)
             if s.memoryUsed + size <= heldBytes {
                 s.entries.append(.memory(change))
                 s.memoryUsed += size
-            } else if case .write(let data) = kind, spill >= 0,
-                      let at = s.spillPosition(Int64(data.readableBytes), cap: spillBytes), Self.writeSpill(spill, data, at: at) {
-                s.entries.append(.spilled(sequence: sequence, offset: offset, length: data.readableBytes, at: at, captured: captured))
+            } else if case .write(let data) = kind, spill >= 0, let at = s.spillPosition(Int64(data.readableBytes), cap: spillBytes) {
                 s.spillEnd = at + Int64(data.readableBytes)
                 s.spillUsed += Int64(data.readableBytes)
+                return .spill(sequence, at: at, epoch: s.epoch)
             } else if case .zero = kind, s.memoryUsed + size <= heldBytes + (1 << 20) {
                 // Zeroed ranges carry no data: a little headroom keeps them in memory.
                 s.entries.append(.memory(change))
                 s.memoryUsed += size
             } else {
-                // Keep counting, stop keeping: the replica must be resynchronised, and every
-                // extent with a dropped write needs it.
-                s.overflowed = true
-                activity?.markedBecomePending()
-                s.entries.removeAll()
-                s.firstSpilled = 0
-                s.memoryUsed = 0
-                s.spillUsed = 0
-                s.spillEnd = 0
-                return (sequence, s.waiter, s.takeRoomWaiter())
+                return .placed(sequence, waiter: s.takeWaiter(), room: s.overflow(activity))
             }
-            return (sequence, s.waiter, nil)
+            return .placed(sequence, waiter: s.takeWaiter(), room: nil)
         }
-        waiter?.resume()
-        room?.resume()
-        return sequence
+        switch placement {
+        case .placed(let sequence, let waiter, let room):
+            waiter?.resume()
+            room?.resume()
+            return sequence
+        case .spill(let sequence, let at, let epoch):
+            guard case .write(let data) = kind else { preconditionFailure("only written bytes spill") }
+            let written = Self.writeSpill(spill, data, at: at)
+            let (waiter, room) = state.withLock { s -> (CheckedContinuation<Void, Never>?, CheckedContinuation<Void, Never>?) in
+                // A restart meanwhile (the streamer recovering from an overflow) dropped
+                // everything of the old epoch, this too: its extent is pending in the activity log.
+                guard s.epoch == epoch, !s.overflowed, s.next == sequence + 1 else { return (nil, nil) }
+                guard written else { return (s.takeWaiter(), s.overflow(activity)) }
+                s.entries.append(.spilled(sequence: sequence, offset: offset, length: data.readableBytes, at: at, captured: captured))
+                return (s.takeWaiter(), nil)
+            }
+            waiter?.resume()
+            room?.resume()
+            return sequence
+        }
     }
 
     /// Starts a new epoch at sequence 1 with nothing held: after an overflow, or when the
