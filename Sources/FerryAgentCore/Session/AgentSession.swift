@@ -31,6 +31,11 @@ public final class AgentSession: Service, Sendable {
     private let heartbeatMilliseconds = Atomic<Int64>(0)
     /// This connection's replication streamers, one per volume; cancelled when it ends.
     private let streamers = Mutex<[Task<Void, Never>]>([])
+    /// Commands answered when done (hooks, recoveries, block hashes) run as children of the
+    /// agent's service: a lost session does not kill a hook half way (a plan step's hook that
+    /// promotes a database finishes), and none outlives the agent.
+    private let laterWork: AsyncStream<Later>
+    private let later: AsyncStream<Later>.Continuation
     /// Largest batch sent at once (the window is the change log's: see `ChangeLog.windowBytes`).
     static let batchBytes = 1 << 20
     /// While a volume is busy the streamer polls this often rather than being woken per write;
@@ -47,6 +52,7 @@ public final class AgentSession: Service, Sendable {
         inventory: @escaping @Sendable () -> Ferry_V1_Inventory = { InventoryCollector.collect() }
     ) {
         self.volumes = volumes
+        (laterWork, later) = AsyncStream.makeStream(of: Later.self)
         self.recovery = RecoveryManager(socketDirectory: config.socketDirectory, dataDir: config.dataDir,
                                         hooks: HookRunner(hooks: config.hooks), logger: logger,
                                         socketUsers: (try? config.socketUserIDs) ?? [],
@@ -73,13 +79,26 @@ public final class AgentSession: Service, Sendable {
     /// Connects and reconnects until graceful shutdown. Throws only when the controller refuses
     /// this host for good (removed, revoked or unknown): retrying cannot help then.
     public func run() async throws {
-        var backoff = Backoff(initial: config.reconnectInitialDelay, maximum: config.reconnectMaxDelay)
-        // Recovered volumes this host served before a restart are served again at once.
-        // (In a task of its own: a controller that is away must not hold the session back.)
-        if let host = try? controllerHost() {
-            let recovery = self.recovery
-            Task { await recovery.restore(controllerHost: host, tls: { try self.exportTLS() }) }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { [laterWork] in
+                await withDiscardingTaskGroup { work in
+                    for await item in laterWork { work.addTask { await item() } }
+                }
+            }
+            // Recovered volumes this host served before a restart are served again at once.
+            // (Beside the sessions: a controller that is away must not hold them back.)
+            if let host = try? controllerHost() {
+                let recovery = self.recovery
+                group.addTask { await recovery.restore(controllerHost: host, tls: { try self.exportTLS() }) }
+            }
+            defer { group.cancelAll() }
+            try await runSessions()
         }
+    }
+
+    /// Connects and reconnects until graceful shutdown (see `run`).
+    func runSessions() async throws {
+        var backoff = Backoff(initial: config.reconnectInitialDelay, maximum: config.reconnectMaxDelay)
         try await withGracefulShutdownHandler {
             while !Task.isShuttingDownGracefully && !Task.isCancelled {
                 do {
@@ -197,7 +216,7 @@ public final class AgentSession: Service, Sendable {
                 }
                 defer { tasks.cancelAll() }
                 try await session.run(inbound: &messages, heartbeatInterval: heartbeat, logger: logger) { envelope, _ in
-                    try await self.handle(envelope, session: session)
+                    try await self.handle(envelope, session: session, later: self.later)
                 }
             }
         }
@@ -247,7 +266,10 @@ public final class AgentSession: Service, Sendable {
     }
 
     /// Commands from the controller, answered in arrival order.
-    func handle(_ envelope: Ferry_V1_Envelope, session: PeerSession) async throws {
+    /// Work a command handler leaves to run after it returns, as a child of the session.
+    typealias Later = @Sendable () async -> Void
+
+    func handle(_ envelope: Ferry_V1_Envelope, session: PeerSession, later: AsyncStream<Later>.Continuation) async throws {
         switch envelope.body {
         case .command(let command):
             var result = Ferry_V1_CommandResult()
@@ -288,7 +310,7 @@ public final class AgentSession: Service, Sendable {
                 // A hook may run for a while: acks and cuts go on meanwhile.
                 let hooks = HookRunner(hooks: config.hooks), id = envelope.id
                 let timeout = Duration.milliseconds(max(1, min(hook.timeoutMs, 3_600_000)))
-                Task {
+                later.yield {
                     let started = ContinuousClock.now
                     var outcome = Ferry_V1_HookResult()
                     outcome.name = hook.name
@@ -312,7 +334,7 @@ public final class AgentSession: Service, Sendable {
             case .recoverVolumes, .stopRecovery, .hashBlocks, .applyBlocks:
                 // These take a while (connections, hooks, disk reads): answered when done,
                 // while the session goes on.
-                answerLater(command, id: envelope.id, session: session)
+                later.yield { await self.answerLater(command, id: envelope.id, session: session) }
                 return
             case .none:
                 result.error = FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)").wire
@@ -341,31 +363,29 @@ public final class AgentSession: Service, Sendable {
         }
     }
 
-    func answerLater(_ command: Ferry_V1_Command, id: UInt64, session: PeerSession) {
-        Task {
-            var result = Ferry_V1_CommandResult()
-            do {
-                switch command.kind {
-                case .recoverVolumes(let recover):
-                    result.recoveryStarted = try await recovery.recover(recover, controllerHost: try controllerHost(), tls: { try self.exportTLS() })
-                case .stopRecovery(let stop):
-                    result.recoveryStopped = await recovery.stop(stop)
-                case .hashBlocks(let request):
-                    guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
-                    result.blockHashes = try await volumes.hashBlocks(request)
-                case .applyBlocks(let request):
-                    guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
-                    result.blocksApplied = try await volumes.applyBlocks(request)
-                default:
-                    throw FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)")
-                }
-            } catch let error as FerryError {
-                result.error = error.wire
-            } catch {
-                result.error = FerryError(.internalError, "\(error)").wire
+    func answerLater(_ command: Ferry_V1_Command, id: UInt64, session: PeerSession) async {
+        var result = Ferry_V1_CommandResult()
+        do {
+            switch command.kind {
+            case .recoverVolumes(let recover):
+                result.recoveryStarted = try await recovery.recover(recover, controllerHost: try controllerHost(), tls: { try self.exportTLS() })
+            case .stopRecovery(let stop):
+                result.recoveryStopped = await recovery.stop(stop)
+            case .hashBlocks(let request):
+                guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
+                result.blockHashes = try await volumes.hashBlocks(request)
+            case .applyBlocks(let request):
+                guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
+                result.blocksApplied = try await volumes.applyBlocks(request)
+            default:
+                throw FerryError(.unsupported, "command not supported by agent \(FerryVersion.current)")
             }
-            try? await session.send(.commandResult(result), inReplyTo: id)
+        } catch let error as FerryError {
+            result.error = error.wire
+        } catch {
+            result.error = FerryError(.internalError, "\(error)").wire
         }
+        try? await session.send(.commandResult(result), inReplyTo: id)
     }
 
     /// The controller's host, as this agent reaches it.

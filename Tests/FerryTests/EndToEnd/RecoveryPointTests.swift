@@ -36,6 +36,7 @@ struct RecoveryPointTests {
               thaw: "echo thaw >> \(hooks)/\(host).log"
               slow: "sleep 30"
               broken: "echo disk not ready >&2; exit 3"
+              marker: "echo started > \(hooks)/\(host).started; sleep 2; echo done > \(hooks)/\(host).marker"
             """.write(toFile: config, atomically: true, encoding: .utf8)
             agents[host] = try await AgentProcess.enrollAndStart(host, controller: controller, in: dir, arguments: ["--config", config])
             #expect(try await controller.waitFor(host, state: "online"))
@@ -226,6 +227,27 @@ struct RecoveryPointTests {
             let compare = try await run("/usr/bin/qemu-img", ["compare", "-f", "raw", "-F", "raw", c.images[t]!, out])
             #expect(compare.status == 0, "\(t): \(compare)")
         }
+        for a in c.agents.values { a.signal(SIGTERM) }
+        c.controller.process.signal(SIGTERM)
+    }
+
+    @Test("a hook the controller asked for finishes even when the controller dies while it runs (a lost session does not kill it), and the agent's next session works")
+    func hookOutlivesSession() async throws {
+        var c = try await cluster(["db": ["data"]])
+        var r = try await c.controller.ctl("group", "create", "g", "--volume", "db/data", "--quiesce-hook", "marker", "--thaw-hook", "thaw",
+                                           "--crash-interval", "0", "--app-interval", "0", "--hook-timeout", "60s")
+        #expect(r.status == 0, "\(r)")
+        let hooks = c.dir.sub("hooks"), controller = c.controller
+        async let point = controller.ctl("point", "create", "g", "--app")
+        #expect(await eventually(timeout: .seconds(20)) { FileManager.default.fileExists(atPath: hooks + "/db.started") })
+        await c.controller.process.kill9()
+        _ = try? await point
+        #expect(await eventually(timeout: .seconds(20)) { FileManager.default.fileExists(atPath: hooks + "/db.marker") },
+                "the quiesce hook was killed with the session")
+        c.controller = try await ControllerProcess.start(dataDir: c.controller.dataDir, listen: c.controller.agentAddress, logName: "controller-2.log")
+        #expect(try await c.controller.waitFor("db", state: "online", timeout: .seconds(30)))
+        r = try await c.controller.ctl("point", "create", "g", "--json")
+        #expect(r.status == 0, "\(r)")
         for a in c.agents.values { a.signal(SIGTERM) }
         c.controller.process.signal(SIGTERM)
     }
