@@ -186,14 +186,14 @@ public final class BlockVolume: NBDExport {
         }
     }
 
-    /// The indices of the blocks that hold data (not zeroes, not holes), without hashing them.
+    /// The indices of the blocks that hold allocated data (not holes), without reading them.
     public func dataBlocks(offset: UInt64, blockBytes: Int, count: Int) async throws -> [UInt32] {
         let fd = self.fd, size = self.size, hydration = self.hydration
         return try await pool.runIfActive {
             try hydration?.ensureLocal(offset: offset, length: UInt64(blockBytes) * UInt64(count))
-            let marks = try BlockHashing.hashes(fd: fd, size: size, offset: offset, blockBytes: blockBytes, count: count,
-                                                digest: BlockHashing.dataMarker).hashes
-            return marks.indices.filter { !marks[$0].isEmpty }.map(UInt32.init)
+            // Allocation only, nothing read: the capture that follows reads each block once, and
+            // a run of written zeroes travels as a zeroed range.
+            return BlockHashing.allocatedBlocks(fd: fd, size: size, offset: offset, blockBytes: blockBytes, count: count)
         }
     }
 

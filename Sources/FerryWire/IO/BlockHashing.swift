@@ -24,8 +24,7 @@ public enum BlockHashing {
     /// Hashes `count` blocks of `blockBytes` from `offset` of the file `fd` whose logical size
     /// is `size` (the last block stops there). Blocking: call it from a thread pool.
     ///
-    /// `digest` makes each block's entry (by default its wire hash); `dataMarker` only tells data
-    /// from zeroes, for when the other side is known to hold zeroes.
+    /// `digest` makes each block's entry (by default its wire hash).
     public static func hashes(fd: Int32, size: UInt64, offset: UInt64, blockBytes: Int, count: Int,
                               digest: (UnsafeRawBufferPointer) -> Data = hash) throws -> Result {
         var hashes: [Data] = []
@@ -73,15 +72,35 @@ public enum BlockHashing {
         return Result(hashes: hashes, bytesRead: read)
     }
 
+    /// Indices of the blocks of the range that hold allocated data, by SEEK_DATA/SEEK_HOLE
+    /// alone: nothing is read, so a block of written zeroes counts as data (whoever reads it
+    /// next finds them). Where the file system cannot say, every block counts. Blocking.
+    public static func allocatedBlocks(fd: Int32, size: UInt64, offset: UInt64, blockBytes: Int, count: Int) -> [UInt32] {
+        let end = min(size, offset + UInt64(blockBytes) * UInt64(count))
+        var blocks: [UInt32] = []
+        var at = offset
+        while at < end {
+            let d = ferry_seek_data(fd, off_t(at))
+            guard d >= 0 else {
+                // ENXIO: no data from here on. Anything else (no SEEK_DATA): count the rest as data.
+                if errno != ENXIO { blocks += (UInt32((at - offset) / UInt64(blockBytes))..<UInt32(count)).map { $0 } }
+                break
+            }
+            guard UInt64(d) < end else { break }
+            let h = ferry_seek_hole(fd, d)
+            let dataEnd = h < 0 ? end : min(end, UInt64(h))
+            let first = (UInt64(d) - offset) / UInt64(blockBytes)
+            let last = (dataEnd - offset + UInt64(blockBytes) - 1) / UInt64(blockBytes)
+            for b in first..<last where blocks.last.map({ UInt64($0) < b }) ?? true { blocks.append(UInt32(b)) }
+            at = max(dataEnd, at + 1)
+        }
+        return blocks
+    }
+
     /// The wire hash of one block: empty for zeroes.
     public static func hash(_ bytes: UnsafeRawBufferPointer) -> Data {
         if isZero(bytes) { return Data() }
         return Data(SHA256.hash(data: bytes).prefix(hashBytes))
-    }
-
-    /// Empty for zeroes, one byte for data: no hash computed.
-    public static func dataMarker(_ bytes: UnsafeRawBufferPointer) -> Data {
-        isZero(bytes) ? Data() : Data([1])
     }
 
     public static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {

@@ -137,6 +137,13 @@ struct UnitActivityLogTests {
             #expect(result.hashes.enumerated().filter { !$0.element.isEmpty }.map(\.offset) == [3, 16])
             #expect(result.hashes[3].count == BlockHashing.hashBytes)
             #expect(result.bytesRead < 1 << 20, "holes are skipped, not read")
+            // Allocation alone (nothing read), for an initial sync into an empty replica: the
+            // written zeroes count as data; from an offset, indices count from it.
+            let allocated = BlockHashing.allocatedBlocks(fd: fd, size: (1 << 20) + 1000, offset: 0, blockBytes: 65536, count: 17)
+            #expect(allocated == [3, 5, 16], "\(allocated)")
+            let tail = BlockHashing.allocatedBlocks(fd: fd, size: (1 << 20) + 1000, offset: 65536 * 4, blockBytes: 65536, count: 4)
+            #expect(tail == [1], "\(tail)")
+            #expect(BlockHashing.allocatedBlocks(fd: fd, size: (1 << 20) + 1000, offset: 65536 * 6, blockBytes: 65536, count: 8).isEmpty)
         }
     }
 
