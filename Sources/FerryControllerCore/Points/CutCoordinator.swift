@@ -187,49 +187,36 @@ public actor CutCoordinator {
         let elapsed = started.duration(to: .now)
         // The point's time is the cut's: when the last answer came in.
         let cutAt = Date()
+        // The answers alone say whether the holds made a cut: the members resume at once, and
+        // the replicas are checked while they do (a replica actor busy with a batch must not
+        // lengthen every member's pause; the agents do not act on `committed`).
         var failure: String?
-        var recorded: [PointMemberRecord] = []
+        var prepared: [(Member, Ferry_V1_CutPrepared)] = []
         for (member, answer) in answers.sorted(by: { $0.0.hostName < $1.0.hostName }) {
             switch answer {
             case .failure(let error):
                 let why = (error as? FerryError)?.message ?? "\(error)"
                 failure = failure ?? "\(member.hostName): \(why)"
-            case .success(let prepared):
-                guard prepared.cutID == cutID, Set(prepared.members.map(\.volume)) == Set(member.volumes) else {
+            case .success(let p):
+                guard p.cutID == cutID, Set(p.members.map(\.volume)) == Set(member.volumes) else {
                     failure = failure ?? "\(member.hostName) answered for other volumes than asked"
                     continue
                 }
-                for m in prepared.members {
-                    if m.overflowed {
-                        failure = failure ?? "\(member.hostName)/\(m.volume): its change log overflowed; the volume resyncs before it can be in a point"
-                    }
-                    // The replica must still be a whole copy in the epoch the agent cut: an agent
-                    // that restarted since the checks above starts a new epoch and resyncs.
-                    if let replica = await replicas.opened(hostID: member.hostID, volume: m.volume) {
-                        let state = await replica.state
-                        if state.epoch != m.epoch && state.epoch != 0 || state.resyncNeeded {
-                            failure = failure ?? "\(member.hostName)/\(m.volume) started a new capture epoch (its agent restarted): it resyncs before it can be in a point"
-                        }
-                    } else {
-                        failure = failure ?? "\(member.hostName)/\(m.volume) has no replica on this controller"
-                    }
-                    recorded.append(PointMemberRecord(hostID: member.hostID, volume: m.volume, epoch: m.epoch, sequence: m.sequence))
-                }
+                prepared.append((member, p))
             }
         }
         if failure == nil, elapsed > budget {
             failure = "the members answered in \(elapsed), past the \(policy.holdBudgetMilliseconds) ms hold budget"
         }
-        let committed = failure == nil
         // Phase two: everyone resumes, whatever the outcome. Not awaited in line: the point is
         // recorded meanwhile, and the pauses come back for the metrics.
-        let finishing = Task { [metrics] in
+        let finishing = Task { [metrics, held = failure == nil] in
             await withTaskGroup(of: UInt64.self) { tasks in
                 for member in members {
                     tasks.addTask {
                         guard let result = try? await member.cuts.command("the end of a cut", timeout: .seconds(5), {
                             $0.finishCut.cutID = cutID
-                            $0.finishCut.committed = committed
+                            $0.finishCut.committed = held
                         }), case .cutFinished(let f)? = result.outcome else { return 0 }
                         let pause = AgentInputChecks.pauseMicros(f)
                         metrics.cutPause(group: group.name, host: member.hostName, micros: pause)
@@ -241,6 +228,26 @@ public actor CutCoordinator {
                 return longest
             }
         }
+        var recorded: [PointMemberRecord] = []
+        for (member, p) in prepared {
+            for m in p.members {
+                if m.overflowed {
+                    failure = failure ?? "\(member.hostName)/\(m.volume): its change log overflowed; the volume resyncs before it can be in a point"
+                }
+                // The replica must still be a whole copy in the epoch the agent cut: an agent
+                // that restarted since the checks above starts a new epoch and resyncs.
+                if let replica = await replicas.opened(hostID: member.hostID, volume: m.volume) {
+                    let state = await replica.state
+                    if state.epoch != m.epoch && state.epoch != 0 || state.resyncNeeded {
+                        failure = failure ?? "\(member.hostName)/\(m.volume) started a new capture epoch (its agent restarted): it resyncs before it can be in a point"
+                    }
+                } else {
+                    failure = failure ?? "\(member.hostName)/\(m.volume) has no replica on this controller"
+                }
+                recorded.append(PointMemberRecord(hostID: member.hostID, volume: m.volume, epoch: m.epoch, sequence: m.sequence))
+            }
+        }
+        let committed = failure == nil
         guard committed else {
             _ = await finishing.value
             throw FerryError(.unavailable, "cut of group '\(group.name)' aborted, no point recorded: \(failure!)")
