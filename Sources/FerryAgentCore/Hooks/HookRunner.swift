@@ -1,7 +1,6 @@
 import FerryWire
 import Foundation
 import Subprocess
-import Synchronization
 #if canImport(System)
 import System
 #else
@@ -41,14 +40,17 @@ public struct HookRunner: Sendable {
         options.processGroupID = 0
         let configuration = Configuration(executable: .path("/bin/sh"), arguments: ["-c", command], environment: .inherit.updating(overrides),
                                           platformOptions: options)
-        let pid = SpawnedPID()
+        let deadline = ContinuousClock.now + timeout
+        // The hook's process id, once spawned (or nothing, if it never was), for the timer.
+        let (spawned, spawnedContinuation) = AsyncStream.makeStream(of: pid_t.self)
         let outcome = await withTaskGroup(of: HookOutcome?.self) { group in
             group.addTask {
+                defer { spawnedContinuation.finish() }
                 do {
                     let result = try await Subprocess.run(configuration, input: .none,
                                                           output: .fileDescriptor(FileDescriptor(rawValue: output), closeAfterSpawningProcess: false),
                                                           error: .fileDescriptor(FileDescriptor(rawValue: output), closeAfterSpawningProcess: false)) { execution in
-                        pid.set(execution.processIdentifier.value)
+                        spawnedContinuation.yield(execution.processIdentifier.value)
                     }
                     return .ended(result.terminationStatus)
                 } catch {
@@ -56,17 +58,14 @@ public struct HookRunner: Sendable {
                 }
             }
             group.addTask {
-                do { try await Task.sleep(for: timeout) } catch { return nil }
+                var pid: pid_t?
+                for await p in spawned { pid = p; break }
+                guard let pid else { return nil }
+                do { try await Task.sleep(until: deadline, clock: .continuous) } catch { return nil }
                 // The whole group: a child left running would outlive the kill of its shell.
-                while !Task.isCancelled {
-                    if let p = pid.value {
-                        kill(-p, SIGKILL)
-                        kill(p, SIGKILL)
-                        return .timedOut
-                    }
-                    try? await Task.sleep(for: .milliseconds(10))
-                }
-                return nil
+                kill(-pid, SIGKILL)
+                kill(pid, SIGKILL)
+                return .timedOut
             }
             var timedOut = false
             var ended: HookOutcome = .timedOut
@@ -94,13 +93,6 @@ public struct HookRunner: Sendable {
         case .ended(.signaled(let signal)):
             return "hook '\(name)' was killed by signal \(signal)" + (tail.isEmpty ? "" : ": \(tail)")
         }
-    }
-
-    /// The hook's process, once spawned, for the timer that may have to kill it.
-    private final class SpawnedPID: Sendable {
-        private let pid = Mutex<pid_t?>(nil)
-        var value: pid_t? { pid.withLock { $0 } }
-        func set(_ value: pid_t) { pid.withLock { $0 = value } }
     }
 
     private enum HookOutcome: Sendable {
