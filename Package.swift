@@ -119,6 +119,9 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Yams", package: "Yams"),
             ],
+            // The console's files and the OpenAPI document are compiled in as EmbeddedAssets.swift
+            // (deploy/console/embed.py), not shipped as resources.
+            exclude: ["Console/Assets", "API/openapi.yaml"],
             swiftSettings: swiftSettings
         ),
         .target(

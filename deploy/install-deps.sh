@@ -27,6 +27,9 @@ packages=(
   curl
   protobuf-compiler  # protoc, for proto/generate.sh
   python3            # deploy/demo.sh reads ferryctl --json
+  chromium           # the web console's test drives headless Chromium
+  chromium-driver
+  python3-selenium
 )
 
 install_packages() {

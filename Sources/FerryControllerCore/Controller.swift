@@ -18,8 +18,27 @@ public struct Controller: Sendable {
         self.logger = logger
     }
 
-    /// Runs until SIGTERM or SIGINT, then drains: sessions get a goodbye, listeners close.
-    public func run() async throws {
+    /// What a controller is made of: built, listening nowhere yet.
+    struct Assembly {
+        let store: StateStore
+        let pki: ControllerPKI
+        let adminToken: String
+        let registry: SessionRegistry
+        let metrics: ControllerMetrics
+        /// Replica file I/O gets threads of its own, never the event loops'; shut down after the run.
+        let replicaPool: NIOThreadPool
+        let replicas: ReplicaManager
+        let exports: PointExports
+        let agents: AgentServer
+        let coordinator: CutCoordinator
+        let catalogue: PointCatalogue
+        let exportPort: BoundPort
+        let jobs: JobRunner
+        let routes: APIRoutes
+    }
+
+    /// Opens the state, the PKI and the replicas and wires the services together.
+    func assemble() async throws -> Assembly {
         try config.validate()
         try FileManager.default.createDirectory(atPath: config.dataDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         // Keys, tokens and the database live here: owner only, even if it existed already.
@@ -33,7 +52,6 @@ public struct Controller: Sendable {
         let group = MultiThreadedEventLoopGroup.singleton
         let dataDir = config.dataDir
 
-        // Replica file I/O gets threads of its own, never the event loops'.
         let replicaPool = NIOThreadPool(numberOfThreads: 4)
         replicaPool.start()
         let replicas = ReplicaManager(root: config.dataDir + "/replicas", pool: replicaPool,
@@ -58,6 +76,19 @@ public struct Controller: Sendable {
         let routes = APIRoutes(store: store, registry: registry, metrics: metrics, pki: pki, agents: agents, replicas: replicas,
                                coordinator: coordinator, catalogue: catalogue, exports: exports, jobs: jobs, hydrations: hydrations,
                                dataDir: config.dataDir)
+        return Assembly(store: store, pki: pki, adminToken: adminToken, registry: registry, metrics: metrics, replicaPool: replicaPool,
+                        replicas: replicas, exports: exports, agents: agents, coordinator: coordinator, catalogue: catalogue,
+                        exportPort: exportPort, jobs: jobs, routes: routes)
+    }
+
+    /// Runs until SIGTERM or SIGINT, then drains: sessions get a goodbye, listeners close.
+    public func run() async throws {
+        let parts = try await assemble()
+        let (store, pki, adminToken, registry, metrics) = (parts.store, parts.pki, parts.adminToken, parts.registry, parts.metrics)
+        let (replicaPool, replicas, exports, agents) = (parts.replicaPool, parts.replicas, parts.exports, parts.agents)
+        let (coordinator, catalogue, exportPort, jobs, routes) = (parts.coordinator, parts.catalogue, parts.exportPort, parts.jobs, parts.routes)
+        let group = MultiThreadedEventLoopGroup.singleton
+        let dataDir = config.dataDir
         let (apiHost, apiPort) = try ConfigText.hostPort(config.apiListen)
         let caPath = pki.caPath
         let logger = self.logger

@@ -45,7 +45,8 @@ struct APIError: HTTPResponseError {
     }
 }
 
-/// Checks the bearer token on every request (`/healthz` answers without one, with less).
+/// Checks the bearer token on every request (`/healthz` answers without one, with less; the
+/// console's files and the OpenAPI document need none).
 /// Every failed attempt is audited; an address with too many in a minute is refused, without
 /// a lookup or an audit entry each, until the minute is over.
 struct BearerAuthMiddleware: RouterMiddleware {
@@ -57,6 +58,7 @@ struct BearerAuthMiddleware: RouterMiddleware {
     func handle(_ request: Request, context: APIContext, next: (Request, APIContext) async throws -> Response) async throws -> Response {
         metrics.apiRequests.increment()
         let health = request.uri.path == "/healthz"
+        if APIRoutes.isPublic(request.uri.path), !health { return try await next(request, context) }
         if let wait = failures.blocked(context.peer) {
             throw APIError(error: FerryError(.rateLimited, "too many failed token attempts from \(context.peer); retry in \(Int(wait.seconds.rounded(.up))) s"))
         }
@@ -147,7 +149,12 @@ struct APIRoutes {
             return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
                             body: .init(byteBuffer: ByteBuffer(string: metrics.render())))
         }
+        addConsoleRoutes(router)
         let v1 = router.group("v1")
+        v1.get("whoami") { _, context in
+            let who = try context.require(.viewer)
+            return JSONBody(value: API.Principal(name: who.name, role: who.role.rawValue, expiresAt: who.expiresAt))
+        }
         v1.get("hosts") { _, context in
             _ = try context.require(.viewer)
             return JSONBody(value: try await hostViews())
@@ -257,6 +264,15 @@ struct APIRoutes {
             let hydration = await hydrations.list().filter { $0.volume == "\(host)/\(name)" }
             view.hydration = hydration.isEmpty ? nil : hydration
             return JSONBody(value: view)
+        }
+        v1.get("volumes/:host/:name/lag-history") { _, context in
+            _ = try context.require(.viewer)
+            let host = try context.parameters.require("host"), name = try context.parameters.require("name")
+            let samples = try await wrap {
+                let (_, replica, _) = try await volumeReplica(host: host, name: name)
+                return await replica.lagSamples
+            }
+            return JSONBody(value: samples.map { API.LagSample(at: $0.at, lagSeconds: $0.lagSeconds, lagBytes: $0.lagBytes) })
         }
         v1.post("volumes/:host/:name/resync") { _, context in
             let who = try context.require(.operator)

@@ -72,6 +72,9 @@ public actor ReplicaStore {
     /// What the agent last reported about the volume, and when.
     public private(set) var report: Ferry_V1_VolumeReport?
     public private(set) var reportedAt: Date?
+    private var lagHistory = LagHistory()
+    /// The worst lag reported in each 10 s of the last hour, oldest first.
+    var lagSamples: [LagHistory.Sample] { lagHistory.samples }
     /// The last error applying the stream (cleared by the next batch applied), or else the
     /// journal's damage until a resync repairs it.
     public var lastError: String? { spacePause?.message ?? streamError ?? state.corruption?.message }
@@ -906,7 +909,10 @@ public actor ReplicaStore {
         await acquire(.report)
         defer { release() }
         self.report = report
-        reportedAt = Date()
+        let now = Date()
+        reportedAt = now
+        lagHistory.record(lagSeconds: report.oldestPendingUnixNanos > 0 ? now.timeIntervalSince1970 - Double(report.oldestPendingUnixNanos) / 1e9 : 0,
+                          lagBytes: report.pendingBytes, now: now)
         if report.epoch != 0, report.epoch != state.epoch {
             // The agent moved to a new epoch (a restart, an overflow) before sending anything
             // in it: what it had not got acked may be missing here until it resyncs.

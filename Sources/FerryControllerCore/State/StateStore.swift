@@ -216,6 +216,8 @@ public struct APIPrincipal: Sendable {
     }
     public var name: String
     public var role: Role
+    /// When the token stops working, if it ever does.
+    public var expiresAt: Date? = nil
     /// How the principal appears in the audit log.
     public var actor: String { "api:\(name)" }
 }
@@ -317,7 +319,7 @@ extension StateStore {
             if let expiry = r.expiresAt, expiry < Date() {
                 throw FerryError(.unauthenticated, "API token '\(r.name)' expired at \(ISO8601DateFormatter().string(from: expiry)); an admin can rotate it ('ferryctl api-token rotate \(r.name)')")
             }
-            return APIPrincipal(name: r.name, role: role)
+            return APIPrincipal(name: r.name, role: role, expiresAt: r.expiresAt)
         }
     }
 

@@ -272,6 +272,22 @@ public enum API {
     }
 
     /// Without a token only `status`; the rest for a valid token.
+    /// `GET /v1/whoami`: the caller's token.
+    public struct Principal: Codable, Sendable {
+        public var name: String
+        public var role: String
+        public var expiresAt: Date?
+        public init(name: String, role: String, expiresAt: Date?) { self.name = name; self.role = role; self.expiresAt = expiresAt }
+    }
+
+    /// One sample of `GET /v1/volumes/:host/:name/lag-history`: the worst lag in 10 s.
+    public struct LagSample: Codable, Sendable, Equatable {
+        public var at: Date
+        public var lagSeconds: Double
+        public var lagBytes: UInt64
+        public init(at: Date, lagSeconds: Double, lagBytes: UInt64) { self.at = at; self.lagSeconds = lagSeconds; self.lagBytes = lagBytes }
+    }
+
     public struct Health: Codable, Sendable {
         public var status: String
         public var version: String?
