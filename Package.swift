@@ -118,6 +118,7 @@ let package = Package(
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Yams", package: "Yams"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
             ],
             // The console's files and the OpenAPI document are compiled in as EmbeddedAssets.swift
             // (deploy/console/embed.py), not shipped as resources.

@@ -125,6 +125,11 @@ public struct Controller: Sendable {
                     try? PEMFiles.writePublic(PeerSession.describe(address) + "\n", to: dataDir + "/nbd-tls-listen.addr")
                 }))
         }
+        let webhooks = WebhookDispatcher(urls: config.alertWebhooks, secret: try webhookSecret(), store: store, logger: logger)
+        let alerting = AlertService(store: store, thresholds: config.alertThresholds, interval: config.alertInterval, webhooks: webhooks,
+                                    metrics: metrics, controllerName: ProcessInfo.processInfo.hostName, logger: logger) {
+            try await routes.alertSnapshot()
+        }
         let lastSeen = LastSeenRecorder(store: store, registry: registry)
         var groupConfig = ServiceGroupConfiguration(
             services: [
@@ -138,6 +143,8 @@ public struct Controller: Sendable {
                 // After the agent listener: stopped before it, so a job does not see its hosts
                 // go away and fail; it resumes at the next start instead.
                 .init(service: JobService(jobs: jobs)),
+                .init(service: webhooks),
+                .init(service: alerting),
                 .init(service: api),
             ],
             gracefulShutdownSignals: [.sigterm, .sigint],
@@ -151,6 +158,20 @@ public struct Controller: Sendable {
         try await services.run()
         try? await replicaPool.shutdownGracefully()
         logger.info("controller stopped")
+    }
+
+    /// The alert webhooks' HMAC secret: the configured file's text, or one made at the first
+    /// start in the data dir (0600) for the operator to give the receivers.
+    func webhookSecret() throws -> Data {
+        let path = config.alertWebhookSecretFile ?? config.dataDir + "/alert-webhook.secret"
+        if config.alertWebhookSecretFile == nil, !FileManager.default.fileExists(atPath: path) {
+            try PEMFiles.writeSecret(SecretHash.randomToken(prefix: "whs_") + "\n", to: path)
+        }
+        guard let data = FileManager.default.contents(atPath: path),
+              let text = String(data: data, encoding: .utf8)?.trimmingCharacters(in: .whitespacesAndNewlines), text.utf8.count >= 16 else {
+            throw FerryError(.badConfiguration, "alert webhook secret \(path) is missing, unreadable or shorter than 16 bytes")
+        }
+        return Data(text.utf8)
     }
 
     /// The first start makes an admin API token, written 0600 in the data dir.

@@ -84,6 +84,7 @@ def main():
         wait("host online", lambda: a.host in text("#hosts-online") and "online" in text("#hosts-online"))
         wait("a protected volume counted", lambda: text('#replication-health [data-state="protected"]') == "1")
         assert "protected" in text("#health-banner"), text("#health-banner")
+        wait("the open alerts", lambda: find('#open-alerts li[data-alert-rule="certificate-expiring"]'))
         # The token is in this tab's session only: not in the URL, not in localStorage.
         assert a.operator not in driver.current_url
         assert driver.execute_script("return sessionStorage.getItem('ferry.token')") == a.operator
@@ -108,6 +109,11 @@ def main():
         assert find("#cut-point")
         shot("group")
         steps.append("group %s lists its points" % a.group)
+
+        go("#/alerts")
+        wait("the alerts page", lambda: find('#alerts tr[data-alert-rule="certificate-expiring"]'))
+        shot("alerts")
+        steps.append("alerts page lists the certificate-expiring alerts")
 
         # Plans: never drilled, so a drill is recommended; start one from the plan's page.
         go("#/plans")

@@ -200,6 +200,11 @@ public struct APIClient: Sendable {
         try await decode(API.Volume.self, from: send(.post, "\(API.prefix)/volumes/\(Self.escape(host))/\(Self.escape(name))/resync"))
     }
 
+    /// `GET /v1/alerts`: firing alerts (all: resolved ones too), newest first.
+    public func alerts(all: Bool) async throws -> [API.Alert] {
+        try await decode([API.Alert].self, from: send(.get, "\(API.prefix)/alerts\(all ? "?all=true" : "")"))
+    }
+
     /// `GET /v1/audit?limit=N`: newest first.
     public func audit(limit: Int) async throws -> [API.AuditEntry] {
         try await decode([API.AuditEntry].self, from: send(.get, "\(API.prefix)/audit?limit=\(limit)"))

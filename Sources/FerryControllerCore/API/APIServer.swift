@@ -282,6 +282,7 @@ struct APIRoutes {
         addPointRoutes(v1)
         addPlanRoutes(v1)
         addWANRoutes(v1)
+        addAlertRoutes(v1)
         v1.get("audit") { request, context in
             _ = try context.require(.viewer)
             let limit = request.uri.queryParameters.get("limit", as: Int.self) ?? 100
@@ -396,6 +397,8 @@ struct APIRoutes {
         view.lastError = lastError
         view.syncsCompleted = state.syncsCompleted
         view.throughputBytesPerSecond = await replica.throughputBytesPerSecond
+        view.journalBytes = UInt64(clamping: await replica.journalBytes)
+        view.journalLimitBytes = UInt64(clamping: replica.journalLimit)
         view.reportedAt = await replica.reportedAt
         if let report {
             view.lastSequence = report.lastSequence
@@ -446,7 +449,7 @@ struct APIRoutes {
 
 extension Double {
     func rounded(toPlaces places: Int) -> Double {
-        let f = pow(10, Double(places))
+        let f = Foundation.pow(10, Double(places))
         return (self * f).rounded(.down) / f
     }
 }

@@ -39,6 +39,13 @@ public struct ControllerConfig: Sendable {
     /// the most journal bytes kept per volume whatever their age.
     public var replicaRetention: Duration = .seconds(3600)
     public var replicaJournalMax: UInt64 = 8 << 30
+    /// Webhooks (http or https URLs) every alert's firing and resolution is POSTed to.
+    public var alertWebhooks: [String] = []
+    /// The webhooks' HMAC secret; unset: `alert-webhook.secret` in the data dir, made at first start.
+    public var alertWebhookSecretFile: String?
+    /// How often the alert rules are evaluated, and their thresholds.
+    public var alertInterval: Duration = .seconds(5)
+    public var alertThresholds = AlertThresholds()
 
     public init(dataDir: String) { self.dataDir = dataDir }
 
@@ -64,6 +71,15 @@ public struct ControllerConfig: Sendable {
         var logLevel: String?
         var replicaRetention: String?
         var replicaJournalMax: String?
+        var alertWebhooks: [String]?
+        var alertWebhookSecretFile: String?
+        var alertInterval: String?
+        var alertLag: String?
+        var alertResync: String?
+        var alertHostOffline: String?
+        var alertJournalPercent: Int?
+        var alertCertificateExpiry: String?
+        var alertDrillOverdue: String?
 
         enum CodingKeys: String, CodingKey, CaseIterable {
             case dataDir = "data-dir", listen, apiListen = "api-listen", nbdTLSListen = "nbd-tls-listen", tlsNames = "tls-names", tlsAddresses = "tls-addresses"
@@ -73,6 +89,10 @@ public struct ControllerConfig: Sendable {
             case enrollmentFailuresPerMinute = "enrollment-failures-per-minute"
             case maxFrameBytes = "max-frame-bytes", enrollmentTimeout = "enrollment-timeout", logLevel = "log-level"
             case replicaRetention = "replica-retention", replicaJournalMax = "replica-journal-max"
+            case alertWebhooks = "alert-webhooks", alertWebhookSecretFile = "alert-webhook-secret-file", alertInterval = "alert-interval"
+            case alertLag = "alert-lag", alertResync = "alert-resync", alertHostOffline = "alert-host-offline"
+            case alertJournalPercent = "alert-journal-percent", alertCertificateExpiry = "alert-certificate-expiry"
+            case alertDrillOverdue = "alert-drill-overdue"
         }
     }
 
@@ -99,6 +119,19 @@ public struct ControllerConfig: Sendable {
         if let v = f.logLevel { logLevel = v }
         if let v = f.replicaRetention { replicaRetention = try ConfigText.duration(v) }
         if let v = f.replicaJournalMax { replicaJournalMax = try ConfigText.byteSize(v) }
+        if let v = f.alertWebhooks { alertWebhooks = v }
+        if let v = f.alertWebhookSecretFile { alertWebhookSecretFile = v }
+        if let v = f.alertInterval { alertInterval = try ConfigText.duration(v) }
+        func seconds(_ text: String) throws -> Double {
+            let d = try ConfigText.duration(text)
+            return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+        }
+        if let v = f.alertLag { alertThresholds.lagSeconds = try seconds(v) }
+        if let v = f.alertResync { alertThresholds.resyncSeconds = try seconds(v) }
+        if let v = f.alertHostOffline { alertThresholds.hostOfflineSeconds = try seconds(v) }
+        if let v = f.alertJournalPercent { alertThresholds.journalPercent = Double(v) }
+        if let v = f.alertCertificateExpiry { alertThresholds.certificateExpirySeconds = try seconds(v) }
+        if let v = f.alertDrillOverdue { alertThresholds.drillOverdueSeconds = try seconds(v) }
     }
 
     /// Rejects settings that cannot work, with a message that names the setting.
@@ -130,6 +163,19 @@ public struct ControllerConfig: Sendable {
         }
         guard certificateValidity >= .seconds(10) else {
             throw FerryError(.badConfiguration, "certificate-validity must be at least 10s")
+        }
+        for url in alertWebhooks {
+            guard let u = URL(string: url), ["http", "https"].contains(u.scheme ?? ""), u.host != nil, url.utf8.count <= 2048 else {
+                throw FerryError(.badConfiguration, "alert-webhooks: '\(url.prefix(200))' is not an http or https URL")
+            }
+        }
+        guard alertInterval >= .milliseconds(100), alertInterval <= .seconds(3600) else {
+            throw FerryError(.badConfiguration, "alert-interval must be between 100ms and 1h")
+        }
+        let t = alertThresholds
+        guard [t.lagSeconds, t.resyncSeconds, t.hostOfflineSeconds, t.certificateExpirySeconds, t.drillOverdueSeconds].allSatisfy({ $0 >= 0 && $0 <= 3650 * 86_400 }),
+              (1...100).contains(t.journalPercent) else {
+            throw FerryError(.badConfiguration, "alert thresholds must be durations of at most 3650d, and alert-journal-percent 1 to 100")
         }
         guard (FrameSize.minimumAuthenticated...256 * 1024 * 1024).contains(maxFrameBytes) else {
             throw FerryError(.badConfiguration, "max-frame-bytes must be between 34 MiB (a 32 MiB write plus framing) and 256 MiB")

@@ -174,5 +174,9 @@ public final class ControllerMetrics: Sendable {
         CoreMetrics.Gauge(label: "ferry_group_rpo_alert", dimensions: [("group", group)], factory: factory).record(alert ? 1 : 0)
     }
 
+    func alertsFiring(rule: String, count: Int) {
+        CoreMetrics.Gauge(label: "ferry_alerts_firing", dimensions: [("rule", rule)], factory: factory).record(Double(count))
+    }
+
     public func render() -> String { registry.emitToString() + renderWriteLags() }
 }

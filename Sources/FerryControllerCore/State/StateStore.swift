@@ -135,6 +135,7 @@ public final class StateStore: Sendable {
             try db.alter(table: "volume") { t in t.add(column: "hydration", .text) }
         }
         registerWANMigration(&m)
+        registerAlertMigration(&m)
         return m
     }
 

@@ -194,6 +194,9 @@ public enum API {
         /// Reprotected after a failover that landed: this (fenced) volume follows its recovered
         /// volume's journal in write order.
         public var sink: SinkProgress?
+        /// The replica journal's bytes, and the most it may hold (`replica-journal-max`).
+        public var journalBytes: UInt64?
+        public var journalLimitBytes: UInt64?
 
         public init(host: String, name: String, path: String, sizeBytes: UInt64, state: String, socketPath: String?,
                     lastSequence: UInt64?, protectedAt: Date) {

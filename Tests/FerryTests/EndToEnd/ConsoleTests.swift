@@ -36,7 +36,10 @@ struct ConsoleTests {
 
     func site() async throws -> Site {
         let dir = try TestDirectory()
-        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"), arguments: ["--nbd-tls-listen", "127.0.0.1:0"])
+        // Certificates valid 30 days are inside a 400-day warning window: alerts to show.
+        try "alert-certificate-expiry: 400d\nalert-interval: 200ms\n".write(toFile: dir.file("controller.yaml"), atomically: true, encoding: .utf8)
+        let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"),
+                                                           arguments: ["--config", dir.file("controller.yaml"), "--nbd-tls-listen", "127.0.0.1:0"])
         var agents: [ChildProcess] = []
         for host in ["db", "rec1"] {
             let config = dir.file("agent-\(host).yaml")
@@ -127,6 +130,13 @@ struct ConsoleTests {
             try await http(site, "GET", "/v1/volumes/db/data/lag-history", token: site.tokens["viewer"]).body.count > 2
         })
 
+        var alertID = ""
+        #expect(try await eventually(timeout: .seconds(15)) {
+            let r = try await site.controller.ctl("alerts", "--json")
+            alertID = (try? API.decoder().decode([API.Alert].self, from: Data(r.stdout.utf8)))?.first?.id ?? ""
+            return !alertID.isEmpty
+        })
+
         let reply = try await http(site, "GET", "/v1/openapi.json")
         #expect(reply.status == 200 && reply.contentType.hasPrefix("application/json"))
         let document = try JSONValue.parse(reply.body)
@@ -154,6 +164,7 @@ struct ConsoleTests {
                 let subject: [String: String] = template.hasPrefix("/v1/groups") || template.hasPrefix("/v1/plans") ? ["{name}": "shop"]
                     : template.hasPrefix("/v1/volumes/") ? ["{name}": "data"]
                     : template.hasPrefix("/v1/exports") ? ["{id}": export.id]
+                    : template.hasPrefix("/v1/alerts") ? ["{id}": alertID]
                     : template.hasPrefix("/v1/api-tokens") ? ["{name}": "console-viewer"] : [:]
                 for (k, v) in values.merging(subject, uniquingKeysWith: { $1 }) { path = path.replacingOccurrences(of: k, with: v) }
                 let role = operation["x-ferry-role"]?.string ?? "?"

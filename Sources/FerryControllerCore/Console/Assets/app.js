@@ -179,6 +179,7 @@ const pages = {
   "jobs": jobsPage,
   "job": jobPage,
   "audit": auditPage,
+  "alerts": alertsPage,
 };
 
 function route() {
@@ -223,8 +224,8 @@ function volumeHref(v) { return "#/volume/" + encodeURIComponent(v.host) + "/" +
 // ---- dashboard --------------------------------------------------------------------------
 
 async function dashboardPage() {
-  const [volumes, hosts, groups, jobs, plans] = await Promise.all([
-    api("GET", "/v1/volumes"), api("GET", "/v1/hosts"), api("GET", "/v1/groups"), api("GET", "/v1/jobs"), api("GET", "/v1/plans")]);
+  const [volumes, hosts, groups, jobs, alerts] = await Promise.all([
+    api("GET", "/v1/volumes"), api("GET", "/v1/hosts"), api("GET", "/v1/groups"), api("GET", "/v1/jobs"), api("GET", "/v1/alerts")]);
   const counts = {};
   for (const s of STATES) counts[s] = 0;
   for (const v of volumes) counts[v.replicaState || "error"] = (counts[v.replicaState || "error"] || 0) + 1;
@@ -235,17 +236,6 @@ async function dashboardPage() {
     ? h("div", { class: "banner ok", id: "health-banner" }, volumes.length === 0 ? "No volumes are protected yet." : (volumes.length === 1 ? "The volume is protected." : "All " + volumes.length + " volumes are protected."))
     : h("div", { class: "banner " + (unhealthy.some(v => v.replicaState === "error") || overRPO.length ? "bad" : "warn"), id: "health-banner" },
         unhealthy.length + " of " + volumes.length + " volumes are not protected right now" + (overRPO.length ? "; " + overRPO.length + " group(s) over their RPO" : "") + ".");
-
-  const attention = [];
-  for (const v of volumes) {
-    if (v.replicaState === "error" || v.replicaState === "paused") attention.push([v.host + "/" + v.name, v.replicaState + (v.lastError ? ": " + v.lastError : ""), volumeHref(v)]);
-  }
-  for (const g of overRPO) attention.push([g.name, "newest point " + duration(g.rpoSeconds) + " old (alert at " + duration(g.policy.rpoAlertSeconds) + ")", "#/group/" + encodeURIComponent(g.name)]);
-  for (const x of hosts) if (x.state === "offline") attention.push([x.name, "host offline since " + time(x.lastSeen), "#/hosts"]);
-  for (const p of plans) {
-    const last = lastDrill(p.plan.name, jobs);
-    if (!last || Date.now() - Date.parse(last.endedAt) > DRILL_DUE_DAYS * 86400e3) attention.push([p.plan.name, "drill recommended (last: " + (last ? age(last.endedAt) : "never") + ")", "#/plan/" + encodeURIComponent(p.plan.name)]);
-  }
 
   const active = jobs.filter(j => j.state === "running" || j.state === "waiting");
   const failed = jobs.filter(j => j.state === "failed").slice(0, 5);
@@ -259,9 +249,10 @@ async function dashboardPage() {
       h("div", { class: "card", id: "hosts-online" }, h("h2", {}, "Hosts"),
         h("div", { class: "big" }, online.length + " / " + hosts.length), h("div", { class: "muted" }, "online"),
         h("ul", { class: "state-list" }, hosts.map(x => h("li", {}, x.name, badge(x.state, stateKind(x.state)))))),
-      h("div", { class: "card", id: "attention" }, h("h2", {}, "Needs attention"),
-        attention.length === 0 ? h("p", { class: "muted" }, "Nothing.")
-          : h("ul", { class: "state-list" }, attention.map(([what, why, href]) => h("li", {}, link(href, what), h("span", { class: "muted" }, why)))))),
+      h("div", { class: "card", id: "open-alerts" }, h("h2", {}, link("#/alerts", "Open alerts") , " ", badge(String(alerts.length), alerts.length ? "bad" : "ok")),
+        alerts.length === 0 ? h("p", { class: "muted" }, "None.")
+          : h("ul", { class: "state-list" }, alerts.slice(0, 8).map(a => h("li", { "data-alert-rule": a.rule },
+              h("span", {}, badge(a.severity, a.severity === "critical" ? "bad" : "warn"), " ", a.message)))))),
     h("div", { class: "card" }, h("h2", {}, "Consistency groups"), groupsTable(groups)),
     h("div", { class: "card" }, h("h2", {}, "Running jobs"), active.length ? jobsTable(active) : h("p", { class: "muted" }, "None.")),
     h("div", { class: "card" }, h("h2", {}, "Failed jobs"), failed.length ? jobsTable(failed) : h("p", { class: "muted" }, "None.")));
@@ -531,6 +522,26 @@ async function jobPage([id]) {
         : h("p", { class: "muted" }, j.state === "running" || j.state === "waiting" ? "When it ends." : "Nothing reported.")));
 }
 jobPage.refresh = 1000;
+
+// ---- alerts -----------------------------------------------------------------------------
+
+async function alertsPage() {
+  const alerts = await api("GET", "/v1/alerts?all=true");
+  const delivery = a => {
+    const d = a.deliveries || [];
+    if (!d.length) return h("span", { class: "muted" }, "no webhook");
+    const last = d[d.length - 1];
+    return h("span", { title: d.map(x => x.event + " #" + x.attempt + " " + (x.delivered ? "ok" : (x.error || ""))).join("\n") },
+      d.filter(x => x.delivered).length + " delivered, " + d.length + " attempts" + (last.delivered ? "" : " (last: " + (last.error || "failed") + ")"));
+  };
+  return h("div", { id: "alerts" }, h("h1", {}, "Alerts"),
+    alerts.length === 0 ? h("p", { class: "muted" }, "No alert has fired.") :
+    h("table", {}, h("thead", {}, h("tr", {}, ["Opened", "State", "Severity", "Rule", "Message", "Resolved", "Webhooks"].map(t => h("th", {}, t)))),
+      h("tbody", {}, alerts.map(a => h("tr", { "data-alert": a.id, "data-alert-rule": a.rule },
+        h("td", {}, time(a.openedAt)), h("td", {}, badge(a.state, a.state === "firing" ? "bad" : "ok")),
+        h("td", {}, a.severity), h("td", {}, a.rule), h("td", {}, a.message), h("td", {}, a.resolvedAt ? time(a.resolvedAt) : "–"),
+        h("td", {}, delivery(a)))))));
+}
 
 // ---- audit ------------------------------------------------------------------------------
 
