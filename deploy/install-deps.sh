@@ -30,6 +30,7 @@ packages=(
   chromium           # the web console's test drives headless Chromium
   chromium-driver
   python3-selenium
+  prometheus         # promtool checks deploy/prometheus/ferry-rules.yml
 )
 
 install_packages() {
