@@ -218,6 +218,12 @@ public struct APIClient: Sendable {
         return try await decode(API.Group.self, from: send(.post, "\(API.prefix)/groups", body: body))
     }
 
+    /// `PUT /v1/groups/:name`: members and policy changed in place.
+    public func updateGroup(_ request: API.GroupCreateRequest) async throws -> API.Group {
+        let body = try API.encoder().encode(request)
+        return try await decode(API.Group.self, from: send(.put, "\(API.prefix)/groups/\(Self.escape(request.name))", body: body))
+    }
+
     /// `GET /v1/groups`.
     public func groups() async throws -> [API.Group] {
         try await decode([API.Group].self, from: send(.get, "\(API.prefix)/groups"))

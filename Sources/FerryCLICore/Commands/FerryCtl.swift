@@ -26,7 +26,7 @@ public struct FerryCtl: AsyncParsableCommand {
             PlansCommand.self, PlanCommand.self, DrillCommand.self, FailoverCommand.self, CommitCommand.self,
             ReprotectCommand.self, FailbackCommand.self, RollbackCommand.self, MigrateCommand.self, JobsCommand.self, JobCommand.self,
             TokenCommand.self, TokensCommand.self, APITokenCommand.self, APITokensCommand.self,
-            WANCommand.self, AuditCommand.self, AlertsCommand.self, HealthCommand.self, MetricsCommand.self,
+            WANCommand.self, AuditCommand.self, AlertsCommand.self, ApplyCommand.self, GetCommand.self, HealthCommand.self, MetricsCommand.self,
         ]
     )
 

@@ -27,6 +27,16 @@ extension APIRoutes {
             }
             return JSONBody(value: view)
         }
+        v1.put("groups/:name") { request, context in
+            let who = try context.require(.operator)
+            let name = try context.parameters.require("name")
+            var body = try await request.decode(as: API.GroupCreateRequest.self, context: context)
+            guard body.name.isEmpty || body.name == name else {
+                throw APIError(error: FerryError(.badRequest, "a group cannot be renamed ('\(name.prefix(64))' → '\(body.name.prefix(64))')"))
+            }
+            body.name = name
+            return JSONBody(value: try await wrap { try await updateGroup(body, actor: who.actor) })
+        }
         v1.delete("groups/:name") { _, context in
             let who = try context.require(.operator)
             let name = try context.parameters.require("name")
@@ -163,6 +173,27 @@ extension APIRoutes {
     }
 
     func createGroup(_ body: API.GroupCreateRequest, actor: String) async throws -> API.Group {
+        let (policy, members) = try await groupMembers(body)
+        try await store.createGroup(name: body.name, policy: policy, members: members, actor: actor)
+        guard let view = try await groupViews().first(where: { $0.name == body.name }) else {
+            throw FerryError(.internalError, "group \(body.name) vanished after it was created")
+        }
+        return view
+    }
+
+    /// Changes a group's members and policy in place: its points stay; the next round cuts
+    /// with the new members and the scheduler follows the new policy.
+    func updateGroup(_ body: API.GroupCreateRequest, actor: String) async throws -> API.Group {
+        let (policy, members) = try await groupMembers(body)
+        try await store.updateGroup(name: body.name, policy: policy, members: members, actor: actor)
+        guard let view = try await groupViews().first(where: { $0.name == body.name }) else {
+            throw FerryError(.internalError, "group \(body.name) vanished after it was updated")
+        }
+        return view
+    }
+
+    /// A group request checked: its policy, and its volumes as member records.
+    func groupMembers(_ body: API.GroupCreateRequest) async throws -> (API.GroupPolicy, [GroupMemberRecord]) {
         guard HostName.isValid(body.name) else {
             throw FerryError(.badRequest, "'\(body.name)' is not a valid group name (1-63 characters: letters, digits, '.', '-', '_'; not starting with '.')")
         }
@@ -190,11 +221,7 @@ extension APIRoutes {
             }
             members.append(GroupMemberRecord(groupName: body.name, hostID: host.id, volume: record.name))
         }
-        try await store.createGroup(name: body.name, policy: policy, members: members, actor: actor)
-        guard let view = try await groupViews().first(where: { $0.name == body.name }) else {
-            throw FerryError(.internalError, "group \(body.name) vanished after it was created")
-        }
-        return view
+        return (policy, members)
     }
 
     func groupViews() async throws -> [API.Group] {

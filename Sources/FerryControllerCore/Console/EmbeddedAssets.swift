@@ -962,6 +962,15 @@ paths:
       responses:
         "200": {description: The group., content: {application/json: {schema: {$ref: "#/components/schemas/Group"}}}}
         default: {$ref: "#/components/responses/Error"}
+    put:
+      tags: [groups]
+      operationId: updateGroup
+      summary: Changes a group's members and policy in place (its points stay); `name` in the body may be omitted, not changed.
+      x-ferry-role: operator
+      requestBody: {required: true, content: {application/json: {schema: {$ref: "#/components/schemas/GroupCreate"}}}}
+      responses:
+        "200": {description: The group as it is now., content: {application/json: {schema: {$ref: "#/components/schemas/Group"}}}}
+        default: {$ref: "#/components/responses/Error"}
     delete:
       tags: [groups]
       operationId: deleteGroup

@@ -69,6 +69,34 @@ extension StateStore {
         }
     }
 
+    /// Replaces a group's policy and members; audited with what changed.
+    public func updateGroup(name: String, policy: API.GroupPolicy, members: [GroupMemberRecord], actor: String) async throws {
+        let encoded = try JSONEncoder().encode(policy)
+        try await pool.write { db in
+            guard var group = try GroupRecord.fetchOne(db, key: name) else {
+                throw FerryError(.notFound, "no consistency group named '\(name)'; 'ferryctl groups' lists them")
+            }
+            for m in members {
+                if let other = try GroupMemberRecord.fetchOne(db, key: ["hostID": m.hostID, "volume": m.volume]), other.groupName != name {
+                    throw FerryError(.conflict, "volume \(m.volume) of that host is already in group '\(other.groupName)'; a volume belongs to one group")
+                }
+            }
+            let before = Set(try GroupMemberRecord.filter(Column("groupName") == name).fetchAll(db))
+            let after = Set(members)
+            let policyChanged = group.decodedPolicy != policy
+            guard policyChanged || before != after else { return }
+            group.policy = encoded
+            try group.update(db)
+            try GroupMemberRecord.filter(Column("groupName") == name).deleteAll(db)
+            for m in members { try m.insert(db) }
+            var detail: [String] = []
+            if policyChanged { detail.append("policy") }
+            if !after.subtracting(before).isEmpty { detail.append("+\(after.subtracting(before).count) volumes") }
+            if !before.subtracting(after).isEmpty { detail.append("-\(before.subtracting(after).count) volumes") }
+            try Self.audit(db, actor: actor, action: "group.update", target: name, detail: detail.joined(separator: ", "))
+        }
+    }
+
     public func deleteGroup(name: String, actor: String) async throws {
         try await pool.write { db in
             guard try GroupRecord.deleteOne(db, key: name) else {
