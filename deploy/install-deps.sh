@@ -18,6 +18,7 @@ packages=(
   qemu-utils         # qemu-img, qemu-nbd
   libnbd-bin         # nbdinfo, nbdcopy, nbdfuse
   fuse3              # fusermount3, for nbdfuse
+  e2fsprogs          # mkfs.ext4, e2fsck: the fsfreeze tests put ext4 on exports
   nbdkit
   fio
   python3-libnbd

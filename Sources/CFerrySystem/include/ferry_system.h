@@ -35,4 +35,17 @@ int ferry_accept(int fd);
 /// The user id of a unix socket's peer (SO_PEERCRED). Returns 0, or -1 with errno set.
 int ferry_peer_uid(int fd, uint32_t *uid);
 
+/// FIFREEZE / FITHAW on the file system holding the open directory `fd`. Returns 0, or -1
+/// with errno set (EBUSY: frozen already; EINVAL on thaw: not frozen; EOPNOTSUPP: cannot).
+int ferry_fs_freeze(int fd);
+int ferry_fs_thaw(int fd);
+
+/// Forks a guard process that thaws the file systems open at `fds[0..count)`, the last first,
+/// as soon as reading `wake_fd` ends (end of file: whoever holds the write end closed it or
+/// died) or after `deadline_ms`, whichever comes first. The guard is a grandchild, so it never
+/// lingers as the caller's zombie; it ignores SIGTERM, SIGINT, SIGHUP and SIGPIPE (thawing is
+/// its whole job) and keeps no other descriptor. After the fork it runs only async-signal-safe
+/// calls. Returns 0, or -1 with errno set.
+int ferry_fs_thaw_guard(const int *fds, int count, int wake_fd, int deadline_ms);
+
 #endif

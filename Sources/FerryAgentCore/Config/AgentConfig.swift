@@ -36,6 +36,9 @@ public struct AgentConfig: Sendable {
     /// Hooks the controller may ask for by name (quiesce, thaw, later start and stop): each a
     /// command line run with `/bin/sh -c`. The controller never sends a command, only a name.
     public var hooks: [String: String] = [:]
+    /// Built-in `fsfreeze` hooks (`NAME: {fsfreeze: [MOUNTPOINT, …]}` under `hooks:`): frozen in
+    /// order as a group's quiesce hook, thawed in reverse as its thaw hook.
+    public var fsfreezeHooks: [String: [String]] = [:]
     /// What the controller may have this agent protect (open, create, write); nil: the default,
     /// `DATA-DIR/volumes/` and block devices not in use.
     public var protectAllowEntries: [String]?
@@ -66,7 +69,7 @@ public struct AgentConfig: Sendable {
         var changeLogMemory: String?
         var changeLogSpill: String?
         var nbdTCP: String?
-        var hooks: [String: String]?
+        var hooks: [String: HookValue]?
         var protectAllow: [String]?
         var nbdTCPInsecure: Bool?
         var nbdSocketUsers: [String]?
@@ -78,6 +81,23 @@ public struct AgentConfig: Sendable {
             case socketDir = "socket-dir", ioThreads = "io-threads", changeLogMemory = "change-log-memory", changeLogSpill = "change-log-spill"
             case nbdTCP = "nbd-tcp", hooks, protectAllow = "protect-allow", nbdTCPInsecure = "nbd-tcp-insecure"
             case nbdSocketUsers = "nbd-socket-users", hydrationRateLimit = "hydration-rate-limit"
+        }
+    }
+
+    /// A hook under `hooks:`: a command line, or `{fsfreeze: [MOUNTPOINT, …]}`.
+    enum HookValue: Decodable {
+        case command(String)
+        case fsfreeze([String])
+
+        private enum Keys: String, CodingKey { case fsfreeze }
+
+        init(from decoder: any Decoder) throws {
+            if let command = try? decoder.singleValueContainer().decode(String.self) {
+                self = .command(command)
+                return
+            }
+            let c = try decoder.container(keyedBy: Keys.self)
+            self = .fsfreeze(try c.decode([String].self, forKey: .fsfreeze))
         }
     }
 
@@ -96,7 +116,16 @@ public struct AgentConfig: Sendable {
         if let v = f.changeLogMemory { changeLogMemory = try ConfigText.byteSize(v) }
         if let v = f.changeLogSpill { changeLogSpill = try ConfigText.byteSize(v) }
         if let v = f.nbdTCP { nbdTCP = v }
-        if let v = f.hooks { hooks = v }
+        if let v = f.hooks {
+            hooks = [:]
+            fsfreezeHooks = [:]
+            for (name, value) in v {
+                switch value {
+                case .command(let command): hooks[name] = command
+                case .fsfreeze(let mounts): fsfreezeHooks[name] = mounts
+                }
+            }
+        }
         if let v = f.protectAllow { protectAllowEntries = v }
         if let v = f.nbdTCPInsecure { nbdTCPInsecure = v }
         if let v = f.nbdSocketUsers { nbdSocketUsers = v }
@@ -147,6 +176,14 @@ public struct AgentConfig: Sendable {
             }
             guard !command.trimmingCharacters(in: .whitespaces).isEmpty else {
                 throw FerryError(.badConfiguration, "hook '\(name)' has an empty command")
+            }
+        }
+        for (name, mounts) in fsfreezeHooks {
+            guard !name.isEmpty, name.count <= 64, name.allSatisfy({ $0.isLetter || $0.isNumber || "-_.".contains($0) }) else {
+                throw FerryError(.badConfiguration, "hook name '\(name)' must be 1-64 letters, digits, '-', '_' or '.'")
+            }
+            guard !mounts.isEmpty, mounts.count <= 64, mounts.allSatisfy({ $0.hasPrefix("/") }), Set(mounts).count == mounts.count else {
+                throw FerryError(.badConfiguration, "fsfreeze hook '\(name)' needs 1 to 64 distinct absolute mount points")
             }
         }
         _ = try protectAllow

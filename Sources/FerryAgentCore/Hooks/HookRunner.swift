@@ -11,10 +11,37 @@ import SystemPackage
 /// ask for `fsfreeze-data`, never send a command line.
 public struct HookRunner: Sendable {
     public let hooks: [String: String]
+    /// Built-in fsfreeze hooks: name → mount points, and what holds their freezes.
+    public let fsfreeze: [String: [String]]
+    let freezer: FilesystemFreeze?
     /// Most bytes of a hook's output kept for its error message.
     static let outputTail = 2048
 
-    public init(hooks: [String: String]) { self.hooks = hooks }
+    public init(hooks: [String: String], fsfreeze: [String: [String]] = [:], freezer: FilesystemFreeze? = nil) {
+        self.hooks = hooks
+        self.fsfreeze = fsfreeze
+        self.freezer = freezer
+    }
+
+    /// The phase a controller names in `FERRY_HOOK_PHASE`: what an fsfreeze hook does.
+    public static let phaseVariable = "FERRY_HOOK_PHASE"
+
+    /// An fsfreeze hook: `quiesce` freezes (held at most twice the hook's timeout: the guard
+    /// thaws then whatever happens), `thaw` thaws.
+    func runFreeze(_ name: String, mounts: [String], timeout: Duration, phase: String?) async -> String? {
+        guard let freezer else { return "fsfreeze hook '\(name)' cannot run here" }
+        do {
+            switch phase {
+            case "quiesce"?: try await freezer.freeze(name, mountPoints: mounts, hold: timeout * 2)
+            case "thaw"?: try await freezer.thaw(name)
+            default:
+                return "fsfreeze hook '\(name)' runs as a group's quiesce or thaw hook, not as '\(phase ?? "a plan step")'"
+            }
+            return nil
+        } catch {
+            return (error as? FerryError)?.message ?? "\(error)"
+        }
+    }
 
     /// Runs hook `name` with `/bin/sh -c` in a process group of its own, killing the group
     /// after `timeout`. Returns nil when it exited 0, otherwise why it failed, with the end of
@@ -26,8 +53,11 @@ public struct HookRunner: Sendable {
     /// and either crashed the agent mid-cut. Output goes to an unlinked file rather than a
     /// pipe, so a child the hook leaves behind holding it never delays the result.
     public func run(_ name: String, timeout: Duration, environment: [String: String] = [:]) async -> String? {
+        if let mounts = fsfreeze[name] {
+            return await runFreeze(name, mounts: mounts, timeout: timeout, phase: environment[Self.phaseVariable])
+        }
         guard let command = hooks[name] else {
-            return "no hook named '\(name)' is defined in this agent's configuration (hooks: \(hooks.keys.sorted().joined(separator: ", ")))"
+            return "no hook named '\(name)' is defined in this agent's configuration (hooks: \((Array(hooks.keys) + Array(fsfreeze.keys)).sorted().joined(separator: ", ")))"
         }
         let output: Int32
         do { output = try Self.anonymousFile() } catch {

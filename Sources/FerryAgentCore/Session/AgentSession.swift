@@ -34,6 +34,8 @@ public final class AgentSession: Service, Sendable {
     /// Commands answered when done (hooks, recoveries, block hashes) run as children of the
     /// agent's service: a lost session does not kill a hook half way (a plan step's hook that
     /// promotes a database finishes), and none outlives the agent.
+    /// Freezes held by fsfreeze hooks, across reconnects (a thaw may come on the next session).
+    let freezer: FilesystemFreeze
     private let laterWork: AsyncStream<Later>
     private let later: AsyncStream<Later>.Continuation
     /// Largest batch sent at once (the window is the change log's: see `ChangeLog.windowBytes`).
@@ -59,6 +61,7 @@ public final class AgentSession: Service, Sendable {
                                         allow: (try? config.protectAllow) ?? .defaults(dataDir: config.dataDir),
                                         hydrationRateLimit: config.hydrationRateLimit, volumes: volumes)
         self.dataDir = config.dataDir
+        self.freezer = FilesystemFreeze(dataDir: config.dataDir, logger: logger)
         self.config = config
         self.logger = logger
         self.group = group
@@ -308,7 +311,7 @@ public final class AgentSession: Service, Sendable {
                 result = await answerCut(command)
             case .runHook(let hook):
                 // A hook may run for a while: acks and cuts go on meanwhile.
-                let hooks = HookRunner(hooks: config.hooks), id = envelope.id
+                let hooks = HookRunner(hooks: config.hooks, fsfreeze: config.fsfreezeHooks, freezer: freezer), id = envelope.id
                 let timeout = Duration.milliseconds(max(1, min(hook.timeoutMs, 3_600_000)))
                 later.yield {
                     let started = ContinuousClock.now

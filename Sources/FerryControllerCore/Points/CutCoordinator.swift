@@ -105,7 +105,7 @@ public actor CutCoordinator {
         var hookError: String?
         if app {
             if let quiesce = policy.quiesceHook, !quiesce.isEmpty {
-                hookError = await runHooks(quiesce, on: hostList, timeout: .seconds(policy.hookTimeoutSeconds))
+                hookError = await runHooks(quiesce, phase: "quiesce", on: hostList, timeout: .seconds(policy.hookTimeoutSeconds))
             } else {
                 hookError = "group '\(group.name)' has no quiesce hook in its policy"
             }
@@ -120,7 +120,7 @@ public actor CutCoordinator {
         }
         if app, let thaw = policy.thawHook, !thaw.isEmpty {
             // Always thawed, even when the cut aborted: a frozen file system must not stay frozen.
-            if let thawError = await runHooks(thaw, on: hostList, timeout: .seconds(policy.hookTimeoutSeconds)) {
+            if let thawError = await runHooks(thaw, phase: "thaw", on: hostList, timeout: .seconds(policy.hookTimeoutSeconds)) {
                 logger.warning("thaw hook failed", metadata: ["group": "\(group.name)", "error": "\(thawError)"])
                 if case .success(var point) = outcome {
                     point.hookError = [point.hookError, thawError].compactMap { $0 }.joined(separator: "; ")
@@ -133,7 +133,9 @@ public actor CutCoordinator {
     }
 
     /// Runs a hook on every host at once; returns the errors, or nil when all succeeded.
-    private func runHooks(_ name: String, on hosts: [Member], timeout: Duration) async -> String? {
+    /// Runs hook `name` on every host; `phase` (quiesce or thaw) goes to it as FERRY_HOOK_PHASE:
+    /// a built-in fsfreeze hook freezes or thaws by it, a command may read it.
+    private func runHooks(_ name: String, phase: String, on hosts: [Member], timeout: Duration) async -> String? {
         let errors = await withTaskGroup(of: String?.self) { tasks in
             for host in hosts {
                 tasks.addTask {
@@ -141,6 +143,7 @@ public actor CutCoordinator {
                         let result = try await host.session.command("hook \(name)", timeout: timeout + .seconds(5)) {
                             $0.runHook.name = name
                             $0.runHook.timeoutMs = UInt32(clamping: timeout.components.seconds * 1000)
+                            $0.runHook.environment = ["FERRY_HOOK_PHASE": phase]
                         }
                         guard case .hookResult(let r)? = result.outcome else { return "\(host.hostName): unexpected reply to hook \(name)" }
                         return r.error.isEmpty ? nil : "\(host.hostName): \(r.error)"

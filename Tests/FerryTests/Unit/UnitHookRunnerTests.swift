@@ -57,3 +57,46 @@ struct UnitHookRunnerTests {
         }
     }
 }
+
+/// The fsfreeze hook's refusals and configuration, without freezing anything.
+@Suite("fsfreeze hook: configuration and refusals")
+struct UnitFsfreezeTests {
+    @Test("hooks: a command or {fsfreeze: [...]}; bad mount lists are refused at load")
+    func configuration() throws {
+        let dir = try TestDirectory()
+        func load(_ yaml: String) throws -> AgentConfig {
+            let path = dir.file("agent-\(UUID().uuidString).yaml")
+            try yaml.write(toFile: path, atomically: true, encoding: .utf8)
+            var config = AgentConfig(dataDir: dir.path)
+            try config.apply(file: path)
+            try config.validate()
+            return config
+        }
+        let config = try load("hooks:\n  flush: sync\n  freeze-db:\n    fsfreeze: [/srv/db, /srv/wal]\n")
+        #expect(config.hooks == ["flush": "sync"] && config.fsfreezeHooks == ["freeze-db": ["/srv/db", "/srv/wal"]])
+        for bad in ["hooks:\n  f:\n    fsfreeze: []\n", "hooks:\n  f:\n    fsfreeze: [relative/dir]\n", "hooks:\n  f:\n    fsfreeze: [/a, /a]\n",
+                    "hooks:\n  f:\n    freeze: [/a]\n"] {
+            #expect(throws: (any Error).self, "\(bad)") { _ = try load(bad) }
+        }
+    }
+
+    @Test("refused without freezing: not a mount point, the agent's own file system, no phase, a missing directory")
+    func refusals() async throws {
+        let dir = try TestDirectory()
+        let freezer = FilesystemFreeze(dataDir: dir.path)
+        // The mount point of the file system the test directory (the agent's data dir) is on.
+        var own = dir.path
+        func device(_ path: String) -> UInt { var s = stat(); return stat(path, &s) == 0 ? UInt(s.st_dev) : 0 }
+        while own != "/", device((own as NSString).deletingLastPathComponent) == device(own) { own = (own as NSString).deletingLastPathComponent }
+        let runner = HookRunner(hooks: [:], fsfreeze: ["sub": [dir.sub("sub")], "own": [own], "gone": [dir.path + "/missing"]], freezer: freezer)
+        let quiesce = [HookRunner.phaseVariable: "quiesce"]
+        #expect(await runner.run("sub", timeout: .seconds(5), environment: quiesce)?.contains("is not a mount point") == true)
+        let refusal = await runner.run("own", timeout: .seconds(5), environment: quiesce) ?? ""
+        #expect(refusal.contains("holds the agent's data dir"), "\(own): \(refusal)")
+        #expect(await runner.run("gone", timeout: .seconds(5), environment: quiesce)?.contains("cannot open mount point") == true)
+        #expect(await runner.run("sub", timeout: .seconds(5))?.contains("quiesce or thaw") == true)
+        // A thaw without a freeze is no error (the controller always thaws, also after an abort).
+        #expect(await runner.run("sub", timeout: .seconds(5), environment: [HookRunner.phaseVariable: "thaw"]) == nil)
+        #expect(freezer.frozen.isEmpty)
+    }
+}
