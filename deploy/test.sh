@@ -44,7 +44,8 @@ if [ "$#" -eq 0 ]; then
   # The heaviest tests (the lab's DR cycle, the recovery-point checker at 500 writes/s with
   # two controller crashes) time their cuts and failovers, the fake peers' heartbeats and the
   # never-reading client's and the pre-authentication floods load both cores: they run alone, after the rest.
-  heavy='LabTests|ControlLaneTests|MemoryBoundTests|checkerPassesOnAllPoints|ExtremeValueTests|ExportLimitsTests|PreAuthLimitsTests|LandingFailoverTests'
+  # The console test runs Chromium and the fsfreeze tests freeze loop-mounted file systems.
+  heavy='LabTests|ControlLaneTests|MemoryBoundTests|checkerPassesOnAllPoints|ExtremeValueTests|ExportLimitsTests|PreAuthLimitsTests|LandingFailoverTests|ConsoleTests|FsfreezeTests'
   swift test --skip-build --skip "$heavy" || rc=$?
   log "now the heavy tests, one at a time ($heavy)"
   swift test --skip-build --filter "$heavy" --no-parallel || rc=$?

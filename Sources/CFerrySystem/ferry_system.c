@@ -107,8 +107,10 @@ int ferry_fs_thaw_guard(const int *fds, int count, int wake_fd, int deadline_ms)
     pid_t child = fork();
     if (child < 0) return -1;
     if (child > 0) {
-        int status;
-        while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+        int status = 0;
+        pid_t waited;
+        while ((waited = waitpid(child, &status, 0)) < 0 && errno == EINTR) {}
+        if (waited < 0) return -1;
         return (WIFEXITED(status) && WEXITSTATUS(status) == 0) ? 0 : (errno = ECHILD, -1);
     }
     // The child: fork the guard and exit, so the guard is reparented and never a zombie.
@@ -123,14 +125,19 @@ int ferry_fs_thaw_guard(const int *fds, int count, int wake_fd, int deadline_ms)
     sigaction(SIGHUP, &ignore, NULL);
     sigaction(SIGPIPE, &ignore, NULL);
     // Every other descriptor closed: a copy of the wake pipe's write end would keep it open.
-    for (int fd = 0; fd < 65536; fd++) {
+    int highest = wake_fd;
+    for (int i = 0; i < count; i++) if (fds[i] > highest) highest = fds[i];
+    for (int fd = 0; fd <= highest; fd++) {
         if (ferry_is_kept(fd, fds, count, wake_fd)) continue;
         int next = fd;
-        while (next + 1 < 65536 && !ferry_is_kept(next + 1, fds, count, wake_fd)) next++;
+        while (next + 1 <= highest && !ferry_is_kept(next + 1, fds, count, wake_fd)) next++;
         if (syscall(SYS_close_range, (unsigned)fd, (unsigned)next, 0) != 0) {
             for (int f = fd; f <= next; f++) close(f);
         }
         fd = next;
+    }
+    if (syscall(SYS_close_range, (unsigned)highest + 1, ~0U, 0) != 0) {
+        for (int f = highest + 1; f < 65536; f++) close(f);
     }
     long end = ferry_now_ms() + deadline_ms;
     for (;;) {
@@ -143,7 +150,8 @@ int ferry_fs_thaw_guard(const int *fds, int count, int wake_fd, int deadline_ms)
             char byte;
             ssize_t n = read(wake_fd, &byte, 1);
             if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) break;   // end of file (or an error): thaw now
+            if (n > 0) _exit(0);  // disarmed: the agent thawed them itself
+            break;                // end of file (or an error): thaw now
         }
     }
     for (int i = count - 1; i >= 0; i--) ioctl(fds[i], FITHAW, 0);

@@ -42,7 +42,8 @@ int ferry_fs_thaw(int fd);
 
 /// Forks a guard process that thaws the file systems open at `fds[0..count)`, the last first,
 /// as soon as reading `wake_fd` ends (end of file: whoever holds the write end closed it or
-/// died) or after `deadline_ms`, whichever comes first. The guard is a grandchild, so it never
+/// died) or after `deadline_ms`, whichever comes first; a byte read from `wake_fd` disarms it
+/// (it exits without thawing: its owner thawed them). The guard is a grandchild, so it never
 /// lingers as the caller's zombie; it ignores SIGTERM, SIGINT, SIGHUP and SIGPIPE (thawing is
 /// its whole job) and keeps no other descriptor. After the fork it runs only async-signal-safe
 /// calls. Returns 0, or -1 with errno set.

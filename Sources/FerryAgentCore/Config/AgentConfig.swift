@@ -186,6 +186,11 @@ public struct AgentConfig: Sendable {
                 throw FerryError(.badConfiguration, "fsfreeze hook '\(name)' needs 1 to 64 distinct absolute mount points")
             }
         }
+        // Two hooks freezing one mount point would thaw each other's freezes.
+        let allMounts = fsfreezeHooks.values.flatMap { $0 }
+        guard Set(allMounts).count == allMounts.count else {
+            throw FerryError(.badConfiguration, "a mount point is in two fsfreeze hooks; each may be in one")
+        }
         _ = try protectAllow
         guard inventoryInterval >= .seconds(1) else {
             throw FerryError(.badConfiguration, "inventory-interval must be at least 1s")

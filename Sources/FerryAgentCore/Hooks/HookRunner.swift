@@ -23,17 +23,19 @@ public struct HookRunner: Sendable {
         self.freezer = freezer
     }
 
-    /// The phase a controller names in `FERRY_HOOK_PHASE`: what an fsfreeze hook does.
+    /// The phase a controller names in `FERRY_HOOK_PHASE`: what an fsfreeze hook does; and the
+    /// round in `FERRY_HOOK_ROUND`: a thaw releases only the freeze of its own round.
     public static let phaseVariable = "FERRY_HOOK_PHASE"
+    public static let roundVariable = "FERRY_HOOK_ROUND"
 
     /// An fsfreeze hook: `quiesce` freezes (held at most twice the hook's timeout: the guard
     /// thaws then whatever happens), `thaw` thaws.
-    func runFreeze(_ name: String, mounts: [String], timeout: Duration, phase: String?) async -> String? {
+    func runFreeze(_ name: String, mounts: [String], timeout: Duration, phase: String?, round: String) async -> String? {
         guard let freezer else { return "fsfreeze hook '\(name)' cannot run here" }
         do {
             switch phase {
-            case "quiesce"?: try await freezer.freeze(name, mountPoints: mounts, hold: timeout * 2)
-            case "thaw"?: try await freezer.thaw(name)
+            case "quiesce"?: try await freezer.freeze(name, round: round, mountPoints: mounts, hold: timeout * 2)
+            case "thaw"?: try await freezer.thaw(name, round: round)
             default:
                 return "fsfreeze hook '\(name)' runs as a group's quiesce or thaw hook, not as '\(phase ?? "a plan step")'"
             }
@@ -54,7 +56,8 @@ public struct HookRunner: Sendable {
     /// pipe, so a child the hook leaves behind holding it never delays the result.
     public func run(_ name: String, timeout: Duration, environment: [String: String] = [:]) async -> String? {
         if let mounts = fsfreeze[name] {
-            return await runFreeze(name, mounts: mounts, timeout: timeout, phase: environment[Self.phaseVariable])
+            return await runFreeze(name, mounts: mounts, timeout: timeout, phase: environment[Self.phaseVariable],
+                                   round: String((environment[Self.roundVariable] ?? "").prefix(64)))
         }
         guard let command = hooks[name] else {
             return "no hook named '\(name)' is defined in this agent's configuration (hooks: \((Array(hooks.keys) + Array(fsfreeze.keys)).sorted().joined(separator: ", ")))"

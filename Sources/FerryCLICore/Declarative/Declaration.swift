@@ -65,12 +65,18 @@ public enum DeclarationParser {
     /// The declarations of one file's text.
     public static func parse(_ text: String, file: String) throws -> [Declaration] {
         guard text.utf8.count <= maxBytes else { throw FerryError(.badRequest, "\(file): larger than \(maxBytes >> 20) MiB") }
+        // Windows line ends: "\r\n" is one Character to Swift and would not split on "\n".
+        let text = text.replacingOccurrences(of: "\r\n", with: "\n")
         var found: [Declaration] = []
         // Documents by `---` lines, each with the line it starts on.
         let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
         var start = 0
         var documents: [(first: Int, lines: [Substring])] = []
-        for (i, line) in lines.enumerated() where line.trimmingCharacters(in: .whitespaces) == "---" {
+        func separates(_ line: Substring) -> Bool {
+            let t = line.trimmingCharacters(in: .whitespaces)
+            return t == "---" || (t.hasPrefix("---") && t.dropFirst(3).trimmingCharacters(in: .whitespaces).hasPrefix("#"))
+        }
+        for (i, line) in lines.enumerated() where separates(line) {
             documents.append((start, Array(lines[start..<i])))
             start = i + 1
         }

@@ -56,6 +56,12 @@ public struct DeclarativePlan: Sendable {
             what += policyDifferences(current.policy, g.policy)
             if what.isEmpty { plan.unchanged.append("group \(g.name)") } else { plan.changes.append(.updateGroup(g, what: what)) }
         }
+        // Groups that give up members go first: a volume moving between two groups leaves the
+        // one before it joins the other (a volume is in one group at most).
+        let groupChanges = plan.changes.filter { if case .protect = $0 { false } else { true } }
+        let releasing = groupChanges.filter { if case .updateGroup(_, let what) = $0 { what.contains { $0.hasPrefix("- ") } } else { false } }
+        plan.changes = plan.changes.filter { if case .protect = $0 { true } else { false } }
+            + releasing + groupChanges.filter { c in !releasing.contains(c) }
         for case .plan(let p) in declarations {
             try once("plan \(p.name)", p.location)
             if let current = plans.first(where: { $0.plan.name == p.name }) {

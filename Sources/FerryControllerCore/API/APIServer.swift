@@ -355,7 +355,19 @@ struct APIRoutes {
         var views: [API.Volume] = []
         for v in try await store.volumes() {
             guard let host = hosts[v.hostID] else { continue }
-            views.append(try await volumeView(v, hostName: host.name))
+            do {
+                views.append(try await volumeView(v, hostName: host.name))
+            } catch {
+                // One replica that cannot be opened must not hide every volume (nor silence the
+                // alerts, which read this list): it is listed in error, with why.
+                var view = API.Volume(host: host.name, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),
+                                      state: await registry.entry(hostID: v.hostID) != nil ? "exported" : "host-offline",
+                                      socketPath: v.socketPath, lastSequence: nil, protectedAt: v.protectedAt)
+                view.captureMode = v.captureMode
+                view.replicaState = "error"
+                view.lastError = "the replica cannot be opened: \((error as? FerryError)?.message ?? "\(error)")"
+                views.append(view)
+            }
         }
         return views.sorted { ($0.host, $0.name) < ($1.host, $1.name) }
     }

@@ -17,14 +17,25 @@ struct AlertService: Service {
     let snapshot: @Sendable () async throws -> AlertSnapshot
 
     func run() async throws {
-        var reconciler = AlertReconciler(firing: (try? await store.firingAlerts()) ?? [])
+        // What a previous run left firing; read again until the store answers.
+        var firing: [(id: String, condition: AlertCondition)]?
+        while firing == nil, !Task.isShuttingDownGracefully {
+            do { firing = try await store.firingAlerts() } catch {
+                logger.warning("alerts: cannot read the firing alerts yet", metadata: ["error": "\(error)"])
+                try? await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) }
+            }
+        }
+        var reconciler = AlertReconciler(firing: firing ?? [])
         while !Task.isShuttingDownGracefully {
             do {
                 let s = try await snapshot()
-                let actions = reconciler.reconcile(AlertRules.evaluate(s, thresholds), now: s.now) {
+                // On a copy: if the store refuses the changes, the next evaluation tries them again.
+                var next = reconciler
+                let actions = next.reconcile(AlertRules.evaluate(s, thresholds), now: s.now) {
                     "al-" + (0..<6).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
                 }
                 try await store.apply(actions, now: s.now)
+                reconciler = next
                 for action in actions { await notify(action, now: s.now) }
                 var firing: [API.AlertRule: Int] = [:]
                 for case .firing(_, let c) in reconciler.tracked.values { firing[c.rule, default: 0] += 1 }

@@ -42,14 +42,30 @@ final class WebhookDispatcher: Service, Sendable {
         continuation.yield(Delivery(alertID: notification.alert.id, notification: notification))
     }
 
+    /// One queue per webhook, delivered in order: an alert's resolution never overtakes its
+    /// firing, and a webhook that is down holds one delivery in retries, not one task per alert.
     func run() async throws {
+        let queues = urls.map { _ in AsyncStream.makeStream(of: Delivery.self) }
         await withDiscardingTaskGroup { group in
+            for (url, queue) in zip(urls, queues) {
+                group.addTask {
+                    for await delivery in queue.stream { await self.deliver(delivery, to: url) }
+                }
+            }
             for await delivery in stream.cancelOnGracefulShutdown() {
-                for url in urls { group.addTask { await self.deliver(delivery, to: url) } }
+                for queue in queues { queue.continuation.yield(delivery) }
             }
             // Shutting down: retries waiting for their next attempt stop here.
+            for queue in queues { queue.continuation.finish() }
             group.cancelAll()
         }
+    }
+
+    /// A webhook as API users and logs see it: scheme, host and port only. Its path, query or
+    /// user info often carry a credential (a Slack-style URL is one).
+    static func shown(_ url: String) -> String {
+        guard let u = URLComponents(string: url), let scheme = u.scheme, let host = u.host else { return "webhook" }
+        return "\(scheme)://\(host)\(u.port.map { ":\($0)" } ?? "")/…"
     }
 
     /// `sha256=HEX` of HMAC-SHA256(secret, "TIMESTAMP.BODY").
@@ -79,18 +95,18 @@ final class WebhookDispatcher: Service, Sendable {
                 status = Int(response.status.code)
                 _ = try? await response.body.collect(upTo: 64 << 10)
             } catch {
-                failure = String(describing: error).prefix(300).description
+                failure = String(describing: error).replacingOccurrences(of: url, with: Self.shown(url)).prefix(300).description
             }
             let delivered = status.map { (200..<300).contains($0) } ?? false
             if !delivered, failure == nil, let status { failure = "HTTP \(status)" }
             try? await store.recordDelivery(alertID: delivery.alertID, API.AlertDelivery(
-                url: url, event: delivery.notification.event, attempt: attempt, at: Date(), status: status, error: failure, delivered: delivered))
+                url: Self.shown(url), event: delivery.notification.event, attempt: attempt, at: Date(), status: status, error: failure, delivered: delivered))
             if delivered { return }
             logger.warning("alert webhook delivery failed", metadata: [
-                "url": "\(url)", "alert": "\(delivery.alertID)", "attempt": "\(attempt)", "error": "\(failure ?? "")"])
+                "url": "\(Self.shown(url))", "alert": "\(delivery.alertID)", "attempt": "\(attempt)", "error": "\(failure ?? "")"])
             guard attempt < maxAttempts, (try? await Task.sleep(for: delay)) != nil else { break }
             delay = min(delay * 2, .seconds(60))
         }
-        logger.error("alert webhook gave up", metadata: ["url": "\(url)", "alert": "\(delivery.alertID)", "attempts": "\(maxAttempts)"])
+        logger.error("alert webhook gave up", metadata: ["url": "\(Self.shown(url))", "alert": "\(delivery.alertID)", "attempts": "\(maxAttempts)"])
     }
 }

@@ -103,9 +103,11 @@ public actor CutCoordinator {
         let hostList = byHost.values.sorted { $0.hostName < $1.hostName }
 
         var hookError: String?
+        // Names this round to its hooks: a thaw releases only the freeze of its own round.
+        let round = String(UInt64.random(in: 1...UInt64.max), radix: 16)
         if app {
             if let quiesce = policy.quiesceHook, !quiesce.isEmpty {
-                hookError = await runHooks(quiesce, phase: "quiesce", on: hostList, timeout: .seconds(policy.hookTimeoutSeconds))
+                hookError = await runHooks(quiesce, phase: "quiesce", round: round, on: hostList, timeout: .seconds(policy.hookTimeoutSeconds))
             } else {
                 hookError = "group '\(group.name)' has no quiesce hook in its policy"
             }
@@ -120,7 +122,7 @@ public actor CutCoordinator {
         }
         if app, let thaw = policy.thawHook, !thaw.isEmpty {
             // Always thawed, even when the cut aborted: a frozen file system must not stay frozen.
-            if let thawError = await runHooks(thaw, phase: "thaw", on: hostList, timeout: .seconds(policy.hookTimeoutSeconds)) {
+            if let thawError = await runHooks(thaw, phase: "thaw", round: round, on: hostList, timeout: .seconds(policy.hookTimeoutSeconds)) {
                 logger.warning("thaw hook failed", metadata: ["group": "\(group.name)", "error": "\(thawError)"])
                 if case .success(var point) = outcome {
                     point.hookError = [point.hookError, thawError].compactMap { $0 }.joined(separator: "; ")
@@ -133,9 +135,10 @@ public actor CutCoordinator {
     }
 
     /// Runs a hook on every host at once; returns the errors, or nil when all succeeded.
-    /// Runs hook `name` on every host; `phase` (quiesce or thaw) goes to it as FERRY_HOOK_PHASE:
-    /// a built-in fsfreeze hook freezes or thaws by it, a command may read it.
-    private func runHooks(_ name: String, phase: String, on hosts: [Member], timeout: Duration) async -> String? {
+    /// Runs hook `name` on every host; `phase` (quiesce or thaw) and `round` go to it as
+    /// FERRY_HOOK_PHASE and FERRY_HOOK_ROUND: a built-in fsfreeze hook freezes or thaws by them
+    /// (a thaw releases only its own round's freeze), a command may read them.
+    private func runHooks(_ name: String, phase: String, round: String, on hosts: [Member], timeout: Duration) async -> String? {
         let errors = await withTaskGroup(of: String?.self) { tasks in
             for host in hosts {
                 tasks.addTask {
@@ -143,7 +146,7 @@ public actor CutCoordinator {
                         let result = try await host.session.command("hook \(name)", timeout: timeout + .seconds(5)) {
                             $0.runHook.name = name
                             $0.runHook.timeoutMs = UInt32(clamping: timeout.components.seconds * 1000)
-                            $0.runHook.environment = ["FERRY_HOOK_PHASE": phase]
+                            $0.runHook.environment = ["FERRY_HOOK_PHASE": phase, "FERRY_HOOK_ROUND": round]
                         }
                         guard case .hookResult(let r)? = result.outcome else { return "\(host.hostName): unexpected reply to hook \(name)" }
                         return r.error.isEmpty ? nil : "\(host.hostName): \(r.error)"

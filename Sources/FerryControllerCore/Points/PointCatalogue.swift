@@ -127,11 +127,16 @@ public struct PointCatalogue: Sendable {
                                    metadata: ["group": "\(group.name)", "points": "\(lost.count)"])
                     try await store.prunePoints(lost, reason: "journal size cap reached; folded into the base")
                 }
-                for m in members {
-                    let key = m.hostID + "/" + m.volume
-                    guard let replica = await replicas.opened(hostID: m.hostID, volume: m.volume) else { continue }
-                    for p in kept {
-                        guard let pm = p.decodedMembers.first(where: { $0.hostID == m.hostID && $0.volume == m.volume }) else { continue }
+                // Pinned: every volume a kept point holds, members or not any more (a volume
+                // taken out of the group keeps the history its old points need).
+                for p in kept {
+                    for pm in p.decodedMembers {
+                        let key = pm.hostID + "/" + pm.volume
+                        var replica = await replicas.opened(hostID: pm.hostID, volume: pm.volume)
+                        if replica == nil, let size = sizes[key], await !replicas.isSeeding(hostID: pm.hostID, volume: pm.volume) {
+                            replica = try? await replicas.replica(hostID: pm.hostID, volume: pm.volume, size: size)
+                        }
+                        guard let replica else { continue }
                         let position = Self.position(pm)
                         if let current = pinned[key] {
                             if await replica.compare(position, current) == .orderedAscending { pinned[key] = position }

@@ -1,3 +1,4 @@
+import FerryAgentCore
 import FerryWire
 import Foundation
 import Testing
@@ -73,7 +74,8 @@ struct FsfreezeTests {
         #expect(await eventually(timeout: .seconds(20)) { ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").count >= 20 })
 
         #expect(try await controller.ctl("group", "create", "shop", "--volume", "db/data", "--crash-interval", "0", "--app-interval", "0",
-                                          "--quiesce-hook", "fs", "--thaw-hook", "fs", "--hook-timeout", "20s").status == 0)
+                                          "--quiesce-hook", "fs", "--thaw-hook", "fs", "--hook-timeout", "20s",
+                                          "--hold-budget", "2s").status == 0)
         let cut = try await controller.ctl("point", "create", "shop", "--app", "--json")
         #expect(cut.status == 0, "\(cut)")
         let point = try API.decoder().decode(API.Point.self, from: Data(cut.stdout.utf8))
@@ -141,7 +143,8 @@ struct FsfreezeTests {
             })
         }
         #expect(try await controller.ctl("group", "create", "shop", "--volume", "db/data", "--volume", "app/data", "--crash-interval", "0",
-                                          "--app-interval", "0", "--quiesce-hook", "q", "--thaw-hook", "q", "--hook-timeout", "30s").status == 0)
+                                          "--app-interval", "0", "--quiesce-hook", "q", "--thaw-hook", "q", "--hook-timeout", "30s",
+                                          "--hold-budget", "2s").status == 0)
         // Cut an app point without waiting for it; db freezes and holds.
         let cutter = try await ChildProcess(Binaries.path("ferryctl"), ["point", "create", "shop", "--app"], environment: controller.apiEnvironment,
                                             logPath: dir.file("cutter.log"))
@@ -168,5 +171,27 @@ struct FsfreezeTests {
         let point = try API.decoder().decode(API.Point.self, from: Data(refused.stdout.utf8))
         #expect(point.consistency != "app" && point.hookError?.contains("holds the agent's data dir") == true, "\(point)")
         #expect(try await !isFrozen(own))
+    }
+
+    @Test("a freeze belongs to its round: another round's freeze is refused and its thaw releases nothing; its own round's thaw releases it")
+    func roundsOwnTheirFreeze() async throws {
+        let dir = try TestDirectory()
+        let mount = try await loopExt4(dir, "rounds")
+        defer { Task { await unmount(mount) } }
+        let freezer = FilesystemFreeze(dataDir: dir.sub("agent"))
+        try await freezer.freeze("q", round: "a", mountPoints: [mount], hold: .seconds(60))
+        #expect(try await isFrozen(mount))
+        await #expect(throws: FerryError.self) { try await freezer.freeze("q", round: "b", mountPoints: [mount], hold: .seconds(60)) }
+        try await freezer.thaw("q", round: "b")
+        #expect(try await isFrozen(mount), "another round's thaw released the freeze")
+        #expect(freezer.frozen == ["q"])
+        try await freezer.thaw("q", round: "a")
+        #expect(try await !isFrozen(mount))
+        #expect(freezer.frozen.isEmpty)
+        // Again, for a new round: the first guard was disarmed by the thaw, not left to thaw this one.
+        try await freezer.freeze("q", round: "c", mountPoints: [mount], hold: .seconds(60))
+        #expect(try await isFrozen(mount))
+        try await freezer.thaw("q", round: "c")
+        #expect(try await !isFrozen(mount))
     }
 }

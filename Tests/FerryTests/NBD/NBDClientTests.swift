@@ -363,7 +363,9 @@ struct NBDClientTests {
         }
         let w = try await run("/usr/bin/qemu-io", ["-f", "raw", "-t", "none", "-c", "write -P 0x5a 1M 2M", c.uris["db/data"]!])
         #expect(w.status == 0, "\(w)")
-        var r = try await c.controller.ctl("group", "create", "g", "--volume", "db/data", "--crash-interval", "0", "--app-interval", "0")
+        var r = try await c.controller.ctl("group", "create", "g", "--volume", "db/data", "--crash-interval", "0", "--app-interval", "0",
+                                          // Not a timing test: a loaded machine must not abort the cut.
+                                          "--hold-budget", "2s")
         #expect(r.status == 0, "\(r)")
         // A cut aborts when a member answers past the hold budget (a busy machine): try again.
         for _ in 0..<10 {

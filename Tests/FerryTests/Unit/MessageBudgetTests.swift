@@ -31,7 +31,8 @@ struct MessageBudgetTests {
         } catch let error as FerryError {
             #expect(error.code == .protocolViolation && error.message.contains("before it is decoded"), "\(error)")
         }
-        #expect(ContinuousClock.now - started < .seconds(5))
+        // The message above proves it was refused before decoding; this only catches a hang.
+        #expect(ContinuousClock.now - started < .seconds(60))
     }
 
     @Test("a full replication batch (16,384 records with attached bytes) and every ordinary message pass")

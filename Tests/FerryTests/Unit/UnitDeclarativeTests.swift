@@ -93,4 +93,27 @@ struct UnitDeclarativeTests {
         let back = try DeclarationParser.parse(exported, file: "export.yaml")
         #expect(try DeclarativePlan.make(back, volumes: [volume], groups: [group], plans: [stored]).changes.isEmpty, "\(exported)")
     }
+
+    @Test("Windows line ends and commented separators parse; a volume moving between groups leaves one before it joins the other")
+    func lineEndsAndMoves() throws {
+        let crlf = Self.text.replacingOccurrences(of: "\n", with: "\r\n").replacingOccurrences(of: "---\r\n", with: "--- # next\r\n")
+        let parsed = try DeclarationParser.parse(crlf, file: "win.yaml")
+        #expect(parsed.count == 3)
+        if case .plan(let p) = parsed[2] { #expect(!p.text.contains("kind:") && p.text.contains("name: shop")) }
+        let files = try DeclarationParser.parse("""
+            kind: group
+            name: a
+            volumes: [db/x, db/moving]
+            ---
+            kind: group
+            name: b
+            volumes: [db/y]
+            """, file: "groups.yaml")
+        func group(_ name: String, _ volumes: [String]) -> API.Group {
+            API.Group(name: name, volumes: volumes, policy: API.GroupPolicy(), createdAt: Date(), points: 0, newestPoint: nil, rpoSeconds: nil,
+                      rpoAlert: false, lastRoundError: nil)
+        }
+        let plan = try DeclarativePlan.make(files, volumes: [], groups: [group("a", ["db/x"]), group("b", ["db/y", "db/moving"])], plans: [])
+        #expect(plan.lines == ["~ group b: - db/moving", "~ group a: + db/moving"])
+    }
 }

@@ -274,18 +274,22 @@ struct UnitReplicaStoreTests {
                 }
                 let manager = ReplicaManager(root: dir + "/replicas", pool: pool)
                 let quick = try await manager.replica(hostID: "h1", volume: "quick", size: 1 << 20)
+                // Both pool threads held: the slow replica's replay cannot run until released,
+                // so its open is in flight for as long as the test looks (no race with the clock).
+                let hold = DispatchSemaphore(value: 0)
+                for _ in 0..<2 { pool.submit { _ in hold.wait() } }
                 async let slow = manager.replica(hostID: "h1", volume: "slow", size: size)
                 async let again = manager.replica(hostID: "h1", volume: "slow", size: size)
-                // While the slow one opens, the open one is found at once (the manager is not
-                // busy replaying), and the slow one is not listed as open yet.
-                var sawOpening = false
-                for _ in 0..<100_000 {
+                let opening = await eventually(timeout: .seconds(30), every: .milliseconds(5)) { await manager.isOpening("h1/slow") }
+                #expect(opening, "the slow replica never showed as opening")
+                // While it opens, the open one is found at once: the manager is not busy replaying.
+                for _ in 0..<100 {
                     let found = try await manager.replica(hostID: "h1", volume: "quick", size: 1 << 20)
                     #expect(found === quick)
-                    if await manager.opened(hostID: "h1", volume: "slow") != nil { break }
-                    if await manager.isOpening("h1/slow") { sawOpening = true }
                 }
-                #expect(sawOpening, "the slow replica opened before a lookup could run beside it")
+                #expect(await manager.opened(hostID: "h1", volume: "slow") == nil)
+                hold.signal()
+                hold.signal()
                 let (a, b) = try await (slow, again)
                 #expect(a === b)
                 #expect(await a.durable == 12 * 128)

@@ -12,6 +12,7 @@ const STATES = ["protected", "initial-sync", "resyncing", "seeding", "paused", "
 let me = null;          // {name, role} of the signed-in token
 let generation = 0;     // bumps on navigation: a render of an older page is dropped
 let timer = null;       // the current page's refresh timer
+const exported = {};    // group → the last export made from its page, shown across refreshes
 
 // ---- DOM helpers ------------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ function route() {
   clearTimeout(timer);
   const gen = ++generation;
   const [path, query] = location.hash.replace(/^#\/?/, "").split("?");
-  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  const parts = path.split("/").filter(Boolean).map(p => { try { return decodeURIComponent(p); } catch (_) { return p; } });
   const page = pages[parts[0] || ""] || notFoundPage;
   for (const a of document.querySelectorAll("#nav a")) {
     const target = a.getAttribute("href").replace(/^#\/?/, "");
@@ -367,7 +368,7 @@ async function groupsPage() {
 async function groupPage([name]) {
   const base = "/v1/groups/" + encodeURIComponent(name);
   const [g, points] = await Promise.all([api("GET", base), api("GET", base + "/points")]);
-  const exports = h("div", { id: "exports" });
+  const exports = h("div", { id: "exports" }, exported[name] || null);
   const actions = [];
   if (can("operator")) {
     const crash = h("button", { class: "write", id: "cut-point" }, "Cut a point now");
@@ -404,9 +405,10 @@ function exportButton(point, out) {
       const [host, volume] = m.volume.split("/");
       made.push(await api("POST", "/v1/volumes/" + encodeURIComponent(host) + "/" + encodeURIComponent(volume) + "/exports", { point: point.id }));
     }
-    out.replaceChildren(h("div", { class: "card" }, h("h2", {}, "Exported point " + point.id),
+    exported[point.group] = h("div", { class: "card" }, h("h2", {}, "Exported point " + point.id),
       h("table", {}, h("thead", {}, h("tr", {}, ["Volume", "NBD URI (controller host)", "Export id"].map(t => h("th", {}, t)))),
-        h("tbody", {}, made.map(e => h("tr", {}, h("td", {}, e.volume), h("td", {}, h("code", {}, e.uri)), h("td", {}, e.id)))))));
+        h("tbody", {}, made.map(e => h("tr", {}, h("td", {}, e.volume), h("td", {}, h("code", {}, e.uri)), h("td", {}, e.id))))));
+    out.replaceChildren(exported[point.group]);
   }));
   return b;
 }
