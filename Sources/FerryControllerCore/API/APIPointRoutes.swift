@@ -22,10 +22,7 @@ extension APIRoutes {
         v1.get("groups/:name") { _, context in
             _ = try context.require(.viewer)
             let name = try context.parameters.require("name")
-            guard let view = try await wrap({ try await groupViews() }).first(where: { $0.name == name }) else {
-                throw APIError(error: FerryError(.notFound, "no consistency group named '\(name)'; 'ferryctl groups' lists them"))
-            }
-            return JSONBody(value: view)
+            return JSONBody(value: try await wrap { try await groupView(name) })
         }
         v1.put("groups/:name") { request, context in
             let who = try context.require(.operator)
@@ -175,8 +172,13 @@ extension APIRoutes {
     func createGroup(_ body: API.GroupCreateRequest, actor: String) async throws -> API.Group {
         let (policy, members) = try await groupMembers(body)
         try await store.createGroup(name: body.name, policy: policy, members: members, actor: actor)
-        guard let view = try await groupViews().first(where: { $0.name == body.name }) else {
-            throw FerryError(.internalError, "group \(body.name) vanished after it was created")
+        return try await groupView(body.name)
+    }
+
+    /// One group as the API shows it.
+    func groupView(_ name: String) async throws -> API.Group {
+        guard let view = try await groupViews().first(where: { $0.name == name }) else {
+            throw FerryError(.notFound, "no consistency group named '\(name)'; 'ferryctl groups' lists them")
         }
         return view
     }
@@ -186,10 +188,7 @@ extension APIRoutes {
     func updateGroup(_ body: API.GroupCreateRequest, actor: String) async throws -> API.Group {
         let (policy, members) = try await groupMembers(body)
         try await store.updateGroup(name: body.name, policy: policy, members: members, actor: actor)
-        guard let view = try await groupViews().first(where: { $0.name == body.name }) else {
-            throw FerryError(.internalError, "group \(body.name) vanished after it was updated")
-        }
-        return view
+        return try await groupView(body.name)
     }
 
     /// A group request checked: its policy, and its volumes as member records.
