@@ -39,7 +39,7 @@ extension HostCommand {
             var fields = KeyValueList()
             fields.add("id", host.id)
             fields.add("name", host.name)
-            fields.add("state", host.state)
+            fields.add("state", host.state.rawValue)
             fields.add("address", host.address ?? "")
             fields.add("agent version", host.agentVersion ?? "")
             fields.add("enrolled", Format.moment(host.enrolledAt, now: now))
@@ -100,7 +100,7 @@ extension HostCommand {
                     // Looked up first only to say whether a live session was cut; the removal
                     // itself is one call and reports a missing host the same way.
                     let before = try await client.host(named: name)
-                    return (before.state == "online", try await client.removeHost(named: name))
+                    return (before.state == .online, try await client.removeHost(named: name))
                 }
                 print("removed host \(Text.printable(name)); revoked \(revoked) certificate(s)"
                       + (wasOnline ? "; its session was closed" : ""))

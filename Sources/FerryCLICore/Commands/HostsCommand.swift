@@ -35,7 +35,7 @@ struct HostsCommand: AsyncParsableCommand {
         for host in hosts.sorted(by: { $0.name < $1.name }) {
             table.add(
                 host.name,
-                host.state,
+                host.state.rawValue,
                 host.address ?? "",
                 host.os ?? host.inventory?.os ?? "",
                 host.lastSeen.map { Format.relative($0, now: now) } ?? "",

@@ -71,7 +71,7 @@ struct VolumesCommand: AsyncParsableCommand {
             } else {
                 var table = TextTable("host", "volume", "state", "size", "synced", "lag", "lag bytes", "throughput", "sink lag")
                 for v in volumes {
-                    table.add(v.host, v.name, v.replicaState ?? v.state, Format.bytes(v.sizeBytes),
+                    table.add(v.host, v.name, v.replicaState?.rawValue ?? v.state.rawValue, Format.bytes(v.sizeBytes),
                               v.syncedPercent.map { String(format: "%.1f%%", $0) } ?? "-",
                               v.lagSeconds.map { String(format: "%.1fs", $0) } ?? "-",
                               v.lagBytes.map(Format.bytes) ?? "-",
@@ -227,7 +227,7 @@ struct VolumeCommand: AsyncParsableCommand {
                 }
                 var fields = KeyValueList()
                 fields.add("volume", "\(v.host)/\(v.name)")
-                fields.add("state", v.state)
+                fields.add("state", v.state.rawValue)
                 fields.add("path", v.path)
                 fields.add("size", "\(Format.bytes(v.sizeBytes)) (\(v.sizeBytes) bytes)")
                 if v.captureMode == "scan" {
@@ -237,7 +237,7 @@ struct VolumeCommand: AsyncParsableCommand {
                 }
                 if let tcp = v.tcpAddress { fields.add("tcp export", "nbd://\(tcp)/\(v.name)") }
                 fields.add("protected", Format.timestamp(v.protectedAt))
-                fields.add("replica", v.replicaState ?? "-")
+                fields.add("replica", v.replicaState?.rawValue ?? "-")
                 fields.add("synced", v.syncedPercent.map { String(format: "%.1f%%", $0) } ?? "-")
                 fields.add("lag", v.lagSeconds.map { String(format: "%.2fs, ", $0) + Format.bytes(v.lagBytes ?? 0) } ?? "-")
                 fields.add("throughput", v.throughputBytesPerSecond.map { Format.bytes(UInt64($0)) + "/s" } ?? "-")

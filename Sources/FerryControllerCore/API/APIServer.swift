@@ -361,10 +361,10 @@ struct APIRoutes {
                 // One replica that cannot be opened must not hide every volume (nor silence the
                 // alerts, which read this list): it is listed in error, with why.
                 var view = API.Volume(host: host.name, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),
-                                      state: await registry.entry(hostID: v.hostID) != nil ? "exported" : "host-offline",
+                                      state: await registry.entry(hostID: v.hostID) != nil ? .exported : .hostOffline,
                                       socketPath: v.socketPath, lastSequence: nil, protectedAt: v.protectedAt)
                 view.captureMode = v.captureMode
-                view.replicaState = "error"
+                view.replicaState = .error
                 view.lastError = "the replica cannot be opened: \((error as? FerryError)?.message ?? "\(error)")"
                 views.append(view)
             }
@@ -378,16 +378,16 @@ struct APIRoutes {
             // A failover just landed it: its replica is being built here from the failover point;
             // its host captures its writes meanwhile and streams them once that is done.
             var view = API.Volume(host: hostName, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),
-                                  state: online ? "exported" : "host-offline", socketPath: v.socketPath, lastSequence: nil,
+                                  state: online ? .exported : .hostOffline, socketPath: v.socketPath, lastSequence: nil,
                                   protectedAt: v.protectedAt)
             view.captureMode = v.captureMode
-            view.replicaState = "seeding"
+            view.replicaState = .seeding
             return view
         }
         let replica = try await replicas.replica(hostID: v.hostID, volume: v.name, size: UInt64(v.sizeBytes))
         let state = await replica.state
         var view = API.Volume(host: hostName, name: v.name, path: v.path, sizeBytes: UInt64(v.sizeBytes),
-                              state: online ? "exported" : "host-offline", socketPath: v.socketPath, lastSequence: nil,
+                              state: online ? .exported : .hostOffline, socketPath: v.socketPath, lastSequence: nil,
                               protectedAt: v.protectedAt)
         view.captureMode = v.captureMode
         view.scanIntervalSeconds = v.captureMode == "scan" ? Int(v.scanIntervalSeconds) : nil
@@ -401,11 +401,11 @@ struct APIRoutes {
         // Online without a report yet (the first comes a second after the session starts):
         // whether a resync is due is not known, so it is not called protected.
         let unreported = online && report == nil
-        view.replicaState = await replica.spacePause != nil ? "paused"
-            : lastError != nil ? "error"
-            : !state.initialSynced ? "initial-sync"
-            : (state.resyncNeeded || syncing || unreported) ? "resyncing"
-            : !online ? "paused" : "protected"
+        view.replicaState = await replica.spacePause != nil ? .paused
+            : lastError != nil ? .error
+            : !state.initialSynced ? .initialSync
+            : (state.resyncNeeded || syncing || unreported) ? .resyncing
+            : !online ? .paused : .protected
         view.lastError = lastError
         view.syncsCompleted = state.syncsCompleted
         view.throughputBytesPerSecond = await replica.throughputBytesPerSecond
@@ -445,7 +445,7 @@ struct APIRoutes {
         for r in records {
             let live = await registry.entry(hostID: r.id)
             let inventory = r.inventory.flatMap { try? Ferry_V1_Inventory(serializedBytes: $0) }
-            let state = live != nil ? "online" : (r.state == HostRecord.State.enrolled ? "enrolled" : "offline")
+            let state: API.HostState = live != nil ? .online : (r.state == HostRecord.State.enrolled ? .enrolled : .offline)
             views.append(API.Host(
                 id: r.id, name: r.name, state: state,
                 address: r.address, os: inventory?.osName, kernel: inventory?.kernel, agentVersion: r.agentVersion,

@@ -54,19 +54,19 @@ enum AlertRules {
                                             message: "\(name): replication lag \(seconds(lag)) (\(v.lagBytes ?? 0) bytes), over \(seconds(t.lagSeconds))"))
             }
             switch v.replicaState {
-            case "error"?:
+            case .error?:
                 found.append(AlertCondition(rule: .volumeError, severity: .critical, subject: name,
                                             message: "\(name): replication failed: \(v.lastError ?? "no reason recorded")"))
-            case "paused"?:
-                let reason = v.state == "host-offline" ? "its host is offline" : (v.lastError ?? "paused")
+            case .paused?:
+                let reason = v.state == .hostOffline ? "its host is offline" : (v.lastError ?? "paused")
                 // An offline host alerts on its own; the volume's pause follows once the host alert would.
                 found.append(AlertCondition(rule: .volumePaused, severity: .critical, subject: name,
                                             message: "\(name): replication paused: \(reason)",
-                                            holdSeconds: v.state == "host-offline" ? t.hostOfflineSeconds : 0))
-            case "resyncing"?, "initial-sync"?:
+                                            holdSeconds: v.state == .hostOffline ? t.hostOfflineSeconds : 0))
+            case .resyncing?, .initialSync?:
                 let progress = v.sync.map { " (\($0.doneBytes) of \($0.totalBytes) bytes compared)" } ?? ""
                 found.append(AlertCondition(rule: .resyncLong, severity: .warning, subject: name,
-                                            message: "\(name): \(v.replicaState ?? "sync") for over \(seconds(t.resyncSeconds))\(progress)",
+                                            message: "\(name): \(v.replicaState?.rawValue ?? "sync") for over \(seconds(t.resyncSeconds))\(progress)",
                                             holdSeconds: t.resyncSeconds))
             default:
                 break
@@ -77,7 +77,7 @@ enum AlertRules {
             }
         }
         for h in s.hosts {
-            if h.state == "offline" {
+            if h.state == .offline {
                 let since = h.lastSeen.map { " since \(ISO8601DateFormatter().string(from: $0))" } ?? ""
                 found.append(AlertCondition(rule: .hostOffline, severity: .critical, subject: h.name,
                                             message: "host \(h.name) is offline\(since)", holdSeconds: t.hostOfflineSeconds))

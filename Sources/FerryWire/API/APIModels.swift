@@ -29,11 +29,37 @@ public enum API {
         public init(code: String, message: String) { error = Detail(code: code, message: message) }
     }
 
+    /// A host's connection: `online` (its session is up), `offline`, or `enrolled` (never connected yet).
+    public enum HostState: String, Codable, Sendable, CaseIterable, CustomStringConvertible {
+        case online, offline, enrolled
+        public var description: String { rawValue }
+    }
+
+    /// Whether a volume's host is connected (its export is served).
+    public enum VolumeState: String, Codable, Sendable, CaseIterable, CustomStringConvertible {
+        case exported
+        case hostOffline = "host-offline"
+        public var description: String { rawValue }
+    }
+
+    /// A volume's replication health, as the console and `ferryctl volumes` show it.
+    public enum ReplicaState: String, Codable, Sendable, CaseIterable, CustomStringConvertible {
+        case protected
+        case initialSync = "initial-sync"
+        case resyncing
+        /// Replication stopped: its host is offline, or the controller's disk is full (`lastError`).
+        case paused
+        case error
+        /// A failover just landed the volume: its replica is being built from the failover point.
+        case seeding
+        public var description: String { rawValue }
+    }
+
     public struct Host: Codable, Sendable {
         public var id: String
         public var name: String
-        /// `enrolled` (never connected), `online`, `offline` or `removed`.
-        public var state: String
+        /// `enrolled` (never connected), `online` or `offline`.
+        public var state: HostState
         /// Peer address of the current or last session.
         public var address: String?
         public var os: String?
@@ -45,7 +71,7 @@ public enum API {
         public var certificateExpiry: Date?
         public var inventory: Inventory?
 
-        public init(id: String, name: String, state: String, address: String?, os: String?, kernel: String?, agentVersion: String?,
+        public init(id: String, name: String, state: HostState, address: String?, os: String?, kernel: String?, agentVersion: String?,
                     enrolledAt: Date, lastSeen: Date?, certificateSerial: String?, certificateExpiry: Date?, inventory: Inventory?) {
             self.id = id; self.name = name; self.state = state; self.address = address; self.os = os; self.kernel = kernel
             self.agentVersion = agentVersion; self.enrolledAt = enrolledAt; self.lastSeen = lastSeen
@@ -151,7 +177,7 @@ public enum API {
         public var name: String
         public var path: String
         public var sizeBytes: UInt64
-        public var state: String
+        public var state: VolumeState
         /// The agent's NBD socket for the workload: nbd+unix:///NAME?socket=SOCKET
         public var socketPath: String?
         /// Sequence of the last captured write, as the agent last reported it.
@@ -159,8 +185,8 @@ public enum API {
         public var protectedAt: Date
         /// `initial-sync` (never completely copied yet), `protected`, `resyncing` (extents are
         /// being compared after a crash, an overflow or a request), `paused` (the host is not
-        /// connected, nothing flows) or `error` (see `lastError`).
-        public var replicaState: String?
+        /// connected, or the controller's disk is full), `error` (see `lastError`) or `seeding`.
+        public var replicaState: ReplicaState?
         /// Last sequence of the current capture epoch durable on the controller.
         public var durableSequence: UInt64?
         /// The controller's replica image of the volume (latest state).
@@ -198,7 +224,7 @@ public enum API {
         public var journalBytes: UInt64?
         public var journalLimitBytes: UInt64?
 
-        public init(host: String, name: String, path: String, sizeBytes: UInt64, state: String, socketPath: String?,
+        public init(host: String, name: String, path: String, sizeBytes: UInt64, state: VolumeState, socketPath: String?,
                     lastSequence: UInt64?, protectedAt: Date) {
             self.host = host; self.name = name; self.path = path; self.sizeBytes = sizeBytes; self.state = state
             self.socketPath = socketPath; self.lastSequence = lastSequence; self.protectedAt = protectedAt

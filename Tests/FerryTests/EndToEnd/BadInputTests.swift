@@ -53,7 +53,7 @@ struct BadInputTests {
         }
 
         func stillHealthy() async throws {
-            #expect(try await controller.host("healthy")?.state == "online")
+            #expect(try await controller.host("healthy")?.state == .online)
             #expect(agent.isRunning && controller.process.isRunning)
         }
     }

@@ -149,7 +149,7 @@ struct ClusterTests {
         #expect(metrics.stdout.contains("reason=\"revoked\""), "\(metrics.stdout)")
 
         // The other host is untouched.
-        #expect(try await controller.host("db")?.state == "online")
+        #expect(try await controller.host("db")?.state == .online)
         #expect(db.isRunning)
         let missing = try await controller.ctl("host", "remove", "web")
         #expect(missing.status != 0 && missing.stderr.split(separator: "\n").count == 1, "\(missing)")

@@ -56,7 +56,7 @@ struct ConsoleTests {
         #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
             let r = try await controller.ctl("volume", "show", "db/data", "--json")
             guard r.status == 0, let v = try? API.decoder().decode(API.Volume.self, from: Data(r.stdout.utf8)) else { return false }
-            return v.replicaState == "protected" && (v.sync?.done ?? true)
+            return v.replicaState == .protected && (v.sync?.done ?? true)
         }, "db/data never became protected")
         let group = try await controller.ctl("group", "create", "shop", "--volume", "db/data", "--crash-interval", "1s")
         #expect(group.status == 0, "\(group)")
@@ -104,6 +104,20 @@ struct ConsoleTests {
         #expect(registered.subtracting(documented).sorted() == [], "routes missing from openapi.yaml")
         #expect(documented.subtracting(registered).sorted() == [], "documented operations no route serves")
         #expect(!OpenAPIDocument.json.isEmpty, "openapi.yaml does not convert to JSON")
+        // The typed states of the API models are the document's enums, case for case.
+        let document = try JSONValue.parse(OpenAPIDocument.json)
+        func enumValues(_ path: [String]) -> Set<String> {
+            var node: JSONValue? = document["components"]?["schemas"]
+            for p in path { node = node?[p] }
+            return Set(node?["enum"]?.array?.compactMap(\.string) ?? [])
+        }
+        #expect(enumValues(["Host", "properties", "state"]) == Set(API.HostState.allCases.map(\.rawValue)))
+        #expect(enumValues(["Volume", "properties", "state"]) == Set(API.VolumeState.allCases.map(\.rawValue)))
+        #expect(enumValues(["Volume", "properties", "replicaState"]) == Set(API.ReplicaState.allCases.map(\.rawValue)))
+        #expect(enumValues(["AlertRule"]) == Set(API.AlertRule.allCases.map(\.rawValue)))
+        #expect(enumValues(["JobState"]) == Set(API.JobState.allCases.map(\.rawValue)))
+        #expect(enumValues(["PlanState"]) == Set(API.PlanState.allCases.map(\.rawValue)))
+        #expect(enumValues(["JobOperation"]) == Set(API.JobOperation.allCases.map(\.rawValue)))
         try await parts.replicaPool.shutdownGracefully()
     }
 

@@ -33,7 +33,7 @@ struct DiskFullTests {
         for target in ["db/data", "db/idle"] {
             #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
                 let v = try await failover.volume(controller, target)
-                return v.replicaState == "protected" && (v.sync?.done ?? true)
+                return v.replicaState == .protected && (v.sync?.done ?? true)
             })
         }
         let data = try await failover.volume(controller, "db/data")
@@ -49,7 +49,7 @@ struct DiskFullTests {
         var paused: API.Volume?
         #expect(try await eventually(timeout: .seconds(30), every: .milliseconds(300)) {
             paused = try await failover.volume(controller, "db/data")
-            return paused?.replicaState == "paused"
+            return paused?.replicaState == .paused
         }, "\(String(describing: paused))")
         #expect(paused?.lastError?.contains("disk is full") == true && paused?.lastError?.contains("MiB free needed") == true, "\(String(describing: paused?.lastError))")
         let metrics = try await controller.ctl("metrics").stdout
@@ -57,11 +57,11 @@ struct DiskFullTests {
         // No reconnection loop: the session stays, the host online, the other volume protected.
         let sessions = controller.process.log.components(separatedBy: "agent session open").count - 1
         for _ in 0..<10 {
-            #expect(try await controller.host("db")?.state == "online")
+            #expect(try await controller.host("db")?.state == .online)
             try await Task.sleep(for: .milliseconds(300))
         }
         #expect(controller.process.log.components(separatedBy: "agent session open").count - 1 == sessions, "the session was closed and reopened")
-        #expect(try await failover.volume(controller, "db/idle").replicaState == "protected")
+        #expect(try await failover.volume(controller, "db/idle").replicaState == .protected)
         #expect(controller.process.isRunning && agent.isRunning)
 
         // Space returns: replication resumes by itself and catches up; the replica equals the source.
@@ -69,7 +69,7 @@ struct DiskFullTests {
         var resumed: API.Volume?
         #expect(try await eventually(timeout: .seconds(90), every: .milliseconds(500)) {
             resumed = try await failover.volume(controller, "db/data")
-            return resumed?.replicaState == "protected" && resumed?.lastSequence != nil && resumed?.durableSequence == resumed?.lastSequence
+            return resumed?.replicaState == .protected && resumed?.lastSequence != nil && resumed?.durableSequence == resumed?.lastSequence
         }, "\(String(describing: resumed))")
         let replica = try #require(try await failover.volume(controller, "db/data").replicaPath)
         #expect(try await eventually(timeout: .seconds(30), every: .milliseconds(500)) {

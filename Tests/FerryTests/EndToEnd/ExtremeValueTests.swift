@@ -72,7 +72,7 @@ struct ExtremeValueTests {
             report.sync.totalBytes = 1 << 20
             report.sync.doneBytes = 1 << 20
             try await session.send(.volumeReport(report))
-            #expect(try await eventually(timeout: .seconds(15)) { try await f.volume("fake/v")?.replicaState == "protected" })
+            #expect(try await eventually(timeout: .seconds(15)) { try await f.volume("fake/v")?.replicaState == .protected })
 
             // Cuts: the agent says it held its writes for UInt64.max microseconds, and (next) that
             // its last sequence is UInt64.max. The points are recorded; nothing traps.

@@ -76,7 +76,7 @@ struct FailoverTests {
         for target in images.keys {
             #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
                 let v = try await volume(controller, target)
-                return v.replicaState == "protected" && (v.sync?.done ?? true)
+                return v.replicaState == .protected && (v.sync?.done ?? true)
             }, "\(target) never became protected")
             uris[target] = "nbd+unix:///data?socket=\(try #require(try await volume(controller, target).socketPath))"
         }
@@ -133,7 +133,7 @@ struct FailoverTests {
     func caughtUp(_ site: Site, _ target: String) async throws -> Bool {
         try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
             let v = try await volume(site.controller, target)
-            return v.replicaState == "protected" && v.lastSequence != nil && v.durableSequence == v.lastSequence
+            return v.replicaState == .protected && v.lastSequence != nil && v.durableSequence == v.lastSequence
         }
     }
 

@@ -50,7 +50,7 @@ struct FenceDataPathTests {
         #expect(r.status == 0, "\(r)")
         #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
             let v = try await failover.volume(controller, "db/data")
-            return v.replicaState == "protected" && (v.sync?.done ?? true)
+            return v.replicaState == .protected && (v.sync?.done ?? true)
         })
         let uri = "nbd+unix:///data?socket=\(try #require(try await failover.volume(controller, "db/data").socketPath))"
         r = try await controller.ctl("group", "create", "g", "--volume", "db/data", "--crash-interval", "0", "--app-interval", "0")

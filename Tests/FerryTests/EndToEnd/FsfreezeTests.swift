@@ -55,7 +55,7 @@ struct FsfreezeTests {
             let r = try await controller.ctl("volume", "show", "db/data", "--json")
             guard let v = try? API.decoder().decode(API.Volume.self, from: Data(r.stdout.utf8)) else { return false }
             socket = v.socketPath ?? ""
-            return v.replicaState == "protected" && (v.sync?.done ?? true)
+            return v.replicaState == .protected && (v.sync?.done ?? true)
         })
         // ext4 on the export: nbdfuse gives a file, loop a block device.
         let fuse = dir.sub("fuse")
@@ -139,7 +139,7 @@ struct FsfreezeTests {
             #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
                 let r = try await controller.ctl("volume", "show", target, "--json")
                 guard let v = try? API.decoder().decode(API.Volume.self, from: Data(r.stdout.utf8)) else { return false }
-                return v.replicaState == "protected" && (v.sync?.done ?? true)
+                return v.replicaState == .protected && (v.sync?.done ?? true)
             })
         }
         #expect(try await controller.ctl("group", "create", "shop", "--volume", "db/data", "--volume", "app/data", "--crash-interval", "0",

@@ -46,7 +46,7 @@ struct JournalIntegrityTests {
         // Restarted (the agent still away): nothing cut, the damage shown, no bad data served.
         c.controller = try await ControllerProcess.start(dataDir: c.controller.dataDir, listen: c.controller.agentAddress, logName: "controller-2.log")
         let damaged = try await failover.volume(c.controller, "db/data")
-        #expect(damaged.replicaState == "error" && damaged.lastError?.contains("damaged") == true, "\(damaged)")
+        #expect(damaged.replicaState == .error && damaged.lastError?.contains("damaged") == true, "\(damaged)")
         #expect(try sizes() == before, "a segment was cut or removed at start-up")
         let out = c.dir.file("latest.img")
         // The replica's latest is where its journal is intact: the damaged record is refused or
@@ -63,7 +63,7 @@ struct JournalIntegrityTests {
         var repaired: API.Volume?
         #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(500)) {
             repaired = try await failover.volume(c.controller, "db/data")
-            return repaired?.replicaState == "protected"
+            return repaired?.replicaState == .protected
         }, "\(String(describing: repaired))\n\(c.controller.process.log.suffix(3000))")
         r = try await c.controller.ctl("volume", "export", "db/data", "--point", "latest", "--out", out, "--force")
         #expect(r.status == 0, "\(r)")

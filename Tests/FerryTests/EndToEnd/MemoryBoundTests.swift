@@ -23,7 +23,7 @@ struct MemoryBoundTests {
         #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
             let r = try await controller.ctl("volume", "show", "db/data", "--json")
             let v = try? API.decoder().decode(API.Volume.self, from: Data(r.stdout.utf8))
-            return v?.replicaState == "protected" && (v?.sync?.done ?? true)
+            return v?.replicaState == .protected && (v?.sync?.done ?? true)
         })
         let before = try agent.residentBytes()
 

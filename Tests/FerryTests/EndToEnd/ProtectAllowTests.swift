@@ -63,7 +63,7 @@ struct ProtectAllowTests {
         #expect(ok.status == 0, "\(ok)")
         #expect(try await eventually(timeout: .seconds(30), every: .milliseconds(300)) {
             let shown = try await controller.ctl("volume", "show", "db/data", "--json")
-            return try API.decoder().decode(API.Volume.self, from: Data(shown.stdout.utf8)).replicaState == "protected"
+            return try API.decoder().decode(API.Volume.self, from: Data(shown.stdout.utf8)).replicaState == .protected
         })
 
         // Downloading the image is audited: who took which volume at which point.

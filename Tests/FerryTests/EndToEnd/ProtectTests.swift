@@ -19,7 +19,7 @@ struct ProtectTests {
         let listed = try await controller.ctl("volumes", "--json")
         let all = try API.decoder().decode([API.Volume].self, from: Data(listed.stdout.utf8))
         let volume = try #require(all.first)
-        #expect(all.count == 1 && volume.host == "db" && volume.name == "data" && volume.sizeBytes == 64 << 20 && volume.state == "exported")
+        #expect(all.count == 1 && volume.host == "db" && volume.name == "data" && volume.sizeBytes == 64 << 20 && volume.state == .exported)
         let socket = try #require(volume.socketPath)
         let uri = "nbd+unix:///data?socket=\(socket)"
         #expect((try FileManager.default.attributesOfItem(atPath: image)[.size] as? Int) == 64 << 20)
@@ -67,7 +67,7 @@ struct ProtectTests {
         let back = try await ControllerProcess.start(dataDir: controller.dataDir, listen: controller.agentAddress, logName: "controller-2.log")
         #expect(try await back.waitFor("db", state: "online"))
         let after = try await back.ctl("volume", "show", "db/data", "--json")
-        #expect(try API.decoder().decode(API.Volume.self, from: Data(after.stdout.utf8)).state == "exported")
+        #expect(try API.decoder().decode(API.Volume.self, from: Data(after.stdout.utf8)).state == .exported)
         let (status, took) = await again.terminate()
         #expect(status == 0 && took < .seconds(5))
         _ = await back.process.terminate()

@@ -64,7 +64,7 @@ struct RecoveryPointTests {
     func protected(_ controller: ControllerProcess, _ target: String, timeout: Duration = .seconds(60)) async throws -> Bool {
         try await eventually(timeout: timeout, every: .milliseconds(300)) {
             let v = try await volume(controller, target)
-            return v.replicaState == "protected" && (v.sync?.done ?? true)
+            return v.replicaState == .protected && (v.sync?.done ?? true)
         }
     }
 
@@ -72,7 +72,7 @@ struct RecoveryPointTests {
     func caughtUp(_ controller: ControllerProcess, _ target: String) async throws -> Bool {
         try await eventually(timeout: .seconds(60), every: .milliseconds(300)) {
             let v = try await volume(controller, target)
-            return v.replicaState == "protected" && v.lastSequence != nil && v.durableSequence == v.lastSequence
+            return v.replicaState == .protected && v.lastSequence != nil && v.durableSequence == v.lastSequence
         }
     }
 

@@ -28,7 +28,7 @@ struct ReplicationTests {
 
     /// Waits until the volume's replica state is `state` and no sync is pending, as reported by
     /// the agent after `after`.
-    func settled(_ controller: ControllerProcess, _ target: String = "db/data", state: String = "protected",
+    func settled(_ controller: ControllerProcess, _ target: String = "db/data", state: API.ReplicaState = .protected,
                  after: Date = .distantPast, timeout: Duration = .seconds(60)) async throws -> API.Volume? {
         var last: API.Volume?
         let ok = try await eventually(timeout: timeout, every: .milliseconds(300)) {
@@ -61,7 +61,7 @@ struct ReplicationTests {
         #expect(sequential.status == 0, "\(sequential)")
         #expect(try await converged(image, replica), "\(agent.log)")
         info = try await volume(controller)
-        #expect(info.replicaState == "protected" && (info.durableSequence ?? 0) > 65_000, "\(info)")
+        #expect(info.replicaState == .protected && (info.durableSequence ?? 0) > 65_000, "\(info)")
         // Lag is measured from capture on the agent to durable on the controller.
         let metrics = try await controller.ctl("metrics")
         let count = metrics.stdout.split(separator: "\n").first { $0.hasPrefix("ferry_replication_lag_seconds_count") }
@@ -127,7 +127,7 @@ struct ReplicationTests {
         let protect = try await controller.ctl("protect", "db", "--volume", "data", "--path", image)
         #expect(protect.status == 0, "\(protect)")
         let info = try await volume(controller)
-        #expect(info.replicaState == "initial-sync" || info.replicaState == "protected")
+        #expect(info.replicaState == .initialSync || info.replicaState == .protected)
         // Writes during the sync flow through the log and the replica converges with them.
         let uri = "nbd+unix:///data?socket=\(try #require(info.socketPath))"
         #expect(try await run("/usr/bin/qemu-io", ["-f", "raw", uri, "-c", "write -P 0x5a 1536M 8M"]).status == 0)
@@ -182,7 +182,7 @@ struct ReplicationTests {
         await controller.process.kill9()
         controller = try await ControllerProcess.start(dataDir: controller.dataDir, listen: controller.agentAddress, logName: "controller-2.log")
         let synced = try await settled(controller, after: Date(), timeout: .seconds(120))
-        #expect(synced?.replicaState == "protected", "\(String(describing: synced))\n\(again.log)")
+        #expect(synced?.replicaState == .protected, "\(String(describing: synced))\n\(again.log)")
         #expect(try await converged(image, replica), "\(again.log)")
         let last = try #require(synced?.sync)
         #expect(last.totalBytes < 1 << 30, "the agent compared the whole volume again: \(last)")
@@ -313,7 +313,7 @@ struct ReplicationTests {
         #expect(try await run("/usr/bin/dd", ["if=/dev/urandom", "of=\(image)", "bs=64k", "count=3", "seek=100", "conv=notrunc,fsync", "status=none"]).status == 0)
         #expect(try await converged(image, replica, timeout: .seconds(30)), "\(agent.log)")
         let before = try await settled(controller, "db/scan", timeout: .seconds(30))
-        #expect(before?.replicaState == "protected", "\(String(describing: before))")
+        #expect(before?.replicaState == .protected, "\(String(describing: before))")
         // A scan that finds nothing first, so the next one that moves bytes is the change's.
         var after: API.Volume?
         #expect(try await eventually(timeout: .seconds(20), every: .milliseconds(100)) {

@@ -54,7 +54,7 @@ struct RevocationTests {
         print("host remove: connections ended \(ContinuousClock.now - started) after the command started")
         await client.close()
         // Other hosts are untouched.
-        #expect(try await c.controller.host("web")?.state == "online")
+        #expect(try await c.controller.host("web")?.state == .online)
     }
 
     @Test("a session ends when its certificate expires: the agent reconnects with its renewed certificate, which supersedes the old one at once")

@@ -93,11 +93,11 @@ struct ScaleTests {
 
         // Every agent dials at once: allow for the handshakes of a large count on a small machine.
         let allOnline = try await eventually(timeout: .seconds(60) + .milliseconds(100 * count), every: .milliseconds(500)) {
-            try await controller.hosts().filter { $0.state == "online" }.count == count
+            try await controller.hosts().filter { $0.state == .online }.count == count
         }
         let onlineTook = ContinuousClock.now - connectStart
         let hosts = try await controller.hosts()
-        #expect(allOnline, "\(hosts.filter { $0.state == "online" }.count) of \(count) online")
+        #expect(allOnline, "\(hosts.filter { $0.state == .online }.count) of \(count) online")
         #expect(Set(hosts.map(\.name)) == Set(identities.map(\.info.hostName)))
         #expect(hosts.allSatisfy { $0.inventory?.hostname == $0.name })
         #expect(sessions.allSatisfy { $0.heartbeatInterval == Self.heartbeat }, "the controller's welcome sets each session's heartbeat")
@@ -140,12 +140,12 @@ struct ScaleTests {
         #expect(cpu < 0.5, "controller busy while idle: \(cpu * 100) %")
         // No session dropped while idling, and all still online.
         #expect(sessions.map(\.sessionsOpened) == opened, "sessions reopened during the idle window")
-        #expect(try await controller.hosts().filter { $0.state == "online" }.count == count)
+        #expect(try await controller.hosts().filter { $0.state == .online }.count == count)
 
         await group.triggerGracefulShutdown()
         try await running.value
         #expect(try await eventually(timeout: .seconds(15) + .milliseconds(15 * count), every: .milliseconds(500)) {
-            try await controller.hosts().allSatisfy { $0.state == "offline" }
+            try await controller.hosts().allSatisfy { $0.state == .offline }
         })
         let (status, _) = await controller.process.terminate()
         #expect(status == 0)

@@ -96,7 +96,7 @@ final class ControllerProcess: Sendable {
     /// Waits until `name` shows `state`.
     func waitFor(_ name: String, state: String, timeout: Duration = .seconds(15)) async throws -> Bool {
         try await eventually(timeout: timeout, every: .milliseconds(100)) {
-            try await host(name)?.state == state
+            try await host(name)?.state.rawValue == state
         }
     }
 }

@@ -9,7 +9,7 @@ import Testing
 struct UnitAlertRulesTests {
     let now = Date(timeIntervalSince1970: 1_800_000_000)
 
-    func volume(_ name: String, state: String = "exported", replica: String, lag: Double? = nil, error: String? = nil,
+    func volume(_ name: String, state: API.VolumeState = .exported, replica: API.ReplicaState, lag: Double? = nil, error: String? = nil,
                 journal: UInt64? = nil) -> API.Volume {
         var v = API.Volume(host: "db", name: name, path: "/v/\(name)", sizeBytes: 1 << 30, state: state, socketPath: nil, lastSequence: 1, protectedAt: now)
         v.replicaState = replica
@@ -42,19 +42,19 @@ struct UnitAlertRulesTests {
                               rpoSeconds: 90, rpoAlert: true, lastRoundError: nil)
         let calm = API.Group(name: "calm", volumes: [], policy: API.GroupPolicy(), createdAt: now, points: 1, newestPoint: now, rpoSeconds: 1, rpoAlert: false, lastRoundError: nil)
         let hosts = [
-            API.Host(id: "h1", name: "db", state: "offline", address: nil, os: nil, kernel: nil, agentVersion: nil, enrolledAt: now,
+            API.Host(id: "h1", name: "db", state: .offline, address: nil, os: nil, kernel: nil, agentVersion: nil, enrolledAt: now,
                      lastSeen: now.addingTimeInterval(-120), certificateSerial: nil, certificateExpiry: now.addingTimeInterval(3 * 86_400), inventory: nil),
-            API.Host(id: "h2", name: "app", state: "online", address: nil, os: nil, kernel: nil, agentVersion: nil, enrolledAt: now,
+            API.Host(id: "h2", name: "app", state: .online, address: nil, os: nil, kernel: nil, agentVersion: nil, enrolledAt: now,
                      lastSeen: now, certificateSerial: nil, certificateExpiry: now.addingTimeInterval(20 * 86_400), inventory: nil),
         ]
         let volumes = [
-            volume("a", replica: "protected", lag: 45),
-            volume("b", replica: "protected", lag: 10, journal: 950 << 20),
-            volume("c", replica: "error", error: "journal damaged"),
-            volume("d", state: "host-offline", replica: "paused"),
-            volume("e", replica: "paused", error: "the controller's disk is full"),
-            volume("f", replica: "resyncing"),
-            volume("g", replica: "protected", lag: 0, journal: 10 << 20),
+            volume("a", replica: .protected, lag: 45),
+            volume("b", replica: .protected, lag: 10, journal: 950 << 20),
+            volume("c", replica: .error, error: "journal damaged"),
+            volume("d", state: .hostOffline, replica: .paused),
+            volume("e", replica: .paused, error: "the controller's disk is full"),
+            volume("f", replica: .resyncing),
+            volume("g", replica: .protected, lag: 0, journal: 10 << 20),
         ]
         let plans = [plan("never", updated: now.addingTimeInterval(-40 * 86_400)), plan("fresh", updated: now.addingTimeInterval(-86_400)),
                      plan("drilled", updated: now.addingTimeInterval(-90 * 86_400)), plan("away", state: .failedOver, updated: now.addingTimeInterval(-90 * 86_400))]

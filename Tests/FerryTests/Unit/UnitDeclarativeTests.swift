@@ -66,7 +66,7 @@ struct UnitDeclarativeTests {
         let empty = try DeclarativePlan.make(declared, volumes: [], groups: [], plans: [])
         #expect(empty.lines.map { String($0.prefix(14)) } == ["+ volume db/da", "+ group shop: ", "+ plan shop"])
 
-        var volume = API.Volume(host: "db", name: "data", path: "/srv/db.img", sizeBytes: 16 << 20, state: "exported", socketPath: nil,
+        var volume = API.Volume(host: "db", name: "data", path: "/srv/db.img", sizeBytes: 16 << 20, state: .exported, socketPath: nil,
                                 lastSequence: nil, protectedAt: Date())
         volume.captureMode = "export"
         guard case .group(let g) = declared[1], case .plan(let p) = declared[2] else { return }
