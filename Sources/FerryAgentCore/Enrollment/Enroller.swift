@@ -40,6 +40,9 @@ public enum Enroller {
                 return try Ferry_V1_Envelope(frame: frame)
             } catch let error as NIOSSLError {
                 throw FerryError(.pki, "controller \(controller) failed verification against the CA fingerprint in the token (\(error)); check the address and the token")
+            } catch let error as ChannelError {
+                // Closed before it answered: its pre-authentication timeout or limits, or a restart.
+                throw FerryError(.unavailable, "controller \(controller) closed the connection before answering the enrollment (\(error)); try again, and check its log for a connection limit or timeout")
             }
         }
         switch reply.body {

@@ -161,8 +161,17 @@ extension JobRunner {
         for v in volumes {
             _ = try await replicas.replica(hostID: v.hostID, volume: v.volume, size: v.size)
         }
+        // One point per consistency group, chosen once: resolving each volume on its own could
+        // pick a newer point for the later ones (the scheduler cuts meanwhile), and the images
+        // would not be one consistent point.
+        var chosen: [String: String] = [:]
+        let byWord = word.map { PointCatalogue.choices.contains($0) && $0 != "latest" } ?? true
         for v in volumes {
-            let (position, point) = try await catalogue.resolve(hostID: v.hostID, hostName: v.host, volume: v.volume, choice: word, asOf: request.asOf)
+            let group = byWord ? try await store.groupOf(hostID: v.hostID, volume: v.volume) : nil
+            let fixed = group.flatMap { chosen[$0] }
+            let (position, point) = try await catalogue.resolve(hostID: v.hostID, hostName: v.host, volume: v.volume, choice: fixed ?? word,
+                                                                asOf: fixed == nil ? request.asOf : nil)
+            if let group, fixed == nil { chosen[group] = point }
             var time: Date?
             if point == "latest" {
                 time = await replicas.opened(hostID: v.hostID, volume: v.volume)?.reportedAt ?? Date()

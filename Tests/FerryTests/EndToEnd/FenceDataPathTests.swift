@@ -53,7 +53,9 @@ struct FenceDataPathTests {
             return v.replicaState == .protected && (v.sync?.done ?? true)
         })
         let uri = "nbd+unix:///data?socket=\(try #require(try await failover.volume(controller, "db/data").socketPath))"
-        r = try await controller.ctl("group", "create", "g", "--volume", "db/data", "--crash-interval", "0", "--app-interval", "0")
+        r = try await controller.ctl("group", "create", "g", "--volume", "db/data", "--crash-interval", "0", "--app-interval", "0",
+                                          // Not a timing test: a loaded machine must not abort the cut.
+                                          "--hold-budget", "2s")
         #expect(r.status == 0, "\(r)")
         let planFile = dir.file("plan.yaml")
         try Self.plan.write(toFile: planFile, atomically: true, encoding: .utf8)

@@ -10,7 +10,9 @@ struct RevocationTests {
     /// A point export made for `host`, opened with that agent's own certificate.
     func openExport(_ c: RecoveryPointTests.Cluster, host: String, volume: String) async throws -> NBDClient {
         let points = RecoveryPointTests()
-        var r = try await c.controller.ctl("group", "create", "g", "--volume", volume, "--crash-interval", "0", "--app-interval", "0")
+        var r = try await c.controller.ctl("group", "create", "g", "--volume", volume, "--crash-interval", "0", "--app-interval", "0",
+                                            // Not a timing test: a loaded machine must not abort the cut.
+                                            "--hold-budget", "2s")
         #expect(r.status == 0, "\(r)")
         for _ in 0..<10 {
             r = try await c.controller.ctl("point", "create", "g")
