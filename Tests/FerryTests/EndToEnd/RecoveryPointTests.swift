@@ -235,7 +235,7 @@ struct RecoveryPointTests {
     func hookOutlivesSession() async throws {
         var c = try await cluster(["db": ["data"]])
         var r = try await c.controller.ctl("group", "create", "g", "--volume", "db/data", "--quiesce-hook", "marker", "--thaw-hook", "thaw",
-                                           "--crash-interval", "0", "--app-interval", "0", "--hook-timeout", "60s")
+                                           "--crash-interval", "0", "--app-interval", "0", "--hook-timeout", "60s", "--hold-budget", "2s")
         #expect(r.status == 0, "\(r)")
         let hooks = c.dir.sub("hooks"), controller = c.controller
         async let point = controller.ctl("point", "create", "g", "--app")

@@ -57,6 +57,11 @@ struct HydrationLab {
         }
         #expect(r.status == 0, "\(r)")
         let point = r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        // Complete (every member's writes up to it durable here) before anything recovers it.
+        #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(200)) {
+            let points = try await controller.ctl("points", "shop", "--json")
+            return (try? API.decoder().decode([API.Point].self, from: Data(points.stdout.utf8)))?.first { $0.id == point }?.complete == true
+        }, "point \(point) never completed")
         let target = dir.path + "/rec1-target/db-data.img"
         let planFile = dir.file("plan.yaml")
         try plan.replacingOccurrences(of: "TARGET", with: target).write(toFile: planFile, atomically: true, encoding: .utf8)

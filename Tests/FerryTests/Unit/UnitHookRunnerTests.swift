@@ -10,8 +10,8 @@ struct UnitHookRunnerTests {
 
     @Test("a hook that exits 0 succeeds; a failing one reports its status and output; an unknown name is refused")
     func outcomes() async {
-        #expect(await runner.run("ok", timeout: .seconds(10)) == nil)
-        let failed = await runner.run("fails", timeout: .seconds(10))
+        #expect(await runner.run("ok", timeout: .seconds(60)) == nil)
+        let failed = await runner.run("fails", timeout: .seconds(60))
         #expect(failed?.contains("status 3") == true && failed?.contains("disk not ready") == true, "\(String(describing: failed))")
         let unknown = await runner.run("rm -rf /", timeout: .seconds(10))
         #expect(unknown?.contains("no hook named") == true)
@@ -32,7 +32,7 @@ struct UnitHookRunnerTests {
     @Test("a controller's environment reaches the hook only as FERRY_* names: PATH-like and malformed names are dropped")
     func environment() async {
         let env = ["FERRY_PLAN": "shop", "LD_PRELOAD_X": "/evil.so", "FERRY_bad": "x", "PATH": "/tmp"]
-        let outcome = await runner.run("env", timeout: .seconds(10), environment: env)
+        let outcome = await runner.run("env", timeout: .seconds(60), environment: env)
         #expect(outcome == nil, "\(String(describing: outcome))")
     }
 
