@@ -24,10 +24,23 @@ struct FsfreezeTests {
         return mount
     }
 
-    /// Thawed (in case) and unmounted.
-    func unmount(_ mount: String) async {
-        _ = try? await run("/usr/sbin/fsfreeze", ["-u", mount], timeout: .seconds(10))
-        _ = try? await run("/usr/bin/umount", [mount], timeout: .seconds(30))
+    /// Thawed (in case) and unmounted, synchronously so a `defer` can do it (also on failure);
+    /// a loop device set up by `mount -o loop` goes with its mount.
+    func release(_ mount: String) {
+        let fd = open(mount, O_RDONLY | O_DIRECTORY)
+        if fd >= 0 {
+            _ = ioctl(fd, UInt(0xC004_5878), 0)  // FITHAW; EINVAL when not frozen
+            close(fd)
+        }
+        if umount2(mount, 0) != 0 { _ = umount2(mount, Int32(MNT_DETACH)) }
+    }
+
+    /// Detaches a loop device `losetup -f` set up (LOOP_CLR_FD).
+    func detach(loop device: String) {
+        let fd = open(device, O_RDONLY)
+        guard fd >= 0 else { return }
+        _ = ioctl(fd, UInt(0x4C01), 0)
+        close(fd)
     }
 
     /// Whether `mount` is frozen now: a second FIFREEZE says EBUSY (if it was not frozen, this
@@ -60,10 +73,11 @@ struct FsfreezeTests {
         // ext4 on the export: nbdfuse gives a file, loop a block device.
         let fuse = dir.sub("fuse")
         let nbdfuse = try await ChildProcess("/usr/bin/nbdfuse", [fuse + "/disk", "--unix", socket], logPath: dir.file("nbdfuse.log"))
-        defer { nbdfuse.signal(SIGTERM) }
+        defer { nbdfuse.signal(SIGTERM); _ = umount2(fuse, Int32(MNT_DETACH)) }
         #expect(await eventually(timeout: .seconds(10)) { FileManager.default.fileExists(atPath: fuse + "/disk") })
         let loop = try await must("/usr/sbin/losetup", ["-f", "--show", fuse + "/disk"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        defer { Task { _ = try? await run("/usr/sbin/losetup", ["-d", loop]) } }
+        // (Runs before the nbdfuse defer above: the file system first, then its loop device.)
+        defer { release(mount); detach(loop: loop) }
         try await must("/usr/sbin/mkfs.ext4", ["-q", "-F", loop])
         try await must("/usr/bin/mount", [loop, mount])
         // A writer: each record written, fsynced, renamed into place, then logged.
@@ -89,7 +103,7 @@ struct FsfreezeTests {
         #expect(await eventually(timeout: .seconds(20)) { logged() > afterCut + 10 })
         writer.signal(SIGKILL)
         _ = await writer.waitForExit(timeout: .seconds(10))
-        await unmount(mount)
+        release(mount)
 
         // The point's image: ext4 with nothing to recover, every record whole.
         #expect(await eventually(timeout: .seconds(30)) {
@@ -105,7 +119,7 @@ struct FsfreezeTests {
         #expect(fsck.status == 0, "\(fsck)")
         let check = dir.sub("check")
         try await must("/usr/bin/mount", ["-o", "ro,loop,noload", image, check])
-        defer { Task { _ = try? await run("/usr/bin/umount", [check]) } }
+        defer { release(check) }
         let records = try FileManager.default.contentsOfDirectory(atPath: check).filter { $0.hasPrefix("r-") }
         #expect(records.count >= 20)
         for r in records {
@@ -118,10 +132,10 @@ struct FsfreezeTests {
     func guardThawsWhenTheAgentDies() async throws {
         let dir = try TestDirectory()
         let frozen = try await loopExt4(dir, "frozen")
-        defer { Task { await unmount(frozen) } }
+        defer { release(frozen) }
         // The agent whose data dir is on a file system it is asked to freeze.
         let own = try await loopExt4(dir, "own")
-        defer { Task { await unmount(own) } }
+        defer { release(own) }
         let controller = try await ControllerProcess.start(dataDir: dir.sub("controller"))
         defer { controller.process.signal(SIGTERM) }
         // db freezes `frozen`; app's quiesce takes 6 s, so db holds its freeze that long.
@@ -177,7 +191,7 @@ struct FsfreezeTests {
     func roundsOwnTheirFreeze() async throws {
         let dir = try TestDirectory()
         let mount = try await loopExt4(dir, "rounds")
-        defer { Task { await unmount(mount) } }
+        defer { release(mount) }
         let freezer = FilesystemFreeze(dataDir: dir.sub("agent"))
         try await freezer.freeze("q", round: "a", mountPoints: [mount], hold: .seconds(60))
         #expect(try await isFrozen(mount))
