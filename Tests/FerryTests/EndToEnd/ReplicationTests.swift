@@ -167,6 +167,9 @@ struct ReplicationTests {
             }
         }
         #expect(try await progressed(past: 96 << 20), "\(agent.log)")
+        // The resumed sync must still be running when the controller is killed below; unthrottled
+        // it can finish before the test sees it past 32 MiB. 200 Mbit/s leaves it ~15 s.
+        #expect(try await controller.ctl("wan", "set", "--limit", "200mbit").status == 0)
         await agent.kill9()
         let again = try await AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
         #expect(try await controller.waitFor("db", state: "online"))
