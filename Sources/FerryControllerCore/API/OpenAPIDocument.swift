@@ -29,9 +29,4 @@ enum OpenAPIDocument {
         }
         return found
     }
-
-    /// A router path ("/v1/volumes/:host/:name") in the document's form ("/v1/volumes/{host}/{name}").
-    static func documentedPath(_ routerPath: String) -> String {
-        "/" + routerPath.split(separator: "/").map { $0.hasPrefix(":") ? "{\($0.dropFirst())}" : String($0) }.joined(separator: "/")
-    }
 }
