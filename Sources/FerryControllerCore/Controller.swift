@@ -56,6 +56,13 @@ public struct Controller: Sendable {
         replicaPool.start()
         let replicas = ReplicaManager(root: config.dataDir + "/replicas", pool: replicaPool,
                                       retention: config.replicaRetention, journalLimit: Int64(config.replicaJournalMax))
+        await replicas.onGrowth { [logger] hostID, volume, size in
+            do {
+                try await store.growVolume(hostID: hostID, name: volume, to: size)
+            } catch {
+                logger.error("cannot record a volume's new size", metadata: ["volume": "\(volume)", "bytes": "\(size)", "error": "\(error)"])
+            }
+        }
         let exportConnections = ExportConnections()
         let exports = PointExports(socketPath: config.dataDir + "/exports.sock", overlayRoot: config.dataDir + "/overlays",
                                    connections: exportConnections, logger: logger)

@@ -54,8 +54,13 @@ public enum ControllerFuzzing {
                 case .prefix(let count, _): (batch, attachments) = batch.prefix(count, attachments: attachments)
                 case .refuse: continue
                 }
-                for record in try IncomingRecord.of(batch, attachments: attachments, volumeSize: volumeSize) {
-                    precondition(record.length > 0 && record.offset + record.length <= volumeSize, "record outside the volume")
+                var size = volumeSize
+                for record in try IncomingRecord.of(batch, attachments: attachments, volumeSize: &size) {
+                    if record.resize {
+                        precondition(record.offset == 0 && record.length >= volumeSize && record.length <= size, "resize out of order")
+                        continue
+                    }
+                    precondition(record.length > 0 && record.offset + record.length <= size, "record outside the volume")
                     precondition(record.data.map { UInt64($0.readableBytes) == record.length } ?? true, "record length is not its data's")
                 }
             }
@@ -71,14 +76,21 @@ public enum ControllerFuzzing {
             var scanned: [JournalRecord.Scanned] = []
             let valid = JournalRecord.scan(bytes, size: volumeSize) { scanned.append($0) }
             precondition(valid <= bytes.count, "scan went past the segment")
+            var bound = volumeSize
             for r in scanned {
-                precondition(r.end <= valid && r.offset + r.length <= volumeSize, "scanned record outside the segment or volume")
+                if r.kind == .resize {
+                    precondition(r.offset == 0 && r.data == nil, "a resize with an offset or a payload")
+                    bound = max(bound, r.length)
+                    continue
+                }
+                precondition(r.end <= valid && r.offset + r.length <= bound, "scanned record outside the segment or volume")
                 if let data = r.data { precondition(data.count == Int(r.length), "record payload is not its length") }
             }
             // walkHeaders trusts what scan checked: on the valid prefix it must see the same records.
             var walked = 0
             let end = JournalRecord.walkHeaders(UnsafeRawBufferPointer(rebasing: bytes[..<valid]), size: volumeSize) { header in
-                precondition(walked < scanned.count && header.end == scanned[walked].end && header.sequence == scanned[walked].sequence,
+                precondition(walked < scanned.count && header.end == scanned[walked].end && header.sequence == scanned[walked].sequence
+                             && header.kind == scanned[walked].kind && header.length == scanned[walked].length,
                              "walkHeaders and scan disagree")
                 walked += 1
                 return true

@@ -307,6 +307,15 @@ public final class AgentSession: Service, Sendable {
                 } catch let error as FerryError {
                     result.error = error.wire
                 }
+            case .resizeVolume(let resize):
+                do {
+                    guard let volumes else { throw FerryError(.unsupported, "this agent does not protect volumes") }
+                    result.volumeResized = try await volumes.resize(name: resize.name, to: resize.sizeBytes)
+                } catch let error as FerryError {
+                    result.error = error.wire
+                } catch {
+                    result.error = FerryError(.io, "resize of \(resize.name) failed: \(error)").wire
+                }
             case .prepareCut, .finishCut:
                 result = await answerCut(command)
             case .runHook(let hook):
@@ -515,6 +524,7 @@ public final class AgentSession: Service, Sendable {
                     }
                 case .write(let data): r.data = Data(data.readableBytesView)
                 case .zero(let length): r.zeroLength = length
+                case .resize(let size): r.resizeBytes = size
                 }
                 return r
             }

@@ -57,7 +57,8 @@ public final class ActivityLog: Sendable {
 
     public let path: String
     public let extentBytes: UInt64
-    public let extentCount: Int
+    /// Extents of the volume: it grows with the volume (`grow`).
+    public var extentCount: Int { state.withLock { $0.extents.count } }
     /// Whether the file existed when opened: without it nothing is known of earlier runs.
     public let existed: Bool
     private let fd: Int32
@@ -71,7 +72,7 @@ public final class ActivityLog: Sendable {
     public init(path: String, volumeBytes: UInt64, extentBytes: UInt64 = ActivityLog.defaultExtentBytes) throws {
         self.path = path
         self.extentBytes = extentBytes
-        extentCount = Int((volumeBytes + extentBytes - 1) / extentBytes)
+        let extentCount = Int((volumeBytes + extentBytes - 1) / extentBytes)
         let bitmapBytes = (extentCount + 7) / 8
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw FerryError(.io, "cannot open activity log \(path): \(String(cString: strerror(errno)))") }
@@ -83,14 +84,20 @@ public final class ActivityLog: Sendable {
         var existed = false
         if readHeader == Self.headerBytes {
             let h = ByteBuffer(bytes: header)
+            let saved = h.getInteger(at: 16, as: UInt64.self) ?? 0
             if h.getInteger(at: 0, as: UInt32.self) == Self.magic, h.getInteger(at: 8, as: UInt64.self) == extentBytes,
-               h.getInteger(at: 16, as: UInt64.self) == UInt64(extentCount) {
-                _ = bitmap.withUnsafeMutableBytes { pread(fd, $0.baseAddress, bitmapBytes, off_t(Self.headerBytes)) }
+               saved <= UInt64(extentCount), saved > 0 || extentCount == 0 {
+                // The same volume, or one grown since (online resize, or a crash between the
+                // growth and this file's update): the saved extents keep their marks, the new
+                // ones start clear (they were past the end until the growth).
+                let savedBytes = (Int(saved) + 7) / 8
+                _ = bitmap.withUnsafeMutableBytes { pread(fd, $0.baseAddress, savedBytes, off_t(Self.headerBytes)) }
+                if saved % 8 != 0, savedBytes > 0 { bitmap[savedBytes - 1] &= UInt8((1 << (saved % 8)) - 1) }
                 full = (h.getInteger(at: 4, as: UInt32.self) ?? 0) & Self.flagFull != 0
                 existed = true
             } else {
-                // Another geometry (the volume was resized) or garbage: nothing can be trusted,
-                // so everything is pending.
+                // Another geometry (a smaller volume, another extent size) or garbage: nothing
+                // can be trusted, so everything is pending.
                 bitmap = [UInt8](repeating: 0xFF, count: bitmapBytes)
                 full = true
             }
@@ -116,11 +123,10 @@ public final class ActivityLog: Sendable {
     /// applied, and counts the write in flight there until `completed` (so the mark cannot clear
     /// in between). Returns at once when the marks are on disk already.
     public func mark(offset: UInt64, length: UInt64) throws {
-        guard length > 0, extentCount > 0 else { return }
-        let range = extents(offset: offset, length: length)
+        guard length > 0 else { return }
         let needed: UInt64 = state.withLock { s in
             var needed: UInt64 = 0
-            for i in range {
+            for i in Self.extents(offset: offset, length: length, extentBytes: extentBytes, count: s.extents.count) {
                 s.extents[i].inFlight += 1
                 if !s.extents[i].marked {
                     if needed == 0 { s.changed += 1 }
@@ -145,20 +151,34 @@ public final class ActivityLog: Sendable {
 
     /// The write counted by `mark` is recorded (or failed).
     public func completed(offset: UInt64, length: UInt64) {
-        guard length > 0, extentCount > 0 else { return }
-        let range = extents(offset: offset, length: length)
+        guard length > 0 else { return }
         state.withLock { s in
-            for i in range { s.extents[i].inFlight -= 1 }
+            for i in Self.extents(offset: offset, length: length, extentBytes: extentBytes, count: s.extents.count) { s.extents[i].inFlight -= 1 }
         }
+    }
+
+    /// The volume grows to `volumeBytes`: the new extents start clear (nothing was written
+    /// there), and the file says the new geometry before anything is written past the old end.
+    public func grow(volumeBytes: UInt64) throws {
+        let count = Int((volumeBytes + extentBytes - 1) / extentBytes)
+        let generation: UInt64? = state.withLock { s in
+            guard count > s.extents.count else { return nil }
+            s.extents.append(contentsOf: repeatElement(Extent(), count: count - s.extents.count))
+            let bytes = (count + 7) / 8
+            if bytes > s.bitmap.count { s.bitmap.append(contentsOf: repeatElement(0, count: bytes - s.bitmap.count)) }
+            s.changed += 1
+            return s.changed
+        }
+        if let generation { try persist(through: generation) }
     }
 
     /// Writes the bitmap if generation `through` is not on disk yet. Concurrent callers wait
     /// for the one writing, then find their generation written.
     private func persist(through generation: UInt64) throws {
         try disk.withLock { _ in
-            let (snapshot, full, current, done) = state.withLock { s in (s.bitmap, s.full, s.changed, s.persisted >= generation) }
+            let (snapshot, full, current, done, count) = state.withLock { s in (s.bitmap, s.full, s.changed, s.persisted >= generation, s.extents.count) }
             if done { return }
-            guard Self.write(fd, full: full, extentBytes: extentBytes, extentCount: extentCount, bitmap: snapshot) else {
+            guard Self.write(fd, full: full, extentBytes: extentBytes, extentCount: count, bitmap: snapshot) else {
                 throw VolumeIOError(operation: "activity log update", errno: errno)
             }
             state.withLock { $0.persisted = max($0.persisted, current) }
@@ -168,10 +188,9 @@ public final class ActivityLog: Sendable {
     /// Records that the write with `sequence` went into these extents. With `lost` (the change
     /// log dropped it), the extents become pending: only a resync can bring them over.
     func noteWrite(offset: UInt64, length: UInt64, sequence: UInt64, lost: Bool) {
-        guard length > 0, extentCount > 0 else { return }
-        let range = extents(offset: offset, length: length)
+        guard length > 0 else { return }
         state.withLock { s in
-            for i in range {
+            for i in Self.extents(offset: offset, length: length, extentBytes: extentBytes, count: s.extents.count) {
                 s.extents[i].lastSequence = max(s.extents[i].lastSequence, sequence)
                 if lost {
                     if !s.extents[i].pending { s.pendingCount += 1 }
@@ -212,6 +231,7 @@ public final class ActivityLog: Sendable {
                 s.extents[i].pending = true
                 s.extents[i].generation &+= 1
             }
+            let extentCount = s.extents.count
             s.markedCount = extentCount
             s.pendingCount = extentCount
             s.full = true
@@ -247,7 +267,8 @@ public final class ActivityLog: Sendable {
     func nextPending(from: Int) -> (index: Int, generation: UInt32)? {
         state.withLock { s in
             guard s.pendingCount > 0 else { return nil }
-            for i in from..<extentCount where s.extents[i].pending { return (i, s.extents[i].generation) }
+            let extentCount = s.extents.count
+            for i in min(from, extentCount)..<extentCount where s.extents[i].pending { return (i, s.extents[i].generation) }
             for i in 0..<min(from, extentCount) where s.extents[i].pending { return (i, s.extents[i].generation) }
             return nil
         }
@@ -315,10 +336,12 @@ public final class ActivityLog: Sendable {
     /// A full comparison was started and has not finished (it survives restarts).
     public var fullInProgress: Bool { state.withLock { $0.full } }
 
-    func extents(offset: UInt64, length: UInt64) -> ClosedRange<Int> {
-        let first = Int(offset / extentBytes)
-        let last = Int(min((offset + length - 1) / extentBytes, UInt64(extentCount - 1)))
-        return first...max(first, last)
+    /// The extents `offset..<offset+length` touches (none past the last of `count`).
+    static func extents(offset: UInt64, length: UInt64, extentBytes: UInt64, count: Int) -> Range<Int> {
+        guard count > 0, length > 0 else { return 0..<0 }
+        let first = Int(min(offset / extentBytes, UInt64(count)))
+        let last = Int(min((offset + length - 1) / extentBytes, UInt64(count - 1)))
+        return first..<max(first, last + 1)
     }
 
     static func header(full: Bool, extentBytes: UInt64, extentCount: Int) -> ByteBuffer {

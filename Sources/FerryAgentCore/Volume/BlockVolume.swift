@@ -11,7 +11,12 @@ import Synchronization
 public final class BlockVolume: NBDExport {
     public let name: String
     public let path: String
-    public let size: UInt64
+    /// The export's size: it grows with an online resize (new connections see the new size).
+    public var size: UInt64 { sizeValue.load(ordering: .acquiring) }
+    private let sizeValue: Atomic<UInt64>
+    /// A block device, or a volume only scanned (opened read-only): its owner grows it and a
+    /// resize follows, where an image file of an exported volume is grown here.
+    public let followsBacking: Bool
     private let fd: Int32
     private let pool: NIOThreadPool
     private let recorder: any ChangeRecorder
@@ -58,7 +63,8 @@ public final class BlockVolume: NBDExport {
         }
         self.name = name
         self.path = path
-        self.size = size
+        sizeValue = Atomic(size)
+        followsBacking = readOnly || (st.st_mode & S_IFMT) == S_IFBLK
         self.fd = fd
         self.pool = pool
         self.recorder = recorder
@@ -223,6 +229,50 @@ public final class BlockVolume: NBDExport {
     /// Makes every completed write durable. Blocking: call it on an I/O thread.
     func flushNow() throws { try Self.sync(fd) }
 
+    // MARK: Online resize
+
+    /// Grows the volume to `newSize` bytes and records the resize in the capture stream, in
+    /// order with the writes (a cut's hold delays it like a write): an image file is extended
+    /// (sparse), a block device must already be that large (its owner grew it). Writes past
+    /// the old end are accepted only from here on, so each comes after the resize record.
+    /// Returns the resize record's sequence, or nil if the volume has that size already.
+    /// Blocking: an I/O thread.
+    func resize(to newSize: UInt64) throws -> UInt64? {
+        gate.enter()
+        defer { gate.leave() }
+        return try mutation.withLock { _ -> UInt64? in
+            let current = size
+            if newSize == current { return nil }
+            guard newSize > current else {
+                throw FerryError(.badRequest, "volume \(name) is \(current) bytes: shrinking it to \(newSize) is refused (a file system or guest on it would lose its end)")
+            }
+            if fencedFlag.load(ordering: .acquiring) {
+                throw FerryError(.conflict, "volume \(name) is fenced (the other site owns it since a failover): resize it where it is served")
+            }
+            if followsBacking {
+                let end = lseek(fd, 0, SEEK_END)
+                guard end >= 0, UInt64(end) >= newSize else {
+                    throw FerryError(.badRequest, "\(path) is \(max(0, end)) bytes and is grown by its owner (a block device, or a volume captured by scanning): grow it to \(newSize) first (lvextend, or the storage's own tool), then resize the volume")
+                }
+                guard UInt64(end) == newSize else {
+                    throw FerryError(.badRequest, "\(path) is \(end) bytes: the volume follows its whole size, so resize it to \(end)")
+                }
+            }
+            // The extents past the old end are tracked (durably) before anything can be written there.
+            try recorder.willGrow(to: newSize)
+            if !followsBacking {
+                while ftruncate(fd, off_t(newSize)) != 0 {
+                    if errno == EINTR { continue }
+                    throw FerryError.system(errno, "cannot grow \(path) to \(newSize) bytes")
+                }
+                try Self.sync(fd)
+            }
+            let sequence = recorder.append(offset: 0, kind: .resize(size: newSize))
+            sizeValue.store(newSize, ordering: .releasing)
+            return sequence
+        }
+    }
+
     // MARK: Fencing and the sink role
 
     /// Refuses the workload's writes from now on; returns once no write is being applied, so
@@ -238,28 +288,62 @@ public final class BlockVolume: NBDExport {
 
     /// Writes blocks a reverse stream sends (the sink role): only while fenced, nothing
     /// captured. Blocking: an I/O thread.
-    func applyAsSink(_ blocks: [(offset: UInt64, data: ByteBuffer?, zeroLength: UInt64)], flush: Bool) throws {
-        let fd = self.fd, size = self.size
+    func applyAsSink(_ blocks: [SinkChange], flush: Bool) throws {
+        let fd = self.fd
         try mutation.withLock { _ in
             guard fencedFlag.load(ordering: .acquiring) else {
                 throw FerryError(.conflict, "volume \(name) is not fenced: it takes blocks as a sink only after a failover")
             }
             for block in blocks {
-                let length = block.data.map { UInt64($0.readableBytes) } ?? block.zeroLength
-                guard block.offset <= size, length <= size - block.offset else {
-                    throw FerryError(.badRequest, "block at \(block.offset) of \(length) bytes lies outside the \(size)-byte volume \(name)")
+                let size = self.size
+                let offset: UInt64, length: UInt64
+                switch block {
+                case .grow(let newSize):
+                    try growAsSink(to: newSize)
+                    continue
+                case .write(let at, let data): (offset, length) = (at, UInt64(data.readableBytes))
+                case .zero(let at, let count): (offset, length) = (at, count)
                 }
-                if let data = block.data {
-                    let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: block.offset) }
+                guard offset <= size, length <= size - offset else {
+                    throw FerryError(.badRequest, "block at \(offset) of \(length) bytes lies outside the \(size)-byte volume \(name)")
+                }
+                if case .write(_, let data) = block {
+                    let failed = data.withUnsafeReadableBytes { FileIO.writeAll(fd, $0, at: offset) }
                     if failed != 0 { throw FerryError(.io, "sink write to \(name) failed: \(String(cString: strerror(failed)))") }
                 } else if length > 0 {
-                    if ferry_punch_hole(fd, off_t(block.offset), off_t(length)) != 0 {
-                        try Self.writeZeroes(fd, offset: block.offset, length: length)
+                    if ferry_punch_hole(fd, off_t(offset), off_t(length)) != 0 {
+                        try Self.writeZeroes(fd, offset: offset, length: length)
                     }
                 }
             }
         }
         if flush { try Self.sync(fd) }
+    }
+
+    /// Records the current size in the capture stream (a volume that grew as a sink, before
+    /// it is unfenced): its replica learns it before any write past the old end.
+    func announceSize() {
+        mutation.withLock { _ in _ = recorder.append(offset: 0, kind: .resize(size: size)) }
+    }
+
+    /// A sink's volume grows as its source did (the mutation lock is held): never shrinks, and
+    /// a volume whose owner grows it (a block device) must be that large already.
+    private func growAsSink(to newSize: UInt64) throws {
+        guard newSize > size else { return }
+        if followsBacking {
+            let end = lseek(fd, 0, SEEK_END)
+            guard end >= 0, UInt64(end) >= newSize else {
+                throw FerryError(.noSpace, "the source of \(name) grew to \(newSize) bytes, and \(path) is \(max(0, end)): grow it to at least that (lvextend, or the storage's own tool)")
+            }
+        }
+        try recorder.willGrow(to: newSize)
+        if !followsBacking {
+            while ftruncate(fd, off_t(newSize)) != 0 {
+                if errno == EINTR { continue }
+                throw FerryError.system(errno, "cannot grow \(path) to \(newSize) bytes")
+            }
+        }
+        sizeValue.store(newSize, ordering: .releasing)
     }
 
     static func writeZeroes(_ fd: Int32, offset: UInt64, length: UInt64) throws {

@@ -65,6 +65,10 @@ public final class ChangeLog: ChangeRecorder {
             return spillEnd + length < tail ? spillEnd : nil
         }
         var overflowed = false
+        /// The volume's size, once it was resized: every new epoch starts with a resize record
+        /// of it, since the records that told the replica may be among those an epoch change
+        /// drops (nil: never resized, nothing to announce).
+        var announcedSize: UInt64?
         /// The highest sequence the controller has acked as durable.
         var acked: UInt64 = 0
         var waiter: CheckedContinuation<Void, Never>?
@@ -89,6 +93,15 @@ public final class ChangeLog: ChangeRecorder {
             spillUsed = 0
             spillEnd = 0
             return takeRoomWaiter()
+        }
+
+        /// Starts an epoch (sequence 1, nothing held) with the resize record of a resized volume.
+        mutating func announceSize(at captured: Int64) {
+            guard let size = announcedSize, next == 1, entries.isEmpty else { return }
+            let change = VolumeChange(sequence: 1, offset: 0, kind: .resize(size: size), captured: captured)
+            entries.append(.memory(change))
+            memoryUsed += ChangeLog.cost(change)
+            next = 2
         }
 
         /// Takes the room waiter if there is room for it now.
@@ -119,14 +132,19 @@ public final class ChangeLog: ChangeRecorder {
     private let appending = Mutex(())
 
     /// - Parameter spillPath: the file to spill to (truncated now); nil keeps everything in memory.
+    /// - Parameter announceSize: the volume was resized (in this run or an earlier one): the
+    ///   epoch starts with a resize record of this size.
     public init(memoryBytes: Int = 64 << 20, spillPath: String? = nil, spillBytes: Int64 = 1 << 30,
-                epoch: UInt64 = UInt64.random(in: 1...UInt64.max), activity: ActivityLog? = nil) throws {
+                epoch: UInt64 = UInt64.random(in: 1...UInt64.max), activity: ActivityLog? = nil, announceSize: UInt64? = nil) throws {
         self.memoryBytes = memoryBytes
         // 8 MiB in flight keeps a link of 1 GB/s busy at 8 ms of commit latency, or 100 Mbit/s at 600 ms.
         windowBytes = min(8 << 20, max(memoryBytes / 8, min(64 << 10, memoryBytes / 4)))
         heldBytes = memoryBytes - 2 * windowBytes
         self.activity = activity
-        state = Mutex(State(epoch: epoch))
+        var initial = State(epoch: epoch)
+        initial.announcedSize = announceSize
+        initial.announceSize(at: Self.now())
+        state = Mutex(initial)
         activity?.startEpoch(epoch)
         if let spillPath {
             spill = open(spillPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
@@ -152,6 +170,10 @@ public final class ChangeLog: ChangeRecorder {
         activity?.completed(offset: offset, length: length)
     }
 
+    public func willGrow(to size: UInt64) throws {
+        try activity?.grow(volumeBytes: size)
+    }
+
     /// Appends a change; returns its sequence. A write past the memory budget goes to the
     /// spill file: its place is reserved under the state lock, the bytes are written outside it
     /// (so acks, reads and the streamer never wait on the disk), and the entry is added after.
@@ -174,10 +196,12 @@ public final class ChangeLog: ChangeRecorder {
         switch kind {
         case .write(let data): length = UInt64(data.readableBytes)
         case .zero(let n): length = n
+        case .resize: length = 0
         }
         let placement = state.withLock { s -> Placement in
             let sequence = s.next
             s.next += 1
+            if case .resize(let size) = kind { s.announcedSize = size }
             activity?.noteWrite(offset: offset, length: length, sequence: sequence, lost: s.overflowed)
             guard !s.overflowed else { return .placed(sequence, waiter: s.takeWaiter(), room: nil) }
             let change = VolumeChange(sequence: sequence, offset: offset, kind: kind, captured: captured)
@@ -189,8 +213,8 @@ public final class ChangeLog: ChangeRecorder {
                 s.spillEnd = at + Int64(data.readableBytes)
                 s.spillUsed += Int64(data.readableBytes)
                 return .spill(sequence, at: at, epoch: s.epoch)
-            } else if case .zero = kind, s.memoryUsed + size <= heldBytes + (1 << 20) {
-                // Zeroed ranges carry no data: a little headroom keeps them in memory.
+            } else if !kind.carriesData, s.memoryUsed + size <= heldBytes + (1 << 20) {
+                // Zeroed ranges and resizes carry no data: a little headroom keeps them in memory.
                 s.entries.append(.memory(change))
                 s.memoryUsed += size
             } else {
@@ -237,6 +261,7 @@ public final class ChangeLog: ChangeRecorder {
             s.spillEnd = 0
             activity?.markedBecomePending()
             activity?.startEpoch(s.epoch)
+            s.announceSize(at: Self.now())
             return (s.epoch, s.takeRoomWaiter())
         }
         room?.resume()
@@ -440,7 +465,7 @@ public final class ChangeLog: ChangeRecorder {
     static func cost(_ change: VolumeChange) -> Int {
         switch change.kind {
         case .write(let data): 48 + data.readableBytes
-        case .zero: 48
+        case .zero, .resize: 48
         }
     }
 
@@ -449,5 +474,13 @@ public final class ChangeLog: ChangeRecorder {
         case .memory(let change): cost(change)
         case .spilled(_, _, let length, _, _): 48 + length
         }
+    }
+}
+
+extension VolumeChange.Kind {
+    /// Written bytes travel with it (not a zeroed range or a resize).
+    var carriesData: Bool {
+        if case .write = self { return true }
+        return false
     }
 }

@@ -8,6 +8,9 @@ public struct VolumeChange: Sendable, Equatable {
         case write(ByteBuffer)
         /// `length` bytes from `offset` now read as zeroes (WRITE_ZEROES or TRIM).
         case zero(length: UInt64)
+        /// The volume grew to `size` bytes here (`offset` 0): later changes may lie past its
+        /// earlier end.
+        case resize(size: UInt64)
     }
 
     /// Strictly increasing per volume, in completion order.
@@ -29,11 +32,15 @@ public protocol ChangeRecorder: Sendable {
     func prepare(offset: UInt64, length: UInt64) throws
     /// Called once the mutation `prepare` announced is recorded, or failed.
     func completed(offset: UInt64, length: UInt64)
+    /// Called before the volume grows to `size` bytes (with the mutation lock held): whatever
+    /// tracks the volume's extents covers the new ones durably here.
+    func willGrow(to size: UInt64) throws
 }
 
 extension ChangeRecorder {
     public func prepare(offset: UInt64, length: UInt64) throws {}
     public func completed(offset: UInt64, length: UInt64) {}
+    public func willGrow(to size: UInt64) throws {}
 }
 
 /// Keeps every change in memory: for tests and for tools that replay a capture.

@@ -34,7 +34,6 @@ struct SinkJournal {
         }
     }
 
-    typealias Block = (offset: UInt64, data: ByteBuffer?, zeroLength: UInt64)
 
     let walPath: String
     let positionPath: String
@@ -68,7 +67,7 @@ struct SinkJournal {
     }
 
     /// Applies `blocks` in order, journaled first, and records `through` once they are durable.
-    func apply(_ blocks: [Block], through: Position, to volume: BlockVolume) throws {
+    func apply(_ blocks: [SinkChange], through: Position, to volume: BlockVolume) throws {
         // Written whole and renamed into place: a crash leaves the journal whole or absent (its
         // CRC is checked again when it is read back all the same).
         try AtomicFile.write(Self.encode(blocks, through: through), to: walPath, mode: 0o600)
@@ -76,7 +75,8 @@ struct SinkJournal {
     }
 
     /// A journal file: magic, the position, the blocks (offset, kind, length, bytes), CRC32C.
-    static func encode(_ blocks: [Block], through: Position) -> [UInt8] {
+    /// Kinds: 0 bytes, 1 a zeroed range, 2 a growth (offset 0, length the new size).
+    static func encode(_ blocks: [SinkChange], through: Position) -> [UInt8] {
         var wal = ByteBuffer()
         wal.writeInteger(magic)
         let source = Array(through.source.utf8)
@@ -86,14 +86,14 @@ struct SinkJournal {
         wal.writeInteger(through.sequence)
         wal.writeInteger(UInt32(blocks.count))
         for b in blocks {
-            wal.writeInteger(b.offset)
-            if var data = b.data {
-                wal.writeInteger(UInt8(0))
-                wal.writeInteger(UInt64(data.readableBytes))
+            switch b {
+            case .write(let offset, var data):
+                wal.writeMultipleIntegers(offset, UInt8(0), UInt64(data.readableBytes))
                 wal.writeBuffer(&data)
-            } else {
-                wal.writeInteger(UInt8(1))
-                wal.writeInteger(b.zeroLength)
+            case .zero(let offset, let length):
+                wal.writeMultipleIntegers(offset, UInt8(1), length)
+            case .grow(let size):
+                wal.writeMultipleIntegers(UInt64(0), UInt8(2), size)
             }
         }
         let crc = wal.withUnsafeReadableBytes { ferry_crc32c(0, $0.baseAddress, $0.count) }
@@ -112,15 +112,15 @@ struct SinkJournal {
         try finish(blocks, through: through, volume: volume)
     }
 
-    private func finish(_ blocks: [Block], through: Position, volume: BlockVolume) throws {
+    private func finish(_ blocks: [SinkChange], through: Position, volume: BlockVolume) throws {
         try volume.applyAsSink(blocks, flush: true)
         try record(through)
         unlink(walPath)
     }
 
     /// A journal file's batch, or nil when it is torn or not one (checked whole by its CRC,
-    /// every block within the volume).
-    static func decode(_ data: Data, volumeSize: UInt64) -> ([Block], Position)? {
+    /// every block within the volume, as grown by the batch's growths before it).
+    static func decode(_ data: Data, volumeSize: UInt64) -> ([SinkChange], Position)? {
         guard data.count >= 4 + 4 + 8 + 8 + 4 + 4, data.count <= maxBatchBytes + (1 << 20) else { return nil }
         var buffer = ByteBuffer(bytes: data)
         let body = buffer.readableBytes - 4
@@ -131,15 +131,25 @@ struct SinkJournal {
               let source = buffer.readString(length: Int(sourceLength)),
               let epoch = buffer.readInteger(as: UInt64.self), let sequence = buffer.readInteger(as: UInt64.self),
               let count = buffer.readInteger(as: UInt32.self) else { return nil }
-        var blocks: [Block] = []
+        var blocks: [SinkChange] = []
+        var size = volumeSize
         for _ in 0..<count {
             guard let offset = buffer.readInteger(as: UInt64.self), let kind = buffer.readInteger(as: UInt8.self),
-                  let length = buffer.readInteger(as: UInt64.self), offset <= volumeSize, length <= volumeSize - offset else { return nil }
+                  let length = buffer.readInteger(as: UInt64.self) else { return nil }
+            if kind == 2 {
+                guard offset == 0, length <= WireLimits.maxVolumeBytes else { return nil }
+                size = max(size, length)
+                blocks.append(.grow(size: length))
+                continue
+            }
+            guard offset <= size, length <= size - offset else { return nil }
             if kind == 0 {
                 guard length <= UInt64(buffer.readableBytes), let bytes = buffer.readSlice(length: Int(length)) else { return nil }
-                blocks.append((offset, bytes, 0))
+                blocks.append(.write(offset: offset, data: bytes))
+            } else if kind == 1 {
+                blocks.append(.zero(offset: offset, length: length))
             } else {
-                blocks.append((offset, nil, length))
+                return nil
             }
         }
         guard buffer.readableBytes == 4 else { return nil }

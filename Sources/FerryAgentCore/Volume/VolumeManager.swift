@@ -78,6 +78,18 @@ public actor VolumeManager {
     /// Volumes the data dir listed at start (name to path): served even outside `allow`, so an
     /// upgrade that brings the list takes no disk away. Anything else must be allowed.
     private var remembered: [String: String] = [:]
+    /// Online resizes, per volume (kept in the data dir with the volume list).
+    private var resizes: [String: ResizeNote] = [:]
+
+    /// What the agent keeps of a volume's online resizes.
+    struct ResizeNote: Sendable {
+        /// Its size before the first resize: set, every capture epoch starts with a resize
+        /// record (the replica may not have seen the last one).
+        var grownFrom: UInt64?
+        /// A resize under way: the file may be this size after a crash, before the volume list
+        /// said so, and is taken as it is then.
+        var growingTo: UInt64?
+    }
 
     public init(dataDir: String, socketDirectory: String, pool: NIOThreadPool, logger: Logger,
                 changeLogBytes: Int = 64 << 20, spillBytes: Int64 = 1 << 30, tcpListen: (host: String, port: Int)? = nil,
@@ -124,8 +136,12 @@ public actor VolumeManager {
     public func start() async {
         guard let data = FileManager.default.contents(atPath: listPath) else { return }
         do {
-            let specs = try JSONDecoder().decode([Remembered].self, from: data).map(\.spec)
+            let list = try JSONDecoder().decode([Remembered].self, from: data)
+            let specs = list.map(\.spec)
             remembered = Dictionary(specs.map { ($0.name, $0.path) }, uniquingKeysWith: { a, _ in a })
+            for r in list where r.grownFrom != nil || r.growingTo != nil {
+                resizes[r.name] = ResizeNote(grownFrom: r.grownFrom, growingTo: r.growingTo)
+            }
             _ = await sync(specs)
         } catch {
             logger.error("cannot read \(listPath); volumes will be served once the controller sends them", metadata: ["error": "\(error)"])
@@ -183,6 +199,7 @@ public actor VolumeManager {
             }
             served[name] = nil
             remembered[name] = nil
+            resizes[name] = nil
             logger.info("volume no longer protected", metadata: ["volume": "\(name)"])
         }
         var statuses: [Ferry_V1_VolumeStatus] = []
@@ -267,6 +284,10 @@ public actor VolumeManager {
                 try journal.recover(volume: entry.volume)
                 try journal.record(nil)
             }
+            if spec.sizeBytes > 0, entry.volume.size > spec.sizeBytes {
+                // It grew as a sink (its source was resized): its replica hears of it first.
+                entry.volume.announceSize()
+            }
             entry.volume.unfence()
             logger.info("volume unfenced: this host owns it again", metadata: ["volume": "\(spec.name)", "generation": "\(spec.generation)"])
         }
@@ -321,21 +342,23 @@ public actor VolumeManager {
     public func applyBlocks(_ request: Ferry_V1_ApplyBlocks) async throws -> Ferry_V1_BlocksApplied {
         guard let entry = served[request.volume] else { throw FerryError(.notFound, "this agent does not protect a volume named \(request.volume)") }
         guard request.blocks.count <= 1024 else { throw FerryError(.badRequest, "at most 1024 blocks at once") }
-        let blocks = request.blocks.map { b in
-            (offset: b.offset, data: b.data.isEmpty ? nil : ByteBuffer(bytes: b.data), zeroLength: b.zeroLength)
-        }
+        let blocks = try request.blocks.map(SinkChange.init)
         let volume = entry.volume
         var out = Ferry_V1_BlocksApplied()
         guard request.ordered else {
+            try await noteGrowth(name: request.volume, blocks)
             try await pool.runIfActive { try volume.applyAsSink(blocks, flush: request.flush) }
-            out.bytes = blocks.reduce(0) { $0 + ($1.data.map { UInt64($0.readableBytes) } ?? $1.zeroLength) }
+            try noteGrown(name: request.volume)
+            out.bytes = blocks.reduce(0) { $0 + $1.changedBytes }
             return out
         }
-        let bytes = blocks.reduce(UInt64(0)) { $0 + ($1.data.map { UInt64($0.readableBytes) } ?? 0) }
+        let bytes = blocks.reduce(UInt64(0)) { $0 + $1.dataBytes }
         guard bytes <= UInt64(SinkJournal.maxBatchBytes) else {
             throw FerryError(.badRequest, "an ordered batch holds at most \(SinkJournal.maxBatchBytes) bytes")
         }
         let journal = try sinkJournal(request.volume)
+        try await noteGrowth(name: request.volume, blocks)
+        defer { try? noteGrown(name: request.volume) }
         let position = try await pool.runIfActive { () throws -> SinkJournal.Position? in
             try journal.recover(volume: volume)
             let through = request.hasThrough ? SinkJournal.Position(request.through) : nil
@@ -355,6 +378,27 @@ public actor VolumeManager {
         return out
     }
 
+    /// A sink's batch grows its volume: the intent is recorded first, as for a resize here.
+    private func noteGrowth(name: String, _ blocks: [SinkChange]) async throws {
+        guard let current = served[name]?.volume.size else { return }
+        let target = blocks.reduce(UInt64(0)) { if case .grow(let size) = $1 { max($0, size) } else { $0 } }
+        guard target > current else { return }
+        var note = resizes[name] ?? ResizeNote()
+        note.growingTo = target
+        resizes[name] = note
+        try persist()
+    }
+
+    /// After a sink's batch: the volume list remembers the size it has now.
+    private func noteGrown(name: String) throws {
+        guard let entry = served[name], var note = resizes[name], note.growingTo != nil || entry.volume.size != entry.spec.sizeBytes else { return }
+        if entry.volume.size != entry.spec.sizeBytes, note.grownFrom == nil { note.grownFrom = entry.spec.sizeBytes }
+        note.growingTo = nil
+        resizes[name] = note
+        served[name]?.spec.sizeBytes = entry.volume.size
+        try persist()
+    }
+
     /// The sink journal of a volume, in the agent's data dir.
     private func sinkJournal(_ name: String) throws -> SinkJournal {
         let directory = (listPath as NSString).deletingLastPathComponent + "/sinks"
@@ -372,6 +416,48 @@ public actor VolumeManager {
     /// The activity log's disk writes (fdatasync) run on the I/O threads, not the actor's.
     private func markAllPending(_ activity: ActivityLog) async throws {
         try await pool.runIfActive { try activity.markAllPending() }
+    }
+
+    /// Grows a served volume online (see `ResizeVolume` in the protocol). The intent is
+    /// recorded before the file grows, so a crash in between leaves a volume the next start
+    /// takes at either size.
+    public func resize(name: String, to size: UInt64) async throws -> Ferry_V1_VolumeResized {
+        guard let entry = served[name] else { throw FerryError(.notFound, "this agent does not protect a volume named \(name)") }
+        try WireLimits.checkVolumeSize(size, "the new size of volume \(name)")
+        guard size % 512 == 0 else { throw FerryError(.badRequest, "the new size of volume \(name), \(size) bytes, is not a multiple of 512") }
+        if let hydrating = entry.hydration?.volume, !hydrating.isComplete {
+            throw FerryError(.conflict, "volume \(name) is still filling from its failover point: resize it once it is hydrated")
+        }
+        var out = Ferry_V1_VolumeResized()
+        out.name = name
+        out.previousBytes = entry.volume.size
+        out.sizeBytes = size
+        guard size != entry.volume.size else {
+            out.epoch = entry.log.epoch
+            return out
+        }
+        var note = resizes[name] ?? ResizeNote()
+        note.growingTo = size
+        resizes[name] = note
+        try persist()
+        let volume = entry.volume
+        let sequence: UInt64?
+        do {
+            sequence = try await pool.runIfActive { try volume.resize(to: size) }
+        } catch {
+            resizes[name]?.growingTo = nil
+            try? persist()
+            throw error
+        }
+        note.grownFrom = note.grownFrom ?? out.previousBytes
+        note.growingTo = nil
+        resizes[name] = note
+        served[name]?.spec.sizeBytes = size
+        try persist()
+        out.epoch = entry.log.epoch
+        out.sequence = sequence ?? 0
+        logger.info("volume resized online", metadata: ["volume": "\(name)", "from": "\(out.previousBytes)", "to": "\(size)", "sequence": "\(out.sequence)"])
+        return out
     }
 
     /// Compares the whole volume with the replica (resync on demand).
@@ -557,11 +643,25 @@ public actor VolumeManager {
         let dataDir = (listPath as NSString).deletingLastPathComponent
         try FileManager.default.createDirectory(atPath: dataDir + "/activity", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let size = try BlockVolume.size(of: spec.path)
+        var note = resizes[spec.name]
+        var grown = false
+        if let growingTo = note?.growingTo {
+            // A resize a crash interrupted: the file is either size; take it as it is.
+            if size == growingTo, spec.sizeBytes > 0, spec.sizeBytes < size {
+                grown = true
+                if note?.grownFrom == nil { note?.grownFrom = spec.sizeBytes }
+                logger.warning("volume found grown by a resize a restart interrupted; taken at its new size",
+                               metadata: ["volume": "\(spec.name)", "from": "\(spec.sizeBytes)", "to": "\(size)"])
+            }
+            note?.growingTo = nil
+            resizes[spec.name] = note
+        }
         let activity = try ActivityLog(path: dataDir + "/activity/" + spec.name + ".fal", volumeBytes: size)
         let spillPath = spillDirectory + "/" + spec.name + ".spill"
         // A fresh file, never the inode an earlier log of the same name may still write to.
         unlink(spillPath)
-        let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillPath, spillBytes: spillBytes, activity: activity)
+        let log = try ChangeLog(memoryBytes: changeLogBytes, spillPath: spillPath, spillBytes: spillBytes, activity: activity,
+                                announceSize: note?.grownFrom != nil ? size : nil)
         let scanned = spec.captureMode == .scan
         var opened = false
         defer {
@@ -587,7 +687,7 @@ public actor VolumeManager {
         if spec.createSizeBytes > 0, volume.size != spec.createSizeBytes {
             throw FerryError(.conflict, "\(spec.path) exists with \(volume.size) bytes, not the \(spec.createSizeBytes) asked for")
         }
-        if spec.sizeBytes > 0, volume.size != spec.sizeBytes {
+        if spec.sizeBytes > 0, volume.size != spec.sizeBytes, !grown {
             throw FerryError(.conflict, "\(spec.path) is now \(volume.size) bytes, but was protected with \(spec.sizeBytes); resize through Ferry, not behind it")
         }
         var recorded = spec
@@ -736,6 +836,9 @@ public actor VolumeManager {
         var hydrationExport: String?
         var hydrationPoint: String?
         var hydrationSource: String?
+        /// Online resizes (see `ResizeNote`).
+        var grownFrom: UInt64?
+        var growingTo: UInt64?
 
         var spec: Ferry_V1_VolumeSpec {
             var s = Ferry_V1_VolumeSpec()
@@ -766,7 +869,8 @@ public actor VolumeManager {
                        hydrationPort: $0.spec.hasHydration ? $0.spec.hydration.exportPort : nil,
                        hydrationExport: $0.spec.hasHydration ? $0.spec.hydration.exportName : nil,
                        hydrationPoint: $0.spec.hasHydration ? $0.spec.hydration.point : nil,
-                       hydrationSource: $0.spec.hasHydration ? $0.spec.hydration.source : nil)
+                       hydrationSource: $0.spec.hasHydration ? $0.spec.hydration.source : nil,
+                       grownFrom: resizes[$0.spec.name]?.grownFrom, growingTo: resizes[$0.spec.name]?.growingTo)
         }
             .sorted { $0.name < $1.name }
         let encoder = JSONEncoder()

@@ -200,6 +200,13 @@ public struct APIClient: Sendable {
         try await decode(API.Volume.self, from: send(.post, "\(API.prefix)/volumes/\(Self.escape(host))/\(Self.escape(name))/resync"))
     }
 
+    /// `POST /v1/volumes/:host/:name/resize`.
+    public func resize(host: String, name: String, sizeBytes: UInt64) async throws -> API.ResizeResult {
+        let body = try API.encoder().encode(API.ResizeRequest(sizeBytes: sizeBytes))
+        return try await decode(API.ResizeResult.self,
+                                from: send(.post, "\(API.prefix)/volumes/\(Self.escape(host))/\(Self.escape(name))/resize", body: body))
+    }
+
     /// `GET /v1/alerts`: firing alerts (all: resolved ones too), newest first.
     public func alerts(all: Bool) async throws -> [API.Alert] {
         try await decode([API.Alert].self, from: send(.get, "\(API.prefix)/alerts\(all ? "?all=true" : "")"))

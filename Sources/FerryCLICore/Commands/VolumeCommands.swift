@@ -94,8 +94,8 @@ extension VolumesCommand {
 /// `ferryctl volume show HOST/NAME`.
 struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "volume", abstract: "Show, resync or export one protected volume.",
-        subcommands: [Show.self, Resync.self, Export.self]
+        commandName: "volume", abstract: "Show, resync, resize or export one protected volume.",
+        subcommands: [Show.self, Resync.self, Resize.self, Export.self]
     )
 
     static func parse(_ target: String) throws -> (host: String, name: String) {
@@ -122,6 +122,45 @@ struct VolumeCommand: AsyncParsableCommand {
                 let (host, name) = try VolumeCommand.parse(target)
                 let v = try await connection.withClient { try await $0.resync(host: host, name: name) }
                 if output.json { try Console.json(v) } else { print("resync of \(v.host)/\(v.name) started (\(Format.bytes(v.sizeBytes)) to compare)") }
+            }
+        }
+    }
+
+    struct Resize: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Grow a protected volume online, without a resync.",
+            discussion: """
+                The agent grows the image file (sparse) to SIZE; a block device, or a volume \
+                captured by scanning, must already be that size (grow it first, e.g. lvextend). \
+                The new size is recorded in the replication stream: the replica and new points \
+                follow, older points keep their own size. New connections to the export see the \
+                new size; a connected guest or nbd-client keeps the old one until it reconnects. \
+                Shrinking is refused. The agent must be online. Needs an operator token.
+                """
+        )
+
+        @Argument(help: "HOST/VOLUME")
+        var target: String
+        @Option(help: ArgumentHelp("The new size (e.g. 20G, 512M): a whole number of 512-byte sectors.", valueName: "SIZE"))
+        var size: String
+        @OptionGroup(title: "Connection Options") var connection: ConnectionOptions
+        @OptionGroup var output: OutputOptions
+
+        func run() async throws {
+            try await CLI.guarded {
+                let (host, name) = try VolumeCommand.parse(target)
+                let bytes = try ByteSize.parse(size)
+                let r = try await connection.withClient { try await $0.resize(host: host, name: name, sizeBytes: bytes) }
+                if output.json {
+                    try Console.json(r)
+                } else if !r.changed {
+                    print("\(r.host)/\(r.name) is \(Format.bytes(r.sizeBytes)) already; nothing changed")
+                } else {
+                    print("\(r.host)/\(r.name) grown from \(Format.bytes(r.previousBytes)) to \(Format.bytes(r.sizeBytes))")
+                    if r.replicaBytes < r.sizeBytes {
+                        print("the replica is still \(Format.bytes(r.replicaBytes)): it follows once the agent's stream delivers the resize")
+                    }
+                }
             }
         }
     }

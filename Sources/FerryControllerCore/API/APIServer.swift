@@ -279,6 +279,12 @@ struct APIRoutes {
             let host = try context.parameters.require("host"), name = try context.parameters.require("name")
             return JSONBody(value: try await wrap { try await resync(host: host, name: name, actor: who.actor) }, status: .accepted)
         }
+        v1.post("volumes/:host/:name/resize") { request, context in
+            let who = try context.require(.operator)
+            let host = try context.parameters.require("host"), name = try context.parameters.require("name")
+            let body = try await request.decode(as: API.ResizeRequest.self, context: context)
+            return JSONBody(value: try await wrap { try await resize(host: host, name: name, to: body.sizeBytes, actor: who.actor) })
+        }
         addPointRoutes(v1)
         addPlanRoutes(v1)
         addWANRoutes(v1)
@@ -348,6 +354,59 @@ struct APIRoutes {
         _ = try await entry.session.command("resync", timeout: .seconds(30)) { $0.resyncVolume.name = name }
         try await store.audit(actor: actor, action: "volume.resync", target: "\(hostName)/\(name)")
         return try await volumeView(record, hostName: host.name)
+    }
+
+    /// Grows a volume online: the agent grows it and records the resize in its stream; the
+    /// answer waits (up to 30 s) for the replica to hold the resize, then the record follows.
+    func resize(host hostName: String, name: String, to size: UInt64, actor: String) async throws -> API.ResizeResult {
+        guard let host = try await store.host(named: hostName) else {
+            throw FerryError(.notFound, "no host named '\(hostName)'; 'ferryctl hosts' lists them")
+        }
+        guard let record = try await store.volumes(hostID: host.id).first(where: { $0.name == name }) else {
+            throw FerryError(.notFound, "no volume \(hostName)/\(name); 'ferryctl volumes' lists them")
+        }
+        try WireLimits.checkVolumeSize(size, "the new size of \(hostName)/\(name)")
+        guard size > 0, size % 512 == 0 else {
+            throw FerryError(.badRequest, "the new size of \(hostName)/\(name) must be a whole number of 512-byte sectors, not \(size) bytes")
+        }
+        guard !record.fenced else {
+            throw FerryError(.conflict, "\(hostName)/\(name) is fenced: the other site owns it since a failover; resize the volume that runs the workload")
+        }
+        let replica = try await replicas.replica(hostID: host.id, volume: name, size: UInt64(record.sizeBytes))
+        let current = max(UInt64(record.sizeBytes), await replica.size)
+        guard size >= current else {
+            throw FerryError(.badRequest, "\(hostName)/\(name) is \(current) bytes: shrinking it to \(size) is refused (a file system or guest on it would lose its end)")
+        }
+        guard let entry = await registry.entry(hostID: host.id) else {
+            throw FerryError(.unavailable, "host '\(hostName)' is not connected; a resize needs its agent online")
+        }
+        let result = try await entry.session.command("resize", timeout: .seconds(60)) {
+            $0.resizeVolume.name = name
+            $0.resizeVolume.sizeBytes = size
+        }
+        guard case .volumeResized(let resized)? = result.outcome, resized.sizeBytes == size else {
+            throw FerryError(.protocolViolation, "\(hostName) answered the resize of \(name) without its new size")
+        }
+        let changed = resized.previousBytes != resized.sizeBytes
+        // Event-driven: every append to the replica wakes this; the deadline bounds the wait.
+        let deadline = ContinuousClock.now + .seconds(30)
+        while await replica.size < size, ContinuousClock.now < deadline {
+            let position = await replica.latestPosition
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask { await replica.waitForAppend(beyond: position) }
+                group.addTask { try? await Task.sleep(until: deadline) }
+                await group.next()
+                group.cancelAll()
+            }
+        }
+        let replicaBytes = await replica.size
+        if replicaBytes >= size { try await store.growVolume(hostID: host.id, name: name, to: size) }
+        if changed {
+            try await store.audit(actor: actor, action: "volume.resize", target: "\(hostName)/\(name)",
+                                  detail: "from=\(resized.previousBytes) to=\(size) epoch=\(String(resized.epoch, radix: 16)) sequence=\(resized.sequence)")
+        }
+        return API.ResizeResult(host: hostName, name: name, previousBytes: resized.previousBytes, sizeBytes: size, changed: changed,
+                                replicaBytes: replicaBytes)
     }
 
     func volumeViews() async throws -> [API.Volume] {

@@ -897,6 +897,17 @@ paths:
       responses:
         "202": {description: Started., content: {application/json: {schema: {$ref: "#/components/schemas/Volume"}}}}
         default: {$ref: "#/components/responses/Error"}
+  /v1/volumes/{host}/{name}/resize:
+    parameters: [{$ref: "#/components/parameters/VolumeHost"}, {$ref: "#/components/parameters/VolumeName"}]
+    post:
+      tags: [volumes]
+      operationId: resizeVolume
+      summary: Grows the volume online (no resync). The agent grows an image file; a block device must be grown first. Shrinking is refused (400); the agent must be online (503). Audited as volume.resize.
+      x-ferry-role: operator
+      requestBody: {required: true, content: {application/json: {schema: {$ref: "#/components/schemas/ResizeRequest"}}}}
+      responses:
+        "200": {description: Grown (or the same size already)., content: {application/json: {schema: {$ref: "#/components/schemas/ResizeResult"}}}}
+        default: {$ref: "#/components/responses/Error"}
   /v1/volumes/{host}/{name}/exports:
     parameters: [{$ref: "#/components/parameters/VolumeHost"}, {$ref: "#/components/parameters/VolumeName"}]
     post:
@@ -1365,6 +1376,23 @@ components:
         createSizeBytes: {type: integer, minimum: 1, description: Creates the file at this size when it does not exist.}
         captureMode: {type: string, enum: [export, scan], default: export}
         scanIntervalSeconds: {type: integer, minimum: 5, maximum: 86400, default: 30}
+    ResizeRequest:
+      type: object
+      required: [sizeBytes]
+      additionalProperties: false
+      properties:
+        sizeBytes: {type: integer, minimum: 512, description: The new size, a multiple of 512; at least the current size.}
+    ResizeResult:
+      type: object
+      required: [host, name, previousBytes, sizeBytes, changed, replicaBytes]
+      additionalProperties: false
+      properties:
+        host: {type: string}
+        name: {type: string}
+        previousBytes: {type: integer, minimum: 0}
+        sizeBytes: {type: integer, minimum: 0}
+        changed: {type: boolean, description: False when the volume had that size already.}
+        replicaBytes: {type: integer, minimum: 0, description: "The replica's size now: the new size once the agent's stream delivered the resize (the answer waits up to 30 s)."}
     AuditEntry:
       type: object
       required: [id, at, actor, action, target, detail]

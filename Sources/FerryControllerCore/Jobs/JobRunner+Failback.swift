@@ -130,9 +130,12 @@ extension JobRunner {
         var mine = try await store.volumes(hostID: hostID)
         var made: [String] = [], found: [String] = []
         for v in record.volumes where v.hydrate == true {
+            // The recovered volume may have grown since the failover (an online resize there).
+            let sourceSize = try await replicas.replica(hostID: recoveryHostID, volume: v.localName, size: v.size).size
             if let existing = mine.first(where: { $0.name == v.volume }) {
-                guard UInt64(existing.sizeBytes) == v.size else {
-                    throw FerryError(.conflict, "\(to)/\(v.volume) has \(existing.sizeBytes) bytes, not the \(v.size) of \(v.source)")
+                // A smaller one grows as the sink's first step; a larger one would keep a stale end.
+                guard UInt64(existing.sizeBytes) <= sourceSize else {
+                    throw FerryError(.conflict, "\(to)/\(v.volume) has \(existing.sizeBytes) bytes, more than the \(sourceSize) of \(record.recoveryHost)/\(v.localName): fail back to a volume of that size or smaller")
                 }
                 found.append(v.volume)
                 continue
@@ -140,7 +143,7 @@ extension JobRunner {
             var spec = Ferry_V1_VolumeSpec()
             spec.name = v.volume
             spec.path = originals.first { $0.name == v.volume }?.path ?? VolumeHydration.defaultPath(v.volume)
-            spec.createSizeBytes = v.size
+            spec.createSizeBytes = sourceSize
             spec.initialSyncRequired = true
             spec.captureMode = .export
             let (protected, created) = try await agents.protectVolume(spec, host: host, session: session, captureMode: "export",

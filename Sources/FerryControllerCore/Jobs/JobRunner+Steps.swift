@@ -321,8 +321,11 @@ extension JobRunner {
         for v in try await sourceVolumes(item) {
             guard let p = positions[v.key] else { throw FerryError(.internalError, "no point chosen for \(v.key)") }
             let exportID = PointExports.newID(prefix: "r-")
+            // The point's own size: the volume may have grown since (an online resize).
+            let replica = try await replicas.replica(hostID: v.hostID, volume: v.volume, size: v.size)
+            let size = await replica.size(at: ReplicaPosition(epoch: p.epoch, sequence: p.sequence))
             var volume = RecoveryRecord.Volume(source: v.key, sourceHostID: v.hostID, volume: v.volume, exportID: exportID,
-                                               epoch: p.epoch, sequence: p.sequence, point: p.point, size: v.size,
+                                               epoch: p.epoch, sequence: p.sequence, point: p.point, size: size,
                                                localName: item.host + "-" + v.volume)
             if hydrate {
                 volume.hydrate = true

@@ -39,7 +39,10 @@ enum OrderedSink {
             c.blocks = entries.map { e in
                 var b = Ferry_V1_AppliedBlock()
                 b.offset = e.offset
-                if let data = e.data {
+                if e.resize {
+                    b.offset = 0
+                    b.resizeBytes = e.length
+                } else if let data = e.data {
                     b.data = Data(data.readableBytesView)
                 } else {
                     b.zeroLength = e.length

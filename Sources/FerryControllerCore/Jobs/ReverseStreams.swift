@@ -20,6 +20,16 @@ enum SinkSync {
         let size = image.size
         var compared: UInt64 = 0, sent: UInt64 = 0
         var offset: UInt64 = 0
+        if applying {
+            // The source may have grown (an online resize): the sink grows first (a no-op when
+            // it is that large already), so every block below lies within it.
+            _ = try await sink.command("apply blocks", timeout: .seconds(120)) { c in
+                c.applyBlocks.volume = volume
+                var grow = Ferry_V1_AppliedBlock()
+                grow.resizeBytes = size
+                c.applyBlocks.blocks = [grow]
+            }
+        }
         while offset < size {
             let count = Int(min(UInt64(blocksPerHash), (size - offset + UInt64(blockBytes) - 1) / UInt64(blockBytes)))
             let result = try await sink.command("hash blocks", timeout: .seconds(120)) {

@@ -7,8 +7,10 @@ public struct JournalEntry: Sendable {
     public var position: ReplicaPosition
     public var offset: UInt64
     public var length: UInt64
-    /// The bytes written; nil for a zeroed range.
+    /// The bytes written; nil for a zeroed range or a resize.
     public var data: ByteBuffer?
+    /// A resize record: the volume grew to `length` bytes here.
+    public var resize = false
 }
 
 /// Reads journal records after a position, in journal order, for a sink that follows the
@@ -37,7 +39,7 @@ enum JournalReader {
                 _ = JournalRecord.walkHeaders(segment, size: size) { h in
                     if h.epoch != source.epoch { return true }
                     if let skip = source.skipThrough, h.sequence <= skip { return true }
-                    let length = h.zeroed ? 0 : Int(h.length)
+                    let length = h.kind == .write ? Int(h.length) : 0
                     if !out.isEmpty, out.count >= maxCount || bytes + length > maxBytes {
                         full = true
                         return false
@@ -47,11 +49,11 @@ enum JournalReader {
                         return false
                     }
                     var data: ByteBuffer?
-                    if !h.zeroed {
+                    if h.kind == .write {
                         data = ByteBuffer(bytes: UnsafeRawBufferPointer(rebasing: segment[h.payload..<(h.payload + length)]))
                     }
                     out.append(JournalEntry(position: ReplicaPosition(epoch: h.epoch, sequence: h.sequence), offset: h.offset,
-                                            length: h.length, data: data))
+                                            length: h.length, data: data, resize: h.kind == .resize))
                     bytes += length
                     return true
                 }

@@ -27,6 +27,37 @@ enum JournalRecord {
     /// magic, crc, epoch, sequence, offset, length, kind, captured
     static let headerSize = 4 + 4 + 8 + 8 + 8 + 8 + 4 + 8
 
+    /// What a record does.
+    enum Kind: UInt32, Sendable {
+        /// `length` bytes written at `offset`; the payload follows the header.
+        case write = 0
+        /// `length` bytes from `offset` read as zeroes; no payload.
+        case zeroed = 1
+        /// The volume grew to `length` bytes (`offset` 0); no payload. Later records may lie
+        /// past the earlier size.
+        case resize = 2
+    }
+
+    /// Whether a header's fields make a well-formed record (payload and CRC aside), given the
+    /// volume's size so far; returns the size after it (a resize raises it).
+    @inline(__always)
+    static func checkedBound(kind raw: UInt32, offset: UInt64, length: UInt64, bound: UInt64) -> UInt64? {
+        switch Kind(rawValue: raw) {
+        case .write?:
+            guard length <= UInt64(NBDLimit.maxRecord) else { return nil }
+            fallthrough
+        case .zeroed?:
+            let (end, overflow) = offset.addingReportingOverflow(length)
+            return !overflow && end <= bound ? bound : nil
+        case .resize?:
+            // Sizes only grow; a segment read with a later size as its bound may hold an
+            // earlier, smaller resize.
+            return offset == 0 && length > 0 && length <= WireLimits.maxVolumeBytes ? max(bound, length) : nil
+        case nil:
+            return nil
+        }
+    }
+
     /// Writes a record's header; its CRC covers the header after the CRC field and the payload,
     /// which follows the header in the segment.
     static func encodeHeader(_ r: IncomingRecord, epoch: UInt64, into buffer: inout ByteBuffer) {
@@ -37,7 +68,7 @@ enum JournalRecord {
         buffer.writeInteger(r.sequence)
         buffer.writeInteger(r.offset)
         buffer.writeInteger(r.length)
-        buffer.writeInteger(UInt32(r.data == nil ? 1 : 0))
+        buffer.writeInteger(r.kind.rawValue)
         buffer.writeInteger(r.captured)
         var crc = buffer.withUnsafeReadableBytes { all in
             ferry_crc32c(0, all.baseAddress! + (start - buffer.readerIndex) + 8, headerSize - 8)
@@ -53,34 +84,37 @@ enum JournalRecord {
         var epoch: UInt64
         var sequence: UInt64
         var offset: UInt64
+        /// Bytes written or zeroed; a resize's new size.
         var length: UInt64
         var captured: Int64
-        /// The bytes of a write; nil for a zeroed range.
+        var kind: Kind
+        /// The bytes of a write; nil for a zeroed range or a resize.
         var data: UnsafeRawBufferPointer?
         /// Where the next record starts.
         var end: Int
     }
 
     /// Reads every valid record of `bytes` (a whole segment) in order, calling `body` for each;
-    /// stops at the first torn or corrupt one (or one outside a `size`-byte volume). Returns
-    /// the length of the valid prefix.
+    /// stops at the first torn or corrupt one (or one outside the volume: `size` bytes, or
+    /// what a resize record before it grew it to). Returns the length of the valid prefix.
     static func scan(_ bytes: UnsafeRawBufferPointer, size: UInt64, _ body: (Scanned) throws -> Void) rethrows -> Int {
         func integer<T: FixedWidthInteger>(_ at: Int, _: T.Type) -> T { T(bigEndian: bytes.loadUnaligned(fromByteOffset: at, as: T.self)) }
         var at = 0
+        var bound = size
         while bytes.count - at >= headerSize {
             let magic = integer(at, UInt32.self), crc = integer(at + 4, UInt32.self)
             let epoch = integer(at + 8, UInt64.self), sequence = integer(at + 16, UInt64.self)
             let offset = integer(at + 24, UInt64.self), length = integer(at + 32, UInt64.self)
-            let kind = integer(at + 40, UInt32.self), captured = integer(at + 44, Int64.self)
-            guard magic == Self.magic, kind <= 1, length <= UInt64(NBDLimit.maxRecord) || kind == 1 else { break }
-            let payload = kind == 0 ? Int(length) : 0
+            let raw = integer(at + 40, UInt32.self), captured = integer(at + 44, Int64.self)
+            guard magic == Self.magic, let next = checkedBound(kind: raw, offset: offset, length: length, bound: bound),
+                  let kind = Kind(rawValue: raw) else { break }
+            let payload = kind == .write ? Int(length) : 0
             guard bytes.count - at - headerSize >= payload,
                   ferry_crc32c(0, bytes.baseAddress! + at + 8, headerSize - 8 + payload) == crc else { break }
-            let (end, overflow) = offset.addingReportingOverflow(length)
-            guard !overflow, end <= size else { break }
-            let data = kind == 0 ? UnsafeRawBufferPointer(rebasing: bytes[(at + headerSize)..<(at + headerSize + payload)]) : nil
+            bound = next
+            let data = kind == .write ? UnsafeRawBufferPointer(rebasing: bytes[(at + headerSize)..<(at + headerSize + payload)]) : nil
             at += headerSize + payload
-            try body(Scanned(epoch: epoch, sequence: sequence, offset: offset, length: length, captured: captured, data: data, end: at))
+            try body(Scanned(epoch: epoch, sequence: sequence, offset: offset, length: length, captured: captured, kind: kind, data: data, end: at))
         }
         return at
     }
@@ -90,8 +124,9 @@ enum JournalRecord {
         var epoch: UInt64
         var sequence: UInt64
         var offset: UInt64
+        /// Bytes written or zeroed; a resize's new size.
         var length: UInt64
-        var zeroed: Bool
+        var kind: Kind
         /// Offset of the payload (a write's bytes) in the segment.
         var payload: Int
         /// Where the next record starts.
@@ -105,17 +140,18 @@ enum JournalRecord {
     static func walkHeaders(_ bytes: UnsafeRawBufferPointer, size: UInt64, _ body: (Header) -> Bool) -> Int {
         func integer<T: FixedWidthInteger>(_ at: Int, _: T.Type) -> T { T(bigEndian: bytes.loadUnaligned(fromByteOffset: at, as: T.self)) }
         var at = 0
+        var bound = size
         while bytes.count - at >= headerSize {
             let magic = integer(at, UInt32.self)
             let epoch = integer(at + 8, UInt64.self), sequence = integer(at + 16, UInt64.self)
             let offset = integer(at + 24, UInt64.self), length = integer(at + 32, UInt64.self)
-            let kind = integer(at + 40, UInt32.self)
-            guard magic == Self.magic, kind <= 1, length <= UInt64(NBDLimit.maxRecord) || kind == 1 else { return at }
-            let payload = kind == 0 ? Int(length) : 0
+            let raw = integer(at + 40, UInt32.self)
+            guard magic == Self.magic, let next = checkedBound(kind: raw, offset: offset, length: length, bound: bound),
+                  let kind = Kind(rawValue: raw) else { return at }
+            let payload = kind == .write ? Int(length) : 0
             guard bytes.count - at - headerSize >= payload else { return at }
-            let (end, overflow) = offset.addingReportingOverflow(length)
-            guard !overflow, end <= size else { return at }
-            let header = Header(epoch: epoch, sequence: sequence, offset: offset, length: length, zeroed: kind == 1,
+            bound = next
+            let header = Header(epoch: epoch, sequence: sequence, offset: offset, length: length, kind: kind,
                                 payload: at + headerSize, end: at + headerSize + payload)
             at = header.end
             guard body(header) else { return at }
@@ -129,7 +165,7 @@ enum JournalRecord {
         func integer<T: FixedWidthInteger>(_ at: Int, _: T.Type) -> T { T(bigEndian: bytes.loadUnaligned(fromByteOffset: at, as: T.self)) }
         guard at >= 0, bytes.count - at >= headerSize else { return false }
         let crc = integer(at + 4, UInt32.self), length = integer(at + 32, UInt64.self), kind = integer(at + 40, UInt32.self)
-        let payload = kind == 0 ? Int(clamping: length) : 0
+        let payload = kind == Kind.write.rawValue ? Int(clamping: length) : 0
         guard bytes.count - at - headerSize >= payload else { return false }
         return ferry_crc32c(0, bytes.baseAddress! + at + 8, headerSize - 8 + payload) == crc
     }
@@ -150,7 +186,11 @@ enum JournalRecord {
         var failure: (any Error)?
         walkHeaders(bytes, size: size) { h in
             do {
-                let data = h.zeroed ? nil : UnsafeRawBufferPointer(rebasing: bytes[h.payload..<h.end])
+                guard h.kind != .resize else {
+                    try grow(image, to: h.length)
+                    return true
+                }
+                let data = h.kind == .zeroed ? nil : UnsafeRawBufferPointer(rebasing: bytes[h.payload..<h.end])
                 try apply(offset: h.offset, length: h.length, data: data, to: image)
                 return true
             } catch {
@@ -181,13 +221,23 @@ enum JournalRecord {
 
     /// Applies a record read back from a segment.
     static func apply(_ r: Scanned, to image: Int32) throws {
+        if r.kind == .resize { return try grow(image, to: r.length) }
         try apply(offset: r.offset, length: r.length, data: r.data, to: image)
     }
 
     /// Applies a record received.
     static func apply(_ r: IncomingRecord, to image: Int32) throws {
+        if r.kind == .resize { return try grow(image, to: r.length) }
         guard let data = r.data else { return try apply(offset: r.offset, length: r.length, data: nil, to: image) }
         try data.withUnsafeReadableBytes { try apply(offset: r.offset, length: r.length, data: $0, to: image) }
+    }
+
+    /// Extends an image file (sparse) to `size` bytes; never shortens it.
+    static func grow(_ image: Int32, to size: UInt64) throws {
+        var st = stat()
+        guard fstat(image, &st) == 0 else { throw FerryError.system(errno, "cannot stat a replica image") }
+        guard UInt64(st.st_size) < size else { return }
+        guard ftruncate(image, off_t(size)) == 0 else { throw FerryError.system(errno, "cannot grow a replica image to \(size) bytes") }
     }
 
     /// Writes a record's bytes to an image file, or punches a hole for a zeroed range.
@@ -208,21 +258,38 @@ enum JournalRecord {
 struct IncomingRecord: Sendable {
     var sequence: UInt64
     var offset: UInt64
-    /// Bytes written or zeroed.
+    /// Bytes written or zeroed; a resize's new size.
     var length: UInt64
     var captured: Int64
-    /// The bytes of a write; nil for a zeroed range.
+    /// The bytes of a write; nil for a zeroed range or a resize.
     var data: ByteBuffer?
+    var resize = false
+
+    var kind: JournalRecord.Kind { resize ? .resize : data == nil ? .zeroed : .write }
 
     /// The records of a batch. A write's bytes are in the record, or (`attached_length`) the
-    /// next bytes of the batch's attachments, sliced from them without a copy.
-    static func of(_ batch: Ferry_V1_ReplicationBatch, attachments: [ByteBuffer], volumeSize size: UInt64) throws -> [IncomingRecord] {
+    /// next bytes of the batch's attachments, sliced from them without a copy. `size` is the
+    /// volume's size before the batch; a resize record in it raises the bound for the records
+    /// after it, and `size` is left at the batch's end size.
+    static func of(_ batch: Ferry_V1_ReplicationBatch, attachments: [ByteBuffer], volumeSize size: inout UInt64) throws -> [IncomingRecord] {
         var frames = attachments[...]
         let out = try batch.records.map { r -> IncomingRecord in
             var record = IncomingRecord(sequence: r.sequence, offset: r.offset, length: r.zeroLength, captured: r.capturedUnixNanos)
-            let kinds = (r.zeroLength > 0 ? 1 : 0) + (r.data.isEmpty ? 0 : 1) + (r.attachedLength > 0 ? 1 : 0)
+            let kinds = (r.zeroLength > 0 ? 1 : 0) + (r.data.isEmpty ? 0 : 1) + (r.attachedLength > 0 ? 1 : 0) + (r.resizeBytes > 0 ? 1 : 0)
             guard kinds == 1 else {
-                throw FerryError(.protocolViolation, "replication record \(r.sequence) must be exactly one of: bytes, attached bytes, a zeroed range")
+                throw FerryError(.protocolViolation, "replication record \(r.sequence) must be exactly one of: bytes, attached bytes, a zeroed range, a resize")
+            }
+            if r.resizeBytes > 0 {
+                guard r.offset == 0, r.resizeBytes % 512 == 0, r.resizeBytes <= WireLimits.maxVolumeBytes else {
+                    throw FerryError(.protocolViolation, "replication record \(r.sequence) resizes the volume to \(r.resizeBytes) bytes at offset \(r.offset): a resize has offset 0 and a size in whole 512-byte sectors")
+                }
+                guard r.resizeBytes >= size else {
+                    throw FerryError(.protocolViolation, "replication record \(r.sequence) shrinks the volume from \(size) to \(r.resizeBytes) bytes: volumes only grow")
+                }
+                record.length = r.resizeBytes
+                record.resize = true
+                size = r.resizeBytes
+                return record
             }
             if r.attachedLength > 0 {
                 while frames.first?.readableBytes == 0 { frames.removeFirst() }

@@ -111,7 +111,9 @@ enum PointIndex {
                     if h.epoch == lastEpoch, h.sequence <= lastSequence, lastEpoch != 0 { return true }
                     lastEpoch = h.epoch
                     lastSequence = h.sequence
-                    records.append(Record(start: h.offset, end: h.offset + h.length, mapping: h.zeroed ? -1 : index, payload: h.payload,
+                    // A resize changes no byte: the image's size is the point's own.
+                    if h.kind == .resize { return true }
+                    records.append(Record(start: h.offset, end: h.offset + h.length, mapping: h.kind == .zeroed ? -1 : index, payload: h.payload,
                                           segment: index, header: h.payload - JournalRecord.headerSize))
                     return true
                 }

@@ -67,6 +67,14 @@ public actor ReplicaManager {
     private var pins: [String: ReplicaPosition]?
     /// Replicas being built from a failover point (see `seed`), by key.
     var seeding: [String: Task<Void, Never>] = [:]
+    /// Told when a replica's volume grew (a resize record durable in its journal): host id,
+    /// volume, new size.
+    private var growth: (@Sendable (String, String, UInt64) async -> Void)?
+
+    /// Sets who hears of volumes that grew (the state store's volume records follow).
+    public func onGrowth(_ handler: @escaping @Sendable (String, String, UInt64) async -> Void) {
+        growth = handler
+    }
 
     public init(root: String, pool: NIOThreadPool, retention: Duration = .seconds(3600), journalLimit: Int64 = 8 << 30) {
         self.root = root
@@ -133,6 +141,12 @@ public actor ReplicaManager {
             let store = try await task.value
             // Pinned at open; a pin set while it opened is applied now.
             if let pins, pins[key] != pin { await store.pin(pins[key]) }
+            if let growth {
+                await store.setGrowthHandler { await growth(hostID, volume, $0) }
+                // A resize the caller's record predates (a restart before the record followed).
+                let known = await store.size
+                if known > size { await growth(hostID, volume, known) }
+            }
             slots[key] = .open(store)
             return store
         } catch {

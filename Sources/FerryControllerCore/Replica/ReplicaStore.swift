@@ -48,6 +48,9 @@ public actor ReplicaStore {
         /// The base image is being rebuilt from the resynced latest image (see `rebase`): no
         /// image is served from it until that is done.
         public var rebasing = false
+        /// The volume's online resizes, in journal order: a point's size is the one in force at
+        /// its position.
+        public var sizes: [SizeChange] = []
 
         public init() {}
 
@@ -66,7 +69,16 @@ public actor ReplicaStore {
             folding = try c.decodeIfPresent(UInt64.self, forKey: .folding)
             corruption = try c.decodeIfPresent(JournalCorruption.self, forKey: .corruption)
             rebasing = try c.decodeIfPresent(Bool.self, forKey: .rebasing) ?? false
+            sizes = try c.decodeIfPresent([SizeChange].self, forKey: .sizes) ?? []
         }
+    }
+
+    /// A resize record of the journal: from `position` on the volume is `size` bytes, before
+    /// it `previous`.
+    public struct SizeChange: Codable, Sendable, Equatable {
+        public var position: ReplicaPosition
+        public var size: UInt64
+        public var previous: UInt64
     }
 
     /// What the agent last reported about the volume, and when.
@@ -94,7 +106,13 @@ public actor ReplicaStore {
     private var completion: (through: UInt64, full: Bool)?
 
     public let directory: String
-    public let size: UInt64
+    /// The volume's size as of the journal's end (it grows with resize records).
+    public private(set) var size: UInt64
+    /// The size the records received so far (durable or not) allow: a batch queued behind one
+    /// with a resize may lie past `size` until that one commits.
+    private var ingestSize: UInt64
+    /// Told the new size after a resize record is durable (the controller's volume record follows).
+    private var onGrow: (@Sendable (UInt64) async -> Void)?
     public private(set) var state: State
     /// Last sequence of `state.epoch` on disk in the journal.
     public private(set) var durable: UInt64 = 0
@@ -168,7 +186,6 @@ public actor ReplicaStore {
         let fm = FileManager.default
         try fm.createDirectory(atPath: directory + "/journal", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         self.directory = directory
-        self.size = size
         self.pool = pool
         self.retention = retention
         self.journalLimit = journalLimit
@@ -181,14 +198,27 @@ public actor ReplicaStore {
         self.image = image
         self.base = base
         stateFile = ReplicaStateFile(path: directory + "/state.json")
+        var state = try Self.loadState(directory + "/state.json")
+        // The replica knows its resizes (the caller's size may predate them).
+        var size = max(size, state.sizes.last?.size ?? 0)
+        // Images only grow: the base and the latest image are always the latest size (a point
+        // of an earlier size reads only its own first bytes).
         for fd in [image, base] {
             var st = stat()
             fstat(fd, &st)
-            if UInt64(st.st_size) != size { ftruncate(fd, off_t(size)) }
+            if UInt64(st.st_size) < size { ftruncate(fd, off_t(size)) }
         }
-        var state = try Self.loadState(directory + "/state.json")
         self.state = state
         let recovered = try Self.recover(journalDirectory: directory + "/journal", state: state, image: image, size: size)
+        // Resize records durable in the journal whose state was not saved (a crash between the
+        // two): the journal is the truth.
+        for found in recovered.resizes where found.size > size {
+            state.sizes.append(SizeChange(position: found.position, size: found.size, previous: size))
+            size = found.size
+            for fd in [image, base] { try JournalRecord.grow(fd, to: size) }
+        }
+        self.size = size
+        ingestSize = size
         segments = recovered.segments
         durable = recovered.durable
         oldestCapture = recovered.oldestCapture
@@ -211,8 +241,26 @@ public actor ReplicaStore {
             state.corruption = found
             state.resyncNeeded = true
             try Self.save(state, in: directory)
+        } else if state.sizes != self.state.sizes {
+            try Self.save(state, in: directory)
         }
         self.state = state
+    }
+
+    /// The volume's size at `position`: the last resize at or before it, or the size before
+    /// the first resize.
+    public func size(at position: ReplicaPosition) -> UInt64 {
+        var result = state.sizes.first?.previous ?? size
+        for change in state.sizes {
+            guard let order = compare(change.position, position), order != .orderedDescending else { break }
+            result = change.size
+        }
+        return result
+    }
+
+    /// Sets who is told the volume's new size once a resize record is durable.
+    public func setGrowthHandler(_ handler: @escaping @Sendable (UInt64) async -> Void) {
+        onGrow = handler
     }
 
     /// The saved state; a new one only when there is no file. A file that cannot be read is
@@ -247,8 +295,10 @@ public actor ReplicaStore {
     /// torn append: it and every later segment are kept whole (they hold acked history), the
     /// damage is returned, and nothing past it is replayed.
     private static func recover(journalDirectory dir: String, state: State, image: Int32, size: UInt64) throws
-        -> (segments: [JournalSegment], durable: UInt64, oldestCapture: [UInt64: Int64], corruption: JournalCorruption?) {
+        -> (segments: [JournalSegment], durable: UInt64, oldestCapture: [UInt64: Int64], corruption: JournalCorruption?,
+            resizes: [(position: ReplicaPosition, size: UInt64)]) {
         var segments: [JournalSegment] = []
+        var resizes: [(position: ReplicaPosition, size: UInt64)] = []
         var oldestCapture: [UInt64: Int64] = [:]
         var durable: UInt64
         var corruption: JournalCorruption?
@@ -284,6 +334,7 @@ public actor ReplicaStore {
                         throw FerryError(.io, "journal segment \(JournalSegment.name(id)) breaks sequence order at \(r.sequence)")
                     }
                     expected = r.sequence + 1
+                    if r.kind == .resize { resizes.append((ReplicaPosition(epoch: r.epoch, sequence: r.sequence), r.length)) }
                     if segment.first == 0 { segment.first = r.sequence }
                     segment.last = r.sequence
                     segment.bytes = Int64(r.end)
@@ -333,7 +384,7 @@ public actor ReplicaStore {
         for segment in segments where !FileManager.default.fileExists(atPath: segment.metaPath(in: dir)) {
             try writeMeta(segment, in: dir)
         }
-        return (segments, durable, oldestCapture, corruption)
+        return (segments, durable, oldestCapture, corruption, resizes)
     }
 
     /// Appends a batch durably and applies it; returns the durable sequence to ack.
@@ -373,7 +424,9 @@ public actor ReplicaStore {
         }
         let records: [IncomingRecord]
         do {
-            records = try IncomingRecord.of(batch, attachments: attachments, volumeSize: size)
+            var bound = ingestSize
+            records = try IncomingRecord.of(batch, attachments: attachments, volumeSize: &bound)
+            ingestSize = bound
         } catch {
             streamError = (error as? FerryError)?.message ?? "\(error)"
             await done(.failure(error))
@@ -492,9 +545,10 @@ public actor ReplicaStore {
         guard let (activeID, journal) = active, let at = segments.lastIndex(where: { $0.id == activeID }) else {
             throw FerryError(.internalError, "no active journal segment")
         }
-        let image = self.image
+        let image = self.image, base = self.base
         let knownLength = segments[at].bytes
         let length = pieces.reduce(0) { $0 + $1.readableBytes }
+        let grownTo = fresh.last(where: \.resize)?.length
         try await pool.runIfActive { [pieces] in
             do {
                 let failed = FileIO.writeAll(journal, pieces)
@@ -504,6 +558,8 @@ public actor ReplicaStore {
                 // is rebuilt by replaying the journal from the checkpoint, which must find no
                 // later write already there.
                 for r in fresh { try JournalRecord.apply(r, to: image) }
+                // A point past the resize reads the new bytes from the base until the journal folds.
+                if let grownTo { try JournalRecord.grow(base, to: grownTo) }
             } catch {
                 // Not acked: take the records back out, or the agent's resend would follow
                 // them and the journal would hold the sequences twice.
@@ -521,6 +577,15 @@ public actor ReplicaStore {
         if oldestCapture[activeID] == nil { oldestCapture[activeID] = fresh.first!.captured }
         appendedSinceCheckpoint += Int64(length)
         durable = fresh.last!.sequence
+        if let grownTo, grownTo > size {
+            // Recorded before the ack: a restart finds the sizes here (and in the journal).
+            for r in fresh where r.resize && r.length > size {
+                state.sizes.append(SizeChange(position: ReplicaPosition(epoch: epoch, sequence: r.sequence), size: r.length, previous: size))
+                size = r.length
+            }
+            try await saveState()
+            await onGrow?(size)
+        }
         wakeAppendWaiters()
         let dataBytes = fresh.reduce(UInt64(0)) { $0 + UInt64($1.data?.readableBytes ?? 0) }
         bytesApplied += dataBytes
@@ -828,7 +893,8 @@ public actor ReplicaStore {
         defer { if !handedOver { leases.release() } }
         await waitForFold()
         let sources = try pointSources(position)
-        let size = self.size, basePath = self.basePath, leases = self.leases
+        // The point's own size: a resize after it does not change it.
+        let size = self.size(at: position), basePath = self.basePath, leases = self.leases
         // A read finding a damaged record marks the replica (the image's reads run on threads
         // of their own, so the note goes to the actor in a task).
         let onDamage: @Sendable (UInt64, Int, String) -> Void = { [weak self] segment, offset, path in
@@ -964,18 +1030,24 @@ public actor ReplicaStore {
         guard !request.hashes.isEmpty, request.hashes.count <= BlockHashing.maxBlocks else {
             throw FerryError(.badRequest, "a resync request carries 1 to \(BlockHashing.maxBlocks) hashes, not \(request.hashes.count)")
         }
-        guard request.offset % UInt64(block) == 0, request.offset < size,
-              request.offset + UInt64(request.hashes.count - 1) * UInt64(block) < size else {
-            throw FerryError(.badRequest, "resync range at \(request.offset) lies outside the \(size)-byte volume")
+        // A resize the agent streamed may still be queued behind the hashes' range: the size
+        // received so far bounds it, and blocks past the durable size read as zeroes here.
+        let bound = max(size, ingestSize)
+        guard request.offset % UInt64(block) == 0, request.offset < bound,
+              request.offset + UInt64(request.hashes.count - 1) * UInt64(block) < bound else {
+            throw FerryError(.badRequest, "resync range at \(request.offset) lies outside the \(bound)-byte volume")
         }
         guard request.hashes.allSatisfy({ $0.isEmpty || $0.count == BlockHashing.hashBytes }) else {
             throw FerryError(.badRequest, "resync hashes must be empty or \(BlockHashing.hashBytes) bytes")
         }
         let image = self.image, size = self.size
-        let ours = try await pool.runIfActive { () throws -> BlockHashing.Result in
-            try BlockHashing.hashes(fd: image, size: size, offset: request.offset, blockBytes: Int(block), count: request.hashes.count)
+        let ours = try await pool.runIfActive { () throws -> [Data] in
+            guard request.offset < size else { return [] }
+            return try BlockHashing.hashes(fd: image, size: size, offset: request.offset, blockBytes: Int(block), count: request.hashes.count).hashes
         }
-        return zip(request.hashes, ours.hashes).enumerated().compactMap { i, pair in pair.0 == pair.1 ? nil : UInt32(i) }
+        // Past the durable size the replica holds zeroes (the empty hash).
+        let padded = ours + Array(repeating: Data(), count: max(0, request.hashes.count - ours.count))
+        return zip(request.hashes, padded).enumerated().compactMap { i, pair in pair.0 == pair.1 ? nil : UInt32(i) }
     }
 
     /// A new capture epoch: the agent restarted and numbers from 1 again. If the replica held

@@ -364,6 +364,7 @@ public final class AgentServer: Service, Sendable {
                 let state = await replica.state
                 spec.epoch = state.epoch
                 spec.durableSequence = await replica.durable
+                spec.sizeBytes = max(spec.sizeBytes, await replica.size)
                 spec.initialSyncRequired = !state.initialSynced
                 spec.compression = wan.compression(hostID: hostID)
                 // A replica that has never held a record of any epoch is still all zeroes.

@@ -287,6 +287,31 @@ public enum API {
         }
     }
 
+    /// `POST /v1/volumes/:host/:name/resize`: grow a protected volume online.
+    public struct ResizeRequest: Codable, Sendable {
+        public var sizeBytes: UInt64
+
+        public init(sizeBytes: UInt64) { self.sizeBytes = sizeBytes }
+    }
+
+    /// What a resize did.
+    public struct ResizeResult: Codable, Sendable {
+        public var host: String
+        public var name: String
+        public var previousBytes: UInt64
+        public var sizeBytes: UInt64
+        /// False when the volume had that size already.
+        public var changed: Bool
+        /// The replica's size now: the new size once the agent's stream delivered the resize
+        /// (the answer waits up to 30 s for it); less while it is still on its way.
+        public var replicaBytes: UInt64
+
+        public init(host: String, name: String, previousBytes: UInt64, sizeBytes: UInt64, changed: Bool, replicaBytes: UInt64) {
+            self.host = host; self.name = name; self.previousBytes = previousBytes; self.sizeBytes = sizeBytes
+            self.changed = changed; self.replicaBytes = replicaBytes
+        }
+    }
+
     public struct AuditEntry: Codable, Sendable {
         public var id: Int64
         public var at: Date

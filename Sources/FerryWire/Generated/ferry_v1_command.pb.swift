@@ -156,6 +156,14 @@ public nonisolated struct Ferry_V1_Command: Sendable {
     set {kind = .resyncVolume(newValue)}
   }
 
+  public var resizeVolume: Ferry_V1_ResizeVolume {
+    get {
+      if case .resizeVolume(let v)? = kind {return v}
+      return Ferry_V1_ResizeVolume()
+    }
+    set {kind = .resizeVolume(newValue)}
+  }
+
   public var runHook: Ferry_V1_RunHook {
     get {
       if case .runHook(let v)? = kind {return v}
@@ -228,6 +236,7 @@ public nonisolated struct Ferry_V1_Command: Sendable {
     case protectVolume(Ferry_V1_ProtectVolume)
     case syncVolumes(Ferry_V1_SyncVolumes)
     case resyncVolume(Ferry_V1_ResyncVolume)
+    case resizeVolume(Ferry_V1_ResizeVolume)
     case runHook(Ferry_V1_RunHook)
     case prepareCut(Ferry_V1_PrepareCut)
     case finishCut(Ferry_V1_FinishCut)
@@ -287,6 +296,14 @@ public nonisolated struct Ferry_V1_CommandResult: Sendable {
       return Ferry_V1_VolumeStatuses()
     }
     set {outcome = .volumeStatuses(newValue)}
+  }
+
+  public var volumeResized: Ferry_V1_VolumeResized {
+    get {
+      if case .volumeResized(let v)? = outcome {return v}
+      return Ferry_V1_VolumeResized()
+    }
+    set {outcome = .volumeResized(newValue)}
   }
 
   public var hookResult: Ferry_V1_HookResult {
@@ -361,6 +378,7 @@ public nonisolated struct Ferry_V1_CommandResult: Sendable {
     case echo(Ferry_V1_Echo)
     case volumeStatus(Ferry_V1_VolumeStatus)
     case volumeStatuses(Ferry_V1_VolumeStatuses)
+    case volumeResized(Ferry_V1_VolumeResized)
     case hookResult(Ferry_V1_HookResult)
     case cutPrepared(Ferry_V1_CutPrepared)
     case cutFinished(Ferry_V1_CutFinished)
@@ -631,6 +649,46 @@ public nonisolated struct Ferry_V1_ResyncVolume: Sendable {
   // methods supported on all messages.
 
   public var name: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// Grow a protected volume online (ferryctl volume resize): the agent grows the image file to
+/// size_bytes (a block device must already be that size: the operator grows it first), then
+/// records the new size in the volume's stream, so every later record may lie past the old size,
+/// and new export connections see the new size. Shrinking is refused. The same size again
+/// changes nothing.
+public nonisolated struct Ferry_V1_ResizeVolume: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var sizeBytes: UInt64 = 0
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_VolumeResized: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var sizeBytes: UInt64 = 0
+
+  public var previousBytes: UInt64 = 0
+
+  /// Where the resize record lies in the stream (sequence 0: the volume had that size already).
+  public var epoch: UInt64 = 0
+
+  public var sequence: UInt64 = 0
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -1132,6 +1190,10 @@ public nonisolated struct Ferry_V1_AppliedBlock: Sendable {
   /// Instead of data: this many bytes of zeroes.
   public var zeroLength: UInt64 = 0
 
+  /// Instead of either: the source volume grew to this many bytes here (a resize record of its
+  /// journal); the sink grows its volume to match before any later block.
+  public var resizeBytes: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1175,7 +1237,7 @@ nonisolated extension Ferry_V1_CaptureMode: SwiftProtobuf._ProtoNameProviding {
 
 nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Command"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}timeout_ms\0\u{4}\u{9}refresh_inventory\0\u{1}echo\0\u{4}\u{9}protect_volume\0\u{3}sync_volumes\0\u{3}resync_volume\0\u{4}&run_hook\0\u{3}prepare_cut\0\u{3}finish_cut\0\u{4}&recover_volumes\0\u{3}stop_recovery\0\u{3}fence_volumes\0\u{3}hash_blocks\0\u{3}apply_blocks\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}timeout_ms\0\u{4}\u{9}refresh_inventory\0\u{1}echo\0\u{4}\u{9}protect_volume\0\u{3}sync_volumes\0\u{3}resync_volume\0\u{3}resize_volume\0\u{4}%run_hook\0\u{3}prepare_cut\0\u{3}finish_cut\0\u{4}&recover_volumes\0\u{3}stop_recovery\0\u{3}fence_volumes\0\u{3}hash_blocks\0\u{3}apply_blocks\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1247,6 +1309,19 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
         if let v = v {
           if hadOneofValue {try decoder.handleConflictingOneOf()}
           self.kind = .resyncVolume(v)
+        }
+      }()
+      case 23: try {
+        var v: Ferry_V1_ResizeVolume?
+        var hadOneofValue = false
+        if let current = self.kind {
+          hadOneofValue = true
+          if case .resizeVolume(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.kind = .resizeVolume(v)
         }
       }()
       case 60: try {
@@ -1387,6 +1462,10 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
       guard case .resyncVolume(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
     }()
+    case .resizeVolume?: try {
+      guard case .resizeVolume(let v)? = self.kind else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 23)
+    }()
     case .runHook?: try {
       guard case .runHook(let v)? = self.kind else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 60)
@@ -1434,7 +1513,7 @@ nonisolated extension Ferry_V1_Command: SwiftProtobuf.Message, SwiftProtobuf._Me
 
 nonisolated extension Ferry_V1_CommandResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".CommandResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}error\0\u{1}inventory\0\u{1}echo\0\u{4}\u{11}volume_status\0\u{3}volume_statuses\0\u{4}'hook_result\0\u{3}cut_prepared\0\u{3}cut_finished\0\u{4}&recovery_started\0\u{3}recovery_stopped\0\u{3}volumes_fenced\0\u{3}block_hashes\0\u{3}blocks_applied\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}error\0\u{1}inventory\0\u{1}echo\0\u{4}\u{11}volume_status\0\u{3}volume_statuses\0\u{3}volume_resized\0\u{4}&hook_result\0\u{3}cut_prepared\0\u{3}cut_finished\0\u{4}&recovery_started\0\u{3}recovery_stopped\0\u{3}volumes_fenced\0\u{3}block_hashes\0\u{3}blocks_applied\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1505,6 +1584,19 @@ nonisolated extension Ferry_V1_CommandResult: SwiftProtobuf.Message, SwiftProtob
         if let v = v {
           if hadOneofValue {try decoder.handleConflictingOneOf()}
           self.outcome = .volumeStatuses(v)
+        }
+      }()
+      case 22: try {
+        var v: Ferry_V1_VolumeResized?
+        var hadOneofValue = false
+        if let current = self.outcome {
+          hadOneofValue = true
+          if case .volumeResized(let m) = current {v = m}
+        }
+        try decoder.decodeSingularMessageField(value: &v)
+        if let v = v {
+          if hadOneofValue {try decoder.handleConflictingOneOf()}
+          self.outcome = .volumeResized(v)
         }
       }()
       case 60: try {
@@ -1641,6 +1733,10 @@ nonisolated extension Ferry_V1_CommandResult: SwiftProtobuf.Message, SwiftProtob
     case .volumeStatuses?: try {
       guard case .volumeStatuses(let v)? = self.outcome else { preconditionFailure() }
       try visitor.visitSingularMessageField(value: v, fieldNumber: 21)
+    }()
+    case .volumeResized?: try {
+      guard case .volumeResized(let v)? = self.outcome else { preconditionFailure() }
+      try visitor.visitSingularMessageField(value: v, fieldNumber: 22)
     }()
     case .hookResult?: try {
       guard case .hookResult(let v)? = self.outcome else { preconditionFailure() }
@@ -2142,6 +2238,91 @@ nonisolated extension Ferry_V1_ResyncVolume: SwiftProtobuf.Message, SwiftProtobu
 
   public static func ==(lhs: Ferry_V1_ResyncVolume, rhs: Ferry_V1_ResyncVolume) -> Bool {
     if lhs.name != rhs.name {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_ResizeVolume: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".ResizeVolume"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}size_bytes\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.sizeBytes) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if self.sizeBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sizeBytes, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_ResizeVolume, rhs: Ferry_V1_ResizeVolume) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.sizeBytes != rhs.sizeBytes {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_VolumeResized: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".VolumeResized"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{3}size_bytes\0\u{3}previous_bytes\0\u{1}epoch\0\u{1}sequence\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularUInt64Field(value: &self.sizeBytes) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.previousBytes) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.epoch) }()
+      case 5: try { try decoder.decodeSingularUInt64Field(value: &self.sequence) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if self.sizeBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sizeBytes, fieldNumber: 2)
+    }
+    if self.previousBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.previousBytes, fieldNumber: 3)
+    }
+    if self.epoch != 0 {
+      try visitor.visitSingularUInt64Field(value: self.epoch, fieldNumber: 4)
+    }
+    if self.sequence != 0 {
+      try visitor.visitSingularUInt64Field(value: self.sequence, fieldNumber: 5)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_VolumeResized, rhs: Ferry_V1_VolumeResized) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.sizeBytes != rhs.sizeBytes {return false}
+    if lhs.previousBytes != rhs.previousBytes {return false}
+    if lhs.epoch != rhs.epoch {return false}
+    if lhs.sequence != rhs.sequence {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -3106,7 +3287,7 @@ nonisolated extension Ferry_V1_SinkPosition: SwiftProtobuf.Message, SwiftProtobu
 
 nonisolated extension Ferry_V1_AppliedBlock: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".AppliedBlock"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}offset\0\u{1}data\0\u{3}zero_length\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}offset\0\u{1}data\0\u{3}zero_length\0\u{3}resize_bytes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -3117,6 +3298,7 @@ nonisolated extension Ferry_V1_AppliedBlock: SwiftProtobuf.Message, SwiftProtobu
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.offset) }()
       case 2: try { try decoder.decodeSingularBytesField(value: &self.data) }()
       case 3: try { try decoder.decodeSingularUInt64Field(value: &self.zeroLength) }()
+      case 4: try { try decoder.decodeSingularUInt64Field(value: &self.resizeBytes) }()
       default: break
       }
     }
@@ -3132,6 +3314,9 @@ nonisolated extension Ferry_V1_AppliedBlock: SwiftProtobuf.Message, SwiftProtobu
     if self.zeroLength != 0 {
       try visitor.visitSingularUInt64Field(value: self.zeroLength, fieldNumber: 3)
     }
+    if self.resizeBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.resizeBytes, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -3139,6 +3324,7 @@ nonisolated extension Ferry_V1_AppliedBlock: SwiftProtobuf.Message, SwiftProtobu
     if lhs.offset != rhs.offset {return false}
     if lhs.data != rhs.data {return false}
     if lhs.zeroLength != rhs.zeroLength {return false}
+    if lhs.resizeBytes != rhs.resizeBytes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -101,6 +101,11 @@ public nonisolated struct Ferry_V1_ReplicationRecord: Sendable {
   /// Large writes are an attached frame each; small ones share one.
   public var attachedLength: UInt32 = 0
 
+  /// A resize record (nothing else set but sequence and time): from here on the volume is this
+  /// many bytes, and later records may lie past its earlier size. Sizes only grow. An agent
+  /// also starts each new capture epoch of a volume it has resized with one.
+  public var resizeBytes: UInt64 = 0
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -390,7 +395,7 @@ nonisolated extension Ferry_V1_SyncKind: SwiftProtobuf._ProtoNameProviding {
 
 nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReplicationRecord"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sequence\0\u{1}offset\0\u{1}data\0\u{3}zero_length\0\u{3}captured_unix_nanos\0\u{3}attached_length\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}sequence\0\u{1}offset\0\u{1}data\0\u{3}zero_length\0\u{3}captured_unix_nanos\0\u{3}attached_length\0\u{3}resize_bytes\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -404,6 +409,7 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
       case 4: try { try decoder.decodeSingularUInt64Field(value: &self.zeroLength) }()
       case 5: try { try decoder.decodeSingularInt64Field(value: &self.capturedUnixNanos) }()
       case 6: try { try decoder.decodeSingularUInt32Field(value: &self.attachedLength) }()
+      case 7: try { try decoder.decodeSingularUInt64Field(value: &self.resizeBytes) }()
       default: break
       }
     }
@@ -428,6 +434,9 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
     if self.attachedLength != 0 {
       try visitor.visitSingularUInt32Field(value: self.attachedLength, fieldNumber: 6)
     }
+    if self.resizeBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.resizeBytes, fieldNumber: 7)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -438,6 +447,7 @@ nonisolated extension Ferry_V1_ReplicationRecord: SwiftProtobuf.Message, SwiftPr
     if lhs.zeroLength != rhs.zeroLength {return false}
     if lhs.capturedUnixNanos != rhs.capturedUnixNanos {return false}
     if lhs.attachedLength != rhs.attachedLength {return false}
+    if lhs.resizeBytes != rhs.resizeBytes {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -57,6 +57,8 @@ struct NBDExportTests {
                 case .zero(let length):
                     let zeroes = [UInt8](repeating: 0, count: Int(length))
                     _ = zeroes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(change.offset)) }
+                case .resize(let size):
+                    _ = ftruncate(fd, off_t(size))
                 }
             }
             return path

@@ -20,9 +20,33 @@ struct UnitActivityLogTests {
             // As after kill -9: nothing but the file is left.
             let reopened = try ActivityLog(path: path, volumeBytes: 64 << 20)
             #expect(reopened.existed && reopened.markedCount == 3 && reopened.pendingCount == 3)
-            // Another geometry (the volume was resized) trusts nothing: everything is pending.
-            let resized = try ActivityLog(path: path, volumeBytes: 128 << 20)
-            #expect(resized.pendingCount == 32 && resized.fullInProgress)
+            // A volume grown since (an online resize a crash cut short): the saved extents keep
+            // their marks, the new ones start clear; nothing else becomes pending.
+            let grown = try ActivityLog(path: path, volumeBytes: 128 << 20)
+            #expect(grown.existed && grown.extentCount == 32 && grown.markedCount == 3 && grown.pendingCount == 3 && !grown.fullInProgress)
+            // A smaller one (or another extent size) trusts nothing: everything is pending.
+            let shrunk = try ActivityLog(path: path, volumeBytes: 32 << 20)
+            #expect(shrunk.pendingCount == 8 && shrunk.fullInProgress)
+        }
+    }
+
+    @Test("an online resize grows the log durably before anything is written past the old end: marks there survive a restart; the old marks stay")
+    func growsWithTheVolume() async throws {
+        try await withUnitTempDir { dir in
+            let path = dir + "/v.fal"
+            do {
+                let activity = try ActivityLog(path: path, volumeBytes: 10 << 20) // 3 extents, the last one short
+                try activity.mark(offset: 9 << 20, length: 1 << 20) // extent 2
+                try activity.grow(volumeBytes: 40 << 20)
+                #expect(activity.extentCount == 10 && activity.markedCount == 1)
+                try activity.mark(offset: 37 << 20, length: 1) // extent 9, past the old end
+                try activity.grow(volumeBytes: 20 << 20) // never shrinks
+                #expect(activity.extentCount == 10 && activity.markedCount == 2)
+                activity.completed(offset: 37 << 20, length: 1)
+            }
+            let reopened = try ActivityLog(path: path, volumeBytes: 40 << 20)
+            #expect(reopened.existed && !reopened.fullInProgress && reopened.pendingCount == 2)
+            #expect(reopened.nextPending(from: 0)?.index == 2 && reopened.nextPending(from: 3)?.index == 9)
         }
     }
 

@@ -21,8 +21,8 @@ struct UnitSinkJournalTests {
         return volume
     }
 
-    func block(_ offset: UInt64, _ fill: UInt8, _ count: Int = 4096) -> SinkJournal.Block {
-        (offset, ByteBuffer(repeating: fill, count: count), 0)
+    func block(_ offset: UInt64, _ fill: UInt8, _ count: Int = 4096) -> SinkChange {
+        .write(offset: offset, data: ByteBuffer(repeating: fill, count: count))
     }
 
     func contents(_ dir: String, at offset: Int, count: Int) -> [UInt8] {
@@ -38,7 +38,7 @@ struct UnitSinkJournalTests {
                 #expect(try journal.position() == nil)
                 let first = SinkJournal.Position(source: "r/v", epoch: 7, sequence: 3)
                 // The same block three times, then a zeroed range: the last write wins.
-                try journal.apply([block(0, 1), block(0, 2), block(0, 3), block(8192, 9), (8192, nil, 4096)], through: first, to: volume)
+                try journal.apply([block(0, 1), block(0, 2), block(0, 3), block(8192, 9), .zero(offset: 8192, length: 4096)], through: first, to: volume)
                 #expect(try journal.position() == first)
                 #expect(contents(dir, at: 0, count: 4096).allSatisfy { $0 == 3 })
                 #expect(contents(dir, at: 8192, count: 4096).allSatisfy { $0 == 0 })
@@ -108,7 +108,7 @@ struct UnitSinkJournalTests {
         }
     }
 
-    static func journalBytes(_ blocks: [SinkJournal.Block], through: SinkJournal.Position) -> Data {
+    static func journalBytes(_ blocks: [SinkChange], through: SinkJournal.Position) -> Data {
         Data(SinkJournal.encode(blocks, through: through))
     }
 }
