@@ -44,8 +44,9 @@ if [ "$#" -eq 0 ]; then
   # The heaviest tests (the lab's DR cycle, the recovery-point checker at 500 writes/s with
   # two controller crashes) time their cuts and failovers, the fake peers' heartbeats and the
   # never-reading client's and the pre-authentication floods load both cores: they run alone, after the rest.
-  # The console test runs Chromium and the fsfreeze tests freeze loop-mounted file systems.
-  heavy='LabTests|ControlLaneTests|MemoryBoundTests|checkerPassesOnAllPoints|ExtremeValueTests|ExportLimitsTests|PreAuthLimitsTests|LandingFailoverTests|ConsoleTests|FsfreezeTests'
+  # The console test runs Chromium, the fsfreeze tests freeze loop-mounted file systems, and a
+  # resized volume fails over and back as the landing failover tests do.
+  heavy='LabTests|ControlLaneTests|MemoryBoundTests|checkerPassesOnAllPoints|ExtremeValueTests|ExportLimitsTests|PreAuthLimitsTests|LandingFailoverTests|ConsoleTests|FsfreezeTests|grownVolumeFailsBack'
   swift test --skip-build --skip "$heavy" || rc=$?
   log "now the heavy tests, one at a time ($heavy)"
   swift test --skip-build --filter "$heavy" --no-parallel || rc=$?

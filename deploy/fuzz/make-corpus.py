@@ -37,7 +37,7 @@ def field(number, value):
     return varint(number << 3 | 2) + varint(len(value)) + value
 
 
-def record(seq, offset, data=b"", zero=0, captured=1_700_000_000_000_000_000, attached=0):
+def record(seq, offset, data=b"", zero=0, captured=1_700_000_000_000_000_000, attached=0, resize=0):
     out = field(1, seq) + field(2, offset)
     if data:
         out += field(3, data)
@@ -46,6 +46,8 @@ def record(seq, offset, data=b"", zero=0, captured=1_700_000_000_000_000_000, at
     out += field(5, captured)
     if attached:
         out += field(6, attached)
+    if resize:
+        out += field(7, resize)
     return out
 
 
@@ -85,6 +87,9 @@ def frames():
     write("fuzz-frames", "batch-past-fence", bytes([5]) + frame(envelope(100, past, id=7, attachments=1)) + frame(b"c" * 1536))
     two = frame(heartbeat) + frame(envelope(100, inline, id=8)) + frame(envelope(13, field(1, b"bye")))
     write("fuzz-frames", "several", bytes([4]) + two)
+    # An online resize: later records lie past the volume's old end (1 MiB).
+    grown = batch([record(1, 0, resize=4 << 20), record(2, (3 << 20), data=b"G" * 512), record(3, 1 << 20, zero=4096)])
+    write("fuzz-frames", "batch-resize", bytes([7]) + frame(envelope(100, grown, id=9)))
     write("fuzz-frames", "error-reply", bytes([7]) + frame(envelope(14, field(1, 3) + field(2, b"no such volume"), reply=5)))
 
 
@@ -182,8 +187,8 @@ def crc32c(data, crc=0):
     return crc ^ 0xFFFFFFFF
 
 
-def journal_record(epoch, seq, offset, length, data=None, captured=1_700_000_000_000_000_000):
-    kind = 1 if data is None else 0
+def journal_record(epoch, seq, offset, length, data=None, captured=1_700_000_000_000_000_000, kind=None):
+    kind = kind if kind is not None else (1 if data is None else 0)
     rest = struct.pack(">QQQQIq", epoch, seq, offset, length, kind, captured)
     crc = crc32c(rest + (data or b""))
     return struct.pack(">II", 0x464A5232, crc) + rest + (data or b"")
@@ -195,6 +200,9 @@ def journal():
     write("fuzz-journal", "segment", b"".join(recs))
     write("fuzz-journal", "torn-tail", b"".join(recs) + recs[0][:30])
     write("fuzz-journal", "one-zeroed", journal_record(2, 9, 0, 1 << 20))
+    # A resize record (kind 2, the new size as its length) and records past the old end.
+    write("fuzz-journal", "resized", b"".join([recs[0], journal_record(1, 2, 0, 4 << 20, kind=2),
+                                               journal_record(1, 3, 3 << 20, 16, b"r" * 16), journal_record(1, 4, 1 << 20, 8192)]))
 
 
 def main():

@@ -43,6 +43,8 @@ extension JobRunner {
             } else {
                 position = ReplicaPosition(epoch: await replica.state.epoch, sequence: await replica.durable)
             }
+            // The point's own size (the volume may have grown since).
+            let size = await replica.size(at: position)
             let export = PointExports.newID(prefix: "p-")
             _ = try await exports.create(id: export, volume: v.key, replica: replica, position: position, point: "pre-flight",
                                          writable: false, managed: true, principals: [recoveryHostID: item.recoveryHost])
@@ -52,11 +54,11 @@ extension JobRunner {
             s.source = v.key
             s.exportPort = UInt32(port)
             s.exportName = export
-            s.sizeBytes = v.size
+            s.sizeBytes = size
             s.hydrate = true
             s.targetPath = item.targets?[v.volume] ?? ""
             specs.append(s)
-            needed += v.size
+            needed += size
         }
         let result = try await session.command("pre-flight", timeout: .seconds(240)) { c in
             c.recoverVolumes.recoveryID = rid

@@ -117,7 +117,7 @@ extension ReplicaManager {
                 }
             }
             for fd in fds where fdatasync(fd) != 0 { throw FerryError.system(errno, "sync \(building)") }
-            try ReplicaStore.writeSeededState(in: building)
+            try ReplicaStore.writeSeededState(in: building, size: size)
             try? fm.createDirectory(atPath: (directory as NSString).deletingLastPathComponent, withIntermediateDirectories: true,
                                     attributes: [.posixPermissions: 0o700])
             guard rename(building, directory) == 0 else { throw FerryError.system(errno, "rename \(building) to \(directory)") }

@@ -51,6 +51,9 @@ public actor ReplicaStore {
         /// The volume's online resizes, in journal order: a point's size is the one in force at
         /// its position.
         public var sizes: [SizeChange] = []
+        /// The volume's size when the replica began, before any of `sizes` (nil in a state file
+        /// from before resizes: the size the replica is opened with).
+        public var initialSize: UInt64?
 
         public init() {}
 
@@ -70,6 +73,7 @@ public actor ReplicaStore {
             corruption = try c.decodeIfPresent(JournalCorruption.self, forKey: .corruption)
             rebasing = try c.decodeIfPresent(Bool.self, forKey: .rebasing) ?? false
             sizes = try c.decodeIfPresent([SizeChange].self, forKey: .sizes) ?? []
+            initialSize = try c.decodeIfPresent(UInt64.self, forKey: .initialSize)
         }
     }
 
@@ -199,8 +203,10 @@ public actor ReplicaStore {
         self.base = base
         stateFile = ReplicaStateFile(path: directory + "/state.json")
         var state = try Self.loadState(directory + "/state.json")
-        // The replica knows its resizes (the caller's size may predate them).
-        var size = max(size, state.sizes.last?.size ?? 0)
+        // The replica knows its own size: the caller's (the volume record's) may predate a
+        // resize, or postdate the point a rebuilt replica starts from.
+        if state.initialSize == nil { state.initialSize = size }
+        var size = state.sizes.last?.size ?? state.initialSize ?? size
         // Images only grow: the base and the latest image are always the latest size (a point
         // of an earlier size reads only its own first bytes).
         for fd in [image, base] {
@@ -1091,9 +1097,10 @@ public actor ReplicaStore {
 
     /// The state of a replica built from a failover point: synced (the recovered volume starts
     /// as that point), nothing journalled yet.
-    static func writeSeededState(in directory: String) throws {
+    static func writeSeededState(in directory: String, size: UInt64) throws {
         var state = State()
         state.initialSynced = true
+        state.initialSize = size
         try save(state, in: directory)
     }
 

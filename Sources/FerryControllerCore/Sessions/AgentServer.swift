@@ -398,11 +398,14 @@ public final class AgentServer: Service, Sendable {
     /// Whether a recovered volume's replica is built from its failover point; if not, starts
     /// building it, and sends the host its volume list again once it is.
     func replicaReady(hostID: String, record: VolumeRecord, hydration h: VolumeHydration, log: Logger) async throws -> Bool {
-        let size = UInt64(record.sizeBytes)
         if await replicas.opened(hostID: hostID, volume: record.name) != nil { return true }
-        let source = try await replicas.replica(hostID: h.sourceHostID, volume: h.sourceVolume, size: size)
+        let source = try await replicas.replica(hostID: h.sourceHostID, volume: h.sourceVolume, size: UInt64(record.sizeBytes))
+        // The point's own size: the recovered volume may have grown since (an online resize),
+        // and its stream brings that resize to the replica built here.
+        let position = ReplicaPosition(epoch: h.epoch, sequence: h.sequence)
+        let size = await source.size(at: position)
         return await replicas.ensureSeeded(hostID: hostID, volume: record.name, size: size, from: source,
-                                           at: ReplicaPosition(epoch: h.epoch, sequence: h.sequence), logger: log) { inPlace, _ in
+                                           at: position, logger: log) { inPlace, _ in
             // Built, or started empty for a full initial sync: the agent streams to it now.
             guard inPlace, let entry = await self.registry.entry(hostID: hostID) else { return }
             await self.syncVolumes(hostID: hostID, session: entry.session, log: log)

@@ -68,7 +68,10 @@ final class HydratingVolume: NBDExport {
                      remote: any NBDExport, logger: Logger, onComplete: @escaping @Sendable () -> Void) throws -> HydratingVolume {
         var map: HydrationMap?
         if let bytes = FileManager.default.contents(atPath: mapPath) {
-            guard let saved = HydrationMap.decode(Array(bytes)), saved.size == size, saved.source == point else {
+            // A complete map of a smaller volume: the volume grew (an online resize) once it was
+            // all local; its new end was never part of the point.
+            guard let saved = HydrationMap.decode(Array(bytes)), saved.source == point,
+                  saved.size == size || (saved.size < size && saved.isComplete) else {
                 throw FerryError(.conflict, "the hydration map \(mapPath) is damaged or belongs to another point or size; remove it and the target \(target) to start over")
             }
             map = saved
