@@ -32,6 +32,8 @@ packages=(
   chromium-driver
   python3-selenium
   prometheus         # promtool checks deploy/prometheus/ferry-rules.yml
+  qemu-system-x86    # the lab's guest (deploy/lab/vm/): a VM whose disk is a Ferry volume
+  busybox-static     # the guest's initramfs
 )
 
 install_packages() {

@@ -4,7 +4,9 @@ import NIOCore
 
 /// Reads what this host is from the kernel: /proc, /sys, uname and the interface list.
 public enum InventoryCollector {
-    public static func collect() -> Ferry_V1_Inventory {
+    /// - Parameter guestSockets: the agent's NBD socket directory: qemu guests whose disks are
+    ///   exports there are listed with their shape (nil: none are looked for).
+    public static func collect(guestSockets: String? = nil) -> Ferry_V1_Inventory {
         var inv = Ferry_V1_Inventory()
         inv.hostname = ProcessInfo.processInfo.hostName
         inv.osName = osRelease()
@@ -18,6 +20,7 @@ public enum InventoryCollector {
         inv.bootID = read("/proc/sys/kernel/random/boot_id") ?? ""
         inv.interfaces = interfaces()
         inv.blockDevices = blockDevices()
+        if let guestSockets { inv.guests = GuestDiscovery.guests(socketDirectory: guestSockets) }
         return inv
     }
 

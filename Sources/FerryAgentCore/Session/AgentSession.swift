@@ -51,7 +51,7 @@ public final class AgentSession: Service, Sendable {
         logger: Logger,
         group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         volumes: VolumeManager? = nil,
-        inventory: @escaping @Sendable () -> Ferry_V1_Inventory = { InventoryCollector.collect() }
+        inventory: (@Sendable () -> Ferry_V1_Inventory)? = nil
     ) {
         self.volumes = volumes
         (laterWork, later) = AsyncStream.makeStream(of: Later.self)
@@ -66,7 +66,8 @@ public final class AgentSession: Service, Sendable {
         self.logger = logger
         self.group = group
         self.identity = Mutex(identity)
-        self.inventory = inventory
+        let sockets = config.socketDirectory
+        self.inventory = inventory ?? { InventoryCollector.collect(guestSockets: sockets) }
     }
 
     /// How many sessions have been welcomed so far (for tests and logs).

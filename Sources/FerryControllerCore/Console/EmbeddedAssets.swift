@@ -1203,7 +1203,7 @@ components:
         inventory: {$ref: "#/components/schemas/Inventory"}
     Inventory:
       type: object
-      required: [hostname, os, kernel, architecture, cpus, memoryBytes, bootID, interfaces, blockDevices]
+      required: [hostname, os, kernel, architecture, cpus, memoryBytes, bootID, interfaces, blockDevices, guests]
       additionalProperties: false
       properties:
         hostname: {type: string}
@@ -1238,6 +1238,28 @@ components:
               model: {type: string}
               rotational: {type: boolean}
               readOnly: {type: boolean}
+        guests:
+          type: array
+          description: Virtual machines (qemu) whose disks are this host's protected volumes, with their own shape; a recovery host's start hook boots the same guest from them.
+          items:
+            type: object
+            required: [name, cpus, memoryBytes, nics, volumes]
+            additionalProperties: false
+            properties:
+              name: {type: string}
+              cpus: {type: integer, minimum: 1}
+              memoryBytes: {type: integer, minimum: 0}
+              nics:
+                type: array
+                items:
+                  type: object
+                  required: [macAddress, model]
+                  additionalProperties: false
+                  properties:
+                    macAddress: {type: string}
+                    model: {type: string}
+              volumes: {type: array, items: {type: string}, description: Protected volume names, the guest's disks in order.}
+              machine: {type: string}
     EnrollmentTokenCreate:
       type: object
       additionalProperties: false

@@ -95,8 +95,15 @@ extension JobRunner {
             let home = homeHost(id, item)
             let volumes = try await store.volumes(hostID: try await hostID(home)).filter { item.volumes.contains($0.name) }
             let sockets = volumes.map { "\($0.name)=\($0.socketPath ?? "")" }.joined(separator: " ")
-            return try await runHook(on: home, hook, timeout: item.timeoutSeconds,
-                                     env: ["FERRY_PLAN": plan.name, "FERRY_MODE": "failback", "FERRY_NETWORK": "production", "FERRY_VOLUMES": sockets])
+            var env = ["FERRY_PLAN": plan.name, "FERRY_MODE": "failback", "FERRY_NETWORK": "production", "FERRY_VOLUMES": sockets]
+            // The guests to boot again: as recorded on this host, or else as they ran on the
+            // recovery host (a host failed back to for the first time), disks named as here.
+            let names = Dictionary(volumes.map { ($0.name, $0.name) }, uniquingKeysWith: { a, _ in a })
+            let recovered = Dictionary(volumes.map { (item.host + "-" + $0.name, $0.name) }, uniquingKeysWith: { a, _ in a })
+            var guests = try await guestsJSON(recordedOn: home, volumes: names)
+            if guests == nil { guests = try await guestsJSON(recordedOn: item.recoveryHost, volumes: recovered) }
+            if let guests { env["FERRY_GUESTS"] = guests }
+            return try await runHook(on: home, hook, timeout: item.timeoutSeconds, env: env)
         case .commit:
             try await store.audit(actor: "job \(id)", action: "plan.commit", target: plan.name)
             return "the recovered state is final"
@@ -376,6 +383,13 @@ extension JobRunner {
            let json = try? JSONEncoder().encode(API.Inventory(inventory)),
            let object = try? JSONSerialization.jsonObject(with: json) {
             description["source_inventory"] = object
+        }
+        // The source host's guests on these volumes, with the shape they were recorded with
+        // (the host may be down, or its guest stopped by the stop hook), disks named as here.
+        if let guests = try await guestsJSON(recordedOn: item.host, volumes: Dictionary(record.volumes.map { ($0.volume, $0.localName) },
+                                                                                          uniquingKeysWith: { a, _ in a })),
+           let object = try? JSONSerialization.jsonObject(with: Data(guests.utf8)) {
+            description["guests"] = object
         }
         let descriptionJSON = String(decoding: try JSONSerialization.data(withJSONObject: description, options: [.sortedKeys]), as: UTF8.self)
         let result: Ferry_V1_CommandResult

@@ -8,6 +8,8 @@ enum InventoryLimits {
     static let maxAddressesPerInterface = 256
     static let maxBlockDevices = 4096
     static let maxString = 256
+    static let maxGuests = 256
+    static let maxGuestDevices = 64
     /// Least time between two unsolicited inventory updates from one agent.
     static let minUpdateInterval: Duration = .seconds(1)
     /// How much closer than that two updates may arrive (scheduling and network jitter).
@@ -24,6 +26,13 @@ enum InventoryLimits {
             strings += [nic.name, nic.macAddress] + nic.addresses
         }
         for dev in inventory.blockDevices { strings += [dev.name, dev.path, dev.model] }
+        guard inventory.guests.count <= maxGuests else { throw bad("more than \(maxGuests) guests") }
+        for guest in inventory.guests {
+            guard guest.nics.count <= maxGuestDevices, guest.volumes.count <= maxGuestDevices else {
+                throw bad("guest \(guest.name.prefix(64)) has more than \(maxGuestDevices) NICs or disks")
+            }
+            strings += [guest.name, guest.machine] + guest.volumes + guest.nics.flatMap { [$0.macAddress, $0.model] }
+        }
         if let long = strings.first(where: { $0.utf8.count > maxString }) {
             throw bad("a field is longer than \(maxString) bytes ('\(long.prefix(32))...')")
         }

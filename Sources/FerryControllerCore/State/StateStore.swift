@@ -136,6 +136,7 @@ public final class StateStore: Sendable {
         }
         registerWANMigration(&m)
         registerAlertMigration(&m)
+        registerGuestMigration(&m)
         return m
     }
 
@@ -472,6 +473,7 @@ extension StateStore {
             host.lastSeen = Date()
             try host.update(db)
             if inventoryChanged {
+                try Self.recordGuests(db, hostID: hostID, inventory: inventory)
                 try Self.audit(db, actor: "agent:\(host.name)", action: "host.inventory", target: host.name, detail: "\(inventory.count) bytes")
             }
             return host
@@ -486,6 +488,7 @@ extension StateStore {
             guard var host = try HostRecord.fetchOne(db, key: hostID), host.inventory != inventory else { return false }
             host.inventory = inventory
             try host.update(db)
+            try Self.recordGuests(db, hostID: hostID, inventory: inventory)
             try Self.audit(db, actor: actor ?? "agent:\(host.name)", action: "host.inventory", target: host.name, detail: "\(inventory.count) bytes")
             return true
         }

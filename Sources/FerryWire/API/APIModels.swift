@@ -106,6 +106,29 @@ public enum API {
         public var bootID: String
         public var interfaces: [Interface]
         public var blockDevices: [BlockDevice]
+        /// Virtual machines whose disks are this host's protected volumes (their own shape).
+        public var guests: [Guest]
+
+        public struct Guest: Codable, Sendable, Equatable {
+            public struct NIC: Codable, Sendable, Equatable {
+                public var macAddress: String
+                public var model: String
+
+                public init(macAddress: String, model: String) { self.macAddress = macAddress; self.model = model }
+            }
+            public var name: String
+            public var cpus: UInt32
+            public var memoryBytes: UInt64
+            public var nics: [NIC]
+            /// Protected volume names, the guest's disks in order.
+            public var volumes: [String]
+            public var machine: String?
+
+            public init(name: String, cpus: UInt32, memoryBytes: UInt64, nics: [NIC], volumes: [String], machine: String?) {
+                self.name = name; self.cpus = cpus; self.memoryBytes = memoryBytes; self.nics = nics; self.volumes = volumes
+                self.machine = machine
+            }
+        }
     }
 
     public struct TokenCreateRequest: Codable, Sendable {
@@ -361,6 +384,11 @@ extension API.Inventory {
             interfaces: p.interfaces.map { .init(name: $0.name, macAddress: $0.macAddress, mtu: $0.mtu, up: $0.up, addresses: $0.addresses) },
             blockDevices: p.blockDevices.map {
                 .init(name: $0.name, path: $0.path, sizeBytes: $0.sizeBytes, model: $0.model, rotational: $0.rotational, readOnly: $0.readOnly)
+            },
+            guests: p.guests.map { g in
+                .init(name: g.name, cpus: g.cpus, memoryBytes: g.memoryBytes,
+                      nics: g.nics.map { .init(macAddress: $0.macAddress, model: $0.model) }, volumes: g.volumes,
+                      machine: g.machine.isEmpty ? nil : g.machine)
             }
         )
     }

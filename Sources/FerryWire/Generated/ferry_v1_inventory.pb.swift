@@ -48,6 +48,50 @@ public nonisolated struct Ferry_V1_Inventory: Sendable {
   /// Boot id, so the controller can tell a reboot from a reconnect.
   public var bootID: String = String()
 
+  /// Virtual machines running here whose disks are this agent's exports: their own shape, so a
+  /// recovery host boots the same guest (not one shaped like the hypervisor host).
+  public var guests: [Ferry_V1_Guest] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// A qemu/KVM guest as its command line describes it.
+public nonisolated struct Ferry_V1_Guest: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var name: String = String()
+
+  public var cpus: UInt32 = 0
+
+  public var memoryBytes: UInt64 = 0
+
+  public var nics: [Ferry_V1_GuestNIC] = []
+
+  /// The protected volumes that are its disks, in command-line order.
+  public var volumes: [String] = []
+
+  /// -machine type, when given (e.g. "q35").
+  public var machine: String = String()
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Ferry_V1_GuestNIC: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var macAddress: String = String()
+
+  /// The device model, e.g. "virtio-net-pci".
+  public var model: String = String()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -125,7 +169,7 @@ fileprivate nonisolated let _protobuf_package = "ferry.v1"
 
 nonisolated extension Ferry_V1_Inventory: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Inventory"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}hostname\0\u{3}os_name\0\u{1}kernel\0\u{1}architecture\0\u{3}cpu_count\0\u{3}memory_bytes\0\u{1}interfaces\0\u{3}block_devices\0\u{3}boot_id\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}hostname\0\u{3}os_name\0\u{1}kernel\0\u{1}architecture\0\u{3}cpu_count\0\u{3}memory_bytes\0\u{1}interfaces\0\u{3}block_devices\0\u{3}boot_id\0\u{1}guests\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -142,6 +186,7 @@ nonisolated extension Ferry_V1_Inventory: SwiftProtobuf.Message, SwiftProtobuf._
       case 7: try { try decoder.decodeRepeatedMessageField(value: &self.interfaces) }()
       case 8: try { try decoder.decodeRepeatedMessageField(value: &self.blockDevices) }()
       case 9: try { try decoder.decodeSingularStringField(value: &self.bootID) }()
+      case 10: try { try decoder.decodeRepeatedMessageField(value: &self.guests) }()
       default: break
       }
     }
@@ -175,6 +220,9 @@ nonisolated extension Ferry_V1_Inventory: SwiftProtobuf.Message, SwiftProtobuf._
     if !self.bootID.isEmpty {
       try visitor.visitSingularStringField(value: self.bootID, fieldNumber: 9)
     }
+    if !self.guests.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.guests, fieldNumber: 10)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -188,6 +236,97 @@ nonisolated extension Ferry_V1_Inventory: SwiftProtobuf.Message, SwiftProtobuf._
     if lhs.interfaces != rhs.interfaces {return false}
     if lhs.blockDevices != rhs.blockDevices {return false}
     if lhs.bootID != rhs.bootID {return false}
+    if lhs.guests != rhs.guests {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_Guest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Guest"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}cpus\0\u{3}memory_bytes\0\u{1}nics\0\u{1}volumes\0\u{1}machine\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularUInt32Field(value: &self.cpus) }()
+      case 3: try { try decoder.decodeSingularUInt64Field(value: &self.memoryBytes) }()
+      case 4: try { try decoder.decodeRepeatedMessageField(value: &self.nics) }()
+      case 5: try { try decoder.decodeRepeatedStringField(value: &self.volumes) }()
+      case 6: try { try decoder.decodeSingularStringField(value: &self.machine) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if self.cpus != 0 {
+      try visitor.visitSingularUInt32Field(value: self.cpus, fieldNumber: 2)
+    }
+    if self.memoryBytes != 0 {
+      try visitor.visitSingularUInt64Field(value: self.memoryBytes, fieldNumber: 3)
+    }
+    if !self.nics.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.nics, fieldNumber: 4)
+    }
+    if !self.volumes.isEmpty {
+      try visitor.visitRepeatedStringField(value: self.volumes, fieldNumber: 5)
+    }
+    if !self.machine.isEmpty {
+      try visitor.visitSingularStringField(value: self.machine, fieldNumber: 6)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_Guest, rhs: Ferry_V1_Guest) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.cpus != rhs.cpus {return false}
+    if lhs.memoryBytes != rhs.memoryBytes {return false}
+    if lhs.nics != rhs.nics {return false}
+    if lhs.volumes != rhs.volumes {return false}
+    if lhs.machine != rhs.machine {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Ferry_V1_GuestNIC: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".GuestNIC"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}mac_address\0\u{1}model\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.macAddress) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.model) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.macAddress.isEmpty {
+      try visitor.visitSingularStringField(value: self.macAddress, fieldNumber: 1)
+    }
+    if !self.model.isEmpty {
+      try visitor.visitSingularStringField(value: self.model, fieldNumber: 2)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Ferry_V1_GuestNIC, rhs: Ferry_V1_GuestNIC) -> Bool {
+    if lhs.macAddress != rhs.macAddress {return false}
+    if lhs.model != rhs.model {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -22,4 +22,12 @@ struct LabTests {
         #expect(r.status == 0, "\(r.stdout.suffix(6000))\n\(r.stderr.suffix(4000))")
         print(r.stdout.split(separator: "\n").suffix(30).joined(separator: "\n"))
     }
+
+    @Test("a VM in the lab: a qemu guest whose disk is a Ferry volume commits records to ext4; drilled (booted on rec1 with its recorded shape on the isolated test network: records intact, nothing reachable, the point passes e2fsck), failed over planned (zero loss, DR network) and failed back (zero loss, home network, e2fsck -fn clean)")
+    func vmCycle() async throws {
+        let r = try await run("/bin/bash", [Self.lab + "/vm-cycle.sh"],
+                              environment: ["FERRY_BIN": Binaries.directory], timeout: .seconds(900))
+        #expect(r.status == 0, "\(r.stdout.suffix(6000))\n\(r.stderr.suffix(4000))")
+        print(r.stdout.split(separator: "\n").suffix(12).joined(separator: "\n"))
+    }
 }

@@ -1,0 +1,122 @@
+import FerryWire
+import Foundation
+
+/// Finds the qemu guests whose disks are this agent's NBD exports, and their shape (name, CPUs,
+/// memory, NICs with their MACs, machine type) as their command lines give it: what a recovery
+/// host needs to boot the same guest after a failover. Read from /proc, nothing is asked of the
+/// guests or their hypervisor.
+public enum GuestDiscovery {
+    /// Guests of every qemu process on the host whose disks include an export under `socketDirectory`.
+    public static func guests(socketDirectory: String) -> [Ferry_V1_Guest] {
+        let directory = (socketDirectory as NSString).standardizingPath
+        let pids = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { Int32($0) }.sorted()
+        return pids.compactMap { pid in
+            guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"), data.count < 1 << 20 else { return nil }
+            var arguments = data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+            if arguments.last == "" { arguments.removeLast() }
+            return guest(arguments: arguments, socketDirectory: directory)
+        }
+    }
+
+    /// The guest a qemu command line describes, if it is one and a disk of it is one of this
+    /// agent's exports (`nbd+unix:///NAME?socket=DIR/NAME.sock`).
+    public static func guest(arguments: [String], socketDirectory: String) -> Ferry_V1_Guest? {
+        guard let program = arguments.first, (program as NSString).lastPathComponent.hasPrefix("qemu-system") else { return nil }
+        var g = Ferry_V1_Guest()
+        g.cpus = 1
+        g.memoryBytes = 128 << 20 // qemu's default
+        var i = 1
+        while i < arguments.count {
+            let option = arguments[i].hasPrefix("--") ? String(arguments[i].dropFirst()) : arguments[i]
+            let value = i + 1 < arguments.count ? arguments[i + 1] : ""
+            switch option {
+            case "-name":
+                g.name = properties(value, first: "guest")["guest"] ?? ""
+            case "-smp":
+                if let n = properties(value, first: "cpus")["cpus"].flatMap(UInt32.init), n > 0 { g.cpus = n }
+            case "-m":
+                if let size = properties(value, first: "size")["size"].flatMap(memory) { g.memoryBytes = size }
+            case "-machine", "-M":
+                g.machine = properties(value, first: "type")["type"] ?? ""
+            case "-device":
+                let p = properties(value, first: "driver")
+                if let driver = p["driver"], driver.contains("net") || p["netdev"] != nil, let mac = p["mac"] {
+                    var nic = Ferry_V1_GuestNIC()
+                    nic.macAddress = mac.lowercased()
+                    nic.model = driver
+                    g.nics.append(nic)
+                }
+            case "-nic":
+                let p = properties(value, first: "type")
+                if let mac = p["mac"] {
+                    var nic = Ferry_V1_GuestNIC()
+                    nic.macAddress = mac.lowercased()
+                    nic.model = p["model"] ?? "virtio-net-pci"
+                    g.nics.append(nic)
+                }
+            case "-drive", "-blockdev":
+                if let volume = volume(properties(value, first: "file"), socketDirectory: socketDirectory) { g.volumes.append(volume) }
+            default:
+                i += 1
+                continue
+            }
+            i += 2
+        }
+        guard !g.volumes.isEmpty else { return nil }
+        if g.name.isEmpty { g.name = g.volumes[0] }
+        return g
+    }
+
+    /// `a=1,b=2` (qemu's option syntax; ",," is a literal comma); a leading bare value is `first`.
+    static func properties(_ text: String, first: String) -> [String: String] {
+        var out: [String: String] = [:]
+        var parts: [String] = []
+        var current = ""
+        var chars = Array(text)[...]
+        while let c = chars.popFirst() {
+            if c == ",", chars.first == "," {
+                current.append(",")
+                chars.removeFirst()
+            } else if c == "," {
+                parts.append(current)
+                current = ""
+            } else {
+                current.append(c)
+            }
+        }
+        parts.append(current)
+        for (n, part) in parts.enumerated() {
+            if let eq = part.firstIndex(of: "=") {
+                out[String(part[..<eq])] = String(part[part.index(after: eq)...])
+            } else if n == 0, !part.isEmpty {
+                out[first] = part
+            }
+        }
+        return out
+    }
+
+    /// qemu's -m: a number of MiB, or with a suffix (K, M, G, T).
+    static func memory(_ text: String) -> UInt64? {
+        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        if let last = text.uppercased().last, let unit = units[last] {
+            return UInt64(text.dropLast()).map { $0 * unit }
+        }
+        return UInt64(text).map { $0 << 20 }
+    }
+
+    /// The export name of an `nbd+unix:///NAME?socket=PATH` file (or a blockdev's nbd `path` and
+    /// `export`), if PATH is one of this agent's sockets.
+    static func volume(_ p: [String: String], socketDirectory: String) -> String? {
+        var name: String?, socket: String?
+        if let file = p["file"] ?? p["file.filename"], file.hasPrefix("nbd+unix:///"), let components = URLComponents(string: file) {
+            name = String(components.path.dropFirst())
+            socket = components.queryItems?.first { $0.name == "socket" }?.value
+        } else if p["driver"] == "nbd" || p["file.driver"] == "nbd" {
+            name = p["export"] ?? p["file.export"]
+            socket = p["server.path"] ?? p["file.server.path"] ?? p["path"] ?? p["file.path"]
+        }
+        guard let name, !name.isEmpty, let socket else { return nil }
+        let directory = ((socket as NSString).deletingLastPathComponent as NSString).standardizingPath
+        return directory == socketDirectory ? name : nil
+    }
+}
