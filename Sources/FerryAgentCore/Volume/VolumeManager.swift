@@ -148,8 +148,11 @@ public actor VolumeManager {
         }
     }
 
-    /// Starts protecting one volume, or confirms it if it is already served as asked.
-    public func protect(_ spec: Ferry_V1_VolumeSpec) async throws -> Ferry_V1_VolumeStatus {
+    /// Starts protecting one volume, or confirms it if it is already served as asked. A volume
+    /// new here and not from a volume list (`listed`: a ProtectVolume command) is served and
+    /// captured at once, but streamed only once the controller's volume list names it: until
+    /// the controller has recorded it, a batch of it would be one of a volume it does not know.
+    public func protect(_ spec: Ferry_V1_VolumeSpec, listed: Bool = false) async throws -> Ferry_V1_VolumeStatus {
         var spec = spec
         if spec.hasHydration, !spec.path.hasPrefix("/") {
             // A recovered volume without a target named in the plan lives under the data dir
@@ -177,7 +180,8 @@ public actor VolumeManager {
         if let other = served.values.first(where: { $0.spec.path == spec.path }) {
             throw FerryError(.conflict, "\(spec.path) is already protected as volume \(other.spec.name)")
         }
-        let entry = try await openVolume(spec)
+        var entry = try await openVolume(spec)
+        if !listed { entry.spec.replicaSeeding = true }
         served[spec.name] = entry
         noteEmptyReplica(spec)
         try persist()
@@ -219,7 +223,7 @@ public actor VolumeManager {
                 resumeAfter[spec.name] = 0
             }
             do {
-                var status = try await protect(spec)
+                var status = try await protect(spec, listed: true)
                 if let claim {
                     logger.error("volume list refused for a volume", metadata: ["volume": "\(spec.name)", "error": "\(claim)"])
                     status.error = claim

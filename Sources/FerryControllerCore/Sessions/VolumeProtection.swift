@@ -26,6 +26,9 @@ extension AgentServer {
             // The replica exists (sparse) from the start, so the first batch finds it.
             _ = try await replicas.replica(hostID: host.id, volume: record.name, size: status.sizeBytes)
             try await store.addVolume(record, hostName: host.name, actor: actor)
+            // The agent holds the new volume's stream until the volume list names it: only now
+            // does a batch of it find the volume recorded here.
+            await syncVolumes(hostID: host.id, session: session, log: logger)
             return (record, status.createdEmpty)
         case .error(let e):
             throw FerryError(wire: e)

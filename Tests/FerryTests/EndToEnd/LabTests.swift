@@ -30,4 +30,12 @@ struct LabTests {
         #expect(r.status == 0, "\(r.stdout.suffix(6000))\n\(r.stderr.suffix(4000))")
         print(r.stdout.split(separator: "\n").suffix(12).joined(separator: "\n"))
     }
+
+    @Test("a database in the lab: PostgreSQL with its data and its WAL on two Ferry volumes (ext4 over nbdfuse and loop) in one group, under pgbench; a drill and an unplanned failover (link cut) at a group point each start it by its own crash recovery, pass pg_amcheck and pgbench's invariant; the failed-over copy takes writes; db is fenced")
+    func pgCycle() async throws {
+        let r = try await run("/bin/bash", [Self.lab + "/pg-cycle.sh"],
+                              environment: ["FERRY_BIN": Binaries.directory], timeout: .seconds(900))
+        #expect(r.status == 0, "\(r.stdout.suffix(6000))\n\(r.stderr.suffix(4000))")
+        print(r.stdout.split(separator: "\n").suffix(10).joined(separator: "\n"))
+    }
 }
