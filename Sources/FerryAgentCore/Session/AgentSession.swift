@@ -435,6 +435,10 @@ public final class AgentSession: Service, Sendable {
                 await self.stream(stream.name, volume: stream.volume, log: stream.log, after: stream.after, volumes: volumes, session: session,
                                   compression: stream.compression)
             })
+            // A fenced volume (the other site owns it) replicates nothing it did not capture
+            // before its fence: no resync of its marked extents (after a restart, a new epoch
+            // the controller refuses) until the volume list that unfences it starts this again.
+            guard !stream.volume.isFenced else { continue }
             let worker = VolumeSyncWorker(name: stream.name, volume: stream.volume, log: stream.log, activity: stream.activity,
                                           tracker: stream.tracker, session: session, logger: logger,
                                           emptyReplicaEpoch: stream.emptyReplicaEpoch)

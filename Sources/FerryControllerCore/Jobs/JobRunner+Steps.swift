@@ -20,13 +20,14 @@ extension JobRunner {
         return host.id
     }
 
-    /// The live session of a host; one that is reconnecting (e.g. after a controller restart)
-    /// gets `wait` to come back.
+    /// The live session of a host; one that is reconnecting (e.g. after a controller restart,
+    /// or its agent's) gets `wait` to come back. A session that has just ended is not live,
+    /// though its entry may linger until its loop unregisters it.
     func session(_ name: String, wait: Duration = .seconds(30)) async throws -> PeerSession {
         let id = try await hostID(name)
         let deadline = ContinuousClock.now + wait
         while true {
-            if let entry = await registry.entry(hostID: id) { return entry.session }
+            if let entry = await registry.entry(hostID: id), !entry.session.isClosed { return entry.session }
             guard ContinuousClock.now < deadline else { break }
             try await Task.sleep(for: .milliseconds(250))
         }

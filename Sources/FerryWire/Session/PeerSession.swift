@@ -35,6 +35,8 @@ public final class PeerSession: Sendable {
     private let nextID = Atomic<UInt64>(1)
     private let lastReceived = Atomic<UInt64>(0)
     private let closed = Atomic<Bool>(false)
+    /// The session has ended (its connection is gone); it may still be registered for a moment.
+    public var isClosed: Bool { closed.load(ordering: .relaxed) }
     private let attachmentsAccepted = Atomic<Bool>(false)
     /// Bandwidth limits on what this session reads and on the bulk messages it sends.
     private let throttles = Mutex<(inbound: (any ByteThrottle)?, outbound: (any ByteThrottle)?)>((nil, nil))

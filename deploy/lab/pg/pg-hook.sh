@@ -36,8 +36,14 @@ mount_volume() {  # mount_volume SOCKET EXPORT DIR
 }
 
 umount_volume() {  # umount_volume DIR: whatever of it is there
-  local dir="$1"
-  mountpoint -q "$dir" && umount "$dir"
+  local dir="$1" i
+  # A database just stopped may still be releasing it; a fenced volume's last writes fail slowly.
+  for ((i = 0; i < 100; i++)); do
+    mountpoint -q "$dir" || break
+    umount "$dir" 2>/dev/null && break
+    sleep 0.1
+  done
+  mountpoint -q "$dir" && { umount "$dir" || die "cannot unmount $dir"; }
   if [ -s "$dir.loop" ]; then losetup -d "$(cat "$dir.loop")" 2>/dev/null || true; rm -f "$dir.loop"; fi
   if mountpoint -q "$dir.fuse"; then fusermount3 -u "$dir.fuse" 2>/dev/null || umount -l "$dir.fuse" || true; fi
   if [ -s "$dir.nbdfuse.pid" ]; then
