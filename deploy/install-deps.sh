@@ -34,6 +34,7 @@ packages=(
   prometheus         # promtool checks deploy/prometheus/ferry-rules.yml
   qemu-system-x86    # the lab's guest (deploy/lab/vm/): a VM whose disk is a Ferry volume
   busybox-static     # the guest's initramfs
+  postgresql-15      # the lab's database on Ferry volumes (deploy/lab/pg-cycle.sh, soak.sh)
 )
 
 install_packages() {

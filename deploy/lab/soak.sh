@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
     --state) STATE="${2:?}"; shift 2 ;;
     --prefix) PREFIX="${2:?}"; shift 2 ;;
     --seed) SEED="${2:?}"; shift 2 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -Eeuo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) [ -z "$N" ] && [[ "$1" =~ ^[0-9]+$ ]] || { echo "soak.sh: unknown argument '$1' (--help)" >&2; exit 2; }; N="$1"; shift ;;
   esac
 done
@@ -116,13 +116,13 @@ app_after() {
 T=""  # the trial's JSON record, built as it goes
 violation() { record false "$1"; fail "trial $trial: $1"; }
 record() {  # record OK [VIOLATION]
-  "$PY" - "$STATE/trials.jsonl" "$1" "${2:-}" <<PY
+  "$PY" -c '
 import json, sys
-t = json.loads('''$T''' or '{}')
+t = json.loads(sys.argv[4] or "{}")
 t["ok"] = sys.argv[2] == "true"
 if sys.argv[3]: t["violation"] = sys.argv[3]
 open(sys.argv[1], "a").write(json.dumps(t, sort_keys=True) + "\n")
-PY
+' "$STATE/trials.jsonl" "$1" "${2:-}" "$T"
 }
 setT() { T="$("$PY" -c 'import json, sys; t = json.loads(sys.argv[1] or "{}"); t[sys.argv[2]] = json.loads(sys.argv[3]); print(json.dumps(t))' "$T" "$1" "$2")"; }
 
@@ -162,7 +162,9 @@ chaos_job() {
 report() { tool get "j['report'].get('$2')" "$work/jobs/$trial-$1.json"; }
 
 stop_old_primary() {  # db's PostgreSQL on its (now fenced) volumes: stopped at once, unmounted
-  [ -e "$PROD/data/pgdata/postmaster.pid" ] && runuser -u postgres -- "$PGBIN/pg_ctl" stop -m immediate -D "$PROD/data/pgdata" >/dev/null 2>&1
+  if [ -e "$PROD/data/pgdata/postmaster.pid" ]; then
+    runuser -u postgres -- "$PGBIN/pg_ctl" stop -m immediate -D "$PROD/data/pgdata" >/dev/null 2>&1 || true
+  fi
   "$PGH" umount "$PROD/wal" >>"$work/logs/pg-db.log" 2>&1 || true
   "$PGH" umount "$PROD/data" >>"$work/logs/pg-db.log" 2>&1 || true
   ! mountpoint -q "$PROD/data" && ! mountpoint -q "$PROD/wal" || violation "db's old file systems could not be unmounted"
@@ -177,9 +179,9 @@ for ((trial = done_trials + 1; trial <= N; trial++)); do
   T="" t_trial="$(now_us)"
   setT trial "$trial"; setT kind "\"$KIND\""; setT chaos "\"$CHAOS@$CHAOS_STEP\""
   say "trial $trial/$N: point $KIND, chaos $CHAOS at $CHAOS_STEP"
-  since="$(date -u +%Y-%m-%dT%H:%M:%S)"
+  since_s="$(date +%s)" since="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   sleep $((3 + RANDOM % 5))
-  wait_for "2 points under load" points_after "$(date -d "$since" +%s)" 2
+  wait_for "2 points under load" points_after "$since_s" 2
   [ "$KIND" != app ] || wait_for "an app-consistent point" app_after "$since"
   case "$KIND" in
     crash) POINT=(--point latest-crash) ;;
@@ -203,7 +205,9 @@ for ((trial = done_trials + 1; trial <= N; trial++)); do
   stop_old_primary
   chaos_job reprotect reprotect reprotect pg
   chaos_job failback failback failback pg
-  bytes=$(( $(report reprotect bytes_sent || echo 0) + $(report failback bytes_sent || echo 0) ))
+  b1="$(report reprotect bytes_sent)" b2="$(report failback bytes_sent)"
+  b1="${b1%%.*}" b2="${b2%%.*}"
+  bytes=$(( ${b1:-0} + ${b2:-0} ))
   setT bytes "${bytes:-0}"
   # At home: exactly rec1's transactions, and from its clean shutdown. Unless the controller was
   # killed (reprotect, failback) while rec1's volumes were served from it: the writes rec1 had

@@ -6,16 +6,27 @@ import Foundation
 /// host needs to boot the same guest after a failover. Read from /proc, nothing is asked of the
 /// guests or their hypervisor.
 public enum GuestDiscovery {
-    /// Guests of every qemu process on the host whose disks include an export under `socketDirectory`.
-    public static func guests(socketDirectory: String) -> [Ferry_V1_Guest] {
+    /// Most guests, NICs and disks per guest, and bytes per name reported: within what the
+    /// controller takes (a host with more is reported in part, never refused whole).
+    static let maxGuests = 64, maxDevices = 16, maxString = 200
+
+    /// Guests of every qemu process on the host whose disks include an export under
+    /// `socketDirectory`, run by root or by one of `users` (those allowed on the sockets): any
+    /// local user can start a process that calls itself qemu, and every user's command line is
+    /// readable, but only those can use the exports. Blocking (it reads /proc): a thread pool.
+    public static func guests(socketDirectory: String, users: Set<UInt32> = []) -> [Ferry_V1_Guest] {
         let directory = (socketDirectory as NSString).standardizingPath
         let pids = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { Int32($0) }.sorted()
-        return pids.compactMap { pid in
-            guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"), data.count < 1 << 20 else { return nil }
+        var out: [Ferry_V1_Guest] = []
+        for pid in pids where out.count < maxGuests {
+            var st = stat()
+            guard stat("/proc/\(pid)", &st) == 0, st.st_uid == 0 || users.contains(st.st_uid) else { continue }
+            guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"), data.count < 1 << 20 else { continue }
             var arguments = data.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
             if arguments.last == "" { arguments.removeLast() }
-            return guest(arguments: arguments, socketDirectory: directory)
+            if let g = guest(arguments: arguments, socketDirectory: directory) { out.append(g) }
         }
+        return out
     }
 
     /// The guest a qemu command line describes, if it is one and a disk of it is one of this
@@ -33,7 +44,17 @@ public enum GuestDiscovery {
             case "-name":
                 g.name = properties(value, first: "guest")["guest"] ?? ""
             case "-smp":
-                if let n = properties(value, first: "cpus")["cpus"].flatMap(UInt32.init), n > 0 { g.cpus = n }
+                // cpus=N, or the topology's product (sockets x dies x cores x threads).
+                let p = properties(value, first: "cpus")
+                if let n = p["cpus"].flatMap(UInt32.init), n > 0 {
+                    g.cpus = n
+                } else {
+                    let parts = ["sockets", "dies", "cores", "threads"].compactMap { p[$0].flatMap(UInt32.init) }
+                    if !parts.isEmpty {
+                        let product = parts.reduce(UInt64(1)) { min($0 * UInt64($1), 1 << 20) }
+                        if product > 0 { g.cpus = UInt32(product) }
+                    }
+                }
             case "-m":
                 if let size = properties(value, first: "size")["size"].flatMap(memory) { g.memoryBytes = size }
             case "-machine", "-M":
@@ -64,6 +85,10 @@ public enum GuestDiscovery {
         }
         guard !g.volumes.isEmpty else { return nil }
         if g.name.isEmpty { g.name = g.volumes[0] }
+        g.nics = Array(g.nics.prefix(maxDevices))
+        g.volumes = Array(g.volumes.prefix(maxDevices))
+        let strings = [g.name, g.machine] + g.volumes + g.nics.flatMap { [$0.macAddress, $0.model] }
+        guard strings.allSatisfy({ $0.utf8.count <= maxString }) else { return nil }
         return g
     }
 
@@ -95,13 +120,18 @@ public enum GuestDiscovery {
         return out
     }
 
-    /// qemu's -m: a number of MiB, or with a suffix (K, M, G, T).
+    /// qemu's -m: a number of MiB, or with a suffix (K, M, G, T), fractions too ("1.5G");
+    /// nil when it is not one or does not fit.
     static func memory(_ text: String) -> UInt64? {
-        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
-        if let last = text.uppercased().last, let unit = units[last] {
-            return UInt64(text.dropLast()).map { $0 * unit }
+        let units: [Character: Double] = ["K": 1024, "M": 1_048_576, "G": 1_073_741_824, "T": 1_099_511_627_776]
+        var number = Substring(text), unit: Double = 1_048_576
+        if let last = text.uppercased().last, let u = units[last] {
+            number = text.dropLast()
+            unit = u
         }
-        return UInt64(text).map { $0 << 20 }
+        guard let value = Double(number), value.isFinite, value > 0 else { return nil }
+        let bytes = value * unit
+        return bytes < Double(UInt64.max / 2) ? UInt64(bytes) : nil
     }
 
     /// The export name of an `nbd+unix:///NAME?socket=PATH` file (or a blockdev's nbd `path` and

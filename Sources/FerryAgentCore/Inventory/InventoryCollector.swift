@@ -6,7 +6,7 @@ import NIOCore
 public enum InventoryCollector {
     /// - Parameter guestSockets: the agent's NBD socket directory: qemu guests whose disks are
     ///   exports there are listed with their shape (nil: none are looked for).
-    public static func collect(guestSockets: String? = nil) -> Ferry_V1_Inventory {
+    public static func collect(guestSockets: String? = nil, guestUsers: Set<UInt32> = []) -> Ferry_V1_Inventory {
         var inv = Ferry_V1_Inventory()
         inv.hostname = ProcessInfo.processInfo.hostName
         inv.osName = osRelease()
@@ -20,7 +20,7 @@ public enum InventoryCollector {
         inv.bootID = read("/proc/sys/kernel/random/boot_id") ?? ""
         inv.interfaces = interfaces()
         inv.blockDevices = blockDevices()
-        if let guestSockets { inv.guests = GuestDiscovery.guests(socketDirectory: guestSockets) }
+        if let guestSockets { inv.guests = GuestDiscovery.guests(socketDirectory: guestSockets, users: guestUsers) }
         return inv
     }
 

@@ -66,8 +66,8 @@ public final class AgentSession: Service, Sendable {
         self.logger = logger
         self.group = group
         self.identity = Mutex(identity)
-        let sockets = config.socketDirectory
-        self.inventory = inventory ?? { InventoryCollector.collect(guestSockets: sockets) }
+        let sockets = config.socketDirectory, users = (try? config.socketUserIDs) ?? []
+        self.inventory = inventory ?? { InventoryCollector.collect(guestSockets: sockets, guestUsers: users) }
     }
 
     /// How many sessions have been welcomed so far (for tests and logs).
@@ -193,7 +193,8 @@ public final class AgentSession: Service, Sendable {
                     var lastInventory = helloInventory
                     while true {
                         try await Task.sleep(for: config.inventoryInterval)
-                        let now = inventory()
+                        // Reading /proc (every process's command line) can block: not on the pool.
+                        let now = try await NIOThreadPool.singleton.runIfActive { inventory() }
                         if now != lastInventory {
                             lastInventory = now
                             var update = Ferry_V1_InventoryUpdate()

@@ -137,7 +137,9 @@ struct VolumeSyncWorker {
     /// capture what holds data. Returns the bytes compared and sent.
     func sync(extent: Int, replicaEmpty: Bool = false) async throws -> (UInt64, UInt64) {
         let offset = UInt64(extent) * activity.extentBytes
-        let length = min(activity.extentBytes, volume.size - offset)
+        // (An extent past the end, of an activity log grown for a resize that then failed, is empty.)
+        let length = min(activity.extentBytes, volume.size - min(volume.size, offset))
+        guard length > 0 else { return (0, 0) }
         let count = Int((length + UInt64(Self.blockBytes) - 1) / UInt64(Self.blockBytes))
         if replicaEmpty {
             return (length, try await capture(Self.runs(try await volume.dataBlocks(offset: offset, blockBytes: Self.blockBytes, count: count),

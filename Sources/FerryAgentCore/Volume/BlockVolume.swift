@@ -258,8 +258,8 @@ public final class BlockVolume: NBDExport {
                     throw FerryError(.badRequest, "\(path) is \(end) bytes: the volume follows its whole size, so resize it to \(end)")
                 }
             }
-            // The extents past the old end are tracked (durably) before anything can be written there.
-            try recorder.willGrow(to: newSize)
+            // The file first (a failure leaves everything as it was), then the extents past the old
+            // end tracked durably; nothing can be written there before the size below changes.
             if !followsBacking {
                 while ftruncate(fd, off_t(newSize)) != 0 {
                     if errno == EINTR { continue }
@@ -267,6 +267,7 @@ public final class BlockVolume: NBDExport {
                 }
                 try Self.sync(fd)
             }
+            try recorder.willGrow(to: newSize)
             let sequence = recorder.append(offset: 0, kind: .resize(size: newSize))
             sizeValue.store(newSize, ordering: .releasing)
             return sequence
@@ -336,13 +337,15 @@ public final class BlockVolume: NBDExport {
                 throw FerryError(.noSpace, "the source of \(name) grew to \(newSize) bytes, and \(path) is \(max(0, end)): grow it to at least that (lvextend, or the storage's own tool)")
             }
         }
-        try recorder.willGrow(to: newSize)
         if !followsBacking {
             while ftruncate(fd, off_t(newSize)) != 0 {
                 if errno == EINTR { continue }
                 throw FerryError.system(errno, "cannot grow \(path) to \(newSize) bytes")
             }
+            // Durable before the volume list says so.
+            try Self.sync(fd)
         }
+        try recorder.willGrow(to: newSize)
         sizeValue.store(newSize, ordering: .releasing)
     }
 

@@ -17,8 +17,9 @@ enum SinkChange: Sendable {
             throw FerryError(.badRequest, "an applied block is one of: bytes, a zeroed range, a resize")
         }
         if block.resizeBytes > 0 {
-            guard block.offset == 0, block.resizeBytes % 512 == 0 else {
-                throw FerryError(.badRequest, "a resize block has offset 0 and a size in whole 512-byte sectors, not \(block.resizeBytes) bytes at \(block.offset)")
+            // Any size: a source protected at a size that is no multiple of 512 grows its sink to it.
+            guard block.offset == 0 else {
+                throw FerryError(.badRequest, "a resize block has offset 0, not \(block.offset)")
             }
             try WireLimits.checkVolumeSize(block.resizeBytes, "a resize block")
             self = .grow(size: block.resizeBytes)

@@ -28,6 +28,9 @@ public actor VolumeManager {
         var outsideAllowlist: String?
         /// A recovered volume filling its target from the failover point, and its copier.
         var hydration: Hydration?
+        /// Protected by a command and not named by a volume list yet: a list that predates it
+        /// (another protect's, sent meanwhile) does not take it away.
+        var awaitingList = false
     }
 
     /// The parts of a volume that hydrates (see `VolumeHydration` in the protocol).
@@ -171,6 +174,7 @@ public actor VolumeManager {
             }
             // The controller says when a recovered volume's replica is ready to be streamed to.
             served[spec.name]?.spec.replicaSeeding = spec.replicaSeeding
+            if listed { served[spec.name]?.awaitingList = false }
             served[spec.name]?.spec.compression = spec.compression
             noteEmptyReplica(spec)
             try await applyFencing(spec)
@@ -181,7 +185,10 @@ public actor VolumeManager {
             throw FerryError(.conflict, "\(spec.path) is already protected as volume \(other.spec.name)")
         }
         var entry = try await openVolume(spec)
-        if !listed { entry.spec.replicaSeeding = true }
+        if !listed {
+            entry.spec.replicaSeeding = true
+            entry.awaitingList = true
+        }
         served[spec.name] = entry
         noteEmptyReplica(spec)
         try persist()
@@ -192,7 +199,7 @@ public actor VolumeManager {
     /// Makes the served set exactly `specs`; returns the status of each (with its error, if any).
     public func sync(_ specs: [Ferry_V1_VolumeSpec]) async -> [Ferry_V1_VolumeStatus] {
         let wanted = Set(specs.map(\.name))
-        for (name, entry) in served where !wanted.contains(name) {
+        for (name, entry) in served where !wanted.contains(name) && !entry.awaitingList {
             tcpServer?.remove(name: name)
             entry.server.cancel()
             unlink(entry.socket)
@@ -288,6 +295,8 @@ public actor VolumeManager {
                 try journal.recover(volume: entry.volume)
                 try journal.record(nil)
             }
+            // A journaled growth the recovery just finished: the volume list remembers it.
+            try noteGrown(name: spec.name)
             if spec.sizeBytes > 0, entry.volume.size > spec.sizeBytes {
                 // It grew as a sink (its source was resized): its replica hears of it first.
                 entry.volume.announceSize()
@@ -429,6 +438,13 @@ public actor VolumeManager {
         guard let entry = served[name] else { throw FerryError(.notFound, "this agent does not protect a volume named \(name)") }
         try WireLimits.checkVolumeSize(size, "the new size of volume \(name)")
         guard size % 512 == 0 else { throw FerryError(.badRequest, "the new size of volume \(name), \(size) bytes, is not a multiple of 512") }
+        // The activity log keeps a few bytes per 4 MiB extent in memory: bounded.
+        guard size <= Self.maxResizeBytes else {
+            throw FerryError(.badRequest, "volume \(name) cannot grow to \(size) bytes online: at most \(Self.maxResizeBytes >> 40) TiB")
+        }
+        guard resizes[name]?.growingTo == nil else {
+            throw FerryError(.conflict, "volume \(name) is being resized already; try again once that is done")
+        }
         if let hydrating = entry.hydration?.volume, !hydrating.isComplete {
             throw FerryError(.conflict, "volume \(name) is still filling from its failover point: resize it once it is hydrated")
         }
@@ -449,20 +465,25 @@ public actor VolumeManager {
         do {
             sequence = try await pool.runIfActive { try volume.resize(to: size) }
         } catch {
-            resizes[name]?.growingTo = nil
+            // The file may have grown before the failure: a restart then takes it at that size.
+            let grown = ((try? BlockVolume.size(of: entry.spec.path)) ?? 0) == size
+            if !grown { resizes[name]?.growingTo = nil }
             try? persist()
             throw error
         }
         note.grownFrom = note.grownFrom ?? out.previousBytes
         note.growingTo = nil
         resizes[name] = note
-        served[name]?.spec.sizeBytes = size
+        served[name]?.spec.sizeBytes = volume.size
         try persist()
         out.epoch = entry.log.epoch
         out.sequence = sequence ?? 0
         logger.info("volume resized online", metadata: ["volume": "\(name)", "from": "\(out.previousBytes)", "to": "\(size)", "sequence": "\(out.sequence)"])
         return out
     }
+
+    /// The largest size a volume grows to online (the activity log's extents are in memory).
+    static let maxResizeBytes: UInt64 = 64 << 40
 
     /// Compares the whole volume with the replica (resync on demand).
     public func resync(name: String) async throws -> Ferry_V1_VolumeStatus {

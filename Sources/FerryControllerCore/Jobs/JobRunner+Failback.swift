@@ -135,7 +135,7 @@ extension JobRunner {
             if let existing = mine.first(where: { $0.name == v.volume }) {
                 // A smaller one grows as the sink's first step; a larger one would keep a stale end.
                 guard UInt64(existing.sizeBytes) <= sourceSize else {
-                    throw FerryError(.conflict, "\(to)/\(v.volume) has \(existing.sizeBytes) bytes, more than the \(sourceSize) of \(record.recoveryHost)/\(v.localName): fail back to a volume of that size or smaller")
+                    throw FerryError(.conflict, "\(to)/\(v.volume) has \(existing.sizeBytes) bytes, more than the \(sourceSize) of \(record.recoveryHost)/\(v.localName) (volumes only grow): grow that one first ('ferryctl volume resize \(record.recoveryHost)/\(v.localName) --size \(existing.sizeBytes)'), or fail back to another host")
                 }
                 found.append(v.volume)
                 continue

@@ -163,6 +163,9 @@ public actor JobRunner {
                 await reverse.start(plan: plan.plan)
             }
             for s in try await store.jobs(unfinishedOnly: true) {
+                // A job the API started since this process began (the listener opens before
+                // this scan ends) runs already: launching it again would run every step twice.
+                guard running[s.job.id] == nil, snapshots[s.job.id] == nil else { continue }
                 var s = s
                 for i in s.job.steps.indices where s.job.steps[i].state == .running {
                     s.job.steps[i].state = .pending

@@ -28,10 +28,10 @@ extension StateStore {
         }
     }
 
-    /// The guests recorded on a host, by name.
+    /// The guests recorded on a host, the most recently seen first.
     public func guests(hostID: String) async throws -> [Ferry_V1_Guest] {
         try await pool.read { db in
-            try Row.fetchAll(db, sql: "SELECT shape FROM guest WHERE hostID = ? ORDER BY name", arguments: [hostID]).compactMap { row in
+            try Row.fetchAll(db, sql: "SELECT shape FROM guest WHERE hostID = ? ORDER BY seenAt DESC, name", arguments: [hostID]).compactMap { row in
                 let shape: Data = row["shape"]
                 return try? Ferry_V1_Guest(serializedBytes: [UInt8](shape))
             }

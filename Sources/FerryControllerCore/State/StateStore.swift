@@ -667,7 +667,6 @@ extension StateStore {
         }
     }
 
-    /// Remembers where the agent exports each volume, as it last reported.
     /// A volume grew (an online resize its replica has durably): the record follows. Never shrinks.
     public func growVolume(hostID: String, name: String, to size: UInt64) async throws {
         try await pool.write { db in
@@ -676,6 +675,7 @@ extension StateStore {
         }
     }
 
+    /// Remembers where the agent exports each volume, as it last reported.
     public func recordVolumeSockets(hostID: String, _ statuses: [Ferry_V1_VolumeStatus]) async throws {
         try await pool.write { db in
             for s in statuses where s.error.isEmpty {

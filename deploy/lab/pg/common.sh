@@ -12,7 +12,7 @@ exec 3>&1 4>&2
 die() { printf '%s: error: %s\n' "$SCRIPT" "$*" >&2; exit 2; }
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, loop devices, mounts)"
 for b in ferry-controller ferry-agent ferryctl; do [ -x "$SRC_BIN/$b" ] || die "$SRC_BIN/$b is missing (set FERRY_BIN, or build first)"; done
-for t in ip nbdfuse losetup mkfs.ext4 pgbench runuser "$PGBIN/pg_ctl" "$PGBIN/pg_amcheck"; do command -v "$t" >/dev/null 2>&1 || die "$t not found (deploy/install-deps.sh)"; done
+for t in ip nsenter qemu-io nbdfuse losetup mkfs.ext4 pgbench runuser "$PGBIN/pg_ctl" "$PGBIN/pg_amcheck"; do command -v "$t" >/dev/null 2>&1 || die "$t not found (deploy/install-deps.sh)"; done
 
 work="$(mktemp -d "/tmp/ferry-${SCRIPT%.sh}.XXXXXX")"
 chmod 755 "$work"
@@ -83,11 +83,11 @@ trap 'exit 143' TERM
 
 lab() { "$LAB" --prefix "$PREFIX" "$@"; }
 inns() { local h="$1"; shift; ip netns exec "$PREFIX-$h" "$@"; }
-start_daemon() {
+start_daemon() {  # appends to its log: a restarted daemon's log keeps what came before
   local label="$1" host="$2"; shift 2
   logs[$label]="$work/logs/$label.log"
-  labels+=("$label")
-  "$LAB" --prefix "$PREFIX" exec "$host" -- "$@" >"${logs[$label]}" 2>&1 &
+  case " ${labels[*]} " in *" $label "*) ;; *) labels+=("$label") ;; esac
+  "$LAB" --prefix "$PREFIX" exec "$host" -- "$@" >>"${logs[$label]}" 2>&1 &
   pids[$label]=$!
 }
 wait_for() {

@@ -45,7 +45,8 @@ umount_volume() {  # umount_volume DIR: whatever of it is there
   done
   mountpoint -q "$dir" && { umount "$dir" || die "cannot unmount $dir"; }
   if [ -s "$dir.loop" ]; then losetup -d "$(cat "$dir.loop")" 2>/dev/null || true; rm -f "$dir.loop"; fi
-  if mountpoint -q "$dir.fuse"; then fusermount3 -u "$dir.fuse" 2>/dev/null || umount -l "$dir.fuse" || true; fi
+  # (A FUSE mount whose server died answers ENOTCONN to mountpoint: ask the mount table.)
+  if grep -q " $dir.fuse fuse" /proc/self/mounts; then fusermount3 -uz "$dir.fuse" 2>/dev/null || umount -l "$dir.fuse" || true; fi
   if [ -s "$dir.nbdfuse.pid" ]; then
     local p; p="$(cat "$dir.nbdfuse.pid")"
     kill "$p" 2>/dev/null || true

@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
     *) die "unknown argument '$1'" ;;
   esac
 done
-guest="${guest:-${FERRY_LAB_GUEST:-/tmp/ferry-lab-guest}}"
+guest="${guest:-${FERRY_LAB_GUEST:-/var/tmp/ferry-lab-guest}}"
 
 # The accelerator: KVM only if a guest actually boots under it here (nested KVM can take the
 # guest's kernel and never run it); the answer is kept beside the guest.
