@@ -94,7 +94,7 @@ after_inv="$(invariant "$FO")"
 lab heal >>"$work/logs/lab.log" 2>&1 || fail "lab.sh heal failed"
 # Back in touch, db's agent learns it is fenced: its export refuses writes (512 bytes at offset 0:
 # ext4's unused boot area, harmless had it been taken).
-refused() { qemu-io -f raw -c "write -P 0 0 512" "nbd+unix:///pgdata?socket=${SOCK[pgdata]}" >"$work/check/fence.out" 2>&1; grep -q "Operation not permitted" "$work/check/fence.out"; }
+refused() { qemu-io -f raw -c "write -P 0 0 512" "nbd+unix:///pgdata?socket=${SOCK[pgdata]}" >"$work/check/fence.out" 2>&1; grep -q "Operation not permitted\|Permission denied" "$work/check/fence.out"; }
 wait_for "db's volumes to be fenced once the link heals" refused
 kill -KILL "$bench_pid" 2>/dev/null || true
 info "failover: crash recovery, pg_amcheck clean, $fo_inv; pgbench on rec1: $(grep -o 'tps = [0-9.]*' "$work/logs/pgbench-rec1.log" | head -n 1), then $after_inv"

@@ -103,7 +103,11 @@ bench_start() {  # pgbench on db for as long as the trial needs
   bench_pid=$!
 }
 bench_stop() {  # runuser and the pgbench under it
-  [ -z "$bench_pid" ] || { pkill -KILL -P "$bench_pid" 2>/dev/null; kill -KILL "$bench_pid" 2>/dev/null; wait "$bench_pid" 2>/dev/null || true; }
+  if [ -n "$bench_pid" ]; then
+    pkill -KILL -P "$bench_pid" 2>/dev/null || true
+    kill -KILL "$bench_pid" 2>/dev/null || true
+    wait "$bench_pid" 2>/dev/null || true
+  fi
   bench_pid=""
 }
 points_after() { fctl points pg --json >"$work/points.json" && [ "$(tool points "$work/points.json" "$1")" -ge "$2" ]; }

@@ -33,19 +33,16 @@
 #                          (default /var/tmp/ferry-lab-guest; built on first use)
 #   FERRY_VM_KEEP=1        keep the work dir after a passing run
 #   FERRY_VM_TIMEOUT=120   seconds to wait for each thing before failing
-set -euo pipefail
+set -Eeuo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-LAB="$here/lab.sh"
-TOOL="$here/drtool.py"
 VM="$here/vm/vm.sh"
-PY=/usr/bin/python3
 PREFIX=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) PREFIX="${2:?--prefix needs a value}"; shift 2 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -Eeuo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "vm-cycle.sh: unknown argument '$1' (--help)" >&2; exit 2 ;;
   esac
 done
@@ -54,98 +51,21 @@ TIMEOUT="${FERRY_VM_TIMEOUT:-120}"
 GUEST="${FERRY_LAB_GUEST:-/var/tmp/ferry-lab-guest}"
 SRC_BIN="${FERRY_BIN:-$root/.build/x86_64-unknown-linux-gnu/debug}"
 case "$SRC_BIN" in /*) ;; *) SRC_BIN="$(cd "$SRC_BIN" && pwd)" ;; esac
-exec 3>&1 4>&2
-
-die() { printf 'vm-cycle.sh: error: %s\n' "$*" >&2; exit 2; }
-[ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, taps)"
-for b in ferry-controller ferry-agent ferryctl; do [ -x "$SRC_BIN/$b" ] || die "$SRC_BIN/$b is missing (set FERRY_BIN, or build first)"; done
-for t in ip qemu-system-x86_64 e2fsck mkfs.ext4; do command -v "$t" >/dev/null 2>&1 || die "$t not found (deploy/install-deps.sh)"; done
-
-work="$(mktemp -d /tmp/ferry-vm-cycle.XXXXXX)"
-chmod 755 "$work"
-mkdir -p "$work/bin" "$work/logs" "$work/jobs" "$work/volumes/db" "$work/vms/db" "$work/vms/rec1" "$work/check"
-
-t_start="${EPOCHREALTIME/./}"
-now_us() { echo "${EPOCHREALTIME/./}"; }
-elapsed() { local n; n="$(now_us)"; printf '%d.%d' $(((n - t_start) / 1000000)) $((((n - t_start) / 100000) % 10)); }
-say() { printf '[%6ss] %s\n' "$(elapsed)" "$*" >&3; }
-info() { printf '          %s\n' "$*" >&3; }
-TL=()
-row() { TL+=("$(printf '  %-10s %8s %10s  %s' "$1" "$2" "$3" "$4")"); }
-FAIL_REASON=""
-fail() { FAIL_REASON="$*"; printf '\n[%6ss] CHECK FAILED: %s\n' "$(elapsed)" "$*" >&4; exit 1; }
-
-declare -A pids=() logs=()
-labels=()
-stop_guests() {  # every guest of this run, by its state dir
+SCRIPT=vm-cycle.sh
+LAB_TOOLS=(qemu-system-x86_64 e2fsck mkfs.ext4)
+LAB_KEEP="${FERRY_VM_KEEP:-}"
+TL_TIME="BOOT (s)"
+. "$here/lib.sh"
+mkdir -p "$work/volumes/db" "$work/vms/db" "$work/vms/rec1"
+CLEAN_ENV+=("FERRY_LAB_GUEST=$GUEST")
+lab_stop_workloads() {  # every guest of this run, by its state dir
   local s
   for s in "$work"/vms/*/*/; do [ -s "$s/qemu.pid" ] && "$VM" kill --state "$s" >/dev/null 2>&1; done
   return 0
 }
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  set +e
-  exec 1>&3 2>&4
-  stop_guests
-  local l i alive
-  for l in "${labels[@]}"; do kill -TERM "${pids[$l]}" 2>/dev/null; done
-  for ((i = 0; i < 50; i++)); do
-    alive=0
-    for l in "${labels[@]}"; do kill -0 "${pids[$l]}" 2>/dev/null && alive=1; done
-    [ "$alive" = 1 ] || break
-    sleep 0.1
-  done
-  for l in "${labels[@]}"; do kill -KILL "${pids[$l]}" 2>/dev/null; wait "${pids[$l]}" 2>/dev/null; done
-  "$LAB" down --prefix "$PREFIX" >"$work/logs/lab-down.log" 2>&1 || cat "$work/logs/lab-down.log"
-  local left; left="$(pgrep -f -- "$work/" | grep -vx "$$" || true)"
-  [ -z "$left" ] || kill -KILL $left 2>/dev/null
-  rm -rf "$work/bin"
-  printf '\nTimeline (prefix %s, work dir %s, accelerator %s)\n' "$PREFIX" "$work" "$(cat "$GUEST/accel" 2>/dev/null || echo ?)"
-  printf '  %-10s %8s %10s  %s\n' STEP SECONDS "BOOT (s)" "CHECKED"
-  printf '%s\n' "${TL[@]}"
-  if [ "$rc" -eq 0 ]; then
-    printf '\nPASSED: every check passed in %ss\n' "$(elapsed)"
-    if [ "${FERRY_VM_KEEP:-}" = 1 ]; then echo "work dir kept: $work"; else rm -rf "$work"; fi
-  else
-    for l in "${labels[@]}"; do printf '\n----- last lines of %s\n' "$l"; tail -n 12 "${logs[$l]}"; done
-    local c; for c in "$work"/vms/*/*/console.log; do [ -e "$c" ] && { printf '\n----- %s\n' "$c"; tr -d '\r' <"$c" | grep FERRY | grep -v COMMIT | tail -n 12; }; done
-    printf '\nFAILED after %ss: %s\nwork dir kept: %s\n' "$(elapsed)" "${FAIL_REASON:-exit status $rc}" "$work"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'FAIL_REASON="${FAIL_REASON:-unexpected failure at line $LINENO: $BASH_COMMAND}"' ERR
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-lab() { "$LAB" --prefix "$PREFIX" "$@"; }
-inns() { local h="$1"; shift; ip netns exec "$PREFIX-$h" "$@"; }
-start_daemon() {
-  local label="$1" host="$2"; shift 2
-  logs[$label]="$work/logs/$label.log"
-  labels+=("$label")
-  "$LAB" --prefix "$PREFIX" exec "$host" -- "$@" >"${logs[$label]}" 2>&1 &
-  pids[$label]=$!
-}
-wait_for() {
-  local what="$1"; shift
-  local deadline=$((SECONDS + TIMEOUT))
-  until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "timed out after ${TIMEOUT}s waiting for $what"
-    sleep 0.25
-  done
-}
-tool() { "$PY" "$TOOL" "$@"; }
-API="" API_TOKEN="" API_CA=""
-fctl() { FERRY_API="$API" FERRY_TOKEN="$API_TOKEN" FERRY_CA="$API_CA" inns ctl "$BIN/ferryctl" "$@"; }
-CLEAN_ENV=(env -i "PATH=$PATH" "HOME=${HOME:-/root}" "LANG=C.UTF-8" "FERRY_LAB_GUEST=$GUEST")
-
-run_job() {  # run_job NAME ARGS...: a ferryctl operation, waited for; fails the run unless it succeeded
-  local name="$1" f="$work/jobs/$1.json"; shift
-  fctl "$@" --json >"$f" 2>"$work/jobs/$name.err" || true
-  [ "$(tool get "j.get('state')" "$f" 2>/dev/null)" = succeeded ] || {
-    tool steps "$f" >&4 2>/dev/null; cat "$work/jobs/$name.err" >&4; fail "ferryctl $* did not succeed"; }
+lab_failure_logs() {
+  local c; for c in "$work"/vms/*/*/console.log; do [ -e "$c" ] && { printf '\n----- %s\n' "$c"; tr -d '\r' <"$c" | grep FERRY | grep -v COMMIT | tail -n 12; }; done
+  return 0
 }
 
 # The guests' consoles. console FILE: the lines of the guest's last boot in it.

@@ -313,6 +313,9 @@ public actor ReplicaStore {
             .compactMap { UInt64($0.dropLast(4), radix: 16) }
             .sorted()
         durable = state.checkpointed
+        // The size the records scanned so far allow: a resize record in one segment lets the
+        // records of the next ones lie past the older size.
+        var bound = size
         for id in ids {
             var segment = JournalSegment(id: id, epoch: 0)
             if id <= state.foldedThrough {
@@ -331,7 +334,7 @@ public actor ReplicaStore {
             var expected: UInt64?
             var oldest: Int64 = 0
             let (valid, total, intactAfter) = try JournalRecord.withSegment(segment.path(in: dir)) { bytes in
-                let valid = try JournalRecord.scan(bytes, size: size) { r in
+                let valid = try JournalRecord.scan(bytes, size: bound) { r in
                     if segment.epoch == 0 { segment.epoch = r.epoch }
                     if let expected, r.epoch == segment.epoch, r.sequence < expected {
                         return // a duplicate of a record already read: harmless, skipped
@@ -340,7 +343,10 @@ public actor ReplicaStore {
                         throw FerryError(.io, "journal segment \(JournalSegment.name(id)) breaks sequence order at \(r.sequence)")
                     }
                     expected = r.sequence + 1
-                    if r.kind == .resize { resizes.append((ReplicaPosition(epoch: r.epoch, sequence: r.sequence), r.length)) }
+                    if r.kind == .resize {
+                        resizes.append((ReplicaPosition(epoch: r.epoch, sequence: r.sequence), r.length))
+                        bound = max(bound, r.length)
+                    }
                     if segment.first == 0 { segment.first = r.sequence }
                     segment.last = r.sequence
                     segment.bytes = Int64(r.end)
@@ -354,7 +360,7 @@ public actor ReplicaStore {
                         durable = r.sequence
                     }
                 }
-                return (valid, bytes.count, JournalRecord.recordFollows(bytes, damageAt: valid, size: size))
+                return (valid, bytes.count, JournalRecord.recordFollows(bytes, damageAt: valid, size: bound))
             }
             let damaged = valid < total || sealed.map { Int64(valid) < $0.bytes } ?? false
             if damaged, sealed == nil, id == ids.last, !intactAfter {

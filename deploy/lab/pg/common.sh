@@ -1,36 +1,14 @@
-# Shared by deploy/lab/pg-cycle.sh and deploy/lab/soak.sh (sourced, not run): output and
-# teardown helpers, the lab with a controller and agents db and rec1, and PostgreSQL on db over
-# two Ferry volumes. The sourcing script sets SCRIPT, PREFIX, TIMEOUT and SRC_BIN first, and may
-# define `summary` (printed at exit instead of the timeline).
-LAB="$here/lab.sh"
-TOOL="$here/drtool.py"
+# PostgreSQL on db over two Ferry volumes, for pg-cycle.sh and soak.sh (sourced, not run, after
+# they set SCRIPT, PREFIX, TIMEOUT and SRC_BIN): the lab's shared helpers (lib.sh), the checks of
+# a recovered database, and the setup (pg_setup).
 PGH="$here/pg/pg-hook.sh"
 PGBIN=/usr/lib/postgresql/15/bin
-PY=/usr/bin/python3
-exec 3>&1 4>&2
+LAB_TOOLS=(nsenter qemu-io nbdfuse losetup mkfs.ext4 pgbench runuser "$PGBIN/pg_ctl" "$PGBIN/pg_amcheck")
+LAB_KEEP="${FERRY_PG_KEEP:-}"
+. "$here/lib.sh"
+mkdir -p "$work/volumes/db" "$work/pg/db" "$work/pg/rec1"
 
-die() { printf '%s: error: %s\n' "$SCRIPT" "$*" >&2; exit 2; }
-[ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, loop devices, mounts)"
-for b in ferry-controller ferry-agent ferryctl; do [ -x "$SRC_BIN/$b" ] || die "$SRC_BIN/$b is missing (set FERRY_BIN, or build first)"; done
-for t in ip nsenter qemu-io nbdfuse losetup mkfs.ext4 pgbench runuser "$PGBIN/pg_ctl" "$PGBIN/pg_amcheck"; do command -v "$t" >/dev/null 2>&1 || die "$t not found (deploy/install-deps.sh)"; done
-
-work="$(mktemp -d "/tmp/ferry-${SCRIPT%.sh}.XXXXXX")"
-chmod 755 "$work"
-mkdir -p "$work/bin" "$work/logs" "$work/jobs" "$work/volumes/db" "$work/pg/db" "$work/pg/rec1" "$work/check"
-
-t_start="${EPOCHREALTIME/./}"
-now_us() { echo "${EPOCHREALTIME/./}"; }
-elapsed() { local n; n="$(now_us)"; printf '%d.%d' $(((n - t_start) / 1000000)) $((((n - t_start) / 100000) % 10)); }
-say() { printf '[%6ss] %s\n' "$(elapsed)" "$*" >&3; }
-info() { printf '          %s\n' "$*" >&3; }
-TL=()
-row() { TL+=("$(printf '  %-10s %8s %10s  %s' "$1" "$2" "$3" "$4")"); }
-FAIL_REASON=""
-fail() { FAIL_REASON="$*"; printf '\n[%6ss] CHECK FAILED: %s\n' "$(elapsed)" "$*" >&4; exit 1; }
-
-declare -A pids=() logs=()
-labels=()
-stop_databases() {  # every PostgreSQL of this run, immediately, and its mounts
+lab_stop_workloads() {  # every PostgreSQL of this run, immediately, and its mounts
   local r
   [ -z "$bench_pid" ] || kill -KILL "$bench_pid" 2>/dev/null
   for r in "$work"/pg/*/*/; do
@@ -41,75 +19,11 @@ stop_databases() {  # every PostgreSQL of this run, immediately, and its mounts
   done
   return 0
 }
+lab_failure_logs() {
+  local c; for c in "$work"/pg/*/*/pg.log; do [ -e "$c" ] && { printf '\n----- %s\n' "$c"; tail -n 12 "$c"; }; done
+  return 0
+}
 bench_pid=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  set +e
-  exec 1>&3 2>&4
-  stop_databases
-  local l i alive
-  for l in "${labels[@]}"; do kill -TERM "${pids[$l]}" 2>/dev/null; done
-  for ((i = 0; i < 50; i++)); do
-    alive=0
-    for l in "${labels[@]}"; do kill -0 "${pids[$l]}" 2>/dev/null && alive=1; done
-    [ "$alive" = 1 ] || break
-    sleep 0.1
-  done
-  for l in "${labels[@]}"; do kill -KILL "${pids[$l]}" 2>/dev/null; wait "${pids[$l]}" 2>/dev/null; done
-  "$LAB" down --prefix "$PREFIX" >"$work/logs/lab-down.log" 2>&1 || cat "$work/logs/lab-down.log"
-  local left; left="$(pgrep -f -- "$work/" | grep -vx "$$" || true)"
-  [ -z "$left" ] || kill -KILL $left 2>/dev/null
-  rm -rf "$work/bin"
-  if declare -F summary >/dev/null; then summary; else
-    printf '\nTimeline (prefix %s, work dir %s)\n' "$PREFIX" "$work"
-    printf '  %-10s %8s %10s  %s\n' STEP SECONDS "START (s)" "CHECKED"
-    printf '%s\n' "${TL[@]}"
-  fi
-  if [ "$rc" -eq 0 ]; then
-    printf '\nPASSED: every check passed in %ss\n' "$(elapsed)"
-    if [ "${FERRY_PG_KEEP:-}" = 1 ]; then echo "work dir kept: $work"; else rm -rf "$work"; fi
-  else
-    for l in "${labels[@]}"; do printf '\n----- last lines of %s\n' "$l"; tail -n 12 "${logs[$l]}"; done
-    local c; for c in "$work"/pg/*/*/pg.log; do [ -e "$c" ] && { printf '\n----- %s\n' "$c"; tail -n 12 "$c"; }; done
-    printf '\nFAILED after %ss: %s\nwork dir kept: %s\n' "$(elapsed)" "${FAIL_REASON:-exit status $rc}" "$work"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'FAIL_REASON="${FAIL_REASON:-unexpected failure at line $LINENO: $BASH_COMMAND}"' ERR
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-lab() { "$LAB" --prefix "$PREFIX" "$@"; }
-inns() { local h="$1"; shift; ip netns exec "$PREFIX-$h" "$@"; }
-start_daemon() {  # appends to its log: a restarted daemon's log keeps what came before
-  local label="$1" host="$2"; shift 2
-  logs[$label]="$work/logs/$label.log"
-  case " ${labels[*]} " in *" $label "*) ;; *) labels+=("$label") ;; esac
-  "$LAB" --prefix "$PREFIX" exec "$host" -- "$@" >>"${logs[$label]}" 2>&1 &
-  pids[$label]=$!
-}
-wait_for() {
-  local what="$1"; shift
-  local deadline=$((SECONDS + TIMEOUT))
-  until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "timed out after ${TIMEOUT}s waiting for $what"
-    sleep 0.25
-  done
-}
-tool() { "$PY" "$TOOL" "$@"; }
-API="" API_TOKEN="" API_CA=""
-fctl() { FERRY_API="$API" FERRY_TOKEN="$API_TOKEN" FERRY_CA="$API_CA" inns ctl "$BIN/ferryctl" "$@"; }
-CLEAN_ENV=(env -i "PATH=$PATH" "HOME=${HOME:-/root}" "LANG=C.UTF-8")
-
-run_job() {  # run_job NAME ARGS...: a ferryctl operation, waited for; fails the run unless it succeeded
-  local name="$1" f="$work/jobs/$1.json"; shift
-  fctl "$@" --json >"$f" 2>"$work/jobs/$name.err" || true
-  [ "$(tool get "j.get('state')" "$f" 2>/dev/null)" = succeeded ] || {
-    tool steps "$f" >&4 2>/dev/null; cat "$work/jobs/$name.err" >&4; fail "ferryctl $* did not succeed"; }
-}
-
 
 # sql RUN QUERY: one value, from the PostgreSQL of RUN (its socket directory)
 sql() { runuser -u postgres -- "$PGBIN/psql" -h "$1/sock" -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$2"; }

@@ -25,7 +25,8 @@ build() {
   [ -x /bin/busybox ] && file -L /bin/busybox | grep -q 'statically linked' || die "/bin/busybox is not the static one: apt-get install busybox-static"
   local work
   work="$(mktemp -d)"
-  trap 'rm -rf "$work"' RETURN
+  # (EXIT, not RETURN: die exits from inside the function.)
+  trap 'rm -rf "$work"' EXIT
   local package
   package="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
   if [ -z "$package" ]; then   # a machine whose package lists were never fetched

@@ -80,6 +80,8 @@ start)
     tap="$(tap_name)"
     ip link del "$tap" 2>/dev/null || true
     ip tuntap add dev "$tap" mode tap
+    # A start that fails from here on takes its tap with it (wherever it went).
+    trap 'ip link del "$tap" 2>/dev/null || ip -n "$bridge_ns" link del "$tap" 2>/dev/null || true' ERR
     args+=(-netdev "tap,id=n0,ifname=$tap,script=no,downscript=no" -device "virtio-net-pci,netdev=n0,mac=$mac")
     append+=" ferry.net=$net"
     [ -n "$probe" ] && append+=" ferry.probe=$probe"
