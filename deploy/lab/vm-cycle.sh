@@ -92,6 +92,14 @@ wait_records() {  # wait_records STATE: the guest's RECORDS line
     sleep 0.2
   done
 }
+# exactly STATE L WHAT: the guest booted from STATE holds records 1..L, every one intact (zero loss).
+exactly() {
+  wait_records "$1"
+  local last count bad
+  last="$(field "$1/console.log" last)" count="$(field "$1/console.log" count)" bad="$(field "$1/console.log" bad)"
+  [ "$bad" = 0 ] && [ "$count" = "$last" ] && [ "$last" = "$2" ] ||
+    fail "after $3 the guest holds count=$count last=$last bad=$bad; zero loss means exactly 1..$2"
+}
 # fsck_point P: the point's image, exported and copied, passes e2fsck after its journal replay.
 fsck_point() {
   local img="$work/check/$1.img"
@@ -220,10 +228,7 @@ FO="$(latest_run rec1)"
 [ "$FO" != "$DRILL" ] || fail "rec1 booted no guest for the failover"
 wait_boot "$FO"
 fo_boot="$BOOT"
-wait_records "$FO"
-last="$(field "$FO/console.log" last)" count="$(field "$FO/console.log" count)" bad="$(field "$FO/console.log" bad)"
-[ "$bad" = 0 ] && [ "$count" = "$last" ] && [ "$last" = "$L" ] ||
-  fail "after the planned failover the guest holds count=$count last=$last bad=$bad; zero loss means exactly 1..$L"
+exactly "$FO" "$L" "the planned failover"
 console "$FO/console.log" | grep -q "NET address 10.91.2.50/24" || fail "the failed-over guest has no DR address"
 has "$FO/console.log" "FERRY NET 10.91.2.1 up" || fail "the failed-over guest cannot reach the DR site"
 wait_for "the failed-over guest to commit" eval '[ "$(commits "$FO/console.log")" -gt "$L" ]'
@@ -241,10 +246,7 @@ HOME_RUN="$(latest_run db)"
 [ "$HOME_RUN" != "$PROD" ] || fail "db booted no guest at failback"
 wait_boot "$HOME_RUN"
 fb_boot="$BOOT"
-wait_records "$HOME_RUN"
-last="$(field "$HOME_RUN/console.log" last)" count="$(field "$HOME_RUN/console.log" count)" bad="$(field "$HOME_RUN/console.log" bad)"
-[ "$bad" = 0 ] && [ "$count" = "$last" ] && [ "$last" = "$L2" ] ||
-  fail "after failback the guest holds count=$count last=$last bad=$bad; zero loss means exactly 1..$L2"
+exactly "$HOME_RUN" "$L2" "failback"
 console "$HOME_RUN/console.log" | grep -q "SHAPE cpus=2 .* mac=52:54:00:00:00:32" || fail "the guest came home with another shape"
 has "$HOME_RUN/console.log" "FERRY NET 10.91.1.1 up" || fail "the guest at home cannot reach production"
 wait_for "the guest at home to commit" eval '[ "$(commits "$HOME_RUN/console.log")" -gt "$L2" ]'

@@ -258,16 +258,7 @@ public final class BlockVolume: NBDExport {
                     throw FerryError(.badRequest, "\(path) is \(end) bytes: the volume follows its whole size, so resize it to \(end)")
                 }
             }
-            // The file first (a failure leaves everything as it was), then the extents past the old
-            // end tracked durably; nothing can be written there before the size below changes.
-            if !followsBacking {
-                while ftruncate(fd, off_t(newSize)) != 0 {
-                    if errno == EINTR { continue }
-                    throw FerryError.system(errno, "cannot grow \(path) to \(newSize) bytes")
-                }
-                try Self.sync(fd)
-            }
-            try recorder.willGrow(to: newSize)
+            try growBacking(to: newSize)
             let sequence = recorder.append(offset: 0, kind: .resize(size: newSize))
             sizeValue.store(newSize, ordering: .releasing)
             return sequence
@@ -337,16 +328,22 @@ public final class BlockVolume: NBDExport {
                 throw FerryError(.noSpace, "the source of \(name) grew to \(newSize) bytes, and \(path) is \(max(0, end)): grow it to at least that (lvextend, or the storage's own tool)")
             }
         }
+        try growBacking(to: newSize)
+        sizeValue.store(newSize, ordering: .releasing)
+    }
+
+    /// The file grown first, durably (a failure leaves everything as it was; a block device is
+    /// grown by its owner), then the extents past the old end tracked durably: nothing can be
+    /// written there before the caller changes the size. The mutation lock is held.
+    private func growBacking(to newSize: UInt64) throws {
         if !followsBacking {
             while ftruncate(fd, off_t(newSize)) != 0 {
                 if errno == EINTR { continue }
                 throw FerryError.system(errno, "cannot grow \(path) to \(newSize) bytes")
             }
-            // Durable before the volume list says so.
             try Self.sync(fd)
         }
         try recorder.willGrow(to: newSize)
-        sizeValue.store(newSize, ordering: .releasing)
     }
 
     static func writeZeroes(_ fd: Int32, offset: UInt64, length: UInt64) throws {
