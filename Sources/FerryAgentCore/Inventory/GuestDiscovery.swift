@@ -93,7 +93,10 @@ public enum GuestDiscovery {
     }
 
     /// `a=1,b=2` (qemu's option syntax; ",," is a literal comma); a leading bare value is `first`.
+    /// A JSON object (libvirt writes `-device` and `-blockdev` so) is flattened the same way,
+    /// nested keys joined by dots (`server.path`).
     static func properties(_ text: String, first: String) -> [String: String] {
+        if text.hasPrefix("{") { return json(text) }
         var out: [String: String] = [:]
         var parts: [String] = []
         var current = ""
@@ -117,6 +120,22 @@ public enum GuestDiscovery {
                 out[first] = part
             }
         }
+        return out
+    }
+
+    static func json(_ text: String) -> [String: String] {
+        guard text.utf8.count <= 64 << 10, let object = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] else { return [:] }
+        var out: [String: String] = [:]
+        func flatten(_ value: Any, _ key: String, depth: Int) {
+            guard depth < 8, out.count < 256 else { return }
+            switch value {
+            case let d as [String: Any]: for (k, v) in d { flatten(v, key.isEmpty ? k : key + "." + k, depth: depth + 1) }
+            case let s as String: out[key] = s
+            case let n as NSNumber: out[key] = n.stringValue
+            default: break
+            }
+        }
+        flatten(object, "", depth: 0)
         return out
     }
 
