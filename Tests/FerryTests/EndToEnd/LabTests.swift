@@ -42,14 +42,14 @@ struct LabTests {
     @Test("a short soak: randomized unplanned failovers of PostgreSQL on two Ferry volumes (crash, app, group and as-of points), daemons killed -9 at random steps, each trial checked (crash recovery, pg_amcheck, pgbench's invariant), reprotected and failed back with zero loss; a rerun resumes after the recorded trials")
     func soakShort() async throws {
         let state = try TestDirectory()
-        var r = try await run("/bin/bash", [Self.lab + "/soak.sh", "2", "--state", state.path],
+        var r = try await run("/bin/bash", [Self.lab + "/soak.sh", "1", "--state", state.path],
                               environment: ["FERRY_BIN": Binaries.directory], timeout: .seconds(900))
         #expect(r.status == 0, "\(r.stdout.suffix(6000))\n\(r.stderr.suffix(4000))")
-        #expect(r.stdout.contains("trials      2 (2 passed)") && r.stdout.contains("violations  0"), "\(r.stdout.suffix(3000))")
-        // Checkpointed: asked for 3, it runs only the third.
-        r = try await run("/bin/bash", [Self.lab + "/soak.sh", "3", "--state", state.path],
+        #expect(r.stdout.contains("trials      1 (1 passed)") && r.stdout.contains("violations  0"), "\(r.stdout.suffix(3000))")
+        // Checkpointed: asked for 2, it runs only the second.
+        r = try await run("/bin/bash", [Self.lab + "/soak.sh", "2", "--state", state.path],
                           environment: ["FERRY_BIN": Binaries.directory], timeout: .seconds(900))
-        #expect(r.status == 0 && r.stdout.contains("trials 3..3") && r.stdout.contains("trials      3 (3 passed)"), "\(r.stdout.suffix(6000))")
+        #expect(r.status == 0 && r.stdout.contains("trials 2..2") && r.stdout.contains("trials      2 (2 passed)"), "\(r.stdout.suffix(6000))")
         print(r.stdout.split(separator: "\n").suffix(12).joined(separator: "\n"))
     }
 }
