@@ -12,9 +12,9 @@
 #      run again once (what an operator does), counted as a retry. (rec1's agent is not killed:
 #      it serves the recovered database's disks through nbdfuse, which does not reconnect, so
 #      that is a crash of the recovered workload, not of Ferry.)
-#   3. the inter-site link cut; unplanned failover at the point: rec1 starts PostgreSQL by its own
-#      crash recovery; pg_amcheck --heapallindexed and pgbench's invariant must hold; rec1 runs
-#      pgbench itself for 3 s
+#   3. the inter-site link cut; unplanned failover at the point: both volumes' images at the point
+#      pass e2fsck after their journal replay; rec1 starts PostgreSQL by its own crash recovery;
+#      pg_amcheck --heapallindexed and pgbench's invariant must hold; rec1 runs pgbench for 3 s
 #   4. the link heals; db's old PostgreSQL (on volumes fenced now) is stopped and unmounted, as
 #      an operator powers the old primary's workload off; reprotect; failback: rec1's stop hook
 #      shuts PostgreSQL down cleanly, db's start hook starts it at home: it must hold exactly
@@ -191,13 +191,17 @@ for ((trial = done_trials + 1; trial <= N; trial++)); do
     crash) POINT=(--point latest-crash) ;;
     app) POINT=(--point latest-app) ;;
     group) POINT=(--point latest-group) ;;
-    as-of) POINT=(--as-of "$(date -u -d "@$(( $(date +%s) - 1 - RANDOM % 3 ))" +%Y-%m-%dT%H:%M:%SZ)") ;;
+    as-of)  # 1-3 s ago, but after the trial's first point (points come every 2 s)
+      t=$(( $(date +%s) - 1 - RANDOM % 3 )); [ "$t" -ge $((since_s + 3)) ] || t=$((since_s + 3))
+      POINT=(--as-of "$(date -u -d "@$t" +%Y-%m-%dT%H:%M:%SZ)") ;;
   esac
   lab cut >>"$work/logs/lab.log" 2>&1 || violation "lab.sh cut failed"
   chaos_job failover failover failover pg "${POINT[@]}"
   rpo="$(report failover rpo_seconds)" rto="$(report failover rto_seconds)"
   setT rpo "${rpo:-null}"; setT rto "${rto:-null}"
   setT point "\"$(report failover point)\""
+  point="$(report failover point)"
+  for v in pgdata pgwal; do ( fsck_point "$v" "$point" ) || violation "db/$v at point $point is not a clean ext4 after its journal replay (see $work/check)"; done
   ( recovered "$REC" ) || violation "rec1's PostgreSQL did not recover by itself: $(tail -n 3 "$REC/pg.log")"
   setT recovery "$(start_seconds "$REC" "$work/pg/rec1")"
   ( amcheck "$REC" ) || violation "pg_amcheck after the failover: $(tail -n 5 "$work/check/amcheck-pg.db.out")"

@@ -49,6 +49,15 @@ start_seconds() {  # start_seconds RUN STATE: the hook's last start of RUN, to P
   awk -v r="run=$1" '$3 == r && $2 == "start" { t = $1 } $3 == r && $2 == "ready" { d = $1 - t } END { printf "%.1f", d }' "$2/events"
 }
 history_rows() { sql "$1" "select count(*) from pgbench_history"; }
+# fsck_point VOLUME POINT: the point's image of db/VOLUME, exported and copied, passes e2fsck after
+# its journal replay (the file system itself, below what PostgreSQL checks).
+fsck_point() {
+  local img="$work/check/$1-$2.img"
+  fctl volume export "db/$1" --point "$2" --out "$img" --force >/dev/null || fail "export of db/$1 at $2 failed"
+  e2fsck -fy "$img" >"$img.fsck1" 2>&1 || [ $? -le 1 ] || fail "e2fsck could not recover db/$1 at $2: $(tail -n 5 "$img.fsck1")"
+  e2fsck -fn "$img" >"$img.fsck2" 2>&1 || fail "db/$1 at $2 is not a clean file system after its journal replay: $(grep -v '^Pass\|^e2fsck' "$img.fsck2" | head -n 8)"
+  rm -f "$img"
+}
 
 
 start_controller() {
