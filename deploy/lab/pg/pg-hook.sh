@@ -44,9 +44,17 @@ umount_volume() {  # umount_volume DIR: whatever of it is there
     sleep 0.1
   done
   mountpoint -q "$dir" && { umount "$dir" || die "cannot unmount $dir"; }
+  # The loop device writes into the FUSE file's page cache: fsync that file before anything is
+  # let go, so every block the file system wrote reaches nbdfuse and the export (a lazy unmount
+  # and a killed nbdfuse would drop what is still cached there: a file system missing its last
+  # writes, copied home by a failback).
+  [ -e "$dir.fuse/disk" ] && sync "$dir.fuse/disk" 2>/dev/null
   if [ -s "$dir.loop" ]; then losetup -d "$(cat "$dir.loop")" 2>/dev/null || true; rm -f "$dir.loop"; fi
+  [ -e "$dir.fuse/disk" ] && sync "$dir.fuse/disk" 2>/dev/null
   # (A FUSE mount whose server died answers ENOTCONN to mountpoint: ask the mount table.)
-  if grep -q " $dir.fuse fuse" /proc/self/mounts; then fusermount3 -uz "$dir.fuse" 2>/dev/null || umount -l "$dir.fuse" || true; fi
+  if grep -q " $dir.fuse fuse" /proc/self/mounts; then
+    fusermount3 -u "$dir.fuse" 2>/dev/null || fusermount3 -uz "$dir.fuse" 2>/dev/null || umount -l "$dir.fuse" || true
+  fi
   if [ -s "$dir.nbdfuse.pid" ]; then
     local p; p="$(cat "$dir.nbdfuse.pid")"
     kill "$p" 2>/dev/null || true
