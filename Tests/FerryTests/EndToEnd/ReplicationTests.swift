@@ -167,6 +167,12 @@ struct ReplicationTests {
             }
         }
         #expect(try await progressed(past: 96 << 20), "\(agent.log)")
+        // What a restart skips is what the activity log no longer marks: extents whose every
+        // write the controller acked (on a loaded machine the acks, and so the clearing, lag).
+        #expect(try await eventually(timeout: .seconds(60), every: .milliseconds(100)) {
+            let v = try await volume(controller)
+            return (v.markedExtents ?? 256) <= 240 && v.sync?.done == false
+        }, "\(agent.log)")
         // The resumed sync must still be running when the controller is killed below; unthrottled
         // it can finish before the test sees it past 32 MiB. 200 Mbit/s leaves it ~15 s.
         #expect(try await controller.ctl("wan", "set", "--limit", "200mbit").status == 0)
