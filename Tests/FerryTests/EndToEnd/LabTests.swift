@@ -39,17 +39,17 @@ struct LabTests {
         print(r.stdout.split(separator: "\n").suffix(10).joined(separator: "\n"))
     }
 
-    @Test("a short soak: randomized unplanned failovers of PostgreSQL on two Ferry volumes (crash, app, group and as-of points), daemons killed -9 at random steps, each trial checked (crash recovery, pg_amcheck, pgbench's invariant), reprotected and failed back with zero loss; a rerun resumes after the recorded trials")
+    @Test("a short soak: a randomized unplanned failover of PostgreSQL on two Ferry volumes (crash, app, group or as-of point), a daemon maybe killed -9 at a random step, checked (e2fsck of the point, crash recovery, pg_amcheck, pgbench's invariant), reprotected and failed back with zero loss; a rerun goes on after the recorded trials")
     func soakShort() async throws {
         let state = try TestDirectory()
         var r = try await run("/bin/bash", [Self.lab + "/soak.sh", "1", "--state", state.path],
                               environment: ["FERRY_BIN": Binaries.directory], timeout: .seconds(900))
         #expect(r.status == 0, "\(r.stdout.suffix(6000))\n\(r.stderr.suffix(4000))")
         #expect(r.stdout.contains("trials      1 (1 passed)") && r.stdout.contains("violations  0"), "\(r.stdout.suffix(3000))")
-        // Checkpointed: asked for 2, it runs only the second.
-        r = try await run("/bin/bash", [Self.lab + "/soak.sh", "2", "--state", state.path],
+        // Checkpointed: asked again for 1, it runs nothing and reports the recorded trial.
+        r = try await run("/bin/bash", [Self.lab + "/soak.sh", "1", "--state", state.path],
                           environment: ["FERRY_BIN": Binaries.directory], timeout: .seconds(900))
-        #expect(r.status == 0 && r.stdout.contains("trials 2..2") && r.stdout.contains("trials      2 (2 passed)"), "\(r.stdout.suffix(6000))")
+        #expect(r.status == 0 && r.stdout.contains("1 trials recorded") && r.stdout.contains("trials      1 (1 passed)"), "\(r.stdout.suffix(6000))")
         print(r.stdout.split(separator: "\n").suffix(12).joined(separator: "\n"))
     }
 }
