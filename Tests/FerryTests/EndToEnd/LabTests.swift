@@ -23,6 +23,25 @@ struct LabTests {
         print(r.stdout.split(separator: "\n").suffix(30).joined(separator: "\n"))
     }
 
+    @Test("the lab's guest builds from nothing (a fresh machine has no cached kernel): guest.sh build exits 0 with a kernel, an initramfs holding the workload's /init, and keeps them on a second call")
+    func guestBuildsFromNothing() async throws {
+        let dir = try TestDirectory()
+        let out = dir.path + "/guest"
+        var r = try await run("/bin/bash", [Self.lab + "/vm/guest.sh", "build", out], timeout: .seconds(300))
+        #expect(r.status == 0, "\(r)")
+        let files = FileManager.default
+        for name in ["vmlinuz", "initrd.img", "kernel-version"] {
+            let size = (try? files.attributesOfItem(atPath: out + "/" + name)[.size] as? Int) ?? 0
+            #expect(size > 0, "\(name) missing or empty")
+        }
+        let listing = try await run("/bin/sh", ["-c", "gzip -dc '\(out)/initrd.img' 2>/dev/null | busybox cpio -t 2>/dev/null || busybox cpio -t < '\(out)/initrd.img'"], timeout: .seconds(60))
+        #expect(listing.stdout.split(separator: "\n").contains("init"), "\(listing.stdout.prefix(2000))")
+        let built = try files.attributesOfItem(atPath: out + "/initrd.img")[.modificationDate] as? Date
+        r = try await run("/bin/bash", [Self.lab + "/vm/guest.sh", "build", out], timeout: .seconds(300))
+        #expect(r.status == 0, "\(r)")
+        #expect(try files.attributesOfItem(atPath: out + "/initrd.img")[.modificationDate] as? Date == built)
+    }
+
     @Test("a VM in the lab: a qemu guest whose disk is a Ferry volume commits records to ext4; drilled (booted on rec1 with its recorded shape on the isolated test network: records intact, nothing reachable, the point passes e2fsck), failed over planned (zero loss, DR network) and failed back (zero loss, home network, e2fsck -fn clean)")
     func vmCycle() async throws {
         let r = try await run("/bin/bash", [Self.lab + "/vm-cycle.sh"],

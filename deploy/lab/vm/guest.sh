@@ -23,10 +23,11 @@ build() {
     return
   fi
   [ -x /bin/busybox ] && file -L /bin/busybox | grep -q 'statically linked' || die "/bin/busybox is not the static one: apt-get install busybox-static"
-  local work
+  # Global, not local: the EXIT trap runs after build() has returned (and set -u would fail on
+  # a local gone out of scope, turning a good build into exit status 1).
   work="$(mktemp -d)"
   # (EXIT, not RETURN: die exits from inside the function.)
-  trap 'rm -rf "$work"' EXIT
+  trap 'rm -rf "${work:-}"' EXIT
   local package
   package="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
   if [ -z "$package" ]; then   # a machine whose package lists were never fetched
