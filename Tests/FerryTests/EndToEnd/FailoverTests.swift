@@ -245,8 +245,14 @@ struct FailoverTests {
         let noPoint = try await site.controller.ctl("failover", "shop")
         #expect(noPoint.status != 0 && noPoint.stderr.contains("--point"), "\(noPoint)")
 
-        // The source host dies; fail over unplanned.
+        // The source host dies with writes the controller never acked (its link nearly shut):
+        // their extents stay marked in its activity log.
+        #expect(try await site.controller.ctl("wan", "set", "--host", "db", "--limit", "1mbit").status == 0)
+        #expect(try await qemuIO(site.uris["db/data"]!, "write -P 0x2f 2M 4M").ok)
+        // (4 MiB take 32 s at 1 Mbit/s: marked durably before each write, cleared only by acks;
+        // the restarted agent's log below says it found them.)
         await site.agents["db"]!.kill9()
+        #expect(try await site.controller.ctl("wan", "set", "--host", "db", "--limit", "none").status == 0)
         let started = try await site.controller.ctl("failover", "shop", "--point", "latest-group", "--no-wait", "--json")
         let job = try API.decoder().decode(API.Job.self, from: Data(started.stdout.utf8))
         let waiting = try await eventually(timeout: .seconds(90), every: .milliseconds(200)) {
@@ -272,16 +278,25 @@ struct FailoverTests {
         #expect(r.ok, "\(r.output)")
 
         // The old primary comes back: fenced before it serves a write.
+        let earlierRuns = site.agents["db"]!.log.utf8.count   // (the log file is appended to)
         site.agents["db"] = try await AgentProcess.start(dataDir: site.dir.path + "/agent-db", arguments: ["--config", site.dir.file("agent-db.yaml")])
         #expect(try await site.controller.waitFor("db", state: "online"))
         r = try await qemuIO(site.uris["db/data"]!, "write -P 0x66 0 4k")
         #expect(!r.ok, "the old primary's export refuses writes: \(r.output)")
         #expect(try await qemuIO(site.uris["db/data"]!, readOnly: true, "read -P 0x21 0 4k").ok)
-        // Reprotect moves only what changed (the recovered app's 64 KiB, nothing of db).
+        // Reprotect moves only what changed: the recovered app's 64 KiB, and db's unacked 4 MiB
+        // undone (of 16 MiB volumes).
         let reprotect = try await self.job(site, "reprotect", "shop")
         #expect(reprotect.state == .succeeded, "\(reprotect)")
         let sent = UInt64(reprotect.report["bytes_sent"] ?? "") ?? .max
-        #expect(sent <= 1 << 20, "\(reprotect.report)")
+        #expect(sent <= 5 << 20, "\(reprotect.report)")
+        // Its marked extents are not resynced while it is fenced: a resync in the restarted
+        // agent's new capture epoch is refused, and the refusal ended its session, again at
+        // every reconnect (found by the soak).
+        let dbLog = String(decoding: site.agents["db"]!.log.utf8.dropFirst(earlierRuns), as: UTF8.self)
+        #expect(dbLog.contains("extents marked by an earlier run"), "\(dbLog.suffix(3000))")
+        #expect(dbLog.components(separatedBy: "session open").count == 2, "one session, never refused: \(dbLog.suffix(3000))")
+        #expect(!site.controller.process.log.contains("refused: the volume is fenced"), "\(site.controller.process.log.suffix(3000))")
         for (_, agent) in site.agents { await agent.kill9() }
         await site.controller.process.kill9()
     }

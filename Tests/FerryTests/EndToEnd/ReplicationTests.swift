@@ -156,6 +156,11 @@ struct ReplicationTests {
         #expect(try await run("/usr/bin/truncate", ["-s", "1G", image]).status == 0)
         let filled = try await run("/usr/bin/dd", ["if=/dev/urandom", "of=\(image)", "bs=4M", "count=128", "conv=notrunc,fsync", "status=none"])
         #expect(filled.status == 0, "\(filled)")
+        // Throttled from the start: unthrottled, a loaded machine's sync can finish between the
+        // test seeing it part-way and the kill (then the restart has nothing left to resume), and
+        // the resumed sync below must still be running when the controller is killed. At
+        // 400 Mbit/s the 1 GiB takes ~20 s.
+        #expect(try await controller.ctl("wan", "set", "--limit", "400mbit").status == 0)
         #expect(try await controller.ctl("protect", "db", "--volume", "data", "--path", image).status == 0)
         let replica = try #require(try await volume(controller).replicaPath)
 
@@ -173,9 +178,6 @@ struct ReplicationTests {
             let v = try await volume(controller)
             return (v.markedExtents ?? 256) <= 240 && v.sync?.done == false
         }, "\(agent.log)")
-        // The resumed sync must still be running when the controller is killed below; unthrottled
-        // it can finish before the test sees it past 32 MiB. 200 Mbit/s leaves it ~15 s.
-        #expect(try await controller.ctl("wan", "set", "--limit", "200mbit").status == 0)
         await agent.kill9()
         let again = try await AgentProcess.start(dataDir: dir.path + "/agent-db", logPath: dir.file("db-2.log"))
         #expect(try await controller.waitFor("db", state: "online"))
