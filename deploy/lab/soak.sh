@@ -55,6 +55,11 @@ SEED="$(cat "$STATE/seed")"
 touch "$STATE/trials.jsonl"
 SCRIPT=soak.sh
 
+# volume_event EVENTS KIND WHEN DIR: what pg-hook.sh last recorded of KIND (fsck, sha256) for DIR
+volume_event() {
+  awk -v k="$2" -v w="$3" -v d="dir=$4" '$2 == k && $3 == w && $4 == d { v = $0; sub(/^[^ ]+ [^ ]+ [^ ]+ [^ ]+ /, "", v) } END { print v }' "$1" 2>/dev/null
+}
+
 summary() {
   "$PY" - "$STATE/trials.jsonl" <<'PY'
 import json, sys
@@ -176,6 +181,7 @@ stop_old_primary() {  # db's PostgreSQL on its (now fenced) volumes: stopped at 
 
 bench_start
 REC="$work/pg/rec1/pg.db"
+[ "${FERRY_SOAK_HASH:-0}" = 0 ] || touch "$work/pg/rec1/hash-volumes" "$work/pg/db/hash-volumes"
 for ((trial = done_trials + 1; trial <= N; trial++)); do
   RANDOM=$((SEED + trial))
   kinds=(crash app group as-of) chaoses=(none kill-controller kill-db) steps=(failover reprotect failback)
@@ -201,7 +207,7 @@ for ((trial = done_trials + 1; trial <= N; trial++)); do
   setT rpo "${rpo:-null}"; setT rto "${rto:-null}"
   setT point "\"$(report failover point)\""
   point="$(report failover point)"
-  for v in pgdata pgwal; do ( fsck_point "$v" "$point" ) || violation "db/$v at point $point is not a clean ext4 after its journal replay (see $work/check)"; done
+  for v in pgdata pgwal; do ( fsck_point "$v" "$point" ) || violation "db/$v at point $point: not handed to rec1 byte for byte, or not a clean ext4 after its journal replay (see the log above and $work/check)"; done
   ( recovered "$REC" ) || violation "rec1's PostgreSQL did not recover by itself: $(tail -n 3 "$REC/pg.log")"
   setT recovery "$(start_seconds "$REC" "$work/pg/rec1")"
   ( amcheck "$REC" ) || violation "pg_amcheck after the failover: $(tail -n 5 "$work/check/amcheck-pg.db.out")"
@@ -228,6 +234,20 @@ for ((trial = done_trials + 1; trial <= N; trial++)); do
     violation "db's PostgreSQL did not start from rec1's clean shutdown: $(tail -n 3 "$PROD/pg.log")"
   fi
   setT clean_shutdown "$clean"
+  # Below PostgreSQL: rec1's clean stop left both file systems clean (e2fsck -fn of the unmounted
+  # volumes, in its stop hook), and the failback brought exactly that home (db's start hook
+  # checks before it mounts; with FERRY_SOAK_HASH=1 both hooks hash the volumes too).
+  for v in data wal; do
+    at_stop="$(volume_event "$work/pg/rec1/events" fsck after-umount "$REC/$v")"
+    at_home="$(volume_event "$work/pg/db/events" fsck before-mount "$PROD/$v")"
+    if [ "$clean" = true ]; then
+      [ "$at_stop" = clean ] || violation "rec1 shut down cleanly, yet its $v file system is not clean at its stop: $at_stop"
+      [ "$at_home" = clean ] || violation "rec1 left its $v file system clean, but the failback brought it home damaged: $at_home"
+    fi
+    h1="$(volume_event "$work/pg/rec1/events" sha256 after-umount "$REC/$v")"
+    h2="$(volume_event "$work/pg/db/events" sha256 before-mount "$PROD/$v")"
+    [ -z "$h1" ] || [ "$h1" = "$h2" ] || violation "the failback did not bring $v home byte for byte: rec1 stopped at $h1, db starts at $h2"
+  done
   home_rows="$(history_rows "$PROD")"
   [ "$home_rows" = "$rec_rows" ] || violation "failback lost or invented transactions: rec1 had $rec_rows, db has $home_rows"
   ( amcheck "$PROD" ) || violation "pg_amcheck after the failback"

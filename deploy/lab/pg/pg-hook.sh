@@ -20,9 +20,30 @@ PGBIN=/usr/lib/postgresql/15/bin
 die() { printf 'pg-hook.sh: error: %s\n' "$*" >&2; exit 2; }
 log() { printf '%s pg-hook: %s\n' "$(date +%T.%N)" "$*"; }
 
+EVENTS=/dev/null
+# check_volume WHEN DIR LOOP: e2fsck -fn of the unmounted file system on LOOP, recorded in the
+# events file ("fsck WHEN dir=DIR clean|dirty: first problems"); when the state dir holds a file
+# named hash-volumes, the sha256 of the volume too, read over an NBD connection of its own (the
+# export's bytes, past the loop's and nbdfuse's caches; slow: the whole volume is read). The soak
+# compares what the recovery host left at its stop with what the failback brought home.
+check_volume() {
+  local when="$1" dir="$2" loop="$3" out verdict
+  if out="$(e2fsck -fn "$loop" 2>&1)"; then verdict=clean
+  else verdict="dirty: $(printf '%s\n' "$out" | grep -v '^Pass \|^e2fsck \|^$\|files (' | head -n 4 | tr '\n' ' ')"
+  fi
+  echo "$(date +%s.%N) fsck $when dir=$dir $verdict" >>"$EVENTS"
+  # e2fsck read through the loop device's page cache, which a file system's own zeroing (bios
+  # past that cache) would leave stale under it: drop it.
+  blockdev --flushbufs "$loop" 2>/dev/null || true
+  if [ -e "${EVENTS%/events}/hash-volumes" ] && [ -s "$dir.uri" ]; then
+    echo "$(date +%s.%N) sha256 $when dir=$dir $(nbdcopy "$(cat "$dir.uri")" - | sha256sum | cut -d' ' -f1)" >>"$EVENTS"
+  fi
+}
+
 mount_volume() {  # mount_volume SOCKET EXPORT DIR
   local socket="$1" export="$2" dir="$3"
   mkdir -p "$dir" "$dir.fuse"
+  echo "nbd+unix:///$export?socket=$socket" >"$dir.uri"
   nbdfuse "$dir.fuse/disk" "nbd+unix:///$export?socket=$socket" >"$dir.nbdfuse.log" 2>&1 &
   echo $! >"$dir.nbdfuse.pid"
   local i
@@ -31,6 +52,7 @@ mount_volume() {  # mount_volume SOCKET EXPORT DIR
   local loop
   loop="$(losetup -f --show "$dir.fuse/disk")"
   echo "$loop" >"$dir.loop"
+  check_volume before-mount "$dir" "$loop"
   mount -t ext4 "$loop" "$dir"
   log "$export mounted at $dir ($loop)"
 }
@@ -49,6 +71,7 @@ umount_volume() {  # umount_volume DIR: whatever of it is there
   # and a killed nbdfuse would drop what is still cached there: a file system missing its last
   # writes, copied home by a failback).
   [ -e "$dir.fuse/disk" ] && sync "$dir.fuse/disk" 2>/dev/null
+  if [ -s "$dir.loop" ]; then check_volume after-umount "$dir" "$(cat "$dir.loop")"; fi
   if [ -s "$dir.loop" ]; then losetup -d "$(cat "$dir.loop")" 2>/dev/null || true; rm -f "$dir.loop"; fi
   [ -e "$dir.fuse/disk" ] && sync "$dir.fuse/disk" 2>/dev/null
   # (A FUSE mount whose server died answers ENOTCONN to mountpoint: ask the mount table.)
@@ -94,7 +117,7 @@ volume_socket() {  # volume_socket SUFFIX: the FERRY_VOLUMES entry whose name en
 
 cmd="${1:-}"; shift || true
 state=""
-if [ "${1:-}" = --state ]; then state="$2"; shift 2; fi
+if [ "${1:-}" = --state ]; then state="$2"; shift 2; EVENTS="$state/events"; fi
 case "$cmd" in
   start)
     [ -n "$state" ] || die "start needs --state"
