@@ -62,14 +62,7 @@ fsck_point() {
     local given; given="$(awk -v d="dir=$work/pg/rec1/pg.db/$name" '$2 == "sha256" && $3 == "before-mount" && $4 == d { v = $5 } END { print v }' "$work/pg/rec1/events")"
     [ "$(sha256sum <"$img" | cut -d' ' -f1)" = "$given" ] || fail "rec1 was not given db/$1 at $2 byte for byte (see $work/pg/rec1/events)"
   fi
-  # The journal replayed and nothing else repaired; then the check, read-only. A crash leaves the
-  # superblock's free counts stale (ext4 keeps them in the group descriptors): not damage.
-  e2fsck -E journal_only -y "$img" >"$img.fsck1" 2>&1 || [ $? -le 1 ] || fail "e2fsck could not replay the journal of db/$1 at $2: $(tail -n 5 "$img.fsck1")"
-  e2fsck -fn "$img" >"$img.fsck2" 2>&1 || {
-    local damage
-    damage="$(grep -v '^Pass \|^e2fsck \|^$\|files (\|^Free \(blocks\|inodes\) count wrong\|^Fix? no' "$img.fsck2" | head -n 8)"
-    [ -z "$damage" ] || fail "db/$1 at $2 is not a clean file system after its journal replay: $damage"
-  }
+  fsck_image "$img" "db/$1 at $2"
   rm -f "$img"
 }
 
