@@ -362,7 +362,10 @@ do_exec() {
   [ "${#ARGS[@]}" -le 1 ] || die "exec: put the command after --: lab.sh exec $host -- CMD..."
   [ "${#EXEC_ARGV[@]}" -gt 0 ] || die "exec needs a command after --: lab.sh exec $host -- CMD..."
   ns_exists "$(ns "$host")" || die "no namespace $(ns "$host"): lab '$PREFIX' is not up"
-  exec ip netns exec "$(ns "$host")" "${EXEC_ARGV[@]}"
+  # nsenter --net, not `ip netns exec`: the latter gives the command a private copy of the mount
+  # table, which (no shared mounts here) keeps every file system mounted at its start alive for
+  # its whole life, even after the lab's hooks unmount them.
+  exec nsenter --net="/run/netns/$(ns "$host")" -- "${EXEC_ARGV[@]}"
 }
 
 do_addr() {

@@ -13,7 +13,7 @@ exec 3>&1 4>&2
 die() { printf '%s: error: %s\n' "$SCRIPT" "$*" >&2; exit 2; }
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, loop devices, mounts)"
 for b in ferry-controller ferry-agent ferryctl; do [ -x "$SRC_BIN/$b" ] || die "$SRC_BIN/$b is missing (set FERRY_BIN, or build first)"; done
-for t in ip "${LAB_TOOLS[@]}"; do command -v "$t" >/dev/null 2>&1 || die "$t not found (deploy/install-deps.sh)"; done
+for t in ip nsenter "${LAB_TOOLS[@]}"; do command -v "$t" >/dev/null 2>&1 || die "$t not found (deploy/install-deps.sh)"; done
 
 work="$(mktemp -d "/tmp/ferry-${SCRIPT%.sh}.XXXXXX")"
 chmod 755 "$work"
@@ -81,7 +81,12 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 lab() { "$LAB" --prefix "$PREFIX" "$@"; }
-inns() { local h="$1"; shift; ip netns exec "$PREFIX-$h" "$@"; }
+# A command in a host's network namespace, in the machine's mount namespace: `ip netns exec` gives
+# each command a private copy of the mount table, and on this machine (no shared mounts) a
+# process started while a hook's file system is mounted keeps that file system alive after the
+# hook unmounts it (not flushed, its loop device busy; found by the soak: a controller restarted
+# by its chaos, or a ferryctl poll, held the recovered database's mounts over the failback).
+inns() { local h="$1"; shift; nsenter --net="/run/netns/$PREFIX-$h" "$@"; }
 start_daemon() {  # appends to its log: a restarted daemon's log keeps what came before
   local label="$1" host="$2"; shift 2
   logs[$label]="$work/logs/$label.log"

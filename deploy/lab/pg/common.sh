@@ -71,13 +71,13 @@ start_controller() {
   start_daemon controller ctl "${CLEAN_ENV[@]}" "$BIN/ferry-controller" --data-dir "$work/controller" --listen "$CTL_AGENT" \
     --api-listen "$CTL_API" --nbd-tls-listen "$CTL_NBD" --log-level debug
 }
-# start_agent HOST: the enrolled agent in HOST's network namespace, but in the machine's mount
-# namespace (nsenter --net, not `ip netns exec`, which gives each command mounts of its own): the
-# file systems its hooks mount are the ones this script checks and the fsfreeze hook freezes.
+# start_agent HOST: the enrolled agent in HOST's network namespace and the machine's mount
+# namespace (inns): the file systems its hooks mount are the ones this script checks and the
+# fsfreeze hook freezes.
 start_agent() {
   logs[agent-$1]="$work/logs/agent-$1.log"
   case " ${labels[*]} " in *" agent-$1 "*) ;; *) labels+=("agent-$1") ;; esac
-  nsenter --net="/run/netns/$PREFIX-$1" -- "${CLEAN_ENV[@]}" "$BIN/ferry-agent" run --data-dir "$work/agents/$1" \
+  inns "$1" "${CLEAN_ENV[@]}" "$BIN/ferry-agent" run --data-dir "$work/agents/$1" \
     --config "$work/agent-$1.yaml" --log-level debug >>"${logs[agent-$1]}" 2>&1 &
   pids[agent-$1]=$!
 }
