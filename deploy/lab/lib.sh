@@ -86,7 +86,7 @@ lab() { "$LAB" --prefix "$PREFIX" "$@"; }
 # process started while a hook's file system is mounted keeps that file system alive after the
 # hook unmounts it (not flushed, its loop device busy; found by the soak: a controller restarted
 # by its chaos, or a ferryctl poll, held the recovered database's mounts over the failback).
-inns() { local h="$1"; shift; nsenter --net="/run/netns/$PREFIX-$h" "$@"; }
+inns() { local h="$1"; shift; nsenter --net="/run/netns/$PREFIX-$h" -- "$@"; }
 start_daemon() {  # appends to its log: a restarted daemon's log keeps what came before
   local label="$1" host="$2"; shift 2
   logs[$label]="$work/logs/$label.log"

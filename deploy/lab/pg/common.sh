@@ -72,12 +72,13 @@ start_controller() {
     --api-listen "$CTL_API" --nbd-tls-listen "$CTL_NBD" --log-level debug
 }
 # start_agent HOST: the enrolled agent in HOST's network namespace and the machine's mount
-# namespace (inns): the file systems its hooks mount are the ones this script checks and the
-# fsfreeze hook freezes.
+# namespace (as inns, but nsenter itself: $! must be the agent, not a subshell running a shell
+# function, or kill9 leaves the agent running beside its restart): the file systems its hooks
+# mount are the ones this script checks and the fsfreeze hook freezes.
 start_agent() {
   logs[agent-$1]="$work/logs/agent-$1.log"
   case " ${labels[*]} " in *" agent-$1 "*) ;; *) labels+=("agent-$1") ;; esac
-  inns "$1" "${CLEAN_ENV[@]}" "$BIN/ferry-agent" run --data-dir "$work/agents/$1" \
+  nsenter --net="/run/netns/$PREFIX-$1" -- "${CLEAN_ENV[@]}" "$BIN/ferry-agent" run --data-dir "$work/agents/$1" \
     --config "$work/agent-$1.yaml" --log-level debug >>"${logs[agent-$1]}" 2>&1 &
   pids[agent-$1]=$!
 }
