@@ -55,11 +55,6 @@ SEED="$(cat "$STATE/seed")"
 touch "$STATE/trials.jsonl"
 SCRIPT=soak.sh
 
-# volume_event EVENTS KIND WHEN DIR: what pg-hook.sh last recorded of KIND (fsck, sha256) for DIR
-volume_event() {
-  awk -v k="$2" -v w="$3" -v d="dir=$4" '$2 == k && $3 == w && $4 == d { v = $0; sub(/^[^ ]+ [^ ]+ [^ ]+ [^ ]+ /, "", v) } END { print v }' "$1" 2>/dev/null
-}
-
 summary() {
   "$PY" - "$STATE/trials.jsonl" <<'PY'
 import json, sys

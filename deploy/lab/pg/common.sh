@@ -51,6 +51,10 @@ start_seconds() {  # start_seconds RUN STATE: the hook's last start of RUN, to P
   awk -v r="run=$1" '$3 == r && $2 == "start" { t = $1 } $3 == r && $2 == "ready" { d = $1 - t } END { printf "%.1f", d }' "$2/events"
 }
 history_rows() { sql "$1" "select count(*) from pgbench_history"; }
+# volume_event EVENTS KIND WHEN DIR: what pg-hook.sh last recorded of KIND (fsck, sha256) for DIR
+volume_event() {
+  awk -v k="$2" -v w="$3" -v d="dir=$4" '$2 == k && $3 == w && $4 == d { v = $0; sub(/^[^ ]+ [^ ]+ [^ ]+ [^ ]+ /, "", v) } END { print v }' "$1" 2>/dev/null
+}
 # fsck_point VOLUME POINT: the point's image of db/VOLUME, exported and copied, passes e2fsck after
 # its journal replay (the file system itself, below what PostgreSQL checks).
 fsck_point() {
@@ -59,7 +63,7 @@ fsck_point() {
   if [ -e "$work/pg/rec1/hash-volumes" ]; then
     # What rec1 was given before it mounted: the point, byte for byte.
     local name=data; [ "$1" = pgwal ] && name=wal
-    local given; given="$(awk -v d="dir=$work/pg/rec1/pg.db/$name" '$2 == "sha256" && $3 == "before-mount" && $4 == d { v = $5 } END { print v }' "$work/pg/rec1/events")"
+    local given; given="$(volume_event "$work/pg/rec1/events" sha256 before-mount "$work/pg/rec1/pg.db/$name")"
     [ "$(sha256sum <"$img" | cut -d' ' -f1)" = "$given" ] || fail "rec1 was not given db/$1 at $2 byte for byte (see $work/pg/rec1/events)"
   fi
   fsck_image "$img" "db/$1 at $2"
