@@ -89,19 +89,45 @@ enum PointIndex {
         var header: Int
     }
 
-    /// Maps the sources and indexes their records. The caller owns the returned mappings.
-    static func build(_ sources: [PointSource], size: UInt64) throws
-        -> (mappings: [SegmentMapping], extents: [PointExtent], records: [ImageRecord]) {
+    /// What `build` returns: the caller owns the mappings.
+    struct Built {
+        var mappings: [SegmentMapping]
+        var extents: [PointExtent]
+        var records: [ImageRecord]
+        /// The checkpoint made at the end of the segment asked for, if the walk got there.
+        var made: PointCheckpoint?
+        /// Segments whose records were walked (the rest came from the checkpoint).
+        var walked: Int
+    }
+
+    /// Maps the sources and indexes their records. With a checkpoint (at the end of one of the
+    /// sources), the sources up to it are mapped but not walked: the index starts from it.
+    /// With `checkpointAt`, a new checkpoint is made at the end of that source (a sealed
+    /// segment wholly in the point, after `checkpoint`).
+    static func build(_ sources: [PointSource], size: UInt64, from checkpoint: PointCheckpoint? = nil,
+                      checkpointAt: UInt64? = nil) throws -> Built {
         var mappings: [SegmentMapping] = []
         var records: [Record] = []
+        var made: PointCheckpoint?
+        var walkedSegments = 0
         do {
+            var mappingOf: [UInt64: Int32] = [:]
+            for source in sources where source.bytes > 0 {
+                mappings.append(try map(source))
+                mappingOf[source.segment] = Int32(mappings.count - 1)
+            }
             var lastEpoch: UInt64 = 0, lastSequence: UInt64 = 0
-            scanning: for source in sources {
-                guard source.bytes > 0 else { continue }
-                let mapping = try map(source)
-                mappings.append(mapping)
-                let index = Int32(mappings.count - 1)
+            if let checkpoint {
+                records = Self.records(of: checkpoint, mappingOf: mappingOf)
+                lastEpoch = checkpoint.lastEpoch
+                lastSequence = checkpoint.lastSequence
+            }
+            scanning: for source in sources where source.bytes > 0 {
+                if let checkpoint, source.segment <= checkpoint.segment { continue }
+                guard let index = mappingOf[source.segment] else { continue }
+                let mapping = mappings[Int(index)]
                 var stopped = false
+                walkedSegments += 1
                 // Headers only: reading each payload to check its CRC would make opening cost
                 // the journal's size. A record's CRC is checked when a read first needs it.
                 let walked = JournalRecord.walkHeaders(UnsafeRawBufferPointer(start: mapping.base, count: mapping.count), size: size) { h in
@@ -127,12 +153,39 @@ enum PointIndex {
                 guard walked == mapping.count else {
                     throw FerryError(.io, "journal segment \(source.path) has an unreadable record at byte \(walked) of \(mapping.count); the replica needs a resync")
                 }
+                if source.segment == checkpointAt {
+                    // The records so far collapse to their extents: the checkpoint, and the
+                    // start of what the rest of the walk adds to.
+                    let extents = sweep(records).map { e in
+                        let r = records[Int(e.record)]
+                        return PointCheckpoint.Extent(start: e.start, end: e.end, segment: mappings[Int(r.segment)].segment,
+                                                      header: r.header, data: e.data, zeroed: e.mapping < 0)
+                    }
+                    let checkpoint = PointCheckpoint(segment: source.segment, bytes: source.bytes, lastEpoch: lastEpoch,
+                                                     lastSequence: lastSequence, extents: extents)
+                    records = Self.records(of: checkpoint, mappingOf: mappingOf)
+                    made = checkpoint
+                }
             }
         } catch {
             unmap(mappings)
             throw error
         }
-        return (mappings, sweep(records), records.map { ImageRecord(mapping: $0.segment, header: $0.header) })
+        return Built(mappings: mappings, extents: sweep(records), records: records.map { ImageRecord(mapping: $0.segment, header: $0.header) },
+                     made: made, walked: walkedSegments)
+    }
+
+    /// A checkpoint's extents as records, oldest first (they do not overlap); those of a
+    /// segment not mapped (folded into the base since) are left to the base.
+    private static func records(of checkpoint: PointCheckpoint, mappingOf: [UInt64: Int32]) -> [Record] {
+        var records: [Record] = []
+        records.reserveCapacity(checkpoint.extents.count)
+        for e in checkpoint.extents {
+            guard let index = mappingOf[e.segment] else { continue }
+            records.append(Record(start: e.start, end: e.end, mapping: e.zeroed ? -1 : index, payload: e.zeroed ? 0 : e.data,
+                                  segment: index, header: e.header))
+        }
+        return records
     }
 
     private static func map(_ source: PointSource) throws -> SegmentMapping {
@@ -251,6 +304,7 @@ public final class PointImage: Sendable {
     private let base: Int32
     private let overlay: Overlay?
     private let leases: ImageLeases
+    private let made: Mutex<PointCheckpoint?>
     private let life = Mutex(Life())
 
     private struct Life {
@@ -263,12 +317,13 @@ public final class PointImage: Sendable {
     /// Maps and indexes `sources` over `basePath`. Blocking; the caller has taken a lease,
     /// which the image gives back when released (the caller keeps it if this throws).
     init(size: UInt64, position: ReplicaPosition, basePath: String, sources: [PointSource],
+         from checkpoint: PointCheckpoint? = nil, checkpointAt: UInt64? = nil,
          overlayDirectory: String?, leases: ImageLeases, onDamage: (@Sendable (UInt64, Int, String) -> Void)? = nil) throws {
         let base = open(basePath, O_RDONLY | O_CLOEXEC)
         guard base >= 0 else { throw FerryError(.io, "cannot open the base image \(basePath): \(String(cString: strerror(errno)))") }
-        let index: (mappings: [SegmentMapping], extents: [PointExtent], records: [ImageRecord])
+        let index: PointIndex.Built
         do {
-            index = try PointIndex.build(sources, size: size)
+            index = try PointIndex.build(sources, size: size, from: checkpoint, checkpointAt: checkpointAt)
         } catch {
             closeDescriptor(base)
             throw error
@@ -293,7 +348,12 @@ public final class PointImage: Sendable {
         self.onDamage = onDamage
         self.overlay = overlay
         self.leases = leases
+        self.made = Mutex(index.made)
+        self.walkedSegments = index.walked
     }
+
+    /// The checkpoint opening made, once: the replica keeps it for the images after it.
+    func takeCheckpoint() -> PointCheckpoint? { made.withLock { c in defer { c = nil }; return c } }
 
     deinit {
         _ = try? releaseResources()
@@ -301,6 +361,9 @@ public final class PointImage: Sendable {
 
     /// Extents of the point (journal records and zeroed ranges); the rest reads from the base.
     var extentCount: Int { extents.count }
+    /// Journal segments mapped, and those whose records opening walked (not from a checkpoint).
+    var segmentCount: Int { mappings.count }
+    let walkedSegments: Int
 
     /// Closes the image: later calls fail; calls in progress finish first. A writable image's
     /// overlay is flushed and its block map saved, so it can be opened again.

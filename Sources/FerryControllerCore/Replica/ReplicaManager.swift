@@ -101,6 +101,12 @@ public actor ReplicaManager {
             } catch {
                 logger.error("cannot fold the journal into the base image", metadata: ["replica": "\(key)", "error": "\(error)"])
             }
+            // Keeps opening a point image (a failover's) from walking the whole journal.
+            do {
+                try await store.refreshCheckpoint()
+            } catch {
+                logger.warning("cannot index the journal for point images", metadata: ["replica": "\(key)", "error": "\(error)"])
+            }
         }
     }
 

@@ -182,6 +182,9 @@ public actor ReplicaStore {
         return first.newest == 0 ? 0 : (oldestCapture[first.id] ?? first.newest)
     }
     private var oldestCapture: [UInt64: Int64] = [:]
+    /// Indexes of the journal at segment ends, for opening point images (kept in memory: a
+    /// restart rebuilds them in the background).
+    private var checkpoints = PointCheckpoints()
 
     /// Opens (or creates, sparse) the replica of a volume of `size` bytes in `directory`.
     public init(directory: String, size: UInt64, pool: NIOThreadPool, retention: Duration = .seconds(3600),
@@ -723,6 +726,7 @@ public actor ReplicaStore {
             unlink(path)
             unlink(oldest.metaPath(in: journalDirectory))
             segments.removeAll { $0.id == oldest.id }
+            checkpoints.folded(through: oldest.id)
             oldestCapture[oldest.id] = nil
             folded += 1
         }
@@ -759,6 +763,7 @@ public actor ReplicaStore {
             unlink(segment.metaPath(in: journalDirectory))
         }
         segments = []
+        checkpoints.removeAll()
         oldestCapture = [:]
         return dropped.count
     }
@@ -894,8 +899,9 @@ public actor ReplicaStore {
     }
 
     /// Opens the volume as it was at `position`, read in place from the base image and the
-    /// journal (nothing is copied; the cost follows the journal's records, not the volume's
-    /// size). With `overlayDirectory` the image takes writes into a copy-on-write overlay
+    /// journal (nothing is copied; the cost follows the volume's written extents and the
+    /// journal's records after the newest checkpoint before the point, not the volume's size
+    /// nor the whole journal). With `overlayDirectory` the image takes writes into a copy-on-write overlay
     /// kept there (reopened if the directory holds one for the same position); the point,
     /// the journal and the base are never written. Folding waits until the image is closed.
     public func openImage(at position: ReplicaPosition, overlayDirectory: String? = nil) async throws -> PointImage {
@@ -905,6 +911,16 @@ public actor ReplicaStore {
         defer { if !handedOver { leases.release() } }
         await waitForFold()
         let sources = try pointSources(position)
+        // The newest sealed segment wholly in the point: the index can start from a checkpoint
+        // at or before it, and leave one at its end.
+        let activeID = active?.id
+        let whole = sources.last { source in
+            source.segment != activeID && source.bytes > 0
+                && source.through.map { through in segments.first { $0.id == source.segment }.map { $0.last <= through } ?? false } ?? true
+        }?.segment
+        let bytes = Dictionary(uniqueKeysWithValues: sources.map { ($0.segment, $0.bytes) })
+        let checkpoint = whole.flatMap { checkpoints.best(atOrBefore: $0) { bytes[$0] } }
+        let checkpointAt = whole.flatMap { $0 > (checkpoint?.segment ?? 0) ? $0 : nil }
         // The point's own size: a resize after it does not change it.
         let size = self.size(at: position), basePath = self.basePath, leases = self.leases
         // A read finding a damaged record marks the replica (the image's reads run on threads
@@ -913,12 +929,26 @@ public actor ReplicaStore {
             Task { await self?.noteDamage(segment: segment, offset: offset, path: path) }
         }
         let image = try await pool.runIfActive {
-            try PointImage(size: size, position: position, basePath: basePath, sources: sources,
-                           overlayDirectory: overlayDirectory, leases: leases, onDamage: onDamage)
+            try PointImage(size: size, position: position, basePath: basePath, sources: sources, from: checkpoint,
+                           checkpointAt: checkpointAt, overlayDirectory: overlayDirectory, leases: leases, onDamage: onDamage)
         }
         handedOver = true // the image gives the lease back when closed
+        // Nothing folded meanwhile (the lease): the checkpoint still describes the journal.
+        if let made = image.takeCheckpoint() { checkpoints.add(made) }
         return image
     }
+
+    /// Indexes the journal up to its newest sealed segment, if no checkpoint is there yet, so
+    /// the next image (a failover's, say) walks only what came after it. Run in the background.
+    public func refreshCheckpoint() async throws {
+        guard state.corruption == nil, !state.rebasing, state.folding == nil,
+              let last = segments.last(where: { $0.id != active?.id && $0.bytes > 0 && $0.last > 0 }),
+              last.id > (checkpoints.newest ?? 0) else { return }
+        try await openImage(at: ReplicaPosition(epoch: last.epoch, sequence: last.last)).close()
+    }
+
+    /// The segments the newest checkpoint covers (tests and metrics).
+    var checkpointSegments: [UInt64] { checkpoints.all.map(\.segment) }
 
     /// A damaged record found by a point image's read: the replica needs a resync.
     private func noteDamage(segment: UInt64, offset: Int, path: String) async {
