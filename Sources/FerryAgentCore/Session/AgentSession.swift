@@ -473,6 +473,12 @@ public final class AgentSession: Service, Sendable {
                 window.restart(epoch: next)
                 continue
             }
+            if log.epoch != window.epoch {
+                // A new epoch begun elsewhere (an unfenced volume drops what it captured while
+                // fenced): it streams from its start.
+                window.restart(epoch: log.epoch)
+                continue
+            }
             let (ackedEpoch, acked) = log.ackedState
             window.acked(through: acked, epoch: ackedEpoch)
             let after: UInt64

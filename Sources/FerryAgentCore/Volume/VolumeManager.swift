@@ -295,6 +295,14 @@ public actor VolumeManager {
                 try journal.recover(volume: entry.volume)
                 try journal.record(nil)
             }
+            // What it captured while cut off, after its fence, was refused, and the sink has
+            // overwritten it since: a new capture epoch drops it. Kept, it would stream again
+            // stamped with the new generation, pass the open gate and land in the replica over
+            // the blocks the unfencing resync sends. The new epoch also keeps the controller from
+            // cutting a point of the volume until that resync has made its replica whole.
+            entry.log.restartAfterOverflow(size: entry.volume.size)
+            entry.tracker.begin(.marked)
+            resumeAfter[spec.name] = 0
             // A journaled growth the recovery just finished: the volume list remembers it.
             try noteGrown(name: spec.name)
             if spec.sizeBytes > 0, entry.volume.size > spec.sizeBytes {
@@ -534,7 +542,7 @@ public actor VolumeManager {
     /// pending and the sync worker brings them over. Returns the new epoch.
     func recoverFromOverflow(name: String) -> UInt64? {
         guard let entry = served[name] else { return nil }
-        let epoch = entry.log.restartAfterOverflow()
+        let epoch = entry.log.restartAfterOverflow(size: entry.volume.size)
         entry.tracker.begin(.marked)
         resumeAfter[name] = 0
         logger.warning("change log overflowed: replication restarts with a resync of the marked extents",
