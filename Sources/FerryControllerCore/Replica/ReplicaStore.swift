@@ -947,8 +947,6 @@ public actor ReplicaStore {
         try await openImage(at: ReplicaPosition(epoch: last.epoch, sequence: last.last)).close()
     }
 
-    var segmentsForTest: [JournalSegment] { segments }
-    func resetCheckpointsForTest() { checkpoints.removeAll() }
     /// The segments the newest checkpoint covers (tests and metrics).
     var checkpointSegments: [UInt64] { checkpoints.all.map(\.segment) }
 
