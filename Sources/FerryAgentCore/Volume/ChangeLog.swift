@@ -244,13 +244,14 @@ public final class ChangeLog: ChangeRecorder {
         }
     }
 
-    /// Starts a new epoch at sequence 1 with nothing held: after an overflow, or when the
-    /// controller lacks records the log no longer holds. Every marked extent becomes pending in
-    /// the activity log, so a resync brings over whatever was dropped. Returns the new epoch.
+    /// Starts a new epoch at sequence 1 with nothing held: after an overflow, when the
+    /// controller lacks records the log no longer holds, or when a fenced volume is unfenced.
+    /// Every marked extent becomes pending in the activity log, so a resync brings over
+    /// whatever was dropped. Returns the new epoch.
     /// `size` is the volume's size now: a resized volume's new epoch announces it (it may have
     /// grown since the last resize this log recorded, as a sink).
     @discardableResult
-    public func restartAfterOverflow(size: UInt64? = nil) -> UInt64 {
+    public func restartEpoch(size: UInt64? = nil) -> UInt64 {
         let (epoch, room) = state.withLock { s in
             if let size, let announced = s.announcedSize, size > announced { s.announcedSize = size }
             s.epoch = UInt64.random(in: 1...UInt64.max)

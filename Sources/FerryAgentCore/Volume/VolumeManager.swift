@@ -300,7 +300,7 @@ public actor VolumeManager {
             // stamped with the new generation, pass the open gate and land in the replica over
             // the blocks the unfencing resync sends. The new epoch also keeps the controller from
             // cutting a point of the volume until that resync has made its replica whole.
-            entry.log.restartAfterOverflow(size: entry.volume.size)
+            entry.log.restartEpoch(size: entry.volume.size)
             entry.tracker.begin(.marked)
             resumeAfter[spec.name] = 0
             // A journaled growth the recovery just finished: the volume list remembers it.
@@ -542,7 +542,7 @@ public actor VolumeManager {
     /// pending and the sync worker brings them over. Returns the new epoch.
     func recoverFromOverflow(name: String) -> UInt64? {
         guard let entry = served[name] else { return nil }
-        let epoch = entry.log.restartAfterOverflow(size: entry.volume.size)
+        let epoch = entry.log.restartEpoch(size: entry.volume.size)
         entry.tracker.begin(.marked)
         resumeAfter[name] = 0
         logger.warning("change log overflowed: replication restarts with a resync of the marked extents",

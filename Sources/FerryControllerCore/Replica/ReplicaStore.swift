@@ -947,7 +947,7 @@ public actor ReplicaStore {
         try await openImage(at: ReplicaPosition(epoch: last.epoch, sequence: last.last)).close()
     }
 
-    /// The segments the newest checkpoint covers (tests and metrics).
+    /// The segments the kept checkpoints end with, oldest first (tests).
     var checkpointSegments: [UInt64] { checkpoints.all.map(\.segment) }
 
     /// A damaged record found by a point image's read: the replica needs a resync.

@@ -128,7 +128,7 @@ struct UnitActivityLogTests {
             }
             #expect(log.overflowed && log.last == 12)
             #expect(activity.pendingCount == 12 && activity.markedCount == 12)
-            let epoch = log.restartAfterOverflow()
+            let epoch = log.restartEpoch()
             #expect(epoch != 1 && log.epoch == epoch && !log.overflowed && log.last == 0 && log.firstHeld == nil)
             // Pending extents never clear by acks alone: only a finished comparison releases them.
             try log.clearAcked()

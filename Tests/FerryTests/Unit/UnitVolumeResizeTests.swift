@@ -165,14 +165,14 @@ struct UnitVolumeResizeTests {
                 // After an overflow the new epoch opens with the size: the replica may never have
                 // received the resize records the old epoch dropped.
                 let epoch = log.epoch
-                #expect(log.restartAfterOverflow() != epoch)
+                #expect(log.restartEpoch() != epoch)
                 let first = try log.records(after: 0, maxBytes: 1 << 30)
                 #expect(first.count == 1 && first[0].sequence == 1 && first[0].kind == .resize(size: 8 * Self.mib - 512))
                 #expect(log.last == 1)
                 // A volume grown since without a resize record here (as a sink, by the reverse
                 // stream) announces its size now, never the last one recorded (a shrink the
                 // replica refuses).
-                #expect(log.restartAfterOverflow(size: 12 * Self.mib) != epoch)
+                #expect(log.restartEpoch(size: 12 * Self.mib) != epoch)
                 #expect(try log.records(after: 0, maxBytes: 1 << 30).map(\.kind) == [.resize(size: 12 * Self.mib)])
                 // So does a new log of a volume resized in an earlier run.
                 let next = try ChangeLog(memoryBytes: 8 << 20, announceSize: 8 * Self.mib - 512)
